@@ -1,0 +1,229 @@
+"""Loading, validating and deriving experiment configurations.
+
+``load_config(name_or_path, opts)`` is the one way a config is made: defaults
+(``configs/defaults.py``), then an experiment YAML, then ``KEY VALUE``
+overrides, then validation and the derived fields. The result is frozen.
+"""
+import ast
+import difflib
+import math
+import os
+
+import yaml
+from yacs.config import CfgNode
+
+from .defaults import get_defaults
+
+CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# Allowed names. The registries that implement them (networks/, data/) are
+# checked against these lists by the tests, so the two cannot drift apart.
+DATASETS = ("MNIST", "FashionMNIST", "CIFAR10", "CelebA", "CelebAMask_HQ")
+MODELS = ("GaussianSQVAE", "VmfSQVAE")
+VARIANTS = ("gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4", "vmf")
+NETWORKS = ("resnet", "resnet_label")
+ACTIVATIONS = ("exp", "sigmoid", "tanh", "none")
+# Which network family reads which dataset, and the input shape it expects.
+NETWORK_FOR_DATASET = {
+    "MNIST": "resnet", "FashionMNIST": "resnet", "CIFAR10": "resnet",
+    "CelebA": "resnet", "CelebAMask_HQ": "resnet_label",
+}
+SHAPE_FOR_DATASET = {
+    "MNIST": (1, 28, 28), "FashionMNIST": (1, 28, 28), "CIFAR10": (3, 32, 32),
+    "CelebA": (3, 64, 64), "CelebAMask_HQ": (1, 64, 64),
+}
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message is one line naming the fix."""
+
+
+def experiment_files():
+    """Names of the experiment YAMLs shipped in configs/."""
+    return sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path):
+    """A YAML path from a shipped name ("mnist_gauss_1[.yaml]") or any path."""
+    candidates = [name_or_path]
+    if not os.path.isabs(name_or_path):
+        candidates.append(os.path.join(CONFIG_DIR, name_or_path))
+        if not name_or_path.endswith((".yaml", ".yml")):
+            candidates.append(os.path.join(CONFIG_DIR, name_or_path + ".yaml"))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise ConfigError(
+        f"config file '{name_or_path}' not found; use a path or one of: "
+        + ", ".join(experiment_files()))
+
+
+def _all_keys(node, prefix=""):
+    for key, value in node.items():
+        full = prefix + key
+        if isinstance(value, CfgNode):
+            yield from _all_keys(value, full + ".")
+        else:
+            yield full
+
+
+def _unknown_key_error(key, defaults):
+    known = list(_all_keys(defaults))
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    siblings = [k for k in known if k.startswith(parent) and "." not in k[len(parent):]]
+    return ConfigError(f"unknown config key '{key}'{hint}; allowed keys here: "
+                       + ", ".join(siblings))
+
+
+def _coerce(key, value, default):
+    """Convert an override or file value to the type of its default, or fail clearly."""
+    if isinstance(value, str) and not isinstance(default, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value)
+        value = tuple(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        ok = type(value) is type(default)
+    if not ok:
+        raise ConfigError(
+            f"config key '{key}' needs a {type(default).__name__} like {default!r}, "
+            f"got {value!r}")
+    return value
+
+
+def _set(cfg, defaults, key, value):
+    node, dnode = cfg, defaults
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if part not in dnode or not isinstance(dnode[part], CfgNode):
+            raise _unknown_key_error(key, defaults)
+        node, dnode = node[part], dnode[part]
+    leaf = parts[-1]
+    if leaf not in dnode or isinstance(dnode[leaf], CfgNode):
+        raise _unknown_key_error(key, defaults)
+    node[leaf] = _coerce(key, value, dnode[leaf])
+
+
+def _flatten(mapping, prefix=""):
+    for key, value in mapping.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, full + ".")
+        else:
+            yield full, value
+
+
+def _read_yaml(path):
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}; fix the file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def _check_choice(cfg, key, allowed):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    if node not in allowed:
+        raise ConfigError(f"config key '{key}' is {node!r}; allowed values: "
+                          + ", ".join(map(str, allowed)))
+
+
+def _validate_and_derive(cfg):
+    _check_choice(cfg, "dataset.name", DATASETS)
+    _check_choice(cfg, "model.name", MODELS)
+    _check_choice(cfg, "model.param_var_q", VARIANTS)
+    _check_choice(cfg, "network.name", NETWORKS)
+    _check_choice(cfg, "network.act_decoder", ACTIVATIONS)
+    dataset = cfg.dataset.name
+    if cfg.network.name != NETWORK_FOR_DATASET[dataset]:
+        raise ConfigError(
+            f"config key 'network.name' is {cfg.network.name!r} but dataset {dataset} "
+            f"needs {NETWORK_FOR_DATASET[dataset]!r}")
+    if tuple(cfg.dataset.shape) != SHAPE_FOR_DATASET[dataset]:
+        raise ConfigError(
+            f"config key 'dataset.shape' is {tuple(cfg.dataset.shape)} but dataset {dataset} "
+            f"has shape {SHAPE_FOR_DATASET[dataset]}")
+    if cfg.dataset.dim_x != math.prod(cfg.dataset.shape):
+        raise ConfigError(
+            f"config key 'dataset.dim_x' is {cfg.dataset.dim_x}; it must equal the product "
+            f"of dataset.shape, {math.prod(cfg.dataset.shape)}")
+    if cfg.model.name == "VmfSQVAE" and (cfg.model.param_var_q != "vmf"
+                                         or dataset != "CelebAMask_HQ"):
+        raise ConfigError("config key 'model.name' VmfSQVAE needs model.param_var_q vmf "
+                          "and dataset.name CelebAMask_HQ")
+    if cfg.model.name == "GaussianSQVAE" and dataset == "CelebAMask_HQ":
+        raise ConfigError("config key 'model.name' must be VmfSQVAE for CelebAMask_HQ")
+    for key in ("quantization.size_dict", "quantization.dim_dict", "train.bs", "test.bs",
+                "train.epoch_max", "network.num_rb"):
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if node < 1:
+            raise ConfigError(f"config key '{key}' must be at least 1, got {node}")
+    if cfg.quantization.dim_dict < 2:
+        raise ConfigError("config key 'quantization.dim_dict' must be at least 2")
+
+    cfg.flags.var_q = cfg.model.param_var_q not in ("gaussian_1", "vmf")
+    cfg.quantization.dim_code = cfg.quantization.dim_dict + (cfg.model.name == "VmfSQVAE")
+    cfg.path_checkpoint = os.path.join(cfg.path, cfg.path_specific)
+
+
+def parse_overrides(opts):
+    """Pair up trailing command-line overrides ``KEY VALUE KEY VALUE ...``."""
+    opts = list(opts or [])
+    if len(opts) % 2:
+        raise ConfigError(
+            f"overrides come in KEY VALUE pairs, but '{opts[-1]}' has no value "
+            "(e.g. train.epoch_max 1 path /tmp/runs)")
+    return list(zip(opts[0::2], opts[1::2]))
+
+
+def load_config(name_or_path, opts=None):
+    """Defaults + experiment file + overrides, validated, derived and frozen."""
+    defaults = get_defaults()
+    cfg = defaults.clone()
+    path = resolve_config_path(name_or_path)
+    for key, value in _flatten(_read_yaml(path)):
+        _set(cfg, defaults, key, value)
+    for key, value in parse_overrides(opts):
+        _set(cfg, defaults, key, value)
+    _validate_and_derive(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def config_to_yaml(cfg):
+    """The resolved config as YAML text that ``load_config`` reads back."""
+    def plain(node):
+        if isinstance(node, CfgNode):
+            return {k: plain(v) for k, v in node.items()}
+        if isinstance(node, tuple):
+            return str(node)  # yacs-style tuples, e.g. "(1, 28, 28)"
+        return node
+    return yaml.safe_dump(plain(cfg), sort_keys=False)

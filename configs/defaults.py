@@ -1,0 +1,103 @@
+"""Every option of the tool, with its default and a one-line meaning.
+
+An experiment YAML (``configs/*.yaml``) overrides a subset of these, and
+trailing ``KEY VALUE`` pairs on the command line override both. Keys under
+"derived" comments are computed by ``configs.load_config``; values written
+for them in a file are ignored and recomputed.
+"""
+import math
+import os
+
+from yacs.config import CfgNode as CN
+
+_C = CN()
+
+# Root folder for run folders; env SQVAE_CHECKPOINTS overrides this default.
+_C.path = "./checkpoints"
+# Root folder for datasets (torchvision layout); env SQVAE_DATA overrides this default.
+_C.path_dataset = "./data"
+# Sub-folder of `path` for this experiment, e.g. "mnist_sqvae_gaussian_1/".
+_C.path_specific = "sqvae/"
+# DataLoader worker processes for datasets read from files (CelebA, CelebAMask_HQ).
+_C.nworker = 2
+# Derived: the experiment's run root, `path/path_specific`.
+_C.path_checkpoint = ""
+
+_C.dataset = CN()
+# Dataset name: MNIST, FashionMNIST, CIFAR10, CelebA or CelebAMask_HQ.
+_C.dataset.name = "MNIST"
+# Shape of one input (C, H, W); label maps have C = 1.
+_C.dataset.shape = (1, 28, 28)
+# Number of input values C*H*W, used by the reconstruction likelihood.
+_C.dataset.dim_x = 784
+
+_C.model = CN()
+# Model family: GaussianSQVAE (image likelihood) or VmfSQVAE (label maps).
+_C.model.name = "GaussianSQVAE"
+# Quantizer: gaussian_1 .. gaussian_4 (variants I-IV) or vmf.
+_C.model.param_var_q = "gaussian_1"
+# Initial value of the learned scalar s in sigma_q^2 = exp(v) + exp(s), or kappa_q = exp(s) + 1.
+_C.model.log_param_q_init = math.log(10.0)
+# VmfSQVAE only: initial log of the decoder's inverse concentration 1/kappa_d.
+_C.model.log_kappa_inv = math.log(0.01)
+# Only with flags.arelbo False: initial log of the learned decoder variance sigma^2.
+_C.model.log_var_x_init = math.log(0.1)
+
+_C.network = CN()
+# Encoder/decoder family: resnet (images) or resnet_label (label maps).
+_C.network.name = "resnet"
+# Number of residual blocks (see SPEC section 2 for where they sit).
+_C.network.num_rb = 2
+# resnet_label only: number of label classes (one-hot width is 2*ceil(num_class/2)).
+_C.network.num_class = 19
+# resnet_label only: decoder output activation: exp (Softplus), sigmoid, tanh or none.
+_C.network.act_decoder = "none"
+
+_C.quantization = CN()
+# Codebook size K.
+_C.quantization.size_dict = 512
+# Code dimension D as written in the experiment file.
+_C.quantization.dim_dict = 64
+# Derived: dimension the networks and codebook use (dim_dict, + 1 for VmfSQVAE).
+_C.quantization.dim_code = 0
+_C.quantization.temperature = CN()
+# Gumbel-softmax temperature at step 0.
+_C.quantization.temperature.init = 1.0
+# Exponential decay rate of the temperature per training iteration.
+_C.quantization.temperature.decay = 0.00001
+# Lower bound of the temperature.
+_C.quantization.temperature.min = 0.0
+
+_C.train = CN()
+# Training batch size (global, over all devices).
+_C.train.bs = 32
+# Adam learning rate.
+_C.train.lr = 0.001
+# Number of training epochs.
+_C.train.epoch_max = 100
+
+_C.test = CN()
+# Batch size of the validation and test loaders (the reference evaluated in batches of 32).
+_C.test.bs = 32
+
+_C.flags = CN()
+# Decoder variance by ARELBO (log of the MSE) instead of a learned variance.
+_C.flags.arelbo = True
+# Anneal the Gumbel-softmax temperature every iteration.
+_C.flags.decay = True
+# BatchNorm in the conv stacks.
+_C.flags.bn = True
+# Derived: the encoder has a variance head (param_var_q is gaussian_2/3/4).
+_C.flags.var_q = False
+
+
+ENV_OVERRIDES = {"path": "SQVAE_CHECKPOINTS", "path_dataset": "SQVAE_DATA"}
+
+
+def get_defaults():
+    """A fresh, mutable copy of the defaults, with the environment's roots applied."""
+    cfg = _C.clone()
+    for key, var in ENV_OVERRIDES.items():
+        if os.environ.get(var):
+            cfg[key] = os.environ[var]
+    return cfg
