@@ -75,10 +75,16 @@ _C.train.bs = 32
 _C.train.lr = 0.001
 # Number of training epochs.
 _C.train.epoch_max = 100
+# Also write a resumable current.pt every this many training steps (0: only at epoch ends).
+_C.train.ckpt_every_steps = 1000
 
 _C.test = CN()
 # Batch size of the validation and test loaders (the reference evaluated in batches of 32).
 _C.test.bs = 32
+
+_C.log = CN()
+# Read the running metrics back from the device (and check for non-finite loss) every N steps.
+_C.log.every_steps = 100
 
 _C.flags = CN()
 # Decoder variance by ARELBO (log of the MSE) instead of a learned variance.

@@ -1,0 +1,26 @@
+"""Models: encoders/decoders, stochastic quantizers, losses, and one builder."""
+from .nets import NETWORK_REGISTRY, label_channels
+from .sqvae import VARIANTS, GaussianSQVAE, SQVAE, VmfSQVAE
+
+# model.name -> model class
+MODEL_REGISTRY = {"GaussianSQVAE": GaussianSQVAE, "VmfSQVAE": VmfSQVAE}
+
+
+def build_model(cfg):
+    """The SQ-VAE that `cfg` describes, freshly initialised (on the CPU)."""
+    if cfg.model.name not in MODEL_REGISTRY:
+        raise ValueError(f"unknown model.name {cfg.model.name!r}; "
+                         f"allowed: {', '.join(MODEL_REGISTRY)}")
+    return MODEL_REGISTRY[cfg.model.name](cfg)
+
+
+def count_parameters(model):
+    """Trainable parameters: total, and the encoder and decoder submodules."""
+    def count(module):
+        return sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return {"total": count(model), "encoder": count(model.encoder),
+            "decoder": count(model.decoder)}
+
+
+__all__ = ["build_model", "count_parameters", "MODEL_REGISTRY", "NETWORK_REGISTRY", "VARIANTS",
+           "SQVAE", "GaussianSQVAE", "VmfSQVAE", "label_channels"]

@@ -1,0 +1,63 @@
+"""Per-file decoding for the datasets read from image files.
+
+Each function maps one file to the uint8 array the model sees (before scaling), so
+a later decoded-image cache can call the very same code and stay bit-identical.
+"""
+import numpy as np
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from .errors import DatasetError, one_line
+
+CELEBA_CROP = 140
+IMAGE_SIZE = 64
+NUM_LABEL_CLASSES = 19
+
+# What PIL raises on unreadable input: UnidentifiedImageError and "image file is
+# truncated" are OSErrors, but some plugins (PNG among them) raise SyntaxError or
+# ValueError for broken chunks, and a short read can surface as EOFError.
+_PIL_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+
+
+def _open(path, what):
+    try:
+        img = Image.open(path)
+        img.load()  # open() is lazy; decode now so a broken file fails here, with its name
+    except _PIL_READ_ERRORS as e:
+        raise DatasetError(f"cannot read {what} {path}: {one_line(e)} "
+                           "(truncated or corrupt; replace the file)") from None
+    return img
+
+
+def decode_celeba(path):
+    """CelebA JPEG -> uint8 array 3x64x64: CenterCrop(140) then Resize(64).
+
+    torchvision's functional ops on a PIL image are used (bilinear, antialiased by PIL)
+    so the result equals transforms.Compose([CenterCrop(140), Resize(64)]) exactly.
+    """
+    img = _open(path, "CelebA image")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    img = TF.center_crop(img, [CELEBA_CROP, CELEBA_CROP])
+    img = TF.resize(img, [IMAGE_SIZE, IMAGE_SIZE], interpolation=InterpolationMode.BILINEAR)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def decode_celebamask_label(path):
+    """CelebAMask-HQ label PNG -> uint8 array 1x64x64 of class indices 0..18.
+
+    Nearest-neighbour resizing keeps every pixel a valid class index; a file that is
+    already 64x64 (the prepared ``*_label_64`` folders) passes through unchanged.
+    """
+    img = _open(path, "CelebAMask-HQ label map")
+    if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST)
+    arr = np.asarray(img)
+    if arr.ndim != 2:
+        raise DatasetError(f"CelebAMask-HQ label map {path} has {arr.shape[-1]} channels; "
+                           "expected a single-channel PNG of class indices 0..18")
+    if arr.size and (arr.min() < 0 or arr.max() >= NUM_LABEL_CLASSES):
+        raise DatasetError(f"CelebAMask-HQ label map {path} holds values "
+                           f"{int(arr.min())}..{int(arr.max())}; expected class indices 0..18")
+    return arr.astype(np.uint8)[None]

@@ -1,0 +1,244 @@
+"""Batch loaders with a reproducible, resumable, shardable epoch order.
+
+Every loader shares one contract (see ``Loader``): the order of an epoch is a pure
+function of (seed, epoch), computed on a CPU generator so it is the same on any
+device, and an epoch can be re-entered at any batch to resume a run exactly.
+"""
+import math
+import os
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import sources
+from .decode import decode_celeba, decode_celebamask_label
+from .errors import DatasetError
+
+# Spreads seeds apart so (seed, epoch) and (seed + 1, epoch - 1_000_003) are the only
+# collisions, far beyond any real number of epochs.
+SEED_STRIDE = 1_000_003
+
+
+def epoch_generator_seed(seed, epoch):
+    return seed * SEED_STRIDE + epoch
+
+
+def epoch_order(n, *, shuffle, seed, epoch, rank=0, world_size=1):
+    """Dataset indices (CPU int64) that ``rank`` visits in ``epoch``.
+
+    With several ranks the order is padded from its own start to a multiple of
+    world_size, as DistributedSampler does, so every rank gets the same count, and
+    rank r takes positions r, r + W, r + 2W, ...
+    """
+    if shuffle:
+        gen = torch.Generator().manual_seed(epoch_generator_seed(seed, epoch))
+        order = torch.randperm(n, generator=gen)
+    else:
+        order = torch.arange(n)
+    if world_size > 1:
+        total = math.ceil(n / world_size) * world_size
+        if total > n:
+            order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[:total - n]])
+        order = order[rank::world_size]
+    return order
+
+
+class Loader:
+    """One split of one dataset, yielding ``(x, y)`` batches on ``device``.
+
+    ``len(loader)`` is the number of batches this rank yields per epoch and
+    ``num_samples`` the number of samples it sees (padding included). Call
+    ``set_epoch`` before each epoch; ``iter_from(k)`` resumes an epoch at batch k.
+    """
+
+    def __init__(self, *, name, split, n, batch_size, shuffle, seed, device, rank,
+                 world_size, drop_last):
+        self.name = name
+        self.split = split
+        self.dataset_size = n
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.device = torch.device(device)
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.num_samples = math.ceil(n / world_size)
+        # Samples repeated (over all ranks) to make the shards equal; an evaluation
+        # that must count each sample once can drop them via ``indices()``.
+        self.num_padded = self.num_samples * world_size - n
+
+    def __len__(self):
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def indices(self):
+        """Dataset indices this rank visits in the current epoch, in batch order."""
+        return epoch_order(self.dataset_size, shuffle=self.shuffle, seed=self.seed,
+                           epoch=self.epoch, rank=self.rank, world_size=self.world_size)
+
+    def _batches(self, start_batch):
+        n_batches = len(self)
+        if not 0 <= start_batch <= n_batches:
+            raise ValueError(f"start_batch {start_batch} is outside 0..{n_batches} "
+                             f"({self.name} {self.split} has {n_batches} batches per epoch)")
+        order = self.indices()[:n_batches * self.batch_size] if self.drop_last else self.indices()
+        return list(order.split(self.batch_size))[start_batch:]
+
+    def iter_from(self, start_batch=0):
+        """Iterate the current epoch's batches from index ``start_batch`` on."""
+        return self._iterate(self._batches(start_batch))
+
+    def __iter__(self):
+        return self.iter_from(0)
+
+    def _iterate(self, batches):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.name} {self.split}: {self.dataset_size} samples, "
+                f"batch {self.batch_size}, {len(self)} batches, rank {self.rank}/"
+                f"{self.world_size}, shuffle={self.shuffle}, device={self.device})")
+
+
+class InMemoryLoader(Loader):
+    """Holds the split as one uint8 tensor on ``device`` and gathers batches by index.
+
+    Small datasets are faster this way than through per-item decoding and worker
+    processes, and on a GPU the data never crosses the bus again after loading.
+    """
+
+    def __init__(self, images, labels, **kw):
+        super().__init__(n=len(images), **kw)
+        # On CPU these share memory with the module-level array cache (no copy).
+        self.images = torch.from_numpy(images).to(self.device)
+        self.labels = torch.from_numpy(labels).to(self.device)
+
+    def _iterate(self, batches):
+        for idx in batches:
+            idx = idx.to(self.device, non_blocking=True)
+            yield self.images[idx].float().div_(255), self.labels[idx]
+
+
+class FileDataset(Dataset):
+    """Decodes one file per item with ``decode`` (uint8 C x H x W)."""
+
+    def __init__(self, paths, decode):
+        self.paths = list(paths)
+        self.decode = decode
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.decode(self.paths[i]))
+
+
+class FileLoader(Loader):
+    """Decodes files in DataLoader workers; batches follow the shared epoch order."""
+
+    def __init__(self, dataset, *, num_workers, to_model, **kw):
+        super().__init__(n=len(dataset), **kw)
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.to_model = to_model
+
+    def _iterate(self, batches):
+        # A fresh DataLoader per pass: its batch list is this epoch's (possibly
+        # resumed) slice, and non-persistent workers exit when the pass ends.
+        loader = DataLoader(self.dataset, batch_sampler=[b.tolist() for b in batches],
+                            num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda")
+        for x in loader:
+            x = self.to_model(x.to(self.device, non_blocking=True))
+            yield x, torch.zeros(len(x), dtype=torch.int64, device=self.device)
+
+
+def _image_to_model(x):
+    return x.float().div_(255)
+
+
+def _label_to_model(x):
+    return x.long()
+
+
+# ---------------------------------------------------------------- registry
+
+def _memory_split(load):
+    def split_arrays(root, split):
+        return load(root)[split]
+    return split_arrays
+
+
+DATASETS = {
+    # name: (kind, source of one split)
+    "MNIST": ("memory", _memory_split(lambda root: sources.load_mnist_like("MNIST", root))),
+    "FashionMNIST": ("memory", _memory_split(
+        lambda root: sources.load_mnist_like("FashionMNIST", root))),
+    "CIFAR10": ("memory", _memory_split(sources.load_cifar10)),
+    "CelebA": ("files", lambda root, split: (sources.celeba_files(root)[split],
+                                             decode_celeba, _image_to_model)),
+    "CelebAMask_HQ": ("files", lambda root, split: (sources.celebamask_files(root, split),
+                                                    decode_celebamask_label, _label_to_model)),
+}
+
+
+def _dataset(cfg):
+    name = cfg.dataset.name
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return name, os.path.abspath(cfg.path_dataset)
+
+
+def _check_split(split):
+    if split not in sources.SPLITS:
+        raise ValueError(f"split must be one of {', '.join(sources.SPLITS)}, got {split!r}")
+
+
+def dataset_size(cfg, split):
+    """Number of samples in ``split`` of cfg's dataset (all ranks together)."""
+    _check_split(split)
+    name, root = _dataset(cfg)
+    # Both kinds return the split's items (arrays or paths) first.
+    return len(DATASETS[name][1](root, split)[0])
+
+
+def build_loader(cfg, split, *, batch_size, shuffle, seed=0, device="cpu", rank=0,
+                 world_size=1, drop_last=False):
+    """The loader for ``split`` ("train", "val" or "test") of cfg's dataset.
+
+    ``batch_size`` is per rank. Validation and test loaders keep file order.
+    """
+    _check_split(split)
+    if shuffle and split != "train":
+        raise ValueError(f"the {split} loader keeps file order; build it with shuffle=False")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
+    name, root = _dataset(cfg)
+    kind, source = DATASETS[name]
+    common = dict(name=name, split=split, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                  device=device, rank=rank, world_size=world_size, drop_last=drop_last)
+    if kind == "memory":
+        images, labels = source(root, split)
+        _check_shape(cfg, name, images.shape[1:])
+        if len(images) == 0:
+            raise DatasetError(f"{name} {split} split under {root} is empty")
+        return InMemoryLoader(images, labels, **common)
+    paths, decode, to_model = source(root, split)
+    if not paths:
+        raise DatasetError(f"{name} {split} split under {root} is empty")
+    return FileLoader(FileDataset(paths, decode), num_workers=cfg.nworker,
+                      to_model=to_model, **common)
+
+
+def _check_shape(cfg, name, shape):
+    if tuple(shape) != tuple(cfg.dataset.shape):
+        raise DatasetError(f"{name} files hold {tuple(shape)} samples but the config's "
+                           f"dataset.shape is {tuple(cfg.dataset.shape)}")

@@ -1,0 +1,221 @@
+"""SQ-VAE (Takida et al., ICML 2022) for vision: train, resume and evaluate from the command line.
+
+This file only parses flags and wires the pieces: configs -> data + networks -> trainer.
+"""
+import argparse
+import os
+import sys
+
+EPILOG = """examples:
+  python main.py -c mnist_gauss_1.yaml --save
+      train on MNIST (downloaded into ./data on first use), write a run folder
+      under ./checkpoints/mnist_sqvae_gaussian_1/
+  python main.py -c mnist_gauss_1.yaml --save train.epoch_max 1 path /tmp/runs
+      the same with config overrides given as trailing KEY VALUE pairs
+  python main.py -c mnist_gauss_1.yaml -ts resnet_seed0_1125_0915
+      evaluate a saved run (a folder name under path/path_specific, or a path)
+
+experiment files (in configs/, or give any YAML path):
+  {files}
+
+environment: SQVAE_CHECKPOINTS and SQVAE_DATA set the defaults of `path` (run
+folders) and `path_dataset` (datasets); overrides on the command line win.
+"""
+
+
+def build_parser():
+    from configs import experiment_files
+    parser = argparse.ArgumentParser(
+        prog="main.py",
+        description="Train or evaluate one SQ-VAE experiment: yacs defaults "
+                    "(configs/defaults.py) merged with an experiment YAML and KEY VALUE "
+                    "overrides.",
+        epilog=EPILOG.format(files="\n  ".join(experiment_files())),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config_file", metavar="CONFIG",
+                        help="experiment file: a name from configs/ (e.g. mnist_gauss_1.yaml) "
+                             "or a path to a YAML file")
+    parser.add_argument("-ts", "--timestamp", metavar="RUN",
+                        help="skip training; evaluate the best.pt of run folder RUN (a name "
+                             "under path/path_specific, or a path) on the test split and "
+                             "append the metrics to its metrics.jsonl")
+    parser.add_argument("--save", action="store_true",
+                        help="write a run folder: config.yaml, best.pt, current.pt, "
+                             "metrics.jsonl and reconstruction grids")
+    parser.add_argument("--resume", metavar="RUN",
+                        help="continue the interrupted run folder RUN (a name or a path) "
+                             "exactly where its current.pt stopped; implies --save")
+    parser.add_argument("--dbg", action="store_true",
+                        help="print the reference's per-epoch Train/Validation/Test lines")
+    parser.add_argument("--gpu", metavar="IDS",
+                        help="CUDA devices to make visible, e.g. 0 or 0,1 "
+                             "(sets CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed for initialisation, shuffling and sampling "
+                             "(default 0)")
+    parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N,mps}",
+                        help="where to run; auto picks CUDA, then MPS, then the CPU "
+                             "(default auto)")
+    parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                        help="bitwise-repeatable kernels (default: on for the CPU, off on GPUs)")
+    parser.add_argument("--limit-batches", type=int, metavar="N", dest="limit_batches",
+                        help="at most N train, val and test batches per epoch (smoke runs)")
+    parser.add_argument("--summary", action="store_true",
+                        help="print the resolved config and the parameter counts, then exit")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="config overrides, e.g. train.epoch_max 1 path /tmp/runs")
+    return parser
+
+
+def make_loaders(cfg, device, seed, splits=("train", "val", "test")):
+    import data
+    loaders = {}
+    for split in splits:
+        train = split == "train"
+        loaders[split] = data.build_loader(
+            cfg, split, batch_size=cfg.train.bs if train else cfg.test.bs, shuffle=train,
+            seed=seed, device=device)
+    return loaders
+
+
+def segmentation_for(cfg):
+    if cfg.model.name != "VmfSQVAE":
+        return None
+    from functools import partial
+
+    from networks import label_channels
+    from third_party.segmentation import SegmentationMeter
+    return partial(SegmentationMeter, cfg.network.num_class, label_channels(cfg.network.num_class))
+
+
+def summary(cfg):
+    from configs import config_to_yaml
+    from networks import build_model, count_parameters
+    print(config_to_yaml(cfg), end="")
+    counts = count_parameters(build_model(cfg))
+    print(f"params total={counts['total']} encoder={counts['encoder']} "
+          f"decoder={counts['decoder']}")
+    return 0
+
+
+def test_records(stochastic, deterministic, seconds, epoch, **extra):
+    return [{"epoch": epoch, "split": "test_stochastic", **stochastic, "seconds": seconds, **extra},
+            {"epoch": epoch, "split": "test", **deterministic, "seconds": seconds, **extra}]
+
+
+def evaluate_run(args, cfg, device):
+    """-ts RUN: the run's best.pt on the test split, with the run's own saved config."""
+    import json
+
+    from networks import build_model
+    from trainer import Trainer, append_test_records, runs
+    run_dir = runs.resolve_run_dir(cfg, args.timestamp, "-ts")
+    run_cfg = runs.load_run_config(run_dir, args.opts)
+    state = runs.load_checkpoint(os.path.join(run_dir, runs.BEST))
+    model = build_model(run_cfg)
+    runs.load_model_weights(model, state["model"], os.path.join(run_dir, runs.BEST))
+    model.to(device)
+    loaders = make_loaders(run_cfg, device, args.seed, splits=("val", "test"))
+    trainer = Trainer(run_cfg, model, loaders, device, None, limit_batches=args.limit_batches,
+                      dbg=True, segmentation=segmentation_for(run_cfg))
+    stochastic, deterministic, seconds = trainer.test()
+    records = test_records(stochastic, deterministic, seconds, state["epoch"],
+                           source="-ts")
+    append_test_records(run_dir, records)
+    print(json.dumps(records[-1]))
+    return 0
+
+
+def train(args, cfg, device):
+    from networks import build_model
+    from trainer import Trainer, runs
+    from util.io import check_writable, write_jsonl
+    from util.rng import seed_everything
+
+    resume_state, run_dir = None, None
+    if args.resume:
+        run_dir = runs.resolve_run_dir(cfg, args.resume, "--resume")
+        run_cfg = runs.load_run_config(run_dir, args.opts)
+        runs.check_same_experiment(run_cfg, cfg, run_dir, args.config_file)
+        cfg = run_cfg
+        resume_state = runs.load_checkpoint(os.path.join(run_dir, runs.CURRENT))
+    elif args.save:
+        problem = check_writable(cfg.path_checkpoint)
+        if problem:
+            raise runs.RunError(f"{problem}; set a writable `path` (override or "
+                                "SQVAE_CHECKPOINTS) before training")
+
+    seed_everything(args.seed)
+    model = build_model(cfg).to(device)
+    loaders = make_loaders(cfg, device, args.seed)
+    if args.save and run_dir is None:
+        run_dir = runs.create_run_dir(cfg, args.seed)
+        print(f"run folder: {run_dir}")
+    resume = f"python main.py -c {args.config_file} --resume {run_dir}"
+    if args.seed:
+        resume += f" --seed {args.seed}"
+    trainer = Trainer(cfg, model, loaders, device, run_dir, limit_batches=args.limit_batches,
+                      dbg=args.dbg, segmentation=segmentation_for(cfg), resume_command=resume)
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state, os.path.join(run_dir, runs.CURRENT))
+        print(f"resuming {run_dir} at epoch {trainer.epoch}, step {trainer.step}")
+    trainer.fit()
+
+    if run_dir is not None:
+        best = runs.load_checkpoint(os.path.join(run_dir, runs.BEST))
+        runs.load_model_weights(model, best["model"], os.path.join(run_dir, runs.BEST))
+        epoch = best["epoch"]
+    else:
+        epoch = trainer.epoch - 1  # no run folder: test the final weights
+    model.to(device)
+    stochastic, deterministic, seconds = trainer.test()
+    if run_dir is not None:
+        write_jsonl(os.path.join(run_dir, runs.METRICS_FILE),
+                    trainer.history + test_records(stochastic, deterministic,
+                                                   seconds, epoch))
+    return 0
+
+
+def run(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
+
+    from configs import ConfigError, load_config
+    from data import DatasetError
+    from trainer import Interrupted, RunError, TrainingError
+    from util.device import DeviceError, select_device, set_deterministic
+
+    if not args.config_file:
+        print("error: -c/--config_file is required (e.g. -c mnist_gauss_1.yaml); "
+              "see python main.py --help", file=sys.stderr)
+        return 2
+    if args.limit_batches is not None and args.limit_batches < 1:
+        print("error: --limit-batches needs a positive number", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config_file, args.opts)
+        if args.summary:
+            return summary(cfg)
+        device = select_device(args.device)
+        deterministic = args.deterministic if args.deterministic is not None \
+            else device.type == "cpu"
+        set_deterministic(deterministic, device)
+        if args.timestamp:
+            return evaluate_run(args, cfg, device)
+        if args.resume:
+            args.save = True
+        return train(args, cfg, device)
+    except (ConfigError, DatasetError, RunError, DeviceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.code
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,40 @@
+"""Building blocks shared by every encoder/decoder, and the reference initialisation."""
+from torch import nn
+
+
+def batch_norm(dim, enabled):
+    """BatchNorm2d, or nothing when `flags.bn` is off (the block keeps its shape)."""
+    return nn.BatchNorm2d(dim) if enabled else nn.Identity()
+
+
+class ResBlock(nn.Module):
+    """x + [ReLU, Conv3x3, BN, ReLU, Conv1x1, BN](x); channel count is preserved."""
+
+    def __init__(self, dim, bn=True):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(dim, dim, 3, 1, 1),
+            batch_norm(dim, bn),
+            nn.ReLU(),
+            nn.Conv2d(dim, dim, 1),
+            batch_norm(dim, bn),
+        )
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+def res_stack(dim, count, bn):
+    return nn.Sequential(*[ResBlock(dim, bn) for _ in range(count)])
+
+
+def init_weights(module):
+    """SPEC 2: conv weights ~ N(0, 0.02), BN weight ~ N(1, 0.02) and bias 0; conv biases keep
+    PyTorch's default."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,42 @@
+"""Reconstruction losses of SPEC 4.
+
+Gaussian: with ``mse = sum (x_hat - x)^2 / B`` (summed over pixels, mean over images),
+ARELBO gives ``dim_x / 2 * log(mse)``; a learned variance gives
+``mse / (2 sigma^2) + dim_x / 2 * log sigma^2``.
+
+vMF (label maps): decoder outputs are L2-normalised per pixel over the N channels;
+``c`` is the component at the true class; with kappa_inv = exp(log_kappa_inv) + 1e-9
+and m = N / 2,
+``L = -(1 / kappa_inv) * mean_b(sum_pixels c) - dim_x * log C(kappa_inv)``,
+``log C(k_inv) = -(m - 1) log k_inv - 1 / k_inv - log Ie_{m-1}(1 / k_inv)``.
+"""
+import torch
+import torch.nn.functional as F
+
+from third_party.bessel import log_ive
+
+def squared_error(x_hat, x):
+    """The reference's "MSE": squared error summed over an image's pixels, mean over images."""
+    return F.mse_loss(x_hat, x, reduction="sum") / x.shape[0]
+
+def arelbo_loss(mse, dim_x):
+    return dim_x / 2 * torch.log(mse)
+
+def learned_variance_loss(mse, dim_x, log_var_x):
+    return mse / (2 * torch.exp(log_var_x)) + dim_x / 2 * log_var_x
+
+def vmf_log_normalizer(kappa_inv, m):
+    """log C_m(kappa) of a vMF on the (2m - 1)-sphere, without its 2*pi constant."""
+    kappa = 1.0 / kappa_inv
+    return -(m - 1) * torch.log(kappa_inv) - kappa - log_ive(m - 1, kappa)
+
+def vmf_reconstruction(x_hat, labels, log_kappa_inv, dim_x):
+    """Returns (loss, accuracy) for decoder outputs B x N x H x W and int labels B x 1 x H x W."""
+    n = x_hat.shape[1]
+    labels = labels.long().reshape(x_hat.shape[0], 1, *x_hat.shape[2:])
+    cosine = F.normalize(x_hat, dim=1).gather(1, labels)
+    kappa_inv = torch.exp(log_kappa_inv) + 1e-9
+    loss = -cosine.sum() / x_hat.shape[0] / kappa_inv \
+        - dim_x * vmf_log_normalizer(kappa_inv, n / 2)
+    accuracy = (x_hat.argmax(1, keepdim=True) == labels).float().mean()
+    return loss, accuracy

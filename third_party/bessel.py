@@ -1,0 +1,169 @@
+"""Exponentially scaled modified Bessel function of the first kind in torch.
+
+``ive(nu, x) = I_nu(x) * exp(-x)`` (the same quantity as ``scipy.special.ive``)
+and ``log_ive(nu, x) = log(ive(nu, x))``, both differentiable in ``x``.
+
+The vMF likelihood needs I_nu at concentrations ranging from ~1e-3 up to ~1e9,
+and it needs it on the accelerator inside the training graph, so everything
+here is plain torch arithmetic on the input's device: no host round trips, no
+branching on tensor values (both branches are evaluated and merged with
+``torch.where``).
+
+Method (all internal arithmetic in float64, result cast back to x's dtype):
+
+* ``x < T(nu)``: the power series
+  ``I_nu(x) = sum_k (x/2)^(2k+nu) / (k! Gamma(k+nu+1))``. Every term is
+  positive, so summing it as a log-sum-exp of the log terms loses no precision
+  and cannot overflow, and the log result stays finite when ``I_nu`` itself
+  underflows (tiny x, large nu).
+* ``x >= T(nu)``: Hankel's large-argument expansion
+  ``Ie_nu(x) ~ (2 pi x)^(-1/2) sum_k c_k(nu) x^(-k)``,
+  ``c_k = prod_{j<=k} -(4 nu^2 - (2j-1)^2) / (8 j)``.
+  The switch point ``T(nu) = max(25, nu^2 / 2)`` makes ``|c_1| / x <= 1`` so
+  the alternating series starts out shrinking (little cancellation), while the
+  first omitted term is far below float64 resolution.
+
+Both branches also return the exact derivative of their own log, so gradients
+come from closed forms rather than from differencing two close numbers (which
+would lose accuracy, e.g. ``I_{nu-1}/I_nu - 1`` at large x).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["ive", "log_ive"]
+
+# Smaller than any concentration we expect, large enough that nu / x stays
+# finite in float64 for any reasonable nu. Inputs are clamped to it so x = 0
+# gives finite values and gradients instead of NaN.
+_X_FLOOR = 1e-300
+
+# Terms kept from Hankel's expansion. For x >= 25 the k-th term keeps shrinking
+# until k ~ 2x >= 50, and by k = 30 it is far below 1e-17 of the sum.
+_HANKEL_TERMS = 30
+
+
+def _switch_point(nu: float) -> float:
+    return max(25.0, 0.5 * nu * nu)
+
+
+def _series_terms(threshold: float) -> int:
+    # The series terms peak near k = x/2 and then fall like a Gaussian of width
+    # ~sqrt(x/2); 6 widths past the peak is below 1e-16 of the sum. Extra slack
+    # covers small x where the decay is not yet Gaussian.
+    return int(math.ceil(threshold / 2 + 6.0 * math.sqrt(threshold) + 30))
+
+
+def _series(nu: float, x: torch.Tensor, n_terms: int):
+    """log Ie_nu(x) and d/dx log Ie_nu(x) from the power series (x: float64, 1-D)."""
+    k = torch.arange(n_terms, dtype=x.dtype, device=x.device)
+    power = 2.0 * k + nu  # exponent of (x/2) in term k
+    log_norm = torch.lgamma(k + 1.0) + torch.lgamma(k + (nu + 1.0))
+    log_terms = power * torch.log(0.5 * x).unsqueeze(-1) - log_norm
+    log_sum = torch.logsumexp(log_terms, dim=-1)
+    # d/dx log(term_k) = power_k / x; the log-derivative of the sum is the
+    # softmax-weighted average, a sum of positive numbers (no cancellation).
+    weights = torch.softmax(log_terms, dim=-1)
+    dlog = (weights * power).sum(dim=-1) / x - 1.0
+    return log_sum - x, dlog
+
+
+def _hankel(nu: float, x: torch.Tensor, n_terms: int):
+    """log Ie_nu(x) and d/dx log Ie_nu(x) from Hankel's expansion (x: float64, 1-D)."""
+    j = torch.arange(1, n_terms + 1, dtype=x.dtype, device=x.device)
+    step = -(4.0 * nu * nu - (2.0 * j - 1.0) ** 2) / (8.0 * j)
+    # term_k = c_k / x^k built as a running product so neither c_k nor x^k is
+    # ever formed on its own (either could overflow for large k).
+    terms = torch.cumprod(step / x.unsqueeze(-1), dim=-1)
+    s = 1.0 + terms.sum(dim=-1)
+    ds = -(terms * j).sum(dim=-1) / x  # d/dx of sum_k term_k, with term_k ~ x^-k
+    log_ie = torch.log(s) - 0.5 * torch.log((2.0 * math.pi) * x)
+    dlog = ds / s - 0.5 / x
+    return log_ie, dlog
+
+
+def _log_ive_and_dlog(nu: float, x: torch.Tensor):
+    """float64 log Ie_nu(x) and its x-derivative, same shape as x."""
+    if nu < 0:
+        raise ValueError(f"nu must be >= 0, got {nu}")
+    nu = float(nu)
+    shape = x.shape
+    x64 = x.detach().to(torch.float64).reshape(-1).clamp_min(_X_FLOOR)
+    t = _switch_point(nu)
+    # Each branch only sees arguments inside its own domain, so the branch that
+    # is thrown away by torch.where never produces inf/NaN.
+    log_s, dlog_s = _series(nu, x64.clamp_max(t), _series_terms(t))
+    log_h, dlog_h = _hankel(nu, x64.clamp_min(t), _HANKEL_TERMS)
+    small = x64 < t
+    log_ie = torch.where(small, log_s, log_h).reshape(shape)
+    dlog = torch.where(small, dlog_s, dlog_h).reshape(shape)
+    return log_ie, dlog
+
+
+class _Ive(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, nu: float):
+        log_ie, dlog = _log_ive_and_dlog(nu, x)
+        ie = torch.exp(log_ie)
+        # d/dx Ie = Ie * d/dx log Ie, which equals Ie_{nu-1} - Ie_nu (nu + x)/x.
+        # Where Ie underflows to 0 the product is 0 (dlog stays finite).
+        ctx.save_for_backward((ie * dlog).to(x.dtype))
+        return ie.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (deriv,) = ctx.saved_tensors
+        return grad_out * deriv, None
+
+
+class _LogIve(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, nu: float):
+        log_ie, dlog = _log_ive_and_dlog(nu, x)
+        ctx.save_for_backward(dlog.to(x.dtype))
+        return log_ie.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (dlog,) = ctx.saved_tensors
+        return grad_out * dlog, None
+
+
+def _check_input(x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("x must be a torch.Tensor")
+    if not x.is_floating_point():
+        # Integer inputs would make the output integer; promote like torch does.
+        x = x.to(torch.get_default_dtype())
+    return x
+
+
+def ive(nu: float, x: torch.Tensor) -> torch.Tensor:
+    """Ie_nu(x) = I_nu(x) * exp(-x) elementwise, differentiable in x.
+
+    Args:
+        nu: order, a Python number >= 0 (validated for 0..20; larger orders
+            work but need more series terms, see ``_switch_point``).
+        x: argument tensor, x > 0 (x = 0 is clamped to 1e-300).
+
+    Returns a tensor with x's shape, dtype and device. Relative error is
+    ~1e-13 in float64 and float32 rounding in float32.
+    """
+    x = _check_input(x)
+    return _Ive.apply(x, nu)
+
+
+def log_ive(nu: float, x: torch.Tensor) -> torch.Tensor:
+    """log(I_nu(x) * exp(-x)) elementwise, differentiable in x.
+
+    Computed directly in log space, so it stays finite where ``ive`` underflows
+    (e.g. x = 1e-30 in float32). Its gradient is ``ive'(x) / ive(x)`` evaluated
+    in closed form.
+    """
+    x = _check_input(x)
+    return _LogIve.apply(x, nu)

@@ -1,0 +1,339 @@
+"""The training loop of SPEC 5, readable top to bottom.
+
+Each epoch: train over the training loader (temperature set before every
+iteration), then validate twice (stochastic, then deterministic; the
+deterministic result is the one recorded, stepped into ReduceLROnPlateau and
+compared for "best"). With a run folder: ``best.pt`` when the validation loss
+is at most the best so far, ``current.pt`` after every epoch and every
+``train.ckpt_every_steps`` steps, one ``metrics.jsonl`` line per epoch and
+split. After training, the test split is evaluated with the best weights.
+
+Metrics stay on the device during an epoch and are read back once per
+``log.every_steps`` steps, which is also when a non-finite loss is caught.
+"""
+import math
+import os
+import signal
+import time
+from itertools import islice
+
+import torch
+
+from configs import config_to_yaml
+from util.io import read_jsonl, write_jsonl
+from util.rng import get_rng_state, set_rng_state
+
+from . import runs
+from .images import save_reconstructions
+
+TRAIN_KEYS = ("loss", "loss_rec", "kld_discrete", "kld_continuous", "perplexity", "entropy",
+              "param_q")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says where and why."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a resumable checkpoint has been written. `code` is the
+    exit status (130 or 143)."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+def temperature_at(cfg, step):
+    """tau(step) = max(init * exp(-decay * step), min), or init when annealing is off."""
+    t = cfg.quantization.temperature
+    if not cfg.flags.decay:
+        return t.init
+    return max(t.init * math.exp(-t.decay * step), t.min)
+
+
+def build_optimizer(cfg, model, device):
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
+                            **({"fused": True} if fused else {"foreach": True}))
+
+
+def build_scheduler(optimizer):
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=0.5, patience=3, threshold=1e-4, threshold_mode="rel",
+        cooldown=0, min_lr=0, eps=1e-8)
+
+
+class MeanMeter:
+    """Means over batches of per-batch scalars, accumulated on the device (no host sync)."""
+
+    def __init__(self, keys):
+        self.keys = tuple(keys)
+        self.sum = None
+        self.count = 0
+
+    def add(self, terms):
+        values = torch.stack([terms[k].detach().float() for k in self.keys])
+        self.sum = values if self.sum is None else self.sum + values
+        self.count += 1
+        return values
+
+    def means(self):
+        if self.count == 0:
+            return {}
+        return dict(zip(self.keys, (self.sum / self.count).tolist()))
+
+    def state_dict(self):
+        return {"keys": list(self.keys), "count": self.count,
+                "sum": None if self.sum is None else self.sum.cpu()}
+
+    def load_state_dict(self, state, device):
+        self.keys, self.count = tuple(state["keys"]), state["count"]
+        self.sum = None if state["sum"] is None else state["sum"].to(device)
+
+
+def metric_keys(model):
+    quality = "acc" if model.__class__.__name__ == "VmfSQVAE" else "mse"
+    return (*TRAIN_KEYS, quality)
+
+
+def derived_metrics(means, dim_x):
+    """Per-pixel MSE and PSNR next to the reference's per-image summed MSE."""
+    out = dict(means)
+    if "mse" in out:
+        out["mse_pixel"] = out["mse"] / dim_x
+        out["psnr"] = -10 * math.log10(out["mse_pixel"]) if out["mse_pixel"] > 0 else math.inf
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, loader, mode, limit=None, segmentation=None):
+    """One pass over `loader` in eval mode; means over batches, plus split-level pixel
+    accuracy and mIoU for label maps."""
+    model.eval()
+    meter = MeanMeter(metric_keys(model))
+    seg = None
+    if segmentation is not None:
+        seg = segmentation()
+    for x, _ in islice(loader, limit):
+        x_hat, terms = model(x, mode)
+        meter.add(terms)
+        if seg is not None:
+            seg.update_from_logits(x_hat, x)
+    result = derived_metrics(meter.means(), model.dim_x)
+    if seg is not None:
+        scores = seg.compute()
+        result["pixel_acc"], result["miou"] = scores["pixel_acc"], scores["miou"]
+    return result
+
+
+class Trainer:
+    """Owns the model, optimizer, scheduler, loaders and (optionally) a run folder."""
+
+    def __init__(self, cfg, model, loaders, device, run_dir=None, *, limit_batches=None,
+                 dbg=False, log=print, segmentation=None, resume_command=None):
+        self.cfg, self.model, self.loaders, self.device = cfg, model, loaders, device
+        self.run_dir, self.limit, self.dbg, self.log = run_dir, limit_batches, dbg, log
+        self.segmentation = segmentation
+        self.resume_command = resume_command
+        self.optimizer = build_optimizer(cfg, model, device)
+        self.scheduler = build_scheduler(self.optimizer)
+        self.keys = metric_keys(model)
+        self.epoch, self.batch, self.step = 1, 0, 0
+        self.best_loss, self.best_epoch = math.inf, 0
+        self.history = []
+        self.meter = MeanMeter(self.keys)
+        self.train_seconds = 0.0
+        self._signal = None
+        # The first non-finite step and its terms, kept on the device until the next check.
+        self._bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self._bad_terms = torch.zeros(len(self.keys), device=device)
+        self._step_counter = torch.zeros((), dtype=torch.long, device=device)
+
+    # ---- sizes -------------------------------------------------------------------------
+    def batches(self, split):
+        n = len(self.loaders[split])
+        return n if self.limit is None else min(n, self.limit)
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def path(self, name):
+        return os.path.join(self.run_dir, name)
+
+    def state_dict(self):
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch, "batch": self.batch, "step": self.step,
+            "best_loss": self.best_loss, "best_epoch": self.best_epoch,
+            "history": self.history,
+            "train_meter": self.meter.state_dict(),
+            "train_seconds": self.train_seconds,
+            "rng": get_rng_state(),
+            "config": config_to_yaml(self.cfg),
+        }
+
+    def load_state_dict(self, state, path):
+        runs.load_model_weights(self.model, state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.best_loss, self.best_epoch = state["best_loss"], state["best_epoch"]
+        self.history = list(state["history"])
+        self.meter.load_state_dict(state["train_meter"], self.device)
+        self.train_seconds = state["train_seconds"]
+        self._step_counter.fill_(self.step)
+        set_rng_state(state["rng"])
+
+    def save_current(self):
+        if self.run_dir is None:
+            return
+        self.check_finite()
+        runs.save_checkpoint(self.path(runs.CURRENT), self.state_dict())
+        # metrics.jsonl always mirrors the history in current.pt, so a resume rewrites it.
+        write_jsonl(self.path(runs.METRICS_FILE), self.history)
+
+    def save_best(self, val_loss):
+        runs.save_checkpoint(self.path(runs.BEST), {
+            "model": self.model.state_dict(), "epoch": self.epoch, "step": self.step,
+            "val_loss": val_loss, "config": config_to_yaml(self.cfg)})
+
+    # ---- failure handling --------------------------------------------------------------
+    def track_finite(self, values):
+        self._step_counter += 1
+        newly_bad = ~torch.isfinite(values).all() & (self._bad_step < 0)
+        self._bad_step = torch.where(newly_bad, self._step_counter, self._bad_step)
+        self._bad_terms = torch.where(newly_bad, values, self._bad_terms)
+
+    def check_finite(self):
+        step = int(self._bad_step)
+        if step >= 0:
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.keys, self._bad_terms.tolist()))
+            kept = (f"; the last good checkpoints in {self.run_dir} are kept"
+                    if self.run_dir else "")
+            raise TrainingError(f"non-finite loss at step {step} ({terms}); try a lower "
+                                f"train.lr or another seed{kept}")
+
+    def _on_signal(self, signum, frame):
+        self._signal = signum
+
+    def _interrupt(self):
+        code = 128 + self._signal
+        name = signal.Signals(self._signal).name
+        if self.run_dir is None:
+            raise Interrupted(code, f"{name}: stopped at step {self.step} (no run folder, "
+                                    "nothing to resume; use --save to make runs resumable)")
+        self.save_current()
+        command = self.resume_command or f"--resume {self.run_dir}"
+        raise Interrupted(code, f"{name}: stopped at step {self.step}, epoch {self.epoch}; "
+                                f"resume with: {command}")
+
+    # ---- the loop ----------------------------------------------------------------------
+    def train_epoch(self):
+        cfg, model = self.cfg, self.model
+        loader = self.loaders["train"]
+        loader.set_epoch(self.epoch)
+        n_batches = self.batches("train")
+        every_ckpt = cfg.train.ckpt_every_steps
+        every_log = max(1, cfg.log.every_steps)
+        model.train()
+        start = time.perf_counter()
+        for x, _ in islice(loader.iter_from(self.batch), n_batches - self.batch):
+            self.step = (self.epoch - 1) * n_batches + self.batch + 1
+            model.set_temperature(temperature_at(cfg, self.step))
+            self.optimizer.zero_grad(set_to_none=True)
+            _, terms = model(x, "train")
+            terms["loss"].backward()
+            self.optimizer.step()
+            self.track_finite(self.meter.add(terms))
+            self.batch += 1
+            if self.step % every_log == 0:
+                self.check_finite()
+            if self._signal is not None:
+                self.train_seconds += time.perf_counter() - start
+                self._interrupt()
+            if every_ckpt and self.step % every_ckpt == 0 and self.batch < n_batches:
+                self.train_seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                self.save_current()
+        self.check_finite()
+        self.train_seconds += time.perf_counter() - start
+        return derived_metrics(self.meter.means(), model.dim_x)
+
+    def validate(self, split="val"):
+        loader, limit = self.loaders[split], self.batches(split)
+        start = time.perf_counter()
+        stochastic = evaluate(self.model, loader, "stochastic", limit, self.segmentation)
+        deterministic = evaluate(self.model, loader, "deterministic", limit, self.segmentation)
+        return stochastic, deterministic, time.perf_counter() - start
+
+    def record(self, split, metrics, seconds, **extra):
+        entry = {"epoch": self.epoch, "split": split, "step": self.step, **metrics,
+                 "lr": self.optimizer.param_groups[0]["lr"],
+                 "temperature": temperature_at(self.cfg, self.step), "seconds": seconds, **extra}
+        self.history.append(entry)
+        return entry
+
+    def fit(self):
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.epoch <= self.cfg.train.epoch_max:
+                train = self.train_epoch()
+                self.record("train", train, self.train_seconds)
+                val_s, val, val_seconds = self.validate("val")
+                self.record("val_stochastic", val_s, val_seconds)
+                self.record("val", val, val_seconds)
+                self.scheduler.step(val["loss"])
+                self.print_epoch(train, val, val_seconds)
+                if self.run_dir is not None:
+                    if val["loss"] <= self.best_loss:
+                        self.best_loss, self.best_epoch = val["loss"], self.epoch
+                        self.save_best(val["loss"])
+                        self.save_grid("best")
+                    self.save_grid("current")
+                elif val["loss"] <= self.best_loss:
+                    self.best_loss, self.best_epoch = val["loss"], self.epoch
+                self.epoch, self.batch = self.epoch + 1, 0
+                self.meter = MeanMeter(self.keys)
+                self.train_seconds = 0.0
+                self.save_current()
+                if self._signal is not None:
+                    self._interrupt()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+    def test(self):
+        """Evaluate the test split (stochastic, then the recorded deterministic pass)."""
+        stochastic, deterministic, seconds = self.validate("test")
+        self.print_line("Test", deterministic, seconds)
+        return stochastic, deterministic, seconds
+
+    # ---- output ------------------------------------------------------------------------
+    def save_grid(self, which):
+        x, _ = next(iter(self.loaders["val"]))
+        save_reconstructions(self.model, x, self.path(f"reconstructions_{which}.png"))
+
+    def print_line(self, name, m, seconds):
+        quality = f"ACC: {m['acc']:.4f}" if "acc" in m else f"MSE: {m['mse']:.4f}"
+        extra = f", mIoU: {m['miou']:.4f}" if "miou" in m else ""
+        self.log(f"{name} Loss: {m['loss']:.4f}, {quality}{extra}, "
+                 f"Perplexity: {m['perplexity']:.4f}, Time: {seconds:.3f}s")
+
+    def print_epoch(self, train, val, val_seconds):
+        if self.dbg:
+            self.log(f"Epoch {self.epoch}/{self.cfg.train.epoch_max}")
+            self.print_line("Train", train, self.train_seconds)
+            self.print_line("Validation", val, val_seconds)
+        else:
+            quality = f"acc {val['acc']:.4f}" if "acc" in val else \
+                f"mse/pixel {val['mse_pixel']:.5f}"
+            self.log(f"epoch {self.epoch}/{self.cfg.train.epoch_max} step {self.step}: "
+                     f"train loss {train['loss']:.2f}, val loss {val['loss']:.2f}, {quality}, "
+                     f"perplexity {val['perplexity']:.1f}, "
+                     f"{self.train_seconds:.1f}s + {val_seconds:.1f}s")
+
+
+def append_test_records(run_dir, records):
+    """Append test metrics to a run's metrics.jsonl (rewritten atomically)."""
+    path = os.path.join(run_dir, runs.METRICS_FILE)
+    write_jsonl(path, read_jsonl(path) + records)

@@ -1,0 +1,166 @@
+"""Run folders and checkpoints.
+
+A run folder is ``<path>/<path_specific>/<network.name>_seed<seed>_<MMDD_HHMM>[_N]``.
+It is claimed with ``os.mkdir`` (atomic: two runs started in the same minute get
+two folders) and holds ``config.yaml``, ``best.pt``, ``current.pt``,
+``metrics.jsonl`` and reconstruction grids. Every file is written through
+``util.io`` (temporary file, then rename). Checkpoints are plain dicts of
+tensors and numbers, loaded with ``torch.load(weights_only=True)``.
+"""
+import os
+import pickle
+import time
+import zipfile
+
+import torch
+
+from configs import ConfigError, config_to_yaml, load_config
+from util.io import atomic_save, atomic_write_text
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+BEST, CURRENT = "best.pt", "current.pt"
+
+
+class RunError(ValueError):
+    """A run folder or checkpoint problem the user can fix; one line."""
+
+
+def create_run_dir(cfg, seed, now=None):
+    """Claim a fresh run folder and write the resolved config into it."""
+    root = cfg.path_checkpoint
+    os.makedirs(root, exist_ok=True)
+    stamp = time.strftime("%m%d_%H%M", time.localtime(now))
+    base = f"{cfg.network.name}_seed{seed}_{stamp}"
+    for n in range(10_000):
+        path = os.path.join(root, base if n == 0 else f"{base}_{n}")
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        atomic_write_text(os.path.join(path, CONFIG_FILE), config_to_yaml(cfg))
+        return path
+    raise RunError(f"too many runs named {base}* in {root}")
+
+
+def resolve_run_dir(cfg, name, flag="-ts"):
+    """A run folder from a name under path/path_specific, or from a path."""
+    candidates = [name] if os.path.isabs(name) else [os.path.join(cfg.path_checkpoint, name), name]
+    for path in candidates:
+        if os.path.isdir(path):
+            return os.path.abspath(path)
+    raise RunError(f"{flag} {name}: no such run folder (looked in {cfg.path_checkpoint}); "
+                   "give a folder name from there or a path")
+
+
+def load_run_config(run_dir, opts=None):
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise RunError(f"{run_dir} holds no {CONFIG_FILE}: not a run folder of this tool")
+    try:
+        return load_config(path, opts)
+    except ConfigError as e:
+        raise RunError(f"{path}: {e}") from None
+
+
+# Keys that fix what a run *is*; a resume must not change them.
+IDENTITY_KEYS = ("dataset.name", "model.name", "model.param_var_q", "network.name",
+                 "network.num_rb", "quantization.size_dict", "quantization.dim_dict",
+                 "path_specific")
+
+
+def _get(cfg, key):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def check_same_experiment(run_cfg, cfg, run_dir, config_name):
+    different = [k for k in IDENTITY_KEYS if _get(run_cfg, k) != _get(cfg, k)]
+    if different:
+        k = different[0]
+        raise RunError(
+            f"--resume {run_dir}: that run was trained with a different experiment "
+            f"({k} = {_get(run_cfg, k)!r}, but {config_name} has {_get(cfg, k)!r}); "
+            "pass the experiment file the run was started with")
+
+
+def save_checkpoint(path, state):
+    atomic_save(path, lambda buffer: torch.save(state, buffer))
+
+
+def _other(path):
+    folder, name = os.path.split(path)
+    other = os.path.join(folder, CURRENT if name == BEST else BEST)
+    return other if name in (BEST, CURRENT) else None
+
+
+def _try_load(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), None
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            return None, ("holds pickled Python objects, which are refused because loading "
+                          "them could run code; re-save it with this tool")
+        return None, "is corrupt (unreadable pickle data)"
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            return None, "does not exist"
+        return None, "is truncated or corrupt"
+
+
+def load_checkpoint(path):
+    """The checkpoint dict, or a RunError that names the file and says whether the run's
+    other checkpoint can be used instead."""
+    if not os.path.isfile(path):
+        raise RunError(f"{path} does not exist: the run holds no checkpoint "
+                       "(was it started with --save, and did it finish an epoch?)")
+    state, problem = _try_load(path)
+    if state is None:
+        other = _other(path)
+        if other and os.path.isfile(other) and _try_load(other)[0] is not None:
+            hint = f"; {os.path.basename(other)} in the same folder loads fine"
+        elif other:
+            hint = f"; {os.path.basename(other)} is not usable either"
+        else:
+            hint = ""
+        raise RunError(f"checkpoint {path} {problem}{hint}")
+    if not isinstance(state, dict) or "model" not in state:
+        raise RunError(f"checkpoint {path} is not a checkpoint of this tool (no model weights)")
+    return state
+
+
+# Which config keys set the shape of which parameters (by name prefix).
+SHAPE_KEYS = (
+    ("codebook", "quantization.size_dict, quantization.dim_dict"),
+    ("encoder.head_log_var", "model.param_var_q"),
+    ("log_var_x", "flags.arelbo"),
+    ("log_kappa_inv", "model.name"),
+    ("encoder.res", "network.num_rb, quantization.dim_dict"),
+    ("decoder.res", "network.num_rb, quantization.dim_dict"),
+    ("", "quantization.dim_dict, flags.bn, dataset.name"),
+)
+
+
+def load_model_weights(model, state_dict, path):
+    """load_state_dict with a one-line message naming mismatched parameters and the config
+    keys that set them."""
+    own = model.state_dict()
+    problems, keys = [], []
+    for name in sorted(set(own) | set(state_dict)):
+        if name not in state_dict:
+            problems.append(f"{name} missing from the file")
+        elif name not in own:
+            problems.append(f"{name} unexpected in the file")
+        elif tuple(own[name].shape) != tuple(state_dict[name].shape):
+            problems.append(f"{name} is {tuple(state_dict[name].shape)} in the file but "
+                            f"{tuple(own[name].shape)} in the model")
+        else:
+            continue
+        keys.append(next(k for prefix, k in SHAPE_KEYS if name.startswith(prefix)))
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more"
+                                          if len(problems) > 3 else "")
+        raise RunError(f"checkpoint {path} does not match the config: {shown} "
+                       f"(set by {', '.join(dict.fromkeys(keys))})")
+    model.load_state_dict(state_dict)
