@@ -62,7 +62,7 @@ def build_parser():
                         help="at most N train, val and test batches per epoch (smoke runs)")
     parser.add_argument("--summary", action="store_true",
                         help="print the resolved config and the parameter counts, then exit")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
                         help="config overrides, e.g. train.epoch_max 1 path /tmp/runs")
     return parser
 
@@ -177,7 +177,7 @@ def train(args, cfg, device):
 
 
 def run(argv=None):
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
 

@@ -120,8 +120,11 @@ class InMemoryLoader(Loader):
         self.labels = torch.from_numpy(labels).to(self.device)
 
     def _iterate(self, batches):
-        for idx in batches:
-            idx = idx.to(self.device, non_blocking=True)
+        if not batches:
+            return
+        # One host-to-device copy of the epoch's indices rather than one per batch.
+        order = torch.cat(batches).to(self.device, non_blocking=True)
+        for idx in order.split([len(b) for b in batches]):
             yield self.images[idx].float().div_(255), self.labels[idx]
 
 
@@ -154,9 +157,26 @@ class FileLoader(Loader):
         loader = DataLoader(self.dataset, batch_sampler=[b.tolist() for b in batches],
                             num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda")
-        for x in loader:
-            x = self.to_model(x.to(self.device, non_blocking=True))
-            yield x, torch.zeros(len(x), dtype=torch.int64, device=self.device)
+        try:
+            for x in loader:
+                x = self.to_model(x.to(self.device, non_blocking=True))
+                yield x, torch.zeros(len(x), dtype=torch.int64, device=self.device)
+        except DatasetError as e:
+            raise _unwrap_worker_error(e) from None
+
+
+def _unwrap_worker_error(err):
+    """A worker's DatasetError, back to its own one-line message.
+
+    DataLoader re-raises a worker's exception with the worker's whole traceback as
+    the message; the original message is the text after the last "DatasetError: ".
+    """
+    text = str(err)
+    if "\n" not in text:
+        return err
+    last = text.strip().splitlines()[-1]
+    marker = "DatasetError: "
+    return DatasetError(last.split(marker, 1)[1]) if marker in last else err
 
 
 def _image_to_model(x):
