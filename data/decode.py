@@ -22,8 +22,10 @@ _PIL_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 
 def _open(path, what):
     try:
-        img = Image.open(path)
-        img.load()  # open() is lazy; decode now so a broken file fails here, with its name
+        # open() is lazy: decode now, so a broken file fails here with its name, and
+        # leave the block with the pixels in memory and the file closed either way.
+        with Image.open(path) as img:
+            img.load()
     except _PIL_READ_ERRORS as e:
         raise DatasetError(f"cannot read {what} {path}: {one_line(e)} "
                            "(truncated or corrupt; replace the file)") from None

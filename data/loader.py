@@ -8,14 +8,14 @@ import math
 import os
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from . import sources
 from .decode import decode_celeba, decode_celebamask_label
 from .errors import DatasetError
 
-# Spreads seeds apart so (seed, epoch) and (seed + 1, epoch - 1_000_003) are the only
-# collisions, far beyond any real number of epochs.
+# Spreads seeds apart: two seeds could only share an epoch's order if a run went past
+# a million epochs.
 SEED_STRIDE = 1_000_003
 
 
@@ -142,6 +142,32 @@ class FileDataset(Dataset):
         return torch.from_numpy(self.decode(self.paths[i]))
 
 
+class _ErrorsAsValues(Dataset):
+    """Returns a DatasetError's message instead of raising it.
+
+    Raised inside a worker, DataLoader would re-raise it with the worker's whole
+    traceback as the message, and tearing down the errored worker stalls for 5 s;
+    passed back as data, the loader raises it cleanly in the main process.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        try:
+            return self.dataset[i]
+        except DatasetError as e:
+            return str(e)
+
+
+def _collate(items):
+    errors = [item for item in items if isinstance(item, str)]
+    return errors[0] if errors else default_collate(items)
+
+
 class FileLoader(Loader):
     """Decodes files in DataLoader workers; batches follow the shared epoch order."""
 
@@ -154,29 +180,15 @@ class FileLoader(Loader):
     def _iterate(self, batches):
         # A fresh DataLoader per pass: its batch list is this epoch's (possibly
         # resumed) slice, and non-persistent workers exit when the pass ends.
-        loader = DataLoader(self.dataset, batch_sampler=[b.tolist() for b in batches],
-                            num_workers=self.num_workers,
+        loader = DataLoader(_ErrorsAsValues(self.dataset),
+                            batch_sampler=[b.tolist() for b in batches],
+                            num_workers=self.num_workers, collate_fn=_collate,
                             pin_memory=self.device.type == "cuda")
-        try:
-            for x in loader:
-                x = self.to_model(x.to(self.device, non_blocking=True))
-                yield x, torch.zeros(len(x), dtype=torch.int64, device=self.device)
-        except DatasetError as e:
-            raise _unwrap_worker_error(e) from None
-
-
-def _unwrap_worker_error(err):
-    """A worker's DatasetError, back to its own one-line message.
-
-    DataLoader re-raises a worker's exception with the worker's whole traceback as
-    the message; the original message is the text after the last "DatasetError: ".
-    """
-    text = str(err)
-    if "\n" not in text:
-        return err
-    last = text.strip().splitlines()[-1]
-    marker = "DatasetError: "
-    return DatasetError(last.split(marker, 1)[1]) if marker in last else err
+        for x in loader:
+            if isinstance(x, str):
+                raise DatasetError(x)
+            x = self.to_model(x.to(self.device, non_blocking=True))
+            yield x, torch.zeros(len(x), dtype=torch.int64, device=self.device)
 
 
 def _image_to_model(x):

@@ -93,9 +93,6 @@ STAGING_DIR = ".staging"
 FACES_PER_MASK_FOLDER = 2000
 # Bumped whenever the output for the same sources changes, so old outputs are redone.
 FORMAT_VERSION = 1
-# Label maps are large flat regions; level 1 is several times faster to write than
-# the default 6 and the files stay a few KB.
-PNG_COMPRESS_LEVEL = 1
 
 _PART_INDEX = {part: i for i, part in enumerate(PARTS, start=1)}
 _MASK_NAME = re.compile(r"^(\d+)_([a-z_]+)\.png$")
@@ -142,11 +139,19 @@ def label_from_masks(masks, shape=(MASK_SIZE, MASK_SIZE)):
             continue
         mask = np.asarray(masks[part])
         if mask.ndim == 3:
-            mask = mask.any(axis=2)
+            mask = _any_channel(mask)
         if mask.shape != tuple(shape):
             raise ValueError(f"mask {part!r} has shape {mask.shape}, expected {tuple(shape)}")
         np.copyto(label, value, where=mask.astype(bool, copy=False))
     return label
+
+
+def _any_channel(array):
+    # A numpy reduction over a short last axis runs ~50x slower than one OR per channel.
+    present = array[..., 0] != 0
+    for c in range(1, array.shape[-1]):
+        present |= array[..., c] != 0
+    return present
 
 
 def read_mask(path):
@@ -161,11 +166,11 @@ def read_mask(path):
                 return np.asarray(img)
             if img.mode == "LA":
                 return np.asarray(img)[..., 0]
-            if img.mode == "RGB":
-                return np.asarray(img).max(axis=2)
-            # Palette and other colour modes are judged by the colour they show: a
-            # palette index may well be nonzero and still stand for black.
-            return np.asarray(img.convert("RGB")).max(axis=2)
+            if img.mode != "RGB":
+                # Palette and other colour modes are judged by the colour they show: a
+                # palette index may well be nonzero and still stand for black.
+                img = img.convert("RGB")
+            return _any_channel(np.asarray(img))
     except _PIL_ERRORS as e:
         raise FaceError(f"unreadable mask {path}: {one_line(e)}") from None
 
@@ -263,7 +268,7 @@ def _output_ok(kind, path, image_bytes):
 
 
 def _save_png(array, path):
-    Image.fromarray(array).save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    Image.fromarray(array).save(path, format="PNG")
 
 
 # ---------------------------------------------------------------- per-face work (workers)
@@ -297,8 +302,10 @@ def _process_face(job):
     image = os.path.join(cfg["image_dir"], f"{k}.jpg")
     try:
         image_stat = os.stat(image)
-    except OSError:
+    except FileNotFoundError:
         return {"k": k, "error": f"missing image {image}"}
+    except OSError as e:
+        return {"k": k, "error": f"unreadable image {image}: {one_line(e.strerror or e)}"}
     if not stat.S_ISREG(image_stat.st_mode):
         return {"k": k, "error": f"image {image} is not a regular file"}
     masks, mask_stats = {}, []
@@ -307,7 +314,7 @@ def _process_face(job):
         try:
             st = os.stat(path)
         except OSError as e:
-            return {"k": k, "error": f"unreadable mask {path}: {one_line(e.strerror)}"}
+            return {"k": k, "error": f"unreadable mask {path}: {one_line(e.strerror or e)}"}
         mask_stats += [part, st.st_size, st.st_mtime_ns]
     fp = _fingerprint(image_stat, mask_stats)
 
@@ -321,7 +328,7 @@ def _process_face(job):
             state[kind] = "staged"
     need = [kind for kind in cfg["kinds"] if kind not in state]
     if not need:
-        return {"k": k, "fp": fp, "state": state, "built": False}
+        return {"k": k, "fp": fp, "state": state}
 
     # Staged outputs are only ever written after the masks decoded, so any of them
     # (or a manifest entry with this fingerprint) proves this face's input is good.
@@ -337,7 +344,7 @@ def _process_face(job):
             try:
                 source = open(image, "rb")
             except OSError as e:
-                return {"k": k, "error": f"unreadable image {image}: {one_line(e.strerror)}"}
+                return {"k": k, "error": f"unreadable image {image}: {one_line(e.strerror or e)}"}
             with source:
                 _write_atomic(dest, lambda tmp: _copy_into(source, tmp))
         elif kind == "label":
@@ -347,7 +354,7 @@ def _process_face(job):
             small = np.asarray(Image.fromarray(label).resize((side, side), Image.NEAREST))
             _write_atomic(dest, lambda tmp: _save_png(small, tmp))
         state[kind] = "staged"
-    return {"k": k, "fp": fp, "state": state, "built": True}
+    return {"k": k, "fp": fp, "state": state}
 
 
 def _copy_into(source, path):
@@ -409,10 +416,18 @@ def _load_manifest(path):
 
 
 def _write_manifest(path, data):
+    fields = []
+    for key, value in data.items():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            # One entry per line: readable, and diffs between runs stay small.
+            text = "[\n" + ",\n".join(f"  {json.dumps(v)}" for v in value) + "\n ]"
+        else:
+            text = json.dumps(value)
+        fields.append(f" {json.dumps(key)}: {text}")
+
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
+            f.write("{\n" + ",\n".join(fields) + "\n}\n")
             f.flush()
             # The manifest vouches for thousands of files; make it survive a crash.
             os.fsync(f.fileno())
@@ -523,8 +538,9 @@ def _prepare_locked(args, rows, image_dir, mask_dir, root):
               f"<k:05d>_<part>.png masks of a known part in folder k//{FACES_PER_MASK_FOLDER} "
               f"(first: {ignored[0]})")
     for folder in sorted({k // FACES_PER_MASK_FOLDER for k in wanted} - mask_folders):
+        first = folder * FACES_PER_MASK_FOLDER
         message = (f"missing mask folder {os.path.join(mask_dir, str(folder))} "
-                   f"(faces {folder * FACES_PER_MASK_FOLDER}..{(folder + 1) * FACES_PER_MASK_FOLDER - 1})")
+                   f"(faces {first}..{first + FACES_PER_MASK_FOLDER - 1})")
         if args.strict:
             raise FatalError(message)
         _warn(message + " -- those faces get empty labels")
@@ -545,33 +561,8 @@ def _prepare_locked(args, rows, image_dir, mask_dir, root):
         plan.append((k, split, counts[split], res["fp"], res["state"]))
         counts[split] += 1
 
-    moves, places = [], []
-    still_true = []  # manifest entries that no rename or deletion below can falsify
-    renamed = unchanged = 0
-    for k, split, n, fp, state in plan:
-        old = old_faces.get(k)
-        same = old is not None and old[0] == split and old[1] == n and old[2] == fp
-        if same:
-            still_true.append({"split": split, "n": n, "k": k, "fp": fp})
-        todo = [kind for kind, where in state.items() if not (same and where == "old")]
-        for kind in todo:
-            staged = _staged_path(root, kind, k, fp)
-            if state[kind] == "old":
-                moves.append((_final_path(root, kind, old[0], old[1]), staged))
-            places.append((staged, _final_path(root, kind, split, n)))
-        if not todo:
-            unchanged += 1
-        elif all(state[kind] == "old" for kind in todo):
-            renamed += 1
-    moved_away = {a for a, _ in moves}
-    extras = []
-    for split in SPLITS:
-        for kind in kinds:
-            folder = os.path.join(root, f"{split}_{kind}")
-            for n, names in _numbered(folder, _ext(kind)).items():
-                extras += [path for name in names
-                           if (n >= counts[split] or name != f"{n}.{_ext(kind)}")
-                           and (path := os.path.join(folder, name)) not in moved_away]
+    moves, places, still_true, renamed, unchanged = _changes(root, plan, old_faces)
+    extras = _surplus(root, kinds, counts, moved_away={a for a, _ in moves})
 
     new_manifest = {
         "format": FORMAT_VERSION,
@@ -591,14 +582,11 @@ def _prepare_locked(args, rows, image_dir, mask_dir, root):
     for path in extras:
         os.unlink(path)
 
-    problems = []
-    for split in SPLITS:
-        for kind in kinds:
-            folder = os.path.join(root, f"{split}_{kind}")
-            found = _numbered(folder, _ext(kind))
-            if sorted(found) != list(range(counts[split])):
-                problems.append(f"{folder} holds {len(found)} numbered files, "
-                                f"expected 0..{counts[split] - 1}")
+    problems = [f"{folder} holds {len(found)} numbered files, expected 0..{counts[split] - 1}"
+                for split in SPLITS for kind in kinds
+                for folder in [os.path.join(root, f"{split}_{kind}")]
+                for found in [_numbered(folder, _ext(kind))]
+                if sorted(found) != list(range(counts[split]))]
     if problems:
         print(f"error: final check failed: {problems[0]}"
               + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
@@ -614,6 +602,48 @@ def _prepare_locked(args, rows, image_dir, mask_dir, root):
              unchanged, renamed, len(extras), stale + len(leftovers),
              nothing_done=not (moves or places or extras or manifest_changed or stale))
     return 0
+
+
+def _changes(root, plan, old_faces):
+    """Renames that put every planned face in place, given where its outputs are now.
+
+    Returns (moves, places, still_true, renamed, unchanged): moves take valid outputs
+    of renumbered faces from their old place to the staging folder, places take
+    staged outputs to their final names; still_true are the manifest entries that
+    none of these renames can falsify.
+    """
+    moves, places, still_true = [], [], []
+    renamed = unchanged = 0
+    for k, split, n, fp, state in plan:
+        old = old_faces.get(k)
+        same = old == (split, n, fp)
+        if same:
+            still_true.append({"split": split, "n": n, "k": k, "fp": fp})
+        todo = [kind for kind, where in state.items() if not (same and where == "old")]
+        for kind in todo:
+            staged = _staged_path(root, kind, k, fp)
+            if state[kind] == "old":
+                moves.append((_final_path(root, kind, old[0], old[1]), staged))
+            places.append((staged, _final_path(root, kind, split, n)))
+        if not todo:
+            unchanged += 1
+        elif all(state[kind] == "old" for kind in todo):
+            renamed += 1
+    return moves, places, still_true, renamed, unchanged
+
+
+def _surplus(root, kinds, counts, moved_away):
+    """Numbered output files no face is planned for (or with a non-canonical name
+    such as 007.png, which a reader would take for 7.png)."""
+    extras = []
+    for split in SPLITS:
+        for kind in kinds:
+            folder = os.path.join(root, f"{split}_{kind}")
+            for n, names in _numbered(folder, _ext(kind)).items():
+                extras += [path for name in names
+                           if (n >= counts[split] or name != f"{n}.{_ext(kind)}")
+                           and (path := os.path.join(folder, name)) not in moved_away]
+    return extras
 
 
 def _summary(root, rows, counts, plan, skipped, parts, kinds, kept_sizes, unchanged,
@@ -643,18 +673,23 @@ def _summary(root, rows, counts, plan, skipped, parts, kinds, kept_sizes, unchan
         print(f"nothing to do: all {len(plan)} faces were already up to date", file=out)
     else:
         written = len(plan) - unchanged - renamed
-        print(f"this run: {written} faces written, {renamed} renumbered by renaming, "
-              f"{unchanged} already up to date; {removed} surplus files and {stale} "
-              "leftovers of interrupted runs removed", file=out)
+        print(f"this run: faces written {written}, renumbered by renaming {renamed}, "
+              f"already up to date {unchanged}; files removed: {removed} surplus, "
+              f"{stale} left by interrupted runs", file=out)
 
 
 def _parser():
     p = argparse.ArgumentParser(
         prog="python -m data.prepare_celebamask_hq",
-        description="Turn the CelebAMask-HQ release into DST/CelebAMask-HQ/{train,val,test}"
-                    "_{img,label}/<n>.{jpg,png} (labels: 512x512 uint8, classes 0..18), "
-                    "split by CelebA's partition and numbered per split in mapping order. "
-                    "Safe to interrupt and re-run: finished files are kept, the rest redone.")
+        description="Turn the CelebAMask-HQ release into DATA_ROOT/CelebAMask-HQ/"
+                    "{train,val,test}_{img,label}/<n>.{jpg,png} (labels: 512x512 uint8, "
+                    "classes 0..18), split by CelebA's partition and numbered per split in "
+                    "mapping order.",
+        epilog="Skipped faces leave no holes: n counts the faces written, and "
+               "CelebAMask-HQ/manifest.json records (split, n, k) for each. Safe to "
+               "interrupt and re-run: finished files are kept, partial ones redone, and a "
+               "run with nothing to do writes nothing. Exit codes: 0 done, 1 output not "
+               "writable or final check failed, 2 bad input, 130 interrupted.")
     p.add_argument("--src", required=True, metavar="RELEASE_DIR",
                    help=f"unpacked release holding {IMAGE_DIR}/, {MASK_DIR}/ and {MAPPING_FILE}")
     p.add_argument("--dst", required=True, metavar="DATA_ROOT",

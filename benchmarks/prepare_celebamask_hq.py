@@ -1,0 +1,101 @@
+"""Throughput of data.prepare_celebamask_hq in faces per second.
+
+    python benchmarks/prepare_celebamask_hq.py [--faces 200] [--parts 10] [--workers 1,2]
+
+Writes a synthetic release to a temporary folder (1024x1024 JPEGs of about the real
+size, ~10 elliptic 512x512 part masks per face), then for each worker count times a
+first run (everything built) and a second run (everything checked, nothing written).
+Only the tool's main() is timed; release generation and imports are not.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data import prepare_celebamask_hq as prep  # noqa: E402
+
+
+def _jpeg_pool(folder, count, rng):
+    """A few distinct photo-sized JPEGs (smooth shading plus grain, quality 95)."""
+    paths = []
+    yy, xx = np.mgrid[0:1024, 0:1024] / 1024.0
+    for i in range(count):
+        base = np.stack([np.sin(6 * xx + i) * 60 + 128, np.cos(5 * yy - i) * 60 + 128,
+                         (xx + yy) * 60 + 60], axis=2)
+        pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        path = os.path.join(folder, f"pool{i}.jpg")
+        Image.fromarray(pixels).save(path, quality=95)
+        paths.append(path)
+    return [open(p, "rb").read() for p in paths]
+
+
+def write_release(root, faces, parts, seed=0):
+    rng = np.random.default_rng(seed)
+    image_dir = os.path.join(root, prep.IMAGE_DIR)
+    os.makedirs(image_dir)
+    jpegs = _jpeg_pool(root, 8, rng)
+    for k in range(faces):
+        with open(os.path.join(image_dir, f"{k}.jpg"), "wb") as f:
+            f.write(jpegs[k % len(jpegs)])
+        for part in rng.choice(prep.PARTS, size=parts, replace=False):
+            img = Image.new("L", (prep.MASK_SIZE, prep.MASK_SIZE))
+            cx, cy = rng.integers(64, 448, 2)
+            rx, ry = rng.integers(20, 200, 2)
+            ImageDraw.Draw(img).ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=255)
+            path = prep.mask_path(os.path.join(root, prep.MASK_DIR), k, part)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            img.save(path)
+    with open(os.path.join(root, prep.MAPPING_FILE), "w") as f:
+        f.write("idx orig_idx orig_file\n")
+        for k, orig in enumerate(rng.permutation(202599)[:faces]):
+            f.write(f"{k} {orig} {orig + 1:06d}.jpg\n")
+    return sum(len(j) for j in jpegs) / len(jpegs)
+
+
+def _timed(argv):
+    start = time.perf_counter()
+    with open(os.devnull, "w") as sink:
+        stdout, sys.stdout = sys.stdout, sink
+        try:
+            rc = prep.main(argv)
+        finally:
+            sys.stdout = stdout
+    if rc != 0:
+        raise SystemExit(f"prepare_celebamask_hq exited with {rc}")
+    return time.perf_counter() - start
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--faces", type=int, default=200)
+    p.add_argument("--parts", type=int, default=10, help="part masks per face")
+    p.add_argument("--workers", default=f"1,{os.cpu_count() or 1}",
+                   help="comma-separated worker counts to time")
+    p.add_argument("--size", type=int, default=64, help="also time --size S (0: off)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        release = os.path.join(tmp, "release")
+        t0 = time.perf_counter()
+        jpeg_kb = write_release(release, args.faces, args.parts) / 1024
+        print(f"synthetic release: {args.faces} faces, {args.parts} masks each, "
+              f"JPEGs ~{jpeg_kb:.0f} KB, written in {time.perf_counter() - t0:.1f} s; "
+              f"{os.cpu_count()} CPUs")
+        for workers in sorted({int(w) for w in args.workers.split(",")}):
+            dst = os.path.join(tmp, f"out{workers}")
+            argv = ["--src", release, "--dst", dst, "--workers", str(workers)]
+            if args.size:
+                argv += ["--size", str(args.size)]
+            first, again = _timed(argv), _timed(argv)
+            print(f"workers={workers}: first run {args.faces / first:7.1f} faces/s "
+                  f"({first:.2f} s), re-run check {args.faces / again:7.1f} faces/s "
+                  f"({again:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()

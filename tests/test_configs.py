@@ -1,0 +1,397 @@
+"""configs.load_config: the nine experiment files, derived fields, overrides, errors, and the CLI.
+
+Expected values come from SPEC §1 (experiment table) and §2 (parameter counts).
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import configs
+from configs import ConfigError, config_to_yaml, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# SPEC §1 experiment table:
+# file -> (dataset, shape, model, param_var_q, K, D, num_rb, epochs, log_param_q_init)
+EXPERIMENTS = {
+    "mnist_gauss_1": ("MNIST", (1, 28, 28), "GaussianSQVAE", "gaussian_1", 128, 64, 2, 100,
+                      math.log(10)),
+    "fashion-mnist_gauss_1": ("FashionMNIST", (1, 28, 28), "GaussianSQVAE", "gaussian_1", 256,
+                              64, 2, 100, math.log(10)),
+    "cifar10_gauss_1": ("CIFAR10", (3, 32, 32), "GaussianSQVAE", "gaussian_1", 512, 64, 2, 100,
+                        math.log(20)),
+    "celeba_gauss_1": ("CelebA", (3, 64, 64), "GaussianSQVAE", "gaussian_1", 512, 64, 6, 70,
+                       math.log(20)),
+    "celeba_gauss_2": ("CelebA", (3, 64, 64), "GaussianSQVAE", "gaussian_2", 512, 64, 6, 70,
+                       math.log(20)),
+    "celeba_gauss_3": ("CelebA", (3, 64, 64), "GaussianSQVAE", "gaussian_3", 512, 64, 6, 70,
+                       math.log(20)),
+    "celeba_gauss_4": ("CelebA", (3, 64, 64), "GaussianSQVAE", "gaussian_4", 512, 64, 6, 70,
+                       math.log(20)),
+    "celebamask_vmf": ("CelebAMask_HQ", (1, 64, 64), "VmfSQVAE", "vmf", 64, 64, 2, 70,
+                       math.log(0.05)),
+    "cifar10_vmf": ("CIFAR10", (3, 32, 32), "GaussianSQVAE", "vmf", 512, 64, 2, 100,
+                    math.log(0.05)),
+}
+NAMES = sorted(EXPERIMENTS)
+
+# SPEC §2 parameter table (total, encoder, decoder). cifar10_vmf is not in the table: it is a
+# GaussianSQVAE (so D stays 64) without a variance head on the CIFAR10 nets, i.e. exactly the
+# networks and codebook of cifar10_gauss_1.
+PARAMS = {
+    "mnist_gauss_1": (240386, 116128, 116065),
+    "fashion-mnist_gauss_1": (248578, 116128, 116065),
+    "cifar10_gauss_1": (341252, 154336, 154147),
+    "celeba_gauss_1": (630532, 319584, 278179),
+    "celeba_gauss_2": (671876, 360928, 278179),
+    "celeba_gauss_3": (671876, 360928, 278179),
+    "celeba_gauss_4": (671876, 360928, 278179),
+    "celebamask_vmf": (354989, 196756, 154071),
+    "cifar10_vmf": (341252, 154336, 154147),
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_env_roots(monkeypatch):
+    # The developer's shell may set these; every test starts from the shipped defaults.
+    monkeypatch.delenv("SQVAE_CHECKPOINTS", raising=False)
+    monkeypatch.delenv("SQVAE_DATA", raising=False)
+
+
+def test_experiment_files_are_the_nine():
+    assert configs.experiment_files() == sorted(n + ".yaml" for n in NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("suffix", ["", ".yaml"])
+def test_experiment_file_loads_with_spec_values(name, suffix):
+    cfg = load_config(name + suffix, [])
+    dataset, shape, model, variant, k, d, num_rb, epochs, log_q = EXPERIMENTS[name]
+    assert cfg.is_frozen()
+    assert cfg.dataset.name == dataset
+    assert tuple(cfg.dataset.shape) == shape
+    assert cfg.dataset.dim_x == math.prod(shape)
+    assert cfg.model.name == model
+    assert cfg.model.param_var_q == variant
+    assert cfg.quantization.size_dict == k
+    assert cfg.quantization.dim_dict == d
+    assert cfg.network.num_rb == num_rb
+    assert cfg.train.epoch_max == epochs
+    assert cfg.model.log_param_q_init == pytest.approx(log_q, abs=1e-12)
+    # Defaults of SPEC §1 that no experiment file changes.
+    assert cfg.train.lr == 0.001 and cfg.train.bs == 32
+    assert cfg.quantization.temperature.init == 1.0
+    assert cfg.quantization.temperature.decay == 1e-5
+    assert cfg.quantization.temperature.min == 0.0
+    assert cfg.flags.arelbo is True and cfg.flags.decay is True and cfg.flags.bn is True
+
+
+def test_celebamask_extras():
+    cfg = load_config("celebamask_vmf.yaml", [])
+    assert cfg.model.log_kappa_inv == pytest.approx(math.log(0.01), abs=1e-12)
+    assert cfg.network.name == "resnet_label"
+    assert cfg.network.num_class == 19
+    assert cfg.network.act_decoder == "exp"
+    for name in NAMES:
+        if name != "celebamask_vmf":
+            assert load_config(name, []).network.name == "resnet"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_derived_fields(name, tmp_path):
+    cfg = load_config(name, ["path", str(tmp_path)])
+    variant, model = cfg.model.param_var_q, cfg.model.name
+    assert cfg.flags.var_q is (variant in ("gaussian_2", "gaussian_3", "gaussian_4"))
+    assert cfg.quantization.dim_code == 64 + (1 if model == "VmfSQVAE" else 0)
+    assert cfg.path_checkpoint == os.path.join(str(tmp_path), cfg.path_specific)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_path_specific_follows_dataset_and_variant(name):
+    # SPEC §1: `<dataset>_sqvae_<variant>/`, the dataset spelled as in the file name.
+    prefix, _, rest = name.partition("_")
+    variant = "vmf" if rest == "vmf" else "gaussian_" + rest[-1]
+    assert load_config(name, []).path_specific == f"{prefix}_sqvae_{variant}/"
+
+
+def test_cifar10_vmf_has_its_own_folder():
+    # The reference's cifar10_vmf reuses cifar10_sqvae_gaussian_1/ (SPEC §8); ours must not.
+    specific = {name: load_config(name, []).path_specific for name in NAMES}
+    assert specific["cifar10_vmf"] != "cifar10_sqvae_gaussian_1/"
+    assert len(set(specific.values())) == len(NAMES)
+
+
+def test_derived_fields_ignore_written_values():
+    # Values written for derived keys are recomputed from the real ones.
+    cfg = load_config("mnist_gauss_1", ["flags.var_q", "True", "quantization.dim_code", "7",
+                                        "model.param_var_q", "gaussian_3"])
+    assert cfg.flags.var_q is True and cfg.quantization.dim_code == 64
+    cfg = load_config("mnist_gauss_1", ["flags.var_q", "True"])
+    assert cfg.flags.var_q is False
+
+
+def test_env_sets_default_roots_and_cli_override_wins(monkeypatch, tmp_path):
+    ckpt, data_root, other = tmp_path / "ck", tmp_path / "ds", tmp_path / "other"
+    monkeypatch.setenv("SQVAE_CHECKPOINTS", str(ckpt))
+    monkeypatch.setenv("SQVAE_DATA", str(data_root))
+    cfg = load_config("cifar10_gauss_1", [])
+    assert cfg.path == str(ckpt)
+    assert cfg.path_dataset == str(data_root)
+    assert cfg.path_checkpoint == os.path.join(str(ckpt), "cifar10_sqvae_gaussian_1/")
+    cfg = load_config("cifar10_gauss_1", ["path", str(other), "path_dataset", str(other)])
+    assert cfg.path == str(other) and cfg.path_dataset == str(other)
+    assert cfg.path_checkpoint == os.path.join(str(other), "cifar10_sqvae_gaussian_1/")
+
+
+def test_without_env_the_shipped_defaults_apply():
+    cfg = load_config("mnist_gauss_1", [])
+    assert cfg.path == "./checkpoints" and cfg.path_dataset == "./data"
+
+
+def test_override_types_are_coerced():
+    cfg = load_config("mnist_gauss_1", ["train.lr", "1", "train.epoch_max", "3",
+                                        "flags.bn", "False", "quantization.temperature.min",
+                                        "1e-3", "path_specific", "123/"])
+    assert type(cfg.train.lr) is float and cfg.train.lr == 1.0
+    assert type(cfg.train.epoch_max) is int and cfg.train.epoch_max == 3
+    assert cfg.flags.bn is False
+    assert cfg.quantization.temperature.min == 0.001
+    assert cfg.path_specific == "123/"
+
+
+def test_overrides_beat_the_experiment_file():
+    cfg = load_config("celeba_gauss_1", ["quantization.size_dict", "16", "network.num_rb", "3"])
+    assert cfg.quantization.size_dict == 16 and cfg.network.num_rb == 3
+
+
+def test_config_is_frozen():
+    cfg = load_config("mnist_gauss_1", [])
+    with pytest.raises(Exception):
+        cfg.train.lr = 0.5
+
+
+def _message(excinfo):
+    msg = str(excinfo.value)
+    assert "\n" not in msg  # one line, so the CLI prints exactly one error line
+    return msg
+
+
+def test_unknown_file_lists_experiment_files():
+    with pytest.raises(ConfigError) as e:
+        load_config("no_such_experiment.yaml", [])
+    msg = _message(e)
+    assert "no_such_experiment.yaml" in msg
+    for name in NAMES:
+        assert name + ".yaml" in msg
+
+
+@pytest.mark.parametrize("key,hint", [("train.lrr", "train.lr"),
+                                      ("quantization.size_dic", "quantization.size_dict"),
+                                      ("flags.arelb", "flags.arelbo")])
+def test_unknown_key_names_key_and_close_match(key, hint):
+    with pytest.raises(ConfigError) as e:
+        load_config("mnist_gauss_1", [key, "1"])
+    msg = _message(e)
+    assert f"'{key}'" in msg
+    assert f"did you mean '{hint}'" in msg
+
+
+def test_unknown_key_lists_allowed_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config("mnist_gauss_1", ["train.zzzzzz", "1"])
+    msg = _message(e)
+    for key in ("train.bs", "train.lr", "train.epoch_max"):
+        assert key in msg
+
+
+def test_unknown_section_is_an_unknown_key():
+    with pytest.raises(ConfigError) as e:
+        load_config("mnist_gauss_1", ["trian.lr", "1"])
+    assert "'trian.lr'" in _message(e)
+    # A section cannot be overwritten by a value either.
+    with pytest.raises(ConfigError) as e:
+        load_config("mnist_gauss_1", ["train", "1"])
+    assert "'train'" in _message(e)
+
+
+@pytest.mark.parametrize("key,value", [("train.epoch_max", "abc"), ("train.epoch_max", "1.5"),
+                                       ("train.lr", "fast"), ("flags.bn", "1"),
+                                       ("dataset.shape", "abc")])
+def test_wrong_type_names_key_and_value(key, value):
+    with pytest.raises(ConfigError) as e:
+        load_config("mnist_gauss_1", [key, value])
+    msg = _message(e)
+    assert f"'{key}'" in msg and value in msg
+
+
+def test_odd_override_count():
+    with pytest.raises(ConfigError) as e:
+        load_config("mnist_gauss_1", ["train.lr", "0.1", "train.epoch_max"])
+    msg = _message(e)
+    assert "'train.epoch_max'" in msg and "KEY VALUE" in msg
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("model.name", "FooVAE", configs.MODELS),
+    ("model.param_var_q", "gaussian_9", configs.VARIANTS),
+    ("dataset.name", "ImageNet", configs.DATASETS),
+    ("network.name", "unet", configs.NETWORKS),
+    ("network.act_decoder", "relu", configs.ACTIVATIONS),
+])
+def test_unknown_choice_lists_allowed_values(key, value, allowed):
+    with pytest.raises(ConfigError) as e:
+        load_config("mnist_gauss_1", [key, value])
+    msg = _message(e)
+    assert f"'{key}'" in msg and value in msg
+    for name in allowed:
+        assert name in msg
+
+
+@pytest.mark.parametrize("opts,key", [
+    (["network.name", "resnet_label"], "network.name"),  # MNIST needs resnet
+    (["dataset.shape", "(3, 28, 28)", "dataset.dim_x", "2352"], "dataset.shape"),
+    (["dataset.dim_x", "100"], "dataset.dim_x"),
+    (["model.name", "VmfSQVAE"], "model.name"),  # VmfSQVAE needs vmf + CelebAMask_HQ
+    (["quantization.size_dict", "0"], "quantization.size_dict"),
+    (["train.bs", "0"], "train.bs"),
+])
+def test_inconsistent_values_are_rejected(opts, key):
+    with pytest.raises(ConfigError) as e:
+        load_config("mnist_gauss_1", opts)
+    assert f"'{key}'" in _message(e)
+
+
+def test_yaml_syntax_error(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("train:\n  lr: [0.1\n  bs: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(bad), [])
+    msg = _message(e)
+    assert str(bad) in msg and "YAML" in msg and "line" in msg
+
+
+def test_yaml_file_with_unknown_key(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("train:\n  lr: 0.1\n  epoch_maxx: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path), [])
+    assert "did you mean 'train.epoch_max'" in _message(e)
+
+
+def test_yaml_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError):
+        load_config(str(path), [])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_yaml_round_trip(name, tmp_path):
+    cfg = load_config(name, ["path", str(tmp_path / "runs"), "train.lr", "0.0003"])
+    path = tmp_path / "config.yaml"
+    path.write_text(config_to_yaml(cfg))
+    again = load_config(str(path), [])
+    assert again == cfg
+    assert again.quantization.dim_code == cfg.quantization.dim_code
+    if name == "celebamask_vmf":
+        assert again.quantization.dim_code == 65  # 64 + 1, not 66 on the second load
+    assert again.path == str(tmp_path / "runs")
+
+
+def test_yaml_round_trip_keeps_path_over_env(monkeypatch, tmp_path):
+    cfg = load_config("celebamask_vmf", ["path", str(tmp_path / "a")])
+    path = tmp_path / "config.yaml"
+    path.write_text(config_to_yaml(cfg))
+    monkeypatch.setenv("SQVAE_CHECKPOINTS", str(tmp_path / "b"))
+    again = load_config(str(path), [])
+    assert again == cfg
+
+
+def test_allowed_names_match_registries():
+    import networks
+    assert set(configs.MODELS) == set(networks.MODEL_REGISTRY)
+    assert tuple(configs.VARIANTS) == tuple(networks.VARIANTS)
+    assert set(configs.NETWORK_FOR_DATASET.items()) == set(networks.NETWORK_REGISTRY)
+    assert set(configs.NETWORKS) == {net for _, net in networks.NETWORK_REGISTRY}
+    assert set(configs.DATASETS) == {ds for ds, _ in networks.NETWORK_REGISTRY}
+    from networks.nets import OUTPUT_ACTIVATIONS
+    assert set(configs.ACTIVATIONS) == set(OUTPUT_ACTIVATIONS)
+    import data  # part of this repository; its registry must agree as well
+    assert set(configs.DATASETS) == set(data.DATASETS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line. A fresh interpreter costs ~3.5 CPU-seconds of imports (torch, torchvision),
+# so the real-process cases (every config error, plus one --summary) are started together once
+# and share a fixture; the nine --summary outputs are also checked through main.run in-process.
+
+BAD_CASES = {
+    "unknown_file": ["-c", "no_such_experiment.yaml"],
+    "unknown_key": ["-c", "mnist_gauss_1.yaml", "train.lrr", "0.1"],
+    "odd_overrides": ["-c", "mnist_gauss_1.yaml", "train.lr"],
+    "unknown_variant": ["-c", "mnist_gauss_1.yaml", "model.param_var_q", "gaussian_9"],
+}
+SUMMARY_IN_SUBPROCESS = "celebamask_vmf"
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory):
+    empty_data = tmp_path_factory.mktemp("empty_data")
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    env = dict(os.environ, SQVAE_DATA=str(empty_data), SQVAE_CHECKPOINTS=str(ckpt),
+               OMP_NUM_THREADS="1")
+    cases = dict(BAD_CASES, summary=["-c", SUMMARY_IN_SUBPROCESS + ".yaml", "--summary"])
+    procs = {key: subprocess.Popen([sys.executable, "main.py", *argv], cwd=REPO, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for key, argv in cases.items()}
+    results = {}
+    for key, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[key] = (proc.returncode, out, err)
+    assert not os.listdir(empty_data) and not os.listdir(ckpt)  # nothing is written
+    return results
+
+
+def _params_line(name):
+    total, encoder, decoder = PARAMS[name]
+    return f"params total={total} encoder={encoder} decoder={decoder}"
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_cli_config_errors(cli_results, case):
+    rc, out, err = cli_results[case]
+    assert rc == 2, (out, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:")
+    # The line is the ConfigError's own one-line message.
+    argv = BAD_CASES[case]
+    with pytest.raises(ConfigError) as e:
+        load_config(argv[1], argv[2:])
+    assert lines[0] == f"error: {e.value}"
+
+
+def test_cli_summary_subprocess(cli_results):
+    rc, out, err = cli_results["summary"]
+    assert rc == 0, err
+    assert "Traceback" not in err
+    assert out.splitlines()[-1] == _params_line(SUMMARY_IN_SUBPROCESS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_summary(name, monkeypatch, tmp_path, capsys):
+    import main
+    monkeypatch.setenv("SQVAE_DATA", str(tmp_path))  # an empty folder: no dataset is read
+    monkeypatch.setenv("SQVAE_CHECKPOINTS", str(tmp_path))
+    assert main.run(["-c", name + ".yaml", "--summary"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == _params_line(name)
+    # Everything before the counts is the resolved config, which reads back unchanged.
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(out[:out.rindex("params total=")])
+    assert load_config(str(printed), []) == load_config(name, [])
+    assert os.listdir(tmp_path) == ["printed.yaml"]

@@ -1,0 +1,180 @@
+"""Training, run folders and evaluation through the command line (in-process)."""
+import json
+import math
+import os
+import threading
+
+import pytest
+import torch
+
+import main
+from configs import load_config
+from networks import build_model
+from tests import fixtures
+from trainer import build_scheduler, evaluate, temperature_at
+from trainer.runs import create_run_dir, load_checkpoint
+from util.rng import seed_everything
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
+RUN_FILES = ("config.yaml", "best.pt", "current.pt", "metrics.jsonl",
+             "reconstructions_best.png", "reconstructions_current.png")
+
+
+@pytest.fixture(autouse=True)
+def no_download(monkeypatch):
+    monkeypatch.setenv("SQVAE_NO_DOWNLOAD", "1")
+
+
+def only_run(root):
+    (specific,) = os.listdir(root)
+    (run,) = os.listdir(os.path.join(root, specific))
+    return os.path.join(root, specific, run)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_mnist_end_to_end_learns_and_reloads(tmp_path, capsys):
+    """A few hundred steps on real MNIST beat the untrained model clearly; -ts reproduces the
+    recorded test metrics."""
+    opts = ["train.epoch_max", "1", "test.bs", "500", "path", str(tmp_path),
+            "path_dataset", SHARED_DATA]
+    cfg = load_config("mnist_gauss_1.yaml", opts)
+    seed_everything(0)
+    untrained = build_model(cfg)
+    val = main.make_loaders(cfg, "cpu", 0, splits=("val",))["val"]
+    mse_untrained = evaluate(untrained, val, "deterministic", limit=4)["mse"]
+
+    assert main.run(["-c", "mnist_gauss_1.yaml", "--save", "--limit-batches", "300", *opts]) == 0
+    run_dir = only_run(tmp_path)
+    for name in RUN_FILES:
+        assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
+    records = read_metrics(run_dir)
+    assert [r["split"] for r in records] == ["train", "val_stochastic", "val",
+                                              "test_stochastic", "test"]
+    val_record = records[2]
+    # Measured: untrained ~52 summed squared error per image, ~23 after 300 steps.
+    assert val_record["mse"] < 0.6 * mse_untrained
+    assert val_record["mse_pixel"] == pytest.approx(val_record["mse"] / 784)
+    assert val_record["step"] == 300
+    assert val_record["temperature"] == pytest.approx(math.exp(-1e-5 * 300))
+    assert load_config(os.path.join(run_dir, "config.yaml")).train.epoch_max == 1
+
+    capsys.readouterr()
+    assert main.run(["-c", "mnist_gauss_1.yaml", "-ts", os.path.basename(run_dir),
+                     "path", str(tmp_path), "path_dataset", SHARED_DATA]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    recorded = records[-1]
+    for key in ("loss", "mse", "perplexity", "kld_discrete", "kld_continuous"):
+        assert printed[key] == pytest.approx(recorded[key], rel=1e-5), key
+    appended = read_metrics(run_dir)
+    assert len(appended) == len(records) + 2 and appended[-1]["source"] == "-ts"
+
+
+def write_dataset(name, root):
+    if name in ("MNIST", "FashionMNIST"):
+        fixtures.write_mnist(root, name=name, n_train=48, n_test=8)
+    elif name == "CIFAR10":
+        fixtures.write_cifar10(root, n_per_batch=8, n_test=8)
+    elif name == "CelebA":
+        fixtures.write_celeba(root, n_train=8, n_val=4, n_test=4)
+    else:
+        fixtures.write_celebamask(root, n_train=8, n_val=4, n_test=4, size=64)
+
+
+EXPERIMENTS = ["mnist_gauss_1", "fashion-mnist_gauss_1", "cifar10_gauss_1", "cifar10_vmf",
+               "celeba_gauss_1", "celeba_gauss_2", "celeba_gauss_3", "celeba_gauss_4",
+               "celebamask_vmf"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_one_short_epoch_writes_a_complete_run_folder(name, tmp_path):
+    data_root, runs_root = tmp_path / "data", tmp_path / "runs"
+    write_dataset(load_config(name).dataset.name, str(data_root))
+    argv = ["-c", f"{name}.yaml", "--save", "--limit-batches", "2", "train.epoch_max", "1",
+            "train.bs", "4", "test.bs", "4", "path", str(runs_root),
+            "path_dataset", str(data_root), "nworker", "0"]
+    assert main.run(argv) == 0
+    run_dir = only_run(runs_root)
+    for file in RUN_FILES:
+        assert os.path.getsize(os.path.join(run_dir, file)) > 0, file
+    records = {r["split"]: r for r in read_metrics(run_dir)}
+    assert set(records) == {"train", "val_stochastic", "val", "test_stochastic", "test"}
+    assert all(math.isfinite(r["loss"]) for r in records.values())
+    if name == "celebamask_vmf":
+        assert 0 <= records["test"]["pixel_acc"] <= 1 and 0 <= records["test"]["miou"] <= 1
+        assert "acc" in records["train"]
+    else:
+        assert records["test"]["mse"] > 0
+    state = load_checkpoint(os.path.join(run_dir, "current.pt"))
+    assert state["epoch"] == 2 and state["batch"] == 0 and state["step"] == 2
+
+
+def test_temperature_schedule():
+    cfg = load_config("mnist_gauss_1.yaml")
+    assert temperature_at(cfg, 0) == 1.0
+    assert temperature_at(cfg, 1) == pytest.approx(math.exp(-1e-5))
+    assert temperature_at(cfg, 100_000) == pytest.approx(math.exp(-1.0))
+    floored = load_config("mnist_gauss_1.yaml", ["quantization.temperature.min", "0.5"])
+    assert temperature_at(floored, 100_000) == 0.5
+    fixed = load_config("mnist_gauss_1.yaml", ["flags.decay", "False"])
+    assert temperature_at(fixed, 100_000) == 1.0
+
+
+def test_temperature_is_set_before_every_iteration(tmp_path):
+    fixtures.write_mnist(str(tmp_path), n_train=48, n_test=8)
+    seen = []
+    cfg = load_config("mnist_gauss_1.yaml", ["path_dataset", str(tmp_path), "train.bs", "8",
+                                             "quantization.temperature.decay", "0.1",
+                                             "train.epoch_max", "2"])
+    from trainer import Trainer
+    model = build_model(cfg)
+    original = model.forward
+
+    def spy(x, mode="train", **kw):
+        if mode == "train":
+            seen.append(float(model.temperature))
+        return original(x, mode, **kw)
+
+    model.forward = spy
+    trainer = Trainer(cfg, model, main.make_loaders(cfg, "cpu", 0), "cpu", log=lambda *_: None)
+    trainer.fit()
+    batches = len(trainer.loaders["train"])
+    assert len(seen) == 2 * batches
+    expected = [math.exp(-0.1 * step) for step in range(1, 2 * batches + 1)]
+    assert seen == pytest.approx(expected, rel=1e-6)
+
+
+def test_plateau_halves_the_learning_rate_after_four_bad_epochs():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([weight], lr=1e-3)
+    scheduler = build_scheduler(optimizer)
+    lrs = []
+    for loss in [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]:
+        scheduler.step(loss)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    # epoch 1 sets the best; epochs 2-4 are three bad epochs (patience 3); the fourth halves.
+    assert lrs == [1e-3, 1e-3, 1e-3, 1e-3, 5e-4, 5e-4]
+
+
+def test_runs_started_together_get_their_own_folders(tmp_path):
+    cfg = load_config("mnist_gauss_1.yaml", ["path", str(tmp_path)])
+    made, barrier = [], threading.Barrier(6)
+
+    def start():
+        barrier.wait()
+        made.append(create_run_dir(cfg, seed=0, now=1_700_000_000))
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(made)) == 6
+    base = min(made, key=len)
+    assert sorted(made) == sorted([base] + [f"{base}_{i}" for i in range(1, 6)])
+    for folder in made:
+        assert load_config(os.path.join(folder, "config.yaml")).path == str(tmp_path)
