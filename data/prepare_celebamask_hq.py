@@ -39,7 +39,8 @@ never vouches for a file it does not describe. A face counts as done when the ma
 lists it at the same (split, n) with the same fingerprint AND its files pass a cheap
 check: the JPEG has the source's byte count; a PNG ends with an IEND chunk and decodes
 completely to the right size and mode with values 0..18. Anything else (a missing,
-truncated or foreign file, a changed source) is redone. Numbered files beyond a split's
+truncated or malformed file, a changed source file) is redone; a well-formed file that
+something else put under a finished name is not detected. Numbered files beyond a split's
 count and temporary files of killed runs are deleted. A run that finds everything done
 writes nothing and says so. If `_label_<S>` folders exist from an earlier run they are
 kept up to date even without --size, because the loader prefers a complete

@@ -24,17 +24,19 @@ def gumbel_noise(like):
 
 
 def select_codes(logits, probs, mode, temperature):
-    """Code weights (N x K) for the given mode, and the averaged assignment for perplexity."""
+    """Code weights (N x K) for the given mode, the averaged assignment for perplexity, and the
+    chosen code per position (the argmax in training, where the choice is soft)."""
     if mode == "train":
         weights = F.softmax((logits + gumbel_noise(logits)) / temperature, dim=-1)
-        return weights, probs.detach().mean(0)
+        return weights, probs.detach().mean(0), logits.detach().argmax(-1)
     if mode == "deterministic":
-        weights = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
-        return weights, weights.mean(0)
+        index = logits.argmax(-1)
+        weights = F.one_hot(index, logits.shape[-1]).to(logits.dtype)
+        return weights, weights.mean(0), index
     if mode == "stochastic":
         index = torch.multinomial(probs, 1).squeeze(-1)
         weights = F.one_hot(index, logits.shape[-1]).to(logits.dtype)
-        return weights, probs.mean(0)
+        return weights, probs.mean(0), index
     raise ValueError(f"unknown quantization mode {mode!r}; use one of {', '.join(MODES)}")
 
 
@@ -57,16 +59,16 @@ class QuantizerOutput(dict):
     """z_q plus the loss terms and diagnostics of one quantization."""
 
 
-def _finish(z, z_q, logits, probs, log_probs, avg_probs, kld_continuous, codes):
+def _finish(z, z_q, index, probs, log_probs, avg_probs, kld_continuous, codes):
     batch = z.shape[0]
     return QuantizerOutput(
         z_q=z_q,
         kld_discrete=(probs * log_probs).sum() / batch,
         kld_continuous=kld_continuous,
         perplexity=perplexity(avg_probs),
-        # Diagnostics (detached): mean entropy of p per position, and the argmax codes.
+        # Diagnostics (detached): mean entropy of p per position, and the chosen codes.
         entropy=-(probs * log_probs).sum(-1).mean().detach(),
-        codes=logits.argmax(-1).reshape(batch, *z.shape[2:]).detach() if codes else None,
+        codes=index.reshape(batch, *z.shape[2:]) if codes else None,
     )
 
 
@@ -99,10 +101,10 @@ def gaussian_quantize(z, var_q, codebook, mode, temperature, codes=False):
     logits = gaussian_logits(z_rows, codebook, precision_rows)
     probs = F.softmax(logits, dim=-1)
     log_probs = F.log_softmax(logits, dim=-1)
-    weights, avg_probs = select_codes(logits, probs, mode, temperature)
+    weights, avg_probs, index = select_codes(logits, probs, mode, temperature)
     z_q = unflatten_positions(weights @ codebook, z)
     kld_continuous = (0.5 * precision * (z - z_q) ** 2).sum() / z.shape[0]
-    return _finish(z, z_q, logits, probs, log_probs, avg_probs, kld_continuous, codes)
+    return _finish(z, z_q, index, probs, log_probs, avg_probs, kld_continuous, codes)
 
 
 def vmf_quantize(z, kappa_q, codebook, mode, temperature, codes=False):
@@ -113,7 +115,7 @@ def vmf_quantize(z, kappa_q, codebook, mode, temperature, codes=False):
     logits = kappa_q * (z_rows @ codebook.t())
     probs = F.softmax(logits, dim=-1)
     log_probs = F.log_softmax(logits, dim=-1)
-    weights, avg_probs = select_codes(logits, probs, mode, temperature)
+    weights, avg_probs, index = select_codes(logits, probs, mode, temperature)
     z_q = unflatten_positions(weights @ codebook, z)
     kld_continuous = (kappa_q * z * (z - z_q)).sum() / z.shape[0]
-    return _finish(z, z_q, logits, probs, log_probs, avg_probs, kld_continuous, codes)
+    return _finish(z, z_q, index, probs, log_probs, avg_probs, kld_continuous, codes)

@@ -44,6 +44,10 @@ VARIANTS = (*GAUSSIAN_VARIANCES, "vmf")
 class SQVAE(nn.Module):
     """Shared body of both models; subclasses define the reconstruction likelihood."""
 
+    # The scalar terms a forward pass returns, in the order metrics are logged.
+    TERMS = ("loss", "loss_rec", "kld_discrete", "kld_continuous", "perplexity", "entropy",
+             "param_q")
+
     def __init__(self, cfg):
         super().__init__()
         if cfg.model.param_var_q not in VARIANTS:
@@ -116,6 +120,8 @@ class SQVAE(nn.Module):
 class GaussianSQVAE(SQVAE):
     """Images in [0, 1] with a Gaussian likelihood (ARELBO or a learned variance)."""
 
+    TERMS = (*SQVAE.TERMS, "mse")
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.arelbo = cfg.flags.arelbo
@@ -139,6 +145,8 @@ class GaussianSQVAE(SQVAE):
 
 class VmfSQVAE(SQVAE):
     """Label maps with a von Mises-Fisher likelihood over one-hot class vectors."""
+
+    TERMS = (*SQVAE.TERMS, "acc")
 
     def __init__(self, cfg):
         super().__init__(cfg)

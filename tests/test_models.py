@@ -213,28 +213,41 @@ def _spread_codebook(model, z):
 @pytest.mark.parametrize("name", NAMES)
 def test_encode_picks_nearest_or_best_aligned_code(name):
     cfg, model = make(name)
-    model.eval()
+    # BatchNorm on batch statistics: at initialisation the eval-mode encoder maps every position
+    # to almost the same vector, which would make "nearest" a float32 coin toss.
+    model.train()
     x = make_input(cfg, 2)
     z, log_var = model.encoder(x)
     _spread_codebook(model, z)
     codes = model.encode(x)
     b, d, h, w = z.shape
-    rows = z.detach().permute(0, 2, 3, 1).reshape(-1, d)
-    book = model.codebook.detach()
-    s = model.log_param_q_scalar.detach()
+    rows = z.detach().permute(0, 2, 3, 1).reshape(-1, d).double()
+    book = model.codebook.detach().double()
+    s = model.log_param_q_scalar.detach().double()
+    sq = (rows[:, None, :] - book[None]) ** 2  # positions x K x D, by broadcasting
+    size = rows.pow(2).sum(1, keepdim=True) + book.pow(2).sum(1)  # |z|^2 + |b|^2
     if cfg.model.param_var_q == "vmf":
-        expected = (F.normalize(rows, dim=1) @ F.normalize(book, dim=1).t()).argmax(1)
+        # Best aligned: the largest cosine, i.e. the smallest negative cosine.
+        score = -(F.normalize(rows, dim=1) @ F.normalize(book, dim=1).t())
+        error = torch.full_like(score, 1e-5)
     elif cfg.model.param_var_q == "gaussian_4":
-        # Per-dimension precision: weighted squared distance, by broadcasting.
-        w_rows = 1 / (torch.exp(log_var.detach()) + torch.exp(s))
-        w_rows = w_rows.permute(0, 2, 3, 1).reshape(-1, d)
-        expected = (w_rows[:, None, :] * (rows[:, None, :] - book[None]) ** 2).sum(-1).argmin(1)
+        # Per-dimension precision: weighted squared distance.
+        w_rows = 1 / (torch.exp(log_var.detach().double()) + torch.exp(s))
+        w_rows = w_rows.permute(0, 2, 3, 1).reshape(-1, 1, d)
+        score = (w_rows * sq).sum(-1)
+        error = 1e-5 * w_rows.amax(-1) * size
     else:
-        # A positive scalar precision per position: nearest code in Euclidean distance.
-        expected = torch.cdist(rows.double(), book.double()).argmin(1)
-    expected = expected.reshape(b, h, w)
-    assert expected.unique().numel() > 3  # the check is not won by one constant code
-    assert torch.equal(codes, expected)
+        # A positive scalar precision per position: the nearest code in Euclidean distance.
+        score = sq.sum(-1)
+        error = 1e-5 * size
+    expected = score.argmin(1)
+    # The model computes in float32; positions whose two best codes are within float32 rounding
+    # could go either way. The check is made on the others, which must be the vast majority.
+    best2, idx = score.topk(2, dim=1, largest=False)
+    clear = (best2[:, 1] - best2[:, 0]) > error.gather(1, idx[:, :1]).squeeze(1)
+    assert clear.double().mean() > 0.9
+    assert expected[clear].unique().numel() > 10  # the check is not won by one constant code
+    assert torch.equal(codes.reshape(-1)[clear], expected[clear])
 
 
 @pytest.mark.parametrize("grid", [1, 7, 8, 16])
@@ -336,19 +349,19 @@ def test_model_train_mode_uses_its_temperature():
     model.eval()
     assert model.temperature.item() == cfg.quantization.temperature.init
     z, log_var = model.encoder(make_input(cfg, 2))
-    _spread_codebook(model, z)
-    book = model.codebook.detach()
+    book = model.codebook.detach()  # N(0, 1) rows, |b| ~ 8, far apart
 
     def distance_to_nearest_row():
         z_q = model.quantize(z, log_var, "train")["z_q"].detach()
         rows = z_q.permute(0, 2, 3, 1).reshape(-1, z_q.shape[1])
-        return torch.cdist(rows, book).min(1).values.max()
+        # Exact distances (cdist's matrix-product shortcut is off by ~1e-3 at |b| ~ 8).
+        return (rows[:, None, :] - book[None]).norm(dim=-1).min(1).values.max()
 
     model.set_temperature(1e-6)
     assert model.temperature.item() == pytest.approx(1e-6)
     assert distance_to_nearest_row() < 1e-3  # hard one-hot codes
     model.set_temperature(100.0)
-    assert distance_to_nearest_row() > 0.1  # a soft mixture of rows
+    assert distance_to_nearest_row() > 1.0  # a soft mixture of rows
 
 
 # ----------------------------------------------------------------------------- stochastic mode
@@ -373,7 +386,7 @@ def test_stochastic_mode_samples_softmax_of_logits(kind):
     torch.manual_seed(0)
     z_q = quantize()["z_q"].reshape(n, 2)
     targets = F.normalize(book, dim=1) if kind == "vmf" else book
-    dist = torch.cdist(z_q, targets)
+    dist = (z_q[:, None, :] - targets[None]).norm(dim=-1)
     assert (dist.min(1).values < 1e-6).all()  # every sample is exactly one code
     counts = torch.bincount(dist.argmin(1), minlength=3).double()
     expected = n * F.softmax(logits.double(), dim=0)
@@ -454,7 +467,9 @@ def test_initialisation(name):
         # weight.size(1) * k * k for both Conv2d and ConvTranspose2d.
         bound = 1 / math.sqrt(m.weight[0].numel())
         assert m.bias is not None
-        assert (m.bias.abs() <= bound).all() and m.bias.abs().max() > bound / 4
+        assert (m.bias.abs() <= bound).all()
+        if m.bias.numel() >= 16:  # not zeroed: P(all 16 below bound / 4) = 4^-16
+            assert m.bias.abs().max() > bound / 4
     gammas = torch.cat([m.weight.detach() for m in bns])
     assert abs(gammas.mean().item() - 1) < 0.003
     assert abs(gammas.std().item() - 0.02) < 0.004

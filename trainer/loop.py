@@ -26,10 +26,6 @@ from util.rng import get_rng_state, set_rng_state
 from . import runs
 from .images import save_reconstructions
 
-TRAIN_KEYS = ("loss", "loss_rec", "kld_discrete", "kld_continuous", "perplexity", "entropy",
-              "param_q")
-
-
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says where and why."""
 
@@ -91,9 +87,27 @@ class MeanMeter:
         self.sum = None if state["sum"] is None else state["sum"].to(device)
 
 
-def metric_keys(model):
-    quality = "acc" if model.__class__.__name__ == "VmfSQVAE" else "mse"
-    return (*TRAIN_KEYS, quality)
+class CodeHistogram:
+    """How often each code is chosen over a whole split (on the device, no host sync)."""
+
+    def __init__(self, size):
+        self.size = size
+        self.counts = None
+
+    def add(self, codes):
+        codes = codes.reshape(-1)
+        if self.counts is None:
+            self.counts = torch.zeros(self.size, dtype=torch.long, device=codes.device)
+        self.counts.index_add_(0, codes, torch.ones_like(codes))
+
+    def summary(self):
+        """Split-level perplexity exp(H(q)) of the code frequencies q, and codes in use."""
+        if self.counts is None:
+            return {}
+        q = self.counts.double() / self.counts.sum().clamp(min=1)
+        entropy = -(q * torch.log(q.clamp(min=1e-300))).sum()
+        return {"perplexity_split": float(torch.exp(entropy)),
+                "codes_used": int((self.counts > 0).sum())}
 
 
 def derived_metrics(means, dim_x):
@@ -107,19 +121,20 @@ def derived_metrics(means, dim_x):
 
 @torch.no_grad()
 def evaluate(model, loader, mode, limit=None, segmentation=None):
-    """One pass over `loader` in eval mode; means over batches, plus split-level pixel
-    accuracy and mIoU for label maps."""
+    """One pass over `loader` in eval mode: means over batches (the reference's figures), the
+    split-level code perplexity, and split-level pixel accuracy and mIoU for label maps."""
     model.eval()
-    meter = MeanMeter(metric_keys(model))
-    seg = None
-    if segmentation is not None:
-        seg = segmentation()
+    meter = MeanMeter(model.TERMS)
+    histogram = CodeHistogram(model.codebook.shape[0])
+    seg = segmentation() if segmentation is not None else None
     for x, _ in islice(loader, limit):
-        x_hat, terms = model(x, mode)
+        x_hat, terms = model(x, mode, codes=True)
         meter.add(terms)
+        histogram.add(terms["codes"])
         if seg is not None:
             seg.update_from_logits(x_hat, x)
     result = derived_metrics(meter.means(), model.dim_x)
+    result.update(histogram.summary())
     if seg is not None:
         scores = seg.compute()
         result["pixel_acc"], result["miou"] = scores["pixel_acc"], scores["miou"]
@@ -137,7 +152,7 @@ class Trainer:
         self.resume_command = resume_command
         self.optimizer = build_optimizer(cfg, model, device)
         self.scheduler = build_scheduler(self.optimizer)
-        self.keys = metric_keys(model)
+        self.keys = model.TERMS
         self.epoch, self.batch, self.step = 1, 0, 0
         self.best_loss, self.best_epoch = math.inf, 0
         self.history = []

@@ -1,0 +1,126 @@
+"""Test helper: run ``main.run`` with a crash injected, many runs forked from one warm process.
+
+    python tests/_kill_wrapper.py JOBS.json
+
+JOBS.json is a list of jobs, run one after the other. Each job is a dict:
+
+    argv    the command line given to main.run (a "{run:ROOT}" item is replaced by the one
+            run folder under ROOT/<path_specific>/, found when the job starts)
+    out     stdout and stderr of the job go to OUT.stdout and OUT.stderr
+    fault   optional, one of
+              {"kill_at_step": N}              SIGKILL right after training step N
+              {"signal_at_step": N, "signal": "SIGTERM"}   send a signal to itself there
+              {"kill_at_write": K, "log": P}   SIGKILL in the middle of the K-th file write
+                                               (half the bytes in the temporary file, no
+                                               rename); the path being written goes to P
+
+Each job runs in a child forked from this process (torch is imported once, before any
+torch work, so the children start warm). Prints the jobs' exit codes as a JSON list, as
+subprocess reports them (-9 for SIGKILL).
+"""
+import glob
+import json
+import os
+import signal
+import sys
+import tempfile
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import main  # noqa: E402
+import trainer.images  # noqa: E402
+import trainer.loop  # noqa: E402
+import util.io  # noqa: E402
+
+
+def _after_step(n, action):
+    original = trainer.loop.Trainer.track_finite
+
+    def track_finite(self, values):
+        original(self, values)
+        if self.step == n:
+            action()
+
+    trainer.loop.Trainer.track_finite = track_finite
+
+
+def _kill_at_write(k, log):
+    original = util.io.atomic_write_bytes
+    count = [0]
+
+    def atomic_write_bytes(path, data):
+        count[0] += 1
+        if count[0] < k:
+            return original(path, data)
+        with open(log, "w") as f:
+            f.write(os.path.abspath(path))
+        folder, name = os.path.split(os.path.abspath(path))
+        fd, _ = tempfile.mkstemp(prefix="." + name + ".", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data[:len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    # Modules that imported the function by name hold their own reference.
+    util.io.atomic_write_bytes = atomic_write_bytes
+    trainer.images.atomic_write_bytes = atomic_write_bytes
+
+
+def install(fault):
+    if not fault:
+        return
+    if "kill_at_step" in fault:
+        _after_step(fault["kill_at_step"], lambda: os.kill(os.getpid(), signal.SIGKILL))
+    elif "signal_at_step" in fault:
+        signum = signal.Signals[fault["signal"]]
+        _after_step(fault["signal_at_step"], lambda: os.kill(os.getpid(), signum))
+    elif "kill_at_write" in fault:
+        _kill_at_write(fault["kill_at_write"], fault["log"])
+    else:
+        raise ValueError(f"unknown fault {fault!r}")
+
+
+def resolve(item):
+    if isinstance(item, str) and item.startswith("{run:") and item.endswith("}"):
+        found = glob.glob(os.path.join(item[5:-1], "*", "*", ""))
+        if len(found) != 1:
+            raise RuntimeError(f"expected one run folder for {item}, found {found}")
+        return found[0].rstrip(os.sep)
+    return item
+
+
+def child(job):
+    for fd, suffix in ((1, ".stdout"), (2, ".stderr")):
+        target = os.open(job["out"] + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    code = 1
+    try:
+        install(job.get("fault"))
+        code = main.run([resolve(a) for a in job["argv"]])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_jobs(jobs):
+    codes = []
+    for job in jobs:
+        pid = os.fork()
+        if pid == 0:
+            child(job)
+        _, status = os.waitpid(pid, 0)
+        codes.append(os.waitstatus_to_exitcode(status))
+    return codes
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        print(json.dumps(run_jobs(json.load(f))))
