@@ -67,14 +67,29 @@ def build_parser():
     return parser
 
 
+def per_rank_batch(cfg, world):
+    """train.bs is the global batch, split over processes as the reference's DataParallel
+    split it; train.bs_per_rank sets the per-process batch instead."""
+    from configs import ConfigError
+    if cfg.train.bs_per_rank:
+        return cfg.train.bs_per_rank
+    if cfg.train.bs % world:
+        raise ConfigError(f"train.bs {cfg.train.bs} does not split over {world} processes; "
+                          "set train.bs to a multiple or use train.bs_per_rank")
+    return cfg.train.bs // world
+
+
 def make_loaders(cfg, device, seed, splits=("train", "val", "test")):
     import data
+    from util import distributed as dist
+    world = dist.world_size()
     loaders = {}
     for split in splits:
         train = split == "train"
         loaders[split] = data.build_loader(
-            cfg, split, batch_size=cfg.train.bs if train else cfg.test.bs, shuffle=train,
-            seed=seed, device=device)
+            cfg, split, batch_size=per_rank_batch(cfg, world) if train else cfg.test.bs,
+            shuffle=train, seed=seed, device=device, rank=dist.rank(), world_size=world,
+            drop_last=train and cfg.train.drop_last)
     return loaders
 
 
@@ -127,8 +142,11 @@ def evaluate_run(args, cfg, device):
 
 
 def train(args, cfg, device):
+    import torch
+
     from networks import build_model
     from trainer import Trainer, runs
+    from util import distributed as dist
     from util.io import check_writable, write_jsonl
     from util.rng import seed_everything
 
@@ -147,10 +165,15 @@ def train(args, cfg, device):
 
     seed_everything(args.seed)
     model = build_model(cfg).to(device)
+    if dist.world_size() > 1:
+        # Same initial weights everywhere, but each process draws its own Gumbel noise.
+        torch.manual_seed(args.seed + dist.rank())
     loaders = make_loaders(cfg, device, args.seed)
     if args.save and run_dir is None:
-        run_dir = runs.create_run_dir(cfg, args.seed)
-        print(f"run folder: {run_dir}")
+        run_dir = dist.broadcast_object(
+            runs.create_run_dir(cfg, args.seed) if dist.is_main() else None)
+        if dist.is_main():
+            print(f"run folder: {run_dir}")
     resume = f"python main.py -c {args.config_file} --resume {run_dir}"
     if args.seed:
         resume += f" --seed {args.seed}"
@@ -158,8 +181,9 @@ def train(args, cfg, device):
                       dbg=args.dbg, segmentation=segmentation_for(cfg), resume_command=resume)
     if resume_state is not None:
         trainer.load_state_dict(resume_state, os.path.join(run_dir, runs.CURRENT))
-        print(f"resuming {run_dir} at epoch {trainer.epoch}, step {trainer.step}")
+        trainer.log(f"resuming {run_dir} at epoch {trainer.epoch}, step {trainer.step}")
     trainer.fit()
+    dist.barrier()  # best.pt is written by the main process; the others read it next
 
     if run_dir is not None:
         best = runs.load_checkpoint(os.path.join(run_dir, runs.BEST))
@@ -169,7 +193,7 @@ def train(args, cfg, device):
         epoch = trainer.epoch - 1  # no run folder: test the final weights
     model.to(device)
     stochastic, deterministic, seconds = trainer.test()
-    if run_dir is not None:
+    if run_dir is not None and dist.is_main():
         write_jsonl(os.path.join(run_dir, runs.METRICS_FILE),
                     trainer.history + test_records(stochastic, deterministic,
                                                    seconds, epoch))
@@ -184,6 +208,7 @@ def run(argv=None):
     from configs import ConfigError, load_config
     from data import DatasetError
     from trainer import Interrupted, RunError, TrainingError
+    from util import distributed as dist
     from util.device import DeviceError, select_device, set_deterministic
 
     if not args.config_file:
@@ -197,7 +222,8 @@ def run(argv=None):
         cfg = load_config(args.config_file, args.opts)
         if args.summary:
             return summary(cfg)
-        device = select_device(args.device)
+        device = select_device(args.device, dist.env_world()[1])
+        dist.init(device)
         deterministic = args.deterministic if args.deterministic is not None \
             else device.type == "cpu"
         set_deterministic(deterministic, device)
@@ -213,8 +239,11 @@ def run(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:
-        print(str(e), file=sys.stderr)
+        if dist.is_main():
+            print(str(e), file=sys.stderr)
         return e.code
+    finally:
+        dist.shutdown()
 
 
 if __name__ == "__main__":

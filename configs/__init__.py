@@ -19,7 +19,7 @@ CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 # Allowed names. The registries that implement them (networks/, data/) are
 # checked against these lists by the tests, so the two cannot drift apart.
 DATASETS = ("MNIST", "FashionMNIST", "CIFAR10", "CelebA", "CelebAMask_HQ")
-MODELS = ("GaussianSQVAE", "VmfSQVAE")
+MODELS = ("GaussianSQVAE", "VmfSQVAE", "VQVAE")
 VARIANTS = ("gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4", "vmf")
 NETWORKS = ("resnet", "resnet_label")
 ACTIVATIONS = ("exp", "sigmoid", "tanh", "none")
@@ -28,6 +28,8 @@ NETWORK_FOR_DATASET = {
     "MNIST": "resnet", "FashionMNIST": "resnet", "CIFAR10": "resnet",
     "CelebA": "resnet", "CelebAMask_HQ": "resnet_label",
 }
+# The VQ-VAE baseline reproduces the Gaussian (image) experiments only.
+VQVAE_DATASETS = ("MNIST", "FashionMNIST", "CIFAR10", "CelebA")
 SHAPE_FOR_DATASET = {
     "MNIST": (1, 28, 28), "FashionMNIST": (1, 28, 28), "CIFAR10": (3, 32, 32),
     "CelebA": (3, 64, 64), "CelebAMask_HQ": (1, 64, 64),
@@ -179,6 +181,22 @@ def _validate_and_derive(cfg):
                           "and dataset.name CelebAMask_HQ")
     if cfg.model.name == "GaussianSQVAE" and dataset == "CelebAMask_HQ":
         raise ConfigError("config key 'model.name' must be VmfSQVAE for CelebAMask_HQ")
+    if cfg.model.name == "VQVAE" and (cfg.model.param_var_q != "gaussian_1"
+                                      or dataset not in VQVAE_DATASETS):
+        raise ConfigError("config key 'model.name' VQVAE needs model.param_var_q gaussian_1 "
+                          "and dataset.name one of " + ", ".join(VQVAE_DATASETS))
+    if cfg.quantization.ema and cfg.model.name != "VQVAE":
+        # The SQ-VAE's codebook is learned by its loss; silently ignoring the flag would
+        # mislabel a run.
+        raise ConfigError("config key 'quantization.ema' True needs model.name VQVAE")
+    if not 0.0 <= cfg.quantization.ema_decay < 1.0:
+        raise ConfigError("config key 'quantization.ema_decay' must be in [0, 1), got "
+                          f"{cfg.quantization.ema_decay}")
+    if cfg.quantization.ema_eps <= 0.0:
+        raise ConfigError("config key 'quantization.ema_eps' must be positive, got "
+                          f"{cfg.quantization.ema_eps}")
+    if cfg.model.beta < 0.0:
+        raise ConfigError(f"config key 'model.beta' must be at least 0, got {cfg.model.beta}")
     for key in ("quantization.size_dict", "quantization.dim_dict", "train.bs", "test.bs",
                 "train.epoch_max", "network.num_rb"):
         node = cfg

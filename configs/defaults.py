@@ -20,6 +20,8 @@ _C.path_dataset = "./data"
 _C.path_specific = "sqvae/"
 # DataLoader worker processes for datasets read from files (CelebA, CelebAMask_HQ).
 _C.nworker = 2
+# Decode CelebA/CelebAMask-HQ once into a memory-mapped .npy under path_dataset/cache; reuse it.
+_C.cache_decoded = True
 # Derived: the experiment's run root, `path/path_specific`.
 _C.path_checkpoint = ""
 
@@ -32,7 +34,7 @@ _C.dataset.shape = (1, 28, 28)
 _C.dataset.dim_x = 784
 
 _C.model = CN()
-# Model family: GaussianSQVAE (image likelihood) or VmfSQVAE (label maps).
+# Model family: GaussianSQVAE (image likelihood), VmfSQVAE (label maps) or VQVAE (baseline).
 _C.model.name = "GaussianSQVAE"
 # Quantizer: gaussian_1 .. gaussian_4 (variants I-IV) or vmf.
 _C.model.param_var_q = "gaussian_1"
@@ -42,6 +44,8 @@ _C.model.log_param_q_init = math.log(10.0)
 _C.model.log_kappa_inv = math.log(0.01)
 # Only with flags.arelbo False: initial log of the learned decoder variance sigma^2.
 _C.model.log_var_x_init = math.log(0.1)
+# VQVAE only: weight beta of the commitment loss beta * ||z - sg(e)||^2.
+_C.model.beta = 0.25
 
 _C.network = CN()
 # Encoder/decoder family: resnet (images) or resnet_label (label maps).
@@ -67,6 +71,12 @@ _C.quantization.temperature.init = 1.0
 _C.quantization.temperature.decay = 0.00001
 # Lower bound of the temperature.
 _C.quantization.temperature.min = 0.0
+# VQVAE only: codebook by exponential moving averages instead of the codebook loss.
+_C.quantization.ema = False
+# VQVAE with ema only: decay of the moving averages of code counts and sums.
+_C.quantization.ema_decay = 0.99
+# VQVAE with ema only: Laplace smoothing of the code counts (keeps unused codes finite).
+_C.quantization.ema_eps = 1e-5
 
 _C.train = CN()
 # Training batch size (global, over all devices).
@@ -77,6 +87,16 @@ _C.train.lr = 0.001
 _C.train.epoch_max = 100
 # Also write a resumable current.pt every this many training steps (0: only at epoch ends).
 _C.train.ckpt_every_steps = 1000
+# Per-process batch size under torchrun; 0 splits train.bs over the processes instead.
+_C.train.bs_per_rank = 0
+# Under torchrun, synchronise BatchNorm statistics across processes (SyncBatchNorm).
+_C.train.sync_bn = False
+# bf16 autocast for the conv stacks (quantizer and losses stay float32); off = faithful.
+_C.train.amp = False
+# torch.compile the model (GPU speed-up; first steps are slower while it compiles).
+_C.train.compile = False
+# Drop the ragged last training batch, so every step has the same shape (CUDA graphs).
+_C.train.drop_last = False
 
 _C.test = CN()
 # Batch size of the validation and test loaders (the reference evaluated in batches of 32).

@@ -2,16 +2,18 @@
 
 ``build_loader(cfg, split, batch_size=..., shuffle=...)`` is the entry point; files
 live under ``cfg.path_dataset`` in torchvision's layout (see ``data.sources``).
-Set ``SQVAE_NO_DOWNLOAD=1`` to never try downloading missing datasets.
+Set ``SQVAE_NO_DOWNLOAD=1`` to never try downloading missing datasets. CelebA and
+CelebAMask-HQ are decoded once into ``<path_dataset>/cache/`` (``data.cache``) unless
+``cache_decoded`` is False.
 """
 from .decode import decode_celeba, decode_celebamask_label
 from .errors import DatasetError
-from .loader import (DATASETS, FileLoader, InMemoryLoader, Loader, build_loader,
-                     dataset_size, epoch_order)
+from .loader import (DATASETS, CachedLoader, FileLoader, InMemoryLoader, Loader,
+                     build_loader, dataset_size, epoch_order)
 from .sources import SPLITS, clear_cache, split_sizes
 
 __all__ = [
-    "DATASETS", "DatasetError", "FileLoader", "InMemoryLoader", "Loader", "SPLITS",
-    "build_loader", "clear_cache", "dataset_size", "decode_celeba",
+    "DATASETS", "CachedLoader", "DatasetError", "FileLoader", "InMemoryLoader", "Loader",
+    "SPLITS", "build_loader", "clear_cache", "dataset_size", "decode_celeba",
     "decode_celebamask_label", "epoch_order", "split_sizes",
 ]

@@ -1,7 +1,7 @@
 """Per-file decoding for the datasets read from image files.
 
 Each function maps one file to the uint8 array the model sees (before scaling), so
-a later decoded-image cache can call the very same code and stay bit-identical.
+the decoded cache (``data.cache``) calls the very same code and stays bit-identical.
 """
 import numpy as np
 from PIL import Image
@@ -63,3 +63,9 @@ def decode_celebamask_label(path):
         raise DatasetError(f"CelebAMask-HQ label map {path} holds values "
                            f"{int(arr.min())}..{int(arr.max())}; expected class indices 0..18")
     return arr.astype(np.uint8)[None]
+
+
+# What each function's output depends on besides the file, recorded by the decoded cache
+# (data.cache) next to the cached arrays for anyone reading its sidecar.
+decode_celeba.params = {"crop": CELEBA_CROP, "size": IMAGE_SIZE, "resize": "bilinear"}
+decode_celebamask_label.params = {"size": IMAGE_SIZE, "resize": "nearest"}

@@ -7,10 +7,11 @@ device, and an epoch can be re-entered at any batch to resume a run exactly.
 import math
 import os
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from . import sources
+from . import cache, sources
 from .decode import decode_celeba, decode_celebamask_label
 from .errors import DatasetError
 
@@ -191,6 +192,50 @@ class FileLoader(Loader):
             yield x, torch.zeros(len(x), dtype=torch.int64, device=self.device)
 
 
+class CachedLoader(FileLoader):
+    """Gathers batches from the split's decoded cache (``data.cache``) in this process.
+
+    The cache is opened, or built once, on the first pass, so a file that cannot be
+    decoded fails at access as it does on the decoding path. Unlike InMemoryLoader the
+    array stays on disk (CelebA's 2 GB need not fit anywhere) and only each batch is
+    copied to ``device``. Where the cache cannot be written, every pass decodes the
+    files as FileLoader does.
+    """
+
+    def __init__(self, dataset, *, cache_path, root, shape, build_workers, **kw):
+        super().__init__(dataset, **kw)
+        self.cache_path = cache_path
+        self.root = root
+        self.shape = tuple(shape)
+        self.build_workers = build_workers
+        self.array = None
+        self._cache_checked = False
+
+    def _open_cache(self):
+        if not self._cache_checked:
+            self.array = cache.open_or_build(
+                self.cache_path, root=self.root, paths=self.dataset.paths,
+                decode=self.dataset.decode, shape=self.shape,
+                what=f"{self.name} {self.split}", workers=self.build_workers)
+            self._cache_checked = True
+        return self.array
+
+    def _iterate(self, batches):
+        array = self._open_cache()
+        if array is None:
+            yield from super()._iterate(batches)
+            return
+        for batch in batches:
+            idx = batch.numpy()
+            # Rows read in file order sweep the file forwards (page cache read-ahead),
+            # then go back to the epoch's order.
+            order = np.argsort(idx, kind="stable")
+            block = np.empty((len(idx), *array.shape[1:]), dtype=np.uint8)
+            block[:] = array[idx[order]]
+            x = self.to_model(torch.from_numpy(block).to(self.device, non_blocking=True))
+            yield x, torch.zeros(len(x), dtype=torch.int64, device=self.device)
+
+
 def _image_to_model(x):
     return x.float().div_(255)
 
@@ -218,6 +263,8 @@ DATASETS = {
     "CelebAMask_HQ": ("files", lambda root, split: (sources.celebamask_files(root, split),
                                                     decode_celebamask_label, _label_to_model)),
 }
+# File name stem of each file dataset's decoded cache under <root>/cache/.
+CACHE_STEMS = {"CelebA": "celeba", "CelebAMask_HQ": "celebamask"}
 
 
 def _dataset(cfg):
@@ -266,8 +313,12 @@ def build_loader(cfg, split, *, batch_size, shuffle, seed=0, device="cpu", rank=
     paths, decode, to_model = source(root, split)
     if not paths:
         raise DatasetError(f"{name} {split} split under {root} is empty")
-    return FileLoader(FileDataset(paths, decode), num_workers=cfg.nworker,
-                      to_model=to_model, **common)
+    files = dict(num_workers=cfg.nworker, to_model=to_model, **common)
+    if not cfg.cache_decoded:
+        return FileLoader(FileDataset(paths, decode), **files)
+    return CachedLoader(FileDataset(paths, decode),
+                        cache_path=cache.cache_path(root, CACHE_STEMS[name], split), root=root,
+                        shape=cfg.dataset.shape, build_workers=cache.build_workers(), **files)
 
 
 def _check_shape(cfg, name, shape):

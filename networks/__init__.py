@@ -1,13 +1,15 @@
 """Models: encoders/decoders, stochastic quantizers, losses, and one builder."""
 from .nets import NETWORK_REGISTRY, label_channels
 from .sqvae import VARIANTS, GaussianSQVAE, SQVAE, VmfSQVAE
+from .vqvae import VQVAE
 
 # model.name -> model class
-MODEL_REGISTRY = {"GaussianSQVAE": GaussianSQVAE, "VmfSQVAE": VmfSQVAE}
+MODEL_REGISTRY = {"GaussianSQVAE": GaussianSQVAE, "VmfSQVAE": VmfSQVAE, "VQVAE": VQVAE}
 
 
 def build_model(cfg):
-    """The SQ-VAE that `cfg` describes, freshly initialised (on the CPU)."""
+    """The model (SQ-VAE or the VQ-VAE baseline) that `cfg` describes, freshly initialised
+    (on the CPU)."""
     if cfg.model.name not in MODEL_REGISTRY:
         raise ValueError(f"unknown model.name {cfg.model.name!r}; "
                          f"allowed: {', '.join(MODEL_REGISTRY)}")
@@ -23,4 +25,4 @@ def count_parameters(model):
 
 
 __all__ = ["build_model", "count_parameters", "MODEL_REGISTRY", "NETWORK_REGISTRY", "VARIANTS",
-           "SQVAE", "GaussianSQVAE", "VmfSQVAE", "label_channels"]
+           "SQVAE", "GaussianSQVAE", "VmfSQVAE", "VQVAE", "label_channels"]

@@ -63,6 +63,8 @@ class SQVAE(nn.Module):
         # A buffer, so the per-step update is an in-place fill (no recompilation, no sync).
         self.register_buffer("temperature", torch.tensor(float(cfg.quantization.temperature.init)),
                              persistent=False)
+        # bf16 autocast for the conv stacks only; the quantizer and losses stay in float32.
+        self.amp = cfg.train.amp
 
     def set_temperature(self, value):
         self.temperature.fill_(value)
@@ -83,10 +85,22 @@ class SQVAE(nn.Module):
         out["param_q"] = param.detach().mean()
         return out
 
+    def conv_precision(self, x):
+        return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def run_encoder(self, x):
+        with self.conv_precision(x):
+            z, log_var = self.encoder(x)
+        return z.float(), None if log_var is None else log_var.float()
+
+    def run_decoder(self, z_q):
+        with self.conv_precision(z_q):
+            return self.decoder(z_q).float()
+
     def forward(self, x, mode="train", codes=False):
-        z, log_var = self.encoder(x)
+        z, log_var = self.run_encoder(x)
         quant = self.quantize(z, log_var, mode, codes=codes)
-        x_hat = self.decoder(quant["z_q"])
+        x_hat = self.run_decoder(quant["z_q"])
         terms = self.reconstruction_terms(x_hat, x)
         terms["kld_discrete"] = quant["kld_discrete"]
         terms["kld_continuous"] = quant["kld_continuous"]
@@ -101,7 +115,7 @@ class SQVAE(nn.Module):
     @torch.no_grad()
     def encode(self, x):
         """Deterministic code indices, B x H x W (the argmax of the quantizer's logits)."""
-        z, log_var = self.encoder(x)
+        z, log_var = self.run_encoder(x)
         return self.quantize(z, log_var, "deterministic", codes=True)["codes"]
 
     def code_vectors(self):
@@ -114,7 +128,7 @@ class SQVAE(nn.Module):
     def decode(self, codes):
         """Decoder output for code indices B x H x W (inverse of `encode` up to the decoder)."""
         z_q = self.code_vectors()[codes.long()].permute(0, 3, 1, 2)
-        return self.decoder(z_q)
+        return self.run_decoder(z_q)
 
 
 class GaussianSQVAE(SQVAE):

@@ -4,8 +4,9 @@
 
 JOBS.json is a list of jobs, run one after the other. Each job is a dict:
 
-    argv    the command line given to main.run (a "{run:ROOT}" item is replaced by the one
-            run folder under ROOT/<path_specific>/, found when the job starts)
+    argv    the command line given to main.run; an item "{run:ROOT}" is replaced by the
+            path of the one run folder under ROOT/<path_specific>/ when the job starts,
+            "{runname:ROOT}" by that folder's name
     out     stdout and stderr of the job go to OUT.stdout and OUT.stderr
     fault   optional, one of
               {"kill_at_step": N}              SIGKILL right after training step N
@@ -84,12 +85,14 @@ def install(fault):
 
 
 def resolve(item):
-    if isinstance(item, str) and item.startswith("{run:") and item.endswith("}"):
-        found = glob.glob(os.path.join(item[5:-1], "*", "*", ""))
-        if len(found) != 1:
-            raise RuntimeError(f"expected one run folder for {item}, found {found}")
-        return found[0].rstrip(os.sep)
-    return item
+    kind, _, root = item[1:-1].partition(":")
+    if not (item.startswith("{") and item.endswith("}") and kind in ("run", "runname")):
+        return item
+    found = glob.glob(os.path.join(root, "*", "*", ""))
+    if len(found) != 1:
+        raise RuntimeError(f"expected one run folder for {item}, found {found}")
+    path = found[0].rstrip(os.sep)
+    return path if kind == "run" else os.path.basename(path)
 
 
 def child(job):

@@ -20,6 +20,7 @@ from itertools import islice
 import torch
 
 from configs import config_to_yaml
+from util import distributed as dist
 from util.io import read_jsonl, write_jsonl
 from util.rng import get_rng_state, set_rng_state
 
@@ -74,9 +75,12 @@ class MeanMeter:
         return values
 
     def means(self):
+        """Means over every batch of every process (one all-reduce under torchrun)."""
         if self.count == 0:
             return {}
-        return dict(zip(self.keys, (self.sum / self.count).tolist()))
+        totals = torch.cat([self.sum, self.sum.new_tensor([self.count])])
+        totals = dist.all_reduce_sum(totals.clone())
+        return dict(zip(self.keys, (totals[:-1] / totals[-1]).tolist()))
 
     def state_dict(self):
         return {"keys": list(self.keys), "count": self.count,
@@ -104,10 +108,11 @@ class CodeHistogram:
         """Split-level perplexity exp(H(q)) of the code frequencies q, and codes in use."""
         if self.counts is None:
             return {}
-        q = self.counts.double() / self.counts.sum().clamp(min=1)
+        counts = dist.all_reduce_sum(self.counts.clone())
+        q = counts.double() / counts.sum().clamp(min=1)
         entropy = -(q * torch.log(q.clamp(min=1e-300))).sum()
         return {"perplexity_split": float(torch.exp(entropy)),
-                "codes_used": int((self.counts > 0).sum())}
+                "codes_used": int((counts > 0).sum())}
 
 
 def derived_metrics(means, dim_x):
@@ -135,7 +140,8 @@ def evaluate(model, loader, mode, limit=None, segmentation=None):
             seg.update_from_logits(x_hat, x)
     result = derived_metrics(meter.means(), model.dim_x)
     result.update(histogram.summary())
-    if seg is not None:
+    if seg is not None and seg.confusion is not None:
+        dist.all_reduce_sum(seg.confusion)
         scores = seg.compute()
         result["pixel_acc"], result["miou"] = scores["pixel_acc"], scores["miou"]
     return result
@@ -146,10 +152,24 @@ class Trainer:
 
     def __init__(self, cfg, model, loaders, device, run_dir=None, *, limit_batches=None,
                  dbg=False, log=print, segmentation=None, resume_command=None):
-        self.cfg, self.model, self.loaders, self.device = cfg, model, loaders, device
-        self.run_dir, self.limit, self.dbg, self.log = run_dir, limit_batches, dbg, log
+        self.cfg, self.loaders, self.device = cfg, loaders, device
+        self.run_dir, self.limit, self.dbg = run_dir, limit_batches, dbg
+        # Every process computes; only the main one writes files and prints.
+        self.is_main = dist.is_main()
+        self.log = log if self.is_main else (lambda *_: None)
         self.segmentation = segmentation
         self.resume_command = resume_command
+        model.amp = cfg.train.amp
+        if dist.active() and cfg.train.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        self.eval_model = torch.compile(model) if cfg.train.compile else model
+        self.train_model = self.eval_model
+        if dist.active():
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [torch.device(device).index] if torch.device(device).type == "cuda" else None
+            ddp = DistributedDataParallel(model, device_ids=ids)
+            self.train_model = torch.compile(ddp) if cfg.train.compile else ddp
         self.optimizer = build_optimizer(cfg, model, device)
         self.scheduler = build_scheduler(self.optimizer)
         self.keys = model.TERMS
@@ -184,6 +204,8 @@ class Trainer:
             "train_meter": self.meter.state_dict(),
             "train_seconds": self.train_seconds,
             "rng": get_rng_state(),
+            # Under torchrun every process draws its own Gumbel noise: keep all their states.
+            "rng_ranks": dist.gather_objects(get_rng_state()),
             "config": config_to_yaml(self.cfg),
         }
 
@@ -197,17 +219,22 @@ class Trainer:
         self.meter.load_state_dict(state["train_meter"], self.device)
         self.train_seconds = state["train_seconds"]
         self._step_counter.fill_(self.step)
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        set_rng_state(ranks[dist.rank()] if len(ranks) == dist.world_size() else state["rng"])
 
     def save_current(self):
         if self.run_dir is None:
             return
         self.check_finite()
-        runs.save_checkpoint(self.path(runs.CURRENT), self.state_dict())
-        # metrics.jsonl always mirrors the history in current.pt, so a resume rewrites it.
-        write_jsonl(self.path(runs.METRICS_FILE), self.history)
+        state = self.state_dict()  # a collective under torchrun: every process takes part
+        if self.is_main:
+            runs.save_checkpoint(self.path(runs.CURRENT), state)
+            # metrics.jsonl always mirrors the history in current.pt; a resume rewrites it.
+            write_jsonl(self.path(runs.METRICS_FILE), self.history)
 
     def save_best(self, val_loss):
+        if not self.is_main:
+            return
         runs.save_checkpoint(self.path(runs.BEST), {
             "model": self.model.state_dict(), "epoch": self.epoch, "step": self.step,
             "val_loss": val_loss, "config": config_to_yaml(self.cfg)})
@@ -220,9 +247,11 @@ class Trainer:
         self._bad_terms = torch.where(newly_bad, values, self._bad_terms)
 
     def check_finite(self):
-        step = int(self._bad_step)
+        local = int(self._bad_step)
+        step = int(dist.all_reduce_max(self._bad_step.clone()))
         if step >= 0:
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.keys, self._bad_terms.tolist()))
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.keys, self._bad_terms.tolist())) \
+                if local >= 0 else "on another process"
             kept = (f"; the last good checkpoints in {self.run_dir} are kept"
                     if self.run_dir else "")
             raise TrainingError(f"non-finite loss at step {step} ({terms}); try a lower "
@@ -230,6 +259,17 @@ class Trainer:
 
     def _on_signal(self, signum, frame):
         self._signal = signum
+
+    def signal_received(self, now=False):
+        """Whether to stop now. Under torchrun the processes agree (at logging steps, or
+        `now`), so they all stop after the same step."""
+        if not dist.active():
+            return self._signal is not None
+        if not now and self.step % max(1, self.cfg.log.every_steps):
+            return False
+        flag = torch.tensor([self._signal or 0], device=self.device)
+        self._signal = int(dist.all_reduce_max(flag)) or None
+        return self._signal is not None
 
     def _interrupt(self):
         code = 128 + self._signal
@@ -256,14 +296,14 @@ class Trainer:
             self.step = (self.epoch - 1) * n_batches + self.batch + 1
             model.set_temperature(temperature_at(cfg, self.step))
             self.optimizer.zero_grad(set_to_none=True)
-            _, terms = model(x, "train")
+            _, terms = self.train_model(x, "train")
             terms["loss"].backward()
             self.optimizer.step()
             self.track_finite(self.meter.add(terms))
             self.batch += 1
             if self.step % every_log == 0:
                 self.check_finite()
-            if self._signal is not None:
+            if self.signal_received():
                 self.train_seconds += time.perf_counter() - start
                 self._interrupt()
             if every_ckpt and self.step % every_ckpt == 0 and self.batch < n_batches:
@@ -277,8 +317,9 @@ class Trainer:
     def validate(self, split="val"):
         loader, limit = self.loaders[split], self.batches(split)
         start = time.perf_counter()
-        stochastic = evaluate(self.model, loader, "stochastic", limit, self.segmentation)
-        deterministic = evaluate(self.model, loader, "deterministic", limit, self.segmentation)
+        stochastic = evaluate(self.eval_model, loader, "stochastic", limit, self.segmentation)
+        deterministic = evaluate(self.eval_model, loader, "deterministic", limit,
+                                 self.segmentation)
         return stochastic, deterministic, time.perf_counter() - start
 
     def record(self, split, metrics, seconds, **extra):
@@ -311,7 +352,7 @@ class Trainer:
                 self.meter = MeanMeter(self.keys)
                 self.train_seconds = 0.0
                 self.save_current()
-                if self._signal is not None:
+                if self.signal_received(now=True):
                     self._interrupt()
         finally:
             for s, h in handlers.items():
@@ -325,6 +366,8 @@ class Trainer:
 
     # ---- output ------------------------------------------------------------------------
     def save_grid(self, which):
+        if not self.is_main:
+            return
         x, _ = next(iter(self.loaders["val"]))
         save_reconstructions(self.model, x, self.path(f"reconstructions_{which}.png"))
 

@@ -8,14 +8,20 @@ class DeviceError(ValueError):
     """The requested device does not exist on this machine."""
 
 
-def select_device(name="auto"):
-    """`auto` picks CUDA, then Apple's MPS, then the CPU."""
+def select_device(name="auto", local_rank=0):
+    """`auto` picks CUDA, then Apple's MPS, then the CPU. Under torchrun, a bare `cuda`
+    means this process's own GPU, cuda:LOCAL_RANK."""
     mps = getattr(torch.backends, "mps", None)
     mps_ok = mps is not None and mps.is_available()
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps") if mps_ok else torch.device("cpu")
+            name = "cuda"
+        else:
+            return torch.device("mps") if mps_ok else torch.device("cpu")
+    if name == "cuda" and torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        return device
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -1,0 +1,198 @@
+"""VQ-VAE baseline (van den Oord et al., 2017) on the same networks as the SQ-VAE experiments.
+
+Quantization is deterministic: each latent position z_i (a D-vector of the encoder output
+B x D x H x W) is replaced by its nearest codebook row e_k, k = argmin_k ||z_i - e_k||^2, and
+the decoder's gradient reaches the encoder by the straight-through estimator
+z_q = z + sg(e - z). There is no stochastic quantization, so the modes "train",
+"deterministic" and "stochastic" all pick the nearest code; they are accepted so that the
+trainer and evaluation code drive both model families the same way.
+
+Loss, every term summed over the elements of one image and averaged over the batch:
+
+    loss_rec      = sum_pixels (x_hat - x)^2 / B                 (the SQ-VAE's `mse`)
+    loss_codebook = sum_{positions, d} (sg(z) - e)^2 / B         (0 with the EMA codebook)
+    loss_commit   = beta * sum_{positions, d} (z - sg(e))^2 / B
+    loss          = loss_rec + loss_codebook + loss_commit
+
+See the VQVAE class docstring for why these reductions, and for the EMA codebook.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import init_weights
+from .losses import squared_error
+from .nets import build_networks
+from .quantizers import MODES, flatten_positions, perplexity, unflatten_positions
+
+
+def nearest_codes(z_rows, codebook):
+    """Index of the nearest codebook row for each row of z (N x D), by squared distance.
+
+    ||z||^2 is the same for every code, so it is left out of the comparison; the search
+    needs no gradient."""
+    with torch.no_grad():
+        score = (codebook ** 2).sum(1) - 2 * z_rows @ codebook.t()
+        return score.argmin(1)
+
+
+def vq_losses(z, e, beta):
+    """(codebook loss, commitment loss) for encoder output z and its chosen codes e (same
+    shape, B x ...): per-image sums of squared differences, averaged over the batch."""
+    batch = z.shape[0]
+    codebook_loss = ((z.detach() - e) ** 2).sum() / batch
+    commit_loss = beta * ((z - e.detach()) ** 2).sum() / batch
+    return codebook_loss, commit_loss
+
+
+def straight_through(z, e):
+    """e in the forward pass, the identity towards z in the backward pass."""
+    return z + (e - z).detach()
+
+
+def ema_update(count, total, codebook, z_rows, index, decay, eps):
+    """One EMA step of the codebook statistics, in place, from the rows z_rows (N x D)
+    assigned to codes `index` (N).
+
+    count (K) and total (K x D) are moving averages of the number of rows assigned to each
+    code and of their sum. The codebook becomes total / smoothed count, with the Laplace
+    smoothing n_k' = (n_k + eps) / (n + K eps) * n, n = sum_k n_k. The smoothed count is only
+    used for that division, so the stored count stays a plain moving average and the
+    smoothing does not compound from step to step."""
+    size = codebook.shape[0]
+    one_hot = F.one_hot(index, size).to(z_rows.dtype)
+    count.mul_(decay).add_(one_hot.sum(0), alpha=1 - decay)
+    total.mul_(decay).add_(one_hot.t() @ z_rows, alpha=1 - decay)
+    n = count.sum()
+    smoothed = (count + eps) / (n + size * eps) * n
+    codebook.copy_(total / smoothed.unsqueeze(1))
+
+
+class VQVAE(nn.Module):
+    """Standard VQ-VAE with the encoder/decoder and codebook size of an SQ-VAE experiment.
+
+    Loss (z: encoder output, e: the nearest codebook rows, sg: stop-gradient, B: batch size;
+    sums over all pixels of an image, and over all latent positions and the D dimensions):
+
+        loss = sum (x_hat - x)^2 / B + sum (sg(z) - e)^2 / B + beta * sum (z - sg(e))^2 / B
+
+    The reconstruction term is the SQ-VAE's `mse` (squared error summed per image, mean over
+    images), and the two VQ terms use the same reduction, so the whole objective is van den
+    Oord et al.'s per-image objective (their eq. 3, with the reconstruction term the negative
+    log-likelihood of a Gaussian decoder of fixed variance 1/2, constants dropped) averaged
+    over the batch. Averaging every term over its elements instead would only change the
+    weight of the reconstruction relative to the VQ terms by (H * W * D) / dim_x.
+
+    With `quantization.ema` the codebook is not trained by the optimizer: it follows
+    exponential moving averages (decay `quantization.ema_decay`) of the number and the sum of
+    the encoder outputs assigned to each code, with Laplace smoothing `quantization.ema_eps`
+    (see `ema_update`); the codebook loss is dropped and its term reported as 0. The update
+    happens in training forward passes only (`model.training` and mode "train"), after the
+    batch has been quantized with the codebook as it was. The statistics are buffers, so they
+    are checkpointed; they start as if every code had one member at its initial position, so
+    codes that receive no rows do not move at first.
+    """
+
+    TERMS = ("loss", "loss_rec", "loss_codebook", "loss_commit", "perplexity", "entropy", "mse")
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.model.param_var_q != "gaussian_1" or cfg.flags.var_q:
+            raise ValueError("VQVAE needs model.param_var_q gaussian_1 (no variance head)")
+        self.dim_x = cfg.dataset.dim_x
+        self.beta = float(cfg.model.beta)
+        # Same construction order (networks, init, then codebook) as the SQ-VAE, so one seed
+        # gives both models the same initial weights and codebook.
+        self.encoder, self.decoder = build_networks(cfg)
+        init_weights(self)
+        size, dim = cfg.quantization.size_dict, cfg.quantization.dim_code
+        self.ema = bool(cfg.quantization.ema)
+        self.codebook = nn.Parameter(torch.randn(size, dim), requires_grad=not self.ema)
+        if self.ema:
+            self.ema_decay = float(cfg.quantization.ema_decay)
+            self.ema_eps = float(cfg.quantization.ema_eps)
+            self.register_buffer("ema_count", torch.ones(size))
+            self.register_buffer("ema_total", self.codebook.detach().clone())
+        # Kept for interface parity with the SQ-VAE (the trainer sets it every step); the
+        # nearest-code quantizer does not read it.
+        self.register_buffer("temperature", torch.tensor(float(cfg.quantization.temperature.init)),
+                             persistent=False)
+        self.amp = bool(cfg.train.get("amp", False))
+
+    def set_temperature(self, value):
+        self.temperature.fill_(value)
+
+    def conv_precision(self, x):
+        return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def run_encoder(self, x):
+        with self.conv_precision(x):
+            z, _ = self.encoder(x)
+        return z.float()
+
+    def run_decoder(self, z_q):
+        with self.conv_precision(z_q):
+            return self.decoder(z_q).float()
+
+    def quantize(self, z, mode, codes=False):
+        """z_q (straight-through), the VQ loss terms and the code usage for z (B x D x H x W)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        z_rows = flatten_positions(z)
+        index = nearest_codes(z_rows.detach(), self.codebook.detach())
+        e_rows = self.codebook[index]
+        codebook_loss, commit_loss = vq_losses(z_rows, e_rows, self.beta)
+        if self.ema:
+            codebook_loss = torch.zeros((), device=z.device)
+            if self.training and mode == "train":
+                with torch.no_grad():
+                    ema_update(self.ema_count, self.ema_total, self.codebook, z_rows.detach(),
+                               index, self.ema_decay, self.ema_eps)
+        usage = F.one_hot(index, self.codebook.shape[0]).to(z.dtype).mean(0)
+        return {
+            "z_q": unflatten_positions(straight_through(z_rows, e_rows), z),
+            "loss_codebook": codebook_loss,
+            "loss_commit": commit_loss,
+            "perplexity": perplexity(usage),
+            "codes": index.reshape(z.shape[0], *z.shape[2:]) if codes else None,
+        }
+
+    def forward(self, x, mode="train", codes=False):
+        z = self.run_encoder(x)
+        quant = self.quantize(z, mode, codes=codes)
+        x_hat = self.run_decoder(quant["z_q"])
+        mse = squared_error(x_hat, x)
+        terms = {
+            "loss": mse + quant["loss_codebook"] + quant["loss_commit"],
+            "loss_rec": mse,
+            "loss_codebook": quant["loss_codebook"],
+            "loss_commit": quant["loss_commit"],
+            "perplexity": quant["perplexity"],
+            # No distribution over codes: the assignment is one-hot, its entropy 0.
+            "entropy": torch.zeros((), device=x.device),
+            "mse": mse.detach(),
+        }
+        if codes:
+            terms["codes"] = quant["codes"]
+        return x_hat, terms
+
+    @torch.no_grad()
+    def encode(self, x):
+        """Nearest-code indices, B x H x W."""
+        z = self.run_encoder(x)
+        return nearest_codes(flatten_positions(z), self.codebook).reshape(
+            z.shape[0], *z.shape[2:])
+
+    def code_vectors(self):
+        return self.codebook
+
+    @torch.no_grad()
+    def decode(self, codes):
+        """Decoder output for code indices B x H x W (inverse of `encode` up to the decoder)."""
+        z_q = self.code_vectors()[codes.long()].permute(0, 3, 1, 2)
+        return self.run_decoder(z_q)
+
+    def decoder_variance(self, terms):
+        """sigma_x^2 = 1/2: the fixed Gaussian variance under which loss_rec is the decoder's
+        negative log-likelihood (up to a constant)."""
+        return torch.tensor(0.5, device=terms["mse"].device)
