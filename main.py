@@ -113,11 +113,6 @@ def summary(cfg):
     return 0
 
 
-def test_records(stochastic, deterministic, seconds, epoch, **extra):
-    return [{"epoch": epoch, "split": "test_stochastic", **stochastic, "seconds": seconds, **extra},
-            {"epoch": epoch, "split": "test", **deterministic, "seconds": seconds, **extra}]
-
-
 def evaluate_run(args, cfg, device):
     """-ts RUN: the run's best.pt on the test split, with the run's own saved config."""
     import json
@@ -133,9 +128,7 @@ def evaluate_run(args, cfg, device):
     loaders = make_loaders(run_cfg, device, args.seed, splits=("val", "test"))
     trainer = Trainer(run_cfg, model, loaders, device, None, limit_batches=args.limit_batches,
                       dbg=True, segmentation=segmentation_for(run_cfg))
-    stochastic, deterministic, seconds = trainer.test()
-    records = test_records(stochastic, deterministic, seconds, state["epoch"],
-                           source="-ts")
+    records = trainer.test(state["epoch"], source="-ts")
     append_test_records(run_dir, records)
     print(json.dumps(records[-1]))
     return 0
@@ -192,11 +185,9 @@ def train(args, cfg, device):
     else:
         epoch = trainer.epoch - 1  # no run folder: test the final weights
     model.to(device)
-    stochastic, deterministic, seconds = trainer.test()
+    records = trainer.test(epoch)
     if run_dir is not None and dist.is_main():
-        write_jsonl(os.path.join(run_dir, runs.METRICS_FILE),
-                    trainer.history + test_records(stochastic, deterministic,
-                                                   seconds, epoch))
+        write_jsonl(os.path.join(run_dir, runs.METRICS_FILE), trainer.history + records)
     return 0
 
 

@@ -231,7 +231,7 @@ class CachedLoader(FileLoader):
             # then go back to the epoch's order.
             order = np.argsort(idx, kind="stable")
             block = np.empty((len(idx), *array.shape[1:]), dtype=np.uint8)
-            block[:] = array[idx[order]]
+            block[order] = array[idx[order]]
             x = self.to_model(torch.from_numpy(block).to(self.device, non_blocking=True))
             yield x, torch.zeros(len(x), dtype=torch.int64, device=self.device)
 

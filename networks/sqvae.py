@@ -2,8 +2,11 @@
 
 ``model(x, mode)`` returns ``(x_hat, terms)``; ``terms`` holds 0-dim tensors
 (``loss``, ``loss_rec``, ``kld_discrete``, ``kld_continuous``, ``perplexity``,
-``mse`` or ``acc``, and the diagnostics ``entropy`` and ``param_q``). Nothing is
-read back to the host, so a training step never synchronises.
+``mse`` or ``acc``, and the self-annealing diagnostics: ``entropy`` (mean entropy
+of the code distribution per position), ``param_q`` / ``param_q_min`` /
+``param_q_max`` (sigma_q^2 or kappa_q over positions) and ``param_x`` (decoder
+variance sigma_x^2, or kappa_d for vMF). Nothing is read back to the host, so a
+training step never synchronises.
 """
 import torch
 from torch import nn
@@ -46,7 +49,7 @@ class SQVAE(nn.Module):
 
     # The scalar terms a forward pass returns, in the order metrics are logged.
     TERMS = ("loss", "loss_rec", "kld_discrete", "kld_continuous", "perplexity", "entropy",
-             "param_q")
+             "param_q", "param_q_min", "param_q_max", "param_x")
 
     def __init__(self, cfg):
         super().__init__()
@@ -82,7 +85,10 @@ class SQVAE(nn.Module):
         param = self.quantizer_param(log_var)
         quantize = vmf_quantize if self.variant == "vmf" else gaussian_quantize
         out = quantize(z, param, self.codebook, mode, self.temperature, codes=codes)
-        out["param_q"] = param.detach().mean()
+        # Self-annealing diagnostics: sigma_q^2 (Gaussian) or kappa_q (vMF) over positions.
+        param = param.detach()
+        out["param_q"], out["param_q_min"], out["param_q_max"] = \
+            param.mean(), param.min(), param.max()
         return out
 
     def conv_precision(self, x):
@@ -107,7 +113,9 @@ class SQVAE(nn.Module):
         terms["loss"] = terms["loss_rec"] + quant["kld_discrete"] + quant["kld_continuous"]
         terms["perplexity"] = quant["perplexity"]
         terms["entropy"] = quant["entropy"]
-        terms["param_q"] = quant["param_q"]
+        for key in ("param_q", "param_q_min", "param_q_max"):
+            terms[key] = quant[key]
+        terms["param_x"] = self.decoder_variance(terms)
         if codes:
             terms["codes"] = quant["codes"]
         return x_hat, terms
@@ -171,5 +179,5 @@ class VmfSQVAE(SQVAE):
         return {"loss_rec": loss, "acc": accuracy.detach()}
 
     def decoder_variance(self, terms):
-        """kappa_d, the decoder's concentration."""
+        """kappa_d, the decoder's concentration (logged as param_x)."""
         return 1.0 / (torch.exp(self.log_kappa_inv.detach()) + 1e-9)

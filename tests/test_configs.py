@@ -61,8 +61,16 @@ def _no_env_roots(monkeypatch):
     monkeypatch.delenv("SQVAE_DATA", raising=False)
 
 
-def test_experiment_files_are_the_nine():
-    assert configs.experiment_files() == sorted(n + ".yaml" for n in NAMES)
+def test_experiment_files_include_the_nine():
+    files = configs.experiment_files()
+    assert files == sorted(files)
+    assert {n + ".yaml" for n in NAMES} <= set(files)
+
+
+def test_every_shipped_file_loads():
+    # Also any experiment file added beside the nine of the SPEC (e.g. baselines).
+    for name in configs.experiment_files():
+        assert load_config(name, []).is_frozen()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -118,10 +126,11 @@ def test_path_specific_follows_dataset_and_variant(name):
 
 
 def test_cifar10_vmf_has_its_own_folder():
-    # The reference's cifar10_vmf reuses cifar10_sqvae_gaussian_1/ (SPEC §8); ours must not.
-    specific = {name: load_config(name, []).path_specific for name in NAMES}
-    assert specific["cifar10_vmf"] != "cifar10_sqvae_gaussian_1/"
-    assert len(set(specific.values())) == len(NAMES)
+    # The reference's cifar10_vmf reuses cifar10_sqvae_gaussian_1/ (SPEC §8); ours must not,
+    # and no two shipped experiments share a run folder.
+    specific = {name: load_config(name, []).path_specific for name in configs.experiment_files()}
+    assert specific["cifar10_vmf.yaml"] != "cifar10_sqvae_gaussian_1/"
+    assert len(set(specific.values())) == len(specific)
 
 
 def test_derived_fields_ignore_written_values():

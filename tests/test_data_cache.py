@@ -69,8 +69,9 @@ def identity(path):
 
 def leftovers(root):
     folder = os.path.join(str(root), "cache")
-    return sorted(f for f in os.listdir(folder) if f.endswith(".tmp")) if os.path.isdir(
-        folder) else []
+    if not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder) if f.endswith(".tmp"))
 
 
 @pytest.mark.parametrize("name", ["CelebA", "CelebAMask_HQ"])
@@ -144,9 +145,13 @@ def test_changed_sources_or_decoding_rebuild_the_cache(tmp_path, monkeypatch):
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     modified = check(11)
     assert modified != added
+    # Same bytes, new mtime: the cache cannot know the content is unchanged, so it rebuilds.
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+    touched = check(11)
+    assert touched != modified
     os.remove(written["train"][0])
     removed = check(10)
-    assert removed != modified
+    assert removed != touched
     # Another Pillow may decode or resize differently: the decoding is part of the key.
     monkeypatch.setattr(cache.PIL, "__version__", "0.0.0")
     assert check(10) != removed

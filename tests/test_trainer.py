@@ -32,9 +32,11 @@ def only_run(root):
     return os.path.join(root, specific, run)
 
 
-def read_metrics(run_dir):
+def read_metrics(run_dir, steps=False):
+    """Per-epoch records (and the train_step lines too with steps=True)."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        records = [json.loads(line) for line in f]
+    return records if steps else [r for r in records if r["split"] != "train_step"]
 
 
 def test_mnist_end_to_end_learns_and_reloads(tmp_path, capsys):
@@ -72,6 +74,8 @@ def test_mnist_end_to_end_learns_and_reloads(tmp_path, capsys):
         assert printed[key] == pytest.approx(recorded[key], rel=1e-5), key
     appended = read_metrics(run_dir)
     assert len(appended) == len(records) + 2 and appended[-1]["source"] == "-ts"
+    steps = [r["step"] for r in read_metrics(run_dir, steps=True) if r["split"] == "train_step"]
+    assert steps == [100, 200, 300]
 
 
 def write_dataset(name, root):

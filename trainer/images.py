@@ -34,3 +34,4 @@ def save_reconstructions(model, x, path):
     buffer = io.BytesIO()
     save_image(grid, buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
+    return grid

@@ -1,5 +1,11 @@
 """The training loop of SPEC 5, readable top to bottom.
 
+Logging: every ``log.every_steps`` steps the running means of the loss terms and
+the self-annealing diagnostics (sigma_q^2 or kappa_q, decoder variance, entropy
+of the code distribution, codes in use) are read back once, appended to
+``metrics.jsonl`` as a ``train_step`` line, written to TensorBoard
+(``<run>/tensorboard``) and shown on the progress bar (a terminal only).
+
 Each epoch: train over the training loader (temperature set before every
 iteration), then validate twice (stochastic, then deterministic; the
 deterministic result is the one recorded, stepped into ReduceLROnPlateau and
@@ -14,10 +20,12 @@ Metrics stay on the device during an epoch and are read back once per
 import math
 import os
 import signal
+import sys
 import time
 from itertools import islice
 
 import torch
+from tqdm import tqdm
 
 from configs import config_to_yaml
 from util import distributed as dist
@@ -70,9 +78,12 @@ class MeanMeter:
 
     def add(self, terms):
         values = torch.stack([terms[k].detach().float() for k in self.keys])
+        self.add_values(values)
+        return values
+
+    def add_values(self, values):
         self.sum = values if self.sum is None else self.sum + values
         self.count += 1
-        return values
 
     def means(self):
         """Means over every batch of every process (one all-reduce under torchrun)."""
@@ -104,6 +115,13 @@ class CodeHistogram:
             self.counts = torch.zeros(self.size, dtype=torch.long, device=codes.device)
         self.counts.index_add_(0, codes, torch.ones_like(codes))
 
+    def state_dict(self):
+        return {"size": self.size, "counts": None if self.counts is None else self.counts.cpu()}
+
+    def load_state_dict(self, state, device):
+        self.size = state["size"]
+        self.counts = None if state["counts"] is None else state["counts"].to(device)
+
     def summary(self):
         """Split-level perplexity exp(H(q)) of the code frequencies q, and codes in use."""
         if self.counts is None:
@@ -125,7 +143,7 @@ def derived_metrics(means, dim_x):
 
 
 @torch.no_grad()
-def evaluate(model, loader, mode, limit=None, segmentation=None):
+def evaluate(model, loader, mode, limit=None, segmentation=None, bar=None):
     """One pass over `loader` in eval mode: means over batches (the reference's figures), the
     split-level code perplexity, and split-level pixel accuracy and mIoU for label maps."""
     model.eval()
@@ -138,6 +156,8 @@ def evaluate(model, loader, mode, limit=None, segmentation=None):
         histogram.add(terms["codes"])
         if seg is not None:
             seg.update_from_logits(x_hat, x)
+        if bar is not None:
+            bar.update(x.shape[0])
     result = derived_metrics(meter.means(), model.dim_x)
     result.update(histogram.summary())
     if seg is not None and seg.confusion is not None:
@@ -177,8 +197,12 @@ class Trainer:
         self.best_loss, self.best_epoch = math.inf, 0
         self.history = []
         self.meter = MeanMeter(self.keys)
+        self.interval = MeanMeter(self.keys)
+        self.interval_codes = CodeHistogram(model.codebook.shape[0])
         self.train_seconds = 0.0
         self._signal = None
+        self.show_progress = self.is_main and sys.stderr.isatty()
+        self._tensorboard = None
         # The first non-finite step and its terms, kept on the device until the next check.
         self._bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self._bad_terms = torch.zeros(len(self.keys), device=device)
@@ -202,6 +226,8 @@ class Trainer:
             "best_loss": self.best_loss, "best_epoch": self.best_epoch,
             "history": self.history,
             "train_meter": self.meter.state_dict(),
+            "interval_meter": self.interval.state_dict(),
+            "interval_codes": self.interval_codes.state_dict(),
             "train_seconds": self.train_seconds,
             "rng": get_rng_state(),
             # Under torchrun every process draws its own Gumbel noise: keep all their states.
@@ -217,6 +243,8 @@ class Trainer:
         self.best_loss, self.best_epoch = state["best_loss"], state["best_epoch"]
         self.history = list(state["history"])
         self.meter.load_state_dict(state["train_meter"], self.device)
+        self.interval.load_state_dict(state["interval_meter"], self.device)
+        self.interval_codes.load_state_dict(state["interval_codes"], self.device)
         self.train_seconds = state["train_seconds"]
         self._step_counter.fill_(self.step)
         ranks = state.get("rng_ranks") or [state["rng"]]
@@ -292,35 +320,86 @@ class Trainer:
         every_log = max(1, cfg.log.every_steps)
         model.train()
         start = time.perf_counter()
+        bar = self.progress(n_batches * loader.batch_size, f"epoch {self.epoch}")
+        bar.update(self.batch * loader.batch_size)
         for x, _ in islice(loader.iter_from(self.batch), n_batches - self.batch):
             self.step = (self.epoch - 1) * n_batches + self.batch + 1
             model.set_temperature(temperature_at(cfg, self.step))
             self.optimizer.zero_grad(set_to_none=True)
-            _, terms = self.train_model(x, "train")
+            _, terms = self.train_model(x, "train", codes=True)
             terms["loss"].backward()
             self.optimizer.step()
-            self.track_finite(self.meter.add(terms))
+            values = self.meter.add(terms)
+            self.interval.add_values(values)
+            self.interval_codes.add(terms["codes"])
+            self.track_finite(values)
             self.batch += 1
+            bar.update(x.shape[0])
             if self.step % every_log == 0:
-                self.check_finite()
+                self.log_interval(bar)
             if self.signal_received():
                 self.train_seconds += time.perf_counter() - start
+                bar.close()
                 self._interrupt()
             if every_ckpt and self.step % every_ckpt == 0 and self.batch < n_batches:
                 self.train_seconds += time.perf_counter() - start
                 start = time.perf_counter()
                 self.save_current()
+        bar.close()
         self.check_finite()
         self.train_seconds += time.perf_counter() - start
         return derived_metrics(self.meter.means(), model.dim_x)
 
+    def log_interval(self, bar):
+        """Read the interval's running means back (one sync), record and display them."""
+        self.check_finite()
+        means = derived_metrics(self.interval.means(), self.model.dim_x)
+        means["codes_used"] = self.interval_codes.summary()["codes_used"]
+        entry = self.record("train_step", means, None)
+        self.interval = MeanMeter(self.keys)
+        self.interval_codes = CodeHistogram(self.interval_codes.size)
+        tb = self.tensorboard()
+        if tb is not None:
+            for key, value in entry.items():
+                if key not in ("epoch", "split", "step", "seconds"):
+                    tb.add_scalar(f"step/{key}", value, self.step)
+        quality = ("acc", means["acc"]) if "acc" in means else ("mse", means["mse"])
+        bar.set_postfix({"loss": f"{means['loss']:.1f}", quality[0]: f"{quality[1]:.4g}",
+                         "ppl": f"{means['perplexity']:.1f}",
+                         "tau": f"{entry['temperature']:.3g}"}, refresh=False)
+
+    def progress(self, total, desc):
+        """A tqdm bar in images (rate in img/s, ETA) on a terminal; silent otherwise."""
+        return tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False,
+                    dynamic_ncols=True, disable=not self.show_progress, file=sys.stderr)
+
+    def tensorboard(self):
+        """The run's TensorBoard writer (main process with a run folder only)."""
+        if self._tensorboard is None and self.run_dir is not None and self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tensorboard = SummaryWriter(log_dir=self.path("tensorboard"))
+        return self._tensorboard
+
+    def log_epoch(self, entries):
+        """Per-epoch metrics of each split to TensorBoard."""
+        tb = self.tensorboard()
+        if tb is None:
+            return
+        for entry in entries:
+            for key, value in entry.items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                    tb.add_scalar(f"{entry['split']}/{key}", value, entry["epoch"])
+        tb.flush()
+
     def validate(self, split="val"):
         loader, limit = self.loaders[split], self.batches(split)
         start = time.perf_counter()
-        stochastic = evaluate(self.eval_model, loader, "stochastic", limit, self.segmentation)
-        deterministic = evaluate(self.eval_model, loader, "deterministic", limit,
-                                 self.segmentation)
-        return stochastic, deterministic, time.perf_counter() - start
+        results = []
+        for mode in ("stochastic", "deterministic"):
+            with self.progress(limit * loader.batch_size, f"{split} {mode}") as bar:
+                results.append(evaluate(self.eval_model, loader, mode, limit,
+                                        self.segmentation, bar))
+        return results[0], results[1], time.perf_counter() - start
 
     def record(self, split, metrics, seconds, **extra):
         entry = {"epoch": self.epoch, "split": split, "step": self.step, **metrics,
@@ -334,10 +413,10 @@ class Trainer:
         try:
             while self.epoch <= self.cfg.train.epoch_max:
                 train = self.train_epoch()
-                self.record("train", train, self.train_seconds)
                 val_s, val, val_seconds = self.validate("val")
-                self.record("val_stochastic", val_s, val_seconds)
-                self.record("val", val, val_seconds)
+                self.log_epoch([self.record("train", train, self.train_seconds),
+                                self.record("val_stochastic", val_s, val_seconds),
+                                self.record("val", val, val_seconds)])
                 self.scheduler.step(val["loss"])
                 self.print_epoch(train, val, val_seconds)
                 if self.run_dir is not None:
@@ -357,19 +436,32 @@ class Trainer:
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
+            if self._tensorboard is not None:
+                self._tensorboard.flush()
 
-    def test(self):
-        """Evaluate the test split (stochastic, then the recorded deterministic pass)."""
+    def test(self, epoch, **extra):
+        """Evaluate the test split (stochastic, then the recorded deterministic pass); returns
+        the two metrics records."""
         stochastic, deterministic, seconds = self.validate("test")
         self.print_line("Test", deterministic, seconds)
-        return stochastic, deterministic, seconds
+        records = [{"epoch": epoch, "split": "test_stochastic", **stochastic,
+                    "seconds": seconds, **extra},
+                   {"epoch": epoch, "split": "test", **deterministic, "seconds": seconds, **extra}]
+        self.log_epoch(records)
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        return records
 
     # ---- output ------------------------------------------------------------------------
     def save_grid(self, which):
         if not self.is_main:
             return
         x, _ = next(iter(self.loaders["val"]))
-        save_reconstructions(self.model, x, self.path(f"reconstructions_{which}.png"))
+        grid = save_reconstructions(self.model, x, self.path(f"reconstructions_{which}.png"))
+        tb = self.tensorboard()
+        if tb is not None:
+            tb.add_image(f"reconstructions/{which}", grid, self.epoch)
 
     def print_line(self, name, m, seconds):
         quality = f"ACC: {m['acc']:.4f}" if "acc" in m else f"MSE: {m['mse']:.4f}"

@@ -1,0 +1,82 @@
+"""Self-annealing diagnostics, TensorBoard event files and terminal-free logs."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import main
+from tests import fixtures
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    os.environ["SQVAE_NO_DOWNLOAD"] = "1"
+    argv = ["-c", "mnist_gauss_1.yaml", "--save", "--limit-batches", "60", "train.epoch_max",
+            "2", "log.every_steps", "10", "test.bs", "500", "path", str(root),
+            "path_dataset", SHARED_DATA]
+    assert main.run(argv) == 0
+    (specific,) = os.listdir(root)
+    (run,) = os.listdir(root / specific)
+    run_dir = root / specific / run
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return run_dir, records
+
+
+def test_diagnostics_at_every_interval(mnist_run):
+    _, records = mnist_run
+    steps = [r for r in records if r["split"] == "train_step"]
+    assert [r["step"] for r in steps] == list(range(10, 121, 10))
+    k = 128
+    for r in steps:
+        # sigma_q^2 = 1 + exp(s) starts at 11 (log_param_q_init = log 10) and stays positive.
+        assert 1.0 < r["param_q"] < 50 and r["param_q_min"] == r["param_q_max"]
+        assert 0 <= r["entropy"] <= math.log(k) + 1e-6
+        assert 1 <= r["codes_used"] <= k
+        assert r["param_x"] == pytest.approx(r["mse"] / 784, rel=1e-5)  # ARELBO's sigma_x^2
+        assert 0 < r["temperature"] <= 1
+
+
+def test_split_perplexity_comes_from_the_code_histogram(mnist_run):
+    _, records = mnist_run
+    test = [r for r in records if r["split"] == "test"][-1]
+    # exp(entropy) of a histogram over codes_used codes lies in [1, codes_used].
+    assert 1 <= test["perplexity_split"] <= test["codes_used"] <= 128
+    val = [r for r in records if r["split"] == "val"]
+    assert all("perplexity_split" in r and "codes_used" in r for r in val)
+
+
+def test_tensorboard_events_hold_the_expected_tags(mnist_run):
+    run_dir, _ = mnist_run
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("step/loss", "step/temperature", "step/lr", "step/param_q", "step/entropy",
+                "step/codes_used", "train/loss", "val/mse_pixel", "val/perplexity_split",
+                "test/loss", "test/perplexity"):
+        assert tag in scalars, tag
+    assert [e.step for e in events.Scalars("step/loss")] == list(range(10, 121, 10))
+    assert [e.step for e in events.Scalars("val/loss")] == [1, 2]
+    assert "reconstructions/current" in events.Tags()["images"]
+
+
+def test_no_progress_bar_characters_off_a_terminal(tmp_path):
+    fixtures.write_mnist(str(tmp_path / "data"), n_train=96, n_test=16)
+    env = dict(os.environ, SQVAE_NO_DOWNLOAD="1")
+    done = subprocess.run(
+        [sys.executable, "main.py", "-c", "mnist_gauss_1.yaml", "--save", "train.epoch_max",
+         "2", "train.bs", "8", "test.bs", "8", "log.every_steps", "2", "path",
+         str(tmp_path / "runs"), "path_dataset", str(tmp_path / "data")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    log = done.stdout + done.stderr
+    assert "\r" not in log and "\x1b" not in log
+    epoch_lines = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2  # one plain line per epoch
