@@ -14,6 +14,10 @@ JOBS.json is a list of jobs, run one after the other. Each job is a dict:
               {"kill_at_write": K, "log": P}   SIGKILL in the middle of the K-th file write
                                                (half the bytes in the temporary file, no
                                                rename); the path being written goes to P
+    copy_to optional: when the job has ended, copy its run folder (the "{run:ROOT}" of the
+            job's "root") to this path, so later jobs can change it and tests still see
+            what the job left
+    root    the ROOT of copy_to
 
 Each job runs in a child forked from this process (torch is imported once, before any
 torch work, so the children start warm). Prints the jobs' exit codes as a JSON list, as
@@ -22,6 +26,7 @@ subprocess reports them (-9 for SIGKILL).
 import glob
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -121,6 +126,8 @@ def run_jobs(jobs):
             child(job)
         _, status = os.waitpid(pid, 0)
         codes.append(os.waitstatus_to_exitcode(status))
+        if job.get("copy_to"):
+            shutil.copytree(resolve("{run:" + job["root"] + "}"), job["copy_to"])
     return codes
 
 
