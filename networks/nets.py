@@ -40,7 +40,8 @@ class LabelEncoder(Encoder):
 
     def prepare(self, x):
         labels = x.long().squeeze(1)
-        return F.one_hot(labels, self.num_channels).permute(0, 3, 1, 2).float()
+        weight = self.stem[0].weight  # follow the model's dtype (float32, or float64 in tests)
+        return F.one_hot(labels, self.num_channels).permute(0, 3, 1, 2).to(weight.dtype)
 
 
 class Decoder(nn.Module):

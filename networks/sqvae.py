@@ -8,6 +8,8 @@ of the code distribution per position), ``param_q`` / ``param_q_min`` /
 variance sigma_x^2, or kappa_d for vMF). Nothing is read back to the host, so a
 training step never synchronises.
 """
+import contextlib
+
 import torch
 from torch import nn
 
@@ -92,16 +94,19 @@ class SQVAE(nn.Module):
         return out
 
     def conv_precision(self, x):
-        return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp)
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, dtype=torch.bfloat16)
 
     def run_encoder(self, x):
+        dtype = self.codebook.dtype  # bf16 activations go back to the model's precision
         with self.conv_precision(x):
             z, log_var = self.encoder(x)
-        return z.float(), None if log_var is None else log_var.float()
+        return z.to(dtype), None if log_var is None else log_var.to(dtype)
 
     def run_decoder(self, z_q):
         with self.conv_precision(z_q):
-            return self.decoder(z_q).float()
+            return self.decoder(z_q).to(self.codebook.dtype)
 
     def forward(self, x, mode="train", codes=False):
         z, log_var = self.run_encoder(x)
