@@ -4,6 +4,7 @@ This file only parses flags and wires the pieces: configs -> data + networks -> 
 """
 import argparse
 import os
+import shlex
 import sys
 
 EPILOG = """examples:
@@ -39,6 +40,14 @@ def build_parser():
                         help="skip training; evaluate the best.pt of run folder RUN (a name "
                              "under path/path_specific, or a path) on the test split and "
                              "append the metrics to its metrics.jsonl")
+    parser.add_argument("--report", action="store_true",
+                        help="with -ts: also write report.png (training curves, codebook usage "
+                             "on the test split, test reconstructions) and its three panels "
+                             "report_{curves,codebook,reconstructions}.png into the run folder")
+    parser.add_argument("--encode", choices=("train", "val", "test"), metavar="SPLIT",
+                        help="with -ts: also write the deterministic code indices of the whole "
+                             "SPLIT (train, val or test; --limit-batches does not apply) to "
+                             "codes_SPLIT.npz in the run folder, e.g. to train a prior")
     parser.add_argument("--save", action="store_true",
                         help="write a run folder: config.yaml, best.pt, current.pt, "
                              "metrics.jsonl and reconstruction grids")
@@ -50,9 +59,9 @@ def build_parser():
     parser.add_argument("--gpu", metavar="IDS",
                         help="CUDA devices to make visible, e.g. 0 or 0,1 "
                              "(sets CUDA_VISIBLE_DEVICES)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=int, default=None,
                         help="random seed for initialisation, shuffling and sampling "
-                             "(default 0)")
+                             "(default 0; --resume uses the run's own)")
     parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N,mps}",
                         help="where to run; auto picks CUDA, then MPS, then the CPU "
                              "(default auto)")
@@ -119,18 +128,36 @@ def evaluate_run(args, cfg, device):
 
     from networks import build_model
     from trainer import Trainer, append_test_records, runs
+    from util import distributed as dist
     run_dir = runs.resolve_run_dir(cfg, args.timestamp, "-ts")
     run_cfg = runs.load_run_config(run_dir, args.opts)
     state = runs.load_checkpoint(os.path.join(run_dir, runs.BEST))
     model = build_model(run_cfg)
     runs.load_model_weights(model, state["model"], os.path.join(run_dir, runs.BEST))
     model.to(device)
-    loaders = make_loaders(run_cfg, device, args.seed, splits=("val", "test"))
+    loaders = make_loaders(run_cfg, device, args.seed or 0, splits=("val", "test"))
     trainer = Trainer(run_cfg, model, loaders, device, None, limit_batches=args.limit_batches,
                       dbg=True, segmentation=segmentation_for(run_cfg))
     records = trainer.test(state["epoch"], source="-ts")
     append_test_records(run_dir, records)
     print(json.dumps(records[-1]))
+    if (args.encode or args.report) and dist.is_main():
+        import data
+        from trainer import export, report
+
+        def whole_split(split):
+            # Every image once, in dataset order, whatever --limit-batches or torchrun say.
+            return data.build_loader(run_cfg, split, batch_size=run_cfg.test.bs, shuffle=False,
+                                     device=device)
+        test_codes = None
+        if args.encode:
+            codes = export.encode_split(model, whole_split(args.encode))
+            path = export.write_codes(run_dir, args.encode, codes, model)
+            print(f"codes of the {args.encode} split {codes.shape}: {path}")
+            test_codes = codes if args.encode == "test" else None
+        if args.report:
+            written = report.write_report(run_dir, run_cfg, model, whole_split("test"), test_codes)
+            print(f"report: {written['report']['path']}")
     return 0
 
 
@@ -144,34 +171,37 @@ def train(args, cfg, device):
     from util.rng import seed_everything
 
     resume_state, run_dir = None, None
+    seed, limit = (0 if args.seed is None else args.seed), args.limit_batches
     if args.resume:
         run_dir = runs.resolve_run_dir(cfg, args.resume, "--resume")
         run_cfg = runs.load_run_config(run_dir, args.opts)
         runs.check_same_experiment(run_cfg, cfg, run_dir, args.config_file)
         cfg = run_cfg
         resume_state = runs.load_checkpoint(os.path.join(run_dir, runs.CURRENT))
+        # The seed and epoch length are part of the run: an exact resume needs the same.
+        seed, limit = runs.resume_launch(resume_state, args.seed, args.limit_batches)
     elif args.save:
         problem = check_writable(cfg.path_checkpoint)
         if problem:
             raise runs.RunError(f"{problem}; set a writable `path` (override or "
                                 "SQVAE_CHECKPOINTS) before training")
 
-    seed_everything(args.seed)
+    seed_everything(seed)
     model = build_model(cfg).to(device)
     if dist.world_size() > 1:
         # Same initial weights everywhere, but each process draws its own Gumbel noise.
-        torch.manual_seed(args.seed + dist.rank())
-    loaders = make_loaders(cfg, device, args.seed)
+        torch.manual_seed(seed + dist.rank())
+    loaders = make_loaders(cfg, device, seed)
     if args.save and run_dir is None:
         run_dir = dist.broadcast_object(
-            runs.create_run_dir(cfg, args.seed) if dist.is_main() else None)
+            runs.create_run_dir(cfg, seed) if dist.is_main() else None)
         if dist.is_main():
             print(f"run folder: {run_dir}")
-    resume = f"python main.py -c {args.config_file} --resume {run_dir}"
-    if args.seed:
-        resume += f" --seed {args.seed}"
-    trainer = Trainer(cfg, model, loaders, device, run_dir, limit_batches=args.limit_batches,
-                      dbg=args.dbg, segmentation=segmentation_for(cfg), resume_command=resume)
+    resume = shlex.join(["python", "main.py", "-c", args.config_file,
+                         "--resume", str(run_dir)])
+    trainer = Trainer(cfg, model, loaders, device, run_dir, limit_batches=limit,
+                      dbg=args.dbg, segmentation=segmentation_for(cfg), resume_command=resume,
+                      launch={"seed": seed, "limit_batches": limit})
     if resume_state is not None:
         trainer.load_state_dict(resume_state, os.path.join(run_dir, runs.CURRENT))
         trainer.log(f"resuming {run_dir} at epoch {trainer.epoch}, step {trainer.step}")
@@ -208,6 +238,10 @@ def run(argv=None):
         return 2
     if args.limit_batches is not None and args.limit_batches < 1:
         print("error: --limit-batches needs a positive number", file=sys.stderr)
+        return 2
+    if (args.report or args.encode) and not args.timestamp:
+        flag = "--report" if args.report else "--encode"
+        print(f"error: {flag} works on a saved run: add -ts RUN", file=sys.stderr)
         return 2
     try:
         cfg = load_config(args.config_file, args.opts)

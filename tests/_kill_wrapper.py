@@ -11,9 +11,11 @@ JOBS.json is a list of jobs, run one after the other. Each job is a dict:
     fault   optional, one of
               {"kill_at_step": N}              SIGKILL right after training step N
               {"signal_at_step": N, "signal": "SIGTERM"}   send a signal to itself there
-              {"kill_at_write": K, "log": P}   SIGKILL in the middle of the K-th file write
-                                               (half the bytes in the temporary file, no
-                                               rename); the path being written goes to P
+              {"kill_at_write": K, "log": P}   SIGKILL half-way through the K-th call of
+                                               util.io.atomic_write_bytes: its first write
+                                               to a file gets half the bytes, then the
+                                               process dies; P gets {"path": the path
+                                               being written, "cut": true}
     copy_to optional: when the job has ended, copy its run folder (the "{run:ROOT}" of the
             job's "root") to this path, so later jobs can change it and tests still see
             what the job left
@@ -23,20 +25,20 @@ Each job runs in a child forked from this process (torch is imported once, befor
 torch work, so the children start warm). Prints the jobs' exit codes as a JSON list, as
 subprocess reports them (-9 for SIGKILL).
 """
+import builtins
 import glob
 import json
 import os
 import shutil
 import signal
 import sys
-import tempfile
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import main  # noqa: E402
-import trainer.images  # noqa: E402
+import trainer.images  # noqa: E402,F401  (imports atomic_write_bytes by name)
 import trainer.loop  # noqa: E402
 import util.io  # noqa: E402
 
@@ -52,27 +54,63 @@ def _after_step(n, action):
     trainer.loop.Trainer.track_finite = track_finite
 
 
-def _kill_at_write(k, log):
-    original = util.io.atomic_write_bytes
-    count = [0]
+class _CutShort:
+    """A writable file whose first write puts half the bytes on disk, then calls `die`."""
 
-    def atomic_write_bytes(path, data):
-        count[0] += 1
-        if count[0] < k:
-            return original(path, data)
-        with open(log, "w") as f:
-            f.write(os.path.abspath(path))
-        folder, name = os.path.split(os.path.abspath(path))
-        fd, _ = tempfile.mkstemp(prefix="." + name + ".", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data[:len(data) // 2])
-            f.flush()
-            os.fsync(f.fileno())
+    def __init__(self, file, die):
+        self._file, self._die = file, die
+
+    def write(self, data):
+        self._file.write(data[:len(data) // 2])
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._die()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._file.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+def _kill_at_write(k, log):
+    """The k-th call of util.io.atomic_write_bytes runs for real, but the first file it
+    opens for writing (whatever its name) gets half the bytes before SIGKILL."""
+    original = util.io.atomic_write_bytes
+    real_open, real_fdopen = builtins.open, os.fdopen
+    state = {"count": 0, "armed": False, "path": None}
+
+    def die(cut):
+        with real_open(log, "w") as f:
+            json.dump({"path": os.path.abspath(state["path"]), "cut": cut}, f)
         os.kill(os.getpid(), signal.SIGKILL)
 
+    def opener(real):
+        def open_(*args, **kwargs):
+            file = real(*args, **kwargs)
+            mode = args[1] if len(args) > 1 else kwargs.get("mode", "r")
+            if state["armed"] and any(c in mode for c in "wax+"):
+                return _CutShort(file, lambda: die(cut=True))
+            return file
+        return open_
+
+    def atomic_write_bytes(path, data):
+        state["count"] += 1
+        if state["count"] != k:
+            return original(path, data)
+        state["armed"], state["path"] = True, path
+        original(path, data)
+        die(cut=False)  # only if nothing was written through a Python file object
+
+    builtins.open = opener(real_open)
+    os.fdopen = opener(real_fdopen)
     # Modules that imported the function by name hold their own reference.
-    util.io.atomic_write_bytes = atomic_write_bytes
-    trainer.images.atomic_write_bytes = atomic_write_bytes
+    for module in list(sys.modules.values()):
+        if getattr(module, "atomic_write_bytes", None) is original:
+            module.atomic_write_bytes = atomic_write_bytes
 
 
 def install(fault):

@@ -47,12 +47,12 @@ def train_argv(root, data, *, epochs=3, ckpt=3, seed=SEED, net=SMALL_NET, flags=
             "train.ckpt_every_steps", str(ckpt), "path", str(root), "path_dataset", str(data)]
 
 
-def resume_argv(root, *, seed=SEED, by_name=False):
-    if by_name:
-        return ["-c", CONFIG, "--resume", f"{{runname:{root}}}", "--seed", seed,
-                "--limit-batches", str(STEPS), *SMALL_NET, "path", str(root)]
-    return ["-c", CONFIG, "--resume", f"{{run:{root}}}", "--seed", seed,
-            "--limit-batches", str(STEPS), *SMALL_NET]
+def resume_argv(root, *, seed=SEED, by_name=False, steps=STEPS):
+    """--resume with the run's flags and network overrides ("{run:ROOT}": see the wrapper);
+    seed None leaves --seed out."""
+    run = f"{{runname:{root}}}" if by_name else f"{{run:{root}}}"
+    return ["-c", CONFIG, "--resume", run, *(["--seed", seed] if seed else []),
+            "--limit-batches", str(steps), *SMALL_NET, *(["path", str(root)] if by_name else [])]
 
 
 class Outcome:
@@ -183,10 +183,16 @@ def runs(tmp_path_factory, data):
     # Interrupted and left for the printed-command tests.
     for name in ("printed_as_is", "printed_with_overrides"):
         jobs.append(job(name, name, train(name), {"signal_at_step": 7, "signal": "SIGTERM"}))
+    # A run folder whose path holds a space.
+    jobs.append(job("spaced", "with space", train("with space", epochs=1),
+                    {"signal_at_step": 2, "signal": "SIGTERM"}))
+    # Stopped at batch 4 of epoch 2, resumed with fewer batches per epoch than that.
+    jobs += [job("shorter", "shorter", train("shorter"),
+                 {"signal_at_step": 9, "signal": "SIGTERM"}),
+             job("shorter_resumed", "shorter", resume("shorter", steps=2))]
     # Resumed without --seed, as the --help text of --resume suggests is enough.
     jobs += [job("no_seed", "no_seed", train("no_seed"), {"kill_at_step": 7}),
-             job("no_seed_resumed", "no_seed",
-                 [a for a in resume("no_seed") if a not in ("--seed", SEED)])]
+             job("no_seed_resumed", "no_seed", resume("no_seed", seed=None))]
     # --deterministic given explicitly; another seed.
     jobs += [job("deterministic", "deterministic",
                  train("deterministic", epochs=1, flags=["--deterministic"])),
@@ -205,8 +211,8 @@ def runs(tmp_path_factory, data):
     out = run_jobs(folder, jobs)
     _, err = fresh.communicate(timeout=600)
     out["fresh"] = (fresh.returncode, err, folder / "fresh")
-    out["writes"] = {k: (folder / f"w{k}_left", Path((folder / f"w{k}.log").read_text()))
-                     for k in WRITES}
+    out["writes"] = {k: (folder / f"w{k}_left",
+                         json.loads((folder / f"w{k}.log").read_text())) for k in WRITES}
     return out
 
 
@@ -258,16 +264,19 @@ def test_history_best_and_temperature_continue_across_a_resume(runs):
     assert best["val_loss"] == current["best_loss"] == val[best_epoch]
 
 
-@pytest.mark.parametrize("name, code, stopped", [("sigterm", 143, "step 10, epoch 2"),
-                                                 ("sigint", 130, "step 7, epoch 2")])
-def test_signal_at_a_step_then_resume_gives_bitwise_the_same_run(runs, name, code, stopped):
+@pytest.mark.parametrize("name, code, epoch, step", [("sigterm", 143, 2, 10),
+                                                     ("sigint", 130, 2, 7)])
+def test_signal_at_a_step_then_resume_gives_bitwise_the_same_run(runs, name, code, epoch,
+                                                                 step):
     """SIGTERM at the last step of an epoch, SIGINT mid-epoch."""
     stop, resumed = runs[name], runs[name + "_resumed"]
     assert stop.code == code
     line = stop.stderr.strip()
-    assert "\n" not in line and stopped in line and "Traceback" not in line
-    assert f"--resume {stop.run_dir.as_posix().rstrip('/')}" in line
+    assert "\n" not in line and "Traceback" not in line
+    assert f"step {step}, epoch {epoch}" in line
+    assert f"--resume {str(stop.run_dir).rstrip('/')}" in line
     assert resumed.code == 0, resumed.stderr
+    assert f"at epoch {epoch}, step {step}" in resumed.stdout  # from where it stopped
     assert_same_run(resumed.run_dir, runs["reference"].run_dir)
 
 
@@ -297,8 +306,6 @@ def test_deterministic_is_the_default_on_the_cpu(tmp_path):
         torch.use_deterministic_algorithms(before)
 
 
-@pytest.mark.xfail(strict=True, reason="the seed is not stored in the run: --resume without "
-                   "--seed shuffles with seed 0 (main.train builds the loaders with args.seed)")
 def test_resume_without_seed_flag_uses_the_runs_own_seed(runs):
     assert runs["no_seed"].code == -signal.SIGKILL
     resumed = runs["no_seed_resumed"]
@@ -323,17 +330,11 @@ def printed(runs):
             for name, proc in procs.items()}
 
 
-@pytest.mark.xfail(strict=True, reason="the printed resume command omits the run's config "
-                   "overrides, and runs.check_same_experiment compares the saved config "
-                   "with the experiment file, so a run with network overrides is refused "
-                   "as 'a different experiment'")
 def test_printed_command_resumes_a_run_with_overridden_network(printed):
     code, stderr, _ = printed["printed_as_is"]
     assert code == 0, stderr
 
 
-@pytest.mark.xfail(strict=True, reason="the printed resume command omits --limit-batches, "
-                   "so the resumed run trains full epochs and its step count jumps")
 def test_printed_command_keeps_the_runs_epoch_length(printed):
     code, stderr, folder = printed["printed_with_overrides"]
     assert code == 0, stderr
@@ -342,6 +343,22 @@ def test_printed_command_keeps_the_runs_epoch_length(printed):
 
 
 ASYNC_STEPS = 4  # 30 training images in batches of 8
+
+
+def test_printed_command_quotes_the_run_folder(runs):
+    stop = runs["spaced"]
+    assert stop.code == 143 and " " in str(stop.run_dir)
+    command = printed_command(stop.stderr)
+    assert command[command.index("--resume") + 1] == str(stop.run_dir).rstrip("/")
+
+
+def test_resume_with_fewer_batches_than_already_done_is_no_traceback(runs):
+    assert runs["shorter"].code == 143
+    resumed = runs["shorter_resumed"]
+    assert "Traceback" not in resumed.stderr, resumed.stderr[-2000:]
+    assert resumed.code in (0, 2)
+    if resumed.code == 2:
+        assert "--limit-batches" in one_error_line(resumed.stderr)
 
 
 def async_argv(root, data):
@@ -396,19 +413,20 @@ def signalled(tmp_path_factory):
     return result
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["SIGINT", "SIGTERM"])
 def test_signal_from_outside_stops_with_a_working_resume_command(signalled, sig, code):
     r = signalled[sig]
     assert r["code"] == code, r["stderr"]
     lines = r["stderr"].strip().splitlines()
     assert "Traceback" not in r["stderr"] and len(lines) == 1, r["stderr"]
-    assert sig.name in lines[0] and f"step {r['step']}" in lines[0]
+    assert sig.name in lines[0] and f"step {r['step']}, epoch {r['epoch']}" in lines[0]
     command = r["command"]
     assert command[command.index("--resume") + 1] == str(r["run_dir"]).rstrip("/")
     assert r["step"] >= 2  # stopped mid-training, after at least one checkpoint
     # The printed command (with a smaller epoch_max) continues and finishes the run.
     assert r["resume_code"] == 0, r["resume_stderr"]
-    assert f"step {r['step']}" in r["resume_stdout"]
+    assert f"at epoch {r['epoch']}, step {r['step']}" in r["resume_stdout"]
     records = metrics(r["run_dir"])
     train = [x for x in records if x["split"] == "train"]
     assert [x["epoch"] for x in train] == list(range(1, r["epoch"] + 1))
@@ -422,10 +440,12 @@ def test_signal_from_outside_stops_with_a_working_resume_command(signalled, sig,
 @pytest.mark.parametrize("k", WRITES)
 def test_kill_while_writing_leaves_only_whole_files(runs, k):
     assert runs[f"w{k}"].code == -signal.SIGKILL
-    left, written = runs["writes"][k]
-    # The write that was cut short was one of the run folder's files; under its final
-    # name it must be absent or an older whole version, like every other file.
-    assert written.parent.resolve() == runs[f"w{k}"].run_dir.resolve()
+    left, write = runs["writes"][k]
+    # The write that was cut short (half its bytes on disk) was one of the run folder's
+    # files; under its final name it must be absent or an older whole version, like
+    # every other file.
+    assert write["cut"]
+    assert Path(write["path"]).parent.resolve() == runs[f"w{k}"].run_dir.resolve()
     for name in ("best.pt", "current.pt"):
         if (left / name).exists():
             state = load(left / name)
@@ -444,7 +464,7 @@ def test_kill_while_writing_leaves_only_whole_files(runs, k):
 
 
 def test_kills_while_writing_hit_every_kind_of_file(runs):
-    names = {written.name for _, written in runs["writes"].values()}
+    names = {Path(write["path"]).name for _, write in runs["writes"].values()}
     assert {"config.yaml", "current.pt", "best.pt", "metrics.jsonl",
             "reconstructions_best.png", "reconstructions_current.png"} <= names
 

@@ -171,7 +171,7 @@ class Trainer:
     """Owns the model, optimizer, scheduler, loaders and (optionally) a run folder."""
 
     def __init__(self, cfg, model, loaders, device, run_dir=None, *, limit_batches=None,
-                 dbg=False, log=print, segmentation=None, resume_command=None):
+                 dbg=False, log=print, segmentation=None, resume_command=None, launch=None):
         self.cfg, self.loaders, self.device = cfg, loaders, device
         self.run_dir, self.limit, self.dbg = run_dir, limit_batches, dbg
         # Every process computes; only the main one writes files and prints.
@@ -179,6 +179,7 @@ class Trainer:
         self.log = log if self.is_main else (lambda *_: None)
         self.segmentation = segmentation
         self.resume_command = resume_command
+        self.launch = launch or {"seed": 0, "limit_batches": limit_batches}
         model.amp = cfg.train.amp
         if dist.active() and cfg.train.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -233,6 +234,7 @@ class Trainer:
             # Under torchrun every process draws its own Gumbel noise: keep all their states.
             "rng_ranks": dist.gather_objects(get_rng_state()),
             "config": config_to_yaml(self.cfg),
+            "launch": self.launch,
         }
 
     def load_state_dict(self, state, path):
@@ -316,6 +318,10 @@ class Trainer:
         loader = self.loaders["train"]
         loader.set_epoch(self.epoch)
         n_batches = self.batches("train")
+        if self.batch > n_batches:
+            raise runs.RunError(f"the checkpoint stopped at batch {self.batch} of epoch "
+                                f"{self.epoch}, but epochs now have {n_batches} batches; "
+                                "resume with the run's own dataset and --limit-batches")
         every_ckpt = cfg.train.ckpt_every_steps
         every_log = max(1, cfg.log.every_steps)
         model.train()

@@ -63,9 +63,9 @@ def load_run_config(run_dir, opts=None):
         raise RunError(f"{path}: {e}") from None
 
 
-# Keys that fix what a run *is*; a resume must not change them.
+# Keys that tell experiment files apart; a resume under another file is refused. (Sizes such
+# as num_rb may have been overridden at the start and live in the run's own config.)
 IDENTITY_KEYS = ("dataset.name", "model.name", "model.param_var_q", "network.name",
-                 "network.num_rb", "quantization.size_dict", "quantization.dim_dict",
                  "path_specific")
 
 
@@ -83,6 +83,21 @@ def check_same_experiment(run_cfg, cfg, run_dir, config_name):
             f"--resume {run_dir}: that run was trained with a different experiment "
             f"({k} = {_get(run_cfg, k)!r}, but {config_name} has {_get(cfg, k)!r}); "
             "pass the experiment file the run was started with")
+
+
+def resume_launch(state, seed, limit_batches):
+    """The run's own seed and --limit-batches; explicit flags must agree with them, since
+    either would change the data order or the epoch length of an exact resume."""
+    launch = state.get("launch", {"seed": 0, "limit_batches": None})
+    if seed is not None and seed != launch["seed"]:
+        raise RunError(f"--resume: this run was started with --seed {launch['seed']}; "
+                       "drop --seed (a resume always uses the run's own seed)")
+    if limit_batches is not None and limit_batches != launch["limit_batches"]:
+        was = launch["limit_batches"]
+        raise RunError(f"--resume: this run was started with "
+                       f"{f'--limit-batches {was}' if was else 'full epochs'}; drop "
+                       "--limit-batches (a resume keeps the run's epoch length)")
+    return launch["seed"], launch["limit_batches"]
 
 
 def save_checkpoint(path, state):

@@ -1,0 +1,118 @@
+"""``main.py -ts RUN --report``: a one-page picture of a trained run.
+
+Gathers the data (metrics.jsonl, the best.pt model, the test split) and hands it to the
+plotting functions of ``util/report.py``; writes ``report.png`` and its three panels
+``report_curves.png``, ``report_codebook.png`` and ``report_reconstructions.png`` into the
+run folder, atomically.
+
+* curves: loss, reconstruction quality, perplexity, sigma_q^2 or kappa_q, code entropy and
+  codes in use against the step. The training line is the ``train_step`` records (means over
+  ``log.every_steps`` steps) where the run logged them, else the per-epoch ``train`` records;
+  the deterministic validation (``val``) of each epoch is drawn as markers.
+* codebook: the usage histogram of the deterministic codes over the whole test split.
+* reconstructions: the first test images above their deterministic reconstructions.
+"""
+import os
+
+import torch
+
+from util import report as plots
+from util.codes import code_usage
+from util.io import atomic_write_bytes, read_jsonl
+
+from . import export, runs
+from .images import to_display
+
+NAMES = ("report", "report_curves", "report_codebook", "report_reconstructions")
+RECONSTRUCTIONS = 16
+
+
+def training_records(records):
+    """(train records, their legend label, val records) of the run's latest training."""
+    steps = [r for r in records if r.get("split") == "train_step"]
+    if steps:
+        every = {b["step"] - a["step"] for a, b in zip(steps, steps[1:])}
+        label = "train (interval means)"
+        if len(every) == 1:
+            n = every.pop()
+            label = "train (every step)" if n == 1 else f"train (mean over {n} steps)"
+        train = steps
+    else:
+        train = [r for r in records if r.get("split") == "train"]
+        label = "train (epoch mean)"
+    return train, label, [r for r in records if r.get("split") == "val"]
+
+
+@torch.no_grad()
+def reconstruction_arrays(model, loader, n=RECONSTRUCTIONS):
+    """The first `n` images of `loader` and their deterministic reconstructions as N x H x W x C
+    arrays in [0, 1] (label maps coloured), and a caption with their error."""
+    model.eval()
+    images, count = [], 0
+    for x, _ in loader:
+        images.append(x)
+        count += len(x)
+        if count >= n:
+            break
+    x = torch.cat(images)[:n]
+    x_hat, _ = model(x, "deterministic")
+    top, bottom = to_display(x, x_hat)
+    if torch.is_floating_point(x) and x_hat.shape[1] == x.shape[1]:
+        caption = f"MSE per pixel {float(((x_hat.clamp(0, 1) - x) ** 2).mean()):.4f}"
+    else:
+        correct = x_hat.argmax(1) == x.reshape(x_hat[:, 0].shape)
+        caption = f"pixel accuracy {float(correct.float().mean()):.3f}"
+    as_hwc = (lambda t: t.permute(0, 2, 3, 1).float().cpu().numpy())
+    return as_hwc(top), as_hwc(bottom), caption
+
+
+def _fmt(record, key, spec):
+    value = record.get(key)
+    return None if not isinstance(value, (int, float)) else format(value, spec)
+
+
+def report_title(run_dir, cfg, train, records):
+    """One line naming the run and its experiment, and one with the latest test result."""
+    name = os.path.join(os.path.basename(os.path.dirname(run_dir)), os.path.basename(run_dir))
+    last = train[-1] if train else {}
+    head = (f"{name}: {cfg.model.name} {cfg.model.param_var_q}, {cfg.dataset.name}, "
+            f"K = {cfg.quantization.size_dict}, D = {cfg.quantization.dim_dict}"
+            + (f", {last.get('step')} steps ({last.get('epoch')} epochs)" if last else ""))
+    tests = [r for r in records if r.get("split") == "test"]
+    if not tests:
+        return head
+    test = tests[-1]
+    parts = [("MSE/pixel", "mse_pixel", ".5f"), ("PSNR", "psnr", ".2f"), ("acc", "acc", ".4f"),
+             ("mIoU", "miou", ".4f"), ("perplexity (split)", "perplexity_split", ".1f"),
+             ("codes in use", "codes_used", "d")]
+    shown = [f"{label} {text}" + (" dB" if key == "psnr" else "")
+             for label, key, spec in parts if (text := _fmt(test, key, spec)) is not None]
+    return head + f"\ntest (best.pt, epoch {test.get('epoch')}): " + ", ".join(shown)
+
+
+def write_report(run_dir, cfg, model, test_loader, test_codes=None):
+    """Write report.png and its panels into `run_dir`; returns {name: {"path", "titles"}}.
+
+    `test_codes` (N x H x W) are the deterministic codes of the whole test split when the
+    caller already has them (``--encode test``); otherwise they are computed here."""
+    records = read_jsonl(os.path.join(run_dir, runs.METRICS_FILE))
+    train, train_label, val = training_records(records)
+    if test_codes is None:
+        test_codes = export.encode_split(model, test_loader)
+    size = cfg.quantization.size_dict
+    originals, recons, caption = reconstruction_arrays(model, test_loader)
+    figures = plots.report_figures(
+        curves=dict(train=train, val=val, quality="acc" if export.is_label_model(cfg)
+                    else "mse_pixel", param_var_q=cfg.model.param_var_q, num_codes=size,
+                    train_label=train_label),
+        codebook=dict(counts=code_usage(test_codes, size)["counts"], split="test"),
+        reconstructions=dict(originals=originals, reconstructions=recons,
+                             caption=caption),
+        title=report_title(run_dir, cfg, train, records))
+    written = {}
+    for name in NAMES:
+        fig, titles = figures[name]
+        path = os.path.join(run_dir, f"{name}.png")
+        atomic_write_bytes(path, plots.png_bytes(fig))
+        written[name] = {"path": path, "titles": titles}
+    return written
