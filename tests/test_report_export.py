@@ -1,0 +1,193 @@
+"""-ts RUN --report and --encode: the report figures, and codes that decode exactly."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main
+from configs import config_to_yaml, load_config
+from trainer import export, report
+from trainer.runs import RunError
+from util import report as plots
+from util.codes import CodesError, load_codes, pack_codes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
+PANELS = ("report", "report_curves", "report_codebook", "report_reconstructions")
+CURVE_TITLES = ["Loss", "Reconstruction MSE per pixel", "Code perplexity (per batch)",
+                r"Quantizer variance $\sigma^2_q$ (variant I)",
+                "Entropy of the code distribution", "Codes in use"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on two cores shared with other jobs, two threads spend most of
+    their time waiting for each other (measured: 2-10 times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reported_run(tmp_path_factory, one_thread):
+    """A tiny real-MNIST run, then one `-ts RUN --report --encode test` (one call: the report
+    reuses the test codes, which saves a pass over the test split). The -ts evaluation is cut
+    to one batch; --encode and the report's codebook must still cover the whole split.
+    Yields the run folder and what write_report returned (file paths, axes titles)."""
+    root = tmp_path_factory.mktemp("runs")
+    written = {}
+    original = report.write_report
+
+    def capture(*args, **kwargs):
+        written.update(original(*args, **kwargs))
+        return written
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SQVAE_NO_DOWNLOAD", "1")
+        # 10 steps logged every 2, validation on 250 images: seconds on one CPU core.
+        assert main.run(["-c", "mnist_gauss_1.yaml", "--save", "--limit-batches", "5",
+                         "train.epoch_max", "2", "train.bs", "16", "log.every_steps", "2",
+                         "test.bs", "50", "path", str(root), "path_dataset", SHARED_DATA]) == 0
+        (specific,) = os.listdir(root)
+        (name,) = os.listdir(root / specific)
+        run_dir = str(root / specific / name)
+        mp.setattr(report, "write_report", capture)
+        assert main.run(["-c", "mnist_gauss_1.yaml", "-ts", run_dir, "--report", "--encode",
+                         "test", "--limit-batches", "1", "test.bs", "1000",
+                         "path_dataset", SHARED_DATA]) == 0
+        yield run_dir, written
+
+
+def test_report_writes_the_figure_and_its_three_panels(reported_run):
+    run_dir, written = reported_run
+    for name in PANELS:
+        path = os.path.join(run_dir, f"{name}.png")
+        assert os.path.getsize(path) > 10_000, name
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            width, height = image.size
+            assert 600 <= width <= 2500 and 300 <= height <= 2500, (name, image.size)
+    assert not [f for f in os.listdir(run_dir) if f.endswith(".tmp")]
+
+    assert written["report_curves"]["titles"] == CURVE_TITLES
+    (codebook,) = written["report_codebook"]["titles"]
+    # The histogram covers all 10,000 test images (7 x 7 positions each), not the one
+    # batch the -ts evaluation was limited to.
+    assert "Codebook usage on the test split (490,000 positions)" in codebook
+    assert "of K = 128" in codebook and "codes in use" in codebook
+    (recon,) = written["report_reconstructions"]["titles"]
+    assert recon.startswith("First 16 test images") and "MSE per pixel" in recon
+    assert written["report"]["titles"] == CURVE_TITLES + [codebook, recon]
+
+
+def test_report_draws_train_step_lines_and_val_markers(reported_run):
+    run_dir, _ = reported_run
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    train, label, val = report.training_records(records)
+    assert [r["step"] for r in train] == [2, 4, 6, 8, 10]
+    assert label == "train (mean over 2 steps)"
+    assert [r["step"] for r in val] == [5, 10]
+
+
+def test_curves_fall_back_to_epoch_records_and_label_the_quantizer():
+    records = [{"split": "train", "epoch": e, "step": 100 * e, "loss": 10.0 / e,
+                "mse_pixel": 0.1 / e ** 2, "perplexity": 50.0, "entropy": 3.0,
+                "param_q": 10.0 ** (1 - e), "param_q_min": 10.0 ** (-e),
+                "param_q_max": 10.0 ** (2 - e)} for e in (1, 2, 3)]
+    records += [dict(r, split="val") for r in records]
+    train, label, val = report.training_records(records)
+    assert label == "train (epoch mean)" and len(train) == len(val) == 3
+
+    fig = plots.new_figure(12, 6)
+    titles = plots.draw_curves(fig, train, val, param_var_q="gaussian_3", num_codes=512,
+                               train_label=label)
+    # No record holds codes_used, so that panel is left out.
+    assert titles == CURVE_TITLES[:3] + [r"Quantizer variance $\sigma^2_q$ (variant III)",
+                                         CURVE_TITLES[4]]
+    param_axis = fig.axes[3]
+    assert param_axis.get_yscale() == "log" and param_axis.collections  # the min-max band
+    assert fig.axes[0].get_yscale() == "linear"
+
+    fig = plots.new_figure(12, 6)
+    vmf = [dict(r, acc=0.5 + 0.1 * r["epoch"]) for r in train]
+    titles = plots.draw_curves(fig, vmf, [], quality="acc", param_var_q="vmf", num_codes=64)
+    assert "Reconstruction accuracy" in titles and r"Quantizer concentration $\kappa_q$ (vMF)" \
+        in titles
+
+
+def test_encoded_codes_decode_to_the_deterministic_reconstructions(reported_run):
+    run_dir, _ = reported_run
+    path = os.path.join(run_dir, "codes_test.npz")
+    saved = load_codes(path)
+    codes = saved["codes"]
+    assert codes.dtype == np.uint16 and codes.shape == (10_000, 7, 7)
+    cfg, model = export.load_run_model(run_dir)
+    assert saved["config_hash"] == hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()
+    assert np.array_equal(saved["codebook"], model.code_vectors().detach().numpy())
+    assert saved["codebook"].dtype == np.float32 and saved["codebook"].shape == (128, 64)
+
+    decoded = export.decode_codes(run_dir, path, batch_size=1000)
+    assert decoded.dtype == torch.float32 and decoded.shape == (10_000, 1, 28, 28)
+    # The same best.pt run forward in eval mode, deterministic quantization, on the test
+    # images in dataset order. The first 2,000 keep the test quick; decoding is per image.
+    import data
+    loader = data.build_loader(cfg, "test", batch_size=1000, shuffle=False)
+    batches = iter(loader)
+    model.eval()
+    with torch.no_grad():
+        for start in (0, 1000):
+            x, _ = next(batches)
+            x_hat, _ = model(x, "deterministic")
+            assert torch.equal(decoded[start:start + 1000], x_hat)
+            assert np.array_equal(model.encode(x).numpy(), codes[start:start + 1000])
+
+
+def test_codes_files_round_trip_and_refuse_bad_input(reported_run, tmp_path):
+    run_dir, _ = reported_run
+    saved = load_codes(os.path.join(run_dir, "codes_test.npz"))
+    copy = tmp_path / "copy.npz"
+    copy.write_bytes(pack_codes(saved["codes"], saved["codebook"], saved["config_hash"]))
+    again = load_codes(str(copy))
+    assert again["config_hash"] == saved["config_hash"]
+    assert all(np.array_equal(again[k], saved[k]) and again[k].dtype == saved[k].dtype
+               for k in ("codes", "codebook"))
+
+    tampered = tmp_path / "tampered.npz"
+    tampered.write_bytes(pack_codes(saved["codes"], saved["codebook"], "0" * 64))
+    with pytest.raises(RunError, match="another config"):
+        export.decode_codes(run_dir, str(tampered))
+
+    with pytest.raises(CodesError, match="does not exist"):
+        load_codes(str(tmp_path / "missing.npz"))
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(copy.read_bytes()[:1000])
+    with pytest.raises(CodesError, match="corrupt or truncated"):
+        load_codes(str(corrupt))
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, codes=np.array([{"a": 1}], dtype=object), codebook=saved["codebook"],
+             config_hash=np.array("x"))
+    with pytest.raises(CodesError, match="pickled"):
+        load_codes(str(pickled))
+
+
+@pytest.mark.parametrize("flags", [["--report"], ["--encode", "test"]])
+def test_report_and_encode_need_a_run(flags, capsys):
+    assert main.run(["-c", "mnist_gauss_1.yaml", *flags]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "-ts RUN" in err
+
+
+def test_config_hash_ignores_command_line_overrides(reported_run):
+    run_dir, _ = reported_run
+    path = os.path.join(run_dir, "config.yaml")
+    assert export.run_config_hash(run_dir) == export.config_hash(load_config(path))
+    assert export.config_hash(load_config(path, ["path_dataset", "/elsewhere"])) \
+        != export.run_config_hash(run_dir)

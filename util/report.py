@@ -1,0 +1,237 @@
+"""Figures of a run report, drawn from plain data (metric records, arrays).
+
+Every ``draw_*`` function draws into a matplotlib Figure or SubFigure and returns the
+titles of the axes it made, so the same code fills the separate panels and the combined
+``report.png``, and a caller can check which panels were drawn.
+
+Figures are ``matplotlib.figure.Figure`` objects rendered by the Agg canvas directly: no
+pyplot, so nothing needs a display, no global figure registry grows when many runs are
+reported from one process, and an interactive session that imports this module keeps
+its own backend.
+"""
+import io
+import math
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+TRAIN_COLOR, VAL_COLOR, REF_COLOR = "tab:blue", "tab:orange", "0.45"
+DPI = 100
+ROMAN = {"gaussian_1": "I", "gaussian_2": "II", "gaussian_3": "III", "gaussian_4": "IV"}
+
+
+def new_figure(width, height):
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png_bytes(fig):
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, facecolor="white")
+    return buffer.getvalue()
+
+
+def _column(records, key):
+    """(steps, values) of the records that hold a finite `key`."""
+    points = [(r["step"], r[key]) for r in records
+              if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+              and isinstance(r.get("step"), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _spans_decades(values, factor=10.0):
+    """Whether a log axis reads better: all values positive and at least `factor` apart (on
+    a narrower range a log axis only adds awkward tick labels)."""
+    positive = [v for v in values if v > 0]
+    return bool(positive) and len(positive) == len(values) \
+        and max(positive) / min(positive) >= factor
+
+
+def quantizer_label(param_var_q):
+    """Axis label and title of the quantizer parameter panel for model.param_var_q."""
+    if param_var_q == "vmf":
+        return r"$\kappa_q$", r"Quantizer concentration $\kappa_q$ (vMF)"
+    variant = ROMAN.get(param_var_q, param_var_q)
+    return r"$\sigma^2_q$", rf"Quantizer variance $\sigma^2_q$ (variant {variant})"
+
+
+def curve_panels(quality, param_var_q, num_codes, band):
+    """The panels of the training-curve figure: (key, title, y label, log scale, reference
+    line as (value, label) or None, draw the min-max band). Log scale None means: where the
+    values span a decade or more."""
+    param_axis, param_title = quantizer_label(param_var_q)
+    if quality == "acc":
+        quality_panel = ("acc", "Reconstruction accuracy", "pixel accuracy", False, None, False)
+    else:
+        quality_panel = ("mse_pixel", "Reconstruction MSE per pixel", "MSE per pixel", None,
+                         None, False)
+    return [
+        ("loss", "Loss", "loss per image", False, None, False),
+        quality_panel,
+        ("perplexity", "Code perplexity (per batch)", "perplexity", None,
+         (num_codes, f"K = {num_codes}"), False),
+        ("param_q", param_title, param_axis + (" (mean, min–max band)" if band else ""), None,
+         None, band),
+        ("entropy", "Entropy of the code distribution", "nats per latent position", False,
+         (math.log(num_codes), f"log K = {math.log(num_codes):.2f}"), False),
+        ("codes_used", "Codes in use", "codes", False, (num_codes, f"K = {num_codes}"), False),
+    ]
+
+
+def draw_curves(fig, train, val, *, quality="mse_pixel", param_var_q="gaussian_1",
+                num_codes=None, train_label="train"):
+    """Training curves against the step: `train` records as a line, `val` records as
+    markers. Panels whose key no record holds are left out. Returns the axes titles."""
+    band = param_var_q in ("gaussian_2", "gaussian_3", "gaussian_4")
+    panels = [p for p in curve_panels(quality, param_var_q, num_codes or 0, band)
+              if _column(train, p[0])[0] or _column(val, p[0])[0]]
+    if not panels:
+        ax = fig.add_subplot()
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no training records in metrics.jsonl", ha="center", va="center")
+        ax.set_title("Training curves")
+        return ["Training curves"]
+    columns = 3 if len(panels) > 4 else len(panels)
+    rows = math.ceil(len(panels) / columns)
+    titles = []
+    for i, (key, title, ylabel, log, reference, with_band) in enumerate(panels):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        steps, values = _column(train, key)
+        marker = "o" if len(steps) <= 12 else None
+        if steps:
+            ax.plot(steps, values, color=TRAIN_COLOR, marker=marker, markersize=3, lw=1.2,
+                    label=train_label)
+        spread = []
+        if with_band and steps:
+            low, high = _column(train, "param_q_min")[1], _column(train, "param_q_max")[1]
+            if len(low) == len(high) == len(steps):
+                ax.fill_between(steps, low, high, color=TRAIN_COLOR, alpha=0.2, lw=0,
+                                label="train min–max")
+                spread = low + high
+        v_steps, v_values = _column(val, key)
+        if v_steps:
+            ax.plot(v_steps, v_values, ls="none", marker="s", markersize=6, color=VAL_COLOR,
+                    markeredgecolor="black", markeredgewidth=0.6, label="val (deterministic)",
+                    zorder=3)
+        if reference is not None and reference[0]:
+            ax.axhline(reference[0], color=REF_COLOR, ls="--", lw=0.8, label=reference[1])
+        if log is True or (log is None and _spans_decades(values + v_values + spread)):
+            ax.set_yscale("log")
+        else:
+            # An offset ("+1.0499") above the axis is easy to miss; show the values themselves.
+            ax.ticklabel_format(axis="y", useOffset=False)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        titles.append(title)
+    return titles
+
+
+def draw_codebook(fig, counts, split="test"):
+    """Code usage over a split, codes sorted by frequency (most used first), with the
+    cumulative share on a second axis. Returns the axes title."""
+    counts = np.asarray(counts, dtype=np.int64)
+    size, total = len(counts), int(counts.sum())
+    order = np.sort(counts)[::-1]
+    share = order / max(total, 1)
+    used = int((counts > 0).sum())
+    q = share[share > 0]
+    perplexity = float(np.exp(-(q * np.log(q)).sum())) if total else 0.0
+    ax = fig.add_subplot()
+    ax.bar(np.arange(1, size + 1), share, width=1.0, color=TRAIN_COLOR, label="share of positions")
+    ax.set_xlim(0.5, size + 0.5)
+    if used and share[0] / share[used - 1] >= 100:
+        # A long tail of rare codes is invisible on a linear axis.
+        ax.set_yscale("log")
+    ax.set_xlabel("code rank (most used first)")
+    ax.set_ylabel("share of latent positions")
+    ax.grid(True, axis="y", alpha=0.3)
+    cumulative = ax.twinx()
+    cumulative.plot(np.arange(1, size + 1), np.cumsum(share), color=VAL_COLOR, lw=1.5,
+                    label="cumulative share")
+    cumulative.set_ylim(0, 1.05)
+    cumulative.set_ylabel("cumulative share")
+    handles = ax.get_legend_handles_labels()[0] + cumulative.get_legend_handles_labels()[0]
+    cumulative.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
+    title = (f"Codebook usage on the {split} split ({total:,} positions)\n"
+             f"perplexity {perplexity:.1f} of K = {size}, {used} of {size} codes in use")
+    ax.set_title(title, fontsize=10)
+    return [title]
+
+
+def reconstruction_grid(originals, reconstructions, columns=8, pad=2):
+    """One image: rows of `columns` originals, each row followed by the row of their
+    reconstructions; grey lines between images, a wider gap between row pairs. Returns the
+    image (H x W x C) and the centre row of every original and reconstruction row."""
+    n, h, w, c = originals.shape
+    columns = min(columns, n)
+    pairs = math.ceil(n / columns)
+    gap = 4 * pad
+    width = columns * (w + pad) - pad
+    grid = np.full((pairs * (2 * h + pad) + (pairs - 1) * gap, width, c), 0.5, np.float32)
+    centres = []
+    for i in range(n):
+        pair, col = divmod(i, columns)
+        top = pair * (2 * h + pad + gap)
+        left = col * (w + pad)
+        grid[top:top + h, left:left + w] = originals[i]
+        grid[top + h + pad:top + 2 * h + pad, left:left + w] = reconstructions[i]
+        if col == 0:
+            centres += [(top + h / 2, "original"), (top + h + pad + h / 2, "reconstruction")]
+    return grid, centres
+
+
+def draw_reconstructions(fig, originals, reconstructions, caption="", columns=8):
+    """Originals, each row above the row of their reconstructions; arrays N x H x W x C in
+    [0, 1], C = 1 or 3. Returns the axes title."""
+    originals = np.clip(np.asarray(originals, dtype=np.float32), 0, 1)
+    reconstructions = np.clip(np.asarray(reconstructions, dtype=np.float32), 0, 1)
+    grid, centres = reconstruction_grid(originals, reconstructions, columns)
+    ax = fig.add_subplot()
+    if grid.shape[-1] == 1:
+        ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(grid, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([y for y, _ in centres], [label for _, label in centres], fontsize=8)
+    ax.tick_params(axis="y", length=0)
+    title = (f"First {len(originals)} test images and their reconstructions from the "
+             "deterministic codes" + (f"\n{caption}" if caption else ""))
+    ax.set_title(title, fontsize=10)
+    return [title]
+
+
+# Figure sizes in inches (width, height) of the separate panels.
+CURVES_SIZE, CODEBOOK_SIZE, RECON_SIZE = (15, 8), (7, 4.8), (8, 4.4)
+
+
+def report_figures(curves, codebook, reconstructions, title=""):
+    """The combined report and its three panels as separate figures.
+
+    curves: keyword arguments of ``draw_curves``; codebook: of ``draw_codebook``;
+    reconstructions: of ``draw_reconstructions``. Returns ``{name: (figure, titles)}`` for
+    the names report, report_curves, report_codebook and report_reconstructions.
+    """
+    out = {}
+    fig = new_figure(*CURVES_SIZE)
+    out["report_curves"] = (fig, draw_curves(fig, **curves))
+    fig = new_figure(*CODEBOOK_SIZE)
+    out["report_codebook"] = (fig, draw_codebook(fig, **codebook))
+    fig = new_figure(*RECON_SIZE)
+    out["report_reconstructions"] = (fig, draw_reconstructions(fig, **reconstructions))
+
+    report = new_figure(CURVES_SIZE[0], CURVES_SIZE[1] + CODEBOOK_SIZE[1] + 0.6)
+    top, bottom = report.subfigures(2, 1, height_ratios=[CURVES_SIZE[1], CODEBOOK_SIZE[1]])
+    left, right = bottom.subfigures(1, 2, width_ratios=[1, 1.15])
+    titles = draw_curves(top, **curves) + draw_codebook(left, **codebook) \
+        + draw_reconstructions(right, **reconstructions)
+    if title:
+        report.suptitle(title, fontsize=12)
+    out["report"] = (report, titles)
+    return out
