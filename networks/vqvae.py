@@ -7,16 +7,18 @@ z_q = z + sg(e - z). There is no stochastic quantization, so the modes "train",
 "deterministic" and "stochastic" all pick the nearest code; they are accepted so that the
 trainer and evaluation code drive both model families the same way.
 
-Loss, every term summed over the elements of one image and averaged over the batch:
+Loss, every term a mean over its elements (N = B * H * W latent positions):
 
-    loss_rec      = sum_pixels (x_hat - x)^2 / B                 (the SQ-VAE's `mse`)
-    loss_codebook = sum_{positions, d} (sg(z) - e)^2 / B         (0 with the EMA codebook)
-    loss_commit   = beta * sum_{positions, d} (z - sg(e))^2 / B
+    loss_rec      = mse / dim_x = sum_{b, pixels} (x_hat - x)^2 / (B * dim_x)
+    loss_codebook = sum_{positions, d} (sg(z) - e)^2 / (N * D)   (0 with the EMA codebook)
+    loss_commit   = beta * sum_{positions, d} (z - sg(e))^2 / (N * D)
     loss          = loss_rec + loss_codebook + loss_commit
 
-See the VQVAE class docstring for why these reductions, and for the EMA codebook.
+`mse` is reported exactly as for the SQ-VAE (squared error summed per image, mean over
+images). See the VQVAE class docstring for why these reductions, and for the EMA codebook.
 """
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -37,11 +39,10 @@ def nearest_codes(z_rows, codebook):
 
 
 def vq_losses(z, e, beta):
-    """(codebook loss, commitment loss) for encoder output z and its chosen codes e (same
-    shape, B x ...): per-image sums of squared differences, averaged over the batch."""
-    batch = z.shape[0]
-    codebook_loss = ((z.detach() - e) ** 2).sum() / batch
-    commit_loss = beta * ((z - e.detach()) ** 2).sum() / batch
+    """(codebook loss, commitment loss) for encoder outputs z and their chosen codes e (same
+    shape, any layout): means of the squared differences over all elements."""
+    codebook_loss = ((z.detach() - e) ** 2).mean()
+    commit_loss = beta * ((z - e.detach()) ** 2).mean()
     return codebook_loss, commit_loss
 
 
@@ -50,38 +51,40 @@ def straight_through(z, e):
     return z + (e - z).detach()
 
 
-def ema_update(count, total, codebook, z_rows, index, decay, eps):
-    """One EMA step of the codebook statistics, in place, from the rows z_rows (N x D)
-    assigned to codes `index` (N).
+def ema_update(count, total, codebook, batch_count, batch_sum, decay, eps):
+    """One EMA step of the codebook statistics, in place.
 
-    count (K) and total (K x D) are moving averages of the number of rows assigned to each
-    code and of their sum. The codebook becomes total / smoothed count, with the Laplace
-    smoothing n_k' = (n_k + eps) / (n + K eps) * n, n = sum_k n_k. The smoothed count is only
-    used for that division, so the stored count stays a plain moving average and the
-    smoothing does not compound from step to step."""
-    size = codebook.shape[0]
-    one_hot = F.one_hot(index, size).to(z_rows.dtype)
-    count.mul_(decay).add_(one_hot.sum(0), alpha=1 - decay)
-    total.mul_(decay).add_(one_hot.t() @ z_rows, alpha=1 - decay)
+    batch_count (K) and batch_sum (K x D) are the number and the sum of the encoder outputs
+    assigned to each code in this batch; count and total are their moving averages. The
+    codebook becomes total / smoothed count, with the Laplace smoothing
+    n_k' = (n_k + eps) / (n + K eps) * n, n = sum_k n_k. The smoothed count is only used for
+    that division, so the stored count stays a plain moving average and the smoothing does
+    not compound from step to step."""
+    count.mul_(decay).add_(batch_count, alpha=1 - decay)
+    total.mul_(decay).add_(batch_sum, alpha=1 - decay)
     n = count.sum()
-    smoothed = (count + eps) / (n + size * eps) * n
+    smoothed = (count + eps) / (n + codebook.shape[0] * eps) * n
     codebook.copy_(total / smoothed.unsqueeze(1))
 
 
 class VQVAE(nn.Module):
     """Standard VQ-VAE with the encoder/decoder and codebook size of an SQ-VAE experiment.
 
-    Loss (z: encoder output, e: the nearest codebook rows, sg: stop-gradient, B: batch size;
-    sums over all pixels of an image, and over all latent positions and the D dimensions):
+    Loss (z: encoder output B x D x H x W, e: its nearest codebook rows, sg: stop-gradient,
+    sums over the batch, all pixels, and all latent positions and dimensions):
 
-        loss = sum (x_hat - x)^2 / B + sum (sg(z) - e)^2 / B + beta * sum (z - sg(e))^2 / B
+        loss = sum (x_hat - x)^2 / (B * dim_x)
+               + sum (sg(z) - e)^2 / (B * H * W * D)
+               + beta * sum (z - sg(e))^2 / (B * H * W * D)
 
-    The reconstruction term is the SQ-VAE's `mse` (squared error summed per image, mean over
-    images), and the two VQ terms use the same reduction, so the whole objective is van den
-    Oord et al.'s per-image objective (their eq. 3, with the reconstruction term the negative
-    log-likelihood of a Gaussian decoder of fixed variance 1/2, constants dropped) averaged
-    over the batch. Averaging every term over its elements instead would only change the
-    weight of the reconstruction relative to the VQ terms by (H * W * D) / dim_x.
+    Every term is a mean over its elements, the reduction the usual VQ-VAE recipes train with
+    and under which beta = 0.25 is the customary commitment weight. With Adam only the ratio
+    of the commitment to the reconstruction term shapes the encoder (the codebook loss alone
+    moves the codebook, so its scale does not matter); summing every term per image instead,
+    like the SQ-VAE's `mse`, would multiply that ratio by H * W * D / dim_x (4 on MNIST, 4/3
+    on CIFAR10 and CelebA), a heavier commitment than beta = 0.25 usually means. The `mse`
+    term is still reported as the SQ-VAE defines it (summed per image, mean over images), so
+    the two models' reconstruction figures compare directly; loss_rec = mse / dim_x.
 
     With `quantization.ema` the codebook is not trained by the optimizer: it follows
     exponential moving averages (decay `quantization.ema_decay`) of the number and the sum of
@@ -90,7 +93,7 @@ class VQVAE(nn.Module):
     happens in training forward passes only (`model.training` and mode "train"), after the
     batch has been quantized with the codebook as it was. The statistics are buffers, so they
     are checkpointed; they start as if every code had one member at its initial position, so
-    codes that receive no rows do not move at first.
+    codes that receive no rows keep their place (up to the smoothing) instead of jumping.
     """
 
     TERMS = ("loss", "loss_rec", "loss_codebook", "loss_commit", "perplexity", "entropy", "mse")
@@ -142,29 +145,40 @@ class VQVAE(nn.Module):
         index = nearest_codes(z_rows.detach(), self.codebook.detach())
         e_rows = self.codebook[index]
         codebook_loss, commit_loss = vq_losses(z_rows, e_rows, self.beta)
+        one_hot = F.one_hot(index, self.codebook.shape[0]).to(z.dtype)
         if self.ema:
             codebook_loss = torch.zeros((), device=z.device)
             if self.training and mode == "train":
-                with torch.no_grad():
-                    ema_update(self.ema_count, self.ema_total, self.codebook, z_rows.detach(),
-                               index, self.ema_decay, self.ema_eps)
-        usage = F.one_hot(index, self.codebook.shape[0]).to(z.dtype).mean(0)
+                self.update_codebook(one_hot, z_rows.detach())
         return {
             "z_q": unflatten_positions(straight_through(z_rows, e_rows), z),
             "loss_codebook": codebook_loss,
             "loss_commit": commit_loss,
-            "perplexity": perplexity(usage),
+            "perplexity": perplexity(one_hot.mean(0)),
             "codes": index.reshape(z.shape[0], *z.shape[2:]) if codes else None,
         }
+
+    @torch.no_grad()
+    def update_codebook(self, one_hot, z_rows):
+        batch_count, batch_sum = one_hot.sum(0), one_hot.t() @ z_rows
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Under torchrun every process sees a shard of the batch; summing the statistics
+            # keeps the codebooks identical and equal to a single-process run's.
+            stats = torch.cat([batch_count.unsqueeze(1), batch_sum], dim=1)
+            dist.all_reduce(stats)
+            batch_count, batch_sum = stats[:, 0], stats[:, 1:]
+        ema_update(self.ema_count, self.ema_total, self.codebook, batch_count, batch_sum,
+                   self.ema_decay, self.ema_eps)
 
     def forward(self, x, mode="train", codes=False):
         z = self.run_encoder(x)
         quant = self.quantize(z, mode, codes=codes)
         x_hat = self.run_decoder(quant["z_q"])
         mse = squared_error(x_hat, x)
+        loss_rec = mse / self.dim_x
         terms = {
-            "loss": mse + quant["loss_codebook"] + quant["loss_commit"],
-            "loss_rec": mse,
+            "loss": loss_rec + quant["loss_codebook"] + quant["loss_commit"],
+            "loss_rec": loss_rec,
             "loss_codebook": quant["loss_codebook"],
             "loss_commit": quant["loss_commit"],
             "perplexity": quant["perplexity"],
@@ -193,6 +207,6 @@ class VQVAE(nn.Module):
         return self.run_decoder(z_q)
 
     def decoder_variance(self, terms):
-        """sigma_x^2 = 1/2: the fixed Gaussian variance under which loss_rec is the decoder's
-        negative log-likelihood (up to a constant)."""
-        return torch.tensor(0.5, device=terms["mse"].device)
+        """sigma_x^2 = dim_x / 2: the fixed Gaussian variance under which loss_rec = mse / dim_x
+        is the decoder's negative log-likelihood per image (up to a constant)."""
+        return torch.tensor(self.dim_x / 2, device=terms["mse"].device)
