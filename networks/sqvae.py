@@ -8,14 +8,11 @@ of the code distribution per position), ``param_q`` / ``param_q_min`` /
 variance sigma_x^2, or kappa_d for vMF). Nothing is read back to the host, so a
 training step never synchronises.
 """
-import contextlib
-
 import torch
 from torch import nn
 
-from .blocks import init_weights
+from .base import CodebookAutoencoder
 from .losses import arelbo_loss, learned_variance_loss, squared_error, vmf_reconstruction
-from .nets import build_networks
 from .quantizers import MODES, gaussian_quantize, vmf_quantize
 
 
@@ -46,7 +43,7 @@ GAUSSIAN_VARIANCES = {
 VARIANTS = (*GAUSSIAN_VARIANCES, "vmf")
 
 
-class SQVAE(nn.Module):
+class SQVAE(CodebookAutoencoder):
     """Shared body of both models; subclasses define the reconstruction likelihood."""
 
     # The scalar terms a forward pass returns, in the order metrics are logged.
@@ -54,25 +51,12 @@ class SQVAE(nn.Module):
              "param_q", "param_q_min", "param_q_max", "param_x")
 
     def __init__(self, cfg):
-        super().__init__()
         if cfg.model.param_var_q not in VARIANTS:
             raise ValueError(f"unknown model.param_var_q {cfg.model.param_var_q!r}; "
                              f"allowed: {', '.join(VARIANTS)}")
+        super().__init__(cfg)
         self.variant = cfg.model.param_var_q
-        self.dim_x = cfg.dataset.dim_x
-        self.encoder, self.decoder = build_networks(cfg)
-        init_weights(self)
-        size, dim = cfg.quantization.size_dict, cfg.quantization.dim_code
-        self.codebook = nn.Parameter(torch.randn(size, dim))
         self.log_param_q_scalar = nn.Parameter(torch.tensor(float(cfg.model.log_param_q_init)))
-        # A buffer, so the per-step update is an in-place fill (no recompilation, no sync).
-        self.register_buffer("temperature", torch.tensor(float(cfg.quantization.temperature.init)),
-                             persistent=False)
-        # bf16 autocast for the conv stacks only; the quantizer and losses stay in float32.
-        self.amp = cfg.train.amp
-
-    def set_temperature(self, value):
-        self.temperature.fill_(value)
 
     def quantizer_param(self, log_var):
         """sigma_q^2 (Gaussian variants) or kappa_q (vMF) for this batch."""
@@ -92,21 +76,6 @@ class SQVAE(nn.Module):
         out["param_q"], out["param_q_min"], out["param_q_max"] = \
             param.mean(), param.min(), param.max()
         return out
-
-    def conv_precision(self, x):
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(x.device.type, dtype=torch.bfloat16)
-
-    def run_encoder(self, x):
-        dtype = self.codebook.dtype  # bf16 activations go back to the model's precision
-        with self.conv_precision(x):
-            z, log_var = self.encoder(x)
-        return z.to(dtype), None if log_var is None else log_var.to(dtype)
-
-    def run_decoder(self, z_q):
-        with self.conv_precision(z_q):
-            return self.decoder(z_q).to(self.codebook.dtype)
 
     def forward(self, x, mode="train", codes=False):
         z, log_var = self.run_encoder(x)
@@ -136,12 +105,6 @@ class SQVAE(nn.Module):
         if self.variant == "vmf":
             return torch.nn.functional.normalize(self.codebook, dim=1)
         return self.codebook
-
-    @torch.no_grad()
-    def decode(self, codes):
-        """Decoder output for code indices B x H x W (inverse of `encode` up to the decoder)."""
-        z_q = self.code_vectors()[codes.long()].permute(0, 3, 1, 2)
-        return self.run_decoder(z_q)
 
 
 class GaussianSQVAE(SQVAE):

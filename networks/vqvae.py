@@ -20,11 +20,9 @@ images). See the VQVAE class docstring for why these reductions, and for the EMA
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
-from .blocks import init_weights
+from .base import CodebookAutoencoder
 from .losses import squared_error
-from .nets import build_networks
 from .quantizers import MODES, flatten_positions, perplexity, unflatten_positions
 
 
@@ -67,7 +65,7 @@ def ema_update(count, total, codebook, batch_count, batch_sum, decay, eps):
     codebook.copy_(total / smoothed.unsqueeze(1))
 
 
-class VQVAE(nn.Module):
+class VQVAE(CodebookAutoencoder):
     """Standard VQ-VAE with the encoder/decoder and codebook size of an SQ-VAE experiment.
 
     Loss (z: encoder output B x D x H x W, e: its nearest codebook rows, sg: stop-gradient,
@@ -99,43 +97,18 @@ class VQVAE(nn.Module):
     TERMS = ("loss", "loss_rec", "loss_codebook", "loss_commit", "perplexity", "entropy", "mse")
 
     def __init__(self, cfg):
-        super().__init__()
         if cfg.model.param_var_q != "gaussian_1" or cfg.flags.var_q:
             raise ValueError("VQVAE needs model.param_var_q gaussian_1 (no variance head)")
-        self.dim_x = cfg.dataset.dim_x
+        # The EMA codebook is not trained by the optimizer.
+        super().__init__(cfg, codebook_trainable=not cfg.quantization.ema)
         self.beta = float(cfg.model.beta)
-        # Same construction order (networks, init, then codebook) as the SQ-VAE, so one seed
-        # gives both models the same initial weights and codebook.
-        self.encoder, self.decoder = build_networks(cfg)
-        init_weights(self)
-        size, dim = cfg.quantization.size_dict, cfg.quantization.dim_code
         self.ema = bool(cfg.quantization.ema)
-        self.codebook = nn.Parameter(torch.randn(size, dim), requires_grad=not self.ema)
+        size = cfg.quantization.size_dict
         if self.ema:
             self.ema_decay = float(cfg.quantization.ema_decay)
             self.ema_eps = float(cfg.quantization.ema_eps)
             self.register_buffer("ema_count", torch.ones(size))
             self.register_buffer("ema_total", self.codebook.detach().clone())
-        # Kept for interface parity with the SQ-VAE (the trainer sets it every step); the
-        # nearest-code quantizer does not read it.
-        self.register_buffer("temperature", torch.tensor(float(cfg.quantization.temperature.init)),
-                             persistent=False)
-        self.amp = bool(cfg.train.get("amp", False))
-
-    def set_temperature(self, value):
-        self.temperature.fill_(value)
-
-    def conv_precision(self, x):
-        return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp)
-
-    def run_encoder(self, x):
-        with self.conv_precision(x):
-            z, _ = self.encoder(x)
-        return z.float()
-
-    def run_decoder(self, z_q):
-        with self.conv_precision(z_q):
-            return self.decoder(z_q).float()
 
     def quantize(self, z, mode, codes=False):
         """z_q (straight-through), the VQ loss terms and the code usage for z (B x D x H x W)."""
@@ -171,7 +144,7 @@ class VQVAE(nn.Module):
                    self.ema_decay, self.ema_eps)
 
     def forward(self, x, mode="train", codes=False):
-        z = self.run_encoder(x)
+        z, _ = self.run_encoder(x)
         quant = self.quantize(z, mode, codes=codes)
         x_hat = self.run_decoder(quant["z_q"])
         mse = squared_error(x_hat, x)
@@ -193,18 +166,9 @@ class VQVAE(nn.Module):
     @torch.no_grad()
     def encode(self, x):
         """Nearest-code indices, B x H x W."""
-        z = self.run_encoder(x)
+        z, _ = self.run_encoder(x)
         return nearest_codes(flatten_positions(z), self.codebook).reshape(
             z.shape[0], *z.shape[2:])
-
-    def code_vectors(self):
-        return self.codebook
-
-    @torch.no_grad()
-    def decode(self, codes):
-        """Decoder output for code indices B x H x W (inverse of `encode` up to the decoder)."""
-        z_q = self.code_vectors()[codes.long()].permute(0, 3, 1, 2)
-        return self.run_decoder(z_q)
 
     def decoder_variance(self, terms):
         """sigma_x^2 = dim_x / 2: the fixed Gaussian variance under which loss_rec = mse / dim_x
