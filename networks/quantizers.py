@@ -61,13 +61,14 @@ class QuantizerOutput(dict):
 
 def _finish(z, z_q, index, probs, log_probs, avg_probs, kld_continuous, codes):
     batch = z.shape[0]
+    neg_entropy = (probs * log_probs).sum()  # sum over positions and codes of p log p
     return QuantizerOutput(
         z_q=z_q,
-        kld_discrete=(probs * log_probs).sum() / batch,
+        kld_discrete=neg_entropy / batch,
         kld_continuous=kld_continuous,
         perplexity=perplexity(avg_probs),
         # Diagnostics (detached): mean entropy of p per position, and the chosen codes.
-        entropy=-(probs * log_probs).sum(-1).mean().detach(),
+        entropy=-neg_entropy.detach() / probs.shape[0],
         codes=index.reshape(batch, *z.shape[2:]) if codes else None,
     )
 

@@ -11,6 +11,7 @@ import pytest
 
 import configs
 from configs import ConfigError, config_to_yaml, load_config
+from tests.spec_tables import SPEC_PARAMS as PARAMS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,20 +39,6 @@ EXPERIMENTS = {
 }
 NAMES = sorted(EXPERIMENTS)
 
-# SPEC §2 parameter table (total, encoder, decoder). cifar10_vmf is not in the table: it is a
-# GaussianSQVAE (so D stays 64) without a variance head on the CIFAR10 nets, i.e. exactly the
-# networks and codebook of cifar10_gauss_1.
-PARAMS = {
-    "mnist_gauss_1": (240386, 116128, 116065),
-    "fashion-mnist_gauss_1": (248578, 116128, 116065),
-    "cifar10_gauss_1": (341252, 154336, 154147),
-    "celeba_gauss_1": (630532, 319584, 278179),
-    "celeba_gauss_2": (671876, 360928, 278179),
-    "celeba_gauss_3": (671876, 360928, 278179),
-    "celeba_gauss_4": (671876, 360928, 278179),
-    "celebamask_vmf": (354989, 196756, 154071),
-    "cifar10_vmf": (341252, 154336, 154147),
-}
 
 
 @pytest.fixture(autouse=True)

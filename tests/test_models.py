@@ -13,6 +13,7 @@ from torch import nn
 from configs import load_config
 from networks import build_model, count_parameters
 from networks.quantizers import gaussian_logits, gaussian_quantize, gumbel_noise, vmf_quantize
+from tests.spec_tables import SPEC_PARAMS
 
 NAMES = ["mnist_gauss_1", "fashion-mnist_gauss_1", "cifar10_gauss_1", "celeba_gauss_1",
          "celeba_gauss_2", "celeba_gauss_3", "celeba_gauss_4", "celebamask_vmf", "cifar10_vmf"]
@@ -20,18 +21,6 @@ MODES = ["train", "deterministic", "stochastic"]
 # Latent grid side of each dataset's network (SPEC §2).
 GRID = {"MNIST": 7, "FashionMNIST": 7, "CIFAR10": 8, "CelebA": 16, "CelebAMask_HQ": 8}
 
-# SPEC §2 table: (total, encoder, decoder). cifar10_vmf has cifar10_gauss_1's networks.
-SPEC_PARAMS = {
-    "mnist_gauss_1": (240386, 116128, 116065),
-    "fashion-mnist_gauss_1": (248578, 116128, 116065),
-    "cifar10_gauss_1": (341252, 154336, 154147),
-    "celeba_gauss_1": (630532, 319584, 278179),
-    "celeba_gauss_2": (671876, 360928, 278179),
-    "celeba_gauss_3": (671876, 360928, 278179),
-    "celeba_gauss_4": (671876, 360928, 278179),
-    "celebamask_vmf": (354989, 196756, 154071),
-    "cifar10_vmf": (341252, 154336, 154147),
-}
 
 
 def make(name, *opts, seed=0):

@@ -5,6 +5,12 @@ import json
 import os
 import tempfile
 
+# mkstemp creates files readable by their owner only; run folders are meant to be shared
+# like any file the user writes, so apply the process umask as open() would.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 
 def atomic_write_bytes(path, data):
     folder = os.path.dirname(os.path.abspath(path))
@@ -15,6 +21,7 @@ def atomic_write_bytes(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         try:
