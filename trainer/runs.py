@@ -151,6 +151,7 @@ SHAPE_KEYS = (
     ("encoder.head_log_var", "model.param_var_q"),
     ("log_var_x", "flags.arelbo"),
     ("log_kappa_inv", "model.name"),
+    ("ema_", "quantization.ema, quantization.size_dict, quantization.dim_dict"),
     ("encoder.res", "network.num_rb, quantization.dim_dict"),
     ("decoder.res", "network.num_rb, quantization.dim_dict"),
     ("", "quantization.dim_dict, flags.bn, dataset.name"),
