@@ -24,9 +24,16 @@ folders) and `path_dataset` (datasets); overrides on the command line win.
 """
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags get one line naming the fix, like every other input error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see python main.py --help)\n")
+
+
 def build_parser():
     from configs import experiment_files
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="main.py",
         description="Train or evaluate one SQ-VAE experiment: yacs defaults "
                     "(configs/defaults.py) merged with an experiment YAML and KEY VALUE "
