@@ -146,9 +146,11 @@ def evaluate_run(args, cfg, device):
     trainer = Trainer(run_cfg, model, loaders, device, None, limit_batches=args.limit_batches,
                       dbg=True, segmentation=segmentation_for(run_cfg))
     records = trainer.test(state["epoch"], source="-ts")
+    if not dist.is_main():
+        return 0
     append_test_records(run_dir, records)
     print(json.dumps(records[-1]))
-    if (args.encode or args.report) and dist.is_main():
+    if args.encode or args.report:
         import data
         from trainer import export, report
 
