@@ -79,6 +79,16 @@ def _socket_timeout(seconds):
         socket.setdefaulttimeout(previous)
 
 
+def _short_reason(error):
+    """The gist of a download failure: no network is the common case and says it all."""
+    text = one_line(error)
+    for marker in ("Name or service not known", "Temporary failure in name resolution",
+                   "Network is unreachable", "timed out"):
+        if marker in text:
+            return "no network"
+    return f"{type(error).__name__}: {text[:120]}" + ("..." if len(text) > 120 else "")
+
+
 def try_download(dataset_name, root):
     """Ask torchvision to download a dataset; return a short note for error messages.
 
@@ -101,7 +111,7 @@ def try_download(dataset_name, root):
             else:
                 return "no automatic download"
     except Exception as e:  # any failure (no network, quota, bad archive) means "not here"
-        return f"download failed: {type(e).__name__}: {one_line(e)[:200]}"
+        return f"download failed: {_short_reason(e)}"
     return "download attempted"
 
 
