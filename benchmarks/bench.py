@@ -40,7 +40,9 @@ def fixed_batch(cfg, batch, device):
 
 def sync(device):
     import torch
-    if device.type == "cuda":
+
+    from util.device import is_cuda
+    if is_cuda(device):
         torch.cuda.synchronize(device)
 
 
@@ -64,7 +66,7 @@ def measure(name, device_name, steps, epoch, opts):
     from networks import build_model
     from trainer import Trainer
     from trainer.loop import build_optimizer
-    from util.device import select_device, set_deterministic
+    from util.device import is_cuda, select_device, set_deterministic
 
     device = select_device(device_name)
     set_deterministic(False, device)
@@ -114,7 +116,7 @@ def measure(name, device_name, steps, epoch, opts):
         row.update(floor_s=floor, epoch_s=train_seconds + val_seconds, train_s=train_seconds,
                    val_s=val_seconds, ratio=(train_seconds + val_seconds) / floor)
 
-    if device.type == "cuda":
+    if is_cuda(device):
         row["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         row["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from util.device import is_cuda
+
 from . import cache, sources
 from .decode import decode_celeba, decode_celebamask_label
 from .errors import DatasetError
@@ -184,7 +186,7 @@ class FileLoader(Loader):
         loader = DataLoader(_ErrorsAsValues(self.dataset),
                             batch_sampler=[b.tolist() for b in batches],
                             num_workers=self.num_workers, collate_fn=_collate,
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=is_cuda(self.device))
         for x in loader:
             if isinstance(x, str):
                 raise DatasetError(x)

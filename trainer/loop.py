@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from configs import config_to_yaml
 from util import distributed as dist
+from util.device import is_cuda
 from util.io import read_jsonl, write_jsonl
 from util.rng import get_rng_state, set_rng_state
 
@@ -57,7 +58,7 @@ def temperature_at(cfg, step):
 
 
 def build_optimizer(cfg, model, device):
-    fused = torch.device(device).type == "cuda"
+    fused = is_cuda(device)
     return torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
                             **({"fused": True} if fused else {"foreach": True}))
 
@@ -188,7 +189,7 @@ class Trainer:
         self.train_model = self.eval_model
         if dist.active():
             from torch.nn.parallel import DistributedDataParallel
-            ids = [torch.device(device).index] if torch.device(device).type == "cuda" else None
+            ids = [torch.device(device).index] if is_cuda(device) else None
             ddp = DistributedDataParallel(model, device_ids=ids)
             self.train_model = torch.compile(ddp) if cfg.train.compile else ddp
         self.optimizer = build_optimizer(cfg, model, device)

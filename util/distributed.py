@@ -5,8 +5,9 @@ training loop reads the same either way. nccl serves CUDA, gloo the CPU.
 """
 import os
 
-import torch
 import torch.distributed as dist
+
+from .device import is_cuda
 
 
 def env_world():
@@ -21,7 +22,7 @@ def init(device):
     """Join the process group when launched by torchrun; returns (rank, world_size)."""
     rank, _, world = env_world()
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        backend = "nccl" if is_cuda(device) else "gloo"
         dist.init_process_group(backend=backend)
     return rank, world
 

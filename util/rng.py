@@ -23,7 +23,7 @@ def get_rng_state():
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_all"] = torch.cuda.get_rng_state_all()
     return state
 
 
@@ -34,5 +34,5 @@ def set_rng_state(state):
     np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
                          npst["has_gauss"], npst["cached"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_all" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_all"])
