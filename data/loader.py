@@ -26,12 +26,13 @@ def epoch_generator_seed(seed, epoch):
     return seed * SEED_STRIDE + epoch
 
 
-def epoch_order(n, *, shuffle, seed, epoch, rank=0, world_size=1):
+def epoch_order(n, *, shuffle, seed, epoch, rank=0, world_size=1, pad=True):
     """Dataset indices (CPU int64) that ``rank`` visits in ``epoch``.
 
-    With several ranks the order is padded from its own start to a multiple of
-    world_size, as DistributedSampler does, so every rank gets the same count, and
-    rank r takes positions r, r + W, r + 2W, ...
+    With several ranks, rank r takes positions r, r + W, r + 2W, ... With ``pad`` the
+    order is first padded from its own start to a multiple of world_size, as
+    DistributedSampler does, so every rank gets the same count (training needs equal
+    step counts for DDP); evaluation does without, so every sample counts once.
     """
     if shuffle:
         gen = torch.Generator().manual_seed(epoch_generator_seed(seed, epoch))
@@ -40,7 +41,7 @@ def epoch_order(n, *, shuffle, seed, epoch, rank=0, world_size=1):
         order = torch.arange(n)
     if world_size > 1:
         total = math.ceil(n / world_size) * world_size
-        if total > n:
+        if pad and total > n:
             order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[:total - n]])
         order = order[rank::world_size]
     return order
@@ -67,10 +68,11 @@ class Loader:
         self.world_size = world_size
         self.drop_last = drop_last
         self.epoch = 0
-        self.num_samples = math.ceil(n / world_size)
-        # Samples repeated (over all ranks) to make the shards equal; an evaluation
-        # that must count each sample once can drop them via ``indices()``.
-        self.num_padded = self.num_samples * world_size - n
+        # Training shards are padded to equal size; evaluation shards are not (see
+        # epoch_order), so validation and test metrics count every sample exactly once.
+        self.num_samples = math.ceil(n / world_size) if shuffle else len(range(rank, n,
+                                                                               world_size))
+        self.num_padded = self.num_samples * world_size - n if shuffle else 0
 
     def __len__(self):
         if self.drop_last:
@@ -83,7 +85,8 @@ class Loader:
     def indices(self):
         """Dataset indices this rank visits in the current epoch, in batch order."""
         return epoch_order(self.dataset_size, shuffle=self.shuffle, seed=self.seed,
-                           epoch=self.epoch, rank=self.rank, world_size=self.world_size)
+                           epoch=self.epoch, rank=self.rank, world_size=self.world_size,
+                           pad=self.shuffle)
 
     def _batches(self, start_batch):
         n_batches = len(self)

@@ -193,7 +193,7 @@ def test_iter_from_resumes_in_memory_and_file_loaders(mnist_root, tmp_path):
 def test_rank_strided_sharding_covers_each_sample_once(mnist_root, split, shuffle):
     root, w = mnist_root
     cfg = make_cfg("mnist_gauss_1", root)
-    n = data.dataset_size(cfg, split)  # 55 train / 11 val: odd, so one sample is padded
+    n = data.dataset_size(cfg, split)  # 55 train / 11 val: odd
     reference = (w["train_images"][:55] if split == "train" else w["train_images"][55:])[:, None]
     single = data.build_loader(cfg, split, batch_size=3, shuffle=shuffle, seed=9)
     single.set_epoch(4)
@@ -204,15 +204,18 @@ def test_rank_strided_sharding_covers_each_sample_once(mnist_root, split, shuffl
     for rank, shard in enumerate(shards):
         shard.set_epoch(4)
         got = batches(shard)
-        assert shard.num_samples == (n + 1) // 2
+        # Training shards are padded to equal size (DDP needs equal step counts);
+        # evaluation shards are not, so every sample is counted exactly once.
+        assert shard.num_samples == ((n + 1) // 2 if shuffle else len(range(rank, n, 2)))
         assert len(shard) == len(got) == -(-shard.num_samples // 3)
         ids = row_ids(as_uint8(cat(got)[0]), reference)
-        # Rank r takes positions r, r + 2, ... of the single-process order padded from its start.
+        # Rank r takes positions r, r + 2, ... of the single-process order (padded from its
+        # start when training).
         padded = full_order + full_order[:shard.num_padded]
         assert ids == padded[rank::2]
         seen += ids
-    assert shards[0].num_padded == 1
-    assert sorted(set(seen)) == list(range(n)) and len(seen) == n + 1
+    assert shards[0].num_padded == (1 if shuffle else 0)
+    assert sorted(set(seen)) == list(range(n)) and len(seen) == n + (1 if shuffle else 0)
 
 
 def test_sharding_file_loader_and_drop_last(celebamask_root):
