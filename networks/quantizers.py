@@ -55,14 +55,11 @@ def unflatten_positions(rows, like):
     return rows.reshape(b, h, w, d).permute(0, 3, 1, 2)
 
 
-class QuantizerOutput(dict):
-    """z_q plus the loss terms and diagnostics of one quantization."""
-
-
 def _finish(z, z_q, index, probs, log_probs, avg_probs, kld_continuous, codes):
     batch = z.shape[0]
     neg_entropy = (probs * log_probs).sum()  # sum over positions and codes of p log p
-    return QuantizerOutput(
+    # z_q plus the loss terms and diagnostics of one quantization.
+    return dict(
         z_q=z_q,
         kld_discrete=neg_entropy / batch,
         kld_continuous=kld_continuous,

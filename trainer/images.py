@@ -29,9 +29,11 @@ def reconstruction_grid(model, x, n=GRID_IMAGES):
     return make_grid(torch.cat([top, bottom]).cpu(), nrow=len(x), padding=2)
 
 
-def save_reconstructions(model, x, path):
+def save_reconstructions(model, x, paths):
+    """Render the grid once and write it (atomically) to every path; returns the grid."""
     grid = reconstruction_grid(model, x)
     buffer = io.BytesIO()
     save_image(grid, buffer, format="png")
-    atomic_write_bytes(path, buffer.getvalue())
+    for path in paths:
+        atomic_write_bytes(path, buffer.getvalue())
     return grid

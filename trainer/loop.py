@@ -426,14 +426,13 @@ class Trainer:
                                 self.record("val", val, val_seconds)])
                 self.scheduler.step(val["loss"])
                 self.print_epoch(train, val, val_seconds)
-                if self.run_dir is not None:
-                    if val["loss"] <= self.best_loss:
-                        self.best_loss, self.best_epoch = val["loss"], self.epoch
-                        self.save_best(val["loss"])
-                        self.save_grid("best")
-                    self.save_grid("current")
-                elif val["loss"] <= self.best_loss:
+                improved = val["loss"] <= self.best_loss
+                if improved:
                     self.best_loss, self.best_epoch = val["loss"], self.epoch
+                if self.run_dir is not None:
+                    if improved:
+                        self.save_best(val["loss"])
+                    self.save_grids(("best", "current") if improved else ("current",))
                 self.epoch, self.batch = self.epoch + 1, 0
                 self.meter = MeanMeter(self.keys)
                 self.train_seconds = 0.0
@@ -461,14 +460,17 @@ class Trainer:
         return records
 
     # ---- output ------------------------------------------------------------------------
-    def save_grid(self, which):
+    def save_grids(self, names):
+        """One reconstruction grid of the first validation batch, saved under each name."""
         if not self.is_main:
             return
         x, _ = next(iter(self.loaders["val"]))
-        grid = save_reconstructions(self.model, x, self.path(f"reconstructions_{which}.png"))
+        grid = save_reconstructions(
+            self.model, x, [self.path(f"reconstructions_{name}.png") for name in names])
         tb = self.tensorboard()
         if tb is not None:
-            tb.add_image(f"reconstructions/{which}", grid, self.epoch)
+            for name in names:
+                tb.add_image(f"reconstructions/{name}", grid, self.epoch)
 
     def print_line(self, name, m, seconds):
         quality = f"ACC: {m['acc']:.4f}" if "acc" in m else f"MSE: {m['mse']:.4f}"
