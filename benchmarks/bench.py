@@ -1,7 +1,7 @@
 """Throughput, epoch time and memory per experiment, printed as a markdown table.
 
     python benchmarks/bench.py mnist_gauss_1 celeba_gauss_3 celeba_gauss_4 --device cpu
-    python benchmarks/bench.py mnist_gauss_1 --epoch --opts path_dataset ../shared/data
+    python benchmarks/bench.py mnist_gauss_1 --epoch --opts path_dataset DATASET_ROOT
 
 Each config is measured in its own subprocess so peak memory is its own:
 
@@ -30,11 +30,11 @@ SPLIT_SIZES = {"MNIST": (50000, 10000), "FashionMNIST": (50000, 10000),
                "CelebAMask_HQ": (24183, 2993)}
 
 
-def fixed_batch(cfg, batch, device):
+def fixed_batch(model, cfg, batch, device):
     import torch
     shape = (batch, *cfg.dataset.shape)
-    if cfg.model.name == "VmfSQVAE":
-        return torch.randint(0, cfg.network.num_class, shape, device=device)
+    if model.OUTPUTS == "labels":
+        return torch.randint(0, model.num_classes, shape, device=device)
     return torch.rand(shape, device=device)
 
 
@@ -66,16 +66,16 @@ def measure(name, device_name, steps, epoch, opts):
     from networks import build_model
     from trainer import Trainer
     from trainer.loop import build_optimizer
-    from util.device import is_cuda, select_device, set_deterministic
+    from util.device import configure_kernels, is_cuda, select_device
 
     device = select_device(device_name)
-    set_deterministic(False, device)
+    configure_kernels(device, deterministic=False, cudnn_benchmark=is_cuda(device))
     cfg = load_config(name, opts)
     model = build_model(cfg).to(device)
     model.amp = cfg.train.amp
     train_model = torch.compile(model) if cfg.train.compile else model
     optimizer = build_optimizer(cfg, model, device)
-    x = fixed_batch(cfg, cfg.train.bs, device)
+    x = fixed_batch(model, cfg, cfg.train.bs, device)
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
@@ -85,7 +85,7 @@ def measure(name, device_name, steps, epoch, opts):
 
     model.train()
     step_s = time_steps(train_step, steps, 3, device)
-    xe = fixed_batch(cfg, cfg.test.bs, device)
+    xe = fixed_batch(model, cfg, cfg.test.bs, device)
 
     @torch.no_grad()
     def eval_step():
@@ -100,19 +100,18 @@ def measure(name, device_name, steps, epoch, opts):
            "step_ms": step_s * 1000, "eval_img_s": cfg.test.bs / eval_s, "floor_s": floor}
 
     if epoch:
-        import main
+        import data
         from util.rng import seed_everything
         seed_everything(0)
         model = build_model(cfg).to(device)
-        trainer = Trainer(cfg, model, main.make_loaders(cfg, device, 0), device,
-                          log=lambda *_: None)
+        trainer = Trainer(cfg, model, data.build_loaders(cfg, device, 0), device)
         n_train, n_val = len(trainer.loaders["train"]), len(trainer.loaders["val"])
         floor = step_s * n_train + eval_s * n_val * 2
         start = time.perf_counter()
         trainer.train_epoch()
         sync(device)
         train_seconds = time.perf_counter() - start
-        _, _, val_seconds = trainer.validate("val")
+        val_seconds = sum(seconds for _, seconds in trainer.evaluate_split("val"))
         row.update(floor_s=floor, epoch_s=train_seconds + val_seconds, train_s=train_seconds,
                    val_s=val_seconds, ratio=(train_seconds + val_seconds) / floor)
 

@@ -1,13 +1,19 @@
 """Throughput of data.prepare_celebamask_hq in faces per second.
 
     python benchmarks/prepare_celebamask_hq.py [--faces 200] [--parts 10] [--workers 1,2]
+                                               [--baseline OLD.py] [--repeat R]
 
 Writes a synthetic release to a temporary folder (1024x1024 JPEGs of about the real
 size, ~10 elliptic 512x512 part masks per face), then for each worker count times a
 first run (everything built) and a second run (everything checked, nothing written).
 Only the tool's main() is timed; release generation and imports are not.
+
+--baseline times another version of the tool on the same release, its runs alternating
+with the current one's (e.g. `git show HEAD:data/prepare_celebamask_hq.py > /tmp/old.py`),
+so that a busy machine slows both alike; compare the ratio, not absolute numbers.
 """
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -58,12 +64,20 @@ def write_release(root, faces, parts, seed=0):
     return sum(len(j) for j in jpegs) / len(jpegs)
 
 
-def _timed(argv):
+def _load(path):
+    """Another version of the tool, imported from `path` as a module of the data package."""
+    spec = importlib.util.spec_from_file_location("data._prepare_celebamask_hq_baseline", path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # workers pickle
+    spec.loader.exec_module(module)  # its functions by module name
+    return module
+
+
+def _timed(tool, argv):
     start = time.perf_counter()
     with open(os.devnull, "w") as sink:
         stdout, sys.stdout = sys.stdout, sink
         try:
-            rc = prep.main(argv)
+            rc = tool.main(argv)
         finally:
             sys.stdout = stdout
     if rc != 0:
@@ -78,7 +92,10 @@ def main():
     p.add_argument("--workers", default=f"1,{os.cpu_count() or 1}",
                    help="comma-separated worker counts to time")
     p.add_argument("--size", type=int, default=64, help="also time --size S (0: off)")
+    p.add_argument("--baseline", metavar="FILE", help="also time this version of the tool")
+    p.add_argument("--repeat", type=int, default=1, help="runs per version and worker count")
     args = p.parse_args()
+    tools = {"current": prep, **({"baseline": _load(args.baseline)} if args.baseline else {})}
     with tempfile.TemporaryDirectory() as tmp:
         release = os.path.join(tmp, "release")
         t0 = time.perf_counter()
@@ -87,14 +104,23 @@ def main():
               f"JPEGs ~{jpeg_kb:.0f} KB, written in {time.perf_counter() - t0:.1f} s; "
               f"{os.cpu_count()} CPUs")
         for workers in sorted({int(w) for w in args.workers.split(",")}):
-            dst = os.path.join(tmp, f"out{workers}")
-            argv = ["--src", release, "--dst", dst, "--workers", str(workers)]
-            if args.size:
-                argv += ["--size", str(args.size)]
-            first, again = _timed(argv), _timed(argv)
-            print(f"workers={workers}: first run {args.faces / first:7.1f} faces/s "
-                  f"({first:.2f} s), re-run check {args.faces / again:7.1f} faces/s "
-                  f"({again:.2f} s)")
+            best = {}
+            for attempt in range(args.repeat):
+                for name, tool in tools.items():  # alternating: load changes hit both
+                    dst = os.path.join(tmp, f"out{workers}_{name}_{attempt}")
+                    argv = ["--src", release, "--dst", dst, "--workers", str(workers)]
+                    if args.size:
+                        argv += ["--size", str(args.size)]
+                    first, again = _timed(tool, argv), _timed(tool, argv)
+                    print(f"workers={workers} {name:8}: first run {args.faces / first:7.1f} "
+                          f"faces/s ({first:.2f} s), re-run check {args.faces / again:7.1f} "
+                          f"faces/s ({again:.2f} s)")
+                    old = best.get(name, (float("inf"),) * 2)
+                    best[name] = (min(old[0], first), min(old[1], again))
+            if "baseline" in best:
+                (first, again), (old_first, old_again) = best["current"], best["baseline"]
+                print(f"workers={workers} current/baseline speed (best of {args.repeat}): "
+                      f"first run {old_first / first:.2f}x, re-run check {old_again / again:.2f}x")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 DATASETS = ("MNIST", "FashionMNIST", "CIFAR10", "CelebA", "CelebAMask_HQ")
 MODELS = ("GaussianSQVAE", "VmfSQVAE", "VQVAE")
 VARIANTS = ("gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4", "vmf")
+CODEBOOK_INITS = ("normal", "uniform")  # networks.base.CODEBOOK_INITS builds them
 NETWORKS = ("resnet", "resnet_label")
 ACTIVATIONS = ("exp", "sigmoid", "tanh", "none")
 # Which network family reads which dataset, and the input shape it expects.
@@ -147,10 +148,59 @@ def _read_yaml(path):
     return data
 
 
-def _check_choice(cfg, key, allowed):
-    node = cfg
+def get_key(cfg, key):
+    """The value at a dotted key, e.g. get_key(cfg, "train.lr")."""
     for part in key.split("."):
-        node = node[part]
+        cfg = cfg[part]
+    return cfg
+
+
+# Keys computed by _validate_and_derive (an override would be silently replaced), and what
+# to set instead.
+DERIVED_KEYS = {
+    "path_checkpoint": "it is path/path_specific: set path or path_specific instead",
+    "quantization.dim_code": "it is quantization.dim_dict (+ 1 for VmfSQVAE): set that",
+    "flags.var_q": "it follows model.param_var_q: set that",
+}
+# Numeric keys and the lowest value each accepts: (bound, whether the bound itself is allowed).
+BOUNDS = {
+    "nworker": (0, True),
+    "quantization.size_dict": (1, True),
+    "quantization.dim_dict": (2, True),
+    "quantization.temperature.init": (0.0, False),
+    "quantization.temperature.decay": (0.0, True),
+    "quantization.temperature.min": (0.0, True),
+    "quantization.ema_eps": (0.0, False),
+    "model.beta": (0.0, True),
+    "network.num_rb": (1, True),
+    "network.num_class": (1, True),
+    "train.bs": (1, True),
+    "train.lr": (0.0, False),
+    "train.epoch_max": (1, True),
+    "train.ckpt_every_steps": (0, True),
+    "train.bs_per_rank": (0, True),
+    "test.bs": (1, True),
+    "log.every_steps": (1, True),
+    "prior.channels": (1, True),
+    "prior.layers": (1, True),
+    "prior.lr": (0.0, False),
+    "prior.bs": (1, True),
+    "prior.epoch_max": (1, True),
+    "prior.patience": (1, True),
+    "prior.temperature": (0.0, False),
+}
+
+
+def _check_bounds(cfg):
+    for key, (bound, inclusive) in BOUNDS.items():
+        value = get_key(cfg, key)
+        if value < bound or (value == bound and not inclusive):
+            need = f"at least {bound}" if inclusive else f"greater than {bound}"
+            raise ConfigError(f"config key '{key}' must be {need}, got {value}")
+
+
+def _check_choice(cfg, key, allowed):
+    node = get_key(cfg, key)
     if node not in allowed:
         raise ConfigError(f"config key '{key}' is {node!r}; allowed values: "
                           + ", ".join(map(str, allowed)))
@@ -185,6 +235,11 @@ def _validate_and_derive(cfg):
                                       or dataset not in VQVAE_DATASETS):
         raise ConfigError("config key 'model.name' VQVAE needs model.param_var_q gaussian_1 "
                           "and dataset.name one of " + ", ".join(VQVAE_DATASETS))
+    _check_choice(cfg, "quantization.init", CODEBOOK_INITS)
+    if cfg.quantization.init != "normal" and cfg.model.name != "VQVAE":
+        # The SQ-VAE keeps the release's N(0, 1) codebook (docs/model.md).
+        raise ConfigError("config key 'quantization.init' must stay normal for the SQ-VAE "
+                          "models (only model.name VQVAE takes another)")
     if cfg.quantization.ema and cfg.model.name != "VQVAE":
         # The SQ-VAE's codebook is learned by its loss; silently ignoring the flag would
         # mislabel a run.
@@ -192,21 +247,15 @@ def _validate_and_derive(cfg):
     if not 0.0 <= cfg.quantization.ema_decay < 1.0:
         raise ConfigError("config key 'quantization.ema_decay' must be in [0, 1), got "
                           f"{cfg.quantization.ema_decay}")
-    if cfg.quantization.ema_eps <= 0.0:
-        raise ConfigError("config key 'quantization.ema_eps' must be positive, got "
-                          f"{cfg.quantization.ema_eps}")
-    if cfg.model.beta < 0.0:
-        raise ConfigError(f"config key 'model.beta' must be at least 0, got {cfg.model.beta}")
-    for key in ("quantization.size_dict", "quantization.dim_dict", "train.bs", "test.bs",
-                "train.epoch_max", "network.num_rb"):
-        node = cfg
-        for part in key.split("."):
-            node = node[part]
-        if node < 1:
-            raise ConfigError(f"config key '{key}' must be at least 1, got {node}")
-    if cfg.quantization.dim_dict < 2:
-        raise ConfigError("config key 'quantization.dim_dict' must be at least 2")
+    _check_bounds(cfg)
+    if cfg.prior.kernel < 3 or cfg.prior.kernel % 2 == 0:
+        raise ConfigError("config key 'prior.kernel' must be an odd number at least 3, got "
+                          f"{cfg.prior.kernel}")
 
+    # Stored absolute, so a run folder's config works from any folder; relative paths are
+    # taken against the folder the command was started in.
+    cfg.path = os.path.abspath(os.path.expanduser(cfg.path))
+    cfg.path_dataset = os.path.abspath(os.path.expanduser(cfg.path_dataset))
     cfg.flags.var_q = cfg.model.param_var_q not in ("gaussian_1", "vmf")
     cfg.quantization.dim_code = cfg.quantization.dim_dict + (cfg.model.name == "VmfSQVAE")
     cfg.path_checkpoint = os.path.join(cfg.path, cfg.path_specific)
@@ -222,18 +271,26 @@ def parse_overrides(opts):
     return list(zip(opts[0::2], opts[1::2]))
 
 
-def load_config(name_or_path, opts=None):
-    """Defaults + experiment file + overrides, validated, derived and frozen."""
+def config_from_mapping(mapping, opts=None):
+    """Defaults + a nested mapping of config keys (an experiment file's content) + overrides,
+    validated, derived and frozen."""
     defaults = get_defaults()
     cfg = defaults.clone()
-    path = resolve_config_path(name_or_path)
-    for key, value in _flatten(_read_yaml(path)):
+    for key, value in _flatten(mapping):
         _set(cfg, defaults, key, value)
     for key, value in parse_overrides(opts):
+        if key in DERIVED_KEYS:
+            raise ConfigError(f"config key '{key}' is derived and cannot be set; "
+                              + DERIVED_KEYS[key])
         _set(cfg, defaults, key, value)
     _validate_and_derive(cfg)
     cfg.freeze()
     return cfg
+
+
+def load_config(name_or_path, opts=None):
+    """Defaults + experiment file + overrides, validated, derived and frozen."""
+    return config_from_mapping(_read_yaml(resolve_config_path(name_or_path)), opts)
 
 
 def config_to_yaml(cfg):

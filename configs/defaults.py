@@ -14,8 +14,8 @@ _C = CN()
 
 # Root folder for run folders; env SQVAE_CHECKPOINTS overrides this default.
 _C.path = "./checkpoints"
-# Root folder for datasets (torchvision layout); env SQVAE_DATA overrides this default.
-_C.path_dataset = "./data"
+# Root folder for datasets, outside the source packages; env SQVAE_DATA overrides it.
+_C.path_dataset = "./datasets"
 # Sub-folder of `path` for this experiment, e.g. "mnist_sqvae_gaussian_1/".
 _C.path_specific = "sqvae/"
 # DataLoader worker processes for datasets read from files (CelebA, CelebAMask_HQ).
@@ -50,7 +50,7 @@ _C.model.beta = 0.25
 _C.network = CN()
 # Encoder/decoder family: resnet (images) or resnet_label (label maps).
 _C.network.name = "resnet"
-# Number of residual blocks (see SPEC section 2 for where they sit).
+# Number of residual blocks (see docs/model.md §2 for where they sit).
 _C.network.num_rb = 2
 # resnet_label only: number of label classes (one-hot width is 2*ceil(num_class/2)).
 _C.network.num_class = 19
@@ -60,6 +60,8 @@ _C.network.act_decoder = "none"
 _C.quantization = CN()
 # Codebook size K.
 _C.quantization.size_dict = 512
+# Codebook initialisation: normal (N(0, 1), the SQ-VAE release's) or uniform (+-1/K, VQ-VAE).
+_C.quantization.init = "normal"
 # Code dimension D as written in the experiment file.
 _C.quantization.dim_dict = 64
 # Derived: dimension the networks and codebook use (dim_dict, + 1 for VmfSQVAE).
@@ -115,6 +117,24 @@ _C.flags.decay = True
 _C.flags.bn = True
 # Derived: the encoder has a variance head (param_var_q is gaussian_2/3/4).
 _C.flags.var_q = False
+
+_C.prior = CN()
+# Width of the gated PixelCNN prior over code grids (embedding and both stacks).
+_C.prior.channels = 64
+# Gated layers; with kernel 5, the logits see every earlier code of grids up to 17x17.
+_C.prior.layers = 8
+# Odd kernel width k, at least 3; each layer widens the receptive field by k // 2 positions.
+_C.prior.kernel = 5
+# Adam learning rate of the prior.
+_C.prior.lr = 0.001
+# Prior training batch size, in code grids.
+_C.prior.bs = 128
+# Maximum number of prior training epochs.
+_C.prior.epoch_max = 30
+# Early stopping: epochs without a better validation NLL before prior training stops.
+_C.prior.patience = 4
+# Sampling temperature: codes are drawn from softmax(logits / temperature).
+_C.prior.temperature = 1.0
 
 
 ENV_OVERRIDES = {"path": "SQVAE_CHECKPOINTS", "path_dataset": "SQVAE_DATA"}

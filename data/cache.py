@@ -21,14 +21,10 @@ import PIL
 from tqdm import tqdm
 
 from util.io import atomic_write_text
+from util.lock import FileLock
 
 from .decode import IMAGE_SIZE
 from .errors import DatasetError, one_line
-
-try:
-    import fcntl
-except ImportError:  # not on Windows: builders there are not serialised
-    fcntl = None
 
 CACHE_DIR = "cache"
 # Bump when the file layout or the sidecar's meaning changes, to retire old caches.
@@ -113,7 +109,7 @@ def open_or_build(path, *, root, paths, decode, shape, what, workers):
         return array
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with _locked(path + ".lock"):
+        with FileLock(path + ".lock"):
             # Another process (a second rank) may have finished it while this one waited.
             array = open_matching(path, sidecar)
             if array is None:
@@ -123,20 +119,6 @@ def open_or_build(path, *, root, paths, decode, shape, what, workers):
               f"decoding the {what} files every epoch instead", file=sys.stderr)
         return None
     return array
-
-
-class _locked:
-    def __init__(self, lock_path):
-        self.lock_path = lock_path
-
-    def __enter__(self):
-        self.fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-        if fcntl is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_EX)  # released by the kernel if we are killed
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
 
 
 def _build(path, sidecar, paths, decode, shape, what, workers):
@@ -181,7 +163,7 @@ def _decode_many(decode, paths):
     return np.stack([decode(p) for p in paths])
 
 
-def _pool_context():
+def pool_context():
     # fork hands workers the already imported torch/PIL; a fresh interpreter would
     # spend seconds importing them again.
     if "fork" in multiprocessing.get_all_start_methods():
@@ -198,5 +180,5 @@ def _decoded_blocks(paths, decode, workers):
         return
     # imap (not imap_unordered) so each block can be appended to the file as it comes;
     # leaving the with-block early (an error, Ctrl-C) terminates the workers.
-    with _pool_context().Pool(min(workers, len(chunks))) as pool:
+    with pool_context().Pool(min(workers, len(chunks))) as pool:
         yield from pool.imap(job, chunks)

@@ -12,7 +12,12 @@ from .errors import DatasetError, one_line
 
 CELEBA_CROP = 140
 IMAGE_SIZE = 64
-NUM_LABEL_CLASSES = 19
+# The CelebAMask-HQ face parts, in the order the label maps paint them (a later part
+# overwrites an earlier one); label k + 1 is PARTS[k], 0 is background.
+LABEL_PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear",
+               "r_ear", "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck",
+               "cloth")
+NUM_LABEL_CLASSES = len(LABEL_PARTS) + 1  # 19
 
 # What PIL raises on unreadable input: UnidentifiedImageError and "image file is
 # truncated" are OSErrors, but some plugins (PNG among them) raise SyntaxError or
@@ -20,7 +25,7 @@ NUM_LABEL_CLASSES = 19
 _PIL_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 
 
-def _open(path, what):
+def open_image(path, what):
     try:
         # open() is lazy: decode now, so a broken file fails here with its name, and
         # leave the block with the pixels in memory and the file closed either way.
@@ -38,7 +43,7 @@ def decode_celeba(path):
     torchvision's functional ops on a PIL image are used (bilinear, antialiased by PIL)
     so the result equals transforms.Compose([CenterCrop(140), Resize(64)]) exactly.
     """
-    img = _open(path, "CelebA image")
+    img = open_image(path, "CelebA image")
     if img.mode != "RGB":
         img = img.convert("RGB")
     img = TF.center_crop(img, [CELEBA_CROP, CELEBA_CROP])
@@ -52,7 +57,7 @@ def decode_celebamask_label(path):
     Nearest-neighbour resizing keeps every pixel a valid class index; a file that is
     already 64x64 (the prepared ``*_label_64`` folders) passes through unchanged.
     """
-    img = _open(path, "CelebAMask-HQ label map")
+    img = open_image(path, "CelebAMask-HQ label map")
     if img.size != (IMAGE_SIZE, IMAGE_SIZE):
         img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST)
     arr = np.asarray(img)

@@ -11,11 +11,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from configs import ConfigError
+from util import distributed
 from util.device import is_cuda
 
 from . import cache, sources
 from .decode import decode_celeba, decode_celebamask_label
 from .errors import DatasetError
+from .sources import SPLITS
 
 # Spreads seeds apart: two seeds could only share an epoch's order if a run went past
 # a million epochs.
@@ -72,7 +75,6 @@ class Loader:
         # epoch_order), so validation and test metrics count every sample exactly once.
         self.num_samples = math.ceil(n / world_size) if shuffle else len(range(rank, n,
                                                                                world_size))
-        self.num_padded = self.num_samples * world_size - n if shuffle else 0
 
     def __len__(self):
         if self.drop_last:
@@ -284,14 +286,6 @@ def _check_split(split):
         raise ValueError(f"split must be one of {', '.join(sources.SPLITS)}, got {split!r}")
 
 
-def dataset_size(cfg, split):
-    """Number of samples in ``split`` of cfg's dataset (all ranks together)."""
-    _check_split(split)
-    name, root = _dataset(cfg)
-    # Both kinds return the split's items (arrays or paths) first.
-    return len(DATASETS[name][1](root, split)[0])
-
-
 def build_loader(cfg, split, *, batch_size, shuffle, seed=0, device="cpu", rank=0,
                  world_size=1, drop_last=False):
     """The loader for ``split`` ("train", "val" or "test") of cfg's dataset.
@@ -330,3 +324,28 @@ def _check_shape(cfg, name, shape):
     if tuple(shape) != tuple(cfg.dataset.shape):
         raise DatasetError(f"{name} files hold {tuple(shape)} samples but the config's "
                            f"dataset.shape is {tuple(cfg.dataset.shape)}")
+
+
+def per_rank_batch(cfg, world_size):
+    """Training batch per process: train.bs is the global batch, split over processes as the
+    reference's DataParallel split it; train.bs_per_rank sets the per-process batch instead."""
+    if cfg.train.bs_per_rank:
+        return cfg.train.bs_per_rank
+    if cfg.train.bs % world_size:
+        raise ConfigError(f"train.bs {cfg.train.bs} does not split over {world_size} processes; "
+                          "set train.bs to a multiple or use train.bs_per_rank")
+    return cfg.train.bs // world_size
+
+
+def build_loaders(cfg, device, seed, splits=SPLITS):
+    """{split: loader} for this process: the training split shuffled by (seed, epoch) and
+    sharded over the torchrun processes, the others in file order."""
+    rank, world = distributed.rank(), distributed.world_size()
+    loaders = {}
+    for split in splits:
+        train = split == "train"
+        loaders[split] = build_loader(
+            cfg, split, batch_size=per_rank_batch(cfg, world) if train else cfg.test.bs,
+            shuffle=train, seed=seed, device=device, rank=rank, world_size=world,
+            drop_last=train and cfg.train.drop_last)
+    return loaders

@@ -1,740 +1,310 @@
 """Turn the public CelebAMask-HQ release into the split folders the training loader reads.
 
-    python -m data.prepare_celebamask_hq --src RELEASE_DIR --dst DATA_ROOT
-                                         [--workers N] [--strict] [--size 64]
+    python -m data.prepare_celebamask_hq --src RELEASE --dst DATA_ROOT [--workers N]
+                                         [--strict] [--size S]
 
-Input, RELEASE_DIR (the unpacked release):
-    CelebA-HQ-img/<k>.jpg                                 k = 0..29999
-    CelebAMask-HQ-mask-anno/<k // 2000>/<k:05d>_<part>.png  512x512, nonzero = part present
-    CelebA-HQ-to-CelebA-mapping.txt                       "idx orig_idx orig_file" rows
+RELEASE: CelebA-HQ-img/<k>.jpg, CelebAMask-HQ-mask-anno/<k // 2000>/<k:05d>_<part>.png and
+CelebA-HQ-to-CelebA-mapping.txt. DATA_ROOT/CelebAMask-HQ/: {split}_img/<n>.jpg (the release
+JPEG), {split}_label/<n>.png (512x512 uint8, the 18 PARTS painted in order as 1..18 on 0),
+{split}_label_<S>/<n>.png (NEAREST-resized; with --size S, or kept once made as the loader
+prefers them), manifest.json (the k of each (split, n); the faces skipped). The split is
+CelebA's partition of orig_idx (split_of); n counts a split's faces in mapping order.
 
-Output, under DATA_ROOT/CelebAMask-HQ/:
-    {train,val,test}_img/<n>.jpg        the release JPEG, byte for byte
-    {train,val,test}_label/<n>.png      512x512 single-channel uint8, classes 0..18
-    {train,val,test}_label_<S>/<n>.png  with --size S: the 512 label resized to SxS with
-                                        PIL NEAREST, exactly what the loader would do
-    manifest.json                       which face k every (split, n) holds
+A first pass fixes every n, skipping (--strict: fatal) faces with a missing image or a mask
+that is not a 512x512 PNG ending in IEND. Then each file is written via a temporary name and a
+rename unless complete: newer than its face's files (make's rule), and a JPEG of the source's
+size or a PNG whose header and IEND say 8-bit grey of its size. Before manifest.json changes,
+temporary files and the files of an n beyond a split's count, named non-canonically or holding
+another face are deleted. A mask that does not decode fails the run (exit 1) after the other
+faces; its face is then listed as skipped, and later runs decode the masks of skipped faces.
 
-Labels: the 18 parts of PARTS are painted in that order with values 1..18 on a zero
-background; a later part overwrites an earlier one. A face without any mask file gets
-an all-zero label (the summary counts these faces).
+Dropped for simplicity: fingerprints of the sources (a file replaced by an older copy or a
+deleted mask goes unnoticed: delete the output then); fsyncs of folders after deletions (ext4
+and XFS journal them before the later rename of manifest.json); a final listing of the folders
+(the numbers are fixed up front); a missing mask folder k // 2000 as a warning (bad input now).
 
-Splits follow CelebA's official partition of the face's orig_idx (see split_of).
-
-Numbering: n counts the faces *written* to a split, in the order of the rows of the
-mapping file, so every folder holds exactly 0..N-1 with no holes. A face that is
-skipped for bad input therefore moves the later faces of its split down by one; the
-summary names every skipped face, and manifest.json maps each (split, n) to its k.
-When the problem is fixed, the next run renumbers: faces whose number changed are
-renamed into place (their files are not recomputed).
-
-Interruption and re-runs: each output is written under a temporary name and renamed
-into place, so a name in an output folder only ever holds a complete file. New outputs
-are first staged in CelebAMask-HQ/.staging (keyed by the face and a fingerprint of its
-source files, so a killed run resumes from what it finished) and renamed into the split
-folders once the numbering is known. manifest.json records (split, n, k) and the source
-fingerprint of every finished face; it is rewritten atomically, and before any output
-is renamed or deleted it is cut down to the entries that stay true meanwhile, so it
-never vouches for a file it does not describe. A face counts as done when the manifest
-lists it at the same (split, n) with the same fingerprint AND its files pass a cheap
-check: the JPEG has the source's byte count; a PNG ends with an IEND chunk and decodes
-completely to the right size and mode with values 0..18. Anything else (a missing,
-truncated or malformed file, a changed source file) is redone; a well-formed file that
-something else put under a finished name is not detected. Numbered files beyond a split's
-count and temporary files of killed runs are deleted. A run that finds everything done
-writes nothing and says so. If `_label_<S>` folders exist from an earlier run they are
-kept up to date even without --size, because the loader prefers a complete
-`_label_64` folder over `_label` and a stale one would pair labels with wrong images.
-
-Bad input: a missing --src, image folder, mask folder or mapping file, or a malformed
-mapping file is fatal (exit 2). Problems of one face -- a missing image, an unreadable
-mask, a mask that is not 512x512 -- skip that face and are listed in the summary; with
---strict the first one is fatal (exit 2). Fatal errors print one line on stderr, no
-traceback. Exit codes: 0 done, 1 cannot write the output or its final check failed,
-2 bad input or another run holds DATA_ROOT/CelebAMask-HQ, 130 interrupted.
+Exit codes, one line on stderr: 0 done; 1 output not writable, or a mask did not decode (run
+again); 2 bad input (--strict: a bad face) or another run holds CelebAMask-HQ/.lock; 130 ^C.
 """
 import argparse
+import collections
 import contextlib
-import hashlib
+import functools
 import json
-import multiprocessing
 import os
 import re
-import shutil
 import signal
-import stat
 import sys
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .errors import one_line
+from util.io import atomic_save, atomic_write_bytes, atomic_write_text
+from util.lock import FileLock, LockHeld
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: run without the guard against concurrent runs
-    fcntl = None
+from .cache import build_workers, pool_context
+from .decode import LABEL_PARTS as PARTS, open_image
+from .errors import DatasetError, one_line
+from .sources import SPLITS
 
-PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
-         "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth")
-NUM_CLASSES = len(PARTS) + 1
-MASK_SIZE = 512
-SPLITS = ("train", "val", "test")
-# First orig_idx of CelebA's val and test partitions (list_eval_partition.txt).
-VAL_START = 162771
-TEST_START = 182638
-
-IMAGE_DIR = "CelebA-HQ-img"
-MASK_DIR = "CelebAMask-HQ-mask-anno"
+MASK_SIZE, FACES_PER_MASK_FOLDER = 512, 2000
+VAL_START, TEST_START = 162771, 182638  # CelebA's list_eval_partition.txt
+IMAGE_DIR, MASK_DIR = "CelebA-HQ-img", "CelebAMask-HQ-mask-anno"
 MAPPING_FILE = "CelebA-HQ-to-CelebA-mapping.txt"
-OUT_DIR = "CelebAMask-HQ"
-MANIFEST_FILE = "manifest.json"
-STAGING_DIR = ".staging"
-FACES_PER_MASK_FOLDER = 2000
-# Bumped whenever the output for the same sources changes, so old outputs are redone.
-FORMAT_VERSION = 1
+OUT_DIR, MANIFEST_FILE, LOCK_FILE = "CelebAMask-HQ", "manifest.json", ".lock"
+_SIZED_LABEL_FOLDER = re.compile(r"^(?:train|val|test)_label_([1-9]\d*)$")
+_PNG_START = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR"  # then width, height, depth, colour
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+# A face the first pass numbered; newest_source_ns: the latest mtime of its image and masks.
+Face = collections.namedtuple("Face", "k split n parts image_size newest_source_ns")
 
-_PART_INDEX = {part: i for i, part in enumerate(PARTS, start=1)}
-_MASK_NAME = re.compile(r"^(\d+)_([a-z_]+)\.png$")
-_SIZE_FOLDER = re.compile(r"^(?:train|val|test)_label_([1-9]\d*)$")
-_TEMP_NAME = re.compile(r"^\..+\.\d+\.tmp$")
-_PNG_TAIL = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-# Pillow reports corrupt data through several exception types: OSError (unidentified
-# or truncated file), SyntaxError/ValueError (broken PNG chunks), EOFError (short read).
-_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-class FatalError(Exception):
-    """Input or environment problem that ends the run; the message is one line."""
-
-
-class FaceError(Exception):
-    """Bad input of one face; the message names the file at fault."""
-
-
-# ---------------------------------------------------------------- pure helpers
 
 def split_of(orig_idx):
     """'train', 'val' or 'test' for a 0-based index into the original CelebA."""
     if orig_idx < 0:
         raise ValueError(f"orig_idx must be >= 0, got {orig_idx}")
-    if orig_idx < VAL_START:
-        return "train"
-    return "val" if orig_idx < TEST_START else "test"
+    return "train" if orig_idx < VAL_START else "val" if orig_idx < TEST_START else "test"
 
 
 def label_from_masks(masks, shape=(MASK_SIZE, MASK_SIZE)):
-    """Paint part masks into one uint8 label map of the given shape.
-
-    ``masks`` maps part names (from PARTS) to arrays of that shape, or (H, W, C) arrays
-    where a pixel counts when any channel is nonzero. Precedence comes from PARTS, not
-    from the order of ``masks``.
-    """
-    unknown = sorted(set(masks) - set(PARTS))
-    if unknown:
-        raise ValueError(f"unknown part names {unknown}; expected names from PARTS")
+    """Paint {part: mask} into a uint8 label map in PARTS order, whatever the dict order.
+    A mask has the given shape, or one more axis of channels (any nonzero one counts)."""
+    if set(masks) - set(PARTS):
+        raise ValueError(f"unknown part names {sorted(set(masks) - set(PARTS))}")
     label = np.zeros(shape, np.uint8)
-    for part, value in _PART_INDEX.items():
-        if part not in masks:
-            continue
+    for value, part in ((value, part) for value, part in enumerate(PARTS, 1) if part in masks):
         mask = np.asarray(masks[part])
-        if mask.ndim == 3:
-            mask = _any_channel(mask)
+        mask = _any_channel(mask) if mask.ndim == 3 else mask
         if mask.shape != tuple(shape):
-            raise ValueError(f"mask {part!r} has shape {mask.shape}, expected {tuple(shape)}")
+            raise ValueError(f"mask {part!r} has shape {mask.shape}, expected {shape}")
         np.copyto(label, value, where=mask.astype(bool, copy=False))
     return label
 
 
 def _any_channel(array):
-    # A numpy reduction over a short last axis runs ~50x slower than one OR per channel.
-    present = array[..., 0] != 0
-    for c in range(1, array.shape[-1]):
-        present |= array[..., c] != 0
+    present = array[..., 0] != 0  # one OR per channel: ~50x faster than .any(axis=-1)
+    for channel in range(1, array.shape[-1]):
+        present |= array[..., channel] != 0
     return present
 
 
 def read_mask(path):
     """One release mask file -> 2-D array, nonzero where the part is present."""
-    try:
-        with Image.open(path) as img:
-            if img.size != (MASK_SIZE, MASK_SIZE):
-                raise FaceError(f"mask {path} is {img.size[0]}x{img.size[1]}, "
-                                f"expected {MASK_SIZE}x{MASK_SIZE}")
-            img.load()
-            if img.mode in ("1", "L", "I", "F") or img.mode.startswith("I;"):
-                return np.asarray(img)
-            if img.mode == "LA":
-                return np.asarray(img)[..., 0]
-            if img.mode != "RGB":
-                # Palette and other colour modes are judged by the colour they show: a
-                # palette index may well be nonzero and still stand for black.
-                img = img.convert("RGB")
-            return _any_channel(np.asarray(img))
-    except _PIL_ERRORS as e:
-        raise FaceError(f"unreadable mask {path}: {one_line(e)}") from None
+    img = open_image(path, "mask")
+    if img.size != (MASK_SIZE, MASK_SIZE):
+        raise DatasetError(f"mask {path} is {img.size[0]}x{img.size[1]}, expected 512x512")
+    if img.mode != "P" and len(img.getbands()) == 1:
+        return np.asarray(img)
+    # Other modes count by the colour shown: a nonzero palette index may be black.
+    return _any_channel(np.asarray(img.convert("RGB")))
 
 
 def mask_path(mask_dir, k, part):
     return os.path.join(mask_dir, str(k // FACES_PER_MASK_FOLDER), f"{k:05d}_{part}.png")
 
 
+def png_problem(path, what, side=MASK_SIZE, grey=False):
+    """What a PNG's first 26 and last 12 bytes show wrong (not a PNG, not side x side, with
+    grey: not 8-bit grey, no IEND at its end), or None. OSError if it cannot be opened."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+        f.seek(max(26, os.fstat(f.fileno()).st_size - len(_PNG_END)))
+        end = f.read()
+    if len(head) < 26 or not head.startswith(_PNG_START):
+        return f"unreadable {what} {path}: not a PNG file"
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if (width, height) != (side, side) or grey and head[24:26] != b"\x08\x00":
+        return f"{what} {path} is {width}x{height}, expected {side}x{side}{' grey' * grey}"
+    return None if end == _PNG_END else f"truncated {what} {path}: no IEND chunk at its end"
+
+
 def read_mapping(path):
-    """Rows of the mapping file as [(k, orig_idx)], in file order."""
+    """The rows of the mapping file as [(k, orig_idx)], in file order."""
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except UnicodeDecodeError:
-        raise FatalError(f"mapping file {path} is not text") from None
-    except OSError as e:
-        raise FatalError(f"cannot read mapping file {path}: {one_line(e)}") from None
-    rows, seen, header_seen = [], set(), False
-    for number, line in enumerate(lines, start=1):
-        fields = line.split()
-        if not fields:
+            lines = [(number, line.split()) for number, line in enumerate(f, 1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read mapping file {path}: "
+                           f"{one_line(getattr(e, 'strerror', None) or e)}") from None
+    (number, header), *rows = lines or [(1, [])]
+    if header[:2] != ["idx", "orig_idx"] or not rows:
+        raise DatasetError(f"mapping file {path} line {number}: expected the header 'idx "
+                           f"orig_idx orig_file' and rows, got {' '.join(header)[:80]!r}")
+    orig_idx_of = {}
+    for number, fields in rows:
+        if len(fields) < 2 or not "".join(fields[:2]).isdecimal() or int(fields[0]) in orig_idx_of:
+            raise DatasetError(f"mapping file {path} line {number}: expected '<idx> <orig_idx> "
+                               f"<orig_file>' with a new idx, got {' '.join(fields)[:80]!r}")
+        orig_idx_of[int(fields[0])] = int(fields[1])
+    return list(orig_idx_of.items())
+
+
+def _check_face(image_dir, mask_dir, job):
+    """The first pass over one face: (problem or None, parts, image size, newest mtime of its
+    files). With `decode` (skipped before: is it fixed?) its masks are decoded as well."""
+    k, decode = job
+    parts = tuple(part for part in PARTS if os.path.exists(mask_path(mask_dir, k, part)))
+    masks = [mask_path(mask_dir, k, part) for part in parts]
+    try:
+        stats = [os.stat(path) for path in [os.path.join(image_dir, f"{k}.jpg"), *masks]]
+        problem = next(filter(None, (png_problem(path, "mask") for path in masks)), None)
+        for path in masks if decode and not problem else ():
+            read_mask(path)
+    except (OSError, DatasetError) as e:  # a missing image, an unreadable mask
+        return one_line(e), (), 0, 0
+    return problem, parts, stats[0].st_size, max(stat.st_mtime_ns for stat in stats)
+
+
+def _write_face(root, image_dir, mask_dir, side_of_kind, face):
+    """Write the output files of a Face that are not complete: (k, wrote any, problem)."""
+    todo = {}
+    for kind, side in side_of_kind.items():
+        path = os.path.join(root, f"{face.split}_{kind}", f"{face.n}.{'png' if side else 'jpg'}")
+        stat = os.stat(path) if os.path.exists(path) else None
+        if not (stat and stat.st_mtime_ns >= face.newest_source_ns and (
+                png_problem(path, "label", side, grey=True) is None if side
+                else stat.st_size == face.image_size)):
+            todo[kind] = path
+    try:  # read everything first: a face that fails here gets no new file
+        if set(todo) - {"img"}:
+            label = Image.fromarray(label_from_masks(
+                {part: read_mask(mask_path(mask_dir, face.k, part)) for part in face.parts}))
+        if "img" in todo:  # after the masks: held while they decode, the JPEG's 0.5 MB made
+            # malloc give memory back and fault it in again for every mask (20% slower)
+            with open(os.path.join(image_dir, f"{face.k}.jpg"), "rb") as f:
+                jpeg = f.read()
+    except (OSError, DatasetError) as e:  # DatasetError: a mask that does not decode
+        return face.k, False, one_line(e)
+    for kind, path in todo.items():
+        side = side_of_kind[kind]
+        if not side:
+            atomic_write_bytes(path, jpeg, durable=False)
             continue
-        if not header_seen:
-            if fields[:2] != ["idx", "orig_idx"]:
-                raise FatalError(f"mapping file {path} line {number}: expected the header "
-                                 f"'idx orig_idx orig_file', got {line.strip()[:80]!r}")
-            header_seen = True
-            continue
-        try:
-            k, orig_idx = int(fields[0]), int(fields[1])
-            if k < 0 or orig_idx < 0:
-                raise ValueError
-        except (ValueError, IndexError):
-            raise FatalError(f"mapping file {path} line {number}: expected "
-                             f"'<idx> <orig_idx> <orig_file>', got {line.strip()[:80]!r}") from None
-        if k in seen:
-            raise FatalError(f"mapping file {path} line {number}: face {k} is listed twice")
-        seen.add(k)
-        rows.append((k, orig_idx))
-    if not rows:
-        raise FatalError(f"mapping file {path} lists no faces")
-    return rows
-
-
-def _kinds(sizes):
-    return ("img", "label") + tuple(f"label_{s}" for s in sizes)
-
-
-def _ext(kind):
-    return "jpg" if kind == "img" else "png"
-
-
-def _side(kind):
-    return MASK_SIZE if kind == "label" else int(kind[len("label_"):])
-
-
-def _final_path(root, kind, split, n):
-    return os.path.join(root, f"{split}_{kind}", f"{n}.{_ext(kind)}")
-
-
-def _staged_path(root, kind, k, fp):
-    return os.path.join(root, STAGING_DIR, f"{k}.{fp}.{kind}.{_ext(kind)}")
-
-
-def _write_atomic(path, write):
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _output_ok(kind, path, image_bytes):
-    """Cheap completeness check of one output file (see the module docstring)."""
-    try:
-        if kind == "img":
-            return os.stat(path).st_size == image_bytes
-        side = _side(kind)
-        with open(path, "rb") as f:
-            # A cut-off PNG loses its IEND chunk; checking it first spares the decode.
-            f.seek(-len(_PNG_TAIL), os.SEEK_END)
-            if f.read() != _PNG_TAIL:
-                return False
-            f.seek(0)
-            with Image.open(f) as img:
-                if img.format != "PNG" or img.mode != "L" or img.size != (side, side):
-                    return False
-                img.load()
-                return int(np.asarray(img).max()) < NUM_CLASSES
-    except _PIL_ERRORS:
-        return False
-
-
-def _save_png(array, path):
-    Image.fromarray(array).save(path, format="PNG")
-
-
-# ---------------------------------------------------------------- per-face work (workers)
-
-_CFG = None
-
-
-def _init_worker(cfg, in_pool):
-    global _CFG
-    _CFG = cfg
-    if in_pool:
-        # Ctrl-C is the parent's to handle (it stops the pool); workers would only
-        # add a traceback each.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _fingerprint(image_stat, mask_stats):
-    sig = [FORMAT_VERSION, image_stat.st_size, image_stat.st_mtime_ns, *mask_stats]
-    return hashlib.blake2b(repr(sig).encode(), digest_size=8).hexdigest()
-
-
-def _process_face(job):
-    """Check or build every output of face k; returns where each output now is.
-
-    job = (k, parts, old) with old = (split, n, fingerprint) from the manifest or None.
-    The result's state maps each output kind to "old" (valid at the manifest's place)
-    or "staged" (complete in the staging folder); an "error" result means skip.
-    """
-    k, parts, old = job
-    cfg = _CFG
-    image = os.path.join(cfg["image_dir"], f"{k}.jpg")
-    try:
-        image_stat = os.stat(image)
-    except FileNotFoundError:
-        return {"k": k, "error": f"missing image {image}"}
-    except OSError as e:
-        return {"k": k, "error": f"unreadable image {image}: {one_line(e.strerror or e)}"}
-    if not stat.S_ISREG(image_stat.st_mode):
-        return {"k": k, "error": f"image {image} is not a regular file"}
-    masks, mask_stats = {}, []
-    for part in parts:
-        path = masks[part] = mask_path(cfg["mask_dir"], k, part)
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            return {"k": k, "error": f"unreadable mask {path}: {one_line(e.strerror or e)}"}
-        mask_stats += [part, st.st_size, st.st_mtime_ns]
-    fp = _fingerprint(image_stat, mask_stats)
-
-    root, size = cfg["root"], image_stat.st_size
-    known_good = old is not None and old[2] == fp
-    state = {}
-    for kind in cfg["kinds"]:
-        if known_good and _output_ok(kind, _final_path(root, kind, old[0], old[1]), size):
-            state[kind] = "old"
-        elif _output_ok(kind, _staged_path(root, kind, k, fp), size):
-            state[kind] = "staged"
-    need = [kind for kind in cfg["kinds"] if kind not in state]
-    if not need:
-        return {"k": k, "fp": fp, "state": state}
-
-    # Staged outputs are only ever written after the masks decoded, so any of them
-    # (or a manifest entry with this fingerprint) proves this face's input is good.
-    label = None
-    if any(kind != "img" for kind in need) or not (known_good or state):
-        try:
-            label = label_from_masks({part: read_mask(p) for part, p in masks.items()})
-        except FaceError as e:
-            return {"k": k, "error": str(e)}
-    for kind in need:
-        dest = _staged_path(root, kind, k, fp)
-        if kind == "img":
-            try:
-                source = open(image, "rb")
-            except OSError as e:
-                return {"k": k, "error": f"unreadable image {image}: {one_line(e.strerror or e)}"}
-            with source:
-                _write_atomic(dest, lambda tmp: _copy_into(source, tmp))
-        elif kind == "label":
-            _write_atomic(dest, lambda tmp: _save_png(label, tmp))
-        else:
-            side = _side(kind)
-            small = np.asarray(Image.fromarray(label).resize((side, side), Image.NEAREST))
-            _write_atomic(dest, lambda tmp: _save_png(small, tmp))
-        state[kind] = "staged"
-    return {"k": k, "fp": fp, "state": state}
-
-
-def _copy_into(source, path):
-    with open(path, "wb") as out:
-        shutil.copyfileobj(source, out, 1 << 20)
-
-
-# ---------------------------------------------------------------- run
-
-def _pool_context():
-    # Running as `python -m data.…` imports the data package and torch with it; fork
-    # gives workers that state for free where a fresh interpreter would import it again.
-    if "fork" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context()
-
-
-def _lock(root):
-    fd = os.open(root, os.O_RDONLY)
-    if fcntl is not None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise FatalError(f"another run is writing {root}; wait for it to end") from None
-    return fd
-
-
-def _warn(message):
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def _load_manifest(path):
-    """(faces {k: (split, n, fp)}, sizes, raw dict) of a valid manifest, else empty."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return {}, (), None
-    except (OSError, ValueError) as e:
-        _warn(f"ignoring unreadable {path} ({one_line(e)}); every face will be redone")
-        return {}, (), None
-    try:
-        if data.get("format") != FORMAT_VERSION:
-            return {}, (), None
-        faces, places = {}, set()
-        for entry in data["faces"]:
-            k, split, n, fp = entry["k"], entry["split"], entry["n"], entry["fp"]
-            if (split not in SPLITS or not isinstance(k, int) or not isinstance(n, int)
-                    or not isinstance(fp, str) or k in faces or (split, n) in places):
-                raise ValueError
-            faces[k] = (split, n, fp)
-            places.add((split, n))
-        sizes = tuple(int(s) for s in data["sizes"])
-    except (AttributeError, KeyError, TypeError, ValueError):
-        _warn(f"ignoring malformed {path}; every face will be redone")
-        return {}, (), None
-    return faces, sizes, data
-
-
-def _write_manifest(path, data):
-    fields = []
-    for key, value in data.items():
-        if isinstance(value, list) and value and isinstance(value[0], dict):
-            # One entry per line: readable, and diffs between runs stay small.
-            text = "[\n" + ",\n".join(f"  {json.dumps(v)}" for v in value) + "\n ]"
-        else:
-            text = json.dumps(value)
-        fields.append(f" {json.dumps(key)}: {text}")
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("{\n" + ",\n".join(fields) + "\n}\n")
-            f.flush()
-            # The manifest vouches for thousands of files; make it survive a crash.
-            os.fsync(f.fileno())
-    _write_atomic(path, write)
-
-
-def _numbered(folder, ext):
-    """{n: name} of the files an index-based reader would take for numbered ones."""
-    found = {}
-    for name in os.listdir(folder):
-        stem, dot, suffix = name.partition(".")
-        if dot and suffix == ext and stem.isdigit():
-            found.setdefault(int(stem), []).append(name)
-    return found
-
-
-def _scan_masks(mask_dir, wanted):
-    """Part names present per face, the mask folders present, and ignored files."""
-    parts, folders, ignored = {}, set(), []
-    for entry in os.scandir(mask_dir):
-        if not (entry.is_dir() and entry.name.isdigit()):
-            continue
-        folder = int(entry.name)
-        folders.add(folder)
-        for name in os.listdir(entry.path):
-            m = _MASK_NAME.match(name)
-            k = int(m.group(1)) if m else -1
-            if (not m or m.group(2) not in _PART_INDEX or name != f"{k:05d}_{m.group(2)}.png"
-                    or k // FACES_PER_MASK_FOLDER != folder):
-                ignored.append(os.path.join(entry.path, name))
-            elif k in wanted:
-                parts.setdefault(k, set()).add(m.group(2))
-    return ({k: tuple(p for p in PARTS if p in found) for k, found in parts.items()},
-            folders, ignored)
-
-
-def _run_jobs(cfg, jobs, workers, strict):
-    results = {}
-    with contextlib.ExitStack() as stack:
-        if workers > 1:
-            chunk = max(1, min(16, len(jobs) // (workers * 4)))
-            pool = stack.enter_context(
-                _pool_context().Pool(workers, _init_worker, (cfg, True)))
-            it = pool.imap_unordered(_process_face, jobs, chunksize=chunk)
-        else:
-            _init_worker(cfg, False)
-            it = map(_process_face, jobs)
-        # disable=None shows the bar on a terminal only, keeping logs and pipes clean.
-        bar = stack.enter_context(tqdm(total=len(jobs), unit="face", desc="CelebAMask-HQ",
-                                       file=sys.stderr, disable=None))
-        for res in it:
-            if strict and "error" in res:
-                raise FatalError(res["error"])
-            results[res["k"]] = res
-            bar.update()
-    return results
+        image = label if side == MASK_SIZE else label.resize((side, side), Image.NEAREST)
+        atomic_save(path, functools.partial(image.save, format="PNG", compress_level=1),
+                    durable=False)  # zlib level 1: a third of the time, files a third larger
+    return face.k, bool(todo), None
 
 
 def _prepare(args):
-    src = args.src
-    if not os.path.isdir(src):
-        raise FatalError(f"release folder {src} not found (--src)")
-    mapping = os.path.join(src, MAPPING_FILE)
-    image_dir = os.path.join(src, IMAGE_DIR)
-    mask_dir = os.path.join(src, MASK_DIR)
-    if not os.path.isfile(mapping):
-        raise FatalError(f"missing mapping file {mapping}")
-    if not os.path.isdir(image_dir):
-        raise FatalError(f"missing image folder {image_dir}")
-    if not os.path.isdir(mask_dir):
-        raise FatalError(f"missing mask folder {mask_dir}")
-    rows = read_mapping(mapping)
-    if os.path.exists(args.dst) and not os.path.isdir(args.dst):
-        raise FatalError(f"--dst {args.dst} is not a folder")
-    root = os.path.join(args.dst, OUT_DIR)
+    if not os.path.isdir(args.src):
+        raise DatasetError(f"missing release folder {args.src}")
+    rows = read_mapping(os.path.join(args.src, MAPPING_FILE))
+    image_dir, mask_dir = os.path.join(args.src, IMAGE_DIR), os.path.join(args.src, MASK_DIR)
+    for folder in [image_dir, mask_dir, *sorted({os.path.dirname(mask_path(mask_dir, k, ""))
+                                                 for k, _ in rows})]:
+        if not os.path.isdir(folder):
+            raise DatasetError(f"missing folder {folder}")
+    root, workers = os.path.join(args.dst, OUT_DIR), max(1, min(args.workers, len(rows)))
     os.makedirs(root, exist_ok=True)
-    fd = _lock(root)
-    try:
-        return _prepare_locked(args, rows, image_dir, mask_dir, root)
-    finally:
-        os.close(fd)
-
-
-def _prepare_locked(args, rows, image_dir, mask_dir, root):
-    manifest_path = os.path.join(root, MANIFEST_FILE)
-    old_faces, old_sizes, old_manifest = _load_manifest(manifest_path)
-    on_disk = {int(m.group(1)) for m in map(_SIZE_FOLDER.match, os.listdir(root)) if m}
-    kept_sizes = {s for s in set(old_sizes) | on_disk if 1 <= s < MASK_SIZE} - set(args.size)
-    sizes = tuple(sorted(set(args.size) | kept_sizes))
-    kinds = _kinds(sizes)
-    staging = os.path.join(root, STAGING_DIR)
-    folders = [os.path.join(root, f"{split}_{kind}") for split in SPLITS for kind in kinds]
-    for folder in folders + [staging]:
-        os.makedirs(folder, exist_ok=True)
-
-    # The lock is ours, so any temporary file is a leftover of a killed run.
-    stale = 0
-    for folder in [root] + folders + [staging]:
-        for name in os.listdir(folder):
-            if _TEMP_NAME.match(name):
-                os.unlink(os.path.join(folder, name))
-                stale += 1
-
-    wanted = {k for k, _ in rows}
-    parts, mask_folders, ignored = _scan_masks(mask_dir, wanted)
-    if ignored:
-        _warn(f"ignored {len(ignored)} file(s) in {mask_dir} that are not "
-              f"<k:05d>_<part>.png masks of a known part in folder k//{FACES_PER_MASK_FOLDER} "
-              f"(first: {ignored[0]})")
-    for folder in sorted({k // FACES_PER_MASK_FOLDER for k in wanted} - mask_folders):
-        first = folder * FACES_PER_MASK_FOLDER
-        message = (f"missing mask folder {os.path.join(mask_dir, str(folder))} "
-                   f"(faces {first}..{first + FACES_PER_MASK_FOLDER - 1})")
-        if args.strict:
-            raise FatalError(message)
-        _warn(message + " -- those faces get empty labels")
-
-    cfg = {"image_dir": image_dir, "mask_dir": mask_dir, "root": root, "kinds": kinds}
-    jobs = [(k, parts.get(k, ()), old_faces.get(k)) for k, _ in rows]
-    workers = max(1, min(args.workers, len(jobs)))
-    results = _run_jobs(cfg, jobs, workers, args.strict)
-
-    # Numbering, in mapping order over the faces that are written.
-    counts = dict.fromkeys(SPLITS, 0)
-    plan, skipped = [], []
-    for k, orig_idx in rows:
-        split, res = split_of(orig_idx), results[k]
-        if "error" in res:
-            skipped.append({"k": k, "split": split, "reason": res["error"]})
-            continue
-        plan.append((k, split, counts[split], res["fp"], res["state"]))
-        counts[split] += 1
-
-    moves, places, still_true, renamed, unchanged = _changes(root, plan, old_faces)
-    extras = _surplus(root, kinds, counts, moved_away={a for a, _ in moves})
-
-    new_manifest = {
-        "format": FORMAT_VERSION,
-        "sizes": list(sizes),
-        "counts": counts,
-        "faces": [{"split": s, "n": n, "k": k, "fp": fp} for k, s, n, fp, _ in plan],
-        "skipped": skipped,
-    }
-    if moves or places or extras:
-        _write_manifest(manifest_path, dict(new_manifest, faces=still_true))
-    # Movers go to the staging folder first, so no rename can land on a file that
-    # another face still has to move away.
-    for a, b in moves:
-        os.replace(a, b)
-    for a, b in places:
-        os.replace(a, b)
-    for path in extras:
-        os.unlink(path)
-
-    problems = [f"{folder} holds {len(found)} numbered files, expected 0..{counts[split] - 1}"
-                for split in SPLITS for kind in kinds
-                for folder in [os.path.join(root, f"{split}_{kind}")]
-                for found in [_numbered(folder, _ext(kind))]
-                if sorted(found) != list(range(counts[split]))]
-    if problems:
-        print(f"error: final check failed: {problems[0]}"
-              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
-              file=sys.stderr)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(FileLock(os.path.join(root, LOCK_FILE), blocking=False))
+        try:  # an earlier run's manifest; none or unreadable: every file present is redone
+            with open(os.path.join(root, MANIFEST_FILE), encoding="utf-8") as f:
+                old_manifest = json.load(f)
+            ks_before = {split: list(old_manifest["faces"][split]) for split in SPLITS}
+            skipped_before = {entry["k"] for entry in old_manifest["skipped"]}
+        except (OSError, ValueError, LookupError, TypeError):
+            old_manifest, ks_before, skipped_before = None, {}, set()
+        map_faces = map  # one worker: this process; workers ignore Ctrl-C, which stops them
+        if workers > 1:  # as the parent leaves this block
+            pool = pool_context().Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN))
+            map_faces = functools.partial(stack.enter_context(pool).imap,
+                                          chunksize=max(1, min(16, len(rows) // (4 * workers))))
+        checks = map_faces(functools.partial(_check_face, image_dir, mask_dir),
+                           [(k, k in skipped_before) for k, _ in rows])
+        faces, skipped, ks_of_split = [], [], {split: [] for split in SPLITS}
+        for (k, orig_idx), (problem, *facts) in zip(rows, checks):
+            split = split_of(orig_idx)
+            if problem and args.strict:
+                raise DatasetError(problem)
+            if problem:
+                skipped.append({"k": k, "split": split, "reason": problem})
+            else:  # facts: parts, image_size, newest_source_ns
+                faces.append(Face(k, split, len(ks_of_split[split]), *facts))
+                ks_of_split[split].append(k)
+        earlier_sizes = {int(m[1]) for m in map(_SIZED_LABEL_FOLDER.match, os.listdir(root))
+                         if m and int(m[1]) < MASK_SIZE}  # the loader prefers them: kept
+        side_of_kind = {"img": 0, "label": MASK_SIZE,  # 0: the JPEG
+                        **{f"label_{s}": s for s in sorted(set(args.size) | earlier_sizes)}}
+        removed = _clean(root, "", [], [])  # the lock is ours: every .tmp file is a leftover
+        for split, (kind, side) in ((s, item) for s in SPLITS for item in side_of_kind.items()):
+            removed += _clean(os.path.join(root, f"{split}_{kind}"), "png" if side else "jpg",
+                              ks_of_split[split], ks_before.get(split, []))
+        manifest = {"faces": ks_of_split, "skipped": skipped}
+        if manifest != old_manifest:
+            atomic_write_text(os.path.join(root, MANIFEST_FILE), json.dumps(manifest) + "\n")
+        results = list(tqdm(  # disable=None: a bar on a terminal only, not in logs and pipes
+            map_faces(functools.partial(_write_face, root, image_dir, mask_dir, side_of_kind),
+                      faces), total=len(faces), unit="face", desc=OUT_DIR, disable=None))
+    failed = {k: problem for k, _, problem in results if problem}
+    if failed:  # listed as skipped: the next run decodes their masks in its first pass
+        for face in (face for face in faces if face.k in failed):
+            ks_of_split[face.split][face.n] = None
+            skipped.append({"k": face.k, "split": face.split, "reason": failed[face.k]})
+        atomic_write_text(os.path.join(root, MANIFEST_FILE), json.dumps(manifest) + "\n")
+        k, problem = next(iter(failed.items()))
+        print(f"error: {len(failed)} face(s) did not decode and are now listed as skipped; "
+              f"run the same command again (first: k={k}: {problem})", file=sys.stderr)
         return 1
-    manifest_changed = new_manifest != old_manifest
-    if manifest_changed:
-        _write_manifest(manifest_path, new_manifest)
-    leftovers = os.listdir(staging)
-    shutil.rmtree(staging)
-
-    _summary(root, rows, counts, plan, skipped, parts, kinds, kept_sizes,
-             unchanged, renamed, len(extras), stale + len(leftovers),
-             nothing_done=not (moves or places or extras or manifest_changed or stale))
+    _summary(root, faces, skipped, sum(wrote for _, wrote, _ in results), removed,
+             manifest != old_manifest)
     return 0
 
 
-def _changes(root, plan, old_faces):
-    """Renames that put every planned face in place, given where its outputs are now.
-
-    Returns (moves, places, still_true, renamed, unchanged): moves take valid outputs
-    of renumbered faces from their old place to the staging folder, places take
-    staged outputs to their final names; still_true are the manifest entries that
-    none of these renames can falsify.
-    """
-    moves, places, still_true = [], [], []
-    renamed = unchanged = 0
-    for k, split, n, fp, state in plan:
-        old = old_faces.get(k)
-        same = old == (split, n, fp)
-        if same:
-            still_true.append({"split": split, "n": n, "k": k, "fp": fp})
-        todo = [kind for kind, where in state.items() if not (same and where == "old")]
-        for kind in todo:
-            staged = _staged_path(root, kind, k, fp)
-            if state[kind] == "old":
-                moves.append((_final_path(root, kind, old[0], old[1]), staged))
-            places.append((staged, _final_path(root, kind, split, n)))
-        if not todo:
-            unchanged += 1
-        elif all(state[kind] == "old" for kind in todo):
-            renamed += 1
-    return moves, places, still_true, renamed, unchanged
+def _clean(folder, ext, ks, ks_before):
+    """Make `folder`; delete from it util.io's temporary files (killed runs) and the <n>.ext
+    files beyond len(ks), named non-canonically (the loader reads 007.png as 7) or holding
+    another face than ks[n] (ks_before[n]); returns how many."""
+    os.makedirs(folder, exist_ok=True)
+    removed = 0
+    for name in os.listdir(folder):
+        stem = name[:-len(ext) - 1] if ext and name.endswith("." + ext) else ""
+        n = int(stem) if stem.isdecimal() else -1
+        if (name.startswith(".") and name.endswith(".tmp") or n >= len(ks)
+                or n >= 0 and (stem != str(n) or ks_before[n:n + 1] != [ks[n]])):
+            os.unlink(os.path.join(folder, name))
+            removed += 1
+    return removed
 
 
-def _surplus(root, kinds, counts, moved_away):
-    """Numbered output files no face is planned for (or with a non-canonical name
-    such as 007.png, which a reader would take for 7.png)."""
-    extras = []
-    for split in SPLITS:
-        for kind in kinds:
-            folder = os.path.join(root, f"{split}_{kind}")
-            for n, names in _numbered(folder, _ext(kind)).items():
-                extras += [path for name in names
-                           if (n >= counts[split] or name != f"{n}.{_ext(kind)}")
-                           and (path := os.path.join(folder, name)) not in moved_away]
-    return extras
-
-
-def _summary(root, rows, counts, plan, skipped, parts, kinds, kept_sizes, unchanged,
-             renamed, removed, stale, nothing_done):
-    rows_per_split = dict.fromkeys(SPLITS, 0)
-    for _, orig_idx in rows:
-        rows_per_split[split_of(orig_idx)] += 1
-    out = sys.stdout
-    print(f"CelebAMask-HQ in {root}: "
-          + ", ".join(f"{s} {counts[s]} faces" for s in SPLITS)
-          + f" (checked: every split has {'/'.join(kinds)} files 0..N-1)", file=out)
-    for s in SPLITS:
-        if rows_per_split[s] != counts[s]:
-            print(f"  {s}: {rows_per_split[s]} mapping rows - "
-                  f"{rows_per_split[s] - counts[s]} skipped = {counts[s]}", file=out)
-    bare = [k for k, *_ in plan if not parts.get(k)]
-    shown = ", ".join(map(str, bare[:20])) + (", ..." if len(bare) > 20 else "")
-    print(f"faces without any annotation (all-zero label): {len(bare)}"
-          + (f" (k = {shown})" if bare else ""), file=out)
-    print(f"faces skipped: {len(skipped)}", file=out)
-    for entry in skipped:
-        print(f"  k={entry['k']} ({entry['split']}): {entry['reason']}", file=out)
-    if kept_sizes:
-        print("also kept up to date from an earlier run: "
-              + ", ".join(f"*_label_{s}" for s in sorted(kept_sizes)), file=out)
-    if nothing_done:
-        print(f"nothing to do: all {len(plan)} faces were already up to date", file=out)
-    else:
-        written = len(plan) - unchanged - renamed
-        print(f"this run: faces written {written}, renumbered by renaming {renamed}, "
-              f"already up to date {unchanged}; files removed: {removed} surplus, "
-              f"{stale} left by interrupted runs", file=out)
-
-
-def _parser():
-    p = argparse.ArgumentParser(
-        prog="python -m data.prepare_celebamask_hq",
-        description="Turn the CelebAMask-HQ release into DATA_ROOT/CelebAMask-HQ/"
-                    "{train,val,test}_{img,label}/<n>.{jpg,png} (labels: 512x512 uint8, "
-                    "classes 0..18), split by CelebA's partition and numbered per split in "
-                    "mapping order.",
-        epilog="Skipped faces leave no holes: n counts the faces written, and "
-               "CelebAMask-HQ/manifest.json records (split, n, k) for each. Safe to "
-               "interrupt and re-run: finished files are kept, partial ones redone, and a "
-               "run with nothing to do writes nothing. Exit codes: 0 done, 1 output not "
-               "writable or final check failed, 2 bad input, 130 interrupted.")
-    p.add_argument("--src", required=True, metavar="RELEASE_DIR",
-                   help=f"unpacked release holding {IMAGE_DIR}/, {MASK_DIR}/ and {MAPPING_FILE}")
-    p.add_argument("--dst", required=True, metavar="DATA_ROOT",
-                   help=f"dataset root (cfg.path_dataset); output goes to DATA_ROOT/{OUT_DIR}/")
-    p.add_argument("--workers", type=_positive, default=os.cpu_count() or 1, metavar="N",
-                   help="worker processes (default: os.cpu_count(), here %(default)s)")
-    p.add_argument("--strict", action="store_true",
-                   help="stop with exit code 2 at the first bad face (missing image, "
-                        "unreadable or wrongly sized mask, missing mask folder) instead of "
-                        "skipping it and listing it in the summary")
-    p.add_argument("--size", type=_label_size, action="append", default=[], metavar="S",
-                   help="also write {split}_label_S/<n>.png, the 512 label resized to SxS with "
-                        "PIL NEAREST as the loader would (e.g. 64); may be repeated")
-    return p
-
-
-def _positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _label_size(text):
-    value = int(text)
-    if not 1 <= value < MASK_SIZE:
-        raise argparse.ArgumentTypeError(f"must be in 1..{MASK_SIZE - 1}, got {value}")
-    return value
+def _summary(root, faces, skipped, written, removed, manifest_changed):
+    bare = [str(face.k) for face in faces if not face.parts]
+    print(f"{OUT_DIR} in {root}: " + ", ".join(
+        f"{split} {sum(face.split == split for face in faces)} faces" for split in SPLITS)
+        + f"\nfaces without any annotation (all-zero label): {len(bare)}"
+        + (f" (k = {', '.join(bare[:20])}{', ...' * (len(bare) > 20)})" if bare else "")
+        + f"\nfaces skipped: {len(skipped)}"
+        + "".join(f"\n  k={entry['k']} ({entry['split']}): {entry['reason']}"
+                  for entry in skipped))
+    print(f"this run: faces written {written}, already up to date {len(faces) - written}, "
+          f"files removed {removed}" if written or removed or manifest_changed
+          else f"nothing to do: all {len(faces)} faces were already up to date")
 
 
 def main(argv=None):
     """Command-line entry point; returns the exit code (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m data.prepare_celebamask_hq",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--src", required=True, metavar="RELEASE", help="the unpacked release")
+    p.add_argument("--dst", required=True, metavar="DATA_ROOT",
+                   help=f"dataset root (cfg.path_dataset); output goes to DATA_ROOT/{OUT_DIR}/")
+    p.add_argument("--workers", type=int, default=build_workers(), metavar="N",
+                   help="worker processes (default: the CPUs usable here, %(default)s)")
+    p.add_argument("--strict", action="store_true", help="a bad face is fatal, not skipped")
+    p.add_argument("--size", type=int, action="append", default=[], metavar="S",
+                   help="also write {split}_label_S/: labels resized to SxS (1..511); repeatable")
     try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:  # --help, or a usage error already printed by argparse
-        return e.code if isinstance(e.code, int) else 2
-    try:
+        args = p.parse_args(argv)
+        if args.workers < 1 or not all(0 < size < MASK_SIZE for size in args.size):
+            p.error("--workers must be at least 1 and --size in 1..511")
         return _prepare(args)
-    except FatalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
+    except SystemExit as e:  # --help, or a usage error argparse has printed
+        return e.code if isinstance(e.code, int) else 2
+    except (DatasetError, LockHeld, OSError) as e:  # bad input, another run, unwritable output
         print(f"error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, OSError) else 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -1,11 +1,16 @@
-"""Finding, downloading and parsing each dataset's files under the dataset root.
+"""Finding, downloading and reading each dataset's files under the dataset root.
 
 Nothing here builds tensors or loaders; it returns numpy arrays (in-memory datasets)
 or file lists (file-backed datasets) split into train/val/test.
+
+Each dataset is looked for in this project's folder under the root first, then in the
+one the authors' code (sony/sqvae) uses; a download always goes to this project's.
+MNIST and Fashion-MNIST are parsed by torchvision; CIFAR10 batches are unpickled here,
+with only numpy arrays and plain values allowed.
 """
+import codecs
 import contextlib
 import gzip
-import math
 import os
 import pickle
 import re
@@ -13,6 +18,9 @@ import socket
 import zlib
 
 import numpy as np
+import torchvision.datasets as tvd
+
+from util.io import atomic_write_bytes
 
 from .errors import DatasetError, one_line
 
@@ -39,6 +47,17 @@ CELEBAMASK_DIR = "CelebAMask-HQ"
 _CELEBA_PARTITION_OF_SPLIT = {"train": 0, "val": 1, "test": 2}
 _LABEL_NAME = re.compile(r"^(\d+)\.png$")
 
+# Folder of each dataset's files under the root, as path parts: this project's layout
+# (torchvision's, rooted at the dataset root) first, then the authors' (torchvision's
+# rooted at <root>/<Name>), so a dataset root prepared for their code works unchanged.
+LAYOUTS = {
+    "MNIST": (("MNIST", "raw"), ("MNIST", "MNIST", "raw")),
+    "FashionMNIST": (("FashionMNIST", "raw"), ("FashionMNIST", "FashionMNIST", "raw")),
+    "CIFAR10": ((CIFAR10_DIR,), ("CIFAR10", CIFAR10_DIR)),
+    "CelebA": ((CELEBA_DIR,), ("CelebA", CELEBA_DIR)),
+}
+LAYOUT_NAMES = ("this project's layout", "the authors' layout")
+
 
 def split_sizes(dataset_name, n_official_train):
     """(n_train, n_val) carved from the official training split, train first.
@@ -59,6 +78,48 @@ def split_sizes(dataset_name, n_official_train):
                            "at least 2 are needed to split off a validation set")
     n_val = max(1, n // _TINY_VAL_DIVISOR[dataset_name])
     return n - n_val, n_val
+
+
+# ---------------------------------------------------------------- layouts
+
+# (dataset, folder) pairs already reported: train, val and test loaders each look the
+# dataset up, and the user needs to read where it came from once.
+_ANNOUNCED = set()
+
+
+def _layout_folders(dataset_name, root):
+    return [os.path.join(root, *parts) for parts in LAYOUTS[dataset_name]]
+
+
+def _announce(dataset_name, folder, layout):
+    if (dataset_name, folder) not in _ANNOUNCED:
+        _ANNOUNCED.add((dataset_name, folder))
+        print(f"{dataset_name}: using {folder} ({layout})", flush=True)
+
+
+def _locate(dataset_name, root, complete):
+    """The first layout folder (ours, then the authors') for which ``complete`` holds."""
+    for folder, layout in zip(_layout_folders(dataset_name, root), LAYOUT_NAMES):
+        if complete(folder):
+            _announce(dataset_name, folder, layout)
+            return folder
+    return None
+
+
+def _find(dataset_name, root, complete, missing_error):
+    """The dataset's folder, downloading into our layout when neither layout is complete;
+    ``missing_error(note)`` builds the error when it is still missing after that."""
+    folder = _locate(dataset_name, root, complete)
+    if folder is None:
+        note = try_download(dataset_name, root)
+        folder = _locate(dataset_name, root, complete)
+        if folder is None:
+            raise missing_error(note)
+    return folder
+
+
+def _also_accepted(dataset_name, root):
+    return f"or in {_layout_folders(dataset_name, root)[1]}{os.sep}, the authors' layout"
 
 
 # ---------------------------------------------------------------- download
@@ -89,29 +150,58 @@ def _short_reason(error):
     return f"{type(error).__name__}: {text[:120]}" + ("..." if len(text) > 120 else "")
 
 
+def _absent_folders(folder):
+    """``folder`` and those of its ancestors that do not exist yet, deepest first."""
+    absent = []
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        absent.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return absent
+
+
+def _remove_if_empty(folders):
+    for folder in folders:
+        try:
+            # rmdir refuses a folder with anything in it, so a partial download (or a
+            # file some other process put there meanwhile) is never lost.
+            os.rmdir(folder)
+        except OSError:
+            pass
+
+
 def try_download(dataset_name, root):
-    """Ask torchvision to download a dataset; return a short note for error messages.
+    """Ask torchvision to download a dataset into our layout; return a short note for
+    error messages.
 
     Failure is expected offline and is never raised here: the caller re-checks the
-    files and reports what is still missing.
+    files and reports what is still missing. Folders the attempt created and left
+    empty are removed again, so an offline run leaves the dataset root as it found it.
     """
     if download_disabled():
         return f"download skipped: {NO_DOWNLOAD_ENV}=1"
+    if dataset_name not in LAYOUTS:
+        return "no automatic download"
+    created = _absent_folders(_layout_folders(dataset_name, root)[0])
     try:
-        import torchvision.datasets as tvd
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-            if dataset_name == "MNIST":
-                tvd.MNIST(root, train=True, download=True)
-            elif dataset_name == "FashionMNIST":
-                tvd.FashionMNIST(root, train=True, download=True)
+            if dataset_name in ("MNIST", "FashionMNIST"):
+                getattr(tvd, dataset_name)(root, train=True, download=True)
             elif dataset_name == "CIFAR10":
-                tvd.CIFAR10(root, train=True, download=True)
-            elif dataset_name == "CelebA":
-                tvd.CelebA(root, split="all", download=True)
+                # Download and extract only: constructing tvd.CIFAR10 would also
+                # unpickle every batch, which _read_cifar_batch does safely later.
+                tvd.utils.download_and_extract_archive(
+                    tvd.CIFAR10.url, root, filename=tvd.CIFAR10.filename,
+                    md5=tvd.CIFAR10.tgz_md5)
             else:
-                return "no automatic download"
+                tvd.CelebA(root, split="all", download=True)
     except Exception as e:  # any failure (no network, quota, bad archive) means "not here"
         return f"download failed: {_short_reason(e)}"
+    finally:
+        _remove_if_empty(created)
     return "download attempted"
 
 
@@ -120,11 +210,6 @@ def try_download(dataset_name, root):
 # Parsed arrays per (dataset, files with their size and mtime): train and val loaders
 # of one process share a single read, and a replaced file is read afresh.
 _ARRAY_CACHE = {}
-
-
-def clear_cache():
-    """Forget parsed arrays (frees memory; the next loader reads the files again)."""
-    _ARRAY_CACHE.clear()
 
 
 def _signature(paths):
@@ -144,55 +229,77 @@ def _cached(key_name, paths, parse):
 
 # ---------------------------------------------------------------- MNIST-like (idx files)
 
-def _find_mnist_file(raw_dir, name):
-    for candidate in (name, name + ".gz"):
-        path = os.path.join(raw_dir, candidate)
+def _has_mnist_file(raw_dir, name):
+    return any(os.path.isfile(os.path.join(raw_dir, name + ext)) for ext in ("", ".gz"))
+
+
+def _missing_mnist_files(raw_dir):
+    return [n for n in MNIST_FILES if not _has_mnist_file(raw_dir, n)]
+
+
+def _extract_gz(raw_dir):
+    """Decompress each idx file that is only present as .gz, beside it.
+
+    torchvision reads only the uncompressed files (its download extracts them), while
+    a user may have just the .gz files. The file is renamed into place once complete,
+    so an interrupted extraction never leaves a short file that looks like data.
+    """
+    for name in MNIST_FILES:
+        path = os.path.join(raw_dir, name)
         if os.path.isfile(path):
-            return path
-    return None
-
-
-def _read_raw_bytes(path):
-    if path.endswith(".gz"):
+            continue
+        gz = path + ".gz"
         try:
-            with gzip.open(path, "rb") as f:
-                return np.frombuffer(bytearray(f.read()), dtype=np.uint8)
+            with gzip.open(gz, "rb") as f:
+                payload = f.read()
         except (OSError, EOFError, zlib.error) as e:
-            raise DatasetError(f"cannot decompress {path}: {one_line(e)} "
+            raise DatasetError(f"cannot decompress {gz}: {one_line(e)} "
                                "(truncated or corrupt; download it again)") from None
-    return np.fromfile(path, dtype=np.uint8)
+        try:
+            atomic_write_bytes(path, payload)
+        except OSError as e:
+            raise DatasetError(f"cannot extract {gz} to {path}: {e.strerror}; make "
+                               f"{raw_dir} writable or decompress it there yourself "
+                               "(gunzip -k)") from None
 
 
-def read_idx(path, ndim):
-    """An idx file (big-endian header, ubyte payload) as a uint8 array of its dims."""
-    raw = _read_raw_bytes(path)
-    expected_magic = 0x0800 + ndim
-    header = 4 + 4 * ndim
-    if raw.size < header:
-        raise DatasetError(f"{path} is truncated: {raw.size} bytes, shorter than its "
-                           f"{header}-byte idx header")
-    magic = int.from_bytes(raw[:4].tobytes(), "big")
-    if magic != expected_magic:
-        raise DatasetError(f"{path} is not an idx{ndim}-ubyte file: magic number "
-                           f"{magic:#010x}, expected {expected_magic:#010x}")
-    dims = [int(d) for d in np.frombuffer(raw[4:header].tobytes(), dtype=">u4")]
-    expected = header + math.prod(dims)
-    if raw.size != expected:
-        raise DatasetError(f"{path} is truncated or corrupt: its header (dims {dims}) "
-                           f"needs {expected} bytes, the file has {raw.size}")
-    return raw[header:].reshape(dims)
+def _file_in_traceback(error, paths):
+    # torchvision raises bare assertion, shape and type errors from its idx reader,
+    # which do not say which file they came from; the reader's frame still holds the
+    # path it was given. None when that cannot be found (e.g. another torchvision).
+    by_norm = {os.path.normpath(p): p for p in paths}
+    found = None
+    tb = error.__traceback__
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("path")
+        if isinstance(candidate, (str, os.PathLike)):
+            found = by_norm.get(os.path.normpath(candidate), found)
+        tb = tb.tb_next
+    return found
 
 
-def _mnist_missing_error(dataset_name, root, missing, note):
-    raw_dir = os.path.join(root, dataset_name, "raw")
-    return DatasetError(
-        f"{dataset_name} not found under {root}: put {', '.join(missing)} "
-        f"(or the same names with .gz) in {raw_dir}{os.sep} ({note})")
+def _corrupt_mnist_error(error, images_path, labels_path):
+    culprit = _file_in_traceback(error, (images_path, labels_path))
+    named = culprit or f"{images_path} or {labels_path}"
+    text = one_line(error)
+    reason = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    reason = reason[:160] + ("..." if len(reason) > 160 else "")
+    fix = "download it again"
+    if culprit and os.path.isfile(culprit + ".gz"):
+        fix = f"delete it to extract {os.path.basename(culprit)}.gz again, or download it again"
+    return DatasetError(f"{named} is truncated or corrupt ({reason}); {fix}")
 
 
-def _parse_mnist_pair(dataset_name, images_path, labels_path):
-    images = read_idx(images_path, 3)
-    labels = read_idx(labels_path, 1)
+def _read_mnist_pair(dataset_name, raw_dir, prefix):
+    images_path = os.path.join(raw_dir, f"{prefix}-images-idx3-ubyte")
+    labels_path = os.path.join(raw_dir, f"{prefix}-labels-idx1-ubyte")
+    # torchvision appends <Name>/raw to the root it is given.
+    tv_root = os.path.dirname(os.path.dirname(raw_dir))
+    try:
+        parsed = getattr(tvd, dataset_name)(tv_root, train=prefix == "train")
+    except Exception as e:  # its reader fails on bad files with whatever type comes up
+        raise _corrupt_mnist_error(e, images_path, labels_path) from None
+    images, labels = parsed.data.numpy(), parsed.targets.numpy()
     if images.shape[1:] != (28, 28):
         raise DatasetError(f"{images_path} holds {images.shape[1]}x{images.shape[2]} "
                            f"images; {dataset_name} images are 28x28")
@@ -202,27 +309,30 @@ def _parse_mnist_pair(dataset_name, images_path, labels_path):
     if labels.size and labels.max() > 9:
         raise DatasetError(f"{labels_path} holds label {int(labels.max())}; "
                            f"{dataset_name} labels are 0..9")
-    return images[:, None], labels.astype(np.int64)
+    return images[:, None], labels
+
+
+def _mnist_missing_error(dataset_name, root, note):
+    raw_dir = _layout_folders(dataset_name, root)[0]
+    missing = _missing_mnist_files(raw_dir)
+    return DatasetError(
+        f"{dataset_name} not found under {root}: put {', '.join(missing)} (or the same "
+        f"names with .gz) in {raw_dir}{os.sep} ({_also_accepted(dataset_name, root)}; {note})")
 
 
 def load_mnist_like(dataset_name, root):
     """{'train', 'val', 'test'} -> (uint8 N x 1 x 28 x 28, int64 N) for MNIST/FashionMNIST."""
-    raw_dir = os.path.join(root, dataset_name, "raw")
-    paths = {n: _find_mnist_file(raw_dir, n) for n in MNIST_FILES}
-    if any(p is None for p in paths.values()):
-        note = try_download(dataset_name, root)
-        paths = {n: _find_mnist_file(raw_dir, n) for n in MNIST_FILES}
-        missing = [n for n, p in paths.items() if p is None]
-        if missing:
-            raise _mnist_missing_error(dataset_name, root, missing, note)
-    ordered = [paths[n] for n in MNIST_FILES]
+    raw_dir = _find(dataset_name, root, lambda folder: not _missing_mnist_files(folder),
+                    lambda note: _mnist_missing_error(dataset_name, root, note))
+    _extract_gz(raw_dir)
+    paths = [os.path.join(raw_dir, n) for n in MNIST_FILES]
 
     def parse():
-        train = _parse_mnist_pair(dataset_name, ordered[0], ordered[1])
-        test = _parse_mnist_pair(dataset_name, ordered[2], ordered[3])
+        train = _read_mnist_pair(dataset_name, raw_dir, "train")
+        test = _read_mnist_pair(dataset_name, raw_dir, "t10k")
         return _carve_val(dataset_name, train, test)
 
-    return _cached(dataset_name, ordered, parse)
+    return _cached(dataset_name, paths, parse)
 
 
 def _carve_val(dataset_name, train, test):
@@ -236,12 +346,50 @@ def _carve_val(dataset_name, train, test):
 
 # ---------------------------------------------------------------- CIFAR10 (pickles)
 
+# Our own reader rather than torchvision's CIFAR10: that one unpickles the batch files
+# with plain pickle.load, and a pickle can call anything it names (os.system included)
+# while loading, so a tampered file from a mirror or a shared disk would run code. The
+# official batches name only these globals; everything else in them (dict, list, str,
+# int) is built by pickle opcodes that need no lookup.
+_RECONSTRUCT = np.empty(0).__reduce__()[0]
+_CIFAR_GLOBALS = {
+    # The official files were written by numpy 1.x; numpy 2 moved the module to _core.
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    # Python 3 writes bytes this way at pickle protocol 2 (the official files, from
+    # Python 2, hold plain strings, but a re-saved copy holds bytes keys).
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    def __init__(self, module, name):
+        # Pickles of protocol 2 name Python 2's module (Python 3 writes builtins that way).
+        module = {"__builtin__": "builtins"}.get(module, module)
+        super().__init__(f"{module}.{name}")
+        self.qualified_name = f"{module}.{name}"
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(module, name) from None
+
+
 def _read_cifar_batch(path):
     try:
         with open(path, "rb") as f:
             # latin1 is what the Python 2 pickles of the official release need to
             # restore their numpy arrays.
-            batch = pickle.load(f, encoding="latin1")
+            batch = _CifarUnpickler(f, encoding="latin1").load()
+    except _RefusedGlobal as e:
+        raise DatasetError(f"CIFAR10 batch {path} holds a pickled {e.qualified_name}, which "
+                           "is refused: only numpy arrays, lists, bytes, str and int are "
+                           "allowed; download the official files again") from None
     except Exception as e:  # a damaged pickle can raise almost any exception type
         raise DatasetError(f"cannot read CIFAR10 batch {path}: {type(e).__name__}: "
                            f"{one_line(e)} (truncated or corrupt; extract "
@@ -254,7 +402,11 @@ def _read_cifar_batch(path):
         raise DatasetError(f"CIFAR10 batch {path} lacks 'data' or 'labels' "
                            f"(keys: {', '.join(map(str, batch))})")
     data = np.asarray(batch["data"])
-    labels = np.asarray(batch["labels"], dtype=np.int64)
+    try:
+        labels = np.asarray(batch["labels"], dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise DatasetError(f"CIFAR10 batch {path} has labels that are not integers "
+                           f"({one_line(e)})") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DatasetError(f"CIFAR10 batch {path} has data of shape {data.shape} and "
                            f"dtype {data.dtype}; expected uint8 N x 3072")
@@ -269,19 +421,19 @@ def _read_cifar_batch(path):
 
 def load_cifar10(root):
     """{'train', 'val', 'test'} -> (uint8 N x 3 x 32 x 32, int64 N) for CIFAR10."""
-    folder = os.path.join(root, CIFAR10_DIR)
     names = CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)
 
-    def missing():
+    def missing(folder):
         return [n for n in names if not os.path.isfile(os.path.join(folder, n))]
 
-    if missing():
-        note = try_download("CIFAR10", root)
-        still = missing()
-        if still:
-            raise DatasetError(
-                f"CIFAR10 not found under {root}: put {', '.join(still)} (extracted from "
-                f"cifar-10-python.tar.gz) in {folder}{os.sep} ({note})")
+    def missing_error(note):
+        ours = _layout_folders("CIFAR10", root)[0]
+        return DatasetError(
+            f"CIFAR10 not found under {root}: put {', '.join(missing(ours))} (extracted "
+            f"from cifar-10-python.tar.gz) in {ours}{os.sep} "
+            f"({_also_accepted('CIFAR10', root)}; {note})")
+
+    folder = _find("CIFAR10", root, lambda f: not missing(f), missing_error)
     paths = [os.path.join(folder, n) for n in names]
 
     def parse():
@@ -311,19 +463,20 @@ def _read_celeba_partition(path):
 
 def celeba_files(root):
     """{'train', 'val', 'test'} -> list of JPEG paths, in list_eval_partition.txt order."""
-    folder = os.path.join(root, CELEBA_DIR)
+    def present(folder):
+        return (os.path.isfile(os.path.join(folder, CELEBA_PARTITION))
+                and os.path.isdir(os.path.join(folder, CELEBA_IMAGES)))
+
+    def missing_error(note):
+        ours = _layout_folders("CelebA", root)[0]
+        return DatasetError(
+            f"CelebA not found under {root}: put {CELEBA_IMAGES}{os.sep} (the aligned "
+            f"178x218 JPEGs) and {CELEBA_PARTITION} in {ours}{os.sep} "
+            f"({_also_accepted('CelebA', root)}; {note})")
+
+    folder = _find("CelebA", root, present, missing_error)
     image_dir = os.path.join(folder, CELEBA_IMAGES)
     partition = os.path.join(folder, CELEBA_PARTITION)
-
-    def present():
-        return os.path.isfile(partition) and os.path.isdir(image_dir)
-
-    if not present():
-        note = try_download("CelebA", root)
-        if not present():
-            raise DatasetError(
-                f"CelebA not found under {root}: put {CELEBA_IMAGES}{os.sep} (the aligned "
-                f"178x218 JPEGs) and {CELEBA_PARTITION} in {folder}{os.sep} ({note})")
 
     def parse():
         by_partition = _read_celeba_partition(partition)

@@ -8,30 +8,33 @@ def batch_norm(dim, enabled):
 
 
 class ResBlock(nn.Module):
-    """x + [ReLU, Conv3x3, BN, ReLU, Conv1x1, BN](x); channel count is preserved."""
+    """x + [ReLU, Conv3x3, BN, ReLU, Conv1x1, BN](x); channel count is preserved.
 
-    def __init__(self, dim, bn=True):
+    Its BatchNorms do not follow `flags.bn`: the authors' release never passes the flag to
+    its ResBlocks, only to the stems and heads (docs/model.md §2)."""
+
+    def __init__(self, dim):
         super().__init__()
         self.block = nn.Sequential(
             nn.ReLU(),
             nn.Conv2d(dim, dim, 3, 1, 1),
-            batch_norm(dim, bn),
+            nn.BatchNorm2d(dim),
             nn.ReLU(),
             nn.Conv2d(dim, dim, 1),
-            batch_norm(dim, bn),
+            nn.BatchNorm2d(dim),
         )
 
     def forward(self, x):
         return x + self.block(x)
 
 
-def res_stack(dim, count, bn):
-    return nn.Sequential(*[ResBlock(dim, bn) for _ in range(count)])
+def res_stack(dim, count):
+    return nn.Sequential(*[ResBlock(dim) for _ in range(count)])
 
 
 def init_weights(module):
-    """SPEC 2: conv weights ~ N(0, 0.02), BN weight ~ N(1, 0.02) and bias 0; conv biases keep
-    PyTorch's default."""
+    """Conv weights ~ N(0, 0.02), BN weight ~ N(1, 0.02) and bias 0; conv biases keep
+    PyTorch's default (docs/model.md §2)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.normal_(m.weight, 0.0, 0.02)

@@ -1,4 +1,4 @@
-"""Reconstruction losses of SPEC 4.
+"""Reconstruction losses of docs/model.md §4.
 
 Gaussian: with ``mse = sum (x_hat - x)^2 / B`` (summed over pixels, mean over images),
 ARELBO gives ``dim_x / 2 * log(mse)``; a learned variance gives

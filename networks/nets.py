@@ -1,4 +1,4 @@
-"""The four encoder/decoder pairs of SPEC 2, chosen by (dataset, network.name).
+"""The four encoder/decoder pairs of docs/model.md §2, chosen by (dataset, network.name).
 
 Every encoder returns ``(mean, log_var)``, where ``log_var`` is None unless the
 quantizer needs a variance head (``flags.var_q``). Decoders map a quantized
@@ -13,17 +13,26 @@ from .blocks import ResBlock, batch_norm, res_stack
 
 
 class Encoder(nn.Module):
-    """A downsampling stem, `num_rb - 1` ResBlocks, a mean head and an optional variance head."""
+    """A downsampling stem, ResBlocks, a mean head and an optional variance head."""
 
-    def __init__(self, stem, dim, num_rb, bn, var_q):
+    def __init__(self, stem, res, head_mean, head_log_var=None):
         super().__init__()
         self.stem = stem
-        self.res = res_stack(dim, num_rb - 1, bn)
-        self.head_mean = ResBlock(dim, bn)
-        self.head_log_var = ResBlock(dim, bn) if var_q else None
+        self.res = res
+        self.head_mean = head_mean
+        self.head_log_var = head_log_var
 
     def prepare(self, x):
         return x
+
+    def grid(self, height, width):
+        """The latent grid (H, W) for an input of height x width: what the stem's strided
+        convs leave of it (ResBlocks keep the size)."""
+        for layer in self.stem.modules():
+            if isinstance(layer, nn.Conv2d):
+                (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+                height, width = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+        return height, width
 
     def forward(self, x):
         h = self.res(self.stem(self.prepare(x)))
@@ -34,8 +43,8 @@ class Encoder(nn.Module):
 class LabelEncoder(Encoder):
     """Encoder for integer label maps: one-hot to `num_channels` planes first."""
 
-    def __init__(self, stem, dim, num_rb, bn, var_q, num_channels):
-        super().__init__(stem, dim, num_rb, bn, var_q)
+    def __init__(self, num_channels, *parts):
+        super().__init__(*parts)
         self.num_channels = num_channels
 
     def prepare(self, x):
@@ -47,53 +56,70 @@ class LabelEncoder(Encoder):
 class Decoder(nn.Module):
     """ResBlocks, then an upsampling head that ends in the output activation."""
 
-    def __init__(self, dim, num_res, bn, head):
+    def __init__(self, res, head):
         super().__init__()
-        self.res = res_stack(dim, num_res, bn)
+        self.res = res
         self.head = head
 
     def forward(self, z):
         return self.head(self.res(z))
 
 
+# Creating a conv layer draws its default bias from the global generator, so the order in
+# which layers are created decides which biases a seed gives. Every builder below creates
+# them in the release's order -- encoder stem, encoder ResBlocks, mean head, variance head,
+# decoder ResBlocks, decoder head -- and Python evaluates call arguments left to right, so
+# `Encoder(stem, *encoder_blocks(...))` and `Decoder(res_stack(...), head)` keep it. With
+# it, one seed gives the release's initial weights bit for bit (tests/test_reference.py).
+
+def encoder_blocks(cfg, d):
+    """ResBlocks and heads after the stem: `num_rb - 1` ResBlocks, the mean head and, when the
+    quantizer needs it (`flags.var_q`), the log-variance head."""
+    return (res_stack(d, cfg.network.num_rb - 1), ResBlock(d),
+            ResBlock(d) if cfg.flags.var_q else None)
+
+
 def _net28(cfg, d, h):
     bn = cfg.flags.bn
-    stem = nn.Sequential(
-        nn.Conv2d(1, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-        nn.Conv2d(h, d, 4, 2, 1))
-    head = nn.Sequential(
-        nn.ConvTranspose2d(d, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-        nn.ConvTranspose2d(h, 1, 4, 2, 1), nn.Sigmoid())
-    return Encoder(stem, d, cfg.network.num_rb, bn, cfg.flags.var_q), \
-        Decoder(d, cfg.network.num_rb, bn, head)
+    encoder = Encoder(
+        nn.Sequential(nn.Conv2d(1, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
+                      nn.Conv2d(h, d, 4, 2, 1)),
+        *encoder_blocks(cfg, d))
+    decoder = Decoder(
+        res_stack(d, cfg.network.num_rb),
+        nn.Sequential(nn.ConvTranspose2d(d, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
+                      nn.ConvTranspose2d(h, 1, 4, 2, 1), nn.Sigmoid()))
+    return encoder, decoder
 
 
 def _net32(cfg, d, h):
     bn = cfg.flags.bn
-    stem = nn.Sequential(
-        nn.Conv2d(3, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-        nn.Conv2d(h, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
-        nn.Conv2d(d, d, 3, 1, 1), batch_norm(d, bn), nn.ReLU())
-    head = nn.Sequential(
-        nn.ConvTranspose2d(d, d, 3, 1, 1), batch_norm(d, bn), nn.ReLU(),
-        nn.ConvTranspose2d(d, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-        nn.ConvTranspose2d(h, 3, 4, 2, 1), nn.Sigmoid())
-    return Encoder(stem, d, cfg.network.num_rb, bn, cfg.flags.var_q), \
-        Decoder(d, cfg.network.num_rb, bn, head)
+    encoder = Encoder(
+        nn.Sequential(nn.Conv2d(3, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
+                      nn.Conv2d(h, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
+                      nn.Conv2d(d, d, 3, 1, 1), batch_norm(d, bn), nn.ReLU()),
+        *encoder_blocks(cfg, d))
+    decoder = Decoder(
+        res_stack(d, cfg.network.num_rb),
+        nn.Sequential(nn.ConvTranspose2d(d, d, 3, 1, 1), batch_norm(d, bn), nn.ReLU(),
+                      nn.ConvTranspose2d(d, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
+                      nn.ConvTranspose2d(h, 3, 4, 2, 1), nn.Sigmoid()))
+    return encoder, decoder
 
 
 def _net64(cfg, d, h):
     bn = cfg.flags.bn
-    stem = nn.Sequential(
-        nn.Conv2d(3, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-        nn.Conv2d(h, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
-        nn.Conv2d(d, d, 3, 1, 1))
-    head = nn.Sequential(
-        nn.ConvTranspose2d(d, d, 3, 1, 1), batch_norm(d, bn), nn.ReLU(),
-        nn.ConvTranspose2d(d, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-        nn.ConvTranspose2d(h, 3, 4, 2, 1), nn.Sigmoid())
-    return Encoder(stem, d, cfg.network.num_rb, bn, cfg.flags.var_q), \
-        Decoder(d, cfg.network.num_rb - 1, bn, head)
+    encoder = Encoder(
+        nn.Sequential(nn.Conv2d(3, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
+                      nn.Conv2d(h, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
+                      nn.Conv2d(d, d, 3, 1, 1)),
+        *encoder_blocks(cfg, d))
+    decoder = Decoder(
+        res_stack(d, cfg.network.num_rb - 1),
+        nn.Sequential(nn.ConvTranspose2d(d, d, 3, 1, 1), batch_norm(d, bn), nn.ReLU(),
+                      nn.ConvTranspose2d(d, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
+                      nn.ConvTranspose2d(h, 3, 4, 2, 1), nn.Sigmoid()))
+    return encoder, decoder
 
 
 OUTPUT_ACTIVATIONS = {"exp": nn.Softplus, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
@@ -108,16 +134,19 @@ def label_channels(num_class):
 def _net64_label(cfg, d, h):
     bn = cfg.flags.bn
     n = label_channels(cfg.network.num_class)
-    stem = nn.Sequential(
-        nn.Conv2d(n, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-        nn.Conv2d(h, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
-        nn.Conv2d(d, d, 4, 2, 1))
-    head = nn.Sequential(
-        nn.ConvTranspose2d(d, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
-        nn.ConvTranspose2d(d, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-        nn.ConvTranspose2d(h, n, 4, 2, 1), OUTPUT_ACTIVATIONS[cfg.network.act_decoder]())
-    return LabelEncoder(stem, d, cfg.network.num_rb, bn, cfg.flags.var_q, n), \
-        Decoder(d, cfg.network.num_rb - 1, bn, head)
+    encoder = LabelEncoder(
+        n,
+        nn.Sequential(nn.Conv2d(n, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
+                      nn.Conv2d(h, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
+                      nn.Conv2d(d, d, 4, 2, 1)),
+        *encoder_blocks(cfg, d))
+    decoder = Decoder(
+        res_stack(d, cfg.network.num_rb - 1),
+        nn.Sequential(nn.ConvTranspose2d(d, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
+                      nn.ConvTranspose2d(d, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
+                      nn.ConvTranspose2d(h, n, 4, 2, 1),
+                      OUTPUT_ACTIVATIONS[cfg.network.act_decoder]()))
+    return encoder, decoder
 
 
 # (dataset, network.name) -> builder(cfg, D, D // 2) -> (encoder, decoder)

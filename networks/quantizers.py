@@ -1,4 +1,4 @@
-"""Stochastic quantizers of SPEC 3: Gaussian (variants I-IV) and von Mises-Fisher.
+"""Stochastic quantizers of docs/model.md §3: Gaussian (variants I-IV) and von Mises-Fisher.
 
 Both turn per-position logits l_ik over the K codes into a quantized latent in
 one of three modes:

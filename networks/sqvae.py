@@ -1,4 +1,4 @@
-"""SQ-VAE: encoder -> stochastic quantizer -> decoder, with the loss of SPEC 3-4.
+"""SQ-VAE: encoder -> stochastic quantizer -> decoder, with the loss of docs/model.md §3-4.
 
 ``model(x, mode)`` returns ``(x_hat, terms)``; ``terms`` holds 0-dim tensors
 (``loss``, ``loss_rec``, ``kld_discrete``, ``kld_continuous``, ``perplexity``,
@@ -137,9 +137,11 @@ class VmfSQVAE(SQVAE):
     """Label maps with a von Mises-Fisher likelihood over one-hot class vectors."""
 
     TERMS = (*SQVAE.TERMS, "acc")
+    OUTPUTS = "labels"
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        self.num_classes = cfg.network.num_class
         self.log_kappa_inv = nn.Parameter(torch.tensor(float(cfg.model.log_kappa_inv)))
 
     def reconstruction_terms(self, x_hat, x):

@@ -11,11 +11,12 @@ JOBS.json is a list of jobs, run one after the other. Each job is a dict:
     fault   optional, one of
               {"kill_at_step": N}              SIGKILL right after training step N
               {"signal_at_step": N, "signal": "SIGTERM"}   send a signal to itself there
-              {"kill_at_write": K, "log": P}   SIGKILL half-way through the K-th call of
-                                               util.io.atomic_write_bytes: its first write
-                                               to a file gets half the bytes, then the
-                                               process dies; P gets {"path": the path
-                                               being written, "cut": true}
+              {"kill_at_write": K, "log": P}   SIGKILL half-way through the K-th write of
+                                               a run-folder file (a call of
+                                               util.io.atomic_write_bytes or
+                                               util.io.append_jsonl): the file gets half
+                                               the bytes, then the process dies; P gets
+                                               {"path": the path being written, "cut": true}
     copy_to optional: when the job has ended, copy its run folder (the "{run:ROOT}" of the
             job's "root") to this path, so later jobs can change it and tests still see
             what the job left
@@ -40,6 +41,7 @@ sys.path.insert(0, ROOT)
 import main  # noqa: E402
 import trainer.images  # noqa: E402,F401  (imports atomic_write_bytes by name)
 import trainer.loop  # noqa: E402
+import trainer.runs  # noqa: E402,F401  (imports append_jsonl by name)
 import util.io  # noqa: E402
 
 
@@ -77,9 +79,11 @@ class _CutShort:
 
 
 def _kill_at_write(k, log):
-    """The k-th call of util.io.atomic_write_bytes runs for real, but the first file it
-    opens for writing (whatever its name) gets half the bytes before SIGKILL."""
+    """The k-th write runs for real, but the first file it opens for writing (whatever its
+    name) gets half the bytes before SIGKILL; an append puts half its lines' bytes at the
+    end of the file, leaving a torn last line."""
     original = util.io.atomic_write_bytes
+    original_append = util.io.append_jsonl
     real_open, real_fdopen = builtins.open, os.fdopen
     state = {"count": 0, "armed": False, "path": None}
 
@@ -97,20 +101,34 @@ def _kill_at_write(k, log):
             return file
         return open_
 
-    def atomic_write_bytes(path, data):
+    def atomic_write_bytes(path, data, **options):
         state["count"] += 1
         if state["count"] != k:
-            return original(path, data)
+            return original(path, data, **options)
         state["armed"], state["path"] = True, path
-        original(path, data)
+        original(path, data, **options)
         die(cut=False)  # only if nothing was written through a Python file object
+
+    def append_jsonl(path, records):
+        state["count"] += 1
+        if state["count"] != k:
+            return original_append(path, records)
+        state["path"] = path
+        payload = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
+        with real_open(path, "ab") as f:
+            f.write(payload[:len(payload) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        die(cut=True)
 
     builtins.open = opener(real_open)
     os.fdopen = opener(real_fdopen)
-    # Modules that imported the function by name hold their own reference.
+    # Modules that imported the functions by name hold their own references.
     for module in list(sys.modules.values()):
         if getattr(module, "atomic_write_bytes", None) is original:
             module.atomic_write_bytes = atomic_write_bytes
+        if getattr(module, "append_jsonl", None) is original_append:
+            module.append_jsonl = append_jsonl
 
 
 def install(fault):

@@ -147,3 +147,21 @@ def write_celebamask(root, n_train, n_val, n_test, size=512, seed=0, with_images
                 rgb = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
                 Image.fromarray(rgb).save(os.path.join(image_dir, f"{i}.jpg"), quality=90)
     return out
+
+
+# Where the authors' code (sony/sqvae) keeps each dataset, relative to the dataset root,
+# next to where write_* puts it.
+AUTHORS_LAYOUT = {
+    "MNIST": ("MNIST/raw", "MNIST/MNIST/raw"),
+    "FashionMNIST": ("FashionMNIST/raw", "FashionMNIST/FashionMNIST/raw"),
+    "CIFAR10": ("cifar-10-batches-py", "CIFAR10/cifar-10-batches-py"),
+    "CelebA": ("celeba", "CelebA/celeba"),
+}
+
+
+def move_to_authors_layout(root, name):
+    """Move a dataset written by write_* into the authors' folder; returns that folder."""
+    ours, theirs = (os.path.join(root, *p.split("/")) for p in AUTHORS_LAYOUT[name])
+    os.makedirs(os.path.dirname(theirs), exist_ok=True)
+    os.rename(ours, theirs)
+    return theirs

@@ -14,11 +14,6 @@ from tests.celebamask_fixture import write_release
 from trainer.runs import load_checkpoint, load_run_config
 
 
-@pytest.fixture(autouse=True)
-def no_download(monkeypatch):
-    monkeypatch.setenv("SQVAE_NO_DOWNLOAD", "1")
-
-
 def direct_counts(model, label_dir, num_classes=19):
     """Pixel accuracy and mIoU counted with numpy from the model's saved predictions."""
     preds, labels = [], []

@@ -1,9 +1,10 @@
 """configs.load_config: the nine experiment files, derived fields, overrides, errors, and the CLI.
 
-Expected values come from SPEC §1 (experiment table) and §2 (parameter counts).
+Expected values come from docs/model.md §1 (experiment table) and §2 (parameter counts).
 """
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -11,11 +12,11 @@ import pytest
 
 import configs
 from configs import ConfigError, config_to_yaml, load_config
-from tests.spec_tables import SPEC_PARAMS as PARAMS
+from tests.reference_tables import REFERENCE_PARAMS as PARAMS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# SPEC §1 experiment table:
+# docs/model.md §1 experiment table:
 # file -> (dataset, shape, model, param_var_q, K, D, num_rb, epochs, log_param_q_init)
 EXPERIMENTS = {
     "mnist_gauss_1": ("MNIST", (1, 28, 28), "GaussianSQVAE", "gaussian_1", 128, 64, 2, 100,
@@ -55,7 +56,7 @@ def test_experiment_files_include_the_nine():
 
 
 def test_every_shipped_file_loads():
-    # Also any experiment file added beside the nine of the SPEC (e.g. baselines).
+    # Also any experiment file added beside the nine of the authors' release (e.g. baselines).
     for name in configs.experiment_files():
         assert load_config(name, []).is_frozen()
 
@@ -76,7 +77,7 @@ def test_experiment_file_loads_with_spec_values(name, suffix):
     assert cfg.network.num_rb == num_rb
     assert cfg.train.epoch_max == epochs
     assert cfg.model.log_param_q_init == pytest.approx(log_q, abs=1e-12)
-    # Defaults of SPEC §1 that no experiment file changes.
+    # Defaults of docs/model.md §1 that no experiment file changes.
     assert cfg.train.lr == 0.001 and cfg.train.bs == 32
     assert cfg.quantization.temperature.init == 1.0
     assert cfg.quantization.temperature.decay == 1e-5
@@ -106,27 +107,63 @@ def test_derived_fields(name, tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_path_specific_follows_dataset_and_variant(name):
-    # SPEC §1: `<dataset>_sqvae_<variant>/`, the dataset spelled as in the file name.
+    # docs/model.md §1: `<dataset>_sqvae_<variant>/`, the dataset spelled as in the file name.
     prefix, _, rest = name.partition("_")
     variant = "vmf" if rest == "vmf" else "gaussian_" + rest[-1]
     assert load_config(name, []).path_specific == f"{prefix}_sqvae_{variant}/"
 
 
 def test_cifar10_vmf_has_its_own_folder():
-    # The reference's cifar10_vmf reuses cifar10_sqvae_gaussian_1/ (SPEC §8); ours must not,
-    # and no two shipped experiments share a run folder.
+    # The reference's cifar10_vmf reuses cifar10_sqvae_gaussian_1/ (docs/model.md §8); ours
+    # must not, and no two shipped experiments share a run folder.
     specific = {name: load_config(name, []).path_specific for name in configs.experiment_files()}
     assert specific["cifar10_vmf.yaml"] != "cifar10_sqvae_gaussian_1/"
     assert len(set(specific.values())) == len(specific)
 
 
-def test_derived_fields_ignore_written_values():
-    # Values written for derived keys are recomputed from the real ones.
-    cfg = load_config("mnist_gauss_1", ["flags.var_q", "True", "quantization.dim_code", "7",
-                                        "model.param_var_q", "gaussian_3"])
-    assert cfg.flags.var_q is True and cfg.quantization.dim_code == 64
-    cfg = load_config("mnist_gauss_1", ["flags.var_q", "True"])
-    assert cfg.flags.var_q is False
+def test_derived_fields_ignore_values_written_in_files(tmp_path):
+    # A saved run's config.yaml holds the derived keys; they are recomputed from the real ones.
+    path = tmp_path / "cfg.yaml"
+    path.write_text("path_specific: x/\nflags: {var_q: True}\nquantization: {dim_code: 7}\n"
+                    "path_checkpoint: /elsewhere\n")
+    cfg = load_config(str(path))
+    assert cfg.flags.var_q is False and cfg.quantization.dim_code == 64
+    assert cfg.path_checkpoint == os.path.join(cfg.path, "x/")
+    cfg = load_config(str(path), ["model.param_var_q", "gaussian_3"])
+    assert cfg.flags.var_q is True
+
+
+@pytest.mark.parametrize("key, value, fix", [
+    ("path_checkpoint", "/tmp/x", "set path or path_specific"),
+    ("quantization.dim_code", "7", "quantization.dim_dict"),
+    ("flags.var_q", "True", "model.param_var_q"),
+])
+def test_overriding_a_derived_key_is_an_error(key, value, fix):
+    with pytest.raises(ConfigError, match=f"'{key}' is derived.*{fix}") as error:
+        load_config("mnist_gauss_1", [key, value])
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.lr", "-1", "'train.lr' must be greater than 0.0, got -1.0"),
+    ("train.lr", "0", "'train.lr' must be greater than 0.0"),
+    ("train.bs_per_rank", "-1", "'train.bs_per_rank' must be at least 0, got -1"),
+    ("log.every_steps", "0", "'log.every_steps' must be at least 1"),
+    ("quantization.temperature.init", "0", "temperature.init' must be greater than 0.0"),
+    ("nworker", "-2", "'nworker' must be at least 0"),
+])
+def test_numbers_out_of_range_are_one_line_errors(key, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        load_config("mnist_gauss_1", [key, value])
+    assert "\n" not in str(error.value)
+
+
+def test_relative_paths_are_stored_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("mnist_gauss_1", ["path", "runs", "path_dataset", "../ds"])
+    assert cfg.path == str(tmp_path / "runs")
+    assert cfg.path_dataset == os.path.abspath(tmp_path / ".." / "ds")
+    assert cfg.path_checkpoint == os.path.join(str(tmp_path / "runs"), "mnist_sqvae_gaussian_1/")
 
 
 def test_env_sets_default_roots_and_cli_override_wins(monkeypatch, tmp_path):
@@ -142,9 +179,15 @@ def test_env_sets_default_roots_and_cli_override_wins(monkeypatch, tmp_path):
     assert cfg.path_checkpoint == os.path.join(str(other), "cifar10_sqvae_gaussian_1/")
 
 
-def test_without_env_the_shipped_defaults_apply():
+def test_without_env_the_shipped_defaults_apply(monkeypatch, tmp_path):
+    # Run folders and datasets default to folders of the current directory, outside the
+    # source packages (data/ is a package: a download there would land among its sources).
+    monkeypatch.delenv("SQVAE_CHECKPOINTS", raising=False)
+    monkeypatch.delenv("SQVAE_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
     cfg = load_config("mnist_gauss_1", [])
-    assert cfg.path == "./checkpoints" and cfg.path_dataset == "./data"
+    assert cfg.path == str(tmp_path / "checkpoints")
+    assert cfg.path_dataset == str(tmp_path / "datasets")
 
 
 def test_override_types_are_coerced():

@@ -1,12 +1,15 @@
 """data/: splits, transforms, epoch order, resuming, sharding and file errors.
 
-Every dataset except the real MNIST/FashionMNIST in /work/shared/data is written
-into tmp_path by tests/fixtures.py; downloads are disabled throughout.
+Every dataset is written into tmp_path by tests/fixtures.py, except the shipped MNIST and
+Fashion-MNIST subsets (conftest.small_data) and the full datasets of the full-data tier
+(conftest.full_data). Downloads are disabled, except where a test makes the network fail.
 """
+import gzip
 import os
 import pickle
 import re
 import socket
+import warnings
 
 import numpy as np
 import pytest
@@ -19,13 +22,7 @@ import configs
 import data
 from data import sources
 from tests import fixtures
-
-REAL_DATA = "/work/shared/data"
-
-
-@pytest.fixture(autouse=True)
-def no_download(monkeypatch):
-    monkeypatch.setenv("SQVAE_NO_DOWNLOAD", "1")
+from tests.conftest import SMALL_DATA
 
 
 def make_cfg(experiment, root, nworker=0, cache=None):
@@ -34,6 +31,11 @@ def make_cfg(experiment, root, nworker=0, cache=None):
     cache = nworker == 0 if cache is None else cache
     return configs.load_config(experiment, ["path_dataset", str(root), "nworker", str(nworker),
                                             "cache_decoded", str(cache)])
+
+
+def dataset_size(cfg, split):
+    """Samples in a split, all ranks together."""
+    return data.build_loader(cfg, split, batch_size=1, shuffle=False).dataset_size
 
 
 def batches(loader, start=0):
@@ -96,7 +98,7 @@ def test_split_sizes_real_and_tiny():
 def test_mnist_like_splits_values_and_file_order(tmp_path, name, experiment, gz):
     w = fixtures.write_mnist(tmp_path, name=name, n_train=66, n_test=20, seed=3, gz=gz)
     cfg = make_cfg(experiment, tmp_path)
-    assert [data.dataset_size(cfg, s) for s in data.SPLITS] == [55, 11, 20]
+    assert [dataset_size(cfg, s) for s in data.SPLITS] == [55, 11, 20]
     expected = {"train": slice(0, 55), "val": slice(55, 66)}
     for split in data.SPLITS:
         loader = data.build_loader(cfg, split, batch_size=8, shuffle=False)
@@ -118,7 +120,7 @@ def test_mnist_like_splits_values_and_file_order(tmp_path, name, experiment, gz)
 def test_cifar10_splits_and_channel_layout(tmp_path):
     w = fixtures.write_cifar10(tmp_path, n_per_batch=12, n_test=7, seed=4)  # 48 / 12 / 7
     cfg = make_cfg("cifar10_gauss_1", tmp_path)
-    assert [data.dataset_size(cfg, s) for s in data.SPLITS] == [48, 12, 7]
+    assert [dataset_size(cfg, s) for s in data.SPLITS] == [48, 12, 7]
     val_x, val_y = cat(batches(data.build_loader(cfg, "val", batch_size=5, shuffle=False)))
     assert val_x.shape == (12, 3, 32, 32) and val_x.dtype == torch.float32
     # Val = the last 12 of the concatenated batches, i.e. all of data_batch_5 here.
@@ -193,7 +195,7 @@ def test_iter_from_resumes_in_memory_and_file_loaders(mnist_root, tmp_path):
 def test_rank_strided_sharding_covers_each_sample_once(mnist_root, split, shuffle):
     root, w = mnist_root
     cfg = make_cfg("mnist_gauss_1", root)
-    n = data.dataset_size(cfg, split)  # 55 train / 11 val: odd
+    n = dataset_size(cfg, split)  # 55 train / 11 val: odd
     reference = (w["train_images"][:55] if split == "train" else w["train_images"][55:])[:, None]
     single = data.build_loader(cfg, split, batch_size=3, shuffle=shuffle, seed=9)
     single.set_epoch(4)
@@ -211,10 +213,11 @@ def test_rank_strided_sharding_covers_each_sample_once(mnist_root, split, shuffl
         ids = row_ids(as_uint8(cat(got)[0]), reference)
         # Rank r takes positions r, r + 2, ... of the single-process order (padded from its
         # start when training).
-        padded = full_order + full_order[:shard.num_padded]
+        pad = shard.num_samples * 2 - n if shuffle else 0
+        padded = full_order + full_order[:pad]
         assert ids == padded[rank::2]
         seen += ids
-    assert shards[0].num_padded == (1 if shuffle else 0)
+    assert pad == (1 if shuffle else 0)
     assert sorted(set(seen)) == list(range(n)) and len(seen) == n + (1 if shuffle else 0)
 
 
@@ -235,28 +238,36 @@ def test_sharding_file_loader_and_drop_last(celebamask_root):
 
 
 def test_parsed_arrays_are_read_once_per_process(mnist_root, monkeypatch):
-    root, _ = mnist_root
-    calls = []
-    real_read = sources.read_idx
-    monkeypatch.setattr(sources, "read_idx", lambda path, ndim: calls.append(path) or
-                        real_read(path, ndim))
-    sources.clear_cache()
+    root, w = mnist_root
+    parsed = []
+    real_mnist = torchvision.datasets.MNIST
+
+    def counting_mnist(*args, **kw):
+        parsed.append(kw.get("train"))
+        return real_mnist(*args, **kw)
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", counting_mnist)
     cfg = make_cfg("mnist_gauss_1", root)
     train = data.build_loader(cfg, "train", batch_size=8, shuffle=True)
     val = data.build_loader(cfg, "val", batch_size=8, shuffle=False)
     data.build_loader(cfg, "test", batch_size=8, shuffle=False)
-    assert len(calls) == 4  # four idx files, each parsed once
+    assert parsed == [True, False]  # the training pair and the test pair, each parsed once
     # One uint8 tensor per split, gathered by index.
     assert train.images.dtype == torch.uint8 and train.images.shape == (55, 1, 28, 28)
     assert val.images.shape == (11, 1, 28, 28)
+    # A file replaced on disk is read afresh.
+    new = fixtures.write_mnist(root, n_train=66, n_test=20, seed=2)
+    again = data.build_loader(cfg, "train", batch_size=8, shuffle=False)
+    assert len(parsed) == 4
+    assert torch.equal(again.images[:, 0], torch.from_numpy(new["train_images"][:55]))
 
 
 @pytest.mark.parametrize("name", ["MNIST", "FashionMNIST"])
-def test_real_mnist_splits_are_50000_10000_10000(name):
+def test_real_mnist_splits_are_50000_10000_10000(name, full_data):
     cfg = make_cfg({"MNIST": "mnist_gauss_1", "FashionMNIST": "fashion-mnist_gauss_1"}[name],
-                   REAL_DATA)
-    assert [data.dataset_size(cfg, s) for s in data.SPLITS] == [50_000, 10_000, 10_000]
-    raw = os.path.join(REAL_DATA, name, "raw")
+                   full_data)
+    assert [dataset_size(cfg, s) for s in data.SPLITS] == [50_000, 10_000, 10_000]
+    raw = os.path.join(full_data, name, "raw")
     images = np.fromfile(os.path.join(raw, "train-images-idx3-ubyte"), dtype=np.uint8)[16:]
     labels = np.fromfile(os.path.join(raw, "train-labels-idx1-ubyte"), dtype=np.uint8)[8:]
     test_images = np.fromfile(os.path.join(raw, "t10k-images-idx3-ubyte"), dtype=np.uint8)[16:]
@@ -281,7 +292,7 @@ def test_real_mnist_splits_are_50000_10000_10000(name):
 def test_celeba_partitions_and_transform_match_torchvision(tmp_path):
     written = fixtures.write_celeba(tmp_path, 5, 3, 2, seed=6)
     cfg = make_cfg("celeba_gauss_1", tmp_path)
-    assert [data.dataset_size(cfg, s) for s in data.SPLITS] == [5, 3, 2]
+    assert [dataset_size(cfg, s) for s in data.SPLITS] == [5, 3, 2]
     reference = T.Compose([T.CenterCrop(140), T.Resize(64), T.ToTensor()])
     for split in ("val", "test"):
         x, y = cat(batches(data.build_loader(cfg, split, batch_size=2, shuffle=False)))
@@ -304,7 +315,7 @@ def test_celeba_partitions_and_transform_match_torchvision(tmp_path):
 def test_celebamask_labels_equal_pil_nearest_resize(celebamask_root):
     root, written = celebamask_root
     cfg = make_cfg("celebamask_vmf", root, nworker=1)  # one worker process: the DataLoader path
-    assert [data.dataset_size(cfg, s) for s in data.SPLITS] == [12, 3, 2]
+    assert [dataset_size(cfg, s) for s in data.SPLITS] == [12, 3, 2]
     for split in data.SPLITS:
         x, y = cat(batches(data.build_loader(cfg, split, batch_size=5, shuffle=False)))
         expected = np.stack([np.asarray(Image.open(p).resize((64, 64), Image.NEAREST))
@@ -335,10 +346,15 @@ def test_celebamask_prefers_complete_label_64_folders(tmp_path):
 
 
 @pytest.mark.parametrize("experiment,folder,names", [
-    ("mnist_gauss_1", "MNIST/raw", ["train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
-    ("fashion-mnist_gauss_1", "FashionMNIST/raw", ["train-labels-idx1-ubyte"]),
-    ("cifar10_gauss_1", "cifar-10-batches-py", ["data_batch_1", "data_batch_5", "test_batch"]),
-    ("celeba_gauss_1", "celeba", ["img_align_celeba", "list_eval_partition.txt"]),
+    ("mnist_gauss_1", "MNIST/raw", ["train-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+                                    "MNIST/MNIST/raw/, the authors' layout"]),
+    ("fashion-mnist_gauss_1", "FashionMNIST/raw", [
+        "train-labels-idx1-ubyte", "FashionMNIST/FashionMNIST/raw/, the authors' layout"]),
+    ("cifar10_gauss_1", "cifar-10-batches-py", [
+        "data_batch_1", "data_batch_5", "test_batch",
+        "CIFAR10/cifar-10-batches-py/, the authors' layout"]),
+    ("celeba_gauss_1", "celeba", ["img_align_celeba", "list_eval_partition.txt",
+                                  "CelebA/celeba/, the authors' layout"]),
     ("celebamask_vmf", "CelebAMask-HQ", ["train_label", "val_label", "test_label",
                                          "python -m data.prepare_celebamask_hq --src"]),
 ])
@@ -349,11 +365,15 @@ def test_missing_dataset_error_is_one_line_naming_folder_and_files(tmp_path, exp
         data.build_loader(cfg, "train", batch_size=4, shuffle=True)
     message = str(err.value)
     assert "\n" not in message
-    assert os.path.join(str(tmp_path), folder) in message
+    ours = message.index(os.path.join(str(tmp_path), *folder.split("/")) + os.sep)
     for name in names:
-        assert name in message
+        assert name.replace("/", os.sep) in message
+    if "the authors' layout" in message:
+        # Ours is the folder to fill; the authors' is mentioned as accepted too.
+        assert ours < message.index("the authors' layout")
+        assert message.endswith("download skipped: SQVAE_NO_DOWNLOAD=1)")
     with pytest.raises(data.DatasetError):
-        data.dataset_size(cfg, "test")
+        dataset_size(cfg, "test")
 
 
 def test_missing_file_error_lists_only_what_is_missing(mnist_root):
@@ -384,30 +404,67 @@ def test_download_is_tried_with_a_timeout_unless_disabled(tmp_path, monkeypatch)
     assert socket.getdefaulttimeout() == before
 
 
-def test_truncated_or_corrupt_mnist_idx_names_the_file(mnist_root):
+def _truncate(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def _overwrite(path, offset, payload):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(payload)
+
+
+@pytest.mark.parametrize("name,damage", [
+    ("train-images-idx3-ubyte", lambda p: _truncate(p, os.path.getsize(p) - 100)),
+    ("train-labels-idx1-ubyte", lambda p: _truncate(p, os.path.getsize(p) - 1)),
+    ("t10k-images-idx3-ubyte", lambda p: _truncate(p, 3)),  # shorter than the header
+    ("t10k-labels-idx1-ubyte", lambda p: _truncate(p, 0)),
+    ("train-images-idx3-ubyte", lambda p: _overwrite(p, 0, b"\x00\x00\x09\x03")),  # int8
+    ("train-images-idx3-ubyte", lambda p: _overwrite(p, 0, b"\xff\xff\xff\xff")),
+    ("t10k-labels-idx1-ubyte", lambda p: _overwrite(p, os.path.getsize(p), b"extra")),
+])
+def test_truncated_or_corrupt_mnist_file_is_one_line_naming_it(mnist_root, name, damage):
     root, w = mnist_root
-    cfg = make_cfg("mnist_gauss_1", root)
-    path = w["paths"]["train-images-idx3-ubyte"]
-    size = os.path.getsize(path)
-    with open(path, "r+b") as f:
-        f.truncate(size - 100)
-    expected = re.escape(path) + f" is truncated.*needs {size} bytes, the file has {size - 100}"
-    with pytest.raises(data.DatasetError, match=expected):
-        data.build_loader(cfg, "train", batch_size=4, shuffle=True)
-    with open(path, "r+b") as f:
-        f.write(b"\x00\x00\x09\x03")
-    with pytest.raises(data.DatasetError, match=re.escape(path) + " is not an idx3-ubyte file"):
-        data.build_loader(cfg, "train", batch_size=4, shuffle=True)
+    path = w["paths"][name]
+    damage(path)
+    split = "train" if name.startswith("train") else "test"
+    with pytest.raises(data.DatasetError) as err:
+        data.build_loader(make_cfg("mnist_gauss_1", root), split, batch_size=4, shuffle=False)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(path + " is truncated or corrupt (")
+    assert message.endswith("download it again")
+    others = [p for p in w["paths"].values() if p != path]
+    assert not any(p in message for p in others)  # the damaged file, not its partner
 
 
 def test_truncated_gz_idx_names_the_file(tmp_path):
     w = fixtures.write_mnist(tmp_path, n_train=12, n_test=6, gz=True)
     path = w["paths"]["t10k-images-idx3-ubyte"]
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
-    with pytest.raises(data.DatasetError, match="cannot decompress " + re.escape(path)):
+    _truncate(path, os.path.getsize(path) // 2)
+    with pytest.raises(data.DatasetError, match="^cannot decompress " + re.escape(path) +
+                       ".*download it again") as err:
         data.build_loader(make_cfg("mnist_gauss_1", tmp_path), "test", batch_size=4,
                           shuffle=False)
+    assert "\n" not in str(err.value)
+    # Nothing half-extracted was left beside it.
+    assert sorted(os.listdir(os.path.dirname(path))) == sorted(
+        [os.path.basename(p) for p in w["paths"].values()] +
+        ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"])
+
+
+def test_corrupt_extracted_file_says_it_can_be_extracted_again(tmp_path):
+    w = fixtures.write_mnist(tmp_path, n_train=12, n_test=6, gz=True)
+    cfg = make_cfg("mnist_gauss_1", tmp_path)
+    data.build_loader(cfg, "train", batch_size=4, shuffle=False)
+    extracted = w["paths"]["train-labels-idx1-ubyte"][:-len(".gz")]
+    _truncate(extracted, 9)
+    with pytest.raises(data.DatasetError, match=re.escape(extracted) + " is truncated.*"
+                       "delete it to extract train-labels-idx1-ubyte.gz again"):
+        data.build_loader(cfg, "train", batch_size=4, shuffle=False)
+    os.remove(extracted)
+    assert dataset_size(cfg, "train") == 10
 
 
 def test_truncated_cifar_pickle_names_the_file(tmp_path):
@@ -449,6 +506,189 @@ def test_celeba_partition_listing_missing_images(tmp_path):
                           shuffle=True)
 
 
+def tree(root):
+    """Every folder and file under root, relative, so two snapshots can be compared."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        found += [os.path.join(rel, d) + os.sep for d in dirs] + [os.path.join(rel, f)
+                                                                 for f in files]
+    return sorted(found)
+
+
+def test_default_dataset_root_is_outside_the_source_packages(monkeypatch):
+    monkeypatch.delenv("SQVAE_DATA", raising=False)
+    # ./data would be the data/ package itself: a first download would land among its
+    # source files.
+    assert configs.get_defaults().path_dataset == "./datasets"
+
+
+def test_gz_only_and_uncompressed_files_give_identical_arrays(tmp_path):
+    gz_root, raw_root = tmp_path / "gz", tmp_path / "raw"
+    written = fixtures.write_mnist(gz_root, n_train=30, n_test=8, seed=5, gz=True)
+    fixtures.write_mnist(raw_root, n_train=30, n_test=8, seed=5)
+    for split in data.SPLITS:
+        a, b = (data.build_loader(make_cfg("mnist_gauss_1", root), split, batch_size=8,
+                                  shuffle=False) for root in (gz_root, raw_root))
+        assert a.dataset_size == b.dataset_size > 0
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    # torchvision reads uncompressed files: each was extracted beside its .gz, byte for
+    # byte, and no temporary file was left behind.
+    raw = gz_root / "MNIST" / "raw"
+    assert sorted(os.listdir(raw)) == sorted(sources.MNIST_FILES + tuple(
+        n + ".gz" for n in sources.MNIST_FILES))
+    for name, gz_path in written["paths"].items():
+        with gzip.open(gz_path) as f:
+            assert (raw / name).read_bytes() == f.read()
+
+
+@pytest.mark.parametrize("name,experiment,sizes", [
+    ("MNIST", "mnist_gauss_1", [1_667, 333, 10_000]),
+    ("FashionMNIST", "fashion-mnist_gauss_1", [834, 166, 500])])
+def test_shipped_subsets_split_as_documented_and_match_their_bytes(small_data, name,
+                                                                   experiment, sizes):
+    cfg = make_cfg(experiment, small_data)
+    assert [dataset_size(cfg, s) for s in data.SPLITS] == sizes
+    shipped = os.path.join(SMALL_DATA, name, "raw")  # the originals, not the copy read
+
+    def idx_bytes(base):
+        with gzip.open(os.path.join(shipped, base + ".gz")) as f:
+            return np.frombuffer(f.read(), dtype=np.uint8)
+
+    n_train, n_val, _ = sizes
+    first_in_file = {"train": 0, "val": n_train, "test": 0}
+    for split in data.SPLITS:
+        prefix = "t10k" if split == "test" else "train"
+        images, labels = idx_bytes(f"{prefix}-images-idx3-ubyte"), idx_bytes(
+            f"{prefix}-labels-idx1-ubyte")
+        loader = data.build_loader(cfg, split, batch_size=500, shuffle=False)
+        for i in (0, loader.dataset_size - 1):
+            at = first_in_file[split] + i
+            expected = images[16 + 784 * at:16 + 784 * (at + 1)].reshape(1, 28, 28)
+            assert torch.equal(loader.images[i], torch.from_numpy(expected.copy()))
+            assert loader.labels[i].item() == labels[8 + at]
+        if split != "test":
+            assert first_in_file[split] + loader.dataset_size <= n_train + n_val
+
+
+WRITERS = {
+    "MNIST": lambda root: fixtures.write_mnist(root, n_train=24, n_test=6, seed=11),
+    "FashionMNIST": lambda root: fixtures.write_mnist(root, name="FashionMNIST", n_train=24,
+                                                      n_test=6, seed=11),
+    "CIFAR10": lambda root: fixtures.write_cifar10(root, n_per_batch=4, n_test=3, seed=11),
+    "CelebA": lambda root: fixtures.write_celeba(root, 3, 2, 2, seed=11),
+}
+EXPERIMENTS = {"MNIST": "mnist_gauss_1", "FashionMNIST": "fashion-mnist_gauss_1",
+               "CIFAR10": "cifar10_gauss_1", "CelebA": "celeba_gauss_1"}
+
+
+def every_split(cfg):
+    loaders = data.build_loaders(cfg, "cpu", 0)
+    return {split: cat(batches(loader)) for split, loader in loaders.items()}
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_authors_layout_loads_the_same_data_and_says_so_once(tmp_path, capsys, name):
+    ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
+    WRITERS[name](ours)
+    WRITERS[name](theirs)
+    folder = fixtures.move_to_authors_layout(theirs, name)
+    expected = every_split(make_cfg(EXPERIMENTS[name], ours))
+    got = every_split(make_cfg(EXPERIMENTS[name], theirs))
+    for split in data.SPLITS:
+        assert len(got[split][0]) > 0
+        assert torch.equal(got[split][0], expected[split][0])
+        assert torch.equal(got[split][1], expected[split][1])
+    out = capsys.readouterr().out
+    ours_folder = os.path.join(ours, *fixtures.AUTHORS_LAYOUT[name][0].split("/"))
+    # Three loaders asked for each root; each layout is named once.
+    assert out.count(f"{name}: using {folder} (the authors' layout)\n") == 1
+    assert out.count(f"{name}: using {ours_folder} (this project's layout)\n") == 1
+    assert len([line for line in out.splitlines() if " using " in line]) == 2
+    if name == "CelebA":
+        # The decoded cache sits under the dataset root whatever the layout.
+        assert os.path.isfile(os.path.join(theirs, "cache", "celeba_train_64.npy"))
+
+
+def test_our_layout_wins_over_the_authors(tmp_path, capsys):
+    ours = fixtures.write_mnist(tmp_path, n_train=12, n_test=6, seed=1)
+    fixtures.write_mnist(tmp_path / "MNIST", n_train=12, n_test=6, seed=2)  # authors' layout
+    loader = data.build_loader(make_cfg("mnist_gauss_1", tmp_path), "test", batch_size=6,
+                               shuffle=False)
+    assert torch.equal(loader.images[:, 0], torch.from_numpy(ours["test_images"]))
+    assert capsys.readouterr().out == (
+        f"MNIST: using {tmp_path / 'MNIST' / 'raw'} (this project's layout)\n")
+
+
+class _Payload:
+    """Unpickling this runs code, which creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def test_cifar_batch_holding_code_is_refused_before_it_runs(tmp_path):
+    w = fixtures.write_cifar10(tmp_path, n_per_batch=4, n_test=3)
+    path, marker = w["paths"]["data_batch_2"], tmp_path / "marker"
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    batch[b"batch_label"] = _Payload(str(marker))  # official contents otherwise
+    with open(path, "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+    with pytest.raises(data.DatasetError) as err:
+        data.build_loader(make_cfg("cifar10_gauss_1", tmp_path), "train", batch_size=4,
+                          shuffle=True)
+    assert str(err.value) == (
+        f"CIFAR10 batch {path} holds a pickled builtins.exec, which is refused: only numpy "
+        "arrays, lists, bytes, str and int are allowed; download the official files again")
+    assert not marker.exists()
+    # The file is a live one: a plain unpickler (torchvision's CIFAR10 uses one) runs it.
+    with open(path, "rb") as f:
+        pickle.load(f, encoding="latin1")
+    assert marker.exists()
+
+
+def test_cifar_batches_as_numpy_1_wrote_them_load(tmp_path):
+    w = fixtures.write_cifar10(tmp_path, n_per_batch=4, n_test=3, seed=12)
+    for path in w["paths"].values():
+        with open(path, "rb") as f:
+            payload = f.read()
+        # Protocol 2 names globals as text lines, so the module path can be swapped.
+        with open(path, "wb") as f:
+            f.write(payload.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy 2 warns on importing numpy.core itself
+        x, y = every_split(make_cfg("cifar10_gauss_1", tmp_path))["test"]
+    assert torch.equal(as_uint8(x), torch.from_numpy(w["test_images"]))
+    assert torch.equal(y, torch.from_numpy(w["test_labels"]))
+
+
+@pytest.mark.parametrize("experiment,existing", [
+    ("mnist_gauss_1", False), ("fashion-mnist_gauss_1", True), ("cifar10_gauss_1", False)])
+def test_failed_download_leaves_the_dataset_root_as_it_was(tmp_path, monkeypatch, experiment,
+                                                           existing):
+    monkeypatch.delenv("SQVAE_NO_DOWNLOAD")
+    lookups = []
+
+    def no_network(host, *args, **kw):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    root = tmp_path / "datasets"
+    if existing:
+        (root / "empty").mkdir(parents=True)  # empty but not made by the download
+        (root / "notes.txt").write_text("kept")
+    before = tree(tmp_path)
+    with pytest.raises(data.DatasetError, match=r"download failed: no network\)$"):
+        data.build_loader(make_cfg(experiment, root), "train", batch_size=4, shuffle=True)
+    assert lookups  # torchvision really tried
+    assert tree(tmp_path) == before
+
+
 def test_loader_argument_checks(mnist_root):
     root, _ = mnist_root
     cfg = make_cfg("mnist_gauss_1", root)
@@ -460,3 +700,17 @@ def test_loader_argument_checks(mnist_root):
         data.build_loader(cfg, "train", batch_size=0, shuffle=True)
     loader = data.build_loader(cfg, "train", batch_size=8, shuffle=True, drop_last=True)
     assert len(loader) == 6 and all(len(x) == 8 for x, _ in loader)
+
+
+def test_shipped_test_data_stays_small():
+    # A fresh clone carries this data: at most 4 MB in all, no file over 2 MB, only the
+    # gzip'ed idx files (torchvision unpacks them next to themselves; tests use a copy).
+    here = os.path.dirname(os.path.abspath(__file__))
+    sizes = {}
+    for folder in ("data", "reference"):
+        for root, _, files in os.walk(os.path.join(here, folder)):
+            for name in files:
+                sizes[os.path.join(root, name)] = os.path.getsize(os.path.join(root, name))
+    assert sum(sizes.values()) <= 4_000_000
+    assert max(sizes.values()) <= 2_000_000
+    assert not [p for p in sizes if p.endswith("-ubyte")]

@@ -20,11 +20,6 @@ from data import cache
 from tests import fixtures
 
 
-@pytest.fixture(autouse=True)
-def no_download(monkeypatch):
-    monkeypatch.setenv("SQVAE_NO_DOWNLOAD", "1")
-
-
 EXPERIMENT = {"CelebA": "celeba_gauss_1", "CelebAMask_HQ": "celebamask_vmf"}
 STEM = {"CelebA": "celeba", "CelebAMask_HQ": "celebamask"}
 
@@ -214,8 +209,8 @@ def test_failed_build_leaves_nothing_behind(tmp_path):
 def test_parallel_build_equals_decoding_each_file(tmp_path, monkeypatch):
     written = write("CelebA", tmp_path)
     pools = []
-    real_context = cache._pool_context
-    monkeypatch.setattr(cache, "_pool_context", lambda: pools.append(1) or real_context())
+    real_context = cache.pool_context
+    monkeypatch.setattr(cache, "pool_context", lambda: pools.append(1) or real_context())
     monkeypatch.setattr(cache, "MIN_PARALLEL", 1)
     monkeypatch.setattr(cache, "CHUNK", 3)  # 10 files: four chunks, the last one short
     monkeypatch.setattr(cache, "build_workers", lambda: 2)

@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import main
+import data
 from configs import load_config
 from networks import build_model
 from tests import fixtures
 from trainer import Trainer
+from trainer.logs import Display
 from util import distributed as dist
 from util.rng import seed_everything
 
@@ -32,8 +33,8 @@ def train_history(data_root, limit=5):
         "train.epoch_max", "2", "log.every_steps", "2"])
     seed_everything(0)
     model = build_model(cfg)
-    trainer = Trainer(cfg, model, main.make_loaders(cfg, "cpu", 0), "cpu", limit_batches=limit,
-                      log=lambda *_: None)
+    trainer = Trainer(cfg, model, data.build_loaders(cfg, "cpu", 0), "cpu", limit_batches=limit,
+                      display=Display(log=lambda *_: None))
     trainer.fit()
     return [{k: v for k, v in r.items() if k != "seconds"} for r in trainer.history]
 
@@ -52,8 +53,7 @@ def _worker(rank, world, port, data_root, out_dir):
 
 
 @pytest.fixture
-def mnist_root(tmp_path, monkeypatch):
-    monkeypatch.setenv("SQVAE_NO_DOWNLOAD", "1")
+def mnist_root(tmp_path):
     fixtures.write_mnist(str(tmp_path / "data"), n_train=120, n_test=16)
     return str(tmp_path / "data")
 

@@ -28,7 +28,6 @@ SMALL_NET = ["quantization.dim_dict", "8", "quantization.size_dict", "16", "netw
 def cli_state(monkeypatch):
     """main.run switches deterministic kernels on; train on one thread (several test
     processes share this machine); put both back afterwards."""
-    monkeypatch.setenv("SQVAE_NO_DOWNLOAD", "1")
     monkeypatch.delenv("SQVAE_CHECKPOINTS", raising=False)
     monkeypatch.delenv("SQVAE_DATA", raising=False)
     deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
@@ -302,3 +301,212 @@ def test_errors_in_a_real_process_are_one_line_without_traceback(tmp_path):
         error_line(err)
     assert "no_such_experiment.yaml" in results["config"][1]
     assert "MNIST not found" in results["dataset"][1]
+
+
+# ---------------------------------------------------------------- records, locks, exit codes
+
+def metrics_bytes(run):
+    return (run / "metrics.jsonl").read_bytes()
+
+
+def records(run, split=None):
+    from util.io import read_jsonl
+    return [r for r in read_jsonl(str(run / "metrics.jsonl"))
+            if split is None or r["split"] == split]
+
+
+def test_ts_then_resume_further_keeps_every_earlier_line(capfd, tmp_path, trained, data):
+    run = copy_run(trained, tmp_path)
+    assert cli(capfd, "-c", CONFIG, "-ts", run, "path_dataset", data)[0] == 0
+    before = metrics_bytes(run)
+    assert [r.get("source") for r in records(run, "test")] == [None, "-ts"]
+    code, out, err = cli(capfd, "-c", CONFIG, "--resume", run, "train.epoch_max", "2")
+    assert code == 0, err
+    after = metrics_bytes(run)
+    assert after.startswith(before) and len(after) > len(before)  # appended, never rewritten
+    assert [r["epoch"] for r in records(run, "train")] == [1, 2]
+    assert len(records(run, "test")) == 3
+
+
+def test_ts_lines_written_during_training_survive_it(capfd, tmp_path, data, monkeypatch):
+    from trainer import Trainer
+    original = Trainer.train_epoch
+    written = {}
+
+    def evaluate_meanwhile(self):
+        if self.epoch == 2 and not written:  # another process's -ts line, mid-training
+            from trainer import runs
+            written["record"] = {"split": "test", "epoch": 1, "source": "-ts", "loss": 1.0}
+            runs.append_metrics(self.run_dir, [written["record"]])
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", evaluate_meanwhile)
+    assert cli(capfd, *train_argv(tmp_path, data, "train.epoch_max", "2"))[0] == 0
+    (run,) = (tmp_path / "mnist_sqvae_gaussian_1").iterdir()
+    assert written["record"] in records(run)
+    assert [r["epoch"] for r in records(run, "train")] == [1, 2]
+
+
+def test_torn_last_line_is_skipped_with_a_warning(capfd, tmp_path, trained, data):
+    run = copy_run(trained, tmp_path)
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'{"split": "test", "epo')  # a writer killed mid-line
+    with warnings.catch_warnings():
+        code = main.run(["-c", CONFIG, "-ts", str(run), "path_dataset", str(data)])
+    out, err = capfd.readouterr()
+    assert code == 0 and "torn last line" in err and "Traceback" not in err
+    # The next append starts on a fresh line: every complete line still parses.
+    assert [r.get("source") for r in records(run, "test")] == [None, "-ts"]
+
+
+def test_malformed_metrics_line_stops_before_any_work(capfd, tmp_path, trained, data):
+    run = copy_run(trained, tmp_path)
+    lines = metrics_bytes(run).split(b"\n")
+    lines[1] = b"{not json"
+    (run / "metrics.jsonl").write_bytes(b"\n".join(lines))
+    before = metrics_bytes(run)
+    for argv in (["-ts", run, "path_dataset", data], ["--resume", run]):
+        code, out, err = cli(capfd, "-c", CONFIG, *argv)
+        assert code == 2 and "line 2 is not a JSON record" in error_line(err)
+        assert "test (" not in out and "epoch" not in out  # nothing was evaluated or trained
+    assert metrics_bytes(run) == before
+
+
+HOLD = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from trainer import runs
+lock = runs.writer_lock(sys.argv[2])
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_one_writer_per_run_folder(capfd, tmp_path, trained, data):
+    run = copy_run(trained, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(REPO), str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        line = fails(capfd, "-c", CONFIG, "--resume", run, "train.epoch_max", "2")
+        assert f"process {holder.pid}" in line and str(run) in line
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+        # -ts only reads, and appends its lines without the writer lock.
+        assert cli(capfd, "-c", CONFIG, "-ts", run, "path_dataset", data)[0] == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel drops a killed holder's lock: no stale lock to clean up.
+    assert cli(capfd, "-c", CONFIG, "--resume", run, "train.epoch_max", "2")[0] == 0
+
+
+@pytest.mark.parametrize("errno, words", [(28, "No space left on device"),
+                                          (30, "Read-only file system")])
+def test_disk_full_or_read_only_is_one_line_exit_1(capfd, tmp_path, data, monkeypatch, errno,
+                                                   words):
+    from trainer import runs
+    original = runs.save_checkpoint
+
+    def fail_at_step_4(path, state):
+        if state.get("step", 0) >= 4:
+            raise OSError(errno, words, path + ".tmp")
+        original(path, state)
+
+    monkeypatch.setattr(runs, "save_checkpoint", fail_at_step_4)
+    argv = train_argv(tmp_path, data, "train.epoch_max", "2", "train.ckpt_every_steps", "2")
+    line = fails(capfd, *argv, code=1)
+    assert words in line and "resume" in line
+    (run,) = (tmp_path / "mnist_sqvae_gaussian_1").iterdir()
+    monkeypatch.setattr(runs, "save_checkpoint", original)
+    # What was written before is whole, and the run resumes from it.
+    assert torch.load(run / "current.pt", weights_only=True)["step"] == 3  # end of epoch 1
+    assert cli(capfd, "-c", CONFIG, "--resume", run)[0] == 0
+
+
+@pytest.mark.parametrize("opts, words", [
+    (["train.lr", "-1"], "train.lr"),
+    (["train.bs_per_rank", "-1"], "train.bs_per_rank"),
+    (["train.drop_last", "True", "train.bs", "60000"], "no training batch"),
+    (["path_checkpoint", "/elsewhere"], "path_checkpoint"),
+])
+def test_input_rejected_before_a_run_folder_exists(capfd, tmp_path, data, opts, words):
+    line = fails(capfd, *train_argv(tmp_path / "runs", data, *opts))
+    assert words in line
+    assert not (tmp_path / "runs" / "mnist_sqvae_gaussian_1").exists() or \
+        not any((tmp_path / "runs" / "mnist_sqvae_gaussian_1").iterdir())
+
+
+@pytest.mark.parametrize("name, key, flag", [("current.pt", "optimizer", "--resume"),
+                                             ("current.pt", "epoch", "--resume"),
+                                             ("best.pt", "epoch", "-ts")])
+def test_checkpoint_lacking_a_key_is_one_line(capfd, tmp_path, trained, data, name, key,
+                                              flag):
+    run = copy_run(trained, tmp_path)
+    state = torch.load(run / name, weights_only=True)
+    del state[key]
+    torch.save(state, run / name)
+    line = fails(capfd, "-c", CONFIG, flag, run, "path_dataset", data)
+    assert str(run / name) in line and f"lacks {key}" in line
+
+
+def test_ts_with_resume_is_refused(capfd, trained):
+    line = fails(capfd, "-c", CONFIG, "-ts", trained, "--resume", trained)
+    assert "-ts" in line and "--resume" in line
+
+
+def test_bad_run_config_names_its_path_once(capfd, tmp_path, trained, data):
+    run = copy_run(trained, tmp_path)
+    (run / "config.yaml").write_text("train: [unclosed\n")
+    line = fails(capfd, "-c", CONFIG, "-ts", run, "path_dataset", data)
+    assert line.count(str(run / "config.yaml")) == 1
+
+
+def interrupt(*_, **__):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_at_start_up_exits_130(capfd, tmp_path, data, monkeypatch):
+    import data as datasets
+    monkeypatch.setattr(datasets, "build_loaders", interrupt)
+    code, out, err = cli(capfd, *train_argv(tmp_path, data))
+    assert code == 130 and "Traceback" not in err and "nothing to resume" in err
+
+
+def test_ctrl_c_during_ts_exits_130_and_writes_nothing(capfd, tmp_path, trained, data,
+                                                      monkeypatch):
+    from trainer import Trainer
+    run = copy_run(trained, tmp_path)
+    before = metrics_bytes(run)
+    monkeypatch.setattr(Trainer, "test", interrupt)
+    code, out, err = cli(capfd, "-c", CONFIG, "-ts", run, "path_dataset", data)
+    assert code == 130 and "run -ts again" in err and "Traceback" not in err
+    assert metrics_bytes(run) == before
+
+
+def test_ctrl_c_in_the_final_test_resumes(capfd, tmp_path, data, monkeypatch):
+    from trainer import Trainer
+    original = Trainer.test
+    monkeypatch.setattr(Trainer, "test", interrupt)
+    code, out, err = cli(capfd, *train_argv(tmp_path, data))
+    assert code == 130 and "resume with: python " in err
+    (run,) = (tmp_path / "mnist_sqvae_gaussian_1").iterdir()
+    assert records(run, "test") == []
+    monkeypatch.setattr(Trainer, "test", original)
+    assert cli(capfd, "-c", CONFIG, "--resume", run)[0] == 0
+    assert len(records(run, "test")) == 1
+
+
+def test_non_finite_loss_at_the_first_step_promises_no_checkpoint(capfd, tmp_path, data,
+                                                                  monkeypatch):
+    from networks.sqvae import GaussianSQVAE
+    original = GaussianSQVAE.reconstruction_terms
+
+    def poisoned(self, x_hat, x):
+        terms = original(self, x_hat, x)
+        terms["loss_rec"] = terms["loss_rec"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(GaussianSQVAE, "reconstruction_terms", poisoned)
+    line = fails(capfd, *train_argv(tmp_path, data), code=1)
+    assert "step 1 " in line and line.endswith("no checkpoint was written before it")

@@ -12,16 +12,14 @@ import main
 from tests import fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
 
 
 @pytest.fixture(scope="module")
-def mnist_run(tmp_path_factory):
+def mnist_run(tmp_path_factory, small_data):
     root = tmp_path_factory.mktemp("runs")
-    os.environ["SQVAE_NO_DOWNLOAD"] = "1"
-    argv = ["-c", "mnist_gauss_1.yaml", "--save", "--limit-batches", "60", "train.epoch_max",
+    argv = ["-c", "mnist_gauss_1.yaml", "--save", "--limit-batches", "50", "train.epoch_max",
             "2", "log.every_steps", "10", "test.bs", "500", "path", str(root),
-            "path_dataset", SHARED_DATA]
+            "path_dataset", small_data]
     assert main.run(argv) == 0
     (specific,) = os.listdir(root)
     (run,) = os.listdir(root / specific)
@@ -33,7 +31,7 @@ def mnist_run(tmp_path_factory):
 def test_diagnostics_at_every_interval(mnist_run):
     _, records = mnist_run
     steps = [r for r in records if r["split"] == "train_step"]
-    assert [r["step"] for r in steps] == list(range(10, 121, 10))
+    assert [r["step"] for r in steps] == list(range(10, 101, 10))
     k = 128
     for r in steps:
         # sigma_q^2 = 1 + exp(s) starts at 11 (log_param_q_init = log 10) and stays positive.
@@ -62,7 +60,7 @@ def test_tensorboard_events_hold_the_expected_tags(mnist_run):
                 "step/codes_used", "train/loss", "val/mse_pixel", "val/perplexity_split",
                 "test/loss", "test/perplexity"):
         assert tag in scalars, tag
-    assert [e.step for e in events.Scalars("step/loss")] == list(range(10, 121, 10))
+    assert [e.step for e in events.Scalars("step/loss")] == list(range(10, 101, 10))
     assert [e.step for e in events.Scalars("val/loss")] == [1, 2]
     assert "reconstructions/current" in events.Tags()["images"]
 

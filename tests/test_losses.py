@@ -1,4 +1,4 @@
-"""Loss terms of SPEC §3-4 against hand computations and independent re-computations.
+"""Loss terms of docs/model.md §3-4 against hand computations and independent re-computations.
 
 The hand examples use 2 codes, a 1x1 latent and D = 2; every number below is derived in the
 comment next to it. Re-computations use plain torch/numpy/scipy formulas, never the code under
@@ -53,12 +53,6 @@ BOOK = torch.tensor([[0.0, 0.0], [2.0, 1.0]])
 VAR = torch.tensor(2.0)
 P0 = 1 / (1 + math.exp(-0.25))
 KLD = P0 * math.log(P0) + (1 - P0) * math.log(1 - P0)
-
-
-def test_hand_example_constants():
-    # The comment's rounded values and the closed forms agree.
-    assert P0 == pytest.approx(0.5621765, abs=1e-7)
-    assert KLD == pytest.approx(-0.6853953, abs=1e-7)
 
 
 def test_gaussian_logits_by_hand():
@@ -196,16 +190,12 @@ def test_vmf_ignores_input_and_code_lengths():
     ([0.5, 0.5], 2 * (1 - 2e-7)),  # exp(-ln(0.5 + 1e-7)) = 2 / (1 + 2e-7)
     ([0.25] * 4, 4 * (1 - 4e-7)),  # exp(-ln(0.25 + 1e-7)) = 4 / (1 + 4e-7)
     ([1.0, 0.0, 0.0], 1 - 1e-7),  # exp(-ln(1 + 1e-7))
+    # Entropy 0.5 ln 2 + 2 * 0.25 ln 4 = 1.5 ln 2, so 2^1.5; the 1e-7 inside the logs
+    # lowers it by a factor (1 - 3e-7).
+    ([0.5, 0.25, 0.25], 2 ** 1.5 * (1 - 3e-7)),
 ])
 def test_perplexity_by_hand(avg, expected):
     assert perplexity(torch.tensor(avg)).item() == pytest.approx(expected, abs=2e-6)
-
-
-def test_perplexity_formula():
-    a = torch.rand(10, generator=torch.Generator().manual_seed(0)).double()
-    a = a / a.sum()
-    expected = np.exp(-(a.numpy() * np.log(a.numpy() + 1e-7)).sum())
-    assert perplexity(a).item() == pytest.approx(expected, rel=1e-12)
 
 
 # ---------------------------------------------------------------------------- Gaussian likelihood
@@ -254,7 +244,7 @@ def test_model_reconstruction_terms(arelbo):
 # ---------------------------------------------------------------------------- vMF likelihood
 
 def vmf_reference(x_hat, labels, log_kappa_inv, dim_x):
-    """SPEC §4 in numpy/scipy (float64)."""
+    """docs/model.md §4 in numpy/scipy (float64)."""
     x_hat = x_hat.detach().double().numpy()
     labels = labels.numpy().reshape(x_hat.shape[0], *x_hat.shape[2:])
     n = x_hat.shape[1]
@@ -458,7 +448,7 @@ def test_quantizer_param(variant):
         expected = torch.exp(log_var) + e_s
     else:
         expected = torch.tensor(e_s + 1)  # kappa_q
-    # Broadcastable to the latent exactly as SPEC §3 says: same values once expanded.
+    # Broadcastable to the latent exactly as docs/model.md §3 says: same values once expanded.
     torch.testing.assert_close(got.expand(2, 64, 7, 7), expected.expand(2, 64, 7, 7).float())
     assert got.dim() in (0, 4) and (got.dim() == 0) == (variant in ("gaussian_1", "vmf"))
     if got.dim() == 4:

@@ -1,7 +1,7 @@
 """networks: parameter counts, shapes, gradients, quantizer modes and initialisation.
 
-Reference numbers come from SPEC §2 (parameter table) or are recomputed in the test from the
-SPEC's formulas with plain torch; nothing is read back from the code under test.
+Reference numbers come from docs/model.md §2 (parameter table) or are recomputed in the test
+from the formulas of docs/model.md with plain torch; nothing is read back from the code under test.
 """
 import math
 
@@ -13,12 +13,12 @@ from torch import nn
 from configs import load_config
 from networks import build_model, count_parameters
 from networks.quantizers import gaussian_logits, gaussian_quantize, gumbel_noise, vmf_quantize
-from tests.spec_tables import SPEC_PARAMS
+from tests.reference_tables import REFERENCE_PARAMS
 
 NAMES = ["mnist_gauss_1", "fashion-mnist_gauss_1", "cifar10_gauss_1", "celeba_gauss_1",
          "celeba_gauss_2", "celeba_gauss_3", "celeba_gauss_4", "celebamask_vmf", "cifar10_vmf"]
 MODES = ["train", "deterministic", "stochastic"]
-# Latent grid side of each dataset's network (SPEC §2).
+# Latent grid side of each dataset's network (docs/model.md §2).
 GRID = {"MNIST": 7, "FashionMNIST": 7, "CIFAR10": 8, "CelebA": 16, "CelebAMask_HQ": 8}
 
 
@@ -40,7 +40,7 @@ def make_input(cfg, batch, seed=1):
 # ----------------------------------------------------------------------------- parameter counts
 
 def spec_counts(cfg):
-    """Parameter counts from the architecture of SPEC §2, written out layer by layer."""
+    """Parameter counts from the architecture of docs/model.md §2, written out layer by layer."""
     bn_on = cfg.flags.bn
 
     def conv(cin, cout, k):  # Conv2d and ConvTranspose2d alike: weights + bias
@@ -51,7 +51,8 @@ def spec_counts(cfg):
 
     d = cfg.quantization.dim_code
     h = d // 2
-    res = conv(d, d, 3) + bn(d) + conv(d, d, 1) + bn(d)
+    # ResBlocks keep their BatchNorms whatever flags.bn says (as in the release).
+    res = conv(d, d, 3) + 2 * d + conv(d, d, 1) + 2 * d
     heads = 2 if cfg.flags.var_q else 1
     rb = cfg.network.num_rb
     ds = cfg.dataset.name
@@ -85,7 +86,7 @@ def test_parameter_counts_match_spec(name):
     cfg, model = make(name)
     counts = count_parameters(model)
     got = (counts["total"], counts["encoder"], counts["decoder"])
-    assert got == SPEC_PARAMS[name]
+    assert got == REFERENCE_PARAMS[name]
     assert got == spec_counts(cfg)
 
 
@@ -102,12 +103,13 @@ def test_parameter_counts_follow_flags(name, opts):
 
 
 def test_parameter_counts_without_bn_by_hand():
-    # MNIST, D = 64, h = 32, two ResBlocks each side. BatchNorms removed: encoder stem BN(32)
-    # = 64, encoder ResBlocks 2 x (128 + 128) = 512 -> 576; decoder the same 576.
-    # 116128 - 576 = 115552, 116065 - 576 = 115489, 240386 - 1152 = 239234.
+    # MNIST, D = 64, h = 32. flags.bn False removes only the stem's and the head's BN(32)
+    # (64 parameters each); the ResBlocks keep theirs, as in the release.
+    # 116128 - 64 = 116064, 116065 - 64 = 116001, 240386 - 128 = 240258.
     _, model = make("mnist_gauss_1", "flags.bn", "False")
-    assert count_parameters(model) == {"total": 239234, "encoder": 115552, "decoder": 115489}
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert count_parameters(model) == {"total": 240258, "encoder": 116064, "decoder": 116001}
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [m.num_features for m in bns] == [64] * 8  # 2 per ResBlock, 2 ResBlocks a side
 
 
 # ----------------------------------------------------------------------------- forward passes
@@ -389,7 +391,7 @@ def test_stochastic_mode_samples_softmax_of_logits(kind):
 
 @pytest.mark.parametrize("name", ["mnist_gauss_1", "cifar10_gauss_1", "celeba_gauss_1"])
 def test_variant_ii_on_every_grid(name):
-    # The reference tiled the per-image precision to 8x8 and crashed elsewhere (SPEC §8).
+    # The reference tiled the per-image precision to 8x8 and crashed elsewhere (docs/model.md §8).
     cfg, model = make(name, "model.param_var_q", "gaussian_2")
     model.eval()
     x = make_input(cfg, 2)
@@ -486,8 +488,9 @@ def test_learned_decoder_variance_initial_value():
 def test_same_seed_same_model():
     _, a = make("celebamask_vmf", seed=3)
     _, b = make("celebamask_vmf", seed=3)
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert ka == kb and torch.equal(va, vb)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)  # same names in the same order, none missing on either side
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 # ----------------------------------------------------------------------------- device and dtype

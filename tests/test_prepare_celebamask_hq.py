@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from PIL import Image
 
 from data import prepare_celebamask_hq as prep
 from tests.celebamask_fixture import PARTS, boxes, expected_label, write_mask, write_release
+from util.lock import FileLock
 
 SPLITS = ("train", "val", "test")
 
@@ -53,10 +55,11 @@ def load(path):
 
 
 def snapshot(folder):
-    """(inode, mtime_ns, size) of every file below folder, by relative path."""
+    """(inode, mtime_ns, size) of every file below folder, by relative path (but the lock
+    file, which each run holds and writes its process id into)."""
     found = {}
     for base, _, names in os.walk(folder):
-        for name in names:
+        for name in set(names) - {prep.LOCK_FILE}:
             st = os.stat(os.path.join(base, name))
             found[os.path.relpath(os.path.join(base, name), folder)] = (
                 st.st_ino, st.st_mtime_ns, st.st_size)
@@ -81,10 +84,7 @@ def assert_prepared(release, dst, splits, sizes=()):
                     want = np.asarray(img.resize((s, s), Image.NEAREST))
                 np.testing.assert_array_equal(small, want)
     manifest = json.loads((root / "manifest.json").read_text())
-    assert [(f["split"], f["n"], f["k"]) for f in manifest["faces"]] == sorted(
-        ((s, n, k) for s in SPLITS for n, k in enumerate(splits[s])),
-        key=lambda e: [k for k, _ in release.rows].index(e[2]))
-    assert not (root / ".staging").exists()
+    assert manifest["faces"] == {split: list(splits[split]) for split in SPLITS}
 
 
 # ---------------------------------------------------------------- pure functions
@@ -176,9 +176,8 @@ def test_partial_and_foreign_files_are_redone_and_temps_removed(capsys, release,
                root / "val_label" / "01.png"]
     for path in surplus:
         shutil.copy(out_path(dst, "train", "label", 0), path)
-    (root / ".staging").mkdir()
     temps = [root / "train_label" / ".0.png.4242.tmp", root / ".manifest.json.4242.tmp",
-             root / ".staging" / ".2.abc.label.png.4242.tmp"]
+             root / "test_label_64" / ".1.png.x8_kq2.tmp"]
     for path in temps:
         path.write_bytes(b"half")
     before = snapshot(dst)
@@ -195,7 +194,7 @@ def test_partial_and_foreign_files_are_redone_and_temps_removed(capsys, release,
             assert after[rel] == info, f"{rel} was rewritten"
     for rel in redone:
         assert after[rel] != before[rel]
-    assert "files removed: 3 surplus, 3 left by interrupted runs" in out
+    assert "faces written 3, already up to date 5, files removed 6" in out  # 3 + 3 temps
 
 
 def _break(release, problem, k=2):
@@ -229,7 +228,7 @@ def test_bad_face_is_listed_and_skipped_with_dense_numbering(capsys, release, ds
         assert "is 256x256, expected 512x512" in out
     splits = dict(release.splits, train=[3, 1])  # k = 2 was train n = 0
     assert_prepared(release, dst, splits)
-    assert "train: 3 mapping rows - 1 skipped = 2" in out
+    assert "train 2 faces, val 3 faces, test 2 faces" in out
     manifest = json.loads((dst / "CelebAMask-HQ" / "manifest.json").read_text())
     assert [(s["k"], s["split"]) for s in manifest["skipped"]] == [(2, "train")]
 
@@ -241,12 +240,12 @@ def test_strict_makes_a_bad_face_fatal(capsys, release, dst, problem):
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and str(path) in err
     assert "Traceback" not in err + out
-    root = dst / "CelebAMask-HQ"
-    assert all(not os.listdir(root / f"{s}_{kind}") for s in SPLITS for kind in ("img", "label"))
-    assert not (root / "manifest.json").exists()
+    written = [name for _, _, names in os.walk(dst) for name in names]
+    assert written == [prep.LOCK_FILE]  # no output, no manifest.json
 
 
-@pytest.mark.parametrize("case", ["mapping", "src", "mask_folder", "bad_row", "bad_header"])
+@pytest.mark.parametrize("case", ["mapping", "src", "mask_folder", "mask_subfolder", "bad_row",
+                                  "bad_header", "repeated_idx"])
 @pytest.mark.parametrize("strict", [False, True])
 def test_fatal_input_errors_exit_2_with_one_line(capsys, release, dst, case, strict):
     mapping = release.mapping
@@ -256,12 +255,14 @@ def test_fatal_input_errors_exit_2_with_one_line(capsys, release, dst, case, str
     elif case == "src":
         shutil.rmtree(release.root)
         named = release.root
-    elif case == "mask_folder":
-        named = os.path.join(release.root, "CelebAMask-HQ-mask-anno")
+    elif case in ("mask_folder", "mask_subfolder"):  # a missing folder 0: faces 0..1999
+        named = os.path.join(release.root, "CelebAMask-HQ-mask-anno",
+                             *(["0"] if case == "mask_subfolder" else []))
         shutil.rmtree(named)
     else:
         lines = open(mapping).read().splitlines()
-        lines[0 if case == "bad_header" else 3] = "7 not-a-number 1.jpg"
+        lines[0 if case == "bad_header" else 3] = (
+            "5 162771 5.jpg" if case == "repeated_idx" else "7 not-a-number 1.jpg")
         open(mapping, "w").write("\n".join(lines) + "\n")
         named = f"{mapping} line {1 if case == 'bad_header' else 4}"
     rc, out, err = run(capsys, release, dst, *(["--strict"] if strict else []))
@@ -270,38 +271,166 @@ def test_fatal_input_errors_exit_2_with_one_line(capsys, release, dst, case, str
     assert out == ""
 
 
-def test_fixing_a_face_renumbers_by_renaming(capsys, release, dst):
+def test_fixing_a_face_renumbers_the_faces_after_it(capsys, release, dst):
     _break(release, "garbage_mask")
     assert run(capsys, release, dst, "--size", "64")[0] == 0
-    was = {n: os.stat(out_path(dst, "train", "img", n)).st_ino for n in (0, 1)}  # k = 3, 1
     val_before = snapshot(dst / "CelebAMask-HQ" / "val_label")
     write_mask(release.mask(2, "hair"), dict(boxes(2))["hair"])
 
     rc, out, err = run(capsys, release, dst, workers=2)  # no --size: label_64 kept in step
     assert rc == 0, err
     assert_prepared(release, dst, release.splits, sizes=(64,))
-    # k = 3 and k = 1 moved from n = 0, 1 to n = 1, 2 by rename, not by a new copy.
-    assert os.stat(out_path(dst, "train", "img", 1)).st_ino == was[0]
-    assert os.stat(out_path(dst, "train", "img", 2)).st_ino == was[1]
+    # k = 2 comes back as train n = 0; k = 3 and k = 1 move from n = 0, 1 to n = 1, 2.
     assert snapshot(dst / "CelebAMask-HQ" / "val_label") == val_before
-    assert "faces written 1, renumbered by renaming 2, already up to date 5" in out
+    assert "faces written 3, already up to date 5, files removed 6" in out
     assert "faces skipped: 0" in out
 
 
-def test_an_interrupted_run_resumes_from_staged_work(capsys, release, dst):
-    # --strict stops at k = 4, the last mapping row, after staging all other faces.
-    _break(release, "garbage_mask", k=4)
-    assert run(capsys, release, dst, "--strict")[0] == 2
-    staging = dst / "CelebAMask-HQ" / ".staging"
-    staged_jpg = [n for n in os.listdir(staging) if n.startswith("5.") and n.endswith(".jpg")]
-    assert len(staged_jpg) == 1
-    inode = os.stat(staging / staged_jpg[0]).st_ino
-    write_mask(release.mask(4, "hair"), dict(boxes(4))["hair"])
+def test_a_changed_source_file_is_copied_again(capsys, release, dst):
+    assert run(capsys, release, dst, "--size", "64")[0] == 0
+    before = snapshot(dst)
+    image = release.image(5)  # test n = 0; same size, other bytes: only the mtime tells
+    data = bytearray(read_bytes(image))
+    data[len(data) // 2] ^= 0xFF
+    with open(image, "wb") as f:
+        f.write(data)
+    write_mask(release.mask(7, "hair"), (0, 512, 0, 512))  # val n = 0: all hair now
 
-    rc, _, err = run(capsys, release, dst)
+    rc, out, err = run(capsys, release, dst)
+    assert rc == 0, err
+    assert read_bytes(out_path(dst, "test", "img", 0)) == bytes(data)
+    hair = PARTS.index("hair") + 1  # covers all but the parts painted after it
+    want = np.where(expected_label(7) > hair, expected_label(7), hair)
+    np.testing.assert_array_equal(load(out_path(dst, "val", "label", 0)), want)
+    assert load(out_path(dst, "val", "label_64", 0))[0, 0] == hair
+    assert "faces written 2, already up to date 6" in out
+    changed = {rel for rel, info in snapshot(dst).items() if before.get(rel) != info}
+    assert changed == {os.path.join("CelebAMask-HQ", name) for name in (
+        "test_img/0.jpg", "test_label/0.png", "test_label_64/0.png",
+        "val_img/0.jpg", "val_label/0.png", "val_label_64/0.png")}
+
+
+def test_an_unreadable_manifest_means_every_face_is_redone(capsys, release, dst):
+    assert run(capsys, release, dst)[0] == 0
+    stray = out_path(dst, "train", "img", 0)  # a well-formed file of another face
+    shutil.copy(release.image(5), stray)
+    (dst / "CelebAMask-HQ" / "manifest.json").write_text("{not json")
+    rc, out, err = run(capsys, release, dst)
+    assert rc == 0, err
+    assert "faces written 8, already up to date 0" in out
+    assert_prepared(release, dst, release.splits)
+
+
+def _corrupt_image_data(path):
+    """Break a PNG's pixel data but keep its header and its final IEND chunk."""
+    data = bytearray(read_bytes(path))
+    at = data.index(b"IDAT") + 8
+    data[at:at + 8] = b"\xff" * 8
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def test_a_mask_that_only_fails_to_decode_ends_the_run_and_is_skipped_by_the_next(
+        capsys, release, dst):
+    path = release.mask(2, "hair")
+    _corrupt_image_data(path)
+    rc, out, err = run(capsys, release, dst, "--size", "64", workers=2)
+    assert rc == 1 and err.count("\n") == 1 and err.startswith("error: ")
+    assert "k=2" in err and str(path) in err and "run the same command again" in err
+    val = snapshot(dst / "CelebAMask-HQ" / "val_label")  # the other faces were written
+    assert sorted(val) == ["0.png", "1.png", "2.png"]
+
+    rc, out, err = run(capsys, release, dst)
+    assert rc == 0, err
+    assert "k=2 (train): " in out and str(path) in out
+    assert_prepared(release, dst, dict(release.splits, train=[3, 1]), sizes=(64,))
+    assert snapshot(dst / "CelebAMask-HQ" / "val_label") == val
+    # train n = 1 held k = 3, now k = 1: 3 files; n = 2 is beyond the count now: 3 files
+    assert "faces written 2, already up to date 5, files removed 6" in out
+    assert run(capsys, release, dst)[1].count("nothing to do") == 1
+
+    rc, out, err = run(capsys, release, dst, "--strict")
+    assert rc == 2 and err.count("\n") == 1 and str(path) in err
+
+
+def test_a_killed_run_resumes_without_redoing_finished_files(capsys, release, dst):
+    pid = os.fork()
+    if pid == 0:  # SIGKILL right before the 9th rename: the manifest's, then 7 outputs
+        try:
+            renames, real_replace = [], os.replace
+
+            def replace(source, target):
+                renames.append(target)
+                if len(renames) == 9:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                real_replace(source, target)
+            os.replace = replace
+            prep.main(["--src", release.root, "--dst", str(dst), "--workers", "1"])
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    left = snapshot(dst)
+    finished = {rel: info for rel, info in left.items()
+                if rel.endswith((".jpg", ".png")) and not os.path.basename(rel).startswith(".")}
+    assert len(finished) == 7 and sum(rel.endswith(".tmp") for rel in left) == 1
+
+    rc, out, err = run(capsys, release, dst)
     assert rc == 0, err
     assert_prepared(release, dst, release.splits)
-    assert os.stat(out_path(dst, "test", "img", 0)).st_ino == inode  # k = 5, not recopied
+    after = snapshot(dst)
+    assert {rel: after[rel] for rel in finished} == finished
+    assert not any(rel.endswith(".tmp") for rel in after)
+    assert "this run: faces written 5, already up to date 3, files removed 1" in out
+
+
+def test_ctrl_c_exits_130_and_the_next_run_finishes(capsys, release, dst, monkeypatch):
+    renames, real_replace = [], os.replace
+
+    def replace(source, target):
+        renames.append(target)
+        if len(renames) == 4:
+            raise KeyboardInterrupt
+        real_replace(source, target)
+    monkeypatch.setattr(os, "replace", replace)
+    rc, out, err = run(capsys, release, dst)
+    assert rc == 130 and err == "interrupted; run the same command again to resume\n"
+    monkeypatch.undo()
+    rc, out, err = run(capsys, release, dst)
+    assert rc == 0, err
+    assert_prepared(release, dst, release.splits)
+    assert "faces written 7, already up to date 1" in out
+
+
+def test_a_run_is_refused_while_another_holds_the_output(capsys, release, dst):
+    root = dst / "CelebAMask-HQ"
+    root.mkdir(parents=True)
+    with FileLock(str(root / prep.LOCK_FILE)):
+        rc, out, err = run(capsys, release, dst)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and f"process {os.getpid()}" in err and str(root) in err
+    assert sorted(os.listdir(root)) == [prep.LOCK_FILE]
+    assert run(capsys, release, dst)[0] == 0  # the lock went with its holder
+
+
+def test_unwritable_output_exits_1_with_one_line(capsys, release, dst):
+    root = dst / "CelebAMask-HQ"
+    root.mkdir(parents=True)
+    (root / "val_label").write_bytes(b"a file where a folder must go")
+    rc, out, err = run(capsys, release, dst)
+    assert rc == 1 and err.count("\n") == 1 and err.startswith("error: ")
+    assert str(root / "val_label") in err and "Traceback" not in err
+    dst_file = dst.parent / "a_file"
+    dst_file.write_bytes(b"")
+    rc, out, err = run(capsys, release, dst_file)
+    assert rc == 1 and err.count("\n") == 1 and str(dst_file) in err
+
+
+@pytest.mark.parametrize("flags", [["--size", "512"], ["--size", "0"], ["--workers", "0"]])
+def test_out_of_range_flags_are_usage_errors(capsys, release, dst, flags):
+    assert prep.main(["--src", release.root, "--dst", str(dst), *flags]) == 2
+    assert flags[0] in capsys.readouterr().err
+    assert not dst.exists()
 
 
 def test_help_explains_every_flag(capsys):

@@ -1,5 +1,4 @@
 """-ts RUN --report and --encode: the report figures, and codes that decode exactly."""
-import hashlib
 import json
 import os
 
@@ -9,14 +8,13 @@ import torch
 from PIL import Image
 
 import main
-from configs import config_to_yaml, load_config
-from trainer import export, report
+from configs import load_config
+from trainer import export, report, runs
 from trainer.runs import RunError
 from util import report as plots
 from util.codes import CodesError, load_codes, pack_codes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
 PANELS = ("report", "report_curves", "report_codebook", "report_reconstructions")
 CURVE_TITLES = ["Loss", "Reconstruction MSE per pixel", "Code perplexity (per batch)",
                 r"Quantizer variance $\sigma^2_q$ (variant I)",
@@ -34,7 +32,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def reported_run(tmp_path_factory, one_thread):
+def reported_run(tmp_path_factory, one_thread, small_data):
     """A tiny real-MNIST run, then one `-ts RUN --report --encode test` (one call: the report
     reuses the test codes, which saves a pass over the test split). The -ts evaluation is cut
     to one batch; --encode and the report's codebook must still cover the whole split.
@@ -52,14 +50,14 @@ def reported_run(tmp_path_factory, one_thread):
         # 10 steps logged every 2, validation on 250 images: seconds on one CPU core.
         assert main.run(["-c", "mnist_gauss_1.yaml", "--save", "--limit-batches", "5",
                          "train.epoch_max", "2", "train.bs", "16", "log.every_steps", "2",
-                         "test.bs", "50", "path", str(root), "path_dataset", SHARED_DATA]) == 0
+                         "test.bs", "50", "path", str(root), "path_dataset", small_data]) == 0
         (specific,) = os.listdir(root)
         (name,) = os.listdir(root / specific)
         run_dir = str(root / specific / name)
         mp.setattr(report, "write_report", capture)
         assert main.run(["-c", "mnist_gauss_1.yaml", "-ts", run_dir, "--report", "--encode",
                          "test", "--limit-batches", "1", "test.bs", "1000",
-                         "path_dataset", SHARED_DATA]) == 0
+                         "path_dataset", small_data]) == 0
         yield run_dir, written
 
 
@@ -129,8 +127,8 @@ def test_encoded_codes_decode_to_the_deterministic_reconstructions(reported_run)
     saved = load_codes(path)
     codes = saved["codes"]
     assert codes.dtype == np.uint16 and codes.shape == (10_000, 7, 7)
-    cfg, model = export.load_run_model(run_dir)
-    assert saved["config_hash"] == hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()
+    cfg, model, _ = runs.load_run_model(run_dir)
+    assert saved["config_hash"] == export.config_hash(cfg)
     assert np.array_equal(saved["codebook"], model.code_vectors().detach().numpy())
     assert saved["codebook"].dtype == np.float32 and saved["codebook"].shape == (128, 64)
 
@@ -185,9 +183,25 @@ def test_report_and_encode_need_a_run(flags, capsys):
     assert len(err.strip().splitlines()) == 1 and "-ts RUN" in err
 
 
-def test_config_hash_ignores_command_line_overrides(reported_run):
+def test_config_hash_names_the_model_not_where_its_files_live(reported_run):
     run_dir, _ = reported_run
     path = os.path.join(run_dir, "config.yaml")
     assert export.run_config_hash(run_dir) == export.config_hash(load_config(path))
-    assert export.config_hash(load_config(path, ["path_dataset", "/elsewhere"])) \
-        != export.run_config_hash(run_dir)
+    # Codes stay decodable when the datasets or runs move, or training settings change...
+    moved = ["path_dataset", "/elsewhere", "path", "/other", "train.lr", "0.5"]
+    assert export.config_hash(load_config(path, moved)) == export.run_config_hash(run_dir)
+    # ...but not with a different model.
+    for change in (["quantization.size_dict", "64"], ["network.num_rb", "3"]):
+        assert export.config_hash(load_config(path, change)) != export.run_config_hash(run_dir)
+
+
+def test_decode_refuses_a_code_grid_of_the_wrong_size(reported_run):
+    run_dir, _ = reported_run
+    _, model, _ = runs.load_run_model(run_dir)
+    assert model.latent_shape == (7, 7)
+    assert export.decode_indices(model, np.zeros((2, 7, 7), np.int64)).shape == (2, 1, 28, 28)
+    for shape in [(2, 8, 8), (2, 7), (7, 7, 7, 1)]:
+        with pytest.raises(RunError, match="N x 7 x 7"):
+            export.decode_indices(model, np.zeros(shape, np.int64))
+    with pytest.raises(ValueError, match="N x 7 x 7"):
+        model.decode(torch.zeros(1, 14, 14, dtype=torch.long))

@@ -127,11 +127,13 @@ def one_error_line(stderr):
 
 
 def printed_command(stderr):
-    """The `python main.py ...` command an interrupted run printed on stderr."""
+    """The `python /path/to/main.py ...` command an interrupted run printed on stderr, with
+    this interpreter. The paths in it are absolute, so it runs from any folder."""
     line = stderr.strip().splitlines()[-1]
-    assert "python main.py" in line, stderr
-    parts = shlex.split(line[line.index("python main.py"):])
-    return [sys.executable, "main.py", *parts[2:]]
+    assert "resume with: python " in line, stderr
+    parts = shlex.split(line[line.index("resume with: ") + len("resume with: "):])
+    assert parts[1] == str(REPO / "main.py"), parts
+    return [sys.executable, *parts[1:]]
 
 
 @pytest.fixture(scope="module")
@@ -316,16 +318,18 @@ def test_resume_without_seed_flag_uses_the_runs_own_seed(runs):
 # ---------------------------------------------------------------- the printed resume command
 
 @pytest.fixture(scope="module")
-def printed(runs):
-    """The commands printed by two runs stopped by SIGTERM at step 7, run side by side:
-    as printed, and with the run's network overrides added (both with epoch_max 2)."""
+def printed(runs, tmp_path_factory):
+    """The commands printed by two runs stopped by SIGTERM at step 7, run side by side from
+    another folder: as printed, and with the run's network overrides added (both with
+    epoch_max 2)."""
     extra = {"printed_as_is": [], "printed_with_overrides": SMALL_NET}
     procs = {}
     for name, more in extra.items():
         assert runs[name].code == 143, runs[name].stderr
         procs[name] = subprocess.Popen(
             printed_command(runs[name].stderr) + more + ["train.epoch_max", "2"],
-            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=tmp_path_factory.mktemp("elsewhere"), env=ENV, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
     return {name: (proc.wait(timeout=300), proc.stderr.read(), runs[name].run_dir)
             for name, proc in procs.items()}
 
@@ -401,7 +405,7 @@ def signalled(tmp_path_factory):
                      "step": state["step"]}
     resumes = {}
     for s in sigs:
-        if "python main.py" in result[s]["stderr"]:
+        if "resume with: python " in result[s]["stderr"]:
             command = printed_command(result[s]["stderr"])
             resumes[s] = (command, subprocess.Popen(
                 command + ["train.epoch_max", str(result[s]["epoch"])], cwd=REPO, env=ENV,
@@ -452,9 +456,12 @@ def test_kill_while_writing_leaves_only_whole_files(runs, k):
             assert state["model"] and all(torch.isfinite(t).all()
                                           for t in state["model"].values())
     if (left / "metrics.jsonl").exists():
-        lines = (left / "metrics.jsonl").read_text().splitlines()
-        records = [json.loads(line) for line in lines]
-        if (left / "current.pt").exists():  # written after current.pt: it may lag behind
+        # Whole lines, but for a torn last one where an append was cut short.
+        text = (left / "metrics.jsonl").read_text()
+        whole, _, torn = text.rpartition("\n")
+        assert bool(torn) == (write["path"].endswith("metrics.jsonl"))
+        records = [json.loads(line) for line in whole.splitlines()]
+        if (left / "current.pt").exists():  # appended after current.pt: it may lag behind
             assert records == load(left / "current.pt")["history"][:len(records)]
     if (left / "config.yaml").exists():
         assert load_config(str(left / "config.yaml")).quantization.size_dict == 16

@@ -76,7 +76,7 @@ def test_update_from_logits_uses_all_channels():
     # Smooth scores whose argmax is PRED, including the spare channel 19.
     logits = F.one_hot(PRED, 20).permute(0, 3, 1, 2).float() * 3.0 + 0.1 * torch.rand(2, 20, 3, 4)
     for label in (LABEL, LABEL[:, None]):
-        meter = SegmentationMeter()
+        meter = SegmentationMeter(19, 20)
         meter.update_from_logits(logits, label)
         assert torch.equal(meter.confusion, _expected_confusion())
         _check_metrics(meter.compute())
@@ -85,23 +85,24 @@ def test_update_from_logits_uses_all_channels():
 def test_accumulating_batches_equals_one_batch():
     g = torch.Generator().manual_seed(0)
     label = torch.randint(0, 19, (6, 8, 8), generator=g)
-    pred = torch.where(torch.rand(6, 8, 8, generator=g) < 0.6, label, torch.randint(0, 20, (6, 8, 8), generator=g))
-    whole = SegmentationMeter()
+    noise = torch.randint(0, 20, (6, 8, 8), generator=g)
+    pred = torch.where(torch.rand(6, 8, 8, generator=g) < 0.6, label, noise)
+    whole = SegmentationMeter(19, 20)
     whole.update(pred, label)
-    parts = SegmentationMeter()
+    parts = SegmentationMeter(19, 20)
     parts.update(pred[:2], label[:2])
     parts.update(pred[2:], label[2:])
     assert torch.equal(whole.confusion, parts.confusion)
     assert whole.confusion.sum().item() == 6 * 8 * 8
     assert whole.compute() == parts.compute()
     # merge() is the same as updating one meter with both halves.
-    a, b = SegmentationMeter(), SegmentationMeter()
+    a, b = SegmentationMeter(19, 20), SegmentationMeter(19, 20)
     a.update(pred[:3], label[:3])
     b.update(pred[3:], label[3:])
     a.merge(b)
     assert torch.equal(a.confusion, whole.confusion)
     # Metrics are pooled over the split, not averaged per batch.
-    first, second = SegmentationMeter(), SegmentationMeter()
+    first, second = SegmentationMeter(19, 20), SegmentationMeter(19, 20)
     first.update(PRED[:1], LABEL[:1])
     second.update(PRED[1:], LABEL[1:])
     first.merge(second)
@@ -109,7 +110,7 @@ def test_accumulating_batches_equals_one_batch():
 
 
 def test_reset_and_out_of_range_labels():
-    meter = SegmentationMeter()
+    meter = SegmentationMeter(19, 20)
     meter.update(PRED, LABEL)
     meter.reset()
     assert meter.confusion is None

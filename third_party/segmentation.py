@@ -51,7 +51,7 @@ class SegmentationMeter:
     caller can all-reduce it before ``compute()``.
     """
 
-    def __init__(self, num_classes: int = 19, num_channels: int = 20):
+    def __init__(self, num_classes: int, num_channels: int):
         if num_channels < num_classes:
             raise ValueError("num_channels must be >= num_classes")
         self.num_classes = int(num_classes)

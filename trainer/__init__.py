@@ -1,8 +1,8 @@
 """Training, evaluation, checkpoints and run folders."""
-from .loop import (Interrupted, MeanMeter, Trainer, TrainingError, append_test_records,
-                   build_optimizer, build_scheduler, evaluate, temperature_at)
+from .loop import (Interrupted, Trainer, TrainingError, build_optimizer, build_scheduler,
+                   temperature_at)
+from .meters import CodeHistogram, MeanMeter, evaluate
 from .runs import RunError
 
-__all__ = ["Interrupted", "MeanMeter", "Trainer", "TrainingError", "RunError",
-           "append_test_records", "build_optimizer", "build_scheduler", "evaluate",
-           "temperature_at"]
+__all__ = ["CodeHistogram", "Interrupted", "MeanMeter", "Trainer", "TrainingError", "RunError",
+           "build_optimizer", "build_scheduler", "evaluate", "temperature_at"]

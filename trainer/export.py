@@ -7,9 +7,9 @@ config. These files are the input for training a prior over the discrete codes (
 or a transformer over the H x W grid of indices); codes sampled from such a prior, saved in
 the same format, become images through ``decode_codes``.
 
-The hash is taken over the run's own ``config.yaml`` (without command-line overrides such as
-``path_dataset``, which do not change the model), so encoding with one data path and decoding
-with another still match.
+The hash is taken over the sections of the run's own config that define the model (dataset,
+model, network, quantization, flags), so encoding with one data path and decoding with
+another, or from another folder, still match.
 """
 import hashlib
 import os
@@ -18,30 +18,27 @@ import numpy as np
 import torch
 
 from configs import config_to_yaml
-from networks import build_model
 from util.codes import CodesError, load_codes, pack_codes
 from util.io import atomic_write_bytes
 
 from . import runs
 from .runs import RunError
 
-SPLITS = ("train", "val", "test")
-
-
 def codes_file(split):
     return f"codes_{split}.npz"
 
 
+# The config sections that define a model (the others say where files are and how to train).
+MODEL_SECTIONS = ("dataset", "model", "network", "quantization", "flags")
+
+
 def config_hash(cfg):
-    return hashlib.sha256(config_to_yaml(cfg).encode("utf-8")).hexdigest()
+    model_part = "".join(f"{s}:\n{config_to_yaml(cfg[s])}" for s in MODEL_SECTIONS)
+    return hashlib.sha256(model_part.encode("utf-8")).hexdigest()
 
 
 def run_config_hash(run_dir):
-    return config_hash(runs.load_run_config(run_dir))
-
-
-def is_label_model(cfg):
-    return cfg.model.name == "VmfSQVAE"
+    return config_hash(runs.read_run_config(run_dir))
 
 
 @torch.no_grad()
@@ -55,34 +52,28 @@ def encode_split(model, loader):
     return torch.cat(chunks).numpy().astype(np.uint16)
 
 
-def write_codes(run_dir, split, codes, model):
+def write_codes(run_dir, cfg, split, codes, model):
     """codes_<split>.npz in the run folder (atomically); returns its path."""
     path = os.path.join(run_dir, codes_file(split))
     codebook = model.code_vectors().detach().float().cpu().numpy()
-    atomic_write_bytes(path, pack_codes(codes, codebook, run_config_hash(run_dir)))
+    atomic_write_bytes(path, pack_codes(codes, codebook, config_hash(cfg)))
     return path
 
 
-def load_run_model(run_dir, device="cpu"):
-    """The run's config (without overrides) and its best.pt model in eval mode."""
-    cfg = runs.load_run_config(run_dir)
-    best = os.path.join(run_dir, runs.BEST)
-    state = runs.load_checkpoint(best)
-    model = build_model(cfg)
-    runs.load_model_weights(model, state["model"], best)
-    return cfg, model.to(device).eval()
-
-
 @torch.no_grad()
-def decode_indices(model, cfg, codes, device="cpu", batch_size=256):
+def decode_indices(model, codes, device="cpu", batch_size=256):
     """Images for code indices N x H x W (any integer array or tensor): float N x C x H x W
     in [0, 1], or for label maps the argmax class N x 1 x H x W (int64). On the CPU."""
     model.eval()
     codes = torch.as_tensor(np.asarray(codes, dtype=np.int64))
+    if codes.dim() != 3 or tuple(codes.shape[1:]) != tuple(model.latent_shape):
+        raise RunError(f"codes of shape {tuple(codes.shape)} do not fit this model: it "
+                       f"decodes N x {model.latent_shape[0]} x {model.latent_shape[1]} grids")
     out = []
     for chunk in codes.split(batch_size):
         x_hat = model.decode(chunk.to(device))
-        out.append((x_hat.argmax(1, keepdim=True) if is_label_model(cfg) else x_hat).cpu())
+        labels = model.OUTPUTS == "labels"
+        out.append((x_hat.argmax(1, keepdim=True) if labels else x_hat).cpu())
     return torch.cat(out)
 
 
@@ -98,10 +89,10 @@ def decode_codes(run_dir, codes_path, device="cpu", batch_size=256):
         raise RunError(f"{codes_path} was written for another config (hash "
                        f"{saved['config_hash'][:12]}…, but {run_dir} has {expected[:12]}…); "
                        "decode it with the run that encoded it")
-    cfg, model = load_run_model(run_dir, device)
+    _, model, _ = runs.load_run_model(run_dir, device=device)
     codebook = model.code_vectors().detach().float().cpu().numpy()
     if saved["codebook"].shape != codebook.shape or not np.array_equal(saved["codebook"],
                                                                          codebook):
         raise RunError(f"{codes_path} does not match the codebook of {run_dir}/{runs.BEST} "
                        "(the run was trained further after encoding); encode again")
-    return decode_indices(model, cfg, saved["codes"], device, batch_size)
+    return decode_indices(model, saved["codes"], device, batch_size)

@@ -2,31 +2,43 @@
 import io
 
 import torch
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
 from third_party.segmentation import colorize
+from util.grid import reconstruction_grid as layout
 from util.io import atomic_write_bytes
 
 GRID_IMAGES = 8
 
 
-def to_display(x, x_hat):
-    """Image tensors in [0, 1] for the originals and their reconstructions; label maps are
-    coloured with the 19-class palette (the reconstruction is the argmax channel)."""
-    if x_hat.shape[1] != x.shape[1] or not torch.is_floating_point(x):
-        return colorize(x.long()), colorize(x_hat.argmax(1))
-    return x.float(), x_hat.float().clamp(0, 1)
+def displayable(x, labels):
+    """Images clamped to [0, 1], or label maps (`labels`, integer B x [1 x] H x W) coloured
+    with the 19-class palette."""
+    return colorize(x.long()) if labels else x.float().clamp(0, 1)
+
+
+def to_display(x, x_hat, labels):
+    """The originals and their reconstructions (for label maps: the argmax channel), ready
+    to show."""
+    return displayable(x, labels), displayable(x_hat.argmax(1) if labels else x_hat, labels)
+
+
+def as_hwc(images):
+    """N x C x H x W tensor -> N x H x W x C float array on the host."""
+    return images.permute(0, 2, 3, 1).float().cpu().numpy()
 
 
 @torch.no_grad()
 def reconstruction_grid(model, x, n=GRID_IMAGES):
+    """The first `n` images of `x` above their deterministic reconstructions, C x H x W."""
     was_training = model.training
     model.eval()
     x = x[:n]
     x_hat, _ = model(x, "deterministic")
     model.train(was_training)
-    top, bottom = to_display(x, x_hat)
-    return make_grid(torch.cat([top, bottom]).cpu(), nrow=len(x), padding=2)
+    top, bottom = to_display(x, x_hat, model.OUTPUTS == "labels")
+    grid, _ = layout(as_hwc(top), as_hwc(bottom), columns=len(x))
+    return torch.from_numpy(grid).permute(2, 0, 1)
 
 
 def save_reconstructions(model, x, paths):

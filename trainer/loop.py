@@ -1,40 +1,38 @@
-"""The training loop of SPEC 5, readable top to bottom.
+"""The training loop of docs/model.md §5, readable top to bottom.
 
-Logging: every ``log.every_steps`` steps the running means of the loss terms and
-the self-annealing diagnostics (sigma_q^2 or kappa_q, decoder variance, entropy
-of the code distribution, codes in use) are read back once, appended to
-``metrics.jsonl`` as a ``train_step`` line, written to TensorBoard
-(``<run>/tensorboard``) and shown on the progress bar (a terminal only).
+Each epoch: train over the training loader (temperature set before every iteration),
+then validate twice (stochastic, then deterministic; the deterministic result is the one
+recorded, stepped into ReduceLROnPlateau and compared for "best"). With a run folder:
+``best.pt`` when the validation loss is at most the best so far, ``current.pt`` after
+every epoch and every ``train.ckpt_every_steps`` steps. After training, the caller
+evaluates the test split with the best weights (``Trainer.test``).
 
-Each epoch: train over the training loader (temperature set before every
-iteration), then validate twice (stochastic, then deterministic; the
-deterministic result is the one recorded, stepped into ReduceLROnPlateau and
-compared for "best"). With a run folder: ``best.pt`` when the validation loss
-is at most the best so far, ``current.pt`` after every epoch and every
-``train.ckpt_every_steps`` steps, one ``metrics.jsonl`` line per epoch and
-split. After training, the test split is evaluated with the best weights.
-
-Metrics stay on the device during an epoch and are read back once per
-``log.every_steps`` steps, which is also when a non-finite loss is caught.
+Metrics stay on the device and are read back once per ``log.every_steps`` steps (a
+``train_step`` record, also when a non-finite loss is caught) and once per epoch.
+Records go to ``metrics.jsonl`` when ``current.pt`` is written, right after it: the file
+only ever holds records of steps that a resume will not redo, and it is only appended to.
 """
 import math
 import os
 import signal
-import sys
 import time
 from itertools import islice
 
 import torch
-from tqdm import tqdm
 
 from configs import config_to_yaml
 from util import distributed as dist
 from util.device import is_cuda
-from util.io import read_jsonl, write_jsonl
 from util.rng import get_rng_state, set_rng_state
 
 from . import runs
 from .images import save_reconstructions
+from .logs import Display
+from .meters import CodeHistogram, MeanMeter, derived_metrics, evaluate
+
+# Records a training run writes (the others, test and -ts records, are appended by callers).
+TRAINING_SPLITS = ("train_step", "train", "val_stochastic", "val")
+
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says where and why."""
@@ -69,118 +67,32 @@ def build_scheduler(optimizer):
         cooldown=0, min_lr=0, eps=1e-8)
 
 
-class MeanMeter:
-    """Means over batches of per-batch scalars, accumulated on the device (no host sync)."""
-
-    def __init__(self, keys):
-        self.keys = tuple(keys)
-        self.sum = None
-        self.count = 0
-
-    def add(self, terms):
-        values = torch.stack([terms[k].detach().float() for k in self.keys])
-        self.add_values(values)
-        return values
-
-    def add_values(self, values):
-        self.sum = values if self.sum is None else self.sum + values
-        self.count += 1
-
-    def means(self):
-        """Means over every batch of every process (one all-reduce under torchrun)."""
-        if self.count == 0:
-            return {}
-        totals = torch.cat([self.sum, self.sum.new_tensor([self.count])])
-        totals = dist.all_reduce_sum(totals.clone())
-        return dict(zip(self.keys, (totals[:-1] / totals[-1]).tolist()))
-
-    def state_dict(self):
-        return {"keys": list(self.keys), "count": self.count,
-                "sum": None if self.sum is None else self.sum.cpu()}
-
-    def load_state_dict(self, state, device):
-        self.keys, self.count = tuple(state["keys"]), state["count"]
-        self.sum = None if state["sum"] is None else state["sum"].to(device)
+def segmentation_meter(model):
+    """A factory of split-level pixel-accuracy/mIoU meters for label-map models, else None."""
+    if model.OUTPUTS != "labels":
+        return None
+    from networks import label_channels
+    from third_party.segmentation import SegmentationMeter
+    return lambda: SegmentationMeter(model.num_classes, label_channels(model.num_classes))
 
 
-class CodeHistogram:
-    """How often each code is chosen over a whole split (on the device, no host sync)."""
-
-    def __init__(self, size):
-        self.size = size
-        self.counts = None
-
-    def add(self, codes):
-        codes = codes.reshape(-1)
-        if self.counts is None:
-            self.counts = torch.zeros(self.size, dtype=torch.long, device=codes.device)
-        self.counts.index_add_(0, codes, torch.ones_like(codes))
-
-    def state_dict(self):
-        return {"size": self.size, "counts": None if self.counts is None else self.counts.cpu()}
-
-    def load_state_dict(self, state, device):
-        self.size = state["size"]
-        self.counts = None if state["counts"] is None else state["counts"].to(device)
-
-    def summary(self):
-        """Split-level perplexity exp(H(q)) of the code frequencies q, and codes in use."""
-        if self.counts is None:
-            return {}
-        counts = dist.all_reduce_sum(self.counts.clone())
-        q = counts.double() / counts.sum().clamp(min=1)
-        entropy = -(q * torch.log(q.clamp(min=1e-300))).sum()
-        return {"perplexity_split": float(torch.exp(entropy)),
-                "codes_used": int((counts > 0).sum())}
-
-
-def derived_metrics(means, dim_x):
-    """Per-pixel MSE and PSNR next to the reference's per-image summed MSE."""
-    out = dict(means)
-    if "mse" in out:
-        out["mse_pixel"] = out["mse"] / dim_x
-        out["psnr"] = -10 * math.log10(out["mse_pixel"]) if out["mse_pixel"] > 0 else math.inf
-    return out
-
-
-@torch.no_grad()
-def evaluate(model, loader, mode, limit=None, segmentation=None, bar=None):
-    """One pass over `loader` in eval mode: means over batches (the reference's figures), the
-    split-level code perplexity, and split-level pixel accuracy and mIoU for label maps."""
-    model.eval()
-    meter = MeanMeter(model.TERMS)
-    histogram = CodeHistogram(model.codebook.shape[0])
-    seg = segmentation() if segmentation is not None else None
-    for x, _ in islice(loader, limit):
-        x_hat, terms = model(x, mode, codes=True)
-        meter.add(terms)
-        histogram.add(terms["codes"])
-        if seg is not None:
-            seg.update_from_logits(x_hat, x)
-        if bar is not None:
-            bar.update(x.shape[0])
-    result = derived_metrics(meter.means(), model.dim_x)
-    result.update(histogram.summary())
-    if seg is not None and seg.confusion is not None:
-        dist.all_reduce_sum(seg.confusion)
-        scores = seg.compute()
-        result["pixel_acc"], result["miou"] = scores["pixel_acc"], scores["miou"]
-    return result
+def record_key(record):
+    return record.get("split"), record.get("epoch"), record.get("step")
 
 
 class Trainer:
     """Owns the model, optimizer, scheduler, loaders and (optionally) a run folder."""
 
     def __init__(self, cfg, model, loaders, device, run_dir=None, *, limit_batches=None,
-                 dbg=False, log=print, segmentation=None, resume_command=None, launch=None):
+                 display=None, resume_command=None, launch=None):
         self.cfg, self.loaders, self.device = cfg, loaders, device
-        self.run_dir, self.limit, self.dbg = run_dir, limit_batches, dbg
-        # Every process computes; only the main one writes files and prints.
-        self.is_main = dist.is_main()
-        self.log = log if self.is_main else (lambda *_: None)
-        self.segmentation = segmentation
+        self.run_dir, self.limit = run_dir, limit_batches
+        self.is_main = dist.is_main()  # every process computes; only the main one writes
+        self.display = display or Display(labels=model.OUTPUTS == "labels")
+        self.segmentation = segmentation_meter(model)
         self.resume_command = resume_command
         self.launch = launch or {"seed": 0, "limit_batches": limit_batches}
+        # Precision and compilation are the trainer's choice, not the model's.
         model.amp = cfg.train.amp
         if dist.active() and cfg.train.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -197,14 +109,13 @@ class Trainer:
         self.keys = model.TERMS
         self.epoch, self.batch, self.step = 1, 0, 0
         self.best_loss, self.best_epoch = math.inf, 0
-        self.history = []
+        self.history = []   # every training record so far (kept in current.pt)
+        self.unwritten = []  # those not yet appended to metrics.jsonl
         self.meter = MeanMeter(self.keys)
         self.interval = MeanMeter(self.keys)
         self.interval_codes = CodeHistogram(model.codebook.shape[0])
         self.train_seconds = 0.0
         self._signal = None
-        self.show_progress = self.is_main and sys.stderr.isatty()
-        self._tensorboard = None
         # The first non-finite step and its terms, kept on the device until the next check.
         self._bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self._bad_terms = torch.zeros(len(self.keys), device=device)
@@ -215,7 +126,7 @@ class Trainer:
         n = len(self.loaders[split])
         return n if self.limit is None else min(n, self.limit)
 
-    # ---- checkpoints -------------------------------------------------------------------
+    # ---- checkpoints and records -------------------------------------------------------
     def path(self, name):
         return os.path.join(self.run_dir, name)
 
@@ -252,6 +163,18 @@ class Trainer:
         self._step_counter.fill_(self.step)
         ranks = state.get("rng_ranks") or [state["rng"]]
         set_rng_state(ranks[dist.rank()] if len(ranks) == dist.world_size() else state["rng"])
+        # A kill between writing current.pt and appending its records leaves them out of
+        # metrics.jsonl: append exactly those.
+        if self.run_dir is not None and self.is_main:
+            written = {record_key(r) for r in runs.read_metrics(self.run_dir)
+                       if r.get("split") in TRAINING_SPLITS}
+            self.unwritten = [r for r in self.history if record_key(r) not in written]
+            self.write_records()
+
+    def write_records(self):
+        if self.run_dir is not None and self.is_main and self.unwritten:
+            runs.append_metrics(self.run_dir, self.unwritten)
+        self.unwritten = []
 
     def save_current(self):
         if self.run_dir is None:
@@ -260,8 +183,7 @@ class Trainer:
         state = self.state_dict()  # a collective under torchrun: every process takes part
         if self.is_main:
             runs.save_checkpoint(self.path(runs.CURRENT), state)
-            # metrics.jsonl always mirrors the history in current.pt; a resume rewrites it.
-            write_jsonl(self.path(runs.METRICS_FILE), self.history)
+            self.write_records()
 
     def save_best(self, val_loss):
         if not self.is_main:
@@ -269,6 +191,14 @@ class Trainer:
         runs.save_checkpoint(self.path(runs.BEST), {
             "model": self.model.state_dict(), "epoch": self.epoch, "step": self.step,
             "val_loss": val_loss, "config": config_to_yaml(self.cfg)})
+
+    def record(self, split, metrics, seconds, **extra):
+        entry = {"epoch": self.epoch, "split": split, "step": self.step, **metrics,
+                 "lr": self.optimizer.param_groups[0]["lr"],
+                 "temperature": temperature_at(self.cfg, self.step), "seconds": seconds, **extra}
+        self.history.append(entry)
+        self.unwritten.append(entry)
+        return entry
 
     # ---- failure handling --------------------------------------------------------------
     def track_finite(self, values):
@@ -280,13 +210,16 @@ class Trainer:
     def check_finite(self):
         local = int(self._bad_step)
         step = int(dist.all_reduce_max(self._bad_step.clone()))
-        if step >= 0:
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.keys, self._bad_terms.tolist())) \
-                if local >= 0 else "on another process"
-            kept = (f"; the last good checkpoints in {self.run_dir} are kept"
-                    if self.run_dir else "")
-            raise TrainingError(f"non-finite loss at step {step} ({terms}); try a lower "
-                                f"train.lr or another seed{kept}")
+        if step < 0:
+            return
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.keys, self._bad_terms.tolist())) \
+            if local >= 0 else "on another process"
+        kept = [name for name in (runs.CURRENT, runs.BEST)
+                if self.run_dir is not None and os.path.isfile(self.path(name))]
+        where = (f"; {' and '.join(kept)} in {self.run_dir} (from before it) are kept"
+                 if kept else "; no checkpoint was written before it")
+        raise TrainingError(f"non-finite loss at step {step} ({terms}); try a lower "
+                            f"train.lr or another seed{where}")
 
     def _on_signal(self, signum, frame):
         self._signal = signum
@@ -296,7 +229,7 @@ class Trainer:
         `now`), so they all stop after the same step."""
         if not dist.active():
             return self._signal is not None
-        if not now and self.step % max(1, self.cfg.log.every_steps):
+        if not now and self.step % self.cfg.log.every_steps:
             return False
         flag = torch.tensor([self._signal or 0], device=self.device)
         self._signal = int(dist.all_reduce_max(flag)) or None
@@ -323,11 +256,10 @@ class Trainer:
             raise runs.RunError(f"the checkpoint stopped at batch {self.batch} of epoch "
                                 f"{self.epoch}, but epochs now have {n_batches} batches; "
                                 "resume with the run's own dataset and --limit-batches")
-        every_ckpt = cfg.train.ckpt_every_steps
-        every_log = max(1, cfg.log.every_steps)
+        every_ckpt, every_log = cfg.train.ckpt_every_steps, cfg.log.every_steps
         model.train()
         start = time.perf_counter()
-        bar = self.progress(n_batches * loader.batch_size, f"epoch {self.epoch}")
+        bar = self.display.progress(n_batches * loader.batch_size, f"epoch {self.epoch}")
         bar.update(self.batch * loader.batch_size)
         for x, _ in islice(loader.iter_from(self.batch), n_batches - self.batch):
             self.step = (self.epoch - 1) * n_batches + self.batch + 1
@@ -362,73 +294,40 @@ class Trainer:
         self.check_finite()
         means = derived_metrics(self.interval.means(), self.model.dim_x)
         means["codes_used"] = self.interval_codes.summary()["codes_used"]
-        entry = self.record("train_step", means, None)
+        self.display.interval(self.record("train_step", means, None), bar)
         self.interval = MeanMeter(self.keys)
         self.interval_codes = CodeHistogram(self.interval_codes.size)
-        tb = self.tensorboard()
-        if tb is not None:
-            for key, value in entry.items():
-                if key not in ("epoch", "split", "step", "seconds"):
-                    tb.add_scalar(f"step/{key}", value, self.step)
-        quality = ("acc", means["acc"]) if "acc" in means else ("mse", means["mse"])
-        bar.set_postfix({"loss": f"{means['loss']:.1f}", quality[0]: f"{quality[1]:.4g}",
-                         "ppl": f"{means['perplexity']:.1f}",
-                         "tau": f"{entry['temperature']:.3g}"}, refresh=False)
 
-    def progress(self, total, desc):
-        """A tqdm bar in images (rate in img/s, ETA) on a terminal; silent otherwise."""
-        return tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False,
-                    dynamic_ncols=True, disable=not self.show_progress, file=sys.stderr)
-
-    def tensorboard(self):
-        """The run's TensorBoard writer (main process with a run folder only)."""
-        if self._tensorboard is None and self.run_dir is not None and self.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tensorboard = SummaryWriter(log_dir=self.path("tensorboard"))
-        return self._tensorboard
-
-    def log_epoch(self, entries):
-        """Per-epoch metrics of each split to TensorBoard."""
-        tb = self.tensorboard()
-        if tb is None:
-            return
-        for entry in entries:
-            for key, value in entry.items():
-                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                    tb.add_scalar(f"{entry['split']}/{key}", value, entry["epoch"])
-        tb.flush()
-
-    def validate(self, split="val"):
+    def evaluate_split(self, split):
+        """Stochastic, then deterministic pass over `split`: two (metrics, seconds) pairs."""
         loader, limit = self.loaders[split], self.batches(split)
-        start = time.perf_counter()
-        results = []
+        passes = []
         for mode in ("stochastic", "deterministic"):
-            with self.progress(limit * loader.batch_size, f"{split} {mode}") as bar:
-                results.append(evaluate(self.eval_model, loader, mode, limit,
-                                        self.segmentation, bar))
-        return results[0], results[1], time.perf_counter() - start
-
-    def record(self, split, metrics, seconds, **extra):
-        entry = {"epoch": self.epoch, "split": split, "step": self.step, **metrics,
-                 "lr": self.optimizer.param_groups[0]["lr"],
-                 "temperature": temperature_at(self.cfg, self.step), "seconds": seconds, **extra}
-        self.history.append(entry)
-        return entry
+            start = time.perf_counter()
+            with self.display.progress(limit * loader.batch_size, f"{split} {mode}") as bar:
+                metrics = evaluate(self.eval_model, loader, mode, limit, self.segmentation, bar)
+            passes.append((metrics, time.perf_counter() - start))
+        return passes
 
     def fit(self):
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.epoch <= self.cfg.train.epoch_max:
                 train = self.train_epoch()
-                val_s, val, val_seconds = self.validate("val")
-                self.log_epoch([self.record("train", train, self.train_seconds),
-                                self.record("val_stochastic", val_s, val_seconds),
-                                self.record("val", val, val_seconds)])
+                (val_s, val_s_seconds), (val, val_seconds) = self.evaluate_split("val")
+                self.display.records([
+                    self.record("train", train, self.train_seconds),
+                    self.record("val_stochastic", val_s, val_s_seconds),
+                    self.record("val", val, val_seconds)])
                 self.scheduler.step(val["loss"])
-                self.print_epoch(train, val, val_seconds)
                 improved = val["loss"] <= self.best_loss
                 if improved:
                     self.best_loss, self.best_epoch = val["loss"], self.epoch
+                self.display.epoch(self.epoch, self.cfg.train.epoch_max, self.step,
+                                   [(train, self.train_seconds), (val_s, val_s_seconds),
+                                    (val, val_seconds)],
+                                   saved=improved and self.run_dir is not None,
+                                   best_epoch=self.best_epoch)
                 if self.run_dir is not None:
                     if improved:
                         self.save_best(val["loss"])
@@ -442,21 +341,16 @@ class Trainer:
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
-            if self._tensorboard is not None:
-                self._tensorboard.flush()
 
     def test(self, epoch, **extra):
         """Evaluate the test split (stochastic, then the recorded deterministic pass); returns
-        the two metrics records."""
-        stochastic, deterministic, seconds = self.validate("test")
-        self.print_line("Test", deterministic, seconds)
-        records = [{"epoch": epoch, "split": "test_stochastic", **stochastic,
-                    "seconds": seconds, **extra},
-                   {"epoch": epoch, "split": "test", **deterministic, "seconds": seconds, **extra}]
-        self.log_epoch(records)
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-            self._tensorboard = None
+        the two metrics records (the caller appends them to metrics.jsonl)."""
+        stochastic, deterministic = self.evaluate_split("test")
+        self.display.test(epoch, stochastic, deterministic)
+        records = [{"epoch": epoch, "split": split, **metrics, "seconds": seconds, **extra}
+                   for split, (metrics, seconds) in (("test_stochastic", stochastic),
+                                                     ("test", deterministic))]
+        self.display.records(records)
         return records
 
     # ---- output ------------------------------------------------------------------------
@@ -467,32 +361,5 @@ class Trainer:
         x, _ = next(iter(self.loaders["val"]))
         grid = save_reconstructions(
             self.model, x, [self.path(f"reconstructions_{name}.png") for name in names])
-        tb = self.tensorboard()
-        if tb is not None:
-            for name in names:
-                tb.add_image(f"reconstructions/{name}", grid, self.epoch)
-
-    def print_line(self, name, m, seconds):
-        quality = f"ACC: {m['acc']:.4f}" if "acc" in m else f"MSE: {m['mse']:.4f}"
-        extra = f", mIoU: {m['miou']:.4f}" if "miou" in m else ""
-        self.log(f"{name} Loss: {m['loss']:.4f}, {quality}{extra}, "
-                 f"Perplexity: {m['perplexity']:.4f}, Time: {seconds:.3f}s")
-
-    def print_epoch(self, train, val, val_seconds):
-        if self.dbg:
-            self.log(f"Epoch {self.epoch}/{self.cfg.train.epoch_max}")
-            self.print_line("Train", train, self.train_seconds)
-            self.print_line("Validation", val, val_seconds)
-        else:
-            quality = f"acc {val['acc']:.4f}" if "acc" in val else \
-                f"mse/pixel {val['mse_pixel']:.5f}"
-            self.log(f"epoch {self.epoch}/{self.cfg.train.epoch_max} step {self.step}: "
-                     f"train loss {train['loss']:.2f}, val loss {val['loss']:.2f}, {quality}, "
-                     f"perplexity {val['perplexity']:.1f}, "
-                     f"{self.train_seconds:.1f}s + {val_seconds:.1f}s")
-
-
-def append_test_records(run_dir, records):
-    """Append test metrics to a run's metrics.jsonl (rewritten atomically)."""
-    path = os.path.join(run_dir, runs.METRICS_FILE)
-    write_jsonl(path, read_jsonl(path) + records)
+        for name in names:
+            self.display.images(f"reconstructions/{name}", grid, self.epoch)

@@ -18,10 +18,10 @@ import torch
 
 from util import report as plots
 from util.codes import code_usage
-from util.io import atomic_write_bytes, read_jsonl
+from util.io import atomic_write_bytes
 
 from . import export, runs
-from .images import to_display
+from .images import as_hwc, to_display
 
 NAMES = ("report", "report_curves", "report_codebook", "report_reconstructions")
 RECONSTRUCTIONS = 16
@@ -56,13 +56,13 @@ def reconstruction_arrays(model, loader, n=RECONSTRUCTIONS):
             break
     x = torch.cat(images)[:n]
     x_hat, _ = model(x, "deterministic")
-    top, bottom = to_display(x, x_hat)
-    if torch.is_floating_point(x) and x_hat.shape[1] == x.shape[1]:
-        caption = f"MSE per pixel {float(((x_hat.clamp(0, 1) - x) ** 2).mean()):.4f}"
-    else:
+    labels = model.OUTPUTS == "labels"
+    top, bottom = to_display(x, x_hat, labels)
+    if labels:
         correct = x_hat.argmax(1) == x.reshape(x_hat[:, 0].shape)
         caption = f"pixel accuracy {float(correct.float().mean()):.3f}"
-    as_hwc = (lambda t: t.permute(0, 2, 3, 1).float().cpu().numpy())
+    else:
+        caption = f"MSE per pixel {float(((x_hat.clamp(0, 1) - x) ** 2).mean()):.4f}"
     return as_hwc(top), as_hwc(bottom), caption
 
 
@@ -95,14 +95,14 @@ def write_report(run_dir, cfg, model, test_loader, test_codes=None):
 
     `test_codes` (N x H x W) are the deterministic codes of the whole test split when the
     caller already has them (``--encode test``); otherwise they are computed here."""
-    records = read_jsonl(os.path.join(run_dir, runs.METRICS_FILE))
+    records = runs.read_metrics(run_dir)
     train, train_label, val = training_records(records)
     if test_codes is None:
         test_codes = export.encode_split(model, test_loader)
     size = cfg.quantization.size_dict
     originals, recons, caption = reconstruction_arrays(model, test_loader)
     figures = plots.report_figures(
-        curves=dict(train=train, val=val, quality="acc" if export.is_label_model(cfg)
+        curves=dict(train=train, val=val, quality="acc" if model.OUTPUTS == "labels"
                     else "mse_pixel", param_var_q=cfg.model.param_var_q, num_codes=size,
                     train_label=train_label),
         codebook=dict(counts=code_usage(test_codes, size)["counts"], split="test"),

@@ -1,24 +1,34 @@
-"""Run folders and checkpoints.
+"""Run folders: their config, checkpoints, metrics file and writer lock.
 
 A run folder is ``<path>/<path_specific>/<network.name>_seed<seed>_<MMDD_HHMM>[_N]``.
 It is claimed with ``os.mkdir`` (atomic: two runs started in the same minute get
 two folders) and holds ``config.yaml``, ``best.pt``, ``current.pt``,
-``metrics.jsonl`` and reconstruction grids. Every file is written through
-``util.io`` (temporary file, then rename). Checkpoints are plain dicts of
-tensors and numbers, loaded with ``torch.load(weights_only=True)``.
+``metrics.jsonl`` and reconstruction grids.
+
+* Every file but ``metrics.jsonl`` is written through ``util.io`` (temporary file, then
+  rename). ``metrics.jsonl`` is append-only: every writer appends whole lines, so nothing
+  ever rewrites or truncates a record (``append_metrics``, ``read_metrics``).
+* One process at a time trains into a folder: ``writer_lock`` holds an OS lock on
+  ``.writer.lock`` for the run's lifetime, which the kernel releases however the process
+  ends. Evaluations (``-ts``) only read, and append their lines without it.
+* Checkpoints are plain dicts of tensors and numbers, loaded with
+  ``torch.load(weights_only=True)`` and checked for the keys their reader needs.
 """
 import os
 import pickle
+import sys
 import time
 import zipfile
 
 import torch
 
-from configs import ConfigError, config_to_yaml, load_config
-from util.io import atomic_save, atomic_write_text
+from configs import ConfigError, config_to_yaml, get_key, load_config
+from util.io import JsonlError, append_jsonl, atomic_save, atomic_write_text, read_jsonl
+from util.lock import FileLock, LockHeld
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".writer.lock"
 BEST, CURRENT = "best.pt", "current.pt"
 
 
@@ -26,8 +36,23 @@ class RunError(ValueError):
     """A run folder or checkpoint problem the user can fix; one line."""
 
 
+def write_config(run_dir, cfg):
+    atomic_write_text(os.path.join(run_dir, CONFIG_FILE), config_to_yaml(cfg))
+
+
+def writer_lock(run_dir):
+    """Hold the run folder's writer lock (released when the process ends, however it ends),
+    or a RunError naming the process that holds it."""
+    try:
+        return FileLock(os.path.join(run_dir, LOCK_FILE), blocking=False).acquire()
+    except LockHeld as e:
+        raise RunError(f"{run_dir} is being written by process {e.pid or '(unknown)'} (a "
+                       "training or --resume); wait for it to end or stop it") from None
+
+
 def create_run_dir(cfg, seed, now=None):
-    """Claim a fresh run folder and write the resolved config into it."""
+    """Claim a fresh run folder, lock it for writing and write the resolved config into it;
+    returns (path, lock)."""
     root = cfg.path_checkpoint
     os.makedirs(root, exist_ok=True)
     stamp = time.strftime("%m%d_%H%M", time.localtime(now))
@@ -38,9 +63,25 @@ def create_run_dir(cfg, seed, now=None):
             os.mkdir(path)
         except FileExistsError:
             continue
-        atomic_write_text(os.path.join(path, CONFIG_FILE), config_to_yaml(cfg))
-        return path
+        lock = writer_lock(path)
+        write_config(path, cfg)
+        return path, lock
     raise RunError(f"too many runs named {base}* in {root}")
+
+
+def read_metrics(run_dir):
+    """The records of the run's metrics.jsonl; a torn last line is skipped with a warning, a
+    malformed line elsewhere is a RunError (raised before any work, by callers that read
+    first)."""
+    try:
+        return read_jsonl(os.path.join(run_dir, METRICS_FILE),
+                          warn=lambda text: print(text, file=sys.stderr))
+    except JsonlError as e:
+        raise RunError(str(e)) from None
+
+
+def append_metrics(run_dir, records):
+    append_jsonl(os.path.join(run_dir, METRICS_FILE), records)
 
 
 def resolve_run_dir(cfg, name, flag="-ts"):
@@ -60,7 +101,8 @@ def load_run_config(run_dir, opts=None):
     try:
         return load_config(path, opts)
     except ConfigError as e:
-        raise RunError(f"{path}: {e}") from None
+        # Errors about the file itself already name it.
+        raise RunError(str(e) if path in str(e) else f"{path}: {e}") from None
 
 
 # Keys that tell experiment files apart; a resume under another file is refused. (Sizes such
@@ -69,19 +111,13 @@ IDENTITY_KEYS = ("dataset.name", "model.name", "model.param_var_q", "network.nam
                  "path_specific")
 
 
-def _get(cfg, key):
-    for part in key.split("."):
-        cfg = cfg[part]
-    return cfg
-
-
 def check_same_experiment(run_cfg, cfg, run_dir, config_name):
-    different = [k for k in IDENTITY_KEYS if _get(run_cfg, k) != _get(cfg, k)]
+    different = [k for k in IDENTITY_KEYS if get_key(run_cfg, k) != get_key(cfg, k)]
     if different:
         k = different[0]
         raise RunError(
             f"--resume {run_dir}: that run was trained with a different experiment "
-            f"({k} = {_get(run_cfg, k)!r}, but {config_name} has {_get(cfg, k)!r}); "
+            f"({k} = {get_key(run_cfg, k)!r}, but {config_name} has {get_key(cfg, k)!r}); "
             "pass the experiment file the run was started with")
 
 
@@ -124,9 +160,9 @@ def _try_load(path):
         return None, "is truncated or corrupt"
 
 
-def load_checkpoint(path):
-    """The checkpoint dict, or a RunError that names the file and says whether the run's
-    other checkpoint can be used instead."""
+def read_checkpoint(path):
+    """The object a checkpoint file holds (plain data only), or a RunError that names the
+    file and says whether the run's other checkpoint can be used instead."""
     if not os.path.isfile(path):
         raise RunError(f"{path} does not exist: the run holds no checkpoint "
                        "(was it started with --save, and did it finish an epoch?)")
@@ -140,8 +176,38 @@ def load_checkpoint(path):
         else:
             hint = ""
         raise RunError(f"checkpoint {path} {problem}{hint}")
-    if not isinstance(state, dict) or "model" not in state:
-        raise RunError(f"checkpoint {path} is not a checkpoint of this tool (no model weights)")
+    return state
+
+
+# What each checkpoint must hold for its reader: key -> accepted types.
+NUMBER = (int, float)
+CHECKPOINT_KEYS = {
+    BEST: {"model": dict, "epoch": (int, type(None))},
+    CURRENT: {"model": dict, "optimizer": dict, "scheduler": dict, "epoch": int, "batch": int,
+              "step": int, "best_loss": NUMBER, "best_epoch": int, "history": list,
+              "train_meter": dict, "interval_meter": dict, "interval_codes": dict,
+              "train_seconds": NUMBER, "rng": dict},
+}
+
+
+def load_checkpoint(path):
+    """A checkpoint of this tool, checked for the keys (and their types) that its reader
+    needs: a file that loads but lacks one is a one-line RunError, not a KeyError later."""
+    state = read_checkpoint(path)
+    if not isinstance(state, dict):
+        raise RunError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint "
+                       "of this tool")
+    needed = CHECKPOINT_KEYS.get(os.path.basename(path), {"model": dict})
+    missing = [k for k in needed if k not in state]
+    wrong = [k for k, kinds in needed.items() if k in state and not isinstance(state[k], kinds)]
+    if missing or wrong:
+        what = (f"lacks {', '.join(missing)}" if missing else
+                f"has {', '.join(f'{k} of type {type(state[k]).__name__}' for k in wrong)}")
+        raise RunError(f"checkpoint {path} {what}: not a complete checkpoint of this tool"
+                       + ("; best.pt in the same folder can still be evaluated with -ts"
+                          if os.path.basename(path) == CURRENT else ""))
+    if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise RunError(f"checkpoint {path}: its model entry is not a state dict of tensors")
     return state
 
 
@@ -180,3 +246,32 @@ def load_model_weights(model, state_dict, path):
         raise RunError(f"checkpoint {path} does not match the config: {shown} "
                        f"(set by {', '.join(dict.fromkeys(keys))})")
     model.load_state_dict(state_dict)
+
+
+def read_run_config(run_dir, opts=None):
+    """The config of a run folder of this tool, or of the authors' release (configs.json,
+    read through trainer.reference)."""
+    from . import reference  # reference builds on this module
+    if reference.is_reference_run(run_dir):
+        return reference.read_reference_config(run_dir, opts)
+    return load_run_config(run_dir, opts)
+
+
+def load_run(run_dir, opts=None):
+    """(config, best.pt state) of a run folder of this tool or of the authors' release. The
+    state's "model" holds weights under this tool's names."""
+    from . import reference
+    if reference.is_reference_run(run_dir):
+        return (reference.read_reference_config(run_dir, opts),
+                {"model": reference.load_reference_weights(run_dir), "epoch": None})
+    return load_run_config(run_dir, opts), load_checkpoint(os.path.join(run_dir, BEST))
+
+
+def load_run_model(run_dir, opts=None, device="cpu"):
+    """(config, model with the run's best.pt weights in eval mode on `device`, best.pt state):
+    the one way a saved run's model is loaded."""
+    from networks import build_model
+    cfg, state = load_run(run_dir, opts)
+    model = build_model(cfg)
+    load_model_weights(model, state["model"], os.path.join(run_dir, BEST))
+    return cfg, model.to(device).eval(), state

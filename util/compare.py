@@ -1,20 +1,31 @@
-"""Compare finished runs: one table row per run folder, as markdown and as CSV.
+"""Compare finished runs, and write the reproduction report from them.
 
-    python -m util.compare RUN_A RUN_B ... [--csv out.csv]
+    python -m util.compare RUN_OR_FOLDER ... [--csv out.csv] [--report docs/results.md]
 
-Each run folder is read through two plain files only: ``config.yaml`` (yaml.safe_load) and
-``metrics.jsonl`` (its last record with ``split == "test"``, and the ``train`` records for
-the training time). Nothing is unpickled and no other package of this repository is
-imported, so the tool works on copied or downloaded run folders.
+One table row per run folder, printed as markdown; ``--csv`` also writes the rows as CSV,
+``--report`` writes a markdown report: the command that made it, mean +- std over seeds of
+each (dataset, model, epochs) group, every run's row, and the published figures to compare
+with. A folder that is not a run folder stands for the run folders below it (two levels).
+
+Each run folder is read through plain files only: its config (``config.yaml`` with
+yaml.safe_load, or for a run folder of the authors' release ``configs.json`` as JSON) and
+``metrics.jsonl`` (its last ``test`` record, its last ``prior_test`` record, and the
+``train`` records for the training time; a release folder has one once ``main.py -ts``
+evaluated it). Nothing is unpickled and nothing outside ``util`` is imported, so the tool
+works on copied or downloaded run folders.
 """
 import argparse
 import csv
 import json
 import math
 import os
+import shlex
+import statistics
 import sys
 
 import yaml
+
+from util.io import JsonlError, atomic_write_text, read_jsonl
 
 # (column header, how to format the value in the markdown table)
 COLUMNS = (
@@ -22,53 +33,55 @@ COLUMNS = (
     ("model", "{}"),
     ("dataset", "{}"),
     ("epochs", "{}"),
+    ("test mse/image", "{:.2f}"),
     ("test mse/pixel", "{:.5f}"),
     ("psnr (dB)", "{:.2f}"),
     ("perplexity (batch)", "{:.1f}"),
     ("perplexity (split)", "{:.1f}"),
     ("codes used", "{}"),
+    ("prior nll (nats/pos)", "{:.3f}"),
+    ("unigram (nats/pos)", "{:.3f}"),
+    ("prior nll (bits/dim)", "{:.4f}"),
     ("train time (s)", "{:.1f}"),
 )
+# The figures a report averages over seeds (the others identify the group).
+MEASURES = [name for name, _ in COLUMNS if name not in ("run", "model", "dataset", "epochs")]
 
 
 class CompareError(ValueError):
     """A run folder that cannot be compared; the message is one line naming it."""
 
 
+RELEASE_CONFIG = "configs.json"  # the config file of a run folder of the authors' release
+
+
 def _read_config(run_dir):
-    path = os.path.join(run_dir, "config.yaml")
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise CompareError(f"{run_dir}: no config.yaml (not a run folder of this tool)") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise CompareError(f"{path}: unreadable ({type(e).__name__})") from None
-    if not isinstance(cfg, dict):
-        raise CompareError(f"{path}: not a mapping of config keys")
-    return cfg
+    for name, parse in (("config.yaml", yaml.safe_load), (RELEASE_CONFIG, json.load)):
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                cfg = parse(f)
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise CompareError(f"{path}: unreadable ({type(e).__name__})") from None
+        if not isinstance(cfg, dict):
+            raise CompareError(f"{path}: not a mapping of config keys")
+        return cfg
+    raise CompareError(f"{run_dir}: no config.yaml or configs.json (not a run folder)")
 
 
 def _read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
-    records = []
+    if not os.path.isfile(path):
+        raise CompareError(f"{run_dir}: no metrics.jsonl (train it with --save, or evaluate "
+                           "it with main.py -ts)")
     try:
-        with open(path) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise CompareError(f"{path}: line {number} is not JSON") from None
-                if isinstance(record, dict):
-                    records.append(record)
-    except FileNotFoundError:
-        raise CompareError(f"{run_dir}: no metrics.jsonl (was the run started with "
-                           "--save?)") from None
+        return read_jsonl(path, warn=lambda message: print(message, file=sys.stderr))
+    except JsonlError as e:
+        raise CompareError(str(e)) from None
     except OSError as e:
         raise CompareError(f"{path}: unreadable ({e.strerror})") from None
-    return records
 
 
 def _section(cfg, name):
@@ -92,47 +105,77 @@ def run_label(run_dir):
     return "/".join(parts[-2:])
 
 
+def _last(records, split):
+    found = [r for r in records if r.get("split") == split]
+    return found[-1] if found else {}
+
+
 def summarize(run_dir):
     """The table row of one run folder, as a dict keyed by column header."""
     if not os.path.isdir(run_dir):
         raise CompareError(f"{run_dir}: no such run folder")
     cfg = _read_config(run_dir)
     records = _read_metrics(run_dir)
-    tests = [r for r in records if r.get("split") == "test"]
-    if not tests:
+    test, prior = _last(records, "test"), _last(records, "prior_test")
+    if not test:
         raise CompareError(f"{run_dir}: metrics.jsonl holds no test metrics (training did not "
                            "finish; evaluate it with main.py -ts)")
-    test = tests[-1]
     train = [r for r in records if r.get("split") == "train"]
+    release = not os.path.isfile(os.path.join(run_dir, "config.yaml"))
     return {
         "run": run_label(run_dir),
-        "model": model_label(cfg),
+        "model": model_label(cfg) + (", authors' release" if release else ""),
         "dataset": _section(cfg, "dataset").get("name", "?"),
-        # Epochs actually trained (a run may stop before train.epoch_max).
-        "epochs": len({r.get("epoch") for r in train}),
+        # Epochs actually trained (a run may stop before train.epoch_max); a release run
+        # folder records none here.
+        "epochs": len({r.get("epoch") for r in train}) or None,
+        "test mse/image": test.get("mse"),
         "test mse/pixel": test.get("mse_pixel"),
         "psnr (dB)": test.get("psnr"),
         "perplexity (batch)": test.get("perplexity"),
         "perplexity (split)": test.get("perplexity_split"),
         "codes used": test.get("codes_used"),
-        "train time (s)": sum(float(r.get("seconds", 0.0)) for r in train),
+        "prior nll (nats/pos)": prior.get("nll"),
+        "unigram (nats/pos)": prior.get("unigram"),
+        "prior nll (bits/dim)": prior.get("nll_bpd"),
+        "train time (s)": sum(float(r.get("seconds", 0.0)) for r in train) if train else None,
     }
+
+
+def find_runs(paths):
+    """Run folders: each path that is one, else the run folders up to two levels below it."""
+    def is_run(folder):
+        return any(os.path.isfile(os.path.join(folder, name))
+                   for name in ("config.yaml", "configs.json"))
+    found = []
+    for path in paths:
+        if not os.path.isdir(path) or is_run(path):
+            found.append(path)
+            continue
+        below = sorted(os.path.join(root, name) for root, dirs, _ in os.walk(path)
+                       for name in dirs
+                       if os.path.relpath(os.path.join(root, name), path).count(os.sep) <= 1)
+        runs = [folder for folder in below if is_run(folder)]
+        if not runs:
+            raise CompareError(f"{path}: no run folder in it or in its subfolders")
+        found.extend(runs)
+    return found
 
 
 def _cell(value, fmt):
     if value is None:
-        return "n/a"  # e.g. no mse for label maps, no split-level figures in older runs
+        return "n/a"  # e.g. no mse for label maps, no prior trained, no split-level figures
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return fmt.format(value)
 
 
-def markdown_table(rows):
-    headers = [name for name, _ in COLUMNS]
+def markdown_table(rows, columns=COLUMNS):
+    headers = [name for name, _ in columns]
     lines = ["| " + " | ".join(headers) + " |",
              "|" + "|".join("---" for _ in headers) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row[name], fmt) for name, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(row[name], fmt) for name, fmt in columns) + " |")
     return "\n".join(lines)
 
 
@@ -145,29 +188,158 @@ def write_csv(rows, path):
             writer.writerow(["" if row[name] is None else row[name] for name, _ in COLUMNS])
 
 
+def group_rows(rows):
+    """One row per (dataset, model, epochs): each measure as (mean, sample std, n) over the
+    group's runs that have it."""
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["model"], row["epochs"]), []).append(row)
+    out = []
+    for (dataset, model, epochs), members in groups.items():
+        summary = {"dataset": dataset, "model": model, "epochs": epochs, "runs": len(members)}
+        for name in MEASURES:
+            values = [m[name] for m in members if m[name] is not None]
+            if values:
+                std = statistics.stdev(values) if len(values) > 1 else None
+                summary[name] = (statistics.fmean(values), std, len(values))
+            else:
+                summary[name] = None
+        out.append(summary)
+    return out
+
+
+def _mean_std(value, fmt, runs):
+    if value is None:
+        return "n/a"
+    mean, std, n = value
+    return (fmt.format(mean) + ("" if std is None else " ± " + fmt.format(std))
+            + ("" if n == runs else f" ({n} of {runs} runs)"))
+
+
+def group_table(groups):
+    formats = dict(COLUMNS)
+    headers = ["dataset", "model", "epochs", "runs", *MEASURES]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for g in groups:
+        cells = [g["dataset"], g["model"], _cell(g["epochs"], "{}"), str(g["runs"])]
+        cells += [_mean_std(g[name], "{:.1f}" if name == "codes used" else formats[name],
+                            g["runs"]) for name in MEASURES]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+PUBLISHED = """\
+## Published figures
+
+Numbers from the literature to place the tables above. They come from longer GPU
+trainings (hundreds of epochs), so only their order of magnitude compares with a
+few CPU epochs.
+
+| dataset | model | PSNR (dB) | perplexity | source |
+|---|---|---|---|---|
+| MNIST | VQ-VAE (K = 128) | n/a | 70.3 | VQ-WAE (Vuong et al., 2023), re-run |
+| MNIST | SQ-VAE (K = 128) | n/a | 85.4 | VQ-WAE (Vuong et al., 2023), re-run |
+| CIFAR10 | SQ-VAE (K = 512) | 26.11 | 434.8 | VQ-WAE (Vuong et al., 2023), re-run |
+| CelebA | SQ-VAE (K = 512) | 31.05 | 427.8 | VQ-WAE (Vuong et al., 2023), re-run |
+
+The CIFAR10 and CelebA rows of this report need a GPU (an epoch of CelebA is about
+163,000 images). On a machine with one, from the repository root, with the datasets
+under `./datasets` (or `path_dataset DIR`):
+
+```bash
+for seed in 0 1 2; do
+  python main.py -c cifar10_gauss_1.yaml --save --seed $seed
+  python main.py -c cifar10_vqvae.yaml --save --seed $seed
+  python main.py -c cifar10_vqvae.yaml --save --seed $seed \\
+      quantization.ema True path_specific cifar10_vqvae_ema/
+  python main.py -c celeba_gauss_1.yaml --save --seed $seed
+  python main.py -c celeba_vqvae.yaml --save --seed $seed
+  python main.py -c celeba_vqvae.yaml --save --seed $seed \\
+      quantization.ema True path_specific celeba_vqvae_ema/
+done
+# The prior's NLL columns (optional). -ts RUN uses the run's own config.yaml.
+for run in checkpoints/cifar10_*/*/ checkpoints/celeba_*/*/; do
+  python main.py -c cifar10_gauss_1.yaml -ts "$run" --prior
+done
+python -m util.compare --report docs/results.md checkpoints
+```
+"""
+
+
+def write_report(path, rows, argv, notes=None):
+    """The markdown report at `path` (atomically)."""
+    command = "python -m util.compare " + shlex.join(argv)
+    parts = [
+        "# Reproduction report",
+        "",
+        "Generated from run folders by",
+        "",
+        f"    {command}",
+        "",
+        "Do not edit by hand: change the runs and run the command again.",
+        "",
+    ]
+    if notes:
+        parts += [notes.rstrip(), ""]
+    parts += [
+        "## Mean ± sample std over seeds",
+        "",
+        "Test split, best.pt (lowest validation loss). `mse/image` is the squared error "
+        "summed over an image's pixels (values in [0, 1]), as the paper reports it; "
+        "`perplexity (batch)` is the mean over test batches of exp(entropy of the batch's "
+        "code histogram), as the authors' code reports it; `perplexity (split)` and "
+        "`codes used` count the whole test split. The prior columns come from "
+        "`main.py -ts RUN --prior` (a gated PixelCNN over the code grids): its test NLL "
+        "and the entropy of the training codes' histogram, in nats per latent position, "
+        "and the NLL in bits per image dimension.",
+        "",
+        group_table(group_rows(rows)),
+        "",
+        "## Every run",
+        "",
+        markdown_table(rows),
+        "",
+        PUBLISHED,
+    ]
+    atomic_write_text(path, "\n".join(parts))
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m util.compare",
         description="One row per run folder: model, dataset, epochs trained, test MSE per "
-                    "pixel, PSNR, per-batch and split-level code perplexity, codes in use, "
-                    "and training time (sum of the train records' seconds). Printed as a "
-                    "markdown table and written as CSV.")
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (paths)")
-    parser.add_argument("--csv", default="comparison.csv", metavar="PATH",
-                        help="where to write the CSV (default: comparison.csv here)")
+                    "image and per pixel, PSNR, per-batch and split-level code perplexity, "
+                    "codes in use, the prior's NLL, and training time. Printed as a "
+                    "markdown table; written as CSV or as a report only where told.")
+    parser.add_argument("runs", nargs="+", metavar="RUN",
+                        help="run folders, or folders holding run folders (two levels down)")
+    parser.add_argument("--csv", metavar="PATH", help="also write the rows as CSV to PATH")
+    parser.add_argument("--report", metavar="PATH",
+                        help="also write the reproduction report (markdown) to PATH")
+    parser.add_argument("--notes", metavar="FILE",
+                        help="with --report: a markdown file whose text goes under the "
+                             "report's header (how the runs were made)")
     return parser
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        rows = [summarize(run) for run in args.runs]
-        write_csv(rows, args.csv)
+        rows = [summarize(run) for run in find_runs(args.runs)]
+        notes = None
+        if args.notes:
+            with open(args.notes) as f:
+                notes = f.read()
+        if args.csv:
+            write_csv(rows, args.csv)
+        if args.report:
+            write_report(args.report, rows, argv, notes)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: cannot write {args.csv}: {e.strerror}", file=sys.stderr)
+        print(f"error: cannot read or write {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     print(markdown_table(rows))
     return 0

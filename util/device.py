@@ -1,4 +1,6 @@
 """Device selection: the one place that names device types."""
+import os
+
 import torch
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
@@ -44,8 +46,28 @@ def is_cuda(device):
     return torch.device(device).type == "cuda"
 
 
-def set_deterministic(enabled, device):
-    """Bitwise-repeatable kernels where the backend offers them."""
-    torch.use_deterministic_algorithms(enabled, warn_only=False)
-    torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = not enabled and is_cuda(device)
+# cuBLAS needs a fixed workspace for repeatable results; PyTorch refuses deterministic
+# algorithms on CUDA without this setting, which cuBLAS reads at its first call.
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def configure_kernels(device, deterministic=None, cudnn_benchmark=False):
+    """Choose the kernels; returns whether deterministic algorithms are on.
+
+    `deterministic` None means the default: on for the CPU (two runs with one seed are
+    bitwise equal), off on GPUs. cuDNN follows the authors' release by default
+    (cudnn.deterministic on, cudnn.benchmark off); `cudnn_benchmark` lets cuDNN pick the
+    fastest convolution algorithms instead, which are not repeatable. Call it before the
+    first CUDA computation."""
+    if deterministic is None:
+        deterministic = (not cudnn_benchmark and not is_cuda(device)
+                         and torch.device(device).type != "mps")
+    if deterministic and cudnn_benchmark:
+        raise DeviceError("--deterministic and --cudnn-benchmark exclude each other: "
+                          "give one of them")
+    if deterministic and is_cuda(device):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    torch.backends.cudnn.deterministic = not cudnn_benchmark
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    return deterministic

@@ -1,5 +1,6 @@
 """Crash-safe file writes: every file goes to a temporary name in the same folder, is
-flushed to disk, then renamed into place, so a reader never sees half a file."""
+flushed to disk (unless durable=False), then renamed into place, so a reader never sees
+half a file."""
 import io
 import json
 import os
@@ -12,15 +13,21 @@ os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
 
 
-def atomic_write_bytes(path, data):
+def atomic_write_bytes(path, data, *, durable=True):
+    """Write `data` to `path` through a temporary name and a rename.
+
+    durable=False skips the fsync: a name still never holds a partial file if the process
+    dies, but after a power loss the file may be empty. Use it only for many files whose
+    reader checks them (and fsync once where it matters)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
@@ -35,23 +42,76 @@ def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_save(path, save_fn):
+def atomic_save(path, save_fn, *, durable=True):
     """Serialise with `save_fn(buffer)` into memory, then write atomically."""
     buffer = io.BytesIO()
     save_fn(buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), durable=durable)
 
 
-def write_jsonl(path, records):
-    """Rewrite a JSON-lines file atomically from a list of dicts."""
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=False) + "\n" for r in records))
+class JsonlError(ValueError):
+    """A JSON-lines file with a malformed line before its last; the message names the line."""
 
 
-def read_jsonl(path):
+def append_jsonl(path, records):
+    """Append records to a JSON-lines file, each a whole line, all in one write.
+
+    Appenders (a training run, a concurrent ``-ts``) take turns under a lock on the file, so
+    their lines never interleave. A last line without its newline can only be left by a
+    writer that died mid-write; it is no record, and it is cut off before appending so that
+    it cannot glue itself to the next one. If the write fails (a full disk), the file is
+    cut back to where it was: it never keeps half a line."""
+    if not records:
+        return
+    from .lock import FileLock  # a sibling leaf module
+    payload = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, FILE_MODE)
+    try:
+        folder, name = os.path.split(path)
+        with FileLock(os.path.join(folder, f".{name}.lock")):
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
+                size -= len(tail) - (tail.rfind(b"\n") + 1)
+                os.ftruncate(fd, size)
+            try:
+                written = 0
+                while written < len(payload):
+                    written += os.write(fd, payload[written:])
+                os.fsync(fd)
+            except BaseException:
+                os.ftruncate(fd, size)
+                raise
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path, warn=None):
+    """The records of a JSON-lines file ([] if it does not exist).
+
+    A torn last line (a writer killed mid-line) is skipped, with a message to `warn` (a
+    callable, e.g. print to stderr); a malformed line anywhere else raises JsonlError."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    if lines[-1].strip():  # after the last newline: a line its writer never finished
+        if warn is not None:
+            warn(f"warning: {path}: skipping a torn last line (its writer was stopped "
+                 "mid-line)")
+    records = []
+    for number, line in enumerate(lines[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise JsonlError(f"{path}: line {number} is not a JSON record; remove or fix "
+                             "that line")
+        records.append(record)
+    return records
 
 
 def check_writable(folder):

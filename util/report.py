@@ -17,6 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from util.grid import reconstruction_grid
+
 TRAIN_COLOR, VAL_COLOR, REF_COLOR = "tab:blue", "tab:orange", "0.45"
 DPI = 100
 ROMAN = {"gaussian_1": "I", "gaussian_2": "II", "gaussian_3": "III", "gaussian_4": "IV"}
@@ -163,28 +165,6 @@ def draw_codebook(fig, counts, split="test"):
              f"perplexity {perplexity:.1f} of K = {size}, {used} of {size} codes in use")
     ax.set_title(title, fontsize=10)
     return [title]
-
-
-def reconstruction_grid(originals, reconstructions, columns=8, pad=2):
-    """One image: rows of `columns` originals, each row followed by the row of their
-    reconstructions; grey lines between images, a wider gap between row pairs. Returns the
-    image (H x W x C) and the centre row of every original and reconstruction row."""
-    n, h, w, c = originals.shape
-    columns = min(columns, n)
-    pairs = math.ceil(n / columns)
-    gap = 4 * pad
-    width = columns * (w + pad) - pad
-    grid = np.full((pairs * (2 * h + pad) + (pairs - 1) * gap, width, c), 0.5, np.float32)
-    centres = []
-    for i in range(n):
-        pair, col = divmod(i, columns)
-        top = pair * (2 * h + pad + gap)
-        left = col * (w + pad)
-        grid[top:top + h, left:left + w] = originals[i]
-        grid[top + h + pad:top + 2 * h + pad, left:left + w] = reconstructions[i]
-        if col == 0:
-            centres += [(top + h / 2, "original"), (top + h + pad + h / 2, "reconstruction")]
-    return grid, centres
 
 
 def draw_reconstructions(fig, originals, reconstructions, caption="", columns=8):

@@ -1,0 +1,131 @@
+"""An autoregressive prior over grids of discrete codes: an unconditional gated PixelCNN.
+
+A trained SQ-VAE or VQ-VAE turns an image into an H x W grid of code indices in 0..K-1. This
+model learns p(grid) = prod_{i, j} p(code[i, j] | the codes before (i, j) in raster order),
+so that new grids can be sampled and decoded into images. It follows van den Oord et al.,
+"Conditional Image Generation with PixelCNN Decoders" (NeurIPS 2016, arXiv:1606.05328):
+
+- a vertical stack sees the rows above; a horizontal stack sees the codes to the left in the
+  current row and receives the vertical stack through a 1x1 conv, shifted down one row;
+- every layer uses the gated activation tanh(a) * sigmoid(b), and the horizontal stack is
+  residual;
+- the first layer is of mask type "A" (the current position is excluded), the others of
+  type "B" (the layer's own position in the previous layer's output is included).
+
+The masks are realised by kernel shapes, padding and shifts instead of zeroed weights: a
+kernel that covers only the allowed positions is a masked kernel without the zeros. Splitting
+the receptive field into the two stacks removes the blind spot of the original PixelCNN.
+
+Receptive field, with L layers and kernel k (h = k // 2): the logits at (i, j) depend on the
+current row at columns j - 1 - L*h .. j - 1 and on rows i - 1 - L*h .. i - 1 at columns
+j - L*h .. j + L*h, and on nothing else.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gate(x):
+    """tanh(a) * sigmoid(b), a and b the two channel halves of x."""
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+def shift_down(x):
+    """Row i takes the values of row i - 1; row 0 gets zeros."""
+    return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
+
+
+def shift_right(x):
+    """Column j takes the values of column j - 1; column 0 gets zeros."""
+    return F.pad(x, (1, 0))[..., :-1]
+
+
+class GatedLayer(nn.Module):
+    """One layer of the vertical and the horizontal stack, both B x channels x H x W."""
+
+    def __init__(self, channels, kernel, mask_type):
+        super().__init__()
+        self.half = kernel // 2
+        self.sees_current = mask_type == "B"
+        # With the padding of `forward`, output row i covers rows i - half .. i and
+        # columns j - half .. j + half.
+        self.vertical = nn.Conv2d(channels, 2 * channels, (self.half + 1, kernel))
+        # With the padding of `forward`, output column j covers columns j - half .. j.
+        self.horizontal = nn.Conv2d(channels, 2 * channels, (1, self.half + 1))
+        self.vertical_to_horizontal = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.horizontal_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, vertical_in, horizontal_in):
+        half = self.half
+        vertical = self.vertical(F.pad(vertical_in, (half, half, half, 0)))
+        # Type A: the input at (i, j) is the code being predicted, so the kernel is moved one
+        # column left to end at j - 1.
+        seen = horizontal_in if self.sees_current else shift_right(horizontal_in)
+        horizontal = self.horizontal(F.pad(seen, (half, 0, 0, 0)))
+        # The vertical features of row i cover row i itself, right of j included; shifted
+        # down, they bring only the rows above.
+        horizontal = horizontal + self.vertical_to_horizontal(shift_down(vertical))
+        horizontal_out = self.horizontal_out(gate(horizontal))
+        if self.sees_current:
+            # Not in the type-A layer, where the residual would pass the code itself on.
+            horizontal_out = horizontal_out + horizontal_in
+        return gate(vertical), horizontal_out
+
+
+class GatedPixelCNN(nn.Module):
+    """p(codes) for int64 code grids B x H x W with values in 0..num_codes-1, any H and W."""
+
+    def __init__(self, num_codes, channels=64, layers=8, kernel=5):
+        super().__init__()
+        if kernel < 3 or kernel % 2 == 0:
+            raise ValueError(f"kernel must be an odd number at least 3, got {kernel}")
+        if layers < 1:
+            raise ValueError(f"layers must be at least 1, got {layers}")
+        self.num_codes = num_codes
+        self.embedding = nn.Embedding(num_codes, channels)
+        self.layers = nn.ModuleList(
+            GatedLayer(channels, kernel, "A" if index == 0 else "B") for index in range(layers))
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(),
+                                  nn.Conv2d(channels, num_codes, 1))
+
+    def forward(self, codes):
+        """Logits B x num_codes x H x W; those at (i, j) see only the codes before (i, j)."""
+        return self.forward_embedded(self.embedding(codes).permute(0, 3, 1, 2))
+
+    def forward_embedded(self, embedded):
+        """Logits from embedded codes B x channels x H x W.
+
+        A float input, so that the gradient with respect to it shows which positions each
+        output depends on."""
+        vertical, horizontal = embedded, embedded
+        for layer in self.layers:
+            vertical, horizontal = layer(vertical, horizontal)
+        return self.head(horizontal)
+
+    def nll(self, codes):
+        """Mean negative log-likelihood in nats per code position (0-dim tensor)."""
+        return F.cross_entropy(self(codes), codes)
+
+    @torch.no_grad()
+    def sample(self, n, height, width, temperature=1.0, generator=None):
+        """n grids n x height x width (int64), drawn position by position in raster order
+        from softmax(logits / temperature); the same `generator` state gives the same grids."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        codes = torch.zeros(n, height, width, dtype=torch.long,
+                            device=self.embedding.weight.device)
+        for i in range(height):
+            for j in range(width):
+                # Codes not drawn yet are placeholders; causality keeps them out of (i, j).
+                logits = self(codes)[:, :, i, j] / temperature
+                drawn = torch.multinomial(logits.softmax(dim=1), 1, generator=generator)
+                codes[:, i, j] = drawn.squeeze(1)
+        return codes
+
+
+def build_prior(cfg):
+    """The prior over the code grids of the model that `cfg` describes, freshly initialised
+    (on the CPU): K = quantization.size_dict, architecture from the `prior` section."""
+    return GatedPixelCNN(cfg.quantization.size_dict, channels=cfg.prior.channels,
+                         layers=cfg.prior.layers, kernel=cfg.prior.kernel)

@@ -1,0 +1,69 @@
+"""The two tiers of real data, and settings every test shares.
+
+Tier 1 runs everywhere, a fresh clone included: the small real MNIST and Fashion-MNIST
+subsets shipped in ``tests/data`` (``small_data``), plus the files other tests write in
+each dataset's exact format. Tier 2 (``full_data``) runs on the full datasets under the
+root named by ``$SQVAE_FULL_DATA``: unset, its tests are skipped with that reason; set
+but missing the data, they fail saying what is missing, so a tier that was asked for is
+never skipped silently. ``python -m pytest -m full_data`` runs tier 2 alone.
+"""
+import os
+import shutil
+
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+SMALL_DATA = os.path.join(TESTS, "data")
+REFERENCE = os.path.join(TESTS, "reference")
+FULL_DATA_ENV = "SQVAE_FULL_DATA"
+FULL_DATASETS = ("MNIST", "FashionMNIST")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", f"full_data: needs the full datasets under ${FULL_DATA_ENV} (tier 2)")
+
+
+def pytest_collection_modifyitems(items):
+    # A test is in tier 2 exactly when it asks for the full data: mark it so `-m` selects it.
+    for item in items:
+        if "full_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.full_data)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_download():
+    """Tests never reach for the network: a missing dataset must fail fast and clearly.
+    (Session-wide, so module fixtures see it too; a test may lift it with monkeypatch.)"""
+    previous = os.environ.get("SQVAE_NO_DOWNLOAD")
+    os.environ["SQVAE_NO_DOWNLOAD"] = "1"
+    yield
+    if previous is None:
+        del os.environ["SQVAE_NO_DOWNLOAD"]
+    else:
+        os.environ["SQVAE_NO_DOWNLOAD"] = previous
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """A dataset root holding the shipped MNIST and Fashion-MNIST subsets (a copy, since
+    loaders may write beside the files they read)."""
+    root = tmp_path_factory.mktemp("datasets")
+    for name in FULL_DATASETS:
+        shutil.copytree(os.path.join(SMALL_DATA, name), os.path.join(root, name))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def full_data():
+    """The root of the full datasets (tier 2)."""
+    root = os.environ.get(FULL_DATA_ENV)
+    if not root:
+        pytest.skip(f"full-data tier: set {FULL_DATA_ENV} to a dataset root holding "
+                    f"{' and '.join(FULL_DATASETS)} to run it")
+    missing = [name for name in FULL_DATASETS if not os.path.isdir(os.path.join(root, name))]
+    if missing:
+        pytest.fail(f"{FULL_DATA_ENV}={root}, but it lacks {', '.join(missing)} (expected "
+                    f"{os.path.join(root, missing[0])}); point it at a dataset root or unset "
+                    f"it to run tier 1 only", pytrace=False)
+    return os.path.abspath(root)

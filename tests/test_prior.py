@@ -1,0 +1,287 @@
+"""The gated PixelCNN prior over code grids (networks/prior.py) and its config section.
+
+Tiny models on tiny grids: causality and receptive field by gradients, learning and sampling
+on a deterministic code pattern, and the config keys that build it. Then the command line
+(trainer/prior.py) on a short real-MNIST run: --prior, --sample, and continuing after Ctrl-C.
+"""
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main
+from configs import ConfigError, load_config
+from networks.prior import GatedPixelCNN, build_prior
+from trainer import export
+from trainer.prior import PriorTraining
+from util.codes import load_codes
+from util.io import read_jsonl
+
+# The deterministic pattern: grid g starts with code g, then code[i, j] = (g + i + 2j) % K.
+# Only (0, 0) is uncertain (uniform over K), so the best mean NLL is log(K) / (H * W).
+K, H, W = 10, 4, 5
+
+
+def pattern_grids(first_codes):
+    rows = torch.arange(H).view(1, H, 1)
+    cols = torch.arange(W).view(1, 1, W)
+    return (first_codes.view(-1, 1, 1) + rows + 2 * cols) % K
+
+
+def follows_pattern(grids):
+    """Per grid: does it equal the pattern started by its own first code?"""
+    return (grids == pattern_grids(grids[:, 0, 0])).flatten(1).all(1)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    model = GatedPixelCNN(K, channels=16, layers=2, kernel=3)
+    grids = pattern_grids(torch.arange(K))  # every grid of the pattern, one per first code
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        optimizer.zero_grad()
+        model.nll(grids).backward()
+        optimizer.step()
+    return model, grids
+
+
+def expected_receptive_field(i, j, height, width, layers, kernel):
+    """Positions that the logits at (i, j) see, as the module docstring states them:
+    columns j-1-L*h .. j-1 of row i, and rows i-1-L*h .. i-1 at columns j-L*h .. j+L*h."""
+    reach = layers * (kernel // 2)
+    field = torch.zeros(height, width, dtype=torch.bool)
+    field[i, max(j - 1 - reach, 0):j] = True
+    field[max(i - 1 - reach, 0):i, max(j - reach, 0):j + reach + 1] = True
+    return field
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("layers", [1, 2, 4])
+def test_logits_see_exactly_the_past_in_their_receptive_field(kernel, layers):
+    torch.manual_seed(0)
+    height, width, channels = 6, 5, 4
+    model = GatedPixelCNN(7, channels=channels, layers=layers, kernel=kernel).double()
+    embedded = torch.randn(1, channels, height, width, dtype=torch.float64, requires_grad=True)
+    logits = model.forward_embedded(embedded)
+    for i in range(height):
+        for j in range(width):
+            (gradient,) = torch.autograd.grad(logits[0, :, i, j].sum(), embedded,
+                                              retain_graph=True)
+            seen = (gradient[0] != 0).any(0)
+            # Exactly zero at (i, j) and at every later position in raster order.
+            assert not seen.flatten()[i * width + j:].any(), (i, j)
+            # No blind spot: the neighbours to the left, above and above-right are seen.
+            if j > 0:
+                assert seen[i, j - 1], (i, j)
+            if i > 0:
+                assert seen[i - 1, j], (i, j)
+            if i > 0 and j + 1 < width:
+                assert seen[i - 1, j + 1], (i, j)
+            assert torch.equal(seen, expected_receptive_field(i, j, height, width, layers,
+                                                              kernel)), (i, j)
+
+
+def test_default_architecture_sees_all_of_a_16x16_grid():
+    # prior.layers 8 and prior.kernel 5: the last position depends on every earlier one.
+    torch.manual_seed(0)
+    model = GatedPixelCNN(5, channels=8, layers=8, kernel=5).double()
+    embedded = torch.randn(1, 8, 16, 16, dtype=torch.float64, requires_grad=True)
+    model.forward_embedded(embedded)[0, :, 15, 15].sum().backward()
+    seen = (embedded.grad[0] != 0).any(0).flatten()
+    assert seen[:-1].all() and not seen[-1]
+
+
+def test_nll_is_mean_cross_entropy_per_position():
+    torch.manual_seed(0)
+    model = GatedPixelCNN(K, channels=8, layers=2, kernel=3)
+    codes = torch.randint(0, K, (3, H, W))
+    log_probs = model(codes).log_softmax(dim=1)
+    expected = -log_probs.gather(1, codes.unsqueeze(1)).mean()
+    nll = model.nll(codes)
+    assert nll.dim() == 0
+    assert torch.allclose(nll, expected)
+
+
+def test_learns_the_pattern(trained):
+    model, grids = trained
+    best = math.log(K) / (H * W)
+    nll = model.nll(grids).item()
+    assert nll < best + 0.02, nll
+    assert nll < 0.1 * math.log(K)
+
+
+def test_samples_follow_the_learned_pattern(trained):
+    model, _ = trained
+    grids = model.sample(40, H, W, temperature=0.5,
+                         generator=torch.Generator().manual_seed(0))
+    assert follows_pattern(grids).all()
+    # The first code is the one uncertain position; a flat distribution over it shows.
+    assert len(grids[:, 0, 0].unique()) > 1
+
+
+def test_high_temperature_breaks_the_pattern(trained):
+    model, _ = trained
+    grids = model.sample(10, H, W, temperature=100.0,
+                         generator=torch.Generator().manual_seed(0))
+    assert not follows_pattern(grids).any()
+
+
+def test_sample_shape_dtype_range_and_float64():
+    model = GatedPixelCNN(K, channels=8, layers=2, kernel=3).double()
+    grids = model.sample(3, 2, 6, generator=torch.Generator().manual_seed(0))
+    assert grids.shape == (3, 2, 6) and grids.dtype == torch.int64
+    assert grids.min() >= 0 and grids.max() < K
+    assert model(grids).shape == (3, K, 2, 6)
+    assert model.nll(grids).dtype == torch.float64
+
+
+def test_sampling_is_reproducible_by_generator_seed():
+    torch.manual_seed(0)
+    model = GatedPixelCNN(K, channels=8, layers=2, kernel=3)
+
+    def draw(seed):
+        return model.sample(4, 3, 4, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_non_positive_temperature_is_rejected(temperature):
+    model = GatedPixelCNN(K, channels=4, layers=1, kernel=3)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        model.sample(1, 2, 2, temperature=temperature)
+
+
+@pytest.mark.parametrize("kernel", [1, 4])
+def test_model_rejects_even_or_too_small_kernel(kernel):
+    with pytest.raises(ValueError, match="kernel"):
+        GatedPixelCNN(K, kernel=kernel)
+
+
+def test_build_prior_reads_the_config():
+    cfg = load_config("mnist_gauss_1.yaml", ["prior.channels", "16", "prior.layers", "3",
+                                             "prior.kernel", "3"])
+    prior = build_prior(cfg)
+    assert prior.embedding.weight.shape == (128, 16)  # K = quantization.size_dict of MNIST
+    assert len(prior.layers) == 3
+    assert prior.layers[0].vertical.kernel_size == (2, 3)
+    assert prior(torch.zeros(2, 7, 7, dtype=torch.long)).shape == (2, 128, 7, 7)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("prior.channels", "0"), ("prior.layers", "0"), ("prior.bs", "0"),
+    ("prior.epoch_max", "0"), ("prior.patience", "0"), ("prior.kernel", "4"),
+    ("prior.kernel", "1"), ("prior.lr", "0.0"), ("prior.lr", "-0.001"),
+    ("prior.temperature", "0.0"),
+])
+def test_config_rejects_bad_prior_values(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as error:
+        load_config("mnist_gauss_1.yaml", [key, value])
+    assert "\n" not in str(error.value)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, small_data):
+    """A short real-MNIST SQ-VAE run (2 epochs of 50 steps; 15-20 codes in use)."""
+    root = tmp_path_factory.mktemp("runs")
+    assert main.run(["-c", "mnist_gauss_1.yaml", "--save", "--limit-batches", "50",
+                     "train.epoch_max", "2", "test.bs", "500", "path", str(root),
+                     "path_dataset", small_data]) == 0
+    (run,) = root.glob("*/*")
+    return run, small_data
+
+
+def prior_args(run, data_root, *more):
+    return ["-c", "mnist_gauss_1.yaml", "-ts", str(run), "--prior", "path_dataset", data_root,
+            "prior.epoch_max", "4", "prior.bs", "32", "prior.lr", "0.003", "prior.channels", "32",
+            "prior.layers", "4", *more]
+
+
+def prior_records(run):
+    return [r for r in read_jsonl(str(run / "metrics.jsonl")) if r["split"] == "prior_test"]
+
+
+@pytest.fixture(scope="module")
+def prior_run(short_run, tmp_path_factory):
+    run, data_root = short_run
+    assert main.run(prior_args(run, data_root)) == 0
+    return run, data_root
+
+
+def test_prior_beats_the_unigram_entropy_on_the_test_codes(prior_run):
+    run, _ = prior_run
+    (record,) = prior_records(run)
+    # 7 x 7 positions per 784-pixel image: bits/dim = nats * 49 / (784 * ln 2).
+    assert record["uniform"] == pytest.approx(math.log(128))
+    for key in ("nll", "unigram", "uniform"):
+        assert record[f"{key}_bpd"] == pytest.approx(record[key] * 49 / (784 * math.log(2)))
+    assert record["nll"] < record["unigram"] < record["uniform"]
+    assert record["prior_epochs"] == 4 and 1 <= record["epoch"] <= 4
+    assert (run / "prior.pt").is_file() and (run / "prior_current.pt").is_file()
+
+
+def test_samples_are_seeded_decodable_code_grids(prior_run, tmp_path):
+    run, data_root = prior_run
+    sample = ["-c", "mnist_gauss_1.yaml", "-ts", str(run), "--sample", "16", "path_dataset",
+              data_root]
+    assert main.run([*sample, "--seed", "3"]) == 0
+    first = load_codes(str(run / "codes_samples.npz"))
+    with Image.open(run / "samples.png") as image:
+        # 4 x 4 grid of 28-pixel images with 2-pixel padding: 4 * 30 + 2 = 122.
+        assert image.size == (122, 122)
+    assert first["codes"].shape == (16, 7, 7) and first["codes"].max() < 128
+    assert main.run([*sample, "--seed", "3"]) == 0
+    assert np.array_equal(load_codes(str(run / "codes_samples.npz"))["codes"], first["codes"])
+    assert main.run([*sample, "--seed", "4"]) == 0
+    assert not np.array_equal(load_codes(str(run / "codes_samples.npz"))["codes"],
+                              first["codes"])
+    # The same decoder turns them into images: --encode's format, the run's config hash.
+    assert export.decode_codes(str(run), str(run / "codes_samples.npz")).shape == \
+        (16, 1, 28, 28)
+
+
+def test_interrupted_prior_continues_to_the_same_weights(short_run, prior_run, tmp_path,
+                                                         monkeypatch, capsys):
+    run, data_root = short_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("prior*", "codes_*", "*.png"))
+    original = PriorTraining.train_epoch
+
+    def stop_in_epoch_2(self, codes):
+        if self.epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, codes)
+
+    monkeypatch.setattr(PriorTraining, "train_epoch", stop_in_epoch_2)
+    before = prior_records(copy)  # copied with metrics.jsonl
+    assert main.run(prior_args(copy, data_root)) == 130
+    err = capsys.readouterr().err
+    assert "continue with: python " in err and f"-ts {copy} --prior" in err
+    assert prior_records(copy) == before
+    monkeypatch.setattr(PriorTraining, "train_epoch", original)
+    assert main.run(prior_args(copy, data_root)) == 0
+    assert "continuing prior_current.pt after epoch 1" in capsys.readouterr().out
+    done = torch.load(run / "prior.pt", weights_only=True)
+    again = torch.load(copy / "prior.pt", weights_only=True)
+    assert done["epoch"] == again["epoch"] and done["prior"].keys() == again["prior"].keys()
+    assert all(torch.equal(done["prior"][k], again["prior"][k]) for k in done["prior"])
+    assert prior_records(copy)[-1]["nll"] == prior_records(run)[-1]["nll"]
+
+
+def test_prior_flags_need_a_run_and_a_prior(short_run, tmp_path, capsys):
+    run, data_root = short_run
+    assert main.run(["-c", "mnist_gauss_1.yaml", "--prior"]) == 2
+    assert "-ts RUN" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    shutil.copytree(run, empty, ignore=shutil.ignore_patterns("prior*"))
+    assert main.run(["-c", "mnist_gauss_1.yaml", "-ts", str(empty), "--sample", "4",
+                     "path_dataset", data_root]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--prior" in err

@@ -1,0 +1,201 @@
+"""One function per mode of the command line: what main.py calls once it has parsed flags.
+
+* ``summary``: the resolved config and the parameter counts.
+* ``train``: a new run, or ``--resume`` of one, then the test split with its best weights.
+* ``evaluate``: ``-ts RUN`` (a run folder of this tool or of the authors' release), with
+  ``--report`` and ``--encode``.
+
+Everything here raises the project's one-line errors (ConfigError, DatasetError,
+RunError, DeviceError: input the user can fix; TrainingError: the run cannot go on) or
+Interrupted (Ctrl-C or SIGTERM, with the resume command where there is one).
+"""
+import json
+import os
+import shlex
+import sys
+
+import torch
+
+import data
+from configs import ConfigError, config_to_yaml
+from networks import build_model, count_parameters
+from util import distributed as dist
+from util.io import check_writable
+from util.rng import seed_everything
+
+from . import runs
+from .logs import Display
+from .loop import Interrupted, Trainer
+
+
+def summary(cfg):
+    print(config_to_yaml(cfg), end="")
+    counts = count_parameters(build_model(cfg))
+    print(f"params total={counts['total']} encoder={counts['encoder']} "
+          f"decoder={counts['decoder']}")
+    return 0
+
+
+def run_command(program, config_file, flag, run_dir, *more):
+    """`python main.py -c CONFIG FLAG RUN ...` with absolute paths: runnable from any
+    folder."""
+    config = os.path.abspath(config_file) if os.path.isfile(config_file) else config_file
+    return shlex.join(["python", os.path.abspath(program), "-c", config, flag,
+                       os.path.abspath(run_dir), *more])
+
+
+def resume_command(program, config_file, run_dir):
+    return run_command(program, config_file, "--resume", run_dir)
+
+
+def check_training_batches(cfg, loader, limit):
+    """Refuse, before any run folder exists, an epoch without a single training step."""
+    if len(loader) == 0 or limit == 0:
+        raise ConfigError(
+            f"no training batch: {loader.num_samples} training images on this process make "
+            f"no batch of {loader.batch_size} with train.drop_last True; lower train.bs or "
+            "set train.drop_last False")
+
+
+def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None, seed=None,
+          limit_batches=None, dbg=False):
+    """Train (or resume) one run, then evaluate its best weights on the test split."""
+    run_dir, lock, resume_state = None, None, None
+    if resume:
+        run_dir = runs.resolve_run_dir(cfg, resume, "--resume")
+        if dist.is_main():
+            # Before reading current.pt: another writer would change it under our feet.
+            lock = runs.writer_lock(run_dir)
+        run_cfg = runs.load_run_config(run_dir, opts)
+        runs.check_same_experiment(run_cfg, cfg, run_dir, config_file)
+        cfg = run_cfg
+        resume_state = runs.load_checkpoint(os.path.join(run_dir, runs.CURRENT))
+        runs.read_metrics(run_dir)  # a malformed metrics.jsonl stops us before any work
+        # The seed and epoch length are part of the run: an exact resume needs the same.
+        seed, limit_batches = runs.resume_launch(resume_state, seed, limit_batches)
+    elif save:
+        problem = check_writable(cfg.path_checkpoint)
+        if problem:
+            raise runs.RunError(f"{problem}; set a writable `path` (override or "
+                                "SQVAE_CHECKPOINTS) before training")
+    seed = 0 if seed is None else seed
+    try:
+        seed_everything(seed)
+        model = build_model(cfg).to(device)
+        if dist.world_size() > 1:
+            # Same initial weights everywhere, but each process draws its own Gumbel noise.
+            torch.manual_seed(seed + dist.rank())
+        loaders = data.build_loaders(cfg, device, seed)
+        check_training_batches(cfg, loaders["train"], limit_batches)
+        if save and run_dir is None:
+            created = runs.create_run_dir(cfg, seed) if dist.is_main() else (None, None)
+            run_dir, lock = dist.broadcast_object(created[0]), created[1]
+        command = resume_command(program, config_file, run_dir) if run_dir else None
+        display = Display(dbg=dbg, labels=model.OUTPUTS == "labels",
+                          tensorboard_dir=run_dir and os.path.join(run_dir, "tensorboard"))
+        trainer = Trainer(cfg, model, loaders, device, run_dir, limit_batches=limit_batches,
+                          display=display, resume_command=command,
+                          launch={"seed": seed, "limit_batches": limit_batches})
+        display.start(cfg.model.name, run_dir)
+        if resume_state is not None:
+            trainer.load_state_dict(resume_state, os.path.join(run_dir, runs.CURRENT))
+            display.log(f"resuming {run_dir} at epoch {trainer.epoch}, step {trainer.step}")
+        trainer.fit()
+        dist.barrier()  # best.pt is written by the main process; the others read it next
+
+        epoch = trainer.epoch - 1  # no run folder: test the final weights
+        if run_dir is not None:
+            best = runs.load_checkpoint(os.path.join(run_dir, runs.BEST))
+            runs.load_model_weights(model, best["model"], os.path.join(run_dir, runs.BEST))
+            epoch = best["epoch"]
+        model.to(device)
+        display.best_loaded(run_dir)
+        records = trainer.test(epoch)
+        if run_dir is not None and dist.is_main():
+            runs.append_metrics(run_dir, records)
+        display.close()
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training loop (start-up, the final test): the last current.pt
+        # is intact, so the run resumes from it.
+        resumable = run_dir is not None and os.path.isfile(os.path.join(run_dir, runs.CURRENT))
+        raise Interrupted(130, "interrupted; " + (
+            f"resume with: {resume_command(program, config_file, run_dir)}" if resumable
+            else "no checkpoint was written, nothing to resume")) from None
+    finally:
+        if lock is not None:
+            lock.release()
+    return 0
+
+
+def evaluate(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=False,
+             report=False, encode=None, prior=False, sample=None, program=None,
+             config_file=None):
+    """-ts RUN: the run's best.pt on the test split, with the run's own saved config; the
+    records are appended to its metrics.jsonl and the deterministic one printed as JSON.
+    With --prior and/or --sample N, the prior's jobs instead (trainer/prior.py)."""
+    run_dir = runs.resolve_run_dir(cfg, run, "-ts")
+    if prior or sample:
+        return prior_and_samples(run_dir, device, opts=opts, seed=seed, train=prior,
+                                 sample=sample, limit_batches=limit_batches,
+                                 command=run_command(program, config_file, "-ts", run_dir,
+                                                     "--prior"))
+    try:
+        run_cfg, model, best = runs.load_run_model(run_dir, opts, device)
+        runs.read_metrics(run_dir)  # a malformed metrics.jsonl stops us before any work
+        loaders = data.build_loaders(run_cfg, device, seed or 0, splits=("test",))
+        display = Display(dbg=dbg, labels=model.OUTPUTS == "labels")
+        trainer = Trainer(run_cfg, model, loaders, device, None, limit_batches=limit_batches,
+                          display=display)
+        records = trainer.test(best["epoch"], source="-ts")
+        if not dist.is_main():
+            return 0
+        runs.append_metrics(run_dir, records)
+        print(json.dumps(records[-1]))
+        if encode or report:
+            write_outputs(run_dir, run_cfg, model, device, report=report, encode=encode)
+    except KeyboardInterrupt:
+        raise Interrupted(130, "interrupted; the evaluation's records were not written, "
+                               "run -ts again") from None
+    return 0
+
+
+def prior_and_samples(run_dir, device, *, opts, seed, train, sample, limit_batches, command):
+    from . import prior as priors
+    from .reference import is_reference_run
+    if is_reference_run(run_dir):
+        raise runs.RunError(f"{run_dir} is a run folder of the authors' release, which is "
+                            "left untouched; make it a run of ours first with python -m "
+                            "trainer.reference import RUN --to DIR")
+    if dist.world_size() > 1:
+        raise ConfigError("--prior and --sample run in one process; start them without "
+                          "torchrun")
+    run_cfg, model, _ = runs.load_run_model(run_dir, opts, device)
+    seed = 0 if seed is None else seed
+    if train:
+        record = priors.train_prior(run_dir, run_cfg, model, device, seed=seed,
+                                    command=command, limit_batches=limit_batches)
+        print(json.dumps(record))
+    if sample:
+        paths = priors.write_samples(run_dir, run_cfg, model, sample, device, seed=seed)
+        print(f"{sample} samples: {paths[0]} (codes: {paths[1]})")
+    return 0
+
+
+def write_outputs(run_dir, cfg, model, device, *, report=False, encode=None):
+    """--encode SPLIT and --report, on whole splits in dataset order (whatever
+    --limit-batches or torchrun say)."""
+    from . import export
+    from . import report as reports
+
+    def whole_split(split):
+        return data.build_loader(cfg, split, batch_size=cfg.test.bs, shuffle=False,
+                                 device=device)
+    test_codes = None
+    if encode:
+        codes = export.encode_split(model, whole_split(encode))
+        path = export.write_codes(run_dir, cfg, encode, codes, model)
+        print(f"codes of the {encode} split {codes.shape}: {path}")
+        test_codes = codes if encode == "test" else None
+    if report:
+        written = reports.write_report(run_dir, cfg, model, whole_split("test"), test_codes)
+        print(f"report: {written['report']['path']}", file=sys.stdout)

@@ -1,0 +1,146 @@
+"""What a run shows: progress bars, TensorBoard, and the printed lines.
+
+Printed lines come in two styles. By default one concise line per epoch and per test.
+With ``--dbg`` the lines the authors' release prints, in its format and order, so log
+parsers written for it keep working:
+
+    [Epoch=1]
+    Train           Loss: 1327.7047, MSE: 51.5733, Perplexity: 118.9915, Time: 45.570 sec
+    Validation      Loss: 1410.7659, MSE: 44.1054, Perplexity: 120.9660, Time: 42.786 sec
+    Validation      Loss: 1214.9088, MSE: 30.5493, Perplexity: 11.4344, Time: 37.668 sec
+    ----Saving model!
+
+(the two Validation lines are the stochastic, then the deterministic pass). The label-map
+model writes ``ACC:`` for ``MSE:``, names its evaluation passes ``Val``/``Test`` and
+follows each of them with ``PixAcc: … mIoU: …``. Only the main process prints or writes.
+"""
+import sys
+
+from tqdm import tqdm
+
+from util import distributed as dist
+
+MODE_WIDTH = 16  # the release pads the pass name to 16 characters
+
+
+def reference_line(name, metrics, seconds):
+    """One pass in the release's format."""
+    quality = f"ACC: {metrics['acc']:5.4f}" if "acc" in metrics else f"MSE: {metrics['mse']:5.4f}"
+    return (f"{name.ljust(MODE_WIDTH)}Loss: {metrics['loss']:5.4f}, {quality}, "
+            f"Perplexity: {metrics['perplexity']:5.4f}, Time: {seconds:5.3f} sec")
+
+
+def reference_eval_lines(name, metrics, seconds):
+    lines = [reference_line(name, metrics, seconds)]
+    if "miou" in metrics:
+        lines.append(f"PixAcc: {metrics['pixel_acc']:5.4f} mIoU: {metrics['miou']:5.4f}")
+    return lines
+
+
+def quality_text(metrics):
+    return f"acc {metrics['acc']:.4f}" if "acc" in metrics else \
+        f"mse/pixel {metrics['mse_pixel']:.5f}"
+
+
+class Display:
+    """Progress bars, TensorBoard (`tensorboard_dir`, or none) and printed lines for one run.
+    `labels` says the model outputs label maps (the release names its passes differently)."""
+
+    def __init__(self, *, dbg=False, labels=False, tensorboard_dir=None, log=print):
+        self.is_main = dist.is_main()
+        self.dbg, self.labels = dbg, labels
+        self.log = log if self.is_main else (lambda *_: None)
+        self.show_bars = self.is_main and sys.stderr.isatty()
+        self.tensorboard_dir = tensorboard_dir if self.is_main else None
+        self._writer = None
+
+    # ---- progress bars and TensorBoard ----------------------------------------------------
+    def progress(self, total, desc):
+        """A tqdm bar in images (rate in img/s, ETA) on a terminal; silent otherwise."""
+        return tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False,
+                    dynamic_ncols=True, disable=not self.show_bars, file=sys.stderr)
+
+    def tensorboard(self):
+        if self._writer is None and self.tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(log_dir=self.tensorboard_dir)
+        return self._writer
+
+    def interval(self, entry, bar):
+        """A train_step record: to TensorBoard and onto the progress bar."""
+        tb = self.tensorboard()
+        if tb is not None:
+            for key, value in entry.items():
+                if key not in ("epoch", "split", "step", "seconds"):
+                    tb.add_scalar(f"step/{key}", value, entry["step"])
+        quality = ("acc", entry["acc"]) if "acc" in entry else ("mse", entry["mse"])
+        bar.set_postfix({"loss": f"{entry['loss']:.1f}", quality[0]: f"{quality[1]:.4g}",
+                         "ppl": f"{entry['perplexity']:.1f}",
+                         "tau": f"{entry['temperature']:.3g}"}, refresh=False)
+
+    def records(self, entries):
+        """Per-epoch (or test) records of each split to TensorBoard."""
+        tb = self.tensorboard()
+        if tb is None:
+            return
+        for entry in entries:
+            for key, value in entry.items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                    tb.add_scalar(f"{entry['split']}/{key}", value, entry["epoch"] or 0)
+        tb.flush()
+
+    def images(self, tag, grid, step):
+        tb = self.tensorboard()
+        if tb is not None:
+            tb.add_image(tag, grid, step)
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # ---- printed lines -------------------------------------------------------------------
+    def start(self, model_name, run_dir):
+        if self.dbg:
+            self.log("Complete dataload")
+            self.log(f"=== {model_name.upper()} ===")
+            if run_dir is not None:
+                self.log(run_dir)
+        elif run_dir is not None:
+            self.log(f"run folder: {run_dir}")
+
+    def epoch(self, epoch, epoch_max, step, passes, saved, best_epoch):
+        """passes: (train, val_stochastic, val) as (metrics, seconds) pairs."""
+        (train, train_s), (val_s, val_s_s), (val, val_seconds) = passes
+        if not self.dbg:
+            self.log(f"epoch {epoch}/{epoch_max} step {step}: train loss {train['loss']:.2f}, "
+                     f"val loss {val['loss']:.2f}, {quality_text(val)}, perplexity "
+                     f"{val['perplexity']:.1f}, {train_s:.1f}s + {val_s_s + val_seconds:.1f}s")
+            return
+        name = "Val" if self.labels else "Validation"
+        self.log(f"[Epoch={epoch}]")
+        self.log(reference_line("Train", train, train_s))
+        for line in (reference_eval_lines(name, val_s, val_s_s)
+                     + reference_eval_lines(name, val, val_seconds)):
+            self.log(line)
+        self.log("----Saving model!" if saved else f"----Not saving model! Last saved: {best_epoch}")
+
+    def best_loaded(self, run_dir):
+        if self.dbg:
+            if run_dir is not None:
+                self.log(run_dir)
+            self.log("Best models were loaded!!")
+
+    def test(self, epoch, stochastic, deterministic):
+        """The test passes, each as (metrics, seconds)."""
+        if self.dbg:
+            for metrics, seconds in (stochastic, deterministic):
+                for line in reference_eval_lines("Test", metrics, seconds):
+                    self.log(line)
+            return
+        metrics, seconds = deterministic
+        which = "best.pt" if epoch is None else f"best.pt, epoch {epoch}"
+        self.log(f"test ({which}): loss {metrics['loss']:.2f}, {quality_text(metrics)}, "
+                 f"perplexity {metrics['perplexity']:.1f}"
+                 + (f", mIoU {metrics['miou']:.4f}" if "miou" in metrics else "")
+                 + f", {seconds:.1f}s")

@@ -1,0 +1,111 @@
+"""Metric accumulation: running means, code histograms, and one evaluation pass.
+
+Everything accumulates on the device and is read back once per split (or logging
+interval), so a training step never waits for the host. Under torchrun the sums are
+all-reduced, so every process sees the same numbers.
+"""
+import math
+from itertools import islice
+
+import torch
+
+from util import distributed as dist
+from util.codes import code_usage
+
+
+class MeanMeter:
+    """Means over batches of per-batch scalars (the reference's per-epoch figures)."""
+
+    def __init__(self, keys):
+        self.keys = tuple(keys)
+        self.sum = None
+        self.count = 0
+
+    def add(self, terms):
+        """Add a batch's terms; returns them stacked (one device tensor, no sync)."""
+        values = torch.stack([terms[k].detach().float() for k in self.keys])
+        self.add_values(values)
+        return values
+
+    def add_values(self, values):
+        self.sum = values if self.sum is None else self.sum + values
+        self.count += 1
+
+    def means(self):
+        """Means over every batch of every process (one all-reduce under torchrun)."""
+        if self.count == 0:
+            return {}
+        totals = torch.cat([self.sum, self.sum.new_tensor([self.count])])
+        totals = dist.all_reduce_sum(totals.clone())
+        return dict(zip(self.keys, (totals[:-1] / totals[-1]).tolist()))
+
+    def state_dict(self):
+        return {"keys": list(self.keys), "count": self.count,
+                "sum": None if self.sum is None else self.sum.cpu()}
+
+    def load_state_dict(self, state, device):
+        self.keys, self.count = tuple(state["keys"]), state["count"]
+        self.sum = None if state["sum"] is None else state["sum"].to(device)
+
+
+class CodeHistogram:
+    """How often each code is chosen over a whole split."""
+
+    def __init__(self, size):
+        self.size = size
+        self.counts = None
+
+    def add(self, codes):
+        codes = codes.reshape(-1)
+        if self.counts is None:
+            self.counts = torch.zeros(self.size, dtype=torch.long, device=codes.device)
+        self.counts.index_add_(0, codes, torch.ones_like(codes))
+
+    def state_dict(self):
+        return {"size": self.size, "counts": None if self.counts is None else self.counts.cpu()}
+
+    def load_state_dict(self, state, device):
+        self.size = state["size"]
+        self.counts = None if state["counts"] is None else state["counts"].to(device)
+
+    def summary(self):
+        """Split-level perplexity and codes in use (util.codes.code_usage)."""
+        if self.counts is None:
+            return {}
+        usage = code_usage(dist.all_reduce_sum(self.counts.clone()).cpu().numpy(), self.size)
+        return {"perplexity_split": usage["perplexity"], "codes_used": usage["codes_used"]}
+
+
+def derived_metrics(means, dim_x):
+    """Per-pixel MSE and PSNR next to the reference's per-image summed MSE."""
+    out = dict(means)
+    if "mse" in out:
+        out["mse_pixel"] = out["mse"] / dim_x
+        out["psnr"] = -10 * math.log10(out["mse_pixel"]) if out["mse_pixel"] > 0 else math.inf
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, loader, mode, limit=None, segmentation=None, bar=None):
+    """One pass over `loader` in eval mode: means over batches (the reference's figures), the
+    split-level code perplexity, and for label maps the split-level pixel accuracy and mIoU
+    (`segmentation` makes a fresh SegmentationMeter)."""
+    model.eval()
+    meter = MeanMeter(model.TERMS)
+    histogram = CodeHistogram(model.codebook.shape[0])
+    seg = segmentation() if segmentation is not None else None
+    for x, _ in islice(loader, limit):
+        x_hat, terms = model(x, mode, codes=True)
+        meter.add(terms)
+        histogram.add(terms["codes"])
+        if seg is not None:
+            seg.update_from_logits(x_hat, x)
+        if bar is not None:
+            bar.update(x.shape[0])
+    result = derived_metrics(meter.means(), model.dim_x)
+    result.update(histogram.summary())
+    if seg is not None and seg.confusion is not None:
+        dist.all_reduce_sum(seg.confusion)
+        scores = seg.compute()
+        result["pixel_acc"], result["miou"] = scores["pixel_acc"], scores["miou"]
+    return result

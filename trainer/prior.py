@@ -1,0 +1,243 @@
+"""A PixelCNN prior over a saved run's codes: ``-ts RUN --prior`` trains it, ``-ts RUN
+--sample N`` draws from it.
+
+The prior (networks/prior.py) is fitted to the deterministic code grids of the training
+split, with the validation split's NLL for early stopping and for choosing its weights.
+Files in the run folder, each written atomically:
+
+* ``prior_current.pt``: after every prior epoch, everything needed to continue (weights,
+  optimizer, epoch, best validation NLL, the per-epoch history). Running the same
+  ``--prior`` command again continues from it; a finished prior is only evaluated again.
+* ``prior.pt``: the weights with the best validation NLL.
+* a ``metrics.jsonl`` line ``"split": "prior_test"`` with, in nats per latent position, the
+  prior's NLL on the test codes, the entropy of the training codes' histogram (``unigram``:
+  the best a prior that ignores context can do) and log K (``uniform``); and each of them in
+  bits per image dimension (``*_bpd``: nats x positions / (dim_x x ln 2)).
+* ``samples.png`` and ``codes_samples.npz`` (the ``--encode`` format) from ``--sample N``.
+
+Shuffling draws from a generator seeded by (seed, epoch), so a continued training is the
+one an uninterrupted run would have done.
+"""
+import io
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.utils import make_grid, save_image
+
+import data
+from networks.prior import GatedPixelCNN, build_prior
+from util.io import atomic_write_bytes
+
+from . import export, runs
+from .images import displayable
+from .logs import Display
+from .loop import Interrupted
+
+PRIOR_BEST, PRIOR_CURRENT = "prior.pt", "prior_current.pt"
+SAMPLES_IMAGE, SAMPLES_CODES = "samples.png", "codes_samples.npz"
+
+
+def split_codes(cfg, model, split, device):
+    """The deterministic code grids of a whole split, int64 N x H x W on `device`."""
+    loader = data.build_loader(cfg, split, batch_size=cfg.test.bs, shuffle=False,
+                               device=device)
+    codes = export.encode_split(model, loader).astype(np.int64)
+    return torch.from_numpy(codes).to(device)
+
+
+def unigram_entropy(codes, size):
+    """Entropy in nats of the histogram of `codes` over `size` codes."""
+    p = torch.bincount(codes.reshape(-1), minlength=size).double()
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log()).sum())
+
+
+def bits_per_dim(nats_per_position, positions, dim_x):
+    return nats_per_position * positions / (dim_x * math.log(2))
+
+
+@torch.no_grad()
+def mean_nll(prior, codes, batch_size, limit=None):
+    """NLL in nats per position over `codes` (all batches, or the first `limit`)."""
+    prior.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(codes), batch_size)[:limit]:
+        batch = codes[start:start + batch_size]
+        total += float(F.cross_entropy(prior(batch), batch, reduction="sum"))
+        count += batch.numel()
+    return total / count
+
+
+def epoch_order(n, seed, epoch, device):
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).to(device)
+
+
+def architecture(cfg):
+    """What prior.pt needs to be rebuilt (sampling does not depend on the config's prior
+    section then)."""
+    return {"channels": cfg.prior.channels, "layers": cfg.prior.layers,
+            "kernel": cfg.prior.kernel}
+
+
+class PriorTraining:
+    """Fit, early-stop and checkpoint the prior of one run folder."""
+
+    def __init__(self, cfg, run_dir, device, seed, display, limit_batches=None):
+        self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        self.seed, self.display, self.limit = seed, display, limit_batches
+        torch.manual_seed(seed)
+        self.prior = build_prior(cfg).to(device)
+        self.optimizer = torch.optim.Adam(self.prior.parameters(), lr=cfg.prior.lr)
+        self.epoch, self.best_nll, self.best_epoch, self.bad_epochs = 0, math.inf, 0, 0
+        self.history, self.done, self.seconds = [], False, 0.0
+
+    def path(self, name):
+        return os.path.join(self.run_dir, name)
+
+    def state_dict(self):
+        return {"prior": self.prior.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "epoch": self.epoch, "best_nll": self.best_nll, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs, "history": self.history, "done": self.done,
+                "seconds": self.seconds, "seed": self.seed}
+
+    def load(self):
+        """Continue from prior_current.pt when there is one; returns whether there was."""
+        path = self.path(PRIOR_CURRENT)
+        if not os.path.exists(path):
+            return False
+        state = runs.read_checkpoint(path)
+        needed = ("prior", "optimizer", "epoch", "best_nll", "best_epoch", "bad_epochs",
+                  "history", "done", "seconds", "seed")
+        missing = [k for k in needed if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise runs.RunError(f"checkpoint {path} lacks {', '.join(missing)}; delete it to "
+                                "train the prior from the start")
+        try:
+            self.prior.load_state_dict(state["prior"])
+        except RuntimeError:
+            raise runs.RunError(f"checkpoint {path} does not match the prior section of the "
+                                "config; delete it (and prior.pt) to train again") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        for key in ("epoch", "best_nll", "best_epoch", "bad_epochs", "history", "done",
+                    "seconds", "seed"):
+            setattr(self, key, state[key])
+        return True
+
+    def train_epoch(self, codes):
+        self.prior.train()
+        bs = self.cfg.prior.bs
+        order = epoch_order(len(codes), self.seed, self.epoch, self.device)
+        starts = range(0, len(codes), bs)[:self.limit]
+        total = torch.zeros((), device=self.device)  # read once per epoch: no per-step sync
+        with self.display.progress(len(starts) * bs, f"prior epoch {self.epoch}") as bar:
+            for start in starts:
+                batch = codes[order[start:start + bs]]
+                loss = self.prior.nll(batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                total += loss.detach()
+                bar.update(len(batch))
+        return float(total) / len(starts)
+
+    def fit(self, train_codes, val_codes):
+        cfg = self.cfg.prior
+        while not self.done:
+            self.epoch += 1
+            start = time.perf_counter()
+            train_nll = self.train_epoch(train_codes)
+            val_nll = mean_nll(self.prior, val_codes, cfg.bs, self.limit)
+            self.seconds += time.perf_counter() - start
+            improved = val_nll < self.best_nll
+            if improved:
+                self.best_nll, self.best_epoch, self.bad_epochs = val_nll, self.epoch, 0
+                runs.save_checkpoint(self.path(PRIOR_BEST), {
+                    "prior": self.prior.state_dict(), "epoch": self.epoch,
+                    "architecture": architecture(self.cfg)})
+            else:
+                self.bad_epochs += 1
+            self.done = self.epoch >= cfg.epoch_max or self.bad_epochs >= cfg.patience
+            entry = {"split": "prior", "epoch": self.epoch, "train_nll": train_nll,
+                     "val_nll": val_nll}
+            self.history.append(entry)
+            self.display.records([entry])
+            self.display.log(f"prior epoch {self.epoch}/{cfg.epoch_max}: train nll "
+                             f"{train_nll:.4f}, val nll {val_nll:.4f} nats/position"
+                             + ("" if improved else f" (best {self.best_nll:.4f}, epoch "
+                                                    f"{self.best_epoch})"))
+            runs.save_checkpoint(self.path(PRIOR_CURRENT), self.state_dict())
+
+
+def load_prior(cfg, run_dir, device):
+    """The prior with the weights of the run's prior.pt, in eval mode."""
+    path = os.path.join(run_dir, PRIOR_BEST)
+    if not os.path.exists(path):
+        raise runs.RunError(f"{run_dir} has no {PRIOR_BEST}; train one first with -ts RUN "
+                            "--prior")
+    state = runs.read_checkpoint(path)
+    try:
+        prior = GatedPixelCNN(cfg.quantization.size_dict, **state["architecture"])
+        prior.load_state_dict(state["prior"])
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        raise runs.RunError(f"checkpoint {path} is not a prior of this run; train it again "
+                            "with --prior") from None
+    return prior.to(device).eval()
+
+
+def train_prior(run_dir, cfg, model, device, *, seed, command, limit_batches=None):
+    """-ts RUN --prior: train (or continue) the prior, then append its prior_test record."""
+    lock = runs.writer_lock(run_dir)  # checkpoints go into the run folder
+    display = Display(tensorboard_dir=os.path.join(run_dir, "tensorboard"))
+    try:
+        runs.read_metrics(run_dir)  # a malformed metrics.jsonl stops us before any work
+        training = PriorTraining(cfg, run_dir, device, seed, display, limit_batches)
+        if training.load():
+            display.log(f"prior: continuing {PRIOR_CURRENT} after epoch {training.epoch}"
+                        + (" (finished: evaluating only)" if training.done else ""))
+        codes = {split: split_codes(cfg, model, split, device)
+                 for split in ("train", "val", "test")}
+        training.fit(codes["train"], codes["val"])
+        prior = load_prior(cfg, run_dir, device)
+        size, positions = cfg.quantization.size_dict, math.prod(codes["test"].shape[1:])
+        nats = {"nll": mean_nll(prior, codes["test"], cfg.prior.bs, limit_batches),
+                "unigram": unigram_entropy(codes["train"], size),
+                "uniform": math.log(size)}
+        record = {"split": "prior_test", "epoch": training.best_epoch, **nats,
+                  **{f"{k}_bpd": bits_per_dim(v, positions, cfg.dataset.dim_x)
+                     for k, v in nats.items()},
+                  "prior_epochs": training.epoch, "seconds": training.seconds}
+        runs.append_metrics(run_dir, [record])
+        display.log(f"prior test (epoch {training.best_epoch}): nll {nats['nll']:.4f}, "
+                    f"unigram {nats['unigram']:.4f}, uniform {nats['uniform']:.4f} "
+                    f"nats/position; {record['nll_bpd']:.4f} bits/dim; trained "
+                    f"{training.seconds:.1f}s")
+        return record
+    except KeyboardInterrupt:
+        raise Interrupted(130, f"interrupted; continue with: {command}") from None
+    finally:
+        display.close()
+        lock.release()
+
+
+def write_samples(run_dir, cfg, model, n, device, *, seed, temperature=None):
+    """-ts RUN --sample N: N code grids from the run's prior, decoded; writes samples.png and
+    codes_samples.npz; returns their paths."""
+    prior = load_prior(cfg, run_dir, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    temperature = cfg.prior.temperature if temperature is None else temperature
+    codes = prior.sample(n, *model.latent_shape, temperature=temperature, generator=generator)
+    codes = codes.cpu().numpy()
+    images = export.decode_indices(model, codes, device)
+    shown = displayable(images, model.OUTPUTS == "labels")
+    grid = make_grid(shown, nrow=math.ceil(math.sqrt(n)), padding=2)
+    buffer = io.BytesIO()
+    save_image(grid, buffer, format="png")
+    image_path = os.path.join(run_dir, SAMPLES_IMAGE)
+    atomic_write_bytes(image_path, buffer.getvalue())
+    codes_path = export.write_codes(run_dir, cfg, "samples", codes.astype(np.uint16), model)
+    return image_path, codes_path
