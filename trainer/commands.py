@@ -187,15 +187,13 @@ def write_outputs(run_dir, cfg, model, device, *, report=False, encode=None):
     from . import export
     from . import report as reports
 
-    def whole_split(split):
-        return data.build_loader(cfg, split, batch_size=cfg.test.bs, shuffle=False,
-                                 device=device)
     test_codes = None
     if encode:
-        codes = export.encode_split(model, whole_split(encode))
+        codes = export.encode_split(model, export.whole_split(cfg, encode, device))
         path = export.write_codes(run_dir, cfg, encode, codes, model)
         print(f"codes of the {encode} split {codes.shape}: {path}")
         test_codes = codes if encode == "test" else None
     if report:
-        written = reports.write_report(run_dir, cfg, model, whole_split("test"), test_codes)
+        written = reports.write_report(run_dir, cfg, model,
+                                      export.whole_split(cfg, "test", device), test_codes)
         print(f"report: {written['report']['path']}", file=sys.stdout)

@@ -17,6 +17,7 @@ import os
 import numpy as np
 import torch
 
+import data
 from configs import config_to_yaml
 from util.codes import CodesError, load_codes, pack_codes
 from util.io import atomic_write_bytes
@@ -39,6 +40,12 @@ def config_hash(cfg):
 
 def run_config_hash(run_dir):
     return config_hash(runs.read_run_config(run_dir))
+
+
+def whole_split(cfg, split, device="cpu"):
+    """A loader over every image of `split` in dataset order, whatever --limit-batches or
+    torchrun say: what --encode, --report and the prior read."""
+    return data.build_loader(cfg, split, batch_size=cfg.test.bs, shuffle=False, device=device)
 
 
 @torch.no_grad()

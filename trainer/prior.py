@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-import data
+from data.loader import epoch_order
 from networks.prior import GatedPixelCNN, build_prior
+from util.codes import code_usage
 from util.io import atomic_write_bytes
 
 from . import export, runs
@@ -38,22 +39,25 @@ from .logs import Display
 from .loop import Interrupted
 
 PRIOR_BEST, PRIOR_CURRENT = "prior.pt", "prior_current.pt"
-SAMPLES_IMAGE, SAMPLES_CODES = "samples.png", "codes_samples.npz"
+SAMPLES_IMAGE = "samples.png"  # the codes go to codes_samples.npz (export.codes_file)
+# What each prior checkpoint must hold (runs.load_checkpoint checks it): key -> types.
+BEST_KEYS = {"prior": dict, "epoch": int, "architecture": dict}
+CURRENT_KEYS = {"prior": dict, "optimizer": dict, "epoch": int, "best_nll": runs.NUMBER,
+                "best_epoch": int, "bad_epochs": int, "history": list, "done": bool,
+                "seconds": runs.NUMBER, "seed": int}
 
 
 def split_codes(cfg, model, split, device):
     """The deterministic code grids of a whole split, int64 N x H x W on `device`."""
-    loader = data.build_loader(cfg, split, batch_size=cfg.test.bs, shuffle=False,
-                               device=device)
-    codes = export.encode_split(model, loader).astype(np.int64)
+    codes = export.encode_split(model, export.whole_split(cfg, split, device))
+    codes = codes.astype(np.int64)
     return torch.from_numpy(codes).to(device)
 
 
 def unigram_entropy(codes, size):
-    """Entropy in nats of the histogram of `codes` over `size` codes."""
-    p = torch.bincount(codes.reshape(-1), minlength=size).double()
-    p = p[p > 0] / p.sum()
-    return float(-(p * p.log()).sum())
+    """Entropy in nats of the histogram of `codes` over `size` codes: the log of the split
+    perplexity (util.codes.code_usage)."""
+    return math.log(code_usage(codes.cpu().numpy(), size)["perplexity"])
 
 
 def bits_per_dim(nats_per_position, positions, dim_x):
@@ -70,11 +74,6 @@ def mean_nll(prior, codes, batch_size, limit=None):
         total += float(F.cross_entropy(prior(batch), batch, reduction="sum"))
         count += batch.numel()
     return total / count
-
-
-def epoch_order(n, seed, epoch, device):
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=generator).to(device)
 
 
 def architecture(cfg):
@@ -110,28 +109,23 @@ class PriorTraining:
         path = self.path(PRIOR_CURRENT)
         if not os.path.exists(path):
             return False
-        state = runs.read_checkpoint(path)
-        needed = ("prior", "optimizer", "epoch", "best_nll", "best_epoch", "bad_epochs",
-                  "history", "done", "seconds", "seed")
-        missing = [k for k in needed if not isinstance(state, dict) or k not in state]
-        if missing:
-            raise runs.RunError(f"checkpoint {path} lacks {', '.join(missing)}; delete it to "
-                                "train the prior from the start")
+        state = runs.load_checkpoint(path, CURRENT_KEYS)
         try:
             self.prior.load_state_dict(state["prior"])
         except RuntimeError:
             raise runs.RunError(f"checkpoint {path} does not match the prior section of the "
                                 "config; delete it (and prior.pt) to train again") from None
         self.optimizer.load_state_dict(state["optimizer"])
-        for key in ("epoch", "best_nll", "best_epoch", "bad_epochs", "history", "done",
-                    "seconds", "seed"):
+        for key in CURRENT_KEYS.keys() - {"prior", "optimizer"}:
             setattr(self, key, state[key])
         return True
 
     def train_epoch(self, codes):
         self.prior.train()
         bs = self.cfg.prior.bs
-        order = epoch_order(len(codes), self.seed, self.epoch, self.device)
+        # The loaders' shuffle: a pure function of (seed, epoch).
+        order = epoch_order(len(codes), shuffle=True, seed=self.seed,
+                            epoch=self.epoch).to(self.device)
         starts = range(0, len(codes), bs)[:self.limit]
         total = torch.zeros((), device=self.device)  # read once per epoch: no per-step sync
         with self.display.progress(len(starts) * bs, f"prior epoch {self.epoch}") as bar:
@@ -179,11 +173,11 @@ def load_prior(cfg, run_dir, device):
     if not os.path.exists(path):
         raise runs.RunError(f"{run_dir} has no {PRIOR_BEST}; train one first with -ts RUN "
                             "--prior")
-    state = runs.read_checkpoint(path)
+    state = runs.load_checkpoint(path, BEST_KEYS)
     try:
         prior = GatedPixelCNN(cfg.quantization.size_dict, **state["architecture"])
         prior.load_state_dict(state["prior"])
-    except (KeyError, TypeError, ValueError, RuntimeError):
+    except (TypeError, ValueError, RuntimeError):
         raise runs.RunError(f"checkpoint {path} is not a prior of this run; train it again "
                             "with --prior") from None
     return prior.to(device).eval()

@@ -190,14 +190,20 @@ CHECKPOINT_KEYS = {
 }
 
 
-def load_checkpoint(path):
+# Entries that hold a module's state dict (tensors only).
+STATE_DICT_KEYS = ("model", "prior")
+
+
+def load_checkpoint(path, needed=None):
     """A checkpoint of this tool, checked for the keys (and their types) that its reader
-    needs: a file that loads but lacks one is a one-line RunError, not a KeyError later."""
+    needs (`needed`, key -> accepted types; by default CHECKPOINT_KEYS for best.pt and
+    current.pt): a file that loads but lacks one is a one-line RunError, not a KeyError
+    later."""
     state = read_checkpoint(path)
     if not isinstance(state, dict):
         raise RunError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint "
                        "of this tool")
-    needed = CHECKPOINT_KEYS.get(os.path.basename(path), {"model": dict})
+    needed = needed or CHECKPOINT_KEYS.get(os.path.basename(path), {"model": dict})
     missing = [k for k in needed if k not in state]
     wrong = [k for k, kinds in needed.items() if k in state and not isinstance(state[k], kinds)]
     if missing or wrong:
@@ -206,8 +212,9 @@ def load_checkpoint(path):
         raise RunError(f"checkpoint {path} {what}: not a complete checkpoint of this tool"
                        + ("; best.pt in the same folder can still be evaluated with -ts"
                           if os.path.basename(path) == CURRENT else ""))
-    if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
-        raise RunError(f"checkpoint {path}: its model entry is not a state dict of tensors")
+    for key in STATE_DICT_KEYS:
+        if key in needed and not all(isinstance(v, torch.Tensor) for v in state[key].values()):
+            raise RunError(f"checkpoint {path}: its {key} entry is not a state dict of tensors")
     return state
 
 
