@@ -10,7 +10,7 @@ from itertools import islice
 import torch
 
 from util import distributed as dist
-from util.codes import code_usage
+from util.codes import CodeUsage
 
 
 class MeanMeter:
@@ -69,11 +69,11 @@ class CodeHistogram:
         self.counts = None if state["counts"] is None else state["counts"].to(device)
 
     def summary(self):
-        """Split-level perplexity and codes in use (util.codes.code_usage)."""
+        """Split-level perplexity and codes in use, summed over every process."""
         if self.counts is None:
             return {}
-        usage = code_usage(dist.all_reduce_sum(self.counts.clone()).cpu().numpy(), self.size)
-        return {"perplexity_split": usage["perplexity"], "codes_used": usage["codes_used"]}
+        usage = CodeUsage.from_counts(dist.all_reduce_sum(self.counts.clone()).cpu().numpy())
+        return {"perplexity_split": usage.perplexity, "codes_used": usage.codes_used}
 
 
 def derived_metrics(means, dim_x):

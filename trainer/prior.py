@@ -30,7 +30,7 @@ from torchvision.utils import make_grid, save_image
 
 from data.loader import epoch_order
 from networks.prior import GatedPixelCNN, build_prior
-from util.codes import code_usage
+from util.codes import CodeUsage
 from util.io import atomic_write_bytes
 
 from . import export, runs
@@ -56,8 +56,8 @@ def split_codes(cfg, model, split, device):
 
 def unigram_entropy(codes, size):
     """Entropy in nats of the histogram of `codes` over `size` codes: the log of the split
-    perplexity (util.codes.code_usage)."""
-    return math.log(code_usage(codes.cpu().numpy(), size)["perplexity"])
+    perplexity (util.codes.CodeUsage)."""
+    return CodeUsage.from_codes(codes.cpu().numpy(), size).entropy
 
 
 def bits_per_dim(nats_per_position, positions, dim_x):

@@ -17,7 +17,7 @@ import os
 import torch
 
 from util import report as plots
-from util.codes import code_usage
+from util.codes import CodeUsage
 from util.io import atomic_write_bytes
 
 from . import export, runs
@@ -105,7 +105,7 @@ def write_report(run_dir, cfg, model, test_loader, test_codes=None):
         curves=dict(train=train, val=val, quality="acc" if model.OUTPUTS == "labels"
                     else "mse_pixel", param_var_q=cfg.model.param_var_q, num_codes=size,
                     train_label=train_label),
-        codebook=dict(counts=code_usage(test_codes, size)["counts"], split="test"),
+        codebook=dict(counts=CodeUsage.from_codes(test_codes, size).counts, split="test"),
         reconstructions=dict(originals=originals, reconstructions=recons,
                              caption=caption),
         title=report_title(run_dir, cfg, train, records))

@@ -80,11 +80,55 @@ def load_codes(path):
     return {"codes": codes, "codebook": codebook, "config_hash": str(digest)}
 
 
-def code_usage(codes, size):
-    """How often each of `size` codes occurs in `codes`, the perplexity exp(H) of those
-    frequencies (as the trainer's split-level ``perplexity_split``) and the codes in use."""
-    counts = np.bincount(np.asarray(codes, dtype=np.int64).ravel(), minlength=size)
-    total = counts.sum()
-    q = counts[counts > 0] / max(total, 1)
-    return {"counts": counts, "perplexity": float(np.exp(-(q * np.log(q)).sum())),
-            "codes_used": int((counts > 0).sum())}
+class CodeUsage:
+    """How often each of K codes is used, and the two figures reported from it.
+
+    Build it from what you have, never the other: ``CodeUsage.from_codes(codes, size)``
+    histograms code *indices*; ``CodeUsage.from_counts(counts)`` takes a histogram that
+    is already made (length K, one count per code). The constructor is private to these
+    two, so a histogram can never be histogrammed a second time by mistake.
+    """
+
+    __slots__ = ("counts",)
+
+    def __init__(self, counts, *, _checked=False):
+        if not _checked:
+            raise TypeError("use CodeUsage.from_codes(codes, size) or "
+                            "CodeUsage.from_counts(counts)")
+        self.counts = counts
+
+    @classmethod
+    def from_codes(cls, codes, size):
+        """The usage of `size` codes by the indices `codes` (any shape)."""
+        codes = np.asarray(codes)
+        if codes.dtype.kind not in "iu":
+            raise TypeError(f"code indices must be integers, got {codes.dtype}")
+        return cls(np.bincount(codes.astype(np.int64).ravel(), minlength=size), _checked=True)
+
+    @classmethod
+    def from_counts(cls, counts):
+        """The usage given a histogram: a 1-D array with one count per code."""
+        counts = np.asarray(counts)
+        if counts.ndim != 1 or counts.dtype.kind not in "iu" or (counts < 0).any():
+            raise ValueError("counts must be a 1-D array of non-negative integers, one per code")
+        return cls(counts.astype(np.int64), _checked=True)
+
+    @property
+    def total(self):
+        return int(self.counts.sum())
+
+    @property
+    def codes_used(self):
+        """How many codes occur at least once."""
+        return int((self.counts > 0).sum())
+
+    @property
+    def entropy(self):
+        """Entropy in nats of the code frequencies (0 for an empty histogram)."""
+        q = self.counts[self.counts > 0] / max(self.total, 1)
+        return float(-(q * np.log(q)).sum())
+
+    @property
+    def perplexity(self):
+        """exp(entropy): the trainer's split-level ``perplexity_split``."""
+        return float(np.exp(self.entropy))
