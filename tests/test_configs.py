@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 import configs
 from configs import ConfigError, config_to_yaml, load_config
@@ -58,7 +59,18 @@ def test_experiment_files_include_the_nine():
 def test_every_shipped_file_loads():
     # Also any experiment file added beside the nine of the authors' release (e.g. baselines).
     for name in configs.experiment_files():
-        assert load_config(name, []).is_frozen()
+        cfg = load_config(name, [])
+        # What the file says is what the loaded config holds (dataset, model, K and D).
+        with open(os.path.join(os.path.dirname(configs.__file__), name)) as f:
+            raw = yaml.safe_load(f)
+        for section, keys in (("dataset", ("name",)), ("model", ("name", "param_var_q")),
+                              ("quantization", ("size_dict", "dim_dict"))):
+            for key in keys:
+                if key in raw.get(section, {}):
+                    assert cfg[section][key] == raw[section][key], (name, section, key)
+        assert cfg.is_frozen()
+        with pytest.raises(AttributeError):
+            cfg.train.lr = 1.0
 
 
 @pytest.mark.parametrize("name", NAMES)
