@@ -37,18 +37,17 @@ def test_diagnostics_at_every_interval(mnist_run):
         # sigma_q^2 = 1 + exp(s) starts at 11 (log_param_q_init = log 10) and stays positive.
         assert 1.0 < r["param_q"] < 50 and r["param_q_min"] == r["param_q_max"]
         assert 0 <= r["entropy"] <= math.log(k) + 1e-6
-        assert 1 <= r["codes_used"] <= k
         assert r["param_x"] == pytest.approx(r["mse"] / 784, rel=1e-5)  # ARELBO's sigma_x^2
-        assert 0 < r["temperature"] <= 1
+        # tau = exp(-1e-5 * step) (mnist_gauss_1.yaml: init 1, decay 1e-5, min 0).
+        assert r["temperature"] == pytest.approx(math.exp(-1e-5 * r["step"]), rel=1e-12)
 
 
-def test_split_perplexity_comes_from_the_code_histogram(mnist_run):
+def test_every_evaluation_record_has_its_split_figures(mnist_run):
+    # Their values are checked against the encoded codes in test_reported_numbers.py.
     _, records = mnist_run
-    test = [r for r in records if r["split"] == "test"][-1]
-    # exp(entropy) of a histogram over codes_used codes lies in [1, codes_used].
-    assert 1 <= test["perplexity_split"] <= test["codes_used"] <= 128
-    val = [r for r in records if r["split"] == "val"]
-    assert all("perplexity_split" in r and "codes_used" in r for r in val)
+    for r in records:
+        if r["split"] in ("val", "val_stochastic", "test", "test_stochastic"):
+            assert isinstance(r["codes_used"], int) and r["perplexity_split"] >= 1, r["split"]
 
 
 def test_tensorboard_events_hold_the_expected_tags(mnist_run):
