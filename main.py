@@ -6,6 +6,9 @@ import argparse
 import os
 import sys
 
+from util.cli import OneLineParser
+from util.signals import interrupt_status, sigterm_as_interrupt
+
 EPILOG = """examples:
   python main.py -c mnist_gauss_1.yaml --save
       train on MNIST (downloaded into ./datasets on first use), write a run folder
@@ -21,13 +24,6 @@ experiment files (in configs/, or give any YAML path):
 environment: SQVAE_CHECKPOINTS and SQVAE_DATA set the defaults of `path` (run
 folders) and `path_dataset` (datasets); overrides on the command line win.
 """
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad flags get one line naming the fix, like every other input error."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see python main.py --help)\n")
 
 
 def build_parser():
@@ -96,6 +92,18 @@ def build_parser():
 
 
 def run(argv=None):
+    # From the first line on: the imports below take seconds, and Ctrl-C or SIGTERM there
+    # must be one line too.
+    try:
+        with sigterm_as_interrupt():
+            return _run(argv)
+    except KeyboardInterrupt as e:
+        code, what = interrupt_status(e)
+        print(f"{what} during start-up; nothing was written", file=sys.stderr)
+        return code
+
+
+def _run(argv):
     args = build_parser().parse_intermixed_args(argv)
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
@@ -105,6 +113,7 @@ def run(argv=None):
     from trainer import Interrupted, RunError, TrainingError, commands
     from util import distributed as dist
     from util.device import DeviceError, configure_kernels, select_device
+    from util.io import UnsafeLink
 
     problem = flag_problem(args)
     if problem:
@@ -128,7 +137,7 @@ def run(argv=None):
                               opts=args.opts, save=args.save or bool(args.resume),
                               resume=args.resume, seed=args.seed,
                               limit_batches=args.limit_batches, dbg=args.dbg)
-    except (ConfigError, DatasetError, RunError, DeviceError) as e:
+    except (ConfigError, DatasetError, RunError, DeviceError, UnsafeLink) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
@@ -145,9 +154,10 @@ def run(argv=None):
         if dist.is_main():
             print(str(e), file=sys.stderr)
         return e.code
-    except KeyboardInterrupt:
-        print("interrupted before any run folder was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        code, what = interrupt_status(e)
+        print(f"{what} before any run folder was written", file=sys.stderr)
+        return code
     finally:
         dist.shutdown()
 

@@ -141,6 +141,10 @@ def _read_yaml(path):
         raise ConfigError(f"{path}: YAML syntax error{where}: {problem}; fix the file") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except RecursionError:
+        # The YAML parser recurses once per level; no config nests more than three.
+        raise ConfigError(f"{path}: nested too deeply to be a config (the settings nest at "
+                          "most three levels); fix the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -26,7 +26,6 @@ and XFS journal them before the later rename of manifest.json); a final listing 
 Exit codes, one line on stderr: 0 done; 1 output not writable, or a mask did not decode (run
 again); 2 bad input (--strict: a bad face) or another run holds CelebAMask-HQ/.lock; 130 ^C.
 """
-import argparse
 import collections
 import contextlib
 import functools
@@ -40,7 +39,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from util.io import atomic_save, atomic_write_bytes, atomic_write_text
+from util.cli import OneLineParser
+from util.io import UnsafeLink, atomic_save, atomic_write_bytes, atomic_write_text
 from util.lock import FileLock, LockHeld
 
 from .cache import build_workers, pool_context
@@ -285,8 +285,8 @@ def _summary(root, faces, skipped, written, removed, manifest_changed):
 
 def main(argv=None):
     """Command-line entry point; returns the exit code (see the module docstring)."""
-    p = argparse.ArgumentParser(prog="python -m data.prepare_celebamask_hq",
-                                description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m data.prepare_celebamask_hq",
+                      description=__doc__.split("\n\n")[0])
     p.add_argument("--src", required=True, metavar="RELEASE", help="the unpacked release")
     p.add_argument("--dst", required=True, metavar="DATA_ROOT",
                    help=f"dataset root (cfg.path_dataset); output goes to DATA_ROOT/{OUT_DIR}/")
@@ -300,9 +300,10 @@ def main(argv=None):
         if args.workers < 1 or not all(0 < size < MASK_SIZE for size in args.size):
             p.error("--workers must be at least 1 and --size in 1..511")
         return _prepare(args)
-    except SystemExit as e:  # --help, or a usage error argparse has printed
+    except SystemExit as e:  # --help, or the one-line usage error the parser has printed
         return e.code if isinstance(e.code, int) else 2
-    except (DatasetError, LockHeld, OSError) as e:  # bad input, another run, unwritable output
+    # Bad input, another run, a lock file that is a link, unwritable output.
+    except (DatasetError, LockHeld, UnsafeLink, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1 if isinstance(e, OSError) else 2
     except KeyboardInterrupt:

@@ -352,10 +352,14 @@ def _carve_val(dataset_name, train, test):
 # official batches name only these globals; everything else in them (dict, list, str,
 # int) is built by pickle opcodes that need no lookup.
 _RECONSTRUCT = np.empty(0).__reduce__()[0]
+# At pickle protocol 5 numpy rebuilds an array from its raw buffer with this one instead.
+_FROMBUFFER = np.empty(0).__reduce_ex__(5)[0]
 _CIFAR_GLOBALS = {
     # The official files were written by numpy 1.x; numpy 2 moved the module to _core.
     ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     # Python 3 writes bytes this way at pickle protocol 2 (the official files, from

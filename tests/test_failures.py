@@ -7,6 +7,7 @@ descriptor level and Python warnings recorded (a warning would be a second stder
 in a real process); two cases also run as real ``python main.py`` processes.
 """
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -489,7 +490,7 @@ def test_ctrl_c_in_the_final_test_resumes(capfd, tmp_path, data, monkeypatch):
     original = Trainer.test
     monkeypatch.setattr(Trainer, "test", interrupt)
     code, out, err = cli(capfd, *train_argv(tmp_path, data))
-    assert code == 130 and "resume with: python " in err
+    assert code == 130 and f"resume with: {shlex.quote(sys.executable)} " in err
     (run,) = (tmp_path / "mnist_sqvae_gaussian_1").iterdir()
     assert records(run, "test") == []
     monkeypatch.setattr(Trainer, "test", original)

@@ -5,7 +5,9 @@ on a deterministic code pattern, and the config keys that build it. Then the com
 (trainer/prior.py) on a short real-MNIST run: --prior, --sample, and continuing after Ctrl-C.
 """
 import math
+import shlex
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -263,7 +265,8 @@ def test_interrupted_prior_continues_to_the_same_weights(short_run, prior_run, t
     before = prior_records(copy)  # copied with metrics.jsonl
     assert main.run(prior_args(copy, data_root)) == 130
     err = capsys.readouterr().err
-    assert "continue with: python " in err and f"-ts {copy} --prior" in err
+    assert f"continue with: {shlex.quote(sys.executable)} " in err
+    assert f"-ts {copy} --prior" in err
     assert prior_records(copy) == before
     monkeypatch.setattr(PriorTraining, "train_epoch", original)
     assert main.run(prior_args(copy, data_root)) == 0

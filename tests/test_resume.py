@@ -127,13 +127,14 @@ def one_error_line(stderr):
 
 
 def printed_command(stderr):
-    """The `python /path/to/main.py ...` command an interrupted run printed on stderr, with
-    this interpreter. The paths in it are absolute, so it runs from any folder."""
+    """The `PYTHON /path/to/main.py ...` command an interrupted run printed on stderr, as
+    printed: it names the interpreter that ran it, and its paths are absolute, so it runs
+    from any folder."""
     line = stderr.strip().splitlines()[-1]
-    assert "resume with: python " in line, stderr
+    assert f"resume with: {shlex.quote(sys.executable)} " in line, stderr
     parts = shlex.split(line[line.index("resume with: ") + len("resume with: "):])
-    assert parts[1] == str(REPO / "main.py"), parts
-    return [sys.executable, *parts[1:]]
+    assert parts[:2] == [sys.executable, str(REPO / "main.py")], parts
+    return parts
 
 
 @pytest.fixture(scope="module")
@@ -335,8 +336,11 @@ def printed(runs, tmp_path_factory):
 
 
 def test_printed_command_resumes_a_run_with_overridden_network(printed):
-    code, stderr, _ = printed["printed_as_is"]
+    code, stderr, folder = printed["printed_as_is"]
     assert code == 0, stderr
+    # It continued the stopped run (its small network, its epoch length) to the end.
+    assert [r["step"] for r in metrics(folder) if r["split"] == "train"] == [STEPS, 2 * STEPS]
+    assert load(Path(folder) / "current.pt")["epoch"] == 3
 
 
 def test_printed_command_keeps_the_runs_epoch_length(printed):
@@ -405,7 +409,7 @@ def signalled(tmp_path_factory):
                      "step": state["step"]}
     resumes = {}
     for s in sigs:
-        if "resume with: python " in result[s]["stderr"]:
+        if "resume with: " in result[s]["stderr"]:
             command = printed_command(result[s]["stderr"])
             resumes[s] = (command, subprocess.Popen(
                 command + ["train.epoch_max", str(result[s]["epoch"])], cwd=REPO, env=ENV,

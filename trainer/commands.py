@@ -22,8 +22,10 @@ from networks import build_model, count_parameters
 from util import distributed as dist
 from util.io import check_writable
 from util.rng import seed_everything
+from util.signals import interrupt_status
 
 from . import runs
+from .budget import check_batch
 from .logs import Display
 from .loop import Interrupted, Trainer
 
@@ -37,11 +39,12 @@ def summary(cfg):
 
 
 def run_command(program, config_file, flag, run_dir, *more):
-    """`python main.py -c CONFIG FLAG RUN ...` with absolute paths: runnable from any
+    """`PYTHON main.py -c CONFIG FLAG RUN ...` with absolute paths, and the interpreter that
+    runs us (a bare `python` may be another one, without our packages): runnable from any
     folder."""
     config = os.path.abspath(config_file) if os.path.isfile(config_file) else config_file
-    return shlex.join(["python", os.path.abspath(program), "-c", config, flag,
-                       os.path.abspath(run_dir), *more])
+    return shlex.join([sys.executable or "python", os.path.abspath(program), "-c", config,
+                       flag, os.path.abspath(run_dir), *more])
 
 
 def resume_command(program, config_file, run_dir):
@@ -63,16 +66,33 @@ def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None
     run_dir, lock, resume_state = None, None, None
     if resume:
         run_dir = runs.resolve_run_dir(cfg, resume, "--resume")
+        runs.check_links(run_dir)
         if dist.is_main():
             # Before reading current.pt: another writer would change it under our feet.
             lock = runs.writer_lock(run_dir)
-        run_cfg = runs.load_run_config(run_dir, opts)
-        runs.check_same_experiment(run_cfg, cfg, run_dir, config_file)
-        cfg = run_cfg
-        resume_state = runs.load_checkpoint(os.path.join(run_dir, runs.CURRENT))
-        runs.read_metrics(run_dir)  # a malformed metrics.jsonl stops us before any work
-        # The seed and epoch length are part of the run: an exact resume needs the same.
-        seed, limit_batches = runs.resume_launch(resume_state, seed, limit_batches)
+        try:
+            run_cfg = runs.load_run_config(run_dir, opts)
+            runs.check_same_experiment(run_cfg, cfg, run_dir, config_file)
+            cfg = run_cfg
+            resume_state = runs.load_checkpoint(os.path.join(run_dir, runs.CURRENT))
+            # A malformed metrics.jsonl stops us before any work.
+            records = runs.read_metrics(run_dir)
+            # The seed and epoch length are part of the run: an exact resume needs the same.
+            seed, limit_batches = runs.resume_launch(resume_state, seed, limit_batches)
+            last_epoch = resume_state["epoch"] - 1
+            if last_epoch >= cfg.train.epoch_max and runs.final_test_recorded(records,
+                                                                              last_epoch):
+                if dist.is_main():
+                    print(f"{run_dir} is finished: trained {last_epoch} epochs (train.epoch_max "
+                          f"{cfg.train.epoch_max}) and tested; nothing to do (to train "
+                          "further, resume with a larger train.epoch_max)")
+                if lock is not None:
+                    lock.release()
+                return 0
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
     elif save:
         problem = check_writable(cfg.path_checkpoint)
         if problem:
@@ -87,6 +107,7 @@ def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None
             torch.manual_seed(seed + dist.rank())
         loaders = data.build_loaders(cfg, device, seed)
         check_training_batches(cfg, loaders["train"], limit_batches)
+        check_batch(cfg, model, loaders["train"], device)
         if save and run_dir is None:
             created = runs.create_run_dir(cfg, seed) if dist.is_main() else (None, None)
             run_dir, lock = dist.broadcast_object(created[0]), created[1]
@@ -114,11 +135,12 @@ def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None
         if run_dir is not None and dist.is_main():
             runs.append_metrics(run_dir, records)
         display.close()
-    except KeyboardInterrupt:
-        # Ctrl-C outside the training loop (start-up, the final test): the last current.pt
-        # is intact, so the run resumes from it.
+    except KeyboardInterrupt as e:
+        # Ctrl-C or SIGTERM outside the training loop (start-up, the final test): the last
+        # current.pt is intact, so the run resumes from it.
+        code, what = interrupt_status(e)
         resumable = run_dir is not None and os.path.isfile(os.path.join(run_dir, runs.CURRENT))
-        raise Interrupted(130, "interrupted; " + (
+        raise Interrupted(code, f"{what}; " + (
             f"resume with: {resume_command(program, config_file, run_dir)}" if resumable
             else "no checkpoint was written, nothing to resume")) from None
     finally:
@@ -134,11 +156,16 @@ def evaluate(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=Fa
     records are appended to its metrics.jsonl and the deterministic one printed as JSON.
     With --prior and/or --sample N, the prior's jobs instead (trainer/prior.py)."""
     run_dir = runs.resolve_run_dir(cfg, run, "-ts")
+    runs.check_links(run_dir)
     if prior or sample:
+        # The same command again continues an interrupted prior (the prior's settings are
+        # also kept in its checkpoint, so a plain -ts RUN --prior does as well).
+        again = ["--prior", *(["--seed", str(seed)] if seed is not None else []),
+                 *(["--limit-batches", str(limit_batches)] if limit_batches else []), *opts]
         return prior_and_samples(run_dir, device, opts=opts, seed=seed, train=prior,
                                  sample=sample, limit_batches=limit_batches,
                                  command=run_command(program, config_file, "-ts", run_dir,
-                                                     "--prior"))
+                                                     *again))
     try:
         run_cfg, model, best = runs.load_run_model(run_dir, opts, device)
         runs.read_metrics(run_dir)  # a malformed metrics.jsonl stops us before any work
@@ -153,9 +180,10 @@ def evaluate(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=Fa
         print(json.dumps(records[-1]))
         if encode or report:
             write_outputs(run_dir, run_cfg, model, device, report=report, encode=encode)
-    except KeyboardInterrupt:
-        raise Interrupted(130, "interrupted; the evaluation's records were not written, "
-                               "run -ts again") from None
+    except KeyboardInterrupt as e:
+        code, what = interrupt_status(e)
+        raise Interrupted(code, f"{what}; the evaluation's records were not written, "
+                                "run -ts again") from None
     return 0
 
 
@@ -172,11 +200,17 @@ def prior_and_samples(run_dir, device, *, opts, seed, train, sample, limit_batch
     run_cfg, model, _ = runs.load_run_model(run_dir, opts, device)
     seed = 0 if seed is None else seed
     if train:
-        record = priors.train_prior(run_dir, run_cfg, model, device, seed=seed,
+        record = priors.train_prior(run_dir, run_cfg, model, device, seed=seed, opts=opts,
                                     command=command, limit_batches=limit_batches)
         print(json.dumps(record))
     if sample:
-        paths = priors.write_samples(run_dir, run_cfg, model, sample, device, seed=seed)
+        try:
+            paths = priors.write_samples(run_dir, run_cfg, model, sample, device, seed=seed,
+                                         display=Display())
+        except KeyboardInterrupt as e:
+            code, what = interrupt_status(e)
+            raise Interrupted(code, f"{what}; no samples were written (the files of an "
+                                    "earlier --sample are as they were), run it again") from None
         print(f"{sample} samples: {paths[0]} (codes: {paths[1]})")
     return 0
 

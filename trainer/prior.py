@@ -6,8 +6,9 @@ split, with the validation split's NLL for early stopping and for choosing its w
 Files in the run folder, each written atomically:
 
 * ``prior_current.pt``: after every prior epoch, everything needed to continue (weights,
-  optimizer, epoch, best validation NLL, the per-epoch history). Running the same
-  ``--prior`` command again continues from it; a finished prior is only evaluated again.
+  optimizer, epoch, best validation NLL, the per-epoch history, and the ``prior`` section
+  of the config it was trained with). ``-ts RUN --prior`` continues from it with those
+  settings, whatever overrides started it; a finished prior is only evaluated again.
 * ``prior.pt``: the weights with the best validation NLL.
 * a ``metrics.jsonl`` line ``"split": "prior_test"`` with, in nats per latent position, the
   prior's NLL on the test codes, the entropy of the training codes' histogram (``unigram``:
@@ -28,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
+from configs import parse_overrides
 from data.loader import epoch_order
 from networks.prior import GatedPixelCNN, build_prior
 from util.codes import CodeUsage
 from util.io import atomic_write_bytes
+from util.signals import interrupt_status
 
 from . import export, runs
 from .images import displayable
@@ -45,6 +48,10 @@ BEST_KEYS = {"prior": dict, "epoch": int, "architecture": dict}
 CURRENT_KEYS = {"prior": dict, "optimizer": dict, "epoch": int, "best_nll": runs.NUMBER,
                 "best_epoch": int, "bad_epochs": int, "history": list, "done": bool,
                 "seconds": runs.NUMBER, "seed": int}
+# Settings that shape the prior's weights or its training trajectory: a continued prior
+# keeps them. The others (epoch_max, patience, temperature) may be changed to continue.
+FIXED_SETTINGS = ("channels", "layers", "kernel", "lr", "bs")
+SAMPLE_CHUNK = 1024  # grids drawn at once by --sample (memory: chunk x K x H x W logits)
 
 
 def split_codes(cfg, model, split, device):
@@ -102,14 +109,14 @@ class PriorTraining:
         return {"prior": self.prior.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "epoch": self.epoch, "best_nll": self.best_nll, "best_epoch": self.best_epoch,
                 "bad_epochs": self.bad_epochs, "history": self.history, "done": self.done,
-                "seconds": self.seconds, "seed": self.seed}
+                "seconds": self.seconds, "seed": self.seed, "settings": dict(self.cfg.prior)}
 
-    def load(self):
-        """Continue from prior_current.pt when there is one; returns whether there was."""
-        path = self.path(PRIOR_CURRENT)
-        if not os.path.exists(path):
+    def load(self, state):
+        """Continue from `state` (prior_current.pt, or None: there is none); returns whether
+        there was one."""
+        if state is None:
             return False
-        state = runs.load_checkpoint(path, CURRENT_KEYS)
+        path = self.path(PRIOR_CURRENT)
         try:
             self.prior.load_state_dict(state["prior"])
         except RuntimeError:
@@ -118,6 +125,9 @@ class PriorTraining:
         self.optimizer.load_state_dict(state["optimizer"])
         for key in CURRENT_KEYS.keys() - {"prior", "optimizer"}:
             setattr(self, key, state[key])
+        # A raised prior.epoch_max (or patience) continues a prior that had stopped.
+        cfg = self.cfg.prior
+        self.done = self.epoch >= cfg.epoch_max or self.bad_epochs >= cfg.patience
         return True
 
     def train_epoch(self, codes):
@@ -183,14 +193,41 @@ def load_prior(cfg, run_dir, device):
     return prior.to(device).eval()
 
 
-def train_prior(run_dir, cfg, model, device, *, seed, command, limit_batches=None):
+def continued_settings(cfg, state, opts, path):
+    """`cfg` with the prior section that `state` (prior_current.pt) was trained with, and the
+    prior overrides of `opts` on top; an override of a setting the continued prior cannot
+    change is a RunError naming it."""
+    saved = state.get("settings") if state is not None else None
+    if not isinstance(saved, dict):
+        return cfg  # no prior yet, or one saved before its settings were kept
+    given = {key.split(".", 1)[1] for key, _ in parse_overrides(opts)
+             if key.startswith("prior.")}
+    settings = {k: v for k, v in saved.items() if k in cfg.prior}
+    for key in given:
+        if key in FIXED_SETTINGS and key in settings and cfg.prior[key] != settings[key]:
+            raise runs.RunError(
+                f"{path} was trained with prior.{key} {settings[key]}, not {cfg.prior[key]}; "
+                f"drop the prior.{key} override to continue it, or delete {PRIOR_CURRENT} "
+                f"and {PRIOR_BEST} to train a new prior")
+        settings[key] = cfg.prior[key]
+    merged = cfg.clone()
+    merged.defrost()
+    merged.prior.update(settings)
+    merged.freeze()
+    return merged
+
+
+def train_prior(run_dir, cfg, model, device, *, seed, command, opts=(), limit_batches=None):
     """-ts RUN --prior: train (or continue) the prior, then append its prior_test record."""
     lock = runs.writer_lock(run_dir)  # checkpoints go into the run folder
-    display = Display(tensorboard_dir=os.path.join(run_dir, "tensorboard"))
+    display = Display(tensorboard_dir=os.path.join(run_dir, runs.TENSORBOARD))
     try:
         runs.read_metrics(run_dir)  # a malformed metrics.jsonl stops us before any work
+        path = os.path.join(run_dir, PRIOR_CURRENT)
+        state = runs.load_checkpoint(path, CURRENT_KEYS) if os.path.exists(path) else None
+        cfg = continued_settings(cfg, state, opts, path)
         training = PriorTraining(cfg, run_dir, device, seed, display, limit_batches)
-        if training.load():
+        if training.load(state):
             display.log(f"prior: continuing {PRIOR_CURRENT} after epoch {training.epoch}"
                         + (" (finished: evaluating only)" if training.done else ""))
         codes = {split: split_codes(cfg, model, split, device)
@@ -211,21 +248,30 @@ def train_prior(run_dir, cfg, model, device, *, seed, command, limit_batches=Non
                     f"nats/position; {record['nll_bpd']:.4f} bits/dim; trained "
                     f"{training.seconds:.1f}s")
         return record
-    except KeyboardInterrupt:
-        raise Interrupted(130, f"interrupted; continue with: {command}") from None
+    except KeyboardInterrupt as e:
+        code, what = interrupt_status(e)
+        raise Interrupted(code, f"{what}; continue with: {command}") from None
     finally:
         display.close()
         lock.release()
 
 
-def write_samples(run_dir, cfg, model, n, device, *, seed, temperature=None):
+def write_samples(run_dir, cfg, model, n, device, *, seed, temperature=None, display=None):
     """-ts RUN --sample N: N code grids from the run's prior, decoded; writes samples.png and
-    codes_samples.npz; returns their paths."""
+    codes_samples.npz; returns their paths. Drawn SAMPLE_CHUNK grids at a time, with a
+    progress bar (on a terminal) from `display`."""
     prior = load_prior(cfg, run_dir, device)
     generator = torch.Generator(device=device).manual_seed(seed)
     temperature = cfg.prior.temperature if temperature is None else temperature
-    codes = prior.sample(n, *model.latent_shape, temperature=temperature, generator=generator)
-    codes = codes.cpu().numpy()
+    display = display or Display()
+    chunks = []
+    with display.progress(n, "sampling") as bar:
+        for start in range(0, n, SAMPLE_CHUNK):
+            size = min(SAMPLE_CHUNK, n - start)
+            chunks.append(prior.sample(size, *model.latent_shape, temperature=temperature,
+                                       generator=generator).cpu())
+            bar.update(size)
+    codes = torch.cat(chunks).numpy()
     images = export.decode_indices(model, codes, device)
     shown = displayable(images, model.OUTPUTS == "labels")
     grid = make_grid(shown, nrow=math.ceil(math.sqrt(n)), padding=2)

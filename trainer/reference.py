@@ -17,7 +17,6 @@ The release's module names differ from ours (``encoder.conv`` is our ``encoder.s
 module for module, and the release's evaluation batch is ``train.bs`` (it ignores the
 ``test.bs`` it records), which ``test.bs`` here is set to.
 """
-import argparse
 import json
 import os
 import re
@@ -27,6 +26,8 @@ import sys
 import torch
 
 from configs import ConfigError, config_from_mapping, config_to_yaml
+from util.cli import OneLineParser
+from util.io import UnsafeLink, atomic_write_bytes
 
 from . import runs
 from .runs import RunError
@@ -67,6 +68,9 @@ def read_reference_config(run_dir, opts=None):
     except (OSError, ValueError) as e:
         raise RunError(f"cannot read {path}: {type(e).__name__}; is it a run folder of the "
                        "authors' release?") from None
+    except RecursionError:  # the JSON parser recurses once per level of nesting
+        raise RunError(f"{path} is nested too deeply to be the config of a release run; "
+                       "is it a run folder of the authors' release?") from None
     if not isinstance(saved, dict) or "dataset" not in saved or "model" not in saved:
         raise RunError(f"{path} is not the config of a release run (no dataset or model)")
     mapping = {}
@@ -136,7 +140,7 @@ def import_run(run_dir, dest=None):
         runs.save_checkpoint(os.path.join(dest, runs.BEST), {
             "model": weights, "epoch": None, "step": None, "val_loss": None,
             "config": config_to_yaml(cfg), "imported_from": os.path.abspath(run_dir)})
-        open(os.path.join(dest, runs.METRICS_FILE), "a").close()
+        atomic_write_bytes(os.path.join(dest, runs.METRICS_FILE), b"")
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)  # never leave a half-imported folder
         raise
@@ -144,7 +148,7 @@ def import_run(run_dir, dest=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m trainer.reference",
         description="Turn a run folder of the authors' release into a run folder of this "
                     "tool (the original is only read).")
@@ -160,7 +164,7 @@ def main(argv=None):
         return 2
     try:
         dest = import_run(args.run, args.to)
-    except RunError as e:
+    except (RunError, UnsafeLink) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -13,23 +13,37 @@ two folders) and holds ``config.yaml``, ``best.pt``, ``current.pt``,
   ends. Evaluations (``-ts``) only read, and append their lines without it.
 * Checkpoints are plain dicts of tensors and numbers, loaded with
   ``torch.load(weights_only=True)`` and checked for the keys their reader needs.
+* A folder where a name the tool writes is a symbolic link is refused before anything is
+  written (``check_links``): run folders come from other people, and a planted link would
+  make a write land outside the folder.
 """
 import os
 import pickle
 import sys
 import time
+import warnings
 import zipfile
 
 import torch
 
 from configs import ConfigError, config_to_yaml, get_key, load_config
-from util.io import JsonlError, append_jsonl, atomic_save, atomic_write_text, read_jsonl
+from util.io import (JsonlError, append_jsonl, atomic_save, atomic_write_text, read_jsonl,
+                     refuse_links, remove_stale_temps)
 from util.lock import FileLock, LockHeld
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".writer.lock"
 BEST, CURRENT = "best.pt", "current.pt"
+TENSORBOARD = "tensorboard"
+# Every name any command writes in a run folder (fnmatch patterns): checkpoints and the
+# prior's, images, codes files, metrics.jsonl and the locks. None of them may be a link.
+WRITTEN_NAMES = (CONFIG_FILE, METRICS_FILE, f".{METRICS_FILE}.lock", LOCK_FILE, TENSORBOARD,
+                 "*.pt", "*.png", "*.npz")
+# The files only a holder of the writer lock writes, whose temporary files a killed writer
+# may have left (no one else can be writing them while we hold the lock).
+LOCKED_WRITES = (CONFIG_FILE, BEST, CURRENT, "prior.pt", "prior_current.pt",
+                 "reconstructions_best.png", "reconstructions_current.png")
 
 
 class RunError(ValueError):
@@ -40,14 +54,28 @@ def write_config(run_dir, cfg):
     atomic_write_text(os.path.join(run_dir, CONFIG_FILE), config_to_yaml(cfg))
 
 
+def check_links(run_dir):
+    """Refuse (util.io.UnsafeLink, one line naming it) a run folder in which a name the tool
+    writes, or anything in its tensorboard/ folder, is a symbolic link. Call it before the
+    first write: the writer lock is a write too."""
+    refuse_links(run_dir, WRITTEN_NAMES, subfolders=(TENSORBOARD,))
+
+
 def writer_lock(run_dir):
     """Hold the run folder's writer lock (released when the process ends, however it ends),
-    or a RunError naming the process that holds it."""
+    or a RunError naming the process that holds it. Temporary files left by a writer killed
+    mid-write are removed once the lock is ours."""
     try:
-        return FileLock(os.path.join(run_dir, LOCK_FILE), blocking=False).acquire()
+        lock = FileLock(os.path.join(run_dir, LOCK_FILE), blocking=False).acquire()
     except LockHeld as e:
         raise RunError(f"{run_dir} is being written by process {e.pid or '(unknown)'} (a "
                        "training or --resume); wait for it to end or stop it") from None
+    try:
+        remove_stale_temps(run_dir, LOCKED_WRITES)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def create_run_dir(cfg, seed, now=None):
@@ -82,6 +110,19 @@ def read_metrics(run_dir):
 
 def append_metrics(run_dir, records):
     append_jsonl(os.path.join(run_dir, METRICS_FILE), records)
+
+
+def final_test_recorded(records, last_epoch):
+    """Whether the training's own test (a "test" record without "source", appended after
+    the last epoch's records) follows the "val" record of `last_epoch` in `records`: then
+    a run trained to `last_epoch` is finished, and testing it again would record it twice."""
+    after_last_val = False
+    for record in records:
+        if record.get("split") == "val" and record.get("epoch") == last_epoch:
+            after_last_val = True
+        elif after_last_val and record.get("split") == "test" and "source" not in record:
+            return True
+    return False
 
 
 def resolve_run_dir(cfg, name, flag="-ts"):
@@ -148,7 +189,11 @@ def _other(path):
 
 def _try_load(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), None
+        with warnings.catch_warnings():
+            # torch warns about a raw pickle's protocol before refusing it; the one-line
+            # error below says all there is to say.
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True), None
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             return None, ("holds pickled Python objects, which are refused because loading "

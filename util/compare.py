@@ -14,7 +14,6 @@ yaml.safe_load, or for a run folder of the authors' release ``configs.json`` as 
 evaluated it). Nothing is unpickled and nothing outside ``util`` is imported, so the tool
 works on copied or downloaded run folders.
 """
-import argparse
 import csv
 import json
 import math
@@ -25,6 +24,7 @@ import sys
 
 import yaml
 
+from util.cli import OneLineParser
 from util.io import JsonlError, atomic_write_text, read_jsonl
 
 # (column header, how to format the value in the markdown table)
@@ -65,6 +65,8 @@ def _read_config(run_dir):
                 cfg = parse(f)
         except (OSError, ValueError, yaml.YAMLError) as e:
             raise CompareError(f"{path}: unreadable ({type(e).__name__})") from None
+        except RecursionError:  # both parsers recurse once per level of nesting
+            raise CompareError(f"{path}: nested too deeply to be a config") from None
         if not isinstance(cfg, dict):
             raise CompareError(f"{path}: not a mapping of config keys")
         return cfg
@@ -305,7 +307,7 @@ def write_report(path, rows, argv, notes=None):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m util.compare",
         description="One row per run folder: model, dataset, epochs trained, test MSE per "
                     "image and per pixel, PSNR, per-batch and split-level code perplexity, "

@@ -71,3 +71,24 @@ def configure_kernels(device, deterministic=None, cudnn_benchmark=False):
     torch.backends.cudnn.deterministic = not cudnn_benchmark
     torch.backends.cudnn.benchmark = cudnn_benchmark
     return deterministic
+
+
+def free_memory(device):
+    """Bytes a new allocation on `device` can still get, or None where that is unknown: on
+    the CPU the kernel's MemAvailable (what can be had without swapping or the out-of-memory
+    killer), on CUDA the free memory plus what PyTorch already holds in its cache, on MPS
+    the recommended working set."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if device.type == "mps":
+            return torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory()
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError, RuntimeError):
+        return None

@@ -1,6 +1,16 @@
 """Crash-safe file writes: every file goes to a temporary name in the same folder, is
 flushed to disk (unless durable=False), then renamed into place, so a reader never sees
-half a file."""
+half a file.
+
+Nothing here writes through a symbolic link: a rename replaces a link at the target name
+(the file it pointed to stays as it was), files opened in place (``append_jsonl``, the
+locks of ``util.lock``) are opened with ``O_NOFOLLOW``, and ``refuse_links`` lets a caller
+refuse a folder before writing anything into it. Run folders come from other people (the
+authors' release, a colleague, a download), and a planted link would otherwise make the
+tool change a file anywhere the user can write.
+"""
+import errno
+import fnmatch
 import io
 import json
 import os
@@ -11,6 +21,80 @@ import tempfile
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
+# Not every platform has it (Windows); there the up-front check of refuse_links remains.
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+class UnsafeLink(ValueError):
+    """A name the tool writes is a symbolic link; the message names it and the fix."""
+
+    def __init__(self, path):
+        try:
+            target = f" (to {os.readlink(path)})"
+        except OSError:
+            target = ""
+        super().__init__(f"{path} is a symbolic link{target}; this tool never writes "
+                         "through links in a run folder: replace the link with a copy of "
+                         "the file, or remove it, then run again")
+        self.path = path
+
+
+def open_no_follow(path, flags, mode=0o666):
+    """os.open that refuses a symbolic link at `path` (UnsafeLink) instead of following it
+    (with O_CREAT, following a dangling link would create its target)."""
+    try:
+        return os.open(path, flags | O_NOFOLLOW, mode)
+    except OSError as e:
+        # ELOOP on Linux and macOS, EMLINK on FreeBSD; check the name itself to be sure.
+        if e.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
+            raise UnsafeLink(path) from None
+        raise
+
+
+def refuse_links(folder, patterns, subfolders=()):
+    """Raise UnsafeLink for the first entry of `folder` whose name matches one of
+    `patterns` (fnmatch) and is a symbolic link, or for any link inside the `subfolders`
+    (which must not be links themselves: they are matched by `patterns` too)."""
+    def links(path):
+        try:
+            with os.scandir(path) as entries:
+                return sorted(e.path for e in entries if e.is_symlink())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+    for path in links(folder):
+        if any(fnmatch.fnmatchcase(os.path.basename(path), p) for p in patterns):
+            raise UnsafeLink(path)
+    for name in subfolders:
+        found = links(os.path.join(folder, name))
+        if found:
+            raise UnsafeLink(found[0])
+
+
+def remove_stale_temps(folder, names):
+    """Delete the temporary files that atomic_write_bytes left for `names` in `folder` when
+    its process was killed mid-write. Only call it while holding the lock that every writer
+    of those names takes: a live writer's temporary file would vanish under it. Returns the
+    paths removed."""
+    removed = []
+    patterns = [f".{name}.*.tmp" for name in names]
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if (any(fnmatch.fnmatchcase(entry.name, p) for p in patterns)
+                    and not entry.is_dir(follow_symlinks=False)):
+                try:
+                    os.unlink(entry.path)  # a link is removed itself, never its target
+                    removed.append(entry.path)
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+def _named(error, path):
+    """`error` with `path` as its file name where the OS gave none (a failed write or
+    fsync on a descriptor names no file), so the message says which file it was."""
+    if isinstance(error, OSError) and not error.filename and error.errno:
+        return OSError(error.errno, error.strerror, path)
+    return error
 
 
 def atomic_write_bytes(path, data, *, durable=True):
@@ -20,8 +104,12 @@ def atomic_write_bytes(path, data, *, durable=True):
     dies, but after a power loss the file may be empty. Use it only for many files whose
     reader checks them (and fsync once where it matters)."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=folder)
+    try:
+        # O_EXCL: mkstemp never opens an existing name, a link included.
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=folder)
+    except OSError as e:
+        raise _named(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -29,13 +117,16 @@ def atomic_write_bytes(path, data, *, durable=True):
                 f.flush()
                 os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
+        os.replace(tmp, path)  # replaces a link at `path`, never writes through it
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise
+        named = _named(e, path)
+        if named is e:
+            raise
+        raise named from None
 
 
 def atomic_write_text(path, text):
@@ -65,7 +156,10 @@ def append_jsonl(path, records):
         return
     from .lock import FileLock  # a sibling leaf module
     payload = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, FILE_MODE)
+    try:
+        fd = open_no_follow(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, FILE_MODE)
+    except OSError as e:
+        raise _named(e, path) from None
     try:
         folder, name = os.path.split(path)
         with FileLock(os.path.join(folder, f".{name}.lock")):
@@ -79,9 +173,12 @@ def append_jsonl(path, records):
                 while written < len(payload):
                     written += os.write(fd, payload[written:])
                 os.fsync(fd)
-            except BaseException:
+            except BaseException as e:
                 os.ftruncate(fd, size)
-                raise
+                named = _named(e, path)
+                if named is e:
+                    raise
+                raise named from None
     finally:
         os.close(fd)
 
@@ -107,6 +204,10 @@ def read_jsonl(path, warn=None):
             record = json.loads(line)
         except ValueError:
             record = None
+        except RecursionError:
+            # No record of ours nests more than two levels; the parser recurses per level.
+            raise JsonlError(f"{path}: line {number} is nested too deeply to be a record; "
+                             "remove or fix that line") from None
         if not isinstance(record, dict):
             raise JsonlError(f"{path}: line {number} is not a JSON record; remove or fix "
                              "that line")

@@ -5,8 +5,13 @@ holder exits, however it exits (SIGKILL, a crash, a power cut): a killed writer 
 leaves a stale lock behind, and no lock file ever has to be cleaned up by hand. The
 holder writes its PID into the lock file, so a refused second process can say who holds
 it. Where ``fcntl`` does not exist (Windows) the locks are no-ops.
+
+A lock file is opened without following a symbolic link (``UnsafeLink``): writing the PID
+through a link planted in a downloaded run folder would truncate the file it points to.
 """
 import os
+
+from .io import open_no_follow
 
 try:
     import fcntl
@@ -42,7 +47,7 @@ class FileLock:
         self.fd = None
 
     def acquire(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.blocking else fcntl.LOCK_NB))
