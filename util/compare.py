@@ -25,7 +25,7 @@ import sys
 import yaml
 
 from util.cli import OneLineParser
-from util.io import JsonlError, atomic_write_text, read_jsonl
+from util.io import JsonlError, atomic_write_bytes, atomic_write_text, read_jsonl
 
 # (column header, how to format the value in the markdown table)
 COLUMNS = (
@@ -306,6 +306,39 @@ def write_report(path, rows, argv, notes=None):
     atomic_write_text(path, "\n".join(parts))
 
 
+def _seed_label(run_dir):
+    name = os.path.basename(os.path.normpath(run_dir))  # <network>_seed<N>_<date>_<time>
+    seed = [part for part in name.split("_") if part.startswith("seed")]
+    return seed[0].replace("seed", "seed ") if seed else name
+
+
+def curve_runs(paths):
+    """(label, records) of every run folder under `paths`, for the learning-curve figure:
+    the model, with the dataset and seed where the runs differ in them. Unfinished runs
+    count too (their curves so far)."""
+    found = []
+    for run_dir in find_runs(paths):
+        cfg = _read_config(run_dir)
+        found.append((model_label(cfg), _section(cfg, "dataset").get("name", "?"),
+                      _seed_label(run_dir), _read_metrics(run_dir)))
+    datasets = {dataset for _, dataset, _, _ in found}
+    labels = [label for label, *_ in found]
+    runs = []
+    for label, dataset, seed, records in found:
+        text = label + (f", {dataset}" if len(datasets) > 1 else "")
+        if labels.count(label) > 1 and len(datasets) == 1:
+            text += f", {seed}"
+        runs.append((text, records))
+    return runs
+
+
+def write_curves(path, paths):
+    """The learning-curve figure of the runs under `paths` (util/curves.py) as a PNG."""
+    from util.curves import learning_curves_png  # matplotlib only when asked for
+    png, _ = learning_curves_png(curve_runs(paths), title="Learning curves, per epoch")
+    atomic_write_bytes(path, png)
+
+
 def build_parser():
     parser = OneLineParser(
         prog="python -m util.compare",
@@ -318,6 +351,10 @@ def build_parser():
     parser.add_argument("--csv", metavar="PATH", help="also write the rows as CSV to PATH")
     parser.add_argument("--report", metavar="PATH",
                         help="also write the reproduction report (markdown) to PATH")
+    parser.add_argument("--curves", metavar="PNG",
+                        help="also draw the runs' learning curves per epoch (validation MSE, "
+                             "split perplexity, codes in use; SQ-VAE's code entropy, "
+                             "sigma_q^2 and temperature) into PNG; unfinished runs count")
     parser.add_argument("--notes", metavar="FILE",
                         help="with --report: a markdown file whose text goes under the "
                              "report's header (how the runs were made)")
@@ -328,6 +365,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
+        if args.curves:
+            write_curves(args.curves, args.runs)
+            if not (args.report or args.csv):
+                return 0
         rows = [summarize(run) for run in find_runs(args.runs)]
         notes = None
         if args.notes:

@@ -44,7 +44,7 @@ def _column(records, key):
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _spans_decades(values, factor=10.0):
+def spans_decades(values, factor=10.0):
     """Whether a log axis reads better: all values positive and at least `factor` apart (on
     a narrower range a log axis only adds awkward tick labels)."""
     positive = [v for v in values if v > 0]
@@ -120,7 +120,7 @@ def draw_curves(fig, train, val, *, quality="mse_pixel", param_var_q="gaussian_1
                     zorder=3)
         if reference is not None and reference[0]:
             ax.axhline(reference[0], color=REF_COLOR, ls="--", lw=0.8, label=reference[1])
-        if log is True or (log is None and _spans_decades(values + v_values + spread)):
+        if log is True or (log is None and spans_decades(values + v_values + spread)):
             ax.set_yscale("log")
         else:
             # An offset ("+1.0499") above the axis is easy to miss; show the values themselves.

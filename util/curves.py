@@ -1,0 +1,88 @@
+"""Learning curves of several runs side by side, per epoch, from their metrics.jsonl records.
+
+``python -m util.compare RUNS --curves PATH`` draws them. The top row compares every run:
+validation MSE per pixel, split-level code perplexity and codes in use. The bottom row
+shows what only SQ-VAE has, its self-annealing: the mean entropy of the code distribution
+per latent position (it falls as the quantizer sharpens), the learned quantizer variance
+sigma_q^2 and the Gumbel-softmax temperature. A run draws in the panels whose figures its
+records hold, so VQ-VAE runs appear in the top row only.
+"""
+import math
+
+from matplotlib.ticker import MaxNLocator
+
+from util.report import new_figure, png_bytes, spans_decades
+
+# (record split, key, panel title, y label, SQ-VAE only)
+PANELS = (
+    ("val", "mse_pixel", "Validation MSE per pixel", "MSE / pixel", False),
+    ("val", "perplexity_split", "Validation perplexity (whole split)", "perplexity", False),
+    ("val", "codes_used", "Validation codes in use", "codes", False),
+    ("val", "entropy", "Code entropy per position (SQ-VAE, validation)", "nats", True),
+    ("train", "param_q", r"Quantizer variance $\sigma^2_q$ (SQ-VAE, epoch mean)",
+     r"$\sigma^2_q$", True),
+    # VQ-VAE records a temperature and a zero entropy it never uses.
+    ("train", "temperature", "Gumbel-softmax temperature (SQ-VAE, end of epoch)",
+     r"$\tau$", True),
+)
+
+
+def epoch_series(records, split, key):
+    """(epochs, values) of the finite `key` in the `split` records, one point per epoch (the
+    last record of an epoch wins, so a re-evaluated epoch is not drawn twice)."""
+    by_epoch = {}
+    for r in records:
+        value = r.get(key)
+        if r.get("split") == split and isinstance(r.get("epoch"), int) \
+                and isinstance(value, (int, float)) and math.isfinite(value):
+            by_epoch[r["epoch"]] = value
+    epochs = sorted(by_epoch)
+    return epochs, [by_epoch[e] for e in epochs]
+
+
+def _is_sqvae(records):
+    return any("param_q" in r for r in records if r.get("split") == "train")
+
+
+def draw_learning_curves(fig, runs):
+    """Draw the six panels for `runs`, a list of (label, records). Returns the titles of
+    the panels drawn (a panel no run has data for is left out)."""
+    drawn = []
+    for split, key, title, ylabel, sqvae_only in PANELS:
+        series = []
+        for label, records in runs:
+            if sqvae_only and not _is_sqvae(records):
+                continue
+            epochs, values = epoch_series(records, split, key)
+            if epochs:
+                series.append((label, epochs, values))
+        if series:
+            drawn.append((title, ylabel, series))
+    columns = 3
+    rows = max(1, math.ceil(len(drawn) / columns))
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, (title, ylabel, series) in zip(axes, drawn):
+        for label, epochs, values in series:
+            ax.plot(epochs, values, lw=1.4, label=label, marker="." if len(epochs) < 20
+                    else None)
+        if spans_decades([v for _, _, values in series for v in values], factor=4.0):
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(drawn):]:
+        ax.set_visible(False)
+    return [title for title, _, _ in drawn]
+
+
+def learning_curves_png(runs, title=""):
+    """PNG bytes of the learning-curve figure of `runs` ((label, records) pairs), and the
+    titles of its panels."""
+    fig = new_figure(15, 8)
+    titles = draw_learning_curves(fig, runs)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return png_bytes(fig), titles
