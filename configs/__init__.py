@@ -21,7 +21,7 @@ CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 DATASETS = ("MNIST", "FashionMNIST", "CIFAR10", "CelebA", "CelebAMask_HQ")
 MODELS = ("GaussianSQVAE", "VmfSQVAE", "VQVAE")
 VARIANTS = ("gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4", "vmf")
-CODEBOOK_INITS = ("normal", "uniform")  # networks.base.CODEBOOK_INITS builds them
+CODEBOOK_INITS = ("normal", "uniform")  # networks.quantizers.CODEBOOK_INITS builds them
 NETWORKS = ("resnet", "resnet_label")
 ACTIVATIONS = ("exp", "sigmoid", "tanh", "none")
 # Which network family reads which dataset, and the input shape it expects.

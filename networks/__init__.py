@@ -1,5 +1,7 @@
-"""Models: encoders/decoders, stochastic quantizers, losses, and one builder."""
+"""Models: encoders/decoders, quantizer layers, losses, and one builder."""
+from .base import LEGACY_KEYS, upgrade_state_dict
 from .nets import NETWORK_REGISTRY, label_channels
+from .quantizers import GaussianQuantizer, VectorQuantizer, VmfQuantizer, arelbo
 from .sqvae import VARIANTS, GaussianSQVAE, SQVAE, VmfSQVAE
 from .vqvae import VQVAE
 
@@ -25,4 +27,6 @@ def count_parameters(model):
 
 
 __all__ = ["build_model", "count_parameters", "MODEL_REGISTRY", "NETWORK_REGISTRY", "VARIANTS",
-           "SQVAE", "GaussianSQVAE", "VmfSQVAE", "VQVAE", "label_channels"]
+           "SQVAE", "GaussianSQVAE", "VmfSQVAE", "VQVAE", "label_channels",
+           "GaussianQuantizer", "VmfQuantizer", "VectorQuantizer", "arelbo",
+           "LEGACY_KEYS", "upgrade_state_dict"]

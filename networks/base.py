@@ -1,5 +1,6 @@
-"""What every model here shares: the encoder/decoder pair of docs/model.md §2 and a K x D
-codebook, bf16 autocast around the conv stacks only, and decoding from code indices."""
+"""What every model here shares: the encoder/decoder pair of docs/model.md §2 around a quantizer
+layer (networks/quantizers.py), bf16 autocast around the conv stacks only, the forward pass and
+encoding, and decoding from code indices."""
 import contextlib
 
 import torch
@@ -8,51 +9,53 @@ from torch import nn
 from .blocks import init_weights
 from .nets import build_networks
 
-
-def normal_codebook(size, dim):
-    """N(0, 1) rows: the SQ-VAE release's codebook (and Sonnet's VectorQuantizerEMA)."""
-    return torch.randn(size, dim)
-
-
-def uniform_codebook(size, dim):
-    """uniform(-1/K, 1/K) rows: the VQ-VAE codebook of the widely used PyTorch port of
-    Sonnet's VQ-VAE (zalandoresearch/pytorch-vq-vae, `VectorQuantizer`), a small start
-    near the origin like Sonnet's own uniform unit-scaling initialiser."""
-    return torch.empty(size, dim).uniform_(-1.0 / size, 1.0 / size)
+# State-dict names of the quantizer's tensors before it became a layer, which are also the
+# release's names: checkpoints that use them load through `upgrade_state_dict`.
+LEGACY_KEYS = {"codebook": "quantizer.codebook",
+               "log_param_q_scalar": "quantizer.log_param_q_scalar",
+               "ema_count": "quantizer.ema_count", "ema_total": "quantizer.ema_total"}
 
 
-CODEBOOK_INITS = {"normal": normal_codebook, "uniform": uniform_codebook}
+def upgrade_state_dict(state):
+    """`state` under the current names, in the same order."""
+    return {LEGACY_KEYS.get(key, key): value for key, value in state.items()}
+
+
+def schedule_of(cfg):
+    """The layer's temperature arguments for `cfg`: the schedule of docs/model.md §3.6, or a
+    constant `init` without `flags.decay`."""
+    t = cfg.quantization.temperature
+    decay = cfg.flags.decay
+    return dict(temperature_init=t.init, temperature_decay=t.decay if decay else 0.0,
+                temperature_min=t.min if decay else 0.0)
 
 
 class CodebookAutoencoder(nn.Module):
-    """Builds `encoder`, `decoder` (initialised as docs/model.md §2) and `codebook`
-    (`quantization.init`), in that order, so one seed gives SQ-VAE and VQ-VAE the same
-    network weights.
+    """Builds `encoder`, `decoder` (initialised as docs/model.md §2) and `quantizer`
+    (`build_quantizer`, which draws the codebook), in that order, so one seed gives SQ-VAE and
+    VQ-VAE the same network weights.
 
     `OUTPUTS` says what the decoder produces: "images" (values in [0, 1], one per input value)
     or "labels" (per-pixel class scores whose argmax is the label map). `latent_shape` is the
-    H x W grid of codes for one input."""
+    H x W grid of codes for one input. Subclasses turn the decoder output and the quantizer's
+    aux into the logged terms (`loss_terms`)."""
 
     OUTPUTS = "images"
 
-    def __init__(self, cfg, codebook_trainable=True):
+    def __init__(self, cfg):
         super().__init__()
         self.dim_x = cfg.dataset.dim_x
         self.encoder, self.decoder = build_networks(cfg)
         self.latent_shape = self.encoder.grid(*cfg.dataset.shape[1:])
         init_weights(self)
-        size, dim = cfg.quantization.size_dict, cfg.quantization.dim_code
-        self.codebook = nn.Parameter(CODEBOOK_INITS[cfg.quantization.init](size, dim),
-                                     requires_grad=codebook_trainable)
-        # A buffer, so the per-step update is an in-place fill (no recompilation, no sync).
-        self.register_buffer("temperature", torch.tensor(float(cfg.quantization.temperature.init)),
-                             persistent=False)
+        self.quantizer = self.build_quantizer(cfg)
         # bf16 autocast for the conv stacks only, switched on by the trainer (train.amp);
-        # quantizers and losses stay in full precision.
+        # the quantizer and losses stay in full precision.
         self.amp = False
 
-    def set_temperature(self, value):
-        self.temperature.fill_(value)
+    @property
+    def codebook(self):
+        return self.quantizer.codebook
 
     def conv_precision(self, x):
         if not self.amp:
@@ -70,9 +73,31 @@ class CodebookAutoencoder(nn.Module):
         with self.conv_precision(z_q):
             return self.decoder(z_q).to(self.codebook.dtype)
 
+    def quantize(self, z, log_var, mode):
+        """(z_q, aux) of the quantizer layer in `mode`."""
+        if log_var is None:
+            return self.quantizer(z, mode=mode)
+        return self.quantizer(z, log_var, mode=mode)
+
+    def forward(self, x, mode="train", codes=False):
+        """(x_hat, terms): the 0-dim tensors of `TERMS`, and the code indices with `codes`."""
+        z, log_var = self.run_encoder(x)
+        z_q, aux = self.quantize(z, log_var, mode)
+        x_hat = self.run_decoder(z_q)
+        terms = self.loss_terms(x_hat, x, aux)
+        if codes:
+            terms["codes"] = aux["codes"]
+        return x_hat, terms
+
+    @torch.no_grad()
+    def encode(self, x):
+        """Deterministic code indices, B x H x W."""
+        z, log_var = self.run_encoder(x)
+        return self.quantize(z, log_var, "deterministic")[1]["codes"]
+
     def code_vectors(self):
         """The codebook rows as the decoder sees them."""
-        return self.codebook
+        return self.quantizer.code_vectors()
 
     @torch.no_grad()
     def decode(self, codes):
@@ -80,5 +105,4 @@ class CodebookAutoencoder(nn.Module):
         if codes.dim() != 3 or tuple(codes.shape[1:]) != tuple(self.latent_shape):
             raise ValueError(f"codes must be N x {self.latent_shape[0]} x "
                              f"{self.latent_shape[1]} for this model, got {tuple(codes.shape)}")
-        z_q = self.code_vectors()[codes.long()].permute(0, 3, 1, 2)
-        return self.run_decoder(z_q)
+        return self.run_decoder(self.quantizer.lookup(codes))

@@ -1,119 +1,320 @@
-"""Stochastic quantizers of docs/model.md §3: Gaussian (variants I-IV) and von Mises-Fisher.
+"""Quantizer layers for any model: SQ-VAE's Gaussian and vMF stochastic quantizers and a VQ-VAE
+nearest-code quantizer. They import torch and this package (third_party through its losses),
+never the config system. docs/layers.md has a worked example.
 
-Both turn per-position logits l_ik over the K codes into a quantized latent in
-one of three modes:
+Contract, the same for all three::
 
-* ``train``: Gumbel-softmax relaxation y = softmax((l + g) / tau), z_q = y @ B
-  (soft, no straight-through);
-* ``deterministic``: one-hot argmax_k l_ik;
-* ``stochastic``: one-hot sample from Categorical(softmax(l)).
+    z_q, aux = layer(z)              # Gaussian II-IV: layer(z, log_var)
 
-Logits, softmax and log-softmax are computed once per call. Everything is
-created on the device and dtype of the inputs.
+* ``z``: (B, dim, *spatial), or (B, *positions, dim) with ``channel_last=True``; ``z_q`` has
+  its shape. The layer quantizes in its codebook's dtype (float32 under bf16 autocast) and
+  returns ``z_q`` in that dtype.
+* ``aux["loss"]``: a 0-dim tensor to add to the objective; ``aux["codes"]``: int64 indices of
+  z's shape without the dim axis; ``aux["perplexity"]``: exp of the entropy of the batch's
+  average code usage. Further entries are listed with each layer.
+* ``layer.train()``: Gumbel-softmax relaxation at temperature ``layer.temperature``;
+  ``layer.eval()``: the argmax code. ``mode=`` ("train", "deterministic", "stochastic")
+  overrides that choice; "stochastic" samples each code from its softmax.
+* ``layer.anneal(step)`` sets the temperature for a global training step,
+  tau = max(temperature_init * exp(-temperature_decay * step), temperature_min).
+
+**How the SQ loss is reduced.** ``aux["loss"] = kld_discrete + kld_continuous``, each *summed*
+over positions and codes (or dimensions) and *averaged over the batch* (axis 0): a per-example
+KL, as in the ELBO. It must meet a reconstruction term with the same reduction.
+
+**Self-annealing needs ARELBO.** Use ``loss = arelbo(x_hat, x) + aux["loss"]``:
+``arelbo`` = dim_x / 2 * log(sum (x_hat - x)^2 / B), the Gaussian log-likelihood with its
+variance set to the optimum, mse / dim_x, at every step. As the reconstruction improves that
+variance falls, the data term outweighs the KL more and more, and the learned sigma_q^2 (or
+1 / kappa_q) falls with it: the code distribution sharpens by itself while the Gumbel
+temperature decays only slowly. With a plain mean-squared error instead (``F.mse_loss``, a
+mean over all B * dim_x values) the data term is that likelihood at a fixed variance of
+dim_x / 2, dim_x times lighter than a per-example sum, against a per-example KL: nothing
+drives sigma_q^2 down, the codes stay soft (high perplexity), and the decoder learns on
+mixtures of codes that it never receives after ``eval()``. A squared error summed per
+example and averaged over the batch is a fixed variance of 1/2; it anneals, but at a rate
+set by that guess.
+
+**Variant I never goes below unit variance.** The release sets sigma_q^2 = exp(0) + exp(s)
+(its open issue #6 asks whether this was meant); that form is kept. Since sigma_q^2 >= 1, p
+sharpens only as the distances |z_i - b_k| grow beyond 1: the layer anneals by its latent and
+codebook spreading out, so a latent held at a fixed scale (normalised without a learned gain)
+caps how deterministic its codes can become. Variants II-IV add exp(log_var) from an encoder
+head instead of the 1, and have no such floor.
 """
+import contextlib
+import math
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-MODES = ("train", "deterministic", "stochastic")
-
-
-def gumbel_noise(like):
-    """Gumbel(0, 1) noise as the reference draws it: -log(-log(U + 1e-10) + 1e-10)."""
-    u = torch.rand_like(like)
-    return -torch.log(-torch.log(u + 1e-10) + 1e-10)
+from .functional import (check_mode, ema_update, flatten_positions, gaussian_quantize,
+                         nearest_codes, one_hot, perplexity, straight_through,
+                         summed_over_processes, unflatten_positions, vmf_quantize, vq_losses)
+from .losses import arelbo_loss, squared_error
 
 
-def select_codes(logits, probs, mode, temperature):
-    """Code weights (N x K) for the given mode, the averaged assignment for perplexity, and the
-    chosen code per position (the argmax in training, where the choice is soft)."""
-    if mode == "train":
-        weights = F.softmax((logits + gumbel_noise(logits)) / temperature, dim=-1)
-        return weights, probs.detach().mean(0), logits.detach().argmax(-1)
-    if mode == "deterministic":
-        index = logits.argmax(-1)
-        weights = F.one_hot(index, logits.shape[-1]).to(logits.dtype)
-        return weights, weights.mean(0), index
-    if mode == "stochastic":
-        index = torch.multinomial(probs, 1).squeeze(-1)
-        weights = F.one_hot(index, logits.shape[-1]).to(logits.dtype)
-        return weights, probs.mean(0), index
-    raise ValueError(f"unknown quantization mode {mode!r}; use one of {', '.join(MODES)}")
+def arelbo(x_hat, x):
+    """The ARELBO reconstruction term, dim_x / 2 * log(sum (x_hat - x)^2 / B), dim_x being the
+    number of values of one example; add the layer's ``aux["loss"]`` to it."""
+    return arelbo_loss(squared_error(x_hat, x), x[0].numel())
 
 
-def perplexity(avg_probs):
-    """exp of the entropy of the code usage averaged over the batch's positions."""
-    return torch.exp(-(avg_probs * torch.log(avg_probs + 1e-7)).sum())
+def normal_codebook(size, dim):
+    """N(0, 1) rows: the SQ-VAE release's codebook (and Sonnet's VectorQuantizerEMA)."""
+    return torch.randn(size, dim)
 
 
-def flatten_positions(z):
-    """B x D x H x W -> (B*H*W) x D, one row per latent position."""
-    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+def uniform_codebook(size, dim):
+    """uniform(-1/K, 1/K) rows: the VQ-VAE codebook of the widely used PyTorch port of
+    Sonnet's VQ-VAE (zalandoresearch/pytorch-vq-vae), near the origin like Sonnet's own."""
+    return torch.empty(size, dim).uniform_(-1.0 / size, 1.0 / size)
 
 
-def unflatten_positions(rows, like):
-    b, d, h, w = like.shape
-    return rows.reshape(b, h, w, d).permute(0, 3, 1, 2)
+CODEBOOK_INITS = {"normal": normal_codebook, "uniform": uniform_codebook}
 
 
-def _finish(z, z_q, index, probs, log_probs, avg_probs, kld_continuous, codes):
-    batch = z.shape[0]
-    neg_entropy = (probs * log_probs).sum()  # sum over positions and codes of p log p
-    # z_q plus the loss terms and diagnostics of one quantization.
-    return dict(
-        z_q=z_q,
-        kld_discrete=neg_entropy / batch,
-        kld_continuous=kld_continuous,
-        perplexity=perplexity(avg_probs),
-        # Diagnostics (detached): mean entropy of p per position, and the chosen codes.
-        entropy=-neg_entropy.detach() / probs.shape[0],
-        codes=index.reshape(batch, *z.shape[2:]) if codes else None,
-    )
+def _variance_gaussian_1(log_var, s):
+    return 1.0 + torch.exp(s)  # no variance head: v = 0
 
 
-def gaussian_logits(z_rows, codebook, precision_rows):
-    """l_ik = -1/2 sum_d w_id (z_id - b_kd)^2, with w either one value per row (N x 1) or one
-    per row and dimension (N x D). Expanded into matrix products so no N x D x K tensor is
-    ever built: sum_d w z^2 - 2 (w z) B^T + w (B^2)^T."""
-    if precision_rows.shape[-1] == 1:
-        sq_dist = ((z_rows ** 2).sum(-1, keepdim=True) - 2 * z_rows @ codebook.t()
-                   + (codebook ** 2).sum(-1))
-        return -0.5 * precision_rows * sq_dist
-    wz = precision_rows * z_rows
-    weighted = (wz * z_rows).sum(-1, keepdim=True) - 2 * wz @ codebook.t() \
-        + precision_rows @ (codebook ** 2).t()
-    return -0.5 * weighted
+def _variance_gaussian_2(log_var, s):
+    # One value per example, broadcast over whatever latent grid the encoder has.
+    per_example = log_var.mean(dim=tuple(range(1, log_var.dim())), keepdim=True)
+    return torch.exp(per_example) + torch.exp(s)
 
 
-def gaussian_quantize(z, var_q, codebook, mode, temperature, codes=False):
-    """Gaussian stochastic quantization.
+def _variance_gaussian_3(log_var, s):
+    return torch.exp(log_var.mean(dim=1, keepdim=True)) + torch.exp(s)
 
-    z: B x D x H x W encoder mean. var_q: sigma_q^2 broadcastable to z (a scalar, B x 1 x 1 x 1,
-    B x 1 x H x W or B x D x H x W), so any latent grid works for every variant.
+
+def _variance_gaussian_4(log_var, s):
+    return torch.exp(log_var) + torch.exp(s)
+
+
+# variance name -> sigma_q^2 from (channel-first log-variance, s), docs/model.md §3.1
+GAUSSIAN_VARIANCES = {
+    "gaussian_1": _variance_gaussian_1,
+    "gaussian_2": _variance_gaussian_2,
+    "gaussian_3": _variance_gaussian_3,
+    "gaussian_4": _variance_gaussian_4,
+}
+
+
+def _autocast_off(device):
+    # torch.autocast rejects the meta device, which has no autocast to switch off.
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
+class CodebookLayer(nn.Module):
+    """What the three layers share: the K x dim codebook, the temperature and its schedule,
+    the layout of z, the precision, and the choice of mode."""
+
+    def __init__(self, dim, codebook_size, *, init, trainable, channel_last,
+                 temperature_init, temperature_decay, temperature_min):
+        super().__init__()
+        self.dim, self.codebook_size, self.channel_last = dim, codebook_size, channel_last
+        self.codebook = nn.Parameter(CODEBOOK_INITS[init](codebook_size, dim),
+                                     requires_grad=trainable)
+        self.schedule = (float(temperature_init), float(temperature_decay),
+                         float(temperature_min))
+        # A buffer, so annealing is an in-place fill: no recompilation, no host sync.
+        self.register_buffer("temperature", torch.tensor(float(temperature_init)),
+                             persistent=False)
+
+    def temperature_at(self, step):
+        init, decay, floor = self.schedule
+        return max(init * math.exp(-decay * step), floor)
+
+    def anneal(self, step):
+        self.temperature.fill_(self.temperature_at(step))
+
+    def code_vectors(self):
+        """The rows z_q is made of."""
+        return self.codebook
+
+    def lookup(self, codes):
+        """z_q for code indices (z's shape without the dim axis), in the layer's layout."""
+        vectors = self.code_vectors()[codes.long()]
+        return vectors if self.channel_last else vectors.movedim(-1, 1)
+
+    def _run(self, z, log_var, mode):
+        if mode is None:
+            mode = "train" if self.training else "deterministic"
+        check_mode(mode)
+        axis = -1 if self.channel_last else 1
+        if z.dim() < 2 or z.shape[axis] != self.dim:
+            raise ValueError(f"z of shape {tuple(z.shape)} does not have dim={self.dim} on "
+                             f"axis {axis} (channel_last={self.channel_last})")
+        z = self._channel_first(z).to(self.codebook.dtype)
+        if log_var is not None:
+            log_var = self._channel_first(log_var).to(self.codebook.dtype)
+        # Distances and softmax in bf16 would pick other codes than float32 does.
+        with _autocast_off(z.device):
+            z_q, aux = self._quantize(z, log_var, mode)
+        return (z_q.movedim(1, -1) if self.channel_last else z_q), aux
+
+    def _channel_first(self, t):
+        # Contiguous, so that both layouts reduce in the same order and agree bit for bit.
+        return t.movedim(-1, 1).contiguous() if self.channel_last else t
+
+    def extra_repr(self):
+        return (f"dim={self.dim}, codebook_size={self.codebook_size}, "
+                f"channel_last={self.channel_last}")
+
+
+class _StochasticLayer(CodebookLayer):
+    """The SQ layers: a learned scalar s beside the codebook, and the KL terms as the loss;
+    subclasses give the quantizer (QUANTIZE) and its sigma_q^2 or kappa_q (param_q)."""
+
+    def __init__(self, dim, codebook_size, log_param_q_init, channel_last, temperature_init,
+                 temperature_decay, temperature_min):
+        super().__init__(dim, codebook_size, init="normal", trainable=True,
+                         channel_last=channel_last, temperature_init=temperature_init,
+                         temperature_decay=temperature_decay, temperature_min=temperature_min)
+        self.log_param_q_scalar = nn.Parameter(torch.tensor(float(log_param_q_init)))
+
+    def _quantize(self, z, log_var, mode):
+        param = self.param_q(log_var)
+        out = self.QUANTIZE(z, param, self.codebook, mode, self.temperature)
+        z_q = out.pop("z_q")
+        out["loss"] = out["kld_discrete"] + out["kld_continuous"]
+        param = param.detach()
+        out["param_q"], out["param_q_min"], out["param_q_max"] = \
+            param.mean(), param.min(), param.max()
+        return z_q, out
+
+
+class GaussianQuantizer(_StochasticLayer):
+    """SQ-VAE's Gaussian stochastic quantizer (docs/model.md §3.1), variants I-IV.
+
+    ``variance`` picks sigma_q^2 = exp(v) + exp(s), s the learned scalar
+    ``log_param_q_scalar`` (initial value ``log_param_q_init``, the release's log 10):
+    "gaussian_1" (v = 0, one scalar), or, from the encoder's log-variance of z's shape,
+    "gaussian_2" (its mean per example), "gaussian_3" (its mean over dim, per position) and
+    "gaussian_4" (per position and dimension). The temperature defaults are the release's:
+    1.0, decaying by exp(-1e-5) a step, no floor. The codebook starts N(0, 1).
+
+    aux: loss, kld_discrete, kld_continuous, perplexity (training: of the soft assignment),
+    entropy (mean entropy of a position's code distribution), codes, and param_q /
+    param_q_min / param_q_max (sigma_q^2 over positions, detached).
+
+    How the loss is reduced, why it wants the ``arelbo`` term, and what variant I's
+    sigma_q^2 >= 1 implies: the module docstring (``help(networks.quantizers)``).
     """
-    precision = 1.0 / var_q.clamp(min=1e-10)
-    z_rows = flatten_positions(z)
-    if precision.dim() == 0 or precision.shape[1] == 1:
-        precision_rows = flatten_positions(precision.expand(z.shape[0], 1, *z.shape[2:]))
-    else:
-        precision_rows = flatten_positions(precision.expand_as(z))
-    logits = gaussian_logits(z_rows, codebook, precision_rows)
-    probs = F.softmax(logits, dim=-1)
-    log_probs = F.log_softmax(logits, dim=-1)
-    weights, avg_probs, index = select_codes(logits, probs, mode, temperature)
-    z_q = unflatten_positions(weights @ codebook, z)
-    kld_continuous = (0.5 * precision * (z - z_q) ** 2).sum() / z.shape[0]
-    return _finish(z, z_q, index, probs, log_probs, avg_probs, kld_continuous, codes)
+
+    QUANTIZE = staticmethod(gaussian_quantize)
+
+    def __init__(self, dim, codebook_size, variance="gaussian_1", *,
+                 log_param_q_init=math.log(10.0), temperature_init=1.0, temperature_decay=1e-5,
+                 temperature_min=0.0, channel_last=False):
+        if variance not in GAUSSIAN_VARIANCES:
+            raise ValueError(f"unknown variance {variance!r}; use one of "
+                             f"{', '.join(GAUSSIAN_VARIANCES)}")
+        super().__init__(dim, codebook_size, log_param_q_init, channel_last, temperature_init,
+                         temperature_decay, temperature_min)
+        self.variance = variance
+
+    @property
+    def needs_log_var(self):
+        return self.variance != "gaussian_1"
+
+    def forward(self, z, log_var=None, *, mode=None):
+        if (log_var is None) == self.needs_log_var:
+            raise ValueError(f"variance {self.variance} takes "
+                             + ("the encoder's log-variance" if self.needs_log_var
+                                else "no log-variance"))
+        if log_var is not None and log_var.shape != z.shape:
+            raise ValueError(f"log_var has shape {tuple(log_var.shape)}, z {tuple(z.shape)}")
+        return self._run(z, log_var, mode)
+
+    def param_q(self, log_var=None):
+        """sigma_q^2, broadcastable to a channel-first z."""
+        return GAUSSIAN_VARIANCES[self.variance](log_var, self.log_param_q_scalar)
 
 
-def vmf_quantize(z, kappa_q, codebook, mode, temperature, codes=False):
-    """vMF stochastic quantization on the unit sphere: l_ik = kappa_q <z_i / |z_i|, b_k / |b_k|>."""
-    z = F.normalize(z, dim=1)
-    codebook = F.normalize(codebook, dim=1)
-    z_rows = flatten_positions(z)
-    logits = kappa_q * (z_rows @ codebook.t())
-    probs = F.softmax(logits, dim=-1)
-    log_probs = F.log_softmax(logits, dim=-1)
-    weights, avg_probs, index = select_codes(logits, probs, mode, temperature)
-    z_q = unflatten_positions(weights @ codebook, z)
-    kld_continuous = (kappa_q * z * (z - z_q)).sum() / z.shape[0]
-    return _finish(z, z_q, index, probs, log_probs, avg_probs, kld_continuous, codes)
+class VmfQuantizer(_StochasticLayer):
+    """SQ-VAE's von Mises-Fisher stochastic quantizer (docs/model.md §3.2): z and the codebook
+    rows are L2-normalised, logits are kappa_q <z_i, b_k>, kappa_q = exp(s) + 1 with s the
+    learned ``log_param_q_scalar`` (initially ``log_param_q_init``, the release's log 0.05).
+    ``z_q`` is on the unit sphere. Temperature defaults and aux as GaussianQuantizer's, with
+    param_q the concentration kappa_q."""
+
+    QUANTIZE = staticmethod(vmf_quantize)
+
+    def __init__(self, dim, codebook_size, *, log_param_q_init=math.log(0.05),
+                 temperature_init=1.0, temperature_decay=1e-5, temperature_min=0.0,
+                 channel_last=False):
+        super().__init__(dim, codebook_size, log_param_q_init, channel_last, temperature_init,
+                         temperature_decay, temperature_min)
+
+    def forward(self, z, *, mode=None):
+        return self._run(z, None, mode)
+
+    def param_q(self, log_var=None):
+        """kappa_q."""
+        return torch.exp(self.log_param_q_scalar) + 1.0
+
+    def code_vectors(self):
+        return F.normalize(self.codebook, dim=1)
+
+
+class VectorQuantizer(CodebookLayer):
+    """VQ-VAE's quantizer (docs/vqvae.md): every position takes its nearest code e, and z_q =
+    z + sg(e - z) passes the decoder's gradient straight through to z. Every mode picks the
+    nearest code; the temperature arguments only keep one schedule for every layer.
+
+    aux: loss = loss_codebook + loss_commit, with loss_codebook = mean (sg(z) - e)^2 (0 with
+    ``ema``) and loss_commit = beta * mean (z - sg(e))^2, means over all elements; perplexity
+    of the chosen codes; codes.
+
+    ``ema=True``: the codebook follows moving averages (``decay``, Laplace smoothing ``eps``)
+    of the outputs assigned to each code instead of a loss, updated in training forward
+    passes (``layer.training`` and mode "train"), after quantizing; summed over processes
+    under torch.distributed. ``init``: "uniform" (+-1/K) or "normal" (N(0, 1)).
+    """
+
+    def __init__(self, dim, codebook_size, beta=0.25, ema=False, decay=0.99, init="uniform",
+                 channel_last=False, *, eps=1e-5, temperature_init=1.0, temperature_decay=1e-5,
+                 temperature_min=0.0):
+        super().__init__(dim, codebook_size, init=init, trainable=not ema,
+                         channel_last=channel_last, temperature_init=temperature_init,
+                         temperature_decay=temperature_decay, temperature_min=temperature_min)
+        self.beta, self.ema, self.decay, self.eps = float(beta), bool(ema), float(decay), eps
+        if self.ema:
+            self.register_buffer("ema_count", torch.zeros(codebook_size))
+            self.register_buffer("ema_total", self.codebook.detach().clone())
+
+    def forward(self, z, *, mode=None):
+        return self._run(z, None, mode)
+
+    def _quantize(self, z, log_var, mode):
+        z_rows = flatten_positions(z)
+        index = nearest_codes(z_rows.detach(), self.codebook.detach())
+        e_rows = self.codebook[index]
+        codebook_loss, commit_loss = vq_losses(z_rows, e_rows, self.beta)
+        assigned = one_hot(index, self.codebook.shape[0], z.dtype)
+        if self.ema:
+            codebook_loss = z.new_zeros(())
+            if self.training and mode == "train":
+                self._update_codebook(assigned, z_rows.detach())
+        z_q = unflatten_positions(straight_through(z_rows, e_rows), z)
+        return z_q, {
+            "loss": codebook_loss + commit_loss,
+            "loss_codebook": codebook_loss,
+            "loss_commit": commit_loss,
+            "perplexity": perplexity(assigned.mean(0)),
+            "codes": index.reshape(z.shape[0], *z.shape[2:]),
+        }
+
+    @torch.no_grad()
+    def _update_codebook(self, assigned, z_rows):
+        batch_count, batch_sum = summed_over_processes(assigned.sum(0), assigned.t() @ z_rows)
+        ema_update(self.ema_count, self.ema_total, self.codebook, batch_count, batch_sum,
+                   self.decay, self.eps)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, beta={self.beta}, ema={self.ema}"

@@ -1,4 +1,4 @@
-"""SQ-VAE: encoder -> stochastic quantizer -> decoder, with the loss of docs/model.md §3-4.
+"""SQ-VAE: encoder -> stochastic quantizer layer -> decoder, with the loss of docs/model.md §3-4.
 
 ``model(x, mode)`` returns ``(x_hat, terms)``; ``terms`` holds 0-dim tensors
 (``loss``, ``loss_rec``, ``kld_discrete``, ``kld_continuous``, ``perplexity``,
@@ -11,35 +11,11 @@ training step never synchronises.
 import torch
 from torch import nn
 
-from .base import CodebookAutoencoder
+from .base import CodebookAutoencoder, schedule_of
 from .losses import arelbo_loss, learned_variance_loss, squared_error, vmf_reconstruction
-from .quantizers import MODES, gaussian_quantize, vmf_quantize
+from .quantizers import GAUSSIAN_VARIANCES, GaussianQuantizer, VmfQuantizer
 
-
-def _variance_gaussian_1(log_var, s):
-    return 1.0 + torch.exp(s)  # no variance head: v = 0
-
-
-def _variance_gaussian_2(log_var, s):
-    # One precision per image, broadcast over whatever latent grid the network has.
-    return torch.exp(log_var.mean(dim=(1, 2, 3), keepdim=True)) + torch.exp(s)
-
-
-def _variance_gaussian_3(log_var, s):
-    return torch.exp(log_var.mean(dim=1, keepdim=True)) + torch.exp(s)
-
-
-def _variance_gaussian_4(log_var, s):
-    return torch.exp(log_var) + torch.exp(s)
-
-
-# model.param_var_q -> sigma_q^2 from (variance head output, log_param_q_scalar)
-GAUSSIAN_VARIANCES = {
-    "gaussian_1": _variance_gaussian_1,
-    "gaussian_2": _variance_gaussian_2,
-    "gaussian_3": _variance_gaussian_3,
-    "gaussian_4": _variance_gaussian_4,
-}
+# model.param_var_q: the Gaussian variances, or the vMF quantizer.
 VARIANTS = (*GAUSSIAN_VARIANCES, "vmf")
 
 
@@ -55,56 +31,23 @@ class SQVAE(CodebookAutoencoder):
             raise ValueError(f"unknown model.param_var_q {cfg.model.param_var_q!r}; "
                              f"allowed: {', '.join(VARIANTS)}")
         super().__init__(cfg)
-        self.variant = cfg.model.param_var_q
-        self.log_param_q_scalar = nn.Parameter(torch.tensor(float(cfg.model.log_param_q_init)))
 
-    def quantizer_param(self, log_var):
-        """sigma_q^2 (Gaussian variants) or kappa_q (vMF) for this batch."""
-        s = self.log_param_q_scalar
-        if self.variant == "vmf":
-            return torch.exp(s) + 1.0
-        return GAUSSIAN_VARIANCES[self.variant](log_var, s)
+    def build_quantizer(self, cfg):
+        args = dict(dim=cfg.quantization.dim_code, codebook_size=cfg.quantization.size_dict,
+                    log_param_q_init=cfg.model.log_param_q_init, **schedule_of(cfg))
+        if cfg.model.param_var_q == "vmf":
+            return VmfQuantizer(**args)
+        return GaussianQuantizer(variance=cfg.model.param_var_q, **args)
 
-    def quantize(self, z, log_var, mode, codes=False):
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-        param = self.quantizer_param(log_var)
-        quantize = vmf_quantize if self.variant == "vmf" else gaussian_quantize
-        out = quantize(z, param, self.codebook, mode, self.temperature, codes=codes)
-        # Self-annealing diagnostics: sigma_q^2 (Gaussian) or kappa_q (vMF) over positions.
-        param = param.detach()
-        out["param_q"], out["param_q_min"], out["param_q_max"] = \
-            param.mean(), param.min(), param.max()
-        return out
-
-    def forward(self, x, mode="train", codes=False):
-        z, log_var = self.run_encoder(x)
-        quant = self.quantize(z, log_var, mode, codes=codes)
-        x_hat = self.run_decoder(quant["z_q"])
+    def loss_terms(self, x_hat, x, aux):
         terms = self.reconstruction_terms(x_hat, x)
-        terms["kld_discrete"] = quant["kld_discrete"]
-        terms["kld_continuous"] = quant["kld_continuous"]
-        terms["loss"] = terms["loss_rec"] + quant["kld_discrete"] + quant["kld_continuous"]
-        terms["perplexity"] = quant["perplexity"]
-        terms["entropy"] = quant["entropy"]
-        for key in ("param_q", "param_q_min", "param_q_max"):
-            terms[key] = quant[key]
+        terms["kld_discrete"] = aux["kld_discrete"]
+        terms["kld_continuous"] = aux["kld_continuous"]
+        terms["loss"] = terms["loss_rec"] + aux["kld_discrete"] + aux["kld_continuous"]
+        for key in ("perplexity", "entropy", "param_q", "param_q_min", "param_q_max"):
+            terms[key] = aux[key]
         terms["param_x"] = self.decoder_variance(terms)
-        if codes:
-            terms["codes"] = quant["codes"]
-        return x_hat, terms
-
-    @torch.no_grad()
-    def encode(self, x):
-        """Deterministic code indices, B x H x W (the argmax of the quantizer's logits)."""
-        z, log_var = self.run_encoder(x)
-        return self.quantize(z, log_var, "deterministic", codes=True)["codes"]
-
-    def code_vectors(self):
-        """The codebook rows as the decoder sees them (unit-normalised for vMF)."""
-        if self.variant == "vmf":
-            return torch.nn.functional.normalize(self.codebook, dim=1)
-        return self.codebook
+        return terms
 
 
 class GaussianSQVAE(SQVAE):

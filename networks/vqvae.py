@@ -1,11 +1,11 @@
 """VQ-VAE baseline (van den Oord et al., 2017) on the same networks as the SQ-VAE experiments.
 
-Quantization is deterministic: each latent position z_i (a D-vector of the encoder output
-B x D x H x W) is replaced by its nearest codebook row e_k, k = argmin_k ||z_i - e_k||^2, and
-the decoder's gradient reaches the encoder by the straight-through estimator
-z_q = z + sg(e - z). There is no stochastic quantization, so the modes "train",
-"deterministic" and "stochastic" all pick the nearest code; they are accepted so that the
-trainer and evaluation code drive both model families the same way.
+Quantization is the `VectorQuantizer` layer: each latent position z_i (a D-vector of the
+encoder output B x D x H x W) is replaced by its nearest codebook row e_k, and the decoder's
+gradient reaches the encoder by the straight-through estimator z_q = z + sg(e - z). There is
+no stochastic quantization, so the modes "train", "deterministic" and "stochastic" all pick
+the nearest code; they are accepted so that the trainer and evaluation code drive both model
+families the same way.
 
 Loss, every term a mean over its elements (N = B * H * W latent positions):
 
@@ -18,51 +18,10 @@ Loss, every term a mean over its elements (N = B * H * W latent positions):
 images). See the VQVAE class docstring for why these reductions, and for the EMA codebook.
 """
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
-from .base import CodebookAutoencoder
+from .base import CodebookAutoencoder, schedule_of
 from .losses import squared_error
-from .quantizers import MODES, flatten_positions, perplexity, unflatten_positions
-
-
-def nearest_codes(z_rows, codebook):
-    """Index of the nearest codebook row for each row of z (N x D), by squared distance.
-
-    ||z||^2 is the same for every code, so it is left out of the comparison; the search
-    needs no gradient."""
-    with torch.no_grad():
-        score = (codebook ** 2).sum(1) - 2 * z_rows @ codebook.t()
-        return score.argmin(1)
-
-
-def vq_losses(z, e, beta):
-    """(codebook loss, commitment loss) for encoder outputs z and their chosen codes e (same
-    shape, any layout): means of the squared differences over all elements."""
-    codebook_loss = ((z.detach() - e) ** 2).mean()
-    commit_loss = beta * ((z - e.detach()) ** 2).mean()
-    return codebook_loss, commit_loss
-
-
-def straight_through(z, e):
-    """e in the forward pass, the identity towards z in the backward pass."""
-    return z + (e - z).detach()
-
-
-def ema_update(count, total, codebook, batch_count, batch_sum, decay, eps):
-    """One EMA step of the codebook statistics, in place.
-
-    batch_count (K) and batch_sum (K x D) are the number and the sum of the encoder outputs
-    assigned to each code in this batch; count and total are their moving averages. The
-    codebook becomes total / smoothed count, with the Laplace smoothing
-    n_k' = (n_k + eps) / (n + K eps) * n, n = sum_k n_k. The smoothed count is only used for
-    that division, so the stored count stays a plain moving average and the smoothing does
-    not compound from step to step."""
-    count.mul_(decay).add_(batch_count, alpha=1 - decay)
-    total.mul_(decay).add_(batch_sum, alpha=1 - decay)
-    n = count.sum()
-    smoothed = (count + eps) / (n + codebook.shape[0] * eps) * n
-    codebook.copy_(total / smoothed.unsqueeze(1))
+from .quantizers import VectorQuantizer
 
 
 class VQVAE(CodebookAutoencoder):
@@ -87,11 +46,12 @@ class VQVAE(CodebookAutoencoder):
     With `quantization.ema` the codebook is not trained by the optimizer: it follows
     exponential moving averages (decay `quantization.ema_decay`) of the number and the sum of
     the encoder outputs assigned to each code, with Laplace smoothing `quantization.ema_eps`
-    (see `ema_update`); the codebook loss is dropped and its term reported as 0. The update
-    happens in training forward passes only (`model.training` and mode "train"), after the
-    batch has been quantized with the codebook as it was. The statistics are buffers, so they
-    are checkpointed. They start as Sonnet's `VectorQuantizerEMA` and VQ-VAE-2 (Razavi et
-    al., 2019) start them: counts at zero, sums at the initial codebook.
+    (see `networks.functional.ema_update`); the codebook loss is dropped and its term
+    reported as 0. The update happens in training forward passes only (`model.training` and
+    mode "train"), after the batch has been quantized with the codebook as it was. The
+    statistics are buffers, so they are checkpointed. They start as Sonnet's
+    `VectorQuantizerEMA` and VQ-VAE-2 (Razavi et al., 2019) start them: counts at zero, sums
+    at the initial codebook.
 
     The codebook start (`quantization.init`) decides how many codes are ever used. The VQ-VAE
     experiment files take uniform(-1/K, 1/K), as the widely used PyTorch port of Sonnet's
@@ -110,73 +70,24 @@ class VQVAE(CodebookAutoencoder):
     def __init__(self, cfg):
         if cfg.model.param_var_q != "gaussian_1" or cfg.flags.var_q:
             raise ValueError("VQVAE needs model.param_var_q gaussian_1 (no variance head)")
-        # The EMA codebook is not trained by the optimizer.
-        super().__init__(cfg, codebook_trainable=not cfg.quantization.ema)
-        self.beta = float(cfg.model.beta)
-        self.ema = bool(cfg.quantization.ema)
-        size = cfg.quantization.size_dict
-        if self.ema:
-            self.ema_decay = float(cfg.quantization.ema_decay)
-            self.ema_eps = float(cfg.quantization.ema_eps)
-            self.register_buffer("ema_count", torch.zeros(size))
-            self.register_buffer("ema_total", self.codebook.detach().clone())
+        super().__init__(cfg)
 
-    def quantize(self, z, mode, codes=False):
-        """z_q (straight-through), the VQ loss terms and the code usage for z (B x D x H x W)."""
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-        z_rows = flatten_positions(z)
-        index = nearest_codes(z_rows.detach(), self.codebook.detach())
-        e_rows = self.codebook[index]
-        codebook_loss, commit_loss = vq_losses(z_rows, e_rows, self.beta)
-        one_hot = F.one_hot(index, self.codebook.shape[0]).to(z.dtype)
-        if self.ema:
-            codebook_loss = torch.zeros((), device=z.device)
-            if self.training and mode == "train":
-                self.update_codebook(one_hot, z_rows.detach())
-        return {
-            "z_q": unflatten_positions(straight_through(z_rows, e_rows), z),
-            "loss_codebook": codebook_loss,
-            "loss_commit": commit_loss,
-            "perplexity": perplexity(one_hot.mean(0)),
-            "codes": index.reshape(z.shape[0], *z.shape[2:]) if codes else None,
-        }
+    def build_quantizer(self, cfg):
+        q = cfg.quantization
+        return VectorQuantizer(q.dim_code, q.size_dict, beta=cfg.model.beta, ema=q.ema,
+                               decay=q.ema_decay, init=q.init, eps=float(q.ema_eps),
+                               **schedule_of(cfg))
 
-    @torch.no_grad()
-    def update_codebook(self, one_hot, z_rows):
-        batch_count, batch_sum = one_hot.sum(0), one_hot.t() @ z_rows
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # Under torchrun every process sees a shard of the batch; summing the statistics
-            # keeps the codebooks identical and equal to a single-process run's.
-            stats = torch.cat([batch_count.unsqueeze(1), batch_sum], dim=1)
-            dist.all_reduce(stats)
-            batch_count, batch_sum = stats[:, 0], stats[:, 1:]
-        ema_update(self.ema_count, self.ema_total, self.codebook, batch_count, batch_sum,
-                   self.ema_decay, self.ema_eps)
-
-    def forward(self, x, mode="train", codes=False):
-        z, _ = self.run_encoder(x)
-        quant = self.quantize(z, mode, codes=codes)
-        x_hat = self.run_decoder(quant["z_q"])
+    def loss_terms(self, x_hat, x, aux):
         mse = squared_error(x_hat, x)
         loss_rec = mse / self.dim_x
-        terms = {
-            "loss": loss_rec + quant["loss_codebook"] + quant["loss_commit"],
+        return {
+            "loss": loss_rec + aux["loss_codebook"] + aux["loss_commit"],
             "loss_rec": loss_rec,
-            "loss_codebook": quant["loss_codebook"],
-            "loss_commit": quant["loss_commit"],
-            "perplexity": quant["perplexity"],
+            "loss_codebook": aux["loss_codebook"],
+            "loss_commit": aux["loss_commit"],
+            "perplexity": aux["perplexity"],
             # No distribution over codes: the assignment is one-hot, its entropy 0.
             "entropy": torch.zeros((), device=x.device),
             "mse": mse.detach(),
         }
-        if codes:
-            terms["codes"] = quant["codes"]
-        return x_hat, terms
-
-    @torch.no_grad()
-    def encode(self, x):
-        """Nearest-code indices, B x H x W."""
-        z, _ = self.run_encoder(x)
-        return nearest_codes(flatten_positions(z), self.codebook).reshape(
-            z.shape[0], *z.shape[2:])

@@ -16,7 +16,7 @@ from configs import load_config
 from networks import build_model
 from networks.losses import (arelbo_loss, learned_variance_loss, squared_error,
                              vmf_log_normalizer, vmf_reconstruction)
-from networks.quantizers import gaussian_logits, gaussian_quantize, perplexity, vmf_quantize
+from networks.functional import gaussian_logits, gaussian_quantize, perplexity, vmf_quantize
 
 MODES = ["train", "deterministic", "stochastic"]
 NAMES = ["mnist_gauss_1", "fashion-mnist_gauss_1", "cifar10_gauss_1", "celeba_gauss_1",
@@ -61,7 +61,7 @@ def test_gaussian_logits_by_hand():
 
 
 def test_gaussian_deterministic_by_hand():
-    out = gaussian_quantize(Z, VAR, BOOK, "deterministic", TAU, codes=True)
+    out = gaussian_quantize(Z, VAR, BOOK, "deterministic", TAU)
     assert out["codes"].tolist() == [[[0]]]
     assert torch.equal(out["z_q"], latent(0.0, 0.0))
     assert out["kld_discrete"].item() == pytest.approx(-0.6853953, abs=1e-6)
@@ -121,7 +121,7 @@ def test_gaussian_per_dimension_precision_by_hand():
     # Code 0 wins; continuous KL = 1/2 (1 * 1^2 + 1/4 * 0^2) = 0.5.
     # p_0 = 1 / (1 + e^-0.125) = 0.5312094.
     var = latent(1.0, 4.0)
-    out = gaussian_quantize(Z, var, BOOK, "deterministic", TAU, codes=True)
+    out = gaussian_quantize(Z, var, BOOK, "deterministic", TAU)
     assert out["codes"].tolist() == [[[0]]]
     assert out["kld_continuous"].item() == pytest.approx(0.5, abs=1e-7)
     p0 = 1 / (1 + math.exp(-0.125))
@@ -151,7 +151,7 @@ KAPPA = torch.tensor(2.0)
 
 
 def test_vmf_deterministic_by_hand():
-    out = vmf_quantize(VZ, KAPPA, VBOOK, "deterministic", TAU, codes=True)
+    out = vmf_quantize(VZ, KAPPA, VBOOK, "deterministic", TAU)
     assert out["codes"].tolist() == [[[1]]]
     r5 = math.sqrt(5)
     torch.testing.assert_close(out["z_q"], latent(2 / r5, 1 / r5))
@@ -350,7 +350,7 @@ def test_total_loss_and_every_term_from_forward(name):
                                terms["loss_rec"] + terms["kld_discrete"] + terms["kld_continuous"])
     b, d = z.shape[:2]
     z, book = z.double(), model.codebook.detach().double()
-    s = model.log_param_q_scalar.detach().double()
+    s = model.quantizer.log_param_q_scalar.detach().double()
     rows = z.permute(0, 2, 3, 1).reshape(b, -1, d)  # B x positions x D
     variant = cfg.model.param_var_q
     if variant == "vmf":
@@ -411,7 +411,7 @@ def test_total_loss_is_the_sum_in_every_mode(name):
 def test_discrete_kl_is_the_same_in_every_mode(name):
     _, model, x = make(name)
     model.eval()
-    model.set_temperature(0.3)
+    model.quantizer.temperature.fill_(0.3)
     results = {}
     with torch.no_grad():
         for mode in MODES:
@@ -434,9 +434,9 @@ def test_quantizer_param(variant):
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():
-        model.log_param_q_scalar.fill_(0.3)
+        model.quantizer.log_param_q_scalar.fill_(0.3)
     log_var = torch.randn(2, 64, 7, 7, generator=torch.Generator().manual_seed(1))
-    got = model.quantizer_param(log_var if cfg.flags.var_q else None).detach()
+    got = model.quantizer.param_q(log_var if cfg.flags.var_q else None).detach()
     e_s = math.exp(0.3)
     if variant == "gaussian_1":
         expected = torch.tensor(1 + e_s)  # v = 0: one scalar

@@ -12,7 +12,7 @@ from torch import nn
 
 from configs import load_config
 from networks import build_model, count_parameters
-from networks.quantizers import gaussian_logits, gaussian_quantize, gumbel_noise, vmf_quantize
+from networks.functional import gaussian_logits, gaussian_quantize, gumbel_noise, vmf_quantize
 from tests.reference_tables import REFERENCE_PARAMS
 
 NAMES = ["mnist_gauss_1", "fashion-mnist_gauss_1", "cifar10_gauss_1", "celeba_gauss_1",
@@ -180,8 +180,8 @@ def test_gradients_reach_every_part_in_train_mode(name):
         check(model.encoder.head_log_var.parameters(), "variance head")
     check(model.decoder.parameters(), "decoder")
     check([model.codebook], "codebook")
-    check([model.log_param_q_scalar], "log_param_q_scalar")
-    assert model.log_param_q_scalar.grad.abs() > 0
+    check([model.quantizer.log_param_q_scalar], "log_param_q_scalar")
+    assert model.quantizer.log_param_q_scalar.grad.abs() > 0
     if cfg.model.name == "VmfSQVAE":
         check([model.log_kappa_inv], "log_kappa_inv")
         assert model.log_kappa_inv.grad.abs() > 0
@@ -215,7 +215,7 @@ def test_encode_picks_nearest_or_best_aligned_code(name):
     b, d, h, w = z.shape
     rows = z.detach().permute(0, 2, 3, 1).reshape(-1, d).double()
     book = model.codebook.detach().double()
-    s = model.log_param_q_scalar.detach().double()
+    s = model.quantizer.log_param_q_scalar.detach().double()
     sq = (rows[:, None, :] - book[None]) ** 2  # positions x K x D, by broadcasting
     size = rows.pow(2).sum(1, keepdim=True) + book.pow(2).sum(1)  # |z|^2 + |b|^2
     if cfg.model.param_var_q == "vmf":
@@ -253,12 +253,11 @@ def test_deterministic_quantizer_returns_codebook_rows(grid, kind):
     var_shape = {"gaussian_scalar": (), "gaussian_2": (b, 1, 1, 1),
                  "gaussian_3": (b, 1, grid, grid), "gaussian_4": (b, d, grid, grid)}
     if kind == "vmf":
-        out = vmf_quantize(z, torch.tensor(3.0), book, "deterministic", torch.tensor(1.0),
-                           codes=True)
+        out = vmf_quantize(z, torch.tensor(3.0), book, "deterministic", torch.tensor(1.0))
         rows = F.normalize(book, dim=1)
     else:
         var = torch.rand(var_shape[kind], generator=gen) + 0.5
-        out = gaussian_quantize(z, var, book, "deterministic", torch.tensor(1.0), codes=True)
+        out = gaussian_quantize(z, var, book, "deterministic", torch.tensor(1.0))
         rows = book
     codes = out["codes"]
     assert codes.shape == (b, grid, grid) and codes.dtype == torch.int64
@@ -339,20 +338,20 @@ def test_gumbel_noise_distribution():
 def test_model_train_mode_uses_its_temperature():
     cfg, model = make("cifar10_gauss_1")
     model.eval()
-    assert model.temperature.item() == cfg.quantization.temperature.init
+    assert model.quantizer.temperature.item() == cfg.quantization.temperature.init
     z, log_var = model.encoder(make_input(cfg, 2))
     book = model.codebook.detach()  # N(0, 1) rows, |b| ~ 8, far apart
 
     def distance_to_nearest_row():
-        z_q = model.quantize(z, log_var, "train")["z_q"].detach()
+        z_q = model.quantize(z, log_var, "train")[0].detach()
         rows = z_q.permute(0, 2, 3, 1).reshape(-1, z_q.shape[1])
         # Exact distances (cdist's matrix-product shortcut is off by ~1e-3 at |b| ~ 8).
         return (rows[:, None, :] - book[None]).norm(dim=-1).min(1).values.max()
 
-    model.set_temperature(1e-6)
-    assert model.temperature.item() == pytest.approx(1e-6)
+    model.quantizer.temperature.fill_(1e-6)
+    assert model.quantizer.temperature.item() == pytest.approx(1e-6)
     assert distance_to_nearest_row() < 1e-3  # hard one-hot codes
-    model.set_temperature(100.0)
+    model.quantizer.temperature.fill_(100.0)
     assert distance_to_nearest_row() > 1.0  # a soft mixture of rows
 
 
@@ -398,7 +397,7 @@ def test_variant_ii_on_every_grid(name):
     z, log_var = model.encoder(x)
     g = GRID[cfg.dataset.name]
     assert z.shape[-1] == g
-    var = model.quantizer_param(log_var)
+    var = model.quantizer.param_q(log_var)
     assert var.shape == (2, 1, 1, 1)
     for mode in MODES:
         x_hat, terms = model(x, mode)
@@ -471,11 +470,10 @@ def test_initialisation(name):
     assert book.shape == (cfg.quantization.size_dict, cfg.quantization.dim_code)
     # K*D >= 4160 entries: s.e. of the std <= 1/sqrt(2*4160) = 0.011.
     assert abs(book.std().item() - 1) < 0.05 and abs(book.mean().item()) < 0.05
-    assert model.log_param_q_scalar.dim() == 0
-    assert model.log_param_q_scalar.item() == pytest.approx(cfg.model.log_param_q_init,
-                                                            abs=1e-6)
-    assert model.log_param_q_scalar.requires_grad
-    assert model.temperature.item() == cfg.quantization.temperature.init
+    s = model.quantizer.log_param_q_scalar
+    assert s.dim() == 0 and s.requires_grad
+    assert s.item() == pytest.approx(cfg.model.log_param_q_init, abs=1e-6)
+    assert model.quantizer.temperature.item() == cfg.quantization.temperature.init
     if cfg.model.name == "VmfSQVAE":
         assert model.log_kappa_inv.item() == pytest.approx(math.log(0.01), abs=1e-6)
 
@@ -523,3 +521,73 @@ def test_forward_follows_parameter_dtype(name):
         assert x_hat.dtype == torch.float64
         assert all(v.dtype == torch.float64 for k, v in terms.items() if k != "acc")
         assert torch.isfinite(terms["loss"])
+
+
+# ---------------------------------------------------------------------------- built from layers
+
+@pytest.mark.parametrize("name,opts,layer", [
+    ("mnist_gauss_1", (), "GaussianQuantizer"), ("celeba_gauss_3", (), "GaussianQuantizer"),
+    ("cifar10_vmf", (), "VmfQuantizer"), ("mnist_vqvae", ("quantization.ema", "True"),
+                                          "VectorQuantizer"),
+    ("mnist_gauss_1", ("flags.decay", "False"), "GaussianQuantizer"),
+])
+def test_models_are_built_from_the_layers(name, opts, layer):
+    cfg, model = make(name, *opts)
+    q = model.quantizer
+    assert type(q).__name__ == layer and not q.channel_last
+    assert (q.dim, q.codebook_size) == (cfg.quantization.dim_code, cfg.quantization.size_dict)
+    assert model.codebook is q.codebook
+    if layer == "GaussianQuantizer":
+        assert q.variance == cfg.model.param_var_q
+    if layer == "VectorQuantizer":
+        assert (q.beta, q.ema, q.decay, q.eps) == (0.25, True, 0.99, 1e-5)
+    decay = cfg.quantization.temperature.decay if cfg.flags.decay else 0.0
+    assert q.temperature_at(50_000) == 1.0 * math.exp(-decay * 50_000)
+
+
+LEGACY = {"quantizer.codebook": "codebook", "quantizer.log_param_q_scalar": "log_param_q_scalar",
+          "quantizer.ema_count": "ema_count", "quantizer.ema_total": "ema_total"}
+
+
+def legacy_layout(model):
+    """The state dict as the models wrote it before the quantizer became a layer: the
+    quantizer's tensors under the release's names, as the model's own first entries."""
+    state = model.state_dict()
+    own = [k for k in state if "." not in k or k in LEGACY]
+    first = sorted(own, key=lambda k: (k not in LEGACY, list(LEGACY).index(k) if k in LEGACY
+                                       else 0))
+    return {LEGACY.get(k, k): state[k] for k in first + [k for k in state if k not in own]}
+
+
+@pytest.mark.parametrize("name,opts", [("mnist_gauss_1", ("flags.arelbo", "False")),
+                                       ("mnist_vqvae", ("quantization.ema", "True"))])
+def test_checkpoints_from_before_the_layers_resume_exactly(name, opts):
+    from trainer.loop import build_optimizer, optimizer_state_by_name
+    from trainer.runs import load_model_weights
+    cfg, model = make(name, *opts, seed=0)
+    optimizer = build_optimizer(cfg, model, "cpu")
+    _, terms = model(make_input(cfg, 2), "train")
+    terms["loss"].backward()
+    optimizer.step()
+    legacy = legacy_layout(model)
+    assert list(legacy)[:3] == (["codebook", "log_param_q_scalar", "log_var_x"]
+                                if name == "mnist_gauss_1" else
+                                ["codebook", "ema_count", "ema_total"])
+    # The optimizer listed the parameters in the state dict's order then.
+    names = [n for n, _ in model.named_parameters()]
+    position = {LEGACY.get(n, n): i for i, n in enumerate(names)}
+    saved = optimizer.state_dict()
+    order = [k for k in legacy if k in position]
+    legacy_optimizer = {"state": {i: saved["state"][position[k]] for i, k in enumerate(order)
+                                  if position[k] in saved["state"]},
+                        "param_groups": [{**saved["param_groups"][0],
+                                          "params": list(range(len(order)))}]}
+    _, again = make(name, *opts, seed=1)
+    load_model_weights(again, legacy, "legacy.pt")
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    resumed = build_optimizer(cfg, again, "cpu")
+    resumed.load_state_dict(optimizer_state_by_name(again, {"model": legacy,
+                                                            "optimizer": legacy_optimizer}))
+    for (name_a, a), (_, b) in zip(model.named_parameters(), again.named_parameters()):
+        if a in optimizer.state:
+            assert torch.equal(optimizer.state[a]["exp_avg"], resumed.state[b]["exp_avg"]), name_a

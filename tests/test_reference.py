@@ -83,8 +83,9 @@ def test_cifar10_vmf_follows_the_same_construction():
     torch.manual_seed(0)
     gauss = build_model(load_config("cifar10_gauss_1")).state_dict()
     assert vmf.keys() == gauss.keys()
-    assert [k for k in gauss if not torch.equal(vmf[k], gauss[k])] == ["log_param_q_scalar"]
-    assert vmf["log_param_q_scalar"].item() == pytest.approx(math.log(0.05))
+    s = "quantizer.log_param_q_scalar"
+    assert [k for k in gauss if not torch.equal(vmf[k], gauss[k])] == [s]
+    assert vmf[s].item() == pytest.approx(math.log(0.05))
 
 
 def file_digests(folder):
@@ -187,7 +188,7 @@ def test_release_checkpoint_keys_map_onto_ours():
     assert reference.our_key("module.encoder.res_m.1.weight") == "encoder.head_mean.1.weight"
     assert reference.our_key("encoder.res_v.0.bias") == "encoder.head_log_var.0.bias"
     assert reference.our_key("module.decoder.convt.2.weight") == "decoder.head.2.weight"
-    assert reference.our_key("module.codebook") == "codebook"
+    assert reference.our_key("module.codebook") == "quantizer.codebook"
 
 
 def test_label_model_dbg_lines_follow_the_release():

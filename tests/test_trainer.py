@@ -12,7 +12,7 @@ import main
 from configs import load_config
 from networks import build_model
 from tests import fixtures
-from trainer import Trainer, evaluate, temperature_at
+from trainer import Trainer, evaluate
 from trainer.runs import create_run_dir, load_checkpoint
 from util.rng import seed_everything
 
@@ -128,6 +128,8 @@ def test_one_short_epoch_writes_a_complete_run_folder(name, tmp_path):
 
 
 def test_temperature_schedule():
+    def temperature_at(cfg, step):
+        return build_model(cfg).quantizer.temperature_at(step)
     cfg = load_config("mnist_gauss_1.yaml")
     assert temperature_at(cfg, 0) == 1.0
     assert temperature_at(cfg, 1) == pytest.approx(math.exp(-1e-5))
@@ -150,7 +152,7 @@ def test_temperature_is_set_before_every_iteration(tmp_path):
 
     def spy(x, mode="train", **kw):
         if mode == "train":
-            seen.append(float(model.temperature))
+            seen.append(float(model.quantizer.temperature))
         return original(x, mode, **kw)
 
     model.forward = spy

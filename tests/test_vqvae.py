@@ -58,10 +58,10 @@ def test_vq_losses_and_straight_through_gradient_by_hand():
         model.codebook.copy_(torch.tensor([[1.0, 0.0], [-1.0, 2.0]]))
     # One image, one position: z = (0.5, 0.5), as a 1 x D x 1 x 1 latent.
     z = torch.tensor([0.5, 0.5]).reshape(1, 2, 1, 1).requires_grad_(True)
-    out = model.quantize(z, "train", codes=True)
+    z_q, out = model.quantizer(z, mode="train")
     # ||z - e0||^2 = 0.25 + 0.25 = 0.5;  ||z - e1||^2 = 2.25 + 2.25 = 4.5  ->  code 0.
     assert out["codes"].tolist() == [[[0]]]
-    assert out["z_q"].reshape(-1).tolist() == [1.0, 0.0]  # forward value: e0 exactly
+    assert z_q.reshape(-1).tolist() == [1.0, 0.0]  # forward value: e0 exactly
     # Means over the B * H * W * D = 2 elements: 0.5 / 2, and beta times that.
     assert out["loss_codebook"].item() == pytest.approx(0.25)
     assert out["loss_commit"].item() == pytest.approx(0.0625)
@@ -69,7 +69,7 @@ def test_vq_losses_and_straight_through_gradient_by_hand():
 
     # A decoder-side loss with gradient w = (3, -2) on z_q, plus the two VQ terms.
     w = torch.tensor([3.0, -2.0]).reshape(1, 2, 1, 1)
-    loss = (w * out["z_q"]).sum() + out["loss_codebook"] + out["loss_commit"]
+    loss = (w * z_q).sum() + out["loss_codebook"] + out["loss_commit"]
     loss.backward()
     # dL/dz = w (identity through the straight-through estimator) + 2 beta (z - e0) / 2
     #       = (3, -2) + 0.25 * (-0.5, 0.5) = (2.875, -1.875).
@@ -87,7 +87,7 @@ def test_vq_losses_are_means_over_all_elements():
     # error is |z|^2: image 0: 1 + 4 = 5 and 9 + 16 = 25; image 1: 0 + 0 and 4 + 0.
     z = torch.tensor([[[[1.0, 3.0]], [[2.0, 4.0]]],
                       [[[0.0, 2.0]], [[0.0, 0.0]]]])  # B x D x H x W = 2 x 2 x 1 x 2
-    out = model.quantize(z, "deterministic")
+    _, out = model.quantizer(z, mode="deterministic")
     # B * H * W * D = 2 * 1 * 2 * 2 = 8 elements.
     assert out["loss_codebook"].item() == pytest.approx((5 + 25 + 0 + 4) / 8)
     assert out["loss_commit"].item() == pytest.approx(0.25 * (5 + 25 + 0 + 4) / 8)
@@ -98,18 +98,19 @@ def test_ema_update_by_hand():
                        "quantization.ema_eps", "0.1")
     model.train()
     assert not model.codebook.requires_grad  # moved by the averages, not the optimizer
-    assert {"ema_count", "ema_total"} <= set(model.state_dict())  # checkpointed
+    q = model.quantizer
+    assert {"quantizer.ema_count", "quantizer.ema_total"} <= set(model.state_dict())  # saved
     with torch.no_grad():
         model.codebook.copy_(torch.tensor([[1.0, 0.0], [-1.0, 2.0]]))
-        model.ema_total.copy_(model.codebook)
-    assert model.ema_count.tolist() == [0.0, 0.0]  # Sonnet's and VQ-VAE-2's start
+        q.ema_total.copy_(model.codebook)
+    assert q.ema_count.tolist() == [0.0, 0.0]  # Sonnet's and VQ-VAE-2's start
     # Three positions (1 x 2 x 1 x 3): (0.5, 0.5) and (1.5, -0.5) are nearest e0 (squared
     # distances 0.5 and 0.5 against 4.5 and 12.5); (-1, 1) is nearest e1 (1 against 5).
     z = torch.tensor([[0.5, 1.5, -1.0], [0.5, -0.5, 1.0]]).reshape(1, 2, 1, 3)
-    out = model.quantize(z.clone().requires_grad_(True), "train", codes=True)
+    z_q, out = q(z.clone().requires_grad_(True), mode="train")
     assert out["codes"].tolist() == [[[0, 0, 1]]]
     # The batch is quantized with the codebook before the update.
-    assert out["z_q"].detach().reshape(2, 3).t().tolist() == [[1, 0], [1, 0], [-1, 2]]
+    assert z_q.detach().reshape(2, 3).t().tolist() == [[1, 0], [1, 0], [-1, 2]]
     assert out["loss_codebook"].item() == 0.0  # dropped with EMA
     # Commitment: beta * (0.5 + 0.5 + 1) / (3 positions * 2 dimensions) = 0.25 / 3.
     assert out["loss_commit"].item() == pytest.approx(0.25 / 3)
@@ -117,20 +118,20 @@ def test_ema_update_by_hand():
     # n_k = 0.9 * 0 + 0.1 * (2, 1) = (0.2, 0.1)
     # m_0 = 0.9 * (1, 0) + 0.1 * (2, 0) = (1.1, 0);  m_1 = 0.9 * (-1, 2) + 0.1 * (-1, 1)
     #     = (-1.0, 1.9)
-    assert model.ema_count.tolist() == pytest.approx([0.2, 0.1])
-    assert model.ema_total.reshape(-1).tolist() == pytest.approx([1.1, 0.0, -1.0, 1.9])
+    assert q.ema_count.tolist() == pytest.approx([0.2, 0.1])
+    assert q.ema_total.reshape(-1).tolist() == pytest.approx([1.1, 0.0, -1.0, 1.9])
     # Laplace smoothing, n = 0.3, K eps = 0.2: n_k' = (n_k + 0.1) / 0.5 * 0.3.
     s0, s1 = 0.3 / 0.5 * 0.3, 0.2 / 0.5 * 0.3
     assert model.codebook.reshape(-1).tolist() == pytest.approx([1.1 / s0, 0.0, -1.0 / s1,
                                                                  1.9 / s1])
 
     # No update outside training forward passes: eval mode, or another mode in train mode.
-    before = [t.clone() for t in (model.codebook, model.ema_count, model.ema_total)]
-    model.quantize(z, "deterministic")
-    model.quantize(z, "stochastic")
+    before = [t.clone() for t in (model.codebook, q.ema_count, q.ema_total)]
+    q(z, mode="deterministic")
+    q(z, mode="stochastic")
     model.eval()
-    model.quantize(z, "train")
-    after = (model.codebook, model.ema_count, model.ema_total)
+    q(z, mode="train")
+    after = (model.codebook, q.ema_count, q.ema_total)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
@@ -172,14 +173,15 @@ def test_same_seed_same_networks_as_gaussian_1_and_its_own_codebook_start():
         return build_model(load_config(name, list(opts))).state_dict()
     vq, sq = initial("mnist_vqvae"), initial("mnist_gauss_1")
     networks = [k for k in vq if k.startswith(("encoder.", "decoder."))]
-    assert sorted(networks + ["codebook"]) == sorted(vq)
+    assert sorted(networks + ["quantizer.codebook"]) == sorted(vq)
     assert all(torch.equal(vq[k], sq[k]) for k in networks)
     # uniform(-1/K, 1/K) with K = 128, spread over the whole interval.
-    assert vq["codebook"].abs().max() <= 1 / 128 and vq["codebook"].abs().max() > 0.99 / 128
-    assert vq["codebook"].std() == pytest.approx((2 / 128) / 12 ** 0.5, rel=0.05)
+    book = vq["quantizer.codebook"]
+    assert book.abs().max() <= 1 / 128 and book.abs().max() > 0.99 / 128
+    assert book.std() == pytest.approx((2 / 128) / 12 ** 0.5, rel=0.05)
     # From the SQ-VAE's start it is the SQ-VAE's codebook.
-    assert torch.equal(initial("mnist_vqvae", "quantization.init", "normal")["codebook"],
-                       sq["codebook"])
+    normal = initial("mnist_vqvae", "quantization.init", "normal")
+    assert torch.equal(normal["quantizer.codebook"], sq["quantizer.codebook"])
 
 
 @pytest.mark.parametrize("opts,message", [
@@ -235,7 +237,7 @@ def test_forward_backward_in_every_mode(ema):
     assert torch.equal(model.encode(x), outputs[0][1]["codes"])
     # z + (e - z) is e only up to float rounding, hence allclose.
     assert torch.allclose(model.decode(model.encode(x)), outputs[0][0], atol=1e-6)
-    model.set_temperature(0.5)  # accepted for the trainer's sake; changes nothing
+    model.quantizer.temperature.fill_(0.5)  # one schedule for every layer; changes nothing
     assert torch.equal(model(x, "deterministic")[0], outputs[0][0])
     with pytest.raises(ValueError):
         model(x, "soft")

@@ -1,8 +1,7 @@
 """Training, evaluation, checkpoints and run folders."""
-from .loop import (Interrupted, Trainer, TrainingError, build_optimizer, build_scheduler,
-                   temperature_at)
+from .loop import Interrupted, Trainer, TrainingError, build_optimizer, build_scheduler
 from .meters import CodeHistogram, MeanMeter, evaluate
 from .runs import RunError
 
 __all__ = ["CodeHistogram", "Interrupted", "MeanMeter", "Trainer", "TrainingError", "RunError",
-           "build_optimizer", "build_scheduler", "evaluate", "temperature_at"]
+           "build_optimizer", "build_scheduler", "evaluate"]

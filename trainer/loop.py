@@ -21,6 +21,7 @@ from itertools import islice
 import torch
 
 from configs import config_to_yaml
+from networks import upgrade_state_dict
 from util import distributed as dist
 from util.device import is_cuda
 from util.rng import get_rng_state, set_rng_state
@@ -47,18 +48,24 @@ class Interrupted(Exception):
         self.code = code
 
 
-def temperature_at(cfg, step):
-    """tau(step) = max(init * exp(-decay * step), min), or init when annealing is off."""
-    t = cfg.quantization.temperature
-    if not cfg.flags.decay:
-        return t.init
-    return max(t.init * math.exp(-t.decay * step), t.min)
-
-
 def build_optimizer(cfg, model, device):
     fused = is_cuda(device)
     return torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
                             **({"fused": True} if fused else {"foreach": True}))
+
+
+def optimizer_state_by_name(model, state):
+    """The checkpoint's optimizer state with its parameters matched to `model`'s by name:
+    checkpoints written before the quantizer became a layer list them in another order."""
+    names = [name for name, _ in model.named_parameters()]
+    known = set(names)
+    saved = [name for name in upgrade_state_dict(state["model"]) if name in known]
+    optimizer = state["optimizer"]
+    if saved == names or sorted(saved) != sorted(names):
+        return optimizer  # already in order, or a mismatch load_state_dict reports
+    (group,) = optimizer["param_groups"]
+    ids = dict(zip(saved, group["params"]))
+    return {**optimizer, "param_groups": [{**group, "params": [ids[n] for n in names]}]}
 
 
 def build_scheduler(optimizer):
@@ -151,7 +158,7 @@ class Trainer:
 
     def load_state_dict(self, state, path):
         runs.load_model_weights(self.model, state["model"], path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(optimizer_state_by_name(self.model, state))
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.best_loss, self.best_epoch = state["best_loss"], state["best_epoch"]
@@ -195,7 +202,8 @@ class Trainer:
     def record(self, split, metrics, seconds, **extra):
         entry = {"epoch": self.epoch, "split": split, "step": self.step, **metrics,
                  "lr": self.optimizer.param_groups[0]["lr"],
-                 "temperature": temperature_at(self.cfg, self.step), "seconds": seconds, **extra}
+                 "temperature": self.model.quantizer.temperature_at(self.step),
+                 "seconds": seconds, **extra}
         self.history.append(entry)
         self.unwritten.append(entry)
         return entry
@@ -263,7 +271,7 @@ class Trainer:
         bar.update(self.batch * loader.batch_size)
         for x, _ in islice(loader.iter_from(self.batch), n_batches - self.batch):
             self.step = (self.epoch - 1) * n_batches + self.batch + 1
-            model.set_temperature(temperature_at(cfg, self.step))
+            model.quantizer.anneal(self.step)
             self.optimizer.zero_grad(set_to_none=True)
             _, terms = self.train_model(x, "train", codes=True)
             terms["loss"].backward()

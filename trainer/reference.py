@@ -26,6 +26,7 @@ import sys
 import torch
 
 from configs import ConfigError, config_from_mapping, config_to_yaml
+from networks import LEGACY_KEYS
 from util.cli import OneLineParser
 from util.io import UnsafeLink, atomic_write_bytes
 
@@ -95,7 +96,7 @@ def our_key(key):
         renamed, count = re.subn("^" + pattern, replacement, key)
         if count:
             return renamed
-    return key
+    return LEGACY_KEYS.get(key, key)  # the quantizer's tensors, now in its layer
 
 
 def convert_state_dict(state):

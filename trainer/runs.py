@@ -265,11 +265,11 @@ def load_checkpoint(path, needed=None):
 
 # Which config keys set the shape of which parameters (by name prefix).
 SHAPE_KEYS = (
-    ("codebook", "quantization.size_dict, quantization.dim_dict"),
+    ("quantizer.codebook", "quantization.size_dict, quantization.dim_dict"),
     ("encoder.head_log_var", "model.param_var_q"),
     ("log_var_x", "flags.arelbo"),
     ("log_kappa_inv", "model.name"),
-    ("ema_", "quantization.ema, quantization.size_dict, quantization.dim_dict"),
+    ("quantizer.ema_", "quantization.ema, quantization.size_dict, quantization.dim_dict"),
     ("encoder.res", "network.num_rb, quantization.dim_dict"),
     ("decoder.res", "network.num_rb, quantization.dim_dict"),
     ("", "quantization.dim_dict, flags.bn, dataset.name"),
@@ -278,7 +278,9 @@ SHAPE_KEYS = (
 
 def load_model_weights(model, state_dict, path):
     """load_state_dict with a one-line message naming mismatched parameters and the config
-    keys that set them."""
+    keys that set them. Names from before the quantizer became a layer are mapped first."""
+    from networks import upgrade_state_dict
+    state_dict = upgrade_state_dict(state_dict)
     own = model.state_dict()
     problems, keys = [], []
     for name in sorted(set(own) | set(state_dict)):

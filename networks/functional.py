@@ -1,0 +1,178 @@
+"""The functional core of the quantizer layers (docs/model.md §3 and docs/vqvae.md).
+
+Stochastic quantization turns per-position logits l_ik over the K codes into a quantized
+latent in one of three modes:
+
+* ``train``: Gumbel-softmax relaxation y = softmax((l + g) / tau), z_q = y @ B
+  (soft, no straight-through);
+* ``deterministic``: one-hot argmax_k l_ik;
+* ``stochastic``: one-hot sample from Categorical(softmax(l)).
+
+Latents are channel-first here (B x D x *spatial); "rows" are one D-vector per position.
+Logits, softmax and log-softmax are computed once per call, and every tensor is created on
+the device and dtype of the inputs.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+MODES = ("train", "deterministic", "stochastic")
+
+
+def check_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    return mode
+
+
+def gumbel_noise(like):
+    """Gumbel(0, 1) noise as the release draws it: -log(-log(U + 1e-10) + 1e-10)."""
+    u = torch.rand_like(like)
+    return -torch.log(-torch.log(u + 1e-10) + 1e-10)
+
+
+def perplexity(avg_probs):
+    """exp of the entropy of the code usage averaged over the batch's positions."""
+    return torch.exp(-(avg_probs * torch.log(avg_probs + 1e-7)).sum())
+
+
+def one_hot(index, size, dtype):
+    """F.one_hot without its range check, which reads the indices back on the CPU."""
+    weights = torch.zeros(*index.shape, size, dtype=dtype, device=index.device)
+    return weights.scatter_(-1, index.unsqueeze(-1), 1.0)
+
+
+def flatten_positions(z):
+    """B x D x *spatial -> (B * prod(spatial)) x D, one row per latent position."""
+    return z.movedim(1, -1).reshape(-1, z.shape[1])
+
+
+def unflatten_positions(rows, like):
+    return rows.reshape(like.shape[0], *like.shape[2:], like.shape[1]).movedim(-1, 1)
+
+
+def select_codes(logits, probs, mode, temperature):
+    """Code weights (N x K) for the given mode, the averaged assignment for perplexity, and the
+    chosen code per position (the argmax in training, where the choice is soft). The layers
+    check `mode` (check_mode) before calling this."""
+    if mode == "train":
+        weights = F.softmax((logits + gumbel_noise(logits)) / temperature, dim=-1)
+        return weights, probs.detach().mean(0), logits.detach().argmax(-1)
+    if mode == "deterministic":
+        index = logits.argmax(-1)
+    else:
+        index = torch.multinomial(probs, 1).squeeze(-1)
+    weights = one_hot(index, logits.shape[-1], logits.dtype)
+    return weights, (weights if mode == "deterministic" else probs).mean(0), index
+
+
+def _stochastic_outputs(z, logits, codebook, mode, temperature):
+    """z_q and the terms both stochastic quantizers share, from their logits (N x K)."""
+    probs = F.softmax(logits, dim=-1)
+    log_probs = F.log_softmax(logits, dim=-1)
+    weights, avg_probs, index = select_codes(logits, probs, mode, temperature)
+    batch = z.shape[0]
+    neg_entropy = (probs * log_probs).sum()  # sum over positions and codes of p log p
+    return dict(
+        z_q=unflatten_positions(weights @ codebook, z),
+        kld_discrete=neg_entropy / batch,
+        perplexity=perplexity(avg_probs),
+        # Diagnostics (detached): mean entropy of p per position, and the chosen codes.
+        entropy=-neg_entropy.detach() / probs.shape[0],
+        codes=index.reshape(batch, *z.shape[2:]),
+    )
+
+
+def gaussian_logits(z_rows, codebook, precision_rows):
+    """l_ik = -1/2 sum_d w_id (z_id - b_kd)^2, with w either one value per row (N x 1) or one
+    per row and dimension (N x D). Expanded into matrix products so no N x D x K tensor is
+    ever built: sum_d w z^2 - 2 (w z) B^T + w (B^2)^T."""
+    if precision_rows.shape[-1] == 1:
+        sq_dist = ((z_rows ** 2).sum(-1, keepdim=True) - 2 * z_rows @ codebook.t()
+                   + (codebook ** 2).sum(-1))
+        return -0.5 * precision_rows * sq_dist
+    wz = precision_rows * z_rows
+    weighted = (wz * z_rows).sum(-1, keepdim=True) - 2 * wz @ codebook.t() \
+        + precision_rows @ (codebook ** 2).t()
+    return -0.5 * weighted
+
+
+def gaussian_quantize(z, var_q, codebook, mode, temperature):
+    """Gaussian stochastic quantization.
+
+    z: B x D x *spatial encoder mean. var_q: sigma_q^2 broadcastable to z (a scalar,
+    B x 1 x 1 ..., B x 1 x *spatial or B x D x *spatial), so any latent grid works for every
+    variant.
+    """
+    precision = 1.0 / var_q.clamp(min=1e-10)
+    z_rows = flatten_positions(z)
+    if precision.dim() == 0 or precision.shape[1] == 1:
+        precision_rows = flatten_positions(precision.expand(z.shape[0], 1, *z.shape[2:]))
+    else:
+        precision_rows = flatten_positions(precision.expand_as(z))
+    logits = gaussian_logits(z_rows, codebook, precision_rows)
+    out = _stochastic_outputs(z, logits, codebook, mode, temperature)
+    out["kld_continuous"] = (0.5 * precision * (z - out["z_q"]) ** 2).sum() / z.shape[0]
+    return out
+
+
+def vmf_quantize(z, kappa_q, codebook, mode, temperature):
+    """vMF stochastic quantization on the unit sphere:
+    l_ik = kappa_q <z_i / |z_i|, b_k / |b_k|>."""
+    z = F.normalize(z, dim=1)
+    codebook = F.normalize(codebook, dim=1)
+    logits = kappa_q * (flatten_positions(z) @ codebook.t())
+    out = _stochastic_outputs(z, logits, codebook, mode, temperature)
+    out["kld_continuous"] = (kappa_q * z * (z - out["z_q"])).sum() / z.shape[0]
+    return out
+
+
+# ----------------------------------------------------------------------------- VQ-VAE
+
+def nearest_codes(z_rows, codebook):
+    """Index of the nearest codebook row for each row of z (N x D), by squared distance.
+
+    ||z||^2 is the same for every code, so it is left out of the comparison; the search
+    needs no gradient."""
+    with torch.no_grad():
+        score = (codebook ** 2).sum(1) - 2 * z_rows @ codebook.t()
+        return score.argmin(1)
+
+
+def vq_losses(z, e, beta):
+    """(codebook loss, commitment loss) for encoder outputs z and their chosen codes e (same
+    shape, any layout): means of the squared differences over all elements."""
+    codebook_loss = ((z.detach() - e) ** 2).mean()
+    commit_loss = beta * ((z - e.detach()) ** 2).mean()
+    return codebook_loss, commit_loss
+
+
+def straight_through(z, e):
+    """e in the forward pass, the identity towards z in the backward pass."""
+    return z + (e - z).detach()
+
+
+def ema_update(count, total, codebook, batch_count, batch_sum, decay, eps):
+    """One EMA step of the codebook statistics, in place.
+
+    batch_count (K) and batch_sum (K x D) are the number and the sum of the encoder outputs
+    assigned to each code in this batch; count and total are their moving averages. The
+    codebook becomes total / smoothed count, with the Laplace smoothing
+    n_k' = (n_k + eps) / (n + K eps) * n, n = sum_k n_k. The smoothed count is only used for
+    that division, so the stored count stays a plain moving average and the smoothing does
+    not compound from step to step."""
+    count.mul_(decay).add_(batch_count, alpha=1 - decay)
+    total.mul_(decay).add_(batch_sum, alpha=1 - decay)
+    n = count.sum()
+    smoothed = (count + eps) / (n + codebook.shape[0] * eps) * n
+    codebook.copy_(total / smoothed.unsqueeze(1))
+
+
+def summed_over_processes(batch_count, batch_sum):
+    """Under torchrun every process sees a shard of the batch; summing the statistics keeps
+    the codebooks identical and equal to a single-process run's."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return batch_count, batch_sum
+    stats = torch.cat([batch_count.unsqueeze(1), batch_sum], dim=1)
+    dist.all_reduce(stats)
+    return stats[:, 0], stats[:, 1:]
