@@ -205,8 +205,8 @@ class CachedLoader(FileLoader):
     The cache is opened, or built once, on the first pass, so a file that cannot be
     decoded fails at access as it does on the decoding path. Unlike InMemoryLoader the
     array stays on disk (CelebA's 2 GB need not fit anywhere) and only each batch is
-    copied to ``device``. Where the cache cannot be written, every pass decodes the
-    files as FileLoader does.
+    copied to ``device`` (on CUDA from pinned memory, see ``batch_buffer``). Where the
+    cache cannot be written, every pass decodes the files as FileLoader does.
     """
 
     def __init__(self, dataset, *, cache_path, root, shape, build_workers, **kw):
@@ -237,10 +237,22 @@ class CachedLoader(FileLoader):
             # Rows read in file order sweep the file forwards (page cache read-ahead),
             # then go back to the epoch's order.
             order = np.argsort(idx, kind="stable")
-            block = np.empty((len(idx), *array.shape[1:]), dtype=np.uint8)
-            block[order] = array[idx[order]]
-            x = self.to_model(torch.from_numpy(block).to(self.device, non_blocking=True))
+            block = batch_buffer((len(idx), *array.shape[1:]), self.device)
+            block.numpy()[order] = array[idx[order]]
+            x = self.to_model(block.to(self.device, non_blocking=True))
             yield x, torch.zeros(len(x), dtype=torch.int64, device=self.device)
+
+
+def batch_buffer(shape, device):
+    """An empty uint8 host tensor for a batch bound for `device`.
+
+    Page-locked (pinned) for a CUDA device: only from pinned memory does a non_blocking
+    copy run asynchronously, overlapping the step that runs meanwhile; from pageable memory
+    it is staged and waited for. A fresh buffer per batch is safe and cheap: PyTorch's
+    pinned-memory cache hands a block out again only after the copies that read it have
+    finished. Elsewhere the buffer is ordinary memory (on the CPU the batch is used in
+    place)."""
+    return torch.empty(shape, dtype=torch.uint8, pin_memory=is_cuda(device))
 
 
 def _image_to_model(x):

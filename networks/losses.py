@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from third_party.bessel import log_ive
+from util.device import widest_float
 
 def squared_error(x_hat, x):
     """The reference's "MSE": squared error summed over an image's pixels, mean over images."""
@@ -28,7 +29,10 @@ def learned_variance_loss(mse, dim_x, log_var_x):
 def vmf_log_normalizer(kappa_inv, m):
     """log C_m(kappa) of a vMF on the (2m - 1)-sphere, without its 2*pi constant."""
     kappa = 1.0 / kappa_inv
-    return -(m - 1) * torch.log(kappa_inv) - kappa - log_ive(m - 1, kappa)
+    # The Bessel series wants float64 where the device has it (tests/test_bessel.py
+    # bounds what float32 loses).
+    log_bessel = log_ive(m - 1, kappa, dtype=widest_float(kappa.device))
+    return -(m - 1) * torch.log(kappa_inv) - kappa - log_bessel
 
 def vmf_reconstruction(x_hat, labels, log_kappa_inv, dim_x):
     """Returns (loss, accuracy) for decoder outputs B x N x H x W and int labels B x 1 x H x W."""

@@ -25,6 +25,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def code_nll(logits, codes, reduction="mean"):
+    """-log softmax(logits)[code] for logits B x K x ... and int64 codes B x ...: the mean
+    ("mean") or the sum ("sum") over all positions.
+
+    The same number as F.cross_entropy, built from log-softmax and gather because CUDA's
+    NLL kernel has no deterministic version: under --deterministic it raises, while
+    gather's backward (a scatter-add) does have one."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    picked = logits.log_softmax(dim=1).gather(1, codes.unsqueeze(1))
+    return -(picked.mean() if reduction == "mean" else picked.sum())
+
+
 def gate(x):
     """tanh(a) * sigmoid(b), a and b the two channel halves of x."""
     a, b = x.chunk(2, dim=1)
@@ -105,7 +118,7 @@ class GatedPixelCNN(nn.Module):
 
     def nll(self, codes):
         """Mean negative log-likelihood in nats per code position (0-dim tensor)."""
-        return F.cross_entropy(self(codes), codes)
+        return code_nll(self(codes), codes)
 
     @torch.no_grad()
     def sample(self, n, height, width, temperature=1.0, generator=None):

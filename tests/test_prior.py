@@ -5,6 +5,8 @@ on a deterministic code pattern, and the config keys that build it. Then the com
 (trainer/prior.py) on a short real-MNIST run: --prior, --sample, and continuing after Ctrl-C.
 """
 import math
+import os
+import re
 import shlex
 import shutil
 import sys
@@ -12,11 +14,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import main
 from configs import ConfigError, load_config
-from networks.prior import GatedPixelCNN, build_prior
+from networks.prior import GatedPixelCNN, build_prior, code_nll
 from trainer import export
 from trainer.prior import PriorTraining
 from util.codes import load_codes
@@ -101,11 +104,52 @@ def test_nll_is_mean_cross_entropy_per_position():
     torch.manual_seed(0)
     model = GatedPixelCNN(K, channels=8, layers=2, kernel=3)
     codes = torch.randint(0, K, (3, H, W))
-    log_probs = model(codes).log_softmax(dim=1)
-    expected = -log_probs.gather(1, codes.unsqueeze(1)).mean()
     nll = model.nll(codes)
     assert nll.dim() == 0
-    assert torch.allclose(nll, expected)
+    torch.testing.assert_close(nll, F.cross_entropy(model(codes), codes))
+
+
+def test_code_nll_equals_cross_entropy_on_skewed_logits():
+    # Far from uniform (logits spread over +-20), so a wrong class, axis or sign shows.
+    generator = torch.Generator().manual_seed(3)
+    logits = (torch.randn(2, 5, 3, 4, generator=generator, dtype=torch.float64) * 10
+              ).requires_grad_()
+    codes = torch.randint(0, 5, (2, 3, 4), generator=generator)
+    for reduction in ("mean", "sum"):
+        ours = code_nll(logits, codes, reduction)
+        reference = F.cross_entropy(logits, codes, reduction=reduction)
+        torch.testing.assert_close(ours, reference, rtol=1e-15, atol=0)
+        grad, = torch.autograd.grad(ours, logits)
+        grad_reference, = torch.autograd.grad(reference, logits)
+        torch.testing.assert_close(grad, grad_reference, rtol=1e-13, atol=1e-16)
+    # One position by hand: -log softmax at the true class.
+    column = logits[1, :, 2, 3].detach()
+    by_hand = torch.logsumexp(column, 0) - column[codes[1, 2, 3]]
+    single = code_nll(logits[1:2, :, 2:3, 3:4], codes[1:2, 2:3, 3:4], "sum")
+    assert single.item() == pytest.approx(by_hand.item(), rel=1e-15)
+    with pytest.raises(ValueError, match="reduction"):
+        code_nll(logits, codes, "none")
+
+
+def test_no_product_code_calls_cudas_nondeterministic_nll():
+    # Under --deterministic, CUDA's NLL kernel raises; code_nll is the replacement.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    call = re.compile(r"\b(cross_entropy|nll_loss|NLLLoss|CrossEntropyLoss)\s*\(")
+    # The code folders only: a dataset or checkpoint folder in the checkout can be huge.
+    paths = [os.path.join(repo, "main.py")] + [
+        os.path.join(folder, name)
+        for package in ("benchmarks", "configs", "data", "networks", "third_party", "trainer",
+                        "util")
+        for folder, _, files in os.walk(os.path.join(repo, package))
+        for name in files if name.endswith(".py")]
+    assert {os.path.join(repo, "networks", "prior.py"),
+            os.path.join(repo, "trainer", "prior.py")} <= set(paths)  # the walk found them
+    offenders = []
+    for path in paths:
+        with open(path) as f:
+            if call.search(f.read()):
+                offenders.append(os.path.relpath(path, repo))
+    assert offenders == []
 
 
 def test_learns_the_pattern(trained):

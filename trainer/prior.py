@@ -26,12 +26,11 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 from configs import parse_overrides
 from data.loader import epoch_order
-from networks.prior import GatedPixelCNN, build_prior
+from networks.prior import GatedPixelCNN, build_prior, code_nll
 from util.codes import CodeUsage
 from util.io import atomic_write_bytes
 from util.signals import interrupt_status
@@ -78,7 +77,7 @@ def mean_nll(prior, codes, batch_size, limit=None):
     total, count = 0.0, 0
     for start in range(0, len(codes), batch_size)[:limit]:
         batch = codes[start:start + batch_size]
-        total += float(F.cross_entropy(prior(batch), batch, reduction="sum"))
+        total += float(code_nll(prior(batch), batch, reduction="sum"))
         count += batch.numel()
     return total / count
 

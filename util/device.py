@@ -13,8 +13,7 @@ class DeviceError(ValueError):
 def select_device(name="auto", local_rank=0):
     """`auto` picks CUDA, then Apple's MPS, then the CPU. Under torchrun, a bare `cuda`
     means this process's own GPU, cuda:LOCAL_RANK."""
-    mps = getattr(torch.backends, "mps", None)
-    mps_ok = mps is not None and mps.is_available()
+    mps_ok = mps_available()
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
@@ -42,8 +41,20 @@ def select_device(name="auto", local_rank=0):
     return device
 
 
+def mps_available():
+    mps = getattr(torch.backends, "mps", None)  # absent from some builds
+    return mps is not None and mps.is_available()
+
+
 def is_cuda(device):
     return torch.device(device).type == "cuda"
+
+
+def widest_float(device):
+    """The most precise float dtype `device` computes in: float64, but float32 on Apple's
+    MPS, which has no float64. Code that wants float64 for accuracy (the vMF Bessel
+    function) asks here, so that this device rule is written once."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 # cuBLAS needs a fixed workspace for repeatable results; PyTorch refuses deterministic

@@ -5,11 +5,13 @@ import random
 import numpy as np
 import torch
 
+from .device import mps_available
+
 
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.manual_seed(seed)  # also seeds every CUDA device and MPS
 
 
 def get_rng_state():
@@ -24,6 +26,9 @@ def get_rng_state():
     }
     if torch.cuda.is_available():
         state["cuda_all"] = torch.cuda.get_rng_state_all()
+    if mps_available():
+        # MPS draws (Gumbel noise, dropout) from its own generator, not the CPU's.
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -36,3 +41,5 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda_all" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_all"])
+    if "mps" in state and mps_available():
+        torch.mps.set_rng_state(state["mps"])
