@@ -6,6 +6,7 @@ The CLI runs in this process (``main.run``), with stdout/stderr captured at the 
 descriptor level and Python warnings recorded (a warning would be a second stderr line
 in a real process); two cases also run as real ``python main.py`` processes.
 """
+import json
 import os
 import shlex
 import shutil
@@ -511,3 +512,18 @@ def test_non_finite_loss_at_the_first_step_promises_no_checkpoint(capfd, tmp_pat
     monkeypatch.setattr(GaussianSQVAE, "reconstruction_terms", poisoned)
     line = fails(capfd, *train_argv(tmp_path, data), code=1)
     assert "step 1 " in line and line.endswith("no checkpoint was written before it")
+
+
+def test_a_run_in_its_own_path_specific_resumes_and_another_experiment_is_refused(
+        capfd, tmp_path, data):
+    # path_specific says where the folder went, not what was trained: the plain resume
+    # command (the one a stopped run prints) must continue it.
+    assert cli(capfd, *train_argv(tmp_path, data, "path_specific", "my_runs/"))[0] == 0
+    (run,) = (tmp_path / "my_runs").iterdir()
+    code, _, err = cli(capfd, "-c", CONFIG, "--resume", run, "train.epoch_max", "2")
+    assert code == 0, err
+    with open(run / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records if r["split"] == "train"] == [3, 6]
+    line = fails(capfd, "-c", "mnist_vqvae.yaml", "--resume", run, "train.epoch_max", "2")
+    assert "different experiment (model.name = 'GaussianSQVAE'" in line

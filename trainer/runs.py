@@ -147,9 +147,9 @@ def load_run_config(run_dir, opts=None):
 
 
 # Keys that tell experiment files apart; a resume under another file is refused. (Sizes such
-# as num_rb may have been overridden at the start and live in the run's own config.)
-IDENTITY_KEYS = ("dataset.name", "model.name", "model.param_var_q", "network.name",
-                 "path_specific")
+# as num_rb may have been overridden at the start and live in the run's own config; so may
+# path_specific, which says where the folder went, not what was trained.)
+IDENTITY_KEYS = ("dataset.name", "model.name", "model.param_var_q", "network.name")
 
 
 def check_same_experiment(run_cfg, cfg, run_dir, config_name):
