@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The training runs behind docs/results.md, one after another (each uses every core).
 #
-#   bash benchmarks/report_runs.sh RUNS_ROOT DATASET_ROOT [EPOCHS] [SEEDS] [LONG_EPOCHS]
+#   bash benchmarks/report_runs.sh RUNS_ROOT DATASET_ROOT [EPOCHS] [SEEDS] [DATASETS]
 #
-# For MNIST and Fashion-MNIST: SQ-VAE (I), VQ-VAE and VQ-VAE with the EMA codebook, EPOCHS
-# epochs (default 3) for each seed in SEEDS (default "0 1 2"); then one run of LONG_EPOCHS
-# (default 10) per model on MNIST. Finished runs are skipped, so the script can be re-run.
+# For each of DATASETS (default "mnist fashion-mnist"): SQ-VAE (I), VQ-VAE and VQ-VAE with
+# the EMA codebook, EPOCHS epochs (default 3) for each seed in SEEDS (default "0 1 2").
+# Finished runs are skipped, so the script can be re-run. The paper-length runs are
+# benchmarks/long_runs.sh.
 set -euo pipefail
 runs=${1:?RUNS_ROOT}; data=${2:?DATASET_ROOT}; epochs=${3:-3}; seeds=${4:-0 1 2}
-long=${5:-10}
+sets=${5:-mnist fashion-mnist}
 here=$(cd "$(dirname "$0")/.." && pwd)
 
 train() {  # config, seed, epochs, run folder name under RUNS_ROOT, extra overrides...
@@ -22,7 +23,7 @@ train() {  # config, seed, epochs, run folder name under RUNS_ROOT, extra overri
         path "$runs" path_specific "$folder/" path_dataset "$data" "$@"
 }
 
-for set in mnist fashion-mnist; do
+for set in $sets; do
     for seed in $seeds; do
         train "${set}_gauss_1.yaml" "$seed" "$epochs" "${set}_sqvae_${epochs}ep"
         train "${set}_vqvae.yaml" "$seed" "$epochs" "${set}_vqvae_${epochs}ep"
@@ -30,6 +31,3 @@ for set in mnist fashion-mnist; do
             quantization.ema True
     done
 done
-train mnist_gauss_1.yaml 0 "$long" "mnist_sqvae_${long}ep"
-train mnist_vqvae.yaml 0 "$long" "mnist_vqvae_${long}ep"
-train mnist_vqvae.yaml 0 "$long" "mnist_vqvae_ema_${long}ep" quantization.ema True
