@@ -108,3 +108,19 @@ def test_cpu_defaults_and_conflicting_kernel_flags(kernel_state):
     with pytest.raises(DeviceError, match="exclude each other"):
         configure_kernels("cpu", True, True)
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+def test_subnormal_floats_are_flushed_to_zero_on_the_cpu(kernel_state):
+    """The EMA codebook's unused statistics shrink by the decay each step into subnormal
+    floats, which CPUs compute on in slow microcode (benchmarks/denormals.py)."""
+    smallest_normal = torch.finfo(torch.float32).tiny
+    try:
+        torch.set_flush_denormal(False)
+        halved = torch.tensor([smallest_normal]) * 0.5
+        assert halved.item() == smallest_normal / 2  # kept as a subnormal number
+        configure_kernels("cpu")
+        assert (torch.tensor([smallest_normal]) * 0.5).item() == 0.0
+        # Normal numbers are untouched, the smallest included.
+        assert (torch.tensor([smallest_normal]) * 1.0).item() == smallest_normal
+    finally:
+        torch.set_flush_denormal(False)

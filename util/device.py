@@ -79,6 +79,11 @@ def configure_kernels(device, deterministic=None, cudnn_benchmark=False):
     if deterministic and is_cuda(device):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    # Subnormal floats (below 1.2e-38) go through slow microcode on CPUs. The EMA codebook
+    # fills with them: an unused code's statistics shrink by the decay every step. Flushed
+    # to zero, a 100-epoch MNIST VQ-VAE (EMA) trains 2.7x and evaluates 3.8x faster
+    # (benchmarks/denormals.py); a value that small changes no distance, code or loss.
+    torch.set_flush_denormal(True)
     torch.backends.cudnn.deterministic = not cudnn_benchmark
     torch.backends.cudnn.benchmark = cudnn_benchmark
     return deterministic
