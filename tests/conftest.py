@@ -11,6 +11,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 SMALL_DATA = os.path.join(TESTS, "data")
@@ -67,3 +68,13 @@ def full_data():
                     f"{os.path.join(root, missing[0])}); point it at a dataset root or unset "
                     f"it to run tier 1 only", pytrace=False)
     return os.path.abspath(root)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: on two cores shared with other jobs, two threads
+    spend most of their time waiting for each other (measured: 2-10 times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,14 +21,7 @@ CURVE_TITLES = ["Loss", "Reconstruction MSE per pixel", "Code perplexity (per ba
                 "Entropy of the code distribution", "Codes in use"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on two cores shared with other jobs, two threads spend most of
-    their time waiting for each other (measured: 2-10 times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -93,14 +93,6 @@ def last_record(run_dir, split):
 # ---------------------------------------------------------------- a run, evaluated by -ts
 
 @pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def gauss_run(tmp_path_factory, small_data, one_thread):
     """A short SQ-VAE (I) run on the real Fashion-MNIST subset; its best.pt's codebook then
     spread over the encoder's outputs (see spread_codebook); then ``-ts RUN --encode test``
