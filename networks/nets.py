@@ -62,12 +62,7 @@ class Decoder(nn.Module):
         self.head = head
 
     def forward(self, z):
-        # The quantizer's z_q is a channels-last view (positions x D, reshaped and moved);
-        # left so, every conv runs channels-last and the 1-channel output conv's weight
-        # gradient comes back with channels-last strides. Autograd accepts that (the strides
-        # differ only on a size-1 axis) but DistributedDataParallel then warns "Grad strides
-        # do not match bucket view strides" on every step. The release made it contiguous.
-        return self.head(self.res(z.contiguous()))
+        return self.head(self.res(z))
 
 
 # Creating a conv layer draws its default bias from the global generator, so the order in

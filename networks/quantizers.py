@@ -139,7 +139,7 @@ class CodebookLayer(nn.Module):
     def lookup(self, codes):
         """z_q for code indices (z's shape without the dim axis), in the layer's layout."""
         vectors = self.code_vectors()[codes.long()]
-        return vectors if self.channel_last else vectors.movedim(-1, 1)
+        return vectors if self.channel_last else vectors.movedim(-1, 1).contiguous()
 
     def _run(self, z, log_var, mode):
         if mode is None:
@@ -155,7 +155,15 @@ class CodebookLayer(nn.Module):
         # Distances and softmax in bf16 would pick other codes than float32 does.
         with _autocast_off(z.device):
             z_q, aux = self._quantize(z, log_var, mode)
-        return (z_q.movedim(1, -1) if self.channel_last else z_q), aux
+        return self._layout_out(z_q), aux
+
+    def _layout_out(self, z_q):
+        # z_q is built position by position, so channel-first it is a channels-last view.
+        # Handed on so, the next convolutions run channels-last and a 1-channel output
+        # layer's weight gradient comes back with channels-last strides: autograd accepts
+        # them (they differ only on a size-1 axis), DistributedDataParallel warns "Grad
+        # strides do not match bucket view strides" every step. Contiguous, as the release.
+        return z_q.movedim(1, -1) if self.channel_last else z_q.contiguous()
 
     def _channel_first(self, t):
         # Contiguous, so that both layouts reduce in the same order and agree bit for bit.
