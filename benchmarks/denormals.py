@@ -15,6 +15,7 @@ import copy
 import os
 import sys
 import time
+from itertools import islice
 
 import torch
 
@@ -31,14 +32,14 @@ def subnormals(tensors):
                if t.is_floating_point())
 
 
-def timed_steps(model, batches, steps, flush):
-    """Seconds for `steps` training steps and one evaluation pass over `batches`."""
+def timed_steps(cfg, model, batches, flush):
+    """Seconds for a training step on each of `batches`, and for evaluating them."""
     torch.set_flush_denormal(flush)
     model = copy.deepcopy(model)
-    optimizer = build_optimizer(model.cfg, model, "cpu")
+    optimizer = build_optimizer(cfg, model, "cpu")
     model.train()
     start = time.perf_counter()
-    for x in batches[:steps]:
+    for x in batches:
         _, terms = model(x, "train")
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -47,7 +48,7 @@ def timed_steps(model, batches, steps, flush):
     model.eval()
     start = time.perf_counter()
     with torch.no_grad():
-        for x in batches[:steps]:
+        for x in batches:
             model(x, "deterministic")
     return train, time.perf_counter() - start
 
@@ -61,15 +62,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cfg, model, _ = runs.load_run_model(args.run, args.opts)
-    model.cfg = cfg
     print(f"{args.run}: {subnormals(model.state_dict().values())} subnormal values in "
           "best.pt's weights and buffers")
     loader = data.build_loader(cfg, "train", batch_size=cfg.train.bs, shuffle=False)
-    batches = [x for x, _ in zip((b for b, _ in loader), range(args.steps))]
+    batches = [x for x, _ in islice(loader, args.steps)]
     totals = {False: [0.0, 0.0], True: [0.0, 0.0]}
     for _ in range(args.rounds):
         for flush in (False, True):
-            train, evaluation = timed_steps(model, batches, args.steps, flush)
+            train, evaluation = timed_steps(cfg, model, batches, flush)
             totals[flush][0] += train
             totals[flush][1] += evaluation
     for flush, (train, evaluation) in totals.items():
