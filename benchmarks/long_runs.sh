@@ -24,8 +24,8 @@ one() {  # config, run folder name under RUNS_ROOT, extra overrides...
     fi
 }
 
-one "${set}_gauss_1.yaml" "${set}_sqvae_${epochs}ep" > "$runs/${set}_sqvae_${epochs}ep.log" 2>&1 &
-one "${set}_vqvae.yaml" "${set}_vqvae_${epochs}ep" > "$runs/${set}_vqvae_${epochs}ep.log" 2>&1 &
+one "${set}_gauss_1.yaml" "${set}_sqvae_${epochs}ep" >> "$runs/${set}_sqvae_${epochs}ep.log" 2>&1 &
+one "${set}_vqvae.yaml" "${set}_vqvae_${epochs}ep" >> "$runs/${set}_vqvae_${epochs}ep.log" 2>&1 &
 one "${set}_vqvae.yaml" "${set}_vqvae_ema_${epochs}ep" quantization.ema True \
-    > "$runs/${set}_vqvae_ema_${epochs}ep.log" 2>&1 &
+    >> "$runs/${set}_vqvae_ema_${epochs}ep.log" 2>&1 &
 wait

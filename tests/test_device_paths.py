@@ -183,6 +183,20 @@ def test_gpu_check_adds_the_settings_a_chosen_one_needs():
         "ok": False, "why": "needs default, which failed"}
 
 
+def test_gpu_check_copy_times_both_kinds_and_they_compute_the_same(tmp_path, one_thread):
+    # The copy job warms both kinds up, then times alternating passes; each kind's batches
+    # must reach the model unchanged, so the two sums agree exactly.
+    import json
+    gpu_check = load_gpu_check()
+    result = str(tmp_path / "copy")
+    assert gpu_check.copy_child(result, "cpu", batches=3, batch=2, rounds=2) == 0
+    with open(result + ".0.json") as f:
+        written = json.load(f)
+    assert [kind for kind, _ in written["rows"]] == ["pinned", "pageable"]
+    assert all(rate > 0 for _, rate in written["rows"])
+    assert written["same"] is True
+
+
 def test_gpu_check_data_is_read_by_the_project_readers(tmp_path):
     gpu_check = load_gpu_check()
     gpu_check.write_datasets(str(tmp_path))
