@@ -4,51 +4,25 @@ half a file.
 
 Nothing here writes through a symbolic link: a rename replaces a link at the target name
 (the file it pointed to stays as it was), files opened in place (``append_jsonl``, the
-locks of ``util.lock``) are opened with ``O_NOFOLLOW``, and ``refuse_links`` lets a caller
-refuse a folder before writing anything into it. Run folders come from other people (the
-authors' release, a colleague, a download), and a planted link would otherwise make the
-tool change a file anywhere the user can write.
+locks of ``util.lock``) are opened without following one (``util.links``), and
+``refuse_links`` lets a caller refuse a folder before writing anything into it. Run folders
+come from other people (the authors' release, a colleague, a download), and a planted link
+would otherwise make the tool change a file anywhere the user can write.
 """
-import errno
 import fnmatch
 import io
 import json
 import os
 import tempfile
 
+from .links import UnsafeLink, open_no_follow
+from .lock import FileLock
+
 # mkstemp creates files readable by their owner only; run folders are meant to be shared
 # like any file the user writes, so apply the process umask as open() would.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
-# Not every platform has it (Windows); there the up-front check of refuse_links remains.
-O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-
-
-class UnsafeLink(ValueError):
-    """A name the tool writes is a symbolic link; the message names it and the fix."""
-
-    def __init__(self, path):
-        try:
-            target = f" (to {os.readlink(path)})"
-        except OSError:
-            target = ""
-        super().__init__(f"{path} is a symbolic link{target}; this tool never writes "
-                         "through links in a run folder: replace the link with a copy of "
-                         "the file, or remove it, then run again")
-        self.path = path
-
-
-def open_no_follow(path, flags, mode=0o666):
-    """os.open that refuses a symbolic link at `path` (UnsafeLink) instead of following it
-    (with O_CREAT, following a dangling link would create its target)."""
-    try:
-        return os.open(path, flags | O_NOFOLLOW, mode)
-    except OSError as e:
-        # ELOOP on Linux and macOS, EMLINK on FreeBSD; check the name itself to be sure.
-        if e.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
-            raise UnsafeLink(path) from None
-        raise
 
 
 def refuse_links(folder, patterns, subfolders=()):
@@ -154,7 +128,6 @@ def append_jsonl(path, records):
     cut back to where it was: it never keeps half a line."""
     if not records:
         return
-    from .lock import FileLock  # a sibling leaf module
     payload = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
     try:
         fd = open_no_follow(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, FILE_MODE)

@@ -11,7 +11,7 @@ through a link planted in a downloaded run folder would truncate the file it poi
 """
 import os
 
-from .io import open_no_follow
+from .links import open_no_follow
 
 try:
     import fcntl
