@@ -20,7 +20,8 @@ import torch
 import main
 from configs import load_config
 from networks import build_model
-from trainer import reference
+from tests.test_import_graph import import_graph
+from trainer import reference, release, runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HASHES = os.path.join(HERE, "reference", "hashes_seed0.txt")
@@ -61,10 +62,10 @@ def test_seed_0_gives_the_release_initial_weights_bit_for_bit(name):
     torch.manual_seed(0)
     ours = build_model(load_config(name)).state_dict()
     expected = HASH_TABLE[name]
-    assert sorted(reference.our_key(k) for k, *_ in expected) == sorted(ours)
+    assert sorted(release.our_key(k) for k, *_ in expected) == sorted(ours)
     wrong = []
     for key, dtype, shape, digest in expected:
-        tensor = ours[reference.our_key(key)]
+        tensor = ours[release.our_key(key)]
         if key == "log_kappa_inv":  # (1,) in the release, a scalar here: same bytes
             tensor = tensor.reshape(1)
         assert str(tensor.dtype).removeprefix("torch.") == dtype, key
@@ -153,9 +154,9 @@ def test_dbg_training_prints_the_release_lines_in_order(tmp_path, small_data):
                          str(tmp_path), "path_dataset", small_data]) == 0
     (run,) = tmp_path.glob("*/*")
     with open(os.path.join(REF_RUN, "stdout.txt")) as f:
-        release = f.read().splitlines()
+        printed = f.read().splitlines()
     ours = printed_shape(out.getvalue().splitlines(), run)
-    expected = printed_shape(release, "resnet_seed3_1125_1927")
+    expected = printed_shape(printed, "resnet_seed3_1125_1927")
     # Epoch 2 may or may not improve on epoch 1 in a 3-batch run: both lines are the release's.
     not_saved = "----Not saving model! Last saved: 9"
     assert [line if line != not_saved else "----Saving model!" for line in ours] == expected
@@ -170,11 +171,11 @@ def test_import_writes_a_run_of_ours_and_leaves_the_release_folder_alone(tmp_pat
     assert file_digests(run) == before
     assert sorted(os.listdir(dest)) == ["best.pt", "config.yaml", "metrics.jsonl"]
     imported = torch.load(dest / "best.pt", weights_only=True)["model"]
-    release = torch.load(run / "best.pt", weights_only=True)
-    assert len(imported) == len(release)
-    for key, value in release.items():
+    theirs = torch.load(run / "best.pt", weights_only=True)
+    assert len(imported) == len(theirs)
+    for key, value in theirs.items():
         assert key.startswith("module.")
-        assert torch.equal(imported[reference.our_key(key)], value)
+        assert torch.equal(imported[release.our_key(key)], value)
     cfg = load_config(str(dest / "config.yaml"))
     assert (cfg.train.bs, cfg.test.bs, cfg.quantization.size_dict) == (32, 32, 128)
     # Importing twice into the same place is refused; the first import stays.
@@ -183,12 +184,27 @@ def test_import_writes_a_run_of_ours_and_leaves_the_release_folder_alone(tmp_pat
 
 
 def test_release_checkpoint_keys_map_onto_ours():
-    assert reference.our_key("module.encoder.conv.0.0.weight") == "encoder.stem.0.weight"
-    assert reference.our_key("module.encoder.conv.3.bias") == "encoder.stem.3.bias"
-    assert reference.our_key("module.encoder.res_m.1.weight") == "encoder.head_mean.1.weight"
-    assert reference.our_key("encoder.res_v.0.bias") == "encoder.head_log_var.0.bias"
-    assert reference.our_key("module.decoder.convt.2.weight") == "decoder.head.2.weight"
-    assert reference.our_key("module.codebook") == "quantizer.codebook"
+    assert release.our_key("module.encoder.conv.0.0.weight") == "encoder.stem.0.weight"
+    assert release.our_key("module.encoder.conv.3.bias") == "encoder.stem.3.bias"
+    assert release.our_key("module.encoder.res_m.1.weight") == "encoder.head_mean.1.weight"
+    assert release.our_key("encoder.res_v.0.bias") == "encoder.head_log_var.0.bias"
+    assert release.our_key("module.decoder.convt.2.weight") == "decoder.head.2.weight"
+    assert release.our_key("module.codebook") == "quantizer.codebook"
+
+
+def test_release_folders_are_read_through_the_release_module_alone():
+    # trainer.runs reads them through the reader trainer/release.py registers, and knows
+    # nothing of their format.
+    assert runs.folder_reader(REF_RUN) is runs.FOLDER_READERS["release"]
+    assert runs.folder_reader(os.path.dirname(REF_RUN)) is None
+    cfg, model, state = runs.load_run_model(REF_RUN)
+    assert (cfg.model.name, cfg.test.bs, state["epoch"]) == ("GaussianSQVAE", 32, None)
+    weights = torch.load(os.path.join(REF_RUN, "best.pt"), weights_only=True)
+    assert torch.equal(model.state_dict()["encoder.stem.0.weight"],
+                       weights["module.encoder.conv.0.weight"])
+    assert not {"trainer.release", "trainer.reference"} & set(import_graph()["trainer.runs"])
+    with open(runs.__file__) as f:
+        assert release.CONFIG_FILE not in f.read()
 
 
 def test_label_model_dbg_lines_follow_the_release():

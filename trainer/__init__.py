@@ -1,4 +1,5 @@
 """Training, evaluation, checkpoints and run folders."""
+from . import release  # registers the authors' run folders with trainer.runs
 from .loop import Interrupted, Trainer, TrainingError, build_optimizer, build_scheduler
 from .meters import CodeHistogram, MeanMeter, evaluate
 from .runs import RunError

@@ -24,7 +24,7 @@ from util.io import check_writable
 from util.rng import seed_everything
 from util.signals import interrupt_status
 
-from . import runs
+from . import release, runs
 from .budget import check_batch
 from .logs import Display
 from .loop import Interrupted, Trainer
@@ -189,8 +189,7 @@ def evaluate(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=Fa
 
 def prior_and_samples(run_dir, device, *, opts, seed, train, sample, limit_batches, command):
     from . import prior as priors
-    from .reference import is_reference_run
-    if is_reference_run(run_dir):
+    if release.is_release_run(run_dir):
         raise runs.RunError(f"{run_dir} is a run folder of the authors' release, which is "
                             "left untouched; make it a run of ours first with python -m "
                             "trainer.reference import RUN --to DIR")

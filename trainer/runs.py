@@ -17,6 +17,7 @@ two folders) and holds ``config.yaml``, ``best.pt``, ``current.pt``,
   written (``check_links``): run folders come from other people, and a planted link would
   make a write land outside the folder.
 """
+import collections
 import os
 import pickle
 import sys
@@ -302,22 +303,38 @@ def load_model_weights(model, state_dict, path):
     model.load_state_dict(state_dict)
 
 
+# Run folders that other programs wrote, each read through the one module that knows its
+# format (trainer/release.py: the authors' release, registered when the trainer package
+# loads): name -> FolderReader. A folder no reader claims is one of ours.
+FolderReader = collections.namedtuple("FolderReader", "claims read_config read_weights")
+FOLDER_READERS = {}
+
+
+def register_folder_reader(name, claims, read_config, read_weights):
+    """Read the run folders for which `claims(run_dir)` is true with
+    `read_config(run_dir, opts)` (our config for them) and `read_weights(run_dir)` (their
+    best weights under this tool's names)."""
+    FOLDER_READERS[name] = FolderReader(claims, read_config, read_weights)
+
+
+def folder_reader(run_dir):
+    """The registered reader that claims `run_dir`, or None for a run folder of ours."""
+    return next((r for r in FOLDER_READERS.values() if r.claims(run_dir)), None)
+
+
 def read_run_config(run_dir, opts=None):
-    """The config of a run folder of this tool, or of the authors' release (configs.json,
-    read through trainer.reference)."""
-    from . import reference  # reference builds on this module
-    if reference.is_reference_run(run_dir):
-        return reference.read_reference_config(run_dir, opts)
-    return load_run_config(run_dir, opts)
+    """The config of a run folder of this tool, or of another program (FOLDER_READERS)."""
+    reader = folder_reader(run_dir)
+    return reader.read_config(run_dir, opts) if reader else load_run_config(run_dir, opts)
 
 
 def load_run(run_dir, opts=None):
-    """(config, best.pt state) of a run folder of this tool or of the authors' release. The
-    state's "model" holds weights under this tool's names."""
-    from . import reference
-    if reference.is_reference_run(run_dir):
-        return (reference.read_reference_config(run_dir, opts),
-                {"model": reference.load_reference_weights(run_dir), "epoch": None})
+    """(config, best.pt state) of a run folder of this tool or of another program
+    (FOLDER_READERS). The state's "model" holds weights under this tool's names."""
+    reader = folder_reader(run_dir)
+    if reader:
+        return (reader.read_config(run_dir, opts),
+                {"model": reader.read_weights(run_dir), "epoch": None})
     return load_run_config(run_dir, opts), load_checkpoint(os.path.join(run_dir, BEST))
 
 
