@@ -542,7 +542,7 @@ def test_many_samples_are_drawn_in_chunks_with_a_progress_bar(capfd, tmp_path, t
 
 def test_cifar10_batches_pickled_at_protocol_5_are_read(tmp_path):
     from data import DatasetError
-    from data.sources import _read_cifar_batch
+    from data.sources.cifar10 import _read_cifar_batch
     written = write_cifar10(str(tmp_path))
     path = written["paths"]["test_batch"]
     with open(path, "rb") as f:

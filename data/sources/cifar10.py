@@ -1,0 +1,124 @@
+"""CIFAR10: the five training batches and the test batch of ``cifar-10-batches-py``.
+
+The batches are pickles; they are read by a restricted unpickler that builds only numpy
+arrays and plain values.
+"""
+import codecs
+import os
+import pickle
+
+import numpy as np
+import torchvision.datasets as tvd
+
+from ..errors import DatasetError, one_line
+from .layouts import cached, carve_val, find_folder
+
+CIFAR10_DIR = "cifar-10-batches-py"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch"
+
+# Our own reader rather than torchvision's CIFAR10: that one unpickles the batch files
+# with plain pickle.load, and a pickle can call anything it names (os.system included)
+# while loading, so a tampered file from a mirror or a shared disk would run code. The
+# official batches name only these globals; everything else in them (dict, list, str,
+# int) is built by pickle opcodes that need no lookup.
+_RECONSTRUCT = np.empty(0).__reduce__()[0]
+# At pickle protocol 5 numpy rebuilds an array from its raw buffer with this one instead.
+_FROMBUFFER = np.empty(0).__reduce_ex__(5)[0]
+_CIFAR_GLOBALS = {
+    # The official files were written by numpy 1.x; numpy 2 moved the module to _core.
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    # Python 3 writes bytes this way at pickle protocol 2 (the official files, from
+    # Python 2, hold plain strings, but a re-saved copy holds bytes keys).
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    def __init__(self, module, name):
+        # Pickles of protocol 2 name Python 2's module (Python 3 writes builtins that way).
+        module = {"__builtin__": "builtins"}.get(module, module)
+        super().__init__(f"{module}.{name}")
+        self.qualified_name = f"{module}.{name}"
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(module, name) from None
+
+
+def _read_cifar_batch(path):
+    try:
+        with open(path, "rb") as f:
+            # latin1 is what the Python 2 pickles of the official release need to
+            # restore their numpy arrays.
+            batch = _CifarUnpickler(f, encoding="latin1").load()
+    except _RefusedGlobal as e:
+        raise DatasetError(f"CIFAR10 batch {path} holds a pickled {e.qualified_name}, which "
+                           "is refused: only numpy arrays, lists, bytes, str and int are "
+                           "allowed; download the official files again") from None
+    except Exception as e:  # a damaged pickle can raise almost any exception type
+        raise DatasetError(f"cannot read CIFAR10 batch {path}: {type(e).__name__}: "
+                           f"{one_line(e)} (truncated or corrupt; extract "
+                           "cifar-10-python.tar.gz again)") from None
+    if not isinstance(batch, dict):
+        raise DatasetError(f"CIFAR10 batch {path} holds a {type(batch).__name__}, "
+                           "expected a dict with 'data' and 'labels'")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if "data" not in batch or "labels" not in batch:
+        raise DatasetError(f"CIFAR10 batch {path} lacks 'data' or 'labels' "
+                           f"(keys: {', '.join(map(str, batch))})")
+    data = np.asarray(batch["data"])
+    try:
+        labels = np.asarray(batch["labels"], dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise DatasetError(f"CIFAR10 batch {path} has labels that are not integers "
+                           f"({one_line(e)})") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DatasetError(f"CIFAR10 batch {path} has data of shape {data.shape} and "
+                           f"dtype {data.dtype}; expected uint8 N x 3072")
+    if labels.shape != (len(data),):
+        raise DatasetError(f"CIFAR10 batch {path} has {len(data)} images but "
+                           f"{labels.size} labels")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DatasetError(f"CIFAR10 batch {path} holds labels outside 0..9")
+    # Rows are 1024 red, then 1024 green, then 1024 blue values, each row-major.
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _download(root):
+    # Download and extract only: constructing tvd.CIFAR10 would also unpickle every
+    # batch, which _read_cifar_batch does safely later.
+    tvd.utils.download_and_extract_archive(tvd.CIFAR10.url, root,
+                                           filename=tvd.CIFAR10.filename,
+                                           md5=tvd.CIFAR10.tgz_md5)
+
+
+def load_cifar10(root):
+    """{'train', 'val', 'test'} -> (uint8 N x 3 x 32 x 32, int64 N) for CIFAR10."""
+    names = CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)
+
+    def missing(folder):
+        return [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+
+    folder = find_folder(
+        "CIFAR10", root, (CIFAR10_DIR,), complete=lambda f: not missing(f),
+        what=lambda ours: f"{', '.join(missing(ours))} (extracted from cifar-10-python.tar.gz)",
+        download=lambda: _download(root))
+    paths = [os.path.join(folder, n) for n in names]
+
+    def parse():
+        parts = [_read_cifar_batch(p) for p in paths[:-1]]
+        images = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+        return carve_val("CIFAR10", (images, labels), _read_cifar_batch(paths[-1]))
+
+    return cached("CIFAR10", paths, parse)
