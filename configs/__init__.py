@@ -12,29 +12,10 @@ import os
 import yaml
 from yacs.config import CfgNode
 
+from . import registry
 from .defaults import get_defaults
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
-
-# Allowed names. The registries that implement them (networks/, data/) are
-# checked against these lists by the tests, so the two cannot drift apart.
-DATASETS = ("MNIST", "FashionMNIST", "CIFAR10", "CelebA", "CelebAMask_HQ")
-MODELS = ("GaussianSQVAE", "VmfSQVAE", "VQVAE")
-VARIANTS = ("gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4", "vmf")
-CODEBOOK_INITS = ("normal", "uniform")  # networks.quantizers.CODEBOOK_INITS builds them
-NETWORKS = ("resnet", "resnet_label")
-ACTIVATIONS = ("exp", "sigmoid", "tanh", "none")
-# Which network family reads which dataset, and the input shape it expects.
-NETWORK_FOR_DATASET = {
-    "MNIST": "resnet", "FashionMNIST": "resnet", "CIFAR10": "resnet",
-    "CelebA": "resnet", "CelebAMask_HQ": "resnet_label",
-}
-# The VQ-VAE baseline reproduces the Gaussian (image) experiments only.
-VQVAE_DATASETS = ("MNIST", "FashionMNIST", "CIFAR10", "CelebA")
-SHAPE_FOR_DATASET = {
-    "MNIST": (1, 28, 28), "FashionMNIST": (1, 28, 28), "CIFAR10": (3, 32, 32),
-    "CelebA": (3, 64, 64), "CelebAMask_HQ": (1, 64, 64),
-}
 
 
 class ConfigError(ValueError):
@@ -210,44 +191,68 @@ def _check_choice(cfg, key, allowed):
                           + ", ".join(map(str, allowed)))
 
 
-def _validate_and_derive(cfg):
-    _check_choice(cfg, "dataset.name", DATASETS)
-    _check_choice(cfg, "model.name", MODELS)
-    _check_choice(cfg, "model.param_var_q", VARIANTS)
-    _check_choice(cfg, "network.name", NETWORKS)
-    _check_choice(cfg, "network.act_decoder", ACTIVATIONS)
-    dataset = cfg.dataset.name
-    if cfg.network.name != NETWORK_FOR_DATASET[dataset]:
+def _one_of(values):
+    return values[0] if len(values) == 1 else "one of " + ", ".join(values)
+
+
+def _check_dataset(cfg, dataset):
+    """network.name fits dataset.name; dataset.shape and dataset.dim_x are its own, derived
+    here where the config leaves them unset (a file or override may state them, but only
+    as the dataset's values)."""
+    name = cfg.dataset.name
+    if cfg.network.name != dataset.network:
         raise ConfigError(
-            f"config key 'network.name' is {cfg.network.name!r} but dataset {dataset} "
-            f"needs {NETWORK_FOR_DATASET[dataset]!r}")
-    if tuple(cfg.dataset.shape) != SHAPE_FOR_DATASET[dataset]:
+            f"config key 'network.name' is {cfg.network.name!r} but dataset {name} "
+            f"needs {dataset.network!r}")
+    dim_x = math.prod(dataset.shape)
+    if cfg.dataset.shape and tuple(cfg.dataset.shape) != dataset.shape:
         raise ConfigError(
-            f"config key 'dataset.shape' is {tuple(cfg.dataset.shape)} but dataset {dataset} "
-            f"has shape {SHAPE_FOR_DATASET[dataset]}")
-    if cfg.dataset.dim_x != math.prod(cfg.dataset.shape):
+            f"config key 'dataset.shape' is {tuple(cfg.dataset.shape)} but dataset {name} "
+            f"has shape {dataset.shape}; remove the key, it follows dataset.name")
+    if cfg.dataset.dim_x and cfg.dataset.dim_x != dim_x:
         raise ConfigError(
-            f"config key 'dataset.dim_x' is {cfg.dataset.dim_x}; it must equal the product "
-            f"of dataset.shape, {math.prod(cfg.dataset.shape)}")
-    if cfg.model.name == "VmfSQVAE" and (cfg.model.param_var_q != "vmf"
-                                         or dataset != "CelebAMask_HQ"):
-        raise ConfigError("config key 'model.name' VmfSQVAE needs model.param_var_q vmf "
-                          "and dataset.name CelebAMask_HQ")
-    if cfg.model.name == "GaussianSQVAE" and dataset == "CelebAMask_HQ":
-        raise ConfigError("config key 'model.name' must be VmfSQVAE for CelebAMask_HQ")
-    if cfg.model.name == "VQVAE" and (cfg.model.param_var_q != "gaussian_1"
-                                      or dataset not in VQVAE_DATASETS):
-        raise ConfigError("config key 'model.name' VQVAE needs model.param_var_q gaussian_1 "
-                          "and dataset.name one of " + ", ".join(VQVAE_DATASETS))
-    _check_choice(cfg, "quantization.init", CODEBOOK_INITS)
-    if cfg.quantization.init != "normal" and cfg.model.name != "VQVAE":
-        # The SQ-VAE keeps the release's N(0, 1) codebook (docs/model.md).
-        raise ConfigError("config key 'quantization.init' must stay normal for the SQ-VAE "
-                          "models (only model.name VQVAE takes another)")
-    if cfg.quantization.ema and cfg.model.name != "VQVAE":
+            f"config key 'dataset.dim_x' is {cfg.dataset.dim_x} but dataset {name} has "
+            f"dim_x {dim_x} (C * H * W of {dataset.shape}); remove the key, it follows "
+            "dataset.name")
+    cfg.dataset.shape = dataset.shape
+    cfg.dataset.dim_x = dim_x
+
+
+def _check_model(cfg, model, dataset):
+    """The model takes the dataset, the quantizer variant and the codebook options."""
+    name = cfg.model.name
+    if cfg.model.param_var_q not in model.variants:
+        raise ConfigError(f"config key 'model.name' {name} needs model.param_var_q "
+                          f"{_one_of(model.variants)}, not {cfg.model.param_var_q}")
+    if dataset.items != model.items:
+        fitting = [d for d, spec in registry.DATASETS.items() if spec.items == model.items]
+        raise ConfigError(f"config key 'model.name' {name} needs dataset.name "
+                          f"{_one_of(fitting)}, not {cfg.dataset.name}")
+    if cfg.quantization.init not in model.codebook_inits:
+        taking = [m for m, spec in registry.MODELS.items()
+                  if cfg.quantization.init in spec.codebook_inits]
+        raise ConfigError(f"config key 'quantization.init' {cfg.quantization.init} needs "
+                          f"model.name {_one_of(taking)} (model.name {name} takes "
+                          f"{_one_of(model.codebook_inits)})")
+    if cfg.quantization.ema and not model.ema:
         # The SQ-VAE's codebook is learned by its loss; silently ignoring the flag would
         # mislabel a run.
-        raise ConfigError("config key 'quantization.ema' True needs model.name VQVAE")
+        taking = [m for m, spec in registry.MODELS.items() if spec.ema]
+        raise ConfigError(f"config key 'quantization.ema' True needs model.name "
+                          f"{_one_of(taking)}")
+
+
+def _validate_and_derive(cfg):
+    _check_choice(cfg, "dataset.name", tuple(registry.DATASETS))
+    _check_choice(cfg, "model.name", tuple(registry.MODELS))
+    _check_choice(cfg, "model.param_var_q", tuple(registry.VARIANTS))
+    _check_choice(cfg, "network.name", registry.NETWORKS)
+    _check_choice(cfg, "network.act_decoder", registry.ACTIVATIONS)
+    _check_choice(cfg, "quantization.init", registry.CODEBOOK_INITS)
+    dataset = registry.DATASETS[cfg.dataset.name]
+    model = registry.MODELS[cfg.model.name]
+    _check_dataset(cfg, dataset)
+    _check_model(cfg, model, dataset)
     if not 0.0 <= cfg.quantization.ema_decay < 1.0:
         raise ConfigError("config key 'quantization.ema_decay' must be in [0, 1), got "
                           f"{cfg.quantization.ema_decay}")
@@ -260,8 +265,8 @@ def _validate_and_derive(cfg):
     # taken against the folder the command was started in.
     cfg.path = os.path.abspath(os.path.expanduser(cfg.path))
     cfg.path_dataset = os.path.abspath(os.path.expanduser(cfg.path_dataset))
-    cfg.flags.var_q = cfg.model.param_var_q not in ("gaussian_1", "vmf")
-    cfg.quantization.dim_code = cfg.quantization.dim_dict + (cfg.model.name == "VmfSQVAE")
+    cfg.flags.var_q = registry.VARIANTS[cfg.model.param_var_q]
+    cfg.quantization.dim_code = cfg.quantization.dim_dict + model.extra_code_dim
     cfg.path_checkpoint = os.path.join(cfg.path, cfg.path_specific)
 
 

@@ -3,7 +3,9 @@
 An experiment YAML (``configs/*.yaml``) overrides a subset of these, and
 trailing ``KEY VALUE`` pairs on the command line override both. Keys under
 "derived" comments are computed by ``configs.load_config``; values written
-for them in a file are ignored and recomputed.
+for them in a file are ignored and recomputed, except ``dataset.shape`` and
+``dataset.dim_x``: a file may state them, but only as the values of its
+``dataset.name`` (configs/registry.py).
 """
 import math
 import os
@@ -28,10 +30,10 @@ _C.path_checkpoint = ""
 _C.dataset = CN()
 # Dataset name: MNIST, FashionMNIST, CIFAR10, CelebA or CelebAMask_HQ.
 _C.dataset.name = "MNIST"
-# Shape of one input (C, H, W); label maps have C = 1.
-_C.dataset.shape = (1, 28, 28)
-# Number of input values C*H*W, used by the reconstruction likelihood.
-_C.dataset.dim_x = 784
+# Derived: shape (C, H, W) of one input of dataset.name; label maps have C = 1.
+_C.dataset.shape = ()
+# Derived: number of input values C*H*W, used by the reconstruction likelihood.
+_C.dataset.dim_x = 0
 
 _C.model = CN()
 # Model family: GaussianSQVAE (image likelihood), VmfSQVAE (label maps) or VQVAE (baseline).

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from configs import ConfigError
+from configs import ConfigError, registry
 from util import distributed
 from util.device import is_cuda
 
@@ -263,6 +263,11 @@ def _label_to_model(x):
     return x.long()
 
 
+# How a batch of uint8 items reaches the model, by what the dataset holds
+# (configs/registry.py): images as floats in [0, 1], label maps as class indices.
+TO_MODEL = {"images": _image_to_model, "labels": _label_to_model}
+
+
 # ---------------------------------------------------------------- registry
 
 def _memory_split(load):
@@ -271,16 +276,17 @@ def _memory_split(load):
     return split_arrays
 
 
+# The readers of the datasets configs/registry.py names (tests/test_registry.py checks that
+# every name there has one here): name -> (kind, source of one split).
 DATASETS = {
-    # name: (kind, source of one split)
     "MNIST": ("memory", _memory_split(lambda root: sources.load_mnist_like("MNIST", root))),
     "FashionMNIST": ("memory", _memory_split(
         lambda root: sources.load_mnist_like("FashionMNIST", root))),
     "CIFAR10": ("memory", _memory_split(sources.load_cifar10)),
     "CelebA": ("files", lambda root, split: (sources.celeba_files(root)[split],
-                                             decode_celeba, _image_to_model)),
+                                             decode_celeba)),
     "CelebAMask_HQ": ("files", lambda root, split: (sources.celebamask_files(root, split),
-                                                    decode_celebamask_label, _label_to_model)),
+                                                    decode_celebamask_label)),
 }
 # File name stem of each file dataset's decoded cache under <root>/cache/.
 CACHE_STEMS = {"CelebA": "celeba", "CelebAMask_HQ": "celebamask"}
@@ -321,10 +327,11 @@ def build_loader(cfg, split, *, batch_size, shuffle, seed=0, device="cpu", rank=
         if len(images) == 0:
             raise DatasetError(f"{name} {split} split under {root} is empty")
         return InMemoryLoader(images, labels, **common)
-    paths, decode, to_model = source(root, split)
+    paths, decode = source(root, split)
     if not paths:
         raise DatasetError(f"{name} {split} split under {root} is empty")
-    files = dict(num_workers=cfg.nworker, to_model=to_model, **common)
+    files = dict(num_workers=cfg.nworker, to_model=TO_MODEL[registry.DATASETS[name].items],
+                 **common)
     if not cfg.cache_decoded:
         return FileLoader(FileDataset(paths, decode), **files)
     return CachedLoader(FileDataset(paths, decode),

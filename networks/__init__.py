@@ -2,11 +2,12 @@
 from .base import LEGACY_KEYS, upgrade_state_dict
 from .nets import NETWORK_REGISTRY, label_channels
 from .quantizers import GaussianQuantizer, VectorQuantizer, VmfQuantizer, arelbo
-from .sqvae import VARIANTS, GaussianSQVAE, SQVAE, VmfSQVAE
+from .sqvae import GaussianSQVAE, SQVAE, VmfSQVAE
 from .vqvae import VQVAE
 
-# model.name -> model class
-MODEL_REGISTRY = {"GaussianSQVAE": GaussianSQVAE, "VmfSQVAE": VmfSQVAE, "VQVAE": VQVAE}
+# model.name -> model class: each class is registered under its own name, the name
+# configs/registry.py allows (and the rules there are what load_config has checked).
+MODEL_REGISTRY = {cls.__name__: cls for cls in (GaussianSQVAE, VmfSQVAE, VQVAE)}
 
 
 def build_model(cfg):
@@ -26,7 +27,7 @@ def count_parameters(model):
             "decoder": count(model.decoder)}
 
 
-__all__ = ["build_model", "count_parameters", "MODEL_REGISTRY", "NETWORK_REGISTRY", "VARIANTS",
+__all__ = ["build_model", "count_parameters", "MODEL_REGISTRY", "NETWORK_REGISTRY",
            "SQVAE", "GaussianSQVAE", "VmfSQVAE", "VQVAE", "label_channels",
            "GaussianQuantizer", "VmfQuantizer", "VectorQuantizer", "arelbo",
            "LEGACY_KEYS", "upgrade_state_dict"]

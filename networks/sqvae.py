@@ -13,10 +13,7 @@ from torch import nn
 
 from .base import CodebookAutoencoder, schedule_of
 from .losses import arelbo_loss, learned_variance_loss, squared_error, vmf_reconstruction
-from .quantizers import GAUSSIAN_VARIANCES, GaussianQuantizer, VmfQuantizer
-
-# model.param_var_q: the Gaussian variances, or the vMF quantizer.
-VARIANTS = (*GAUSSIAN_VARIANCES, "vmf")
+from .quantizers import GaussianQuantizer, VmfQuantizer
 
 
 class SQVAE(CodebookAutoencoder):
@@ -25,12 +22,6 @@ class SQVAE(CodebookAutoencoder):
     # The scalar terms a forward pass returns, in the order metrics are logged.
     TERMS = ("loss", "loss_rec", "kld_discrete", "kld_continuous", "perplexity", "entropy",
              "param_q", "param_q_min", "param_q_max", "param_x")
-
-    def __init__(self, cfg):
-        if cfg.model.param_var_q not in VARIANTS:
-            raise ValueError(f"unknown model.param_var_q {cfg.model.param_var_q!r}; "
-                             f"allowed: {', '.join(VARIANTS)}")
-        super().__init__(cfg)
 
     def build_quantizer(self, cfg):
         args = dict(dim=cfg.quantization.dim_code, codebook_size=cfg.quantization.size_dict,

@@ -67,11 +67,6 @@ class VQVAE(CodebookAutoencoder):
 
     TERMS = ("loss", "loss_rec", "loss_codebook", "loss_commit", "perplexity", "entropy", "mse")
 
-    def __init__(self, cfg):
-        if cfg.model.param_var_q != "gaussian_1" or cfg.flags.var_q:
-            raise ValueError("VQVAE needs model.param_var_q gaussian_1 (no variance head)")
-        super().__init__(cfg)
-
     def build_quantizer(self, cfg):
         q = cfg.quantization
         return VectorQuantizer(q.dim_code, q.size_dict, beta=cfg.model.beta, ema=q.ema,

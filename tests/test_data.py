@@ -73,10 +73,6 @@ def celebamask_root(tmp_path):
     return tmp_path, fixtures.write_celebamask(tmp_path, 12, 3, 2, seed=2)
 
 
-def test_registry_matches_config_names():
-    assert set(data.DATASETS) == set(configs.DATASETS)
-
-
 def test_split_sizes_real_and_tiny():
     assert data.split_sizes("MNIST", 60_000) == (50_000, 10_000)
     assert data.split_sizes("FashionMNIST", 60_000) == (50_000, 10_000)

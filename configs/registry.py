@@ -1,0 +1,70 @@
+"""The one table of names: datasets, models and quantizer variants, and what each implies.
+
+Config validation (``configs.load_config``) reads this table and derives ``dataset.shape``
+and ``dataset.dim_x`` from the dataset's entry; the loaders read from it what a dataset holds
+(``data.loader.TO_MODEL``); the networks take it through the config they are given, picking
+their encoder/decoder by ``network.name`` and ``dataset.shape``, and the models rely on the
+rules below having been applied. The implementations registered under these names
+(``data.DATASETS``, ``networks.MODEL_REGISTRY``, ``networks.NETWORK_REGISTRY``,
+``networks.quantizers.GAUSSIAN_VARIANCES``, ``CODEBOOK_INITS``, ``OUTPUT_ACTIVATIONS``) are
+checked against it by ``tests/test_registry.py``.
+
+Plain data that imports nothing of ours, so any package may read it: configs/ still imports
+nothing outside itself, and data/ already imports configs. The networks do not import it:
+importing ``networks`` never loads the config system (docs/layers.md).
+"""
+from typing import NamedTuple
+
+
+class Dataset(NamedTuple):
+    """What a dataset's name implies."""
+
+    shape: tuple   # (C, H, W) of one item: dataset.shape, and dim_x = C * H * W
+    network: str   # the network.name whose encoder/decoder read it
+    items: str     # "images" (values in [0, 1]) or "labels" (one class index per pixel)
+
+
+DATASETS = {
+    "MNIST": Dataset((1, 28, 28), "resnet", "images"),
+    "FashionMNIST": Dataset((1, 28, 28), "resnet", "images"),
+    "CIFAR10": Dataset((3, 32, 32), "resnet", "images"),
+    "CelebA": Dataset((3, 64, 64), "resnet", "images"),
+    "CelebAMask_HQ": Dataset((1, 64, 64), "resnet_label", "labels"),
+}
+
+# model.param_var_q -> whether its quantizer reads a variance from an encoder head
+# (flags.var_q): the Gaussian variances I-IV of docs/model.md §3.1, and the vMF quantizer.
+VARIANTS = {
+    "gaussian_1": False,
+    "gaussian_2": True,
+    "gaussian_3": True,
+    "gaussian_4": True,
+    "vmf": False,
+}
+
+
+class Model(NamedTuple):
+    """What a model accepts."""
+
+    items: str              # what it reconstructs: the datasets whose items are these
+    variants: tuple         # the model.param_var_q values it takes
+    codebook_inits: tuple   # the quantization.init values it takes
+    ema: bool               # whether it takes quantization.ema True
+    extra_code_dim: int     # quantization.dim_code = quantization.dim_dict + this
+
+
+# The SQ-VAE keeps the release's N(0, 1) codebook (docs/model.md); the VQ-VAE baseline
+# reproduces the Gaussian experiments with the nearest-code quantizer only; the release's
+# vMF model on label maps widens its codes by one.
+MODELS = {
+    "GaussianSQVAE": Model("images", tuple(VARIANTS), ("normal",), False, 0),
+    "VmfSQVAE": Model("labels", ("vmf",), ("normal",), False, 1),
+    "VQVAE": Model("images", ("gaussian_1",), ("normal", "uniform"), True, 0),
+}
+
+# network.name: the encoder/decoder families the datasets above name.
+NETWORKS = tuple(dict.fromkeys(spec.network for spec in DATASETS.values()))
+# quantization.init: N(0, 1) rows (the SQ-VAE release's) or uniform(-1/K, 1/K) (VQ-VAE).
+CODEBOOK_INITS = ("normal", "uniform")
+# network.act_decoder: the label decoder's output activation.
+ACTIVATIONS = ("exp", "sigmoid", "tanh", "none")
