@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from networks import GaussianQuantizer, VectorQuantizer, VmfQuantizer, arelbo
+from tests.helpers import gumbel_draw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GAUSSIAN = ["gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4"]
@@ -145,9 +146,7 @@ def test_train_mode_is_the_gumbel_softmax_at_the_annealed_temperature(kind):
     torch.manual_seed(4)
     z_q, _ = call(layer, z, log_var)
     logits, book, _, _ = expected_logits(kind, layer, z, log_var)
-    torch.manual_seed(4)
-    u = torch.rand(logits.shape).double()
-    g = -torch.log(-torch.log(u + 1e-10) + 1e-10)
+    g = gumbel_draw(logits.shape, 4, torch.float64)
     y = ((logits + g) / (2 * math.exp(-1))).softmax(1)
     torch.testing.assert_close(rows(z_q).double(), y @ book, rtol=1e-5, atol=1e-5)
 

@@ -12,11 +12,10 @@ import scipy.special as sp
 import torch
 import torch.nn.functional as F
 
-from configs import load_config
-from networks import build_model
 from networks.losses import (arelbo_loss, learned_variance_loss, squared_error,
                              vmf_log_normalizer, vmf_reconstruction)
 from networks.functional import gaussian_logits, gaussian_quantize, perplexity, vmf_quantize
+from tests.helpers import gumbel_draw, make_input, make_model
 
 MODES = ["train", "deterministic", "stochastic"]
 NAMES = ["mnist_gauss_1", "fashion-mnist_gauss_1", "cifar10_gauss_1", "celeba_gauss_1",
@@ -27,12 +26,6 @@ TAU = torch.tensor(1.0)
 def latent(*values):
     """One image with a 1x1 latent: B x D x 1 x 1."""
     return torch.tensor(values).reshape(1, -1, 1, 1)
-
-
-def gumbel_like_reference(shape, seed):
-    torch.manual_seed(seed)
-    u = torch.rand(shape)
-    return -torch.log(-torch.log(u + 1e-10) + 1e-10)
 
 
 # ---------------------------------------------------------------------------- Gaussian, by hand
@@ -90,7 +83,7 @@ def test_gaussian_train_mode_by_hand(tau):
     seed = 7
     torch.manual_seed(seed)
     out = gaussian_quantize(Z, VAR, BOOK, "train", torch.tensor(tau))
-    g = gumbel_like_reference((1, 2), seed)[0]
+    g = gumbel_draw((1, 2), seed)[0]
     y = F.softmax((torch.tensor([-0.25, -0.5]) + g) / tau, dim=0)
     y1 = y[1].item()
     # z_hat = y_0 (0, 0) + y_1 (2, 1); continuous KL = 1/2 * 1/2 * ((1 - 2 y_1)^2 + y_1^2).
@@ -166,7 +159,7 @@ def test_vmf_train_mode_by_hand():
     seed = 3
     torch.manual_seed(seed)
     out = vmf_quantize(VZ, KAPPA, VBOOK, "train", torch.tensor(0.7))
-    g = gumbel_like_reference((1, 2), seed)[0]
+    g = gumbel_draw((1, 2), seed)[0]
     r5 = math.sqrt(5)
     y = F.softmax((torch.tensor([1.6, 4 / r5]) + g) / 0.7, dim=0).tolist()
     # z_hat = y_0 (0, 1) + y_1 (2, 1)/sqrt 5; KL = 2 * ((0.6, 0.8) . ((0.6, 0.8) - z_hat)).
@@ -226,11 +219,8 @@ def test_learned_variance_by_hand():
 
 @pytest.mark.parametrize("arelbo", [True, False])
 def test_model_reconstruction_terms(arelbo):
-    cfg = load_config("mnist_gauss_1", ["flags.arelbo", str(arelbo)])
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    gen = torch.Generator().manual_seed(1)
-    x, x_hat = torch.rand(3, 1, 28, 28, generator=gen), torch.rand(3, 1, 28, 28, generator=gen)
+    cfg, model = make_model("mnist_gauss_1", "flags.arelbo", str(arelbo))
+    x, x_hat = make_input(cfg, 3, seed=1), make_input(cfg, 3, seed=2)
     terms = model.reconstruction_terms(x_hat, x)
     mse = ((x_hat.double() - x.double()) ** 2).sum().item() / 3
     assert terms["mse"].item() == pytest.approx(mse, rel=1e-5)
@@ -312,9 +302,7 @@ def test_vmf_reconstruction_gradients():
 
 
 def test_vmf_model_reconstruction_terms():
-    cfg = load_config("celebamask_vmf", [])
-    torch.manual_seed(0)
-    model = build_model(cfg)
+    _, model = make_model("celebamask_vmf")
     gen = torch.Generator().manual_seed(1)
     x_hat = F.softplus(torch.randn(2, 20, 64, 64, generator=gen))
     labels = torch.randint(0, 19, (2, 1, 64, 64), generator=gen)
@@ -326,22 +314,11 @@ def test_vmf_model_reconstruction_terms():
 
 # ---------------------------------------------------------------------------- whole model
 
-def make(name, *opts):
-    cfg = load_config(name, list(opts))
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    gen = torch.Generator().manual_seed(1)
-    if cfg.model.name == "VmfSQVAE":
-        x = torch.randint(0, 19, (2, *cfg.dataset.shape), generator=gen)
-    else:
-        x = torch.rand(2, *cfg.dataset.shape, generator=gen)
-    return cfg, model, x
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_total_loss_and_every_term_from_forward(name):
     """In eval mode, deterministic: every term recomputed from the encoder output by formula."""
-    cfg, model, x = make(name)
+    cfg, model = make_model(name)
+    x = make_input(cfg, 2)
     model.eval()
     with torch.no_grad():
         x_hat, terms = model(x, "deterministic")
@@ -398,7 +375,8 @@ def test_total_loss_and_every_term_from_forward(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_total_loss_is_the_sum_in_every_mode(name):
-    _, model, x = make(name)
+    cfg, model = make_model(name)
+    x = make_input(cfg, 2)
     model.train()
     for mode in MODES:
         _, terms = model(x, mode)
@@ -409,7 +387,8 @@ def test_total_loss_is_the_sum_in_every_mode(name):
 @pytest.mark.parametrize("name", ["mnist_gauss_1", "celeba_gauss_2", "celeba_gauss_4",
                                   "celebamask_vmf", "cifar10_vmf"])
 def test_discrete_kl_is_the_same_in_every_mode(name):
-    _, model, x = make(name)
+    cfg, model = make_model(name)
+    x = make_input(cfg, 2)
     model.eval()
     model.quantizer.temperature.fill_(0.3)
     results = {}
@@ -430,9 +409,7 @@ def test_discrete_kl_is_the_same_in_every_mode(name):
 @pytest.mark.parametrize("variant", ["gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4",
                                      "vmf"])
 def test_quantizer_param(variant):
-    cfg = load_config("mnist_gauss_1", ["model.param_var_q", variant])
-    torch.manual_seed(0)
-    model = build_model(cfg)
+    cfg, model = make_model("mnist_gauss_1", "model.param_var_q", variant)
     with torch.no_grad():
         model.quantizer.log_param_q_scalar.fill_(0.3)
     log_var = torch.randn(2, 64, 7, 7, generator=torch.Generator().manual_seed(1))

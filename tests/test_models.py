@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from configs import load_config
-from networks import build_model, count_parameters
+from networks import count_parameters
 from networks.functional import gaussian_logits, gaussian_quantize, gumbel_noise, vmf_quantize
+from tests.helpers import gumbel_draw, make_input, make_model
 from tests.reference_tables import REFERENCE_PARAMS
 
 NAMES = ["mnist_gauss_1", "fashion-mnist_gauss_1", "cifar10_gauss_1", "celeba_gauss_1",
@@ -20,21 +20,6 @@ NAMES = ["mnist_gauss_1", "fashion-mnist_gauss_1", "cifar10_gauss_1", "celeba_ga
 MODES = ["train", "deterministic", "stochastic"]
 # Latent grid side of each dataset's network (docs/model.md §2).
 GRID = {"MNIST": 7, "FashionMNIST": 7, "CIFAR10": 8, "CelebA": 16, "CelebAMask_HQ": 8}
-
-
-
-def make(name, *opts, seed=0):
-    cfg = load_config(name, list(opts))
-    torch.manual_seed(seed)
-    return cfg, build_model(cfg)
-
-
-def make_input(cfg, batch, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    if cfg.model.name == "VmfSQVAE":
-        return torch.randint(0, cfg.network.num_class, (batch, *cfg.dataset.shape),
-                             generator=gen)
-    return torch.rand(batch, *cfg.dataset.shape, generator=gen)
 
 
 # ----------------------------------------------------------------------------- parameter counts
@@ -83,7 +68,7 @@ def spec_counts(cfg):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_parameter_counts_match_spec(name):
-    cfg, model = make(name)
+    cfg, model = make_model(name)
     counts = count_parameters(model)
     got = (counts["total"], counts["encoder"], counts["decoder"])
     assert got == REFERENCE_PARAMS[name]
@@ -97,7 +82,7 @@ def test_parameter_counts_match_spec(name):
     ("celeba_gauss_3", ("network.num_rb", "3", "quantization.dim_dict", "16")),
 ])
 def test_parameter_counts_follow_flags(name, opts):
-    cfg, model = make(name, *opts)
+    cfg, model = make_model(name, *opts)
     counts = count_parameters(model)
     assert (counts["total"], counts["encoder"], counts["decoder"]) == spec_counts(cfg)
 
@@ -106,7 +91,7 @@ def test_parameter_counts_without_bn_by_hand():
     # MNIST, D = 64, h = 32. flags.bn False removes only the stem's and the head's BN(32)
     # (64 parameters each); the ResBlocks keep theirs, as in the release.
     # 116128 - 64 = 116064, 116065 - 64 = 116001, 240386 - 128 = 240258.
-    _, model = make("mnist_gauss_1", "flags.bn", "False")
+    _, model = make_model("mnist_gauss_1", "flags.bn", "False")
     assert count_parameters(model) == {"total": 240258, "encoder": 116064, "decoder": 116001}
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert [m.num_features for m in bns] == [64] * 8  # 2 per ResBlock, 2 ResBlocks a side
@@ -117,7 +102,7 @@ def test_parameter_counts_without_bn_by_hand():
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("batch,train_state", [(1, True), (2, False)])  # B=1 with BatchNorm on
 def test_forward_shapes_and_terms(name, batch, train_state):
-    cfg, model = make(name)
+    cfg, model = make_model(name)
     model.train(train_state)
     x = make_input(cfg, batch)
     vmf = cfg.model.name == "VmfSQVAE"
@@ -150,7 +135,7 @@ def test_forward_shapes_and_terms(name, batch, train_state):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_latent_grid(name):
-    cfg, model = make(name)
+    cfg, model = make_model(name)
     z, log_var = model.encoder(make_input(cfg, 2))
     g = GRID[cfg.dataset.name]
     assert z.shape == (2, cfg.quantization.dim_code, g, g)
@@ -162,7 +147,7 @@ def test_latent_grid(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_gradients_reach_every_part_in_train_mode(name):
-    cfg, model = make(name)
+    cfg, model = make_model(name)
     model.train()
     _, terms = model(make_input(cfg, 2), "train")
     terms["loss"].backward()
@@ -204,7 +189,7 @@ def _spread_codebook(model, z):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_encode_picks_nearest_or_best_aligned_code(name):
-    cfg, model = make(name)
+    cfg, model = make_model(name)
     # BatchNorm on batch statistics: at initialisation the eval-mode encoder maps every position
     # to almost the same vector, which would make "nearest" a float32 coin toss.
     model.train()
@@ -266,7 +251,7 @@ def test_deterministic_quantizer_returns_codebook_rows(grid, kind):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_decode_of_encode_equals_deterministic_forward(name):
-    cfg, model = make(name)
+    cfg, model = make_model(name)
     model.eval()
     x = make_input(cfg, 2)
     with torch.no_grad():
@@ -275,12 +260,6 @@ def test_decode_of_encode_equals_deterministic_forward(name):
 
 
 # ----------------------------------------------------------------------------- Gumbel relaxation
-
-def _reference_gumbel(shape, seed):
-    torch.manual_seed(seed)
-    u = torch.rand(shape)
-    return -torch.log(-torch.log(u + 1e-10) + 1e-10)
-
 
 def _train_weights(kind, logits_source, tau, seed):
     """Run the quantizer in train mode with an identity codebook, so z_q's rows are y itself."""
@@ -307,7 +286,7 @@ def test_gumbel_relaxation_matches_formula_and_hardens_as_tau_shrinks(kind):
     k, seed = 4, 11
     z = torch.randn(3, k, 2, 1, generator=torch.Generator().manual_seed(0)) * 2
     logits = _direct_logits(kind, z)
-    g = _reference_gumbel(logits.shape, seed)
+    g = gumbel_draw(logits.shape, seed)
     perturbed = logits + g
     top2 = perturbed.topk(2, dim=1).values
     assert (top2[:, 0] - top2[:, 1]).min() > 1e-2  # the limit is well defined at this seed
@@ -332,11 +311,11 @@ def test_gumbel_noise_distribution():
     assert g.shape == (200000,) and torch.isfinite(g).all()
     assert abs(g.mean().item() - 0.5772156649) < 0.015
     assert abs(g.var().item() - math.pi ** 2 / 6) < 0.04
-    torch.testing.assert_close(g, _reference_gumbel((200000,), 0))
+    torch.testing.assert_close(g, gumbel_draw((200000,), 0))
 
 
 def test_model_train_mode_uses_its_temperature():
-    cfg, model = make("cifar10_gauss_1")
+    cfg, model = make_model("cifar10_gauss_1")
     model.eval()
     assert model.quantizer.temperature.item() == cfg.quantization.temperature.init
     z, log_var = model.encoder(make_input(cfg, 2))
@@ -391,7 +370,7 @@ def test_stochastic_mode_samples_softmax_of_logits(kind):
 @pytest.mark.parametrize("name", ["mnist_gauss_1", "cifar10_gauss_1", "celeba_gauss_1"])
 def test_variant_ii_on_every_grid(name):
     # The reference tiled the per-image precision to 8x8 and crashed elsewhere (docs/model.md §8).
-    cfg, model = make(name, "model.param_var_q", "gaussian_2")
+    cfg, model = make_model(name, "model.param_var_q", "gaussian_2")
     model.eval()
     x = make_input(cfg, 2)
     z, log_var = model.encoder(x)
@@ -438,7 +417,7 @@ def test_gaussian_logits_by_hand():
 
 @pytest.mark.parametrize("name", ["mnist_gauss_1", "celeba_gauss_4", "celebamask_vmf"])
 def test_initialisation(name):
-    cfg, model = make(name, seed=4)
+    cfg, model = make_model(name, seed=4)
     convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert convs and bns
@@ -479,13 +458,13 @@ def test_initialisation(name):
 
 
 def test_learned_decoder_variance_initial_value():
-    _, model = make("mnist_gauss_1", "flags.arelbo", "False")
+    _, model = make_model("mnist_gauss_1", "flags.arelbo", "False")
     assert model.log_var_x.item() == pytest.approx(math.log(0.1), abs=1e-6)
 
 
 def test_same_seed_same_model():
-    _, a = make("celebamask_vmf", seed=3)
-    _, b = make("celebamask_vmf", seed=3)
+    _, a = make_model("celebamask_vmf", seed=3)
+    _, b = make_model("celebamask_vmf", seed=3)
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)  # same names in the same order, none missing on either side
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -496,7 +475,7 @@ def test_same_seed_same_model():
 @pytest.mark.parametrize("name", NAMES)
 def test_forward_on_meta_device(name):
     # Any tensor made on a fixed device (the reference used "cuda") would clash with "meta".
-    cfg, model = make(name)
+    cfg, model = make_model(name)
     model.to("meta")
     if cfg.model.name == "VmfSQVAE":
         x = torch.empty(2, *cfg.dataset.shape, dtype=torch.int64, device="meta")
@@ -511,7 +490,7 @@ def test_forward_on_meta_device(name):
 @pytest.mark.parametrize("name", ["mnist_gauss_1", "cifar10_vmf", "celeba_gauss_4",
                                   "celebamask_vmf"])
 def test_forward_follows_parameter_dtype(name):
-    cfg, model = make(name)
+    cfg, model = make_model(name)
     model.double()
     x = make_input(cfg, 1)
     if cfg.model.name != "VmfSQVAE":
@@ -532,7 +511,7 @@ def test_forward_follows_parameter_dtype(name):
     ("mnist_gauss_1", ("flags.decay", "False"), "GaussianQuantizer"),
 ])
 def test_models_are_built_from_the_layers(name, opts, layer):
-    cfg, model = make(name, *opts)
+    cfg, model = make_model(name, *opts)
     q = model.quantizer
     assert type(q).__name__ == layer and not q.channel_last
     assert (q.dim, q.codebook_size) == (cfg.quantization.dim_code, cfg.quantization.size_dict)
@@ -564,7 +543,7 @@ def legacy_layout(model):
 def test_checkpoints_from_before_the_layers_resume_exactly(name, opts):
     from trainer.loop import build_optimizer, optimizer_state_by_name
     from trainer.runs import load_model_weights
-    cfg, model = make(name, *opts, seed=0)
+    cfg, model = make_model(name, *opts, seed=0)
     optimizer = build_optimizer(cfg, model, "cpu")
     _, terms = model(make_input(cfg, 2), "train")
     terms["loss"].backward()
@@ -582,7 +561,7 @@ def test_checkpoints_from_before_the_layers_resume_exactly(name, opts):
                                   if position[k] in saved["state"]},
                         "param_groups": [{**saved["param_groups"][0],
                                           "params": list(range(len(order)))}]}
-    _, again = make(name, *opts, seed=1)
+    _, again = make_model(name, *opts, seed=1)
     load_model_weights(again, legacy, "legacy.pt")
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
     resumed = build_optimizer(cfg, again, "cpu")

@@ -16,6 +16,7 @@ import torch
 import main
 from configs import ConfigError, load_config
 from networks import MODEL_REGISTRY, VQVAE, build_model, count_parameters
+from tests.helpers import make_input, make_model
 from util import compare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,10 +44,8 @@ def _env(monkeypatch):
 
 def tiny_model(*opts):
     """A VQ-VAE with K = 2 codes of dimension D = 2 (MNIST networks, never run here)."""
-    cfg = load_config("mnist_vqvae", ["quantization.size_dict", "2",
-                                      "quantization.dim_dict", "2", *opts])
-    torch.manual_seed(0)
-    return build_model(cfg)
+    return make_model("mnist_vqvae", "quantization.size_dict", "2", "quantization.dim_dict", "2",
+                      *opts)[1]
 
 
 # ----------------------------------------------------------------------------- hand examples
@@ -206,10 +205,8 @@ def test_ema_needs_vqvae():
 
 @pytest.mark.parametrize("ema", [False, True])
 def test_forward_backward_in_every_mode(ema):
-    cfg = load_config("mnist_vqvae", ["quantization.ema", str(ema)])
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    cfg, model = make_model("mnist_vqvae", "quantization.ema", str(ema))
+    x = make_input(cfg, 3)
     for mode in MODES:
         model.train()
         model.zero_grad(set_to_none=True)
