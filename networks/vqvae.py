@@ -17,8 +17,6 @@ Loss, every term a mean over its elements (N = B * H * W latent positions):
 `mse` is reported exactly as for the SQ-VAE (squared error summed per image, mean over
 images). See the VQVAE class docstring for why these reductions, and for the EMA codebook.
 """
-import torch
-
 from .base import CodebookAutoencoder, schedule_of
 from .losses import squared_error
 from .quantizers import VectorQuantizer
@@ -83,6 +81,6 @@ class VQVAE(CodebookAutoencoder):
             "loss_commit": aux["loss_commit"],
             "perplexity": aux["perplexity"],
             # No distribution over codes: the assignment is one-hot, its entropy 0.
-            "entropy": torch.zeros((), device=x.device),
+            "entropy": mse.new_zeros(()),
             "mse": mse.detach(),
         }

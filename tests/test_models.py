@@ -472,10 +472,16 @@ def test_same_seed_same_model():
 
 # ----------------------------------------------------------------------------- device and dtype
 
-@pytest.mark.parametrize("name", NAMES)
-def test_forward_on_meta_device(name):
+# The VQ-VAE on the MNIST and CIFAR10 networks, with the codebook loss and with the EMA
+# codebook (whose update runs in training forward passes, the first mode below).
+VQVAE_CASES = [pytest.param(name, ("quantization.ema", ema), id=f"{name}-ema_{ema}")
+               for name in ("mnist_vqvae", "cifar10_vqvae") for ema in ("False", "True")]
+
+
+@pytest.mark.parametrize("name,opts", [*((name, ()) for name in NAMES), *VQVAE_CASES])
+def test_forward_on_meta_device(name, opts):
     # Any tensor made on a fixed device (the reference used "cuda") would clash with "meta".
-    cfg, model = make_model(name)
+    cfg, model = make_model(name, *opts)
     model.to("meta")
     if cfg.model.name == "VmfSQVAE":
         x = torch.empty(2, *cfg.dataset.shape, dtype=torch.int64, device="meta")
@@ -485,12 +491,14 @@ def test_forward_on_meta_device(name):
         x_hat, terms = model(x, mode)
         assert x_hat.device.type == "meta"
         assert all(v.device.type == "meta" for v in terms.values())
+    assert all(v.device.type == "meta" for v in model.state_dict().values())
 
 
-@pytest.mark.parametrize("name", ["mnist_gauss_1", "cifar10_vmf", "celeba_gauss_4",
-                                  "celebamask_vmf"])
-def test_forward_follows_parameter_dtype(name):
-    cfg, model = make_model(name)
+@pytest.mark.parametrize("name,opts", [("mnist_gauss_1", ()), ("cifar10_vmf", ()),
+                                       ("celeba_gauss_4", ()), ("celebamask_vmf", ()),
+                                       *VQVAE_CASES])
+def test_forward_follows_parameter_dtype(name, opts):
+    cfg, model = make_model(name, *opts)
     model.double()
     x = make_input(cfg, 1)
     if cfg.model.name != "VmfSQVAE":
@@ -498,8 +506,11 @@ def test_forward_follows_parameter_dtype(name):
     for mode in MODES:
         x_hat, terms = model(x, mode)
         assert x_hat.dtype == torch.float64
-        assert all(v.dtype == torch.float64 for k, v in terms.items() if k != "acc")
+        assert [k for k, v in terms.items() if k != "acc" and v.dtype != torch.float64] == []
         assert torch.isfinite(terms["loss"])
+    # What the forward passes wrote back (the EMA codebook and its statistics) stays float64.
+    assert [k for k, v in model.state_dict().items()
+            if v.is_floating_point() and v.dtype != torch.float64] == []
 
 
 # ---------------------------------------------------------------------------- built from layers
