@@ -100,13 +100,33 @@ def test_default_architecture_sees_all_of_a_16x16_grid():
     assert seen[:-1].all() and not seen[-1]
 
 
-def test_nll_is_mean_cross_entropy_per_position():
-    torch.manual_seed(0)
-    model = GatedPixelCNN(K, channels=8, layers=2, kernel=3)
-    codes = torch.randint(0, K, (3, H, W))
-    nll = model.nll(codes)
+def test_code_nll_and_model_nll_by_hand():
+    # code_nll on logits that differ by position: K = 3 codes, one 1 x 2 grid.
+    #   (0, 0): logits (0, ln 2, ln 5), softmax (1, 2, 5) / 8, code 2: -ln(5/8) = ln 1.6
+    #           = 0.4700036
+    #   (0, 1): logits (ln 3, 0, 0), softmax (3, 1, 1) / 5, code 0: -ln(3/5) = ln(5/3)
+    #           = 0.5108256
+    #   sum = ln(1.6 * 5/3) = ln(8/3) = 0.9808293; mean over the 2 positions = 0.4904146.
+    ln2, ln3, ln5 = math.log(2), math.log(3), math.log(5)
+    logits = torch.tensor([[0.0, ln3], [ln2, 0.0], [ln5, 0.0]],
+                          dtype=torch.float64).reshape(1, 3, 1, 2)
+    codes = torch.tensor([[[2, 0]]])
+    assert code_nll(logits, codes, "sum").item() == pytest.approx(0.9808293, abs=1e-7)
+    assert code_nll(logits, codes, "mean").item() == pytest.approx(0.4904146, abs=1e-7)
+    # The model: with the weights of its last 1x1 convolution zero, its logits are that
+    # convolution's bias at every position, here (0, ln 2, ln 5) again: softmax (1, 2, 5) / 8,
+    # so -ln p = ln 8 = 2.0794415 for code 0, ln 4 = 1.3862944 for code 1, ln 1.6 = 0.4700036
+    # for code 2. Two 2 x 2 grids with six 2s, one 1 and one 0:
+    #   sum = 6 ln 1.6 + ln 4 + ln 8 = 6 (3 ln 2 - ln 5) + 5 ln 2 = 23 ln 2 - 6 ln 5
+    #       = 23 * 0.69314718 - 6 * 1.60943791 = 15.94238514 - 9.65662746 = 6.28575768,
+    #   mean over the 8 positions = 0.7857197 (nats per code position).
+    model = GatedPixelCNN(3, channels=4, layers=1, kernel=3)
+    with torch.no_grad():
+        model.head[-1].weight.zero_()
+        model.head[-1].bias.copy_(torch.tensor([0.0, ln2, ln5]))
+    nll = model.nll(torch.tensor([[[2, 2], [1, 0]], [[2, 2], [2, 2]]]))
     assert nll.dim() == 0
-    torch.testing.assert_close(nll, F.cross_entropy(model(codes), codes))
+    assert nll.item() == pytest.approx(0.7857197, abs=1e-6)
 
 
 def test_code_nll_equals_cross_entropy_on_skewed_logits():
@@ -122,11 +142,6 @@ def test_code_nll_equals_cross_entropy_on_skewed_logits():
         grad, = torch.autograd.grad(ours, logits)
         grad_reference, = torch.autograd.grad(reference, logits)
         torch.testing.assert_close(grad, grad_reference, rtol=1e-13, atol=1e-16)
-    # One position by hand: -log softmax at the true class.
-    column = logits[1, :, 2, 3].detach()
-    by_hand = torch.logsumexp(column, 0) - column[codes[1, 2, 3]]
-    single = code_nll(logits[1:2, :, 2:3, 3:4], codes[1:2, 2:3, 3:4], "sum")
-    assert single.item() == pytest.approx(by_hand.item(), rel=1e-15)
     with pytest.raises(ValueError, match="reduction"):
         code_nll(logits, codes, "none")
 
