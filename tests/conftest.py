@@ -1,4 +1,4 @@
-"""The two tiers of real data, and settings every test shares.
+"""The two tiers of real data, settings every test shares, and fixtures several files use.
 
 Tier 1 runs everywhere, a fresh clone included: the small real MNIST and Fashion-MNIST
 subsets shipped in ``tests/data`` (``small_data``), plus the files other tests write in
@@ -78,3 +78,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def stop_prior_in_epoch_2(monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) as the prior's training enters its epoch 2, until the
+    function returned is called."""
+    from trainer.prior import PriorTraining
+    original = PriorTraining.train_epoch
+
+    def stop(self, codes):
+        if self.epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, codes)
+
+    monkeypatch.setattr(PriorTraining, "train_epoch", stop)
+    return lambda: monkeypatch.setattr(PriorTraining, "train_epoch", original)

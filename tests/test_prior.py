@@ -21,7 +21,6 @@ import main
 from configs import ConfigError, load_config
 from networks.prior import GatedPixelCNN, build_prior, code_nll
 from trainer import export
-from trainer.prior import PriorTraining
 from util.codes import load_codes
 from util.io import read_jsonl
 
@@ -309,25 +308,17 @@ def test_samples_are_seeded_decodable_code_grids(prior_run, tmp_path):
 
 
 def test_interrupted_prior_continues_to_the_same_weights(short_run, prior_run, tmp_path,
-                                                         monkeypatch, capsys):
+                                                         capsys, stop_prior_in_epoch_2):
     run, data_root = short_run
     copy = tmp_path / "copy"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("prior*", "codes_*", "*.png"))
-    original = PriorTraining.train_epoch
-
-    def stop_in_epoch_2(self, codes):
-        if self.epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, codes)
-
-    monkeypatch.setattr(PriorTraining, "train_epoch", stop_in_epoch_2)
     before = prior_records(copy)  # copied with metrics.jsonl
     assert main.run(prior_args(copy, data_root)) == 130
     err = capsys.readouterr().err
     assert f"continue with: {shlex.quote(sys.executable)} " in err
     assert f"-ts {copy} --prior" in err
     assert prior_records(copy) == before
-    monkeypatch.setattr(PriorTraining, "train_epoch", original)
+    stop_prior_in_epoch_2()
     assert main.run(prior_args(copy, data_root)) == 0
     assert "continuing prior_current.pt after epoch 1" in capsys.readouterr().out
     done = torch.load(run / "prior.pt", weights_only=True)

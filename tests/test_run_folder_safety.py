@@ -244,20 +244,6 @@ PRIOR_OPTS = ["prior.channels", "16", "prior.layers", "3", "prior.epoch_max", "3
               "prior.bs", "16"]
 
 
-@pytest.fixture
-def stop_prior_in_epoch_2(monkeypatch):
-    from trainer.prior import PriorTraining
-    original = PriorTraining.train_epoch
-
-    def stop(self, codes):
-        if self.epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, codes)
-
-    monkeypatch.setattr(PriorTraining, "train_epoch", stop)
-    return lambda: monkeypatch.setattr(PriorTraining, "train_epoch", original)
-
-
 def prior_records(run):
     return [r for r in read_jsonl(str(run / "metrics.jsonl")) if r["split"] == "prior_test"]
 
