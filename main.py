@@ -6,8 +6,7 @@ import argparse
 import os
 import sys
 
-from util.cli import OneLineParser
-from util.signals import interrupt_status, sigterm_as_interrupt
+from util.cli import EXIT_INPUT, EXIT_MACHINE, OneLineParser, UsageError, run_command
 
 EPILOG = """examples:
   python main.py -c mnist_gauss_1.yaml --save
@@ -23,6 +22,21 @@ experiment files (in configs/, or give any YAML path):
 
 environment: SQVAE_CHECKPOINTS and SQVAE_DATA set the defaults of `path` (run
 folders) and `path_dataset` (datasets); overrides on the command line win.
+
+companion commands (each explains itself with --help):
+  python -m util.compare RUN_OR_FOLDER ... [--csv F] [--report F] [--curves PNG]
+      compare run folders: one table row per run, the reproduction report
+      (docs/results.md) and learning curves
+  python -m trainer.reference import REF_RUN [--to RUN_DIR]
+      make a run folder of the authors' release a run of this tool (for --resume and
+      --prior; -ts reads it as it is)
+  python -m data.prepare_celebamask_hq --src RELEASE --dst DATA_ROOT
+      turn the public CelebAMask-HQ release into the folders celebamask_vmf.yaml reads
+  python benchmarks/gpu_check.py
+      every GPU path once (cuDNN settings, AMP, compile, -ts, prior, vMF, torchrun), one
+      table; a check of a CUDA machine
+  python benchmarks/bench.py CONFIG ...
+      throughput, epoch time and memory per experiment
 """
 
 
@@ -65,7 +79,7 @@ def build_parser():
                         help="continue the interrupted run folder RUN (a name or a path) "
                              "exactly where its current.pt stopped; implies --save")
     parser.add_argument("--dbg", action="store_true",
-                        help="print the reference's per-epoch Train/Validation/Test lines")
+                        help="print the release's per-epoch Train/Validation/Test lines")
     parser.add_argument("--gpu", metavar="IDS",
                         help="CUDA devices to make visible, e.g. 0 or 0,1 "
                              "(sets CUDA_VISIBLE_DEVICES)")
@@ -92,15 +106,25 @@ def build_parser():
 
 
 def run(argv=None):
-    # From the first line on: the imports below take seconds, and Ctrl-C or SIGTERM there
-    # must be one line too.
-    try:
-        with sigterm_as_interrupt():
-            return _run(argv)
-    except KeyboardInterrupt as e:
-        code, what = interrupt_status(e)
-        print(f"{what} during start-up; nothing was written", file=sys.stderr)
-        return code
+    # util.cli from the first line on: the imports below take seconds, and Ctrl-C or SIGTERM
+    # there must be one line too.
+    # An OSError is the machine (a full disk, a read-only file system); every file is
+    # written atomically, so what was on disk before is intact.
+    return run_command(lambda: _run(argv), errors=exit_statuses,
+                       interrupted="{what} during start-up; nothing was written",
+                       os_hint="; free space or fix the folder's permissions, then resume")
+
+
+def exit_statuses():
+    """The exceptions that end main.py with one line and an exit status (util.cli);
+    imported only once one arrives. (Interrupted, a util.cli.Stopped, says how to resume.)"""
+    from configs import ConfigError
+    from data import DatasetError
+    from trainer import RunError, TrainingError
+    from util.device import DeviceError
+    from util.io import UnsafeLink
+    return (((ConfigError, DatasetError, RunError, DeviceError, UnsafeLink), EXIT_INPUT),
+            ((TrainingError,), EXIT_MACHINE))
 
 
 def _run(argv):
@@ -108,17 +132,14 @@ def _run(argv):
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
 
-    from configs import ConfigError, load_config
-    from data import DatasetError
-    from trainer import Interrupted, RunError, TrainingError, commands
+    from configs import load_config
+    from trainer import commands
     from util import distributed as dist
-    from util.device import DeviceError, configure_kernels, select_device
-    from util.io import UnsafeLink
+    from util.device import configure_kernels, select_device
 
     problem = flag_problem(args)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        raise UsageError(problem)
     try:
         cfg = load_config(args.config_file, args.opts)
         if args.summary:
@@ -137,27 +158,6 @@ def _run(argv):
                               opts=args.opts, save=args.save or bool(args.resume),
                               resume=args.resume, seed=args.seed,
                               limit_batches=args.limit_batches, dbg=args.dbg)
-    except (ConfigError, DatasetError, RunError, DeviceError, UnsafeLink) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        # The machine, not the input: a full disk, a file system turned read-only. Every
-        # file is written atomically, so what was on disk before is intact.
-        where = f" {e.filename}" if e.filename else ""
-        print(f"error: cannot write{where}: {e.strerror or e}; free space or fix the "
-              "folder's permissions, then resume", file=sys.stderr)
-        return 1
-    except Interrupted as e:
-        if dist.is_main():
-            print(str(e), file=sys.stderr)
-        return e.code
-    except KeyboardInterrupt as e:
-        code, what = interrupt_status(e)
-        print(f"{what} before any run folder was written", file=sys.stderr)
-        return code
     finally:
         dist.shutdown()
 

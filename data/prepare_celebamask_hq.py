@@ -23,8 +23,9 @@ deleted mask goes unnoticed: delete the output then); fsyncs of folders after de
 and XFS journal them before the later rename of manifest.json); a final listing of the folders
 (the numbers are fixed up front); a missing mask folder k // 2000 as a warning (bad input now).
 
-Exit codes, one line on stderr: 0 done; 1 output not writable, or a mask did not decode (run
-again); 2 bad input (--strict: a bad face) or another run holds CelebAMask-HQ/.lock; 130 ^C.
+Exit codes, one line on stderr (util.cli): 0 done; 1 output not writable, or a mask did not
+decode (run again); 2 bad input (--strict: a bad face) or another run holds
+CelebAMask-HQ/.lock; 130 ^C, 143 SIGTERM (run again to resume).
 """
 import collections
 import contextlib
@@ -32,16 +33,16 @@ import functools
 import json
 import os
 import re
-import signal
 import sys
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from util.cli import OneLineParser
+from util.cli import EXIT_INPUT, OneLineParser, run_command
 from util.io import UnsafeLink, atomic_save, atomic_write_bytes, atomic_write_text
 from util.lock import FileLock, LockHeld
+from util.signals import pool_worker_init
 
 from .cache import build_workers, pool_context
 from .decode import LABEL_PARTS as PARTS, open_image
@@ -208,8 +209,8 @@ def _prepare(args):
         except (OSError, ValueError, LookupError, TypeError):
             old_manifest, ks_before, skipped_before = None, {}, set()
         map_faces = map  # one worker: this process; workers ignore Ctrl-C, which stops them
-        if workers > 1:  # as the parent leaves this block
-            pool = pool_context().Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN))
+        if workers > 1:  # as the parent leaves this block (util.signals.pool_worker_init)
+            pool = pool_context().Pool(workers, pool_worker_init)
             map_faces = functools.partial(stack.enter_context(pool).imap,
                                           chunksize=max(1, min(16, len(rows) // (4 * workers))))
         checks = map_faces(functools.partial(_check_face, image_dir, mask_dir),
@@ -285,6 +286,13 @@ def _summary(root, faces, skipped, written, removed, manifest_changed):
 
 def main(argv=None):
     """Command-line entry point; returns the exit code (see the module docstring)."""
+    # Bad input, another run, a lock file that is a link: 2; unwritable output: 1.
+    return run_command(lambda: _main(argv),
+                       errors=(((DatasetError, LockHeld, UnsafeLink), EXIT_INPUT),),
+                       interrupted="{what}; run the same command again to resume")
+
+
+def _main(argv):
     p = OneLineParser(prog="python -m data.prepare_celebamask_hq",
                       description=__doc__.split("\n\n")[0])
     p.add_argument("--src", required=True, metavar="RELEASE", help="the unpacked release")
@@ -295,20 +303,10 @@ def main(argv=None):
     p.add_argument("--strict", action="store_true", help="a bad face is fatal, not skipped")
     p.add_argument("--size", type=int, action="append", default=[], metavar="S",
                    help="also write {split}_label_S/: labels resized to SxS (1..511); repeatable")
-    try:
-        args = p.parse_args(argv)
-        if args.workers < 1 or not all(0 < size < MASK_SIZE for size in args.size):
-            p.error("--workers must be at least 1 and --size in 1..511")
-        return _prepare(args)
-    except SystemExit as e:  # --help, or the one-line usage error the parser has printed
-        return e.code if isinstance(e.code, int) else 2
-    # Bad input, another run, a lock file that is a link, unwritable output.
-    except (DatasetError, LockHeld, UnsafeLink, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 1 if isinstance(e, OSError) else 2
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    args = p.parse_args(argv)
+    if args.workers < 1 or not all(0 < size < MASK_SIZE for size in args.size):
+        p.error("--workers must be at least 1 and --size in 1..511")
+    return _prepare(args)
 
 
 if __name__ == "__main__":

@@ -97,9 +97,10 @@ def find_cycle(graph):
 
 def test_the_graph_sees_imports_inside_functions():
     graph = import_graph()
-    # main.py imports the trainer inside _run only; the trainer's package is an edge of it.
-    assert "trainer" in graph["main"] and "trainer.commands" in graph["main"]
-    assert {"util.cli", "util.signals"} <= set(graph["main"])
+    # main.py imports all but util.cli inside functions (start-up stays fast); `from
+    # trainer import commands` is the module, `from trainer import RunError` the package.
+    assert {"util.cli", "configs", "data", "trainer", "trainer.commands", "util.device",
+            "util.io"} <= set(graph["main"])
     assert "trainer.runs" in graph["trainer.commands"]  # `from . import runs`
 
 

@@ -23,6 +23,7 @@ import torch
 from configs import config_to_yaml
 from networks import upgrade_state_dict
 from util import distributed as dist
+from util.cli import Stopped
 from util.device import is_cuda
 from util.rng import get_rng_state, set_rng_state
 
@@ -39,13 +40,9 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says where and why."""
 
 
-class Interrupted(Exception):
+class Interrupted(Stopped):
     """SIGINT/SIGTERM arrived; a resumable checkpoint has been written. `code` is the
-    exit status (130 or 143)."""
-
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
+    exit status (130 or 143); the message says how to continue."""
 
 
 def build_optimizer(cfg, model, device):

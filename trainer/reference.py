@@ -13,7 +13,7 @@ import shutil
 import sys
 
 from configs import config_to_yaml
-from util.cli import OneLineParser
+from util.cli import EXIT_INPUT, OneLineParser, UsageError, run_command
 from util.io import UnsafeLink, atomic_write_bytes
 
 from . import release, runs
@@ -48,6 +48,11 @@ def import_run(run_dir, dest=None):
 
 
 def main(argv=None):
+    return run_command(lambda: _main(argv), errors=(((RunError, UnsafeLink), EXIT_INPUT),),
+                       interrupted="{what}; no run folder was written")
+
+
+def _main(argv):
     parser = OneLineParser(
         prog="python -m trainer.reference",
         description="Turn a run folder of the authors' release into a run folder of this "
@@ -59,18 +64,9 @@ def main(argv=None):
                      help="where to write it (default: path/path_specific/<its name>)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.run) or not release.is_release_run(args.run):
-        print(f"error: {args.run} is not a run folder of the authors' release (no "
-              f"{release.CONFIG_FILE}, or it already holds a {runs.CONFIG_FILE})",
-              file=sys.stderr)
-        return 2
-    try:
-        dest = import_run(args.run, args.to)
-    except (RunError, UnsafeLink) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: cannot write {e.filename or args.to}: {e.strerror}", file=sys.stderr)
-        return 1
+        raise UsageError(f"{args.run} is not a run folder of the authors' release (no "
+                         f"{release.CONFIG_FILE}, or it already holds a {runs.CONFIG_FILE})")
+    dest = import_run(args.run, args.to)
     print(f"imported {os.path.abspath(args.run)} as {dest}")
     return 0
 

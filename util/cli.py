@@ -1,15 +1,111 @@
-"""The argument parser of every command line here: a bad flag is one line, like every other
-input error, instead of argparse's usage block."""
+"""How every command line here starts and ends.
+
+``OneLineParser``: a bad flag is one line, like every other input error, instead of
+argparse's usage block. ``run_command``: what stops a command becomes one line on stderr and
+its exit status, the same for main.py and every companion command:
+
+* 0: done;
+* 1: the machine or the run (a full disk, a read-only folder, a failed training);
+* 2: input the user can fix (a bad flag, a config value, a dataset, a run folder);
+* 130 / 143: Ctrl-C / SIGTERM, from the command's first line on.
+"""
 import argparse
+import os
+import sys
+
+from .signals import interrupt_status, sigterm_as_interrupt
+
+EXIT_MACHINE, EXIT_INPUT = 1, 2
 
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, with `error: MESSAGE (see PROG --help)` and exit status 2 on bad flags."""
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see {self.help_command()})\n")
+        self.exit(EXIT_INPUT, f"error: {message} (see {self.help_command()})\n")
 
     def help_command(self):
         # Subcommand parsers are named "PROG SUB"; the top-level help lists them all.
         prog = self.prog if self.prog.startswith("python") else f"python {self.prog}"
         return f"{prog} --help"
+
+
+class UsageError(ValueError):
+    """Input a command refuses before it starts (flags that do not go together, a folder of
+    the wrong kind): exit status 2, the message as its line."""
+
+
+class Stopped(Exception):
+    """The command stops with exit status `code` after saying `message` as it is (not an
+    error line): e.g. an interruption after a checkpoint was written, with the command that
+    continues. Under torchrun only process 0 says it."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+def one_line(text):
+    """`text` with its line breaks (and the blanks around them) made single spaces."""
+    text = str(text)
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text
+
+
+def say(line):
+    print(line, file=sys.stderr)
+
+
+def run_command(body, *, errors=(), interrupted="{what}", cannot="write", os_hint="",
+                os_status=EXIT_MACHINE):
+    """`body()`'s exit status, with SIGTERM raised as an interruption while it runs, and
+    whatever stops it turned into one line on stderr and an exit status:
+
+    * SystemExit (argparse: --help, a bad flag, already printed): its status;
+    * Ctrl-C / SIGTERM: `interrupted` with {what} filled in ("interrupted" / "SIGTERM"),
+      exit 130 / 143;
+    * Stopped: its message and code;
+    * UsageError, or an exception listed in `errors`: `error: MESSAGE`, exit 2 for
+      UsageError, else the status listed with it;
+    * OSError: `error: cannot {cannot} FILE: REASON{os_hint}`, exit `os_status`;
+    * anything else: raised, traceback and all (a bug, not a message for the user).
+
+    `errors` holds (exception types, exit status) pairs, tried in order, or is a function
+    returning them, called only once an exception arrives (for a command whose exception
+    types take seconds to import: Ctrl-C must be one line from the first line on).
+    """
+    try:
+        with sigterm_as_interrupt():
+            return body()
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        say(e.code)
+        return EXIT_MACHINE
+    except KeyboardInterrupt as e:
+        code, what = interrupt_status(e)
+        say(interrupted.format(what=what))
+        return code
+    except Stopped as e:
+        if str(e) and os.environ.get("RANK", "0") == "0":
+            say(str(e))
+        return e.code
+    except Exception as e:
+        status = _status_of(e, errors)
+        if status is None and isinstance(e, OSError):
+            where = f" {e.filename}" if e.filename else ""
+            say(f"error: cannot {cannot}{where}: {e.strerror or one_line(e)}{os_hint}")
+            return os_status
+        if status is None:
+            raise
+        say(f"error: {one_line(e)}")
+        return status
+
+
+def _status_of(error, errors):
+    if isinstance(error, UsageError):
+        return EXIT_INPUT
+    try:
+        pairs = errors() if callable(errors) else errors
+    except Exception:  # the command's own modules do not import: report the first error
+        return None
+    return next((status for kinds, status in pairs if isinstance(error, kinds)), None)

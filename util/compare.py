@@ -15,6 +15,7 @@ evaluated it). Nothing is unpickled and nothing outside ``util`` is imported, so
 works on copied or downloaded run folders.
 """
 import csv
+import io
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import sys
 
 import yaml
 
-from util.cli import OneLineParser
+from util.cli import EXIT_INPUT, OneLineParser, run_command
 from util.io import JsonlError, atomic_write_bytes, atomic_write_text, read_jsonl
 
 # (column header, how to format the value in the markdown table)
@@ -183,11 +184,12 @@ def markdown_table(rows, columns=COLUMNS):
 
 def write_csv(rows, path):
     # Full precision in the CSV: it is for further processing, the markdown is for reading.
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([name for name, _ in COLUMNS])
-        for row in rows:
-            writer.writerow(["" if row[name] is None else row[name] for name, _ in COLUMNS])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow([name for name, _ in COLUMNS])
+    for row in rows:
+        writer.writerow(["" if row[name] is None else row[name] for name, _ in COLUMNS])
+    atomic_write_text(path, text.getvalue())
 
 
 def group_rows(rows):
@@ -363,27 +365,27 @@ def build_parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    # A run folder or a file named on the command line that cannot be read is input: 2.
+    return run_command(lambda: _main(argv), errors=((CompareError, EXIT_INPUT),),
+                       cannot="read or write", os_status=EXIT_INPUT,
+                       interrupted="{what}; each file it writes is whole or as it was")
+
+
+def _main(argv):
     args = build_parser().parse_args(argv)
-    try:
-        if args.curves:
-            write_curves(args.curves, args.runs)
-            if not (args.report or args.csv):
-                return 0
-        rows = [summarize(run) for run in find_runs(args.runs)]
-        notes = None
-        if args.notes:
-            with open(args.notes) as f:
-                notes = f.read()
-        if args.csv:
-            write_csv(rows, args.csv)
-        if args.report:
-            write_report(args.report, rows, argv, notes)
-    except CompareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: cannot read or write {e.filename}: {e.strerror}", file=sys.stderr)
-        return 2
+    if args.curves:
+        write_curves(args.curves, args.runs)
+        if not (args.report or args.csv):
+            return 0
+    rows = [summarize(run) for run in find_runs(args.runs)]
+    notes = None
+    if args.notes:
+        with open(args.notes) as f:
+            notes = f.read()
+    if args.csv:
+        write_csv(rows, args.csv)
+    if args.report:
+        write_report(args.report, rows, argv, notes)
     print(markdown_table(rows))
     return 0
 

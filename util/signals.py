@@ -37,3 +37,14 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def pool_worker_init():
+    """The initializer of a multiprocessing pool started inside sigterm_as_interrupt: in the
+    workers Ctrl-C is ignored (the parent stops them as it leaves the pool) and SIGTERM ends
+    them at once, as by default. A handler written in Python cannot do that: Pool.terminate
+    sends SIGTERM to idle workers, and one that arrives just before a worker blocks on the
+    task queue's lock is never run, which leaves the parent waiting for that worker forever
+    (inherited, it would also print a traceback of Terminated from every worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
