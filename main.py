@@ -24,7 +24,7 @@ environment: SQVAE_CHECKPOINTS and SQVAE_DATA set the defaults of `path` (run
 folders) and `path_dataset` (datasets); overrides on the command line win.
 
 companion commands (each explains itself with --help):
-  python -m util.compare RUN_OR_FOLDER ... [--csv F] [--report F] [--curves PNG]
+  python -m trainer.compare RUN_OR_FOLDER ... [--csv F] [--report F] [--curves PNG]
       compare run folders: one table row per run, the reproduction report
       (docs/results.md) and learning curves
   python -m trainer.reference import REF_RUN [--to RUN_DIR]

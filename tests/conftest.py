@@ -70,6 +70,24 @@ def full_data():
     return os.path.abspath(root)
 
 
+@pytest.fixture(scope="session")
+def mnist_runs(tmp_path_factory, small_data):
+    """Run folders of SQ-VAE and VQ-VAE, same seed and budget: 2 epochs of 50 training steps
+    of 32 images on the shipped MNIST subset, evaluation on 100 batches of 10 (1,000 images
+    per pass). ~15 s on 2 idle cores, once for the session (test_vqvae.py, test_compare.py)."""
+    import main
+    root = str(tmp_path_factory.mktemp("runs"))
+    budget = ["--save", "--seed", "0", "--limit-batches", "50", "train.epoch_max", "2",
+              "test.bs", "10", "path", root, "path_dataset", small_data]
+    for name in ("mnist_gauss_1", "mnist_vqvae"):
+        assert main.run(["-c", name + ".yaml", *budget]) == 0
+    found = []
+    for specific in ("mnist_sqvae_gaussian_1", "mnist_vqvae"):
+        (run,) = os.listdir(os.path.join(root, specific))
+        found.append(os.path.join(root, specific, run))
+    return tuple(found)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module: on two cores shared with other jobs, two threads

@@ -149,7 +149,7 @@ def test_help_ends_with_the_companion_commands():
     assert main.build_parser().format_help().rstrip().endswith(
         "throughput, epoch time and memory per experiment")
     assert {target for _, target in companion_commands()} >= {
-        "util.compare", "trainer.reference", "data.prepare_celebamask_hq",
+        "trainer.compare", "trainer.reference", "data.prepare_celebamask_hq",
         "benchmarks/gpu_check.py", "benchmarks/bench.py"}
 
 
@@ -179,7 +179,7 @@ def interrupt_in(monkeypatch, module, name, error):
 def test_companion_commands_stop_on_ctrl_c_and_sigterm_with_one_line(
         capsys, monkeypatch, tmp_path, command, error, code, word):
     if command == "compare":
-        from util import compare as module
+        from trainer import compare as module
         interrupt_in(monkeypatch, module, "find_runs", error)
         argv = [str(tmp_path)]
     elif command == "reference":

@@ -1,11 +1,11 @@
-"""The learning-curve figure of util.compare --curves: it plots the records' own values."""
+"""The learning-curve figure of trainer.compare --curves: it plots the records' own values."""
 import json
 import os
 
 import pytest
 from PIL import Image
 
-from util import compare
+from trainer import compare
 from util.curves import PANELS, draw_learning_curves, epoch_series
 from util.report import new_figure
 

@@ -223,7 +223,7 @@ def test_deeply_nested_release_config_is_one_line_exit_2(capfd, tmp_path):
 
 @pytest.mark.parametrize("where", ["config.yaml", "configs.json", "metrics.jsonl"])
 def test_deeply_nested_files_in_compare_are_one_line_exit_2(capfd, tmp_path, trained, where):
-    from util import compare
+    from trainer import compare
     run = copy_run(trained, tmp_path)
     if where == "configs.json":
         (run / "config.yaml").unlink()
@@ -472,8 +472,8 @@ def test_a_raw_pickle_checkpoint_is_one_line_without_a_warning(capfd, tmp_path, 
 @pytest.mark.parametrize("module, argv", [
     ("trainer.reference", ["bogus"]),
     ("trainer.reference", ["import"]),
-    ("util.compare", []),
-    ("util.compare", ["RUN", "--no-such-flag"]),
+    ("trainer.compare", []),
+    ("trainer.compare", ["RUN", "--no-such-flag"]),
     ("data.prepare_celebamask_hq", ["--src", "x"]),
     ("data.prepare_celebamask_hq", ["--src", "x", "--dst", "y", "--workers", "many"]),
 ])

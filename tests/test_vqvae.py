@@ -1,14 +1,12 @@
-"""The VQ-VAE baseline (networks/vqvae.py), its configs, and util.compare.
+"""The VQ-VAE baseline (networks/vqvae.py) and its configs.
 
 Expected numbers are worked out by hand in the comments (or taken from docs/model.md §2 for the
-networks); nothing is read back from the code under test. The last tests train SQ-VAE and
-VQ-VAE briefly on the shipped real MNIST subset and compare the two run folders.
+networks); nothing is read back from the code under test. The last tests read the brief
+SQ-VAE and VQ-VAE runs on the shipped real MNIST subset (``mnist_runs``, tests/conftest.py;
+tests/test_compare.py compares them) and train VQ-VAEs for their codebook use.
 """
-import csv
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,9 +15,7 @@ import main
 from configs import ConfigError, load_config
 from networks import MODEL_REGISTRY, VQVAE, build_model, count_parameters
 from tests.helpers import make_input, make_model
-from util import compare
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("train", "deterministic", "stochastic")
 
 # Each VQ-VAE config and the Gaussian I experiment whose networks, K, D and epochs it copies.
@@ -247,18 +243,6 @@ def only_run(root, specific):
     return os.path.join(root, specific, run)
 
 
-@pytest.fixture(scope="module")
-def mnist_runs(tmp_path_factory, small_data):
-    """SQ-VAE and VQ-VAE, same seed and budget: 2 epochs of 50 training steps of 32 images,
-    evaluation on 100 batches of 10 (1,000 images per pass). ~15 s on 2 idle cores."""
-    root = str(tmp_path_factory.mktemp("runs"))
-    budget = ["--save", "--seed", "0", "--limit-batches", "50", "train.epoch_max", "2",
-              "test.bs", "10", "path", root, "path_dataset", small_data]
-    for name in ("mnist_gauss_1", "mnist_vqvae"):
-        assert main.run(["-c", name + ".yaml", *budget]) == 0
-    return only_run(root, "mnist_sqvae_gaussian_1"), only_run(root, "mnist_vqvae")
-
-
 def last_test(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [r for r in map(json.loads, f) if r["split"] == "test"][-1]
@@ -289,154 +273,6 @@ def test_vqvae_uses_a_quarter_of_its_codebook_after_800_steps(opts, at_least, tm
         assert used >= at_least
     else:
         assert used < 16
-
-
-def test_compare_table_and_csv(mnist_runs, tmp_path):
-    out_csv = tmp_path / "table.csv"
-    proc = subprocess.run([sys.executable, "-m", "util.compare", *mnist_runs, "--csv",
-                           str(out_csv)], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 4 and lines[1].startswith("|---")
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
-    assert all(len(row) == len(compare.COLUMNS) for row in cells)
-    header = cells[0]
-    for run_dir, row, label in zip(mnist_runs, cells[2:], ("GaussianSQVAE (gaussian_1)", "VQVAE")):
-        test = last_test(run_dir)
-        got = dict(zip(header, row))
-        assert got["model"] == label and got["dataset"] == "MNIST" and got["epochs"] == "2"
-        assert got["run"].endswith(os.path.basename(run_dir))
-        assert got["test mse/pixel"] == f"{test['mse_pixel']:.5f}"
-        assert got["perplexity (split)"] == f"{test['perplexity_split']:.1f}"
-        assert got["codes used"] == str(test["codes_used"])
-
-    with open(out_csv, newline="") as f:
-        table = list(csv.DictReader(f))
-    assert [r["model"] for r in table] == ["GaussianSQVAE (gaussian_1)", "VQVAE"]
-    for run_dir, row in zip(mnist_runs, table):
-        test = last_test(run_dir)
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            train_seconds = sum(r["seconds"] for r in map(json.loads, f)
-                                if r["split"] == "train")
-        assert float(row["psnr (dB)"]) == pytest.approx(test["psnr"])
-        assert float(row["perplexity (batch)"]) == pytest.approx(test["perplexity"])
-        assert float(row["perplexity (split)"]) == pytest.approx(test["perplexity_split"])
-        assert int(row["codes used"]) == test["codes_used"]
-        assert float(row["train time (s)"]) == pytest.approx(train_seconds)
-
-
-# ----------------------------------------------------------------------------- compare errors
-
-def fake_run(folder, records, config="model:\n  name: VQVAE\ndataset:\n  name: MNIST\n"):
-    os.makedirs(folder)
-    with open(os.path.join(folder, "config.yaml"), "w") as f:
-        f.write(config)
-    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    return str(folder)
-
-
-def run_compare(argv, capsys):
-    rc = compare.main(argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def test_compare_run_without_test_metrics(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    run = fake_run(tmp_path / "x" / "run", [{"epoch": 1, "split": "train", "seconds": 2.0}])
-    rc, out, err = run_compare([run], capsys)
-    assert rc == 2 and out == ""
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "no test metrics" in err
-    assert not (tmp_path / "comparison.csv").exists()
-
-
-@pytest.mark.parametrize("case", ["missing", "no_config", "no_metrics", "bad_json",
-                                  "pickle_config"])
-def test_compare_unusable_folders(case, tmp_path, capsys):
-    folder = tmp_path / "run"
-    if case == "no_config":
-        folder.mkdir()
-    elif case == "no_metrics":
-        fake_run(folder, [])
-        os.remove(folder / "metrics.jsonl")
-    elif case == "bad_json":
-        fake_run(folder, [])
-        (folder / "metrics.jsonl").write_text('{"split": "test"}\n{oops\n')
-    elif case == "pickle_config":
-        # safe_load refuses Python object tags instead of constructing them.
-        fake_run(folder, [{"split": "test"}], config="!!python/object/apply:os.system ['true']\n")
-    rc, out, err = run_compare([str(folder), "--csv", str(tmp_path / "t.csv")], capsys)
-    assert rc == 2 and out == ""
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and str(folder) in err
-
-
-def test_compare_defaults_and_missing_values(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    label_map = fake_run(tmp_path / "celebamask_sqvae_vmf" / "run", [
-        {"epoch": 1, "split": "train", "seconds": 1.5},
-        {"epoch": 2, "split": "train", "seconds": 2.5},
-        {"epoch": 2, "split": "test", "perplexity": 3.0, "perplexity_split": 4.0,
-         "codes_used": 9},
-    ], config="model:\n  name: VmfSQVAE\n  param_var_q: vmf\ndataset:\n  name: CelebAMask_HQ\n")
-    rc, out, _ = run_compare([label_map], capsys)
-    assert rc == 0
-    row = [c.strip() for c in out.splitlines()[2].strip("|").split("|")]
-    assert row == ["celebamask_sqvae_vmf/run", "VmfSQVAE (vmf)", "CelebAMask_HQ", "2", "n/a",
-                   "n/a", "n/a", "3.0", "4.0", "9", "n/a", "n/a", "n/a", "4.0"]
-    assert os.listdir(tmp_path) == ["celebamask_sqvae_vmf"]  # writes only where told
-    assert run_compare([label_map, "--csv", "t.csv"], capsys)[0] == 0
-    with open(tmp_path / "t.csv", newline="") as f:
-        (written,) = list(csv.DictReader(f))
-    assert written["test mse/pixel"] == "" and written["train time (s)"] == "4.0"
-
-
-def test_report_averages_seeds_and_reads_release_folders(tmp_path, capsys):
-    def test_record(mse, ppl, codes):
-        return {"split": "test", "epoch": 3, "mse": mse, "mse_pixel": mse / 784,
-                "psnr": 20.0 + mse, "perplexity": ppl, "perplexity_split": ppl,
-                "codes_used": codes}
-    root = tmp_path / "runs"
-    for seed, (mse, ppl, codes) in enumerate([(2.0, 10.0, 40), (4.0, 20.0, 50),
-                                              (6.0, 30.0, 60)]):
-        fake_run(root / "mnist_vqvae" / f"resnet_seed{seed}", [
-            *({"epoch": e, "split": "train", "seconds": 10.0} for e in (1, 2, 3)),
-            test_record(mse, ppl, codes),
-            *([{"split": "prior_test", "nll": 1.0 + seed, "unigram": 3.0, "uniform": 4.85,
-                "nll_bpd": 0.1, "unigram_bpd": 0.2, "uniform_bpd": 0.4}] if seed < 2 else [])])
-    # A folder of the authors' release, evaluated here with -ts: configs.json is JSON.
-    release = root / "release" / "resnet_seed3_1125_1927"
-    release.mkdir(parents=True)
-    (release / "configs.json").write_text(json.dumps(
-        {"model": {"name": "GaussianSQVAE", "param_var_q": "gaussian_1"},
-         "dataset": {"name": "MNIST"}}))
-    (release / "metrics.jsonl").write_text(json.dumps(test_record(15.0, 24.0, 90)) + "\n")
-    report = tmp_path / "results.md"
-    rc, out, err = run_compare([str(root), "--report", str(report)], capsys)
-    assert rc == 0, err
-    text = report.read_text()
-    assert text.splitlines()[4] == f"    python -m util.compare {root} --report {report}"
-    # mse/image 2, 4, 6: mean 4, sample std 2; perplexity 10, 20, 30: 20 +- 10; codes
-    # 40, 50, 60: 50 +- 10; prior nll of seeds 0 and 1 only: 1, 2 -> 1.5 +- 0.707; train
-    # time 30 s each.
-    two = "(2 of 3 runs)"
-    assert ("| MNIST | VQVAE | 3 | 3 | 4.00 ± 2.00 | 0.00510 ± 0.00255 | 24.00 ± 2.00 "
-            f"| 20.0 ± 10.0 | 20.0 ± 10.0 | 50.0 ± 10.0 | 1.500 ± 0.707 {two} "
-            f"| 3.000 ± 0.000 {two} | 0.1000 ± 0.0000 {two} | 30.0 ± 0.0 |") in text
-    assert ("| MNIST | GaussianSQVAE (gaussian_1), authors' release | n/a | 1 | 15.00 | 0.01913 "
-            "| 35.00 | 24.0 | 24.0 | 90.0 | n/a | n/a | n/a | n/a |") in text
-    assert "## Published figures" in text and "| 434.8 |" in text
-    assert len(out.strip().splitlines()) == 2 + 4  # header, rule, one row per run
-
-
-def test_compare_imports_no_other_package_of_the_repo():
-    code = ("import sys, util.compare; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'configs', 'networks', 'trainer', 'data', 'third_party', 'torch'}))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
 
 
 def test_vqvae_uses_a_quarter_of_its_codebook_after_800_steps_on_full_mnist(tmp_path,

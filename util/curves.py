@@ -1,6 +1,6 @@
 """Learning curves of several runs side by side, per epoch, from their metrics.jsonl records.
 
-``python -m util.compare RUNS --curves PATH`` draws them. The top row compares every run:
+``python -m trainer.compare RUNS --curves PATH`` draws them. The top row compares every run:
 validation MSE per pixel, split-level code perplexity and codes in use. The bottom row
 shows what only SQ-VAE has, its self-annealing: the mean entropy of the code distribution
 per latent position (it falls as the quantizer sharpens), the learned quantizer variance

@@ -1,22 +1,24 @@
 """Compare finished runs, and write the reproduction report from them.
 
-    python -m util.compare RUN_OR_FOLDER ... [--csv out.csv] [--report docs/results.md]
+    python -m trainer.compare RUN_OR_FOLDER ... [--csv out.csv] [--report docs/results.md]
+                              [--curves out.png] [--notes FILE]
 
 One table row per run folder, printed as markdown; ``--csv`` also writes the rows as CSV,
 ``--report`` writes a markdown report: the command that made it, mean +- std over seeds of
 each (dataset, model, epochs) group, every run's row, and the published figures to compare
-with. A folder that is not a run folder stands for the run folders below it (two levels).
+with (``published_figures.yaml`` beside this file; the command lines of the GPU rows are in
+docs/gpu-runs.md). A folder that is not a run folder stands for the run folders below it
+(two levels). ``--curves`` draws the runs' learning curves (util/curves.py).
 
 Each run folder is read through plain files only: its config (``config.yaml`` with
-yaml.safe_load, or for a run folder of the authors' release ``configs.json`` as JSON) and
-``metrics.jsonl`` (its last ``test`` record, its last ``prior_test`` record, and the
-``train`` records for the training time; a release folder has one once ``main.py -ts``
-evaluated it). Nothing is unpickled and nothing outside ``util`` is imported, so the tool
-works on copied or downloaded run folders.
+yaml.safe_load, or for a run folder of the authors' release its ``configs.json``, read by
+trainer/release.py) and ``metrics.jsonl`` (its last ``test`` record, its last ``prior_test``
+record, and the ``train`` records for the training time; a release folder has one once
+``main.py -ts`` evaluated it). No checkpoint is opened and nothing is unpickled, so the
+tool works on copied or downloaded run folders.
 """
 import csv
 import io
-import json
 import math
 import os
 import shlex
@@ -26,7 +28,14 @@ import sys
 import yaml
 
 from util.cli import EXIT_INPUT, OneLineParser, run_command
-from util.io import JsonlError, atomic_write_bytes, atomic_write_text, read_jsonl
+from util.io import atomic_write_bytes, atomic_write_text
+
+from . import release, runs
+from .runs import RunError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PUBLISHED_FIGURES = os.path.join(HERE, "published_figures.yaml")
+GPU_RUNS = os.path.join(os.path.dirname(HERE), "docs", "gpu-runs.md")
 
 # (column header, how to format the value in the markdown table)
 COLUMNS = (
@@ -53,38 +62,31 @@ class CompareError(ValueError):
     """A run folder that cannot be compared; the message is one line naming it."""
 
 
-RELEASE_CONFIG = "configs.json"  # the config file of a run folder of the authors' release
-
-
 def _read_config(run_dir):
-    for name, parse in (("config.yaml", yaml.safe_load), (RELEASE_CONFIG, json.load)):
-        path = os.path.join(run_dir, name)
-        if not os.path.isfile(path):
-            continue
-        try:
-            with open(path) as f:
-                cfg = parse(f)
-        except (OSError, ValueError, yaml.YAMLError) as e:
-            raise CompareError(f"{path}: unreadable ({type(e).__name__})") from None
-        except RecursionError:  # both parsers recurse once per level of nesting
-            raise CompareError(f"{path}: nested too deeply to be a config") from None
-        if not isinstance(cfg, dict):
-            raise CompareError(f"{path}: not a mapping of config keys")
-        return cfg
-    raise CompareError(f"{run_dir}: no config.yaml or configs.json (not a run folder)")
+    """The config of a run folder as a plain mapping (ours, or the release's configs.json)."""
+    path = os.path.join(run_dir, runs.CONFIG_FILE)
+    if not os.path.isfile(path):
+        if release.is_release_run(run_dir):
+            return release.read_release_json(run_dir)
+        raise CompareError(f"{run_dir}: no {runs.CONFIG_FILE} or {release.CONFIG_FILE} (not "
+                           "a run folder)")
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise CompareError(f"{path}: unreadable ({type(e).__name__})") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise CompareError(f"{path}: nested too deeply to be a config") from None
+    if not isinstance(cfg, dict):
+        raise CompareError(f"{path}: not a mapping of config keys")
+    return cfg
 
 
 def _read_metrics(run_dir):
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise CompareError(f"{run_dir}: no metrics.jsonl (train it with --save, or evaluate "
-                           "it with main.py -ts)")
-    try:
-        return read_jsonl(path, warn=lambda message: print(message, file=sys.stderr))
-    except JsonlError as e:
-        raise CompareError(str(e)) from None
-    except OSError as e:
-        raise CompareError(f"{path}: unreadable ({e.strerror})") from None
+    if not os.path.isfile(os.path.join(run_dir, runs.METRICS_FILE)):
+        raise CompareError(f"{run_dir}: no {runs.METRICS_FILE} (train it with --save, or "
+                           "evaluate it with main.py -ts)")
+    return runs.read_metrics(run_dir)
 
 
 def _section(cfg, name):
@@ -121,13 +123,13 @@ def summarize(run_dir):
     records = _read_metrics(run_dir)
     test, prior = _last(records, "test"), _last(records, "prior_test")
     if not test:
-        raise CompareError(f"{run_dir}: metrics.jsonl holds no test metrics (training did not "
-                           "finish; evaluate it with main.py -ts)")
+        raise CompareError(f"{run_dir}: {runs.METRICS_FILE} holds no test metrics (training "
+                           "did not finish; evaluate it with main.py -ts)")
     train = [r for r in records if r.get("split") == "train"]
-    release = not os.path.isfile(os.path.join(run_dir, "config.yaml"))
+    theirs = release.is_release_run(run_dir)
     return {
         "run": run_label(run_dir),
-        "model": model_label(cfg) + (", authors' release" if release else ""),
+        "model": model_label(cfg) + (", authors' release" if theirs else ""),
         "dataset": _section(cfg, "dataset").get("name", "?"),
         # Epochs actually trained (a run may stop before train.epoch_max); a release run
         # folder records none here.
@@ -148,8 +150,8 @@ def summarize(run_dir):
 def find_runs(paths):
     """Run folders: each path that is one, else the run folders up to two levels below it."""
     def is_run(folder):
-        return any(os.path.isfile(os.path.join(folder, name))
-                   for name in ("config.yaml", "configs.json"))
+        return (os.path.isfile(os.path.join(folder, runs.CONFIG_FILE))
+                or release.is_release_run(folder))
     found = []
     for path in paths:
         if not os.path.isdir(path) or is_run(path):
@@ -158,10 +160,10 @@ def find_runs(paths):
         below = sorted(os.path.join(root, name) for root, dirs, _ in os.walk(path)
                        for name in dirs
                        if os.path.relpath(os.path.join(root, name), path).count(os.sep) <= 1)
-        runs = [folder for folder in below if is_run(folder)]
-        if not runs:
+        inside = [folder for folder in below if is_run(folder)]
+        if not inside:
             raise CompareError(f"{path}: no run folder in it or in its subfolders")
-        found.extend(runs)
+        found.extend(inside)
     return found
 
 
@@ -212,12 +214,12 @@ def group_rows(rows):
     return out
 
 
-def _mean_std(value, fmt, runs):
+def _mean_std(value, fmt, members):
     if value is None:
         return "n/a"
     mean, std, n = value
     return (fmt.format(mean) + ("" if std is None else " ± " + fmt.format(std))
-            + ("" if n == runs else f" ({n} of {runs} runs)"))
+            + ("" if n == members else f" ({n} of {members} runs)"))
 
 
 def group_table(groups):
@@ -232,47 +234,43 @@ def group_table(groups):
     return "\n".join(lines)
 
 
-PUBLISHED = """\
-## Published figures
+def published_figures(path=PUBLISHED_FIGURES):
+    """The rows of the report's published-figures table, from their data file."""
+    with open(path) as f:
+        rows = yaml.safe_load(f)
+    keys = ("dataset", "model", "psnr", "perplexity", "source")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and set(r) == set(keys)
+                                             for r in rows):
+        raise CompareError(f"{path}: not a list of entries with {', '.join(keys)}")
+    return rows
 
-Numbers from the literature to place the tables above. They come from longer GPU
-trainings (hundreds of epochs), so only their order of magnitude compares with a
-few CPU epochs.
 
-| dataset | model | PSNR (dB) | perplexity | source |
-|---|---|---|---|---|
-| MNIST | VQ-VAE (K = 128) | n/a | 70.3 | VQ-WAE (Vuong et al., 2023), re-run |
-| MNIST | SQ-VAE (K = 128) | n/a | 85.4 | VQ-WAE (Vuong et al., 2023), re-run |
-| CIFAR10 | SQ-VAE (K = 512) | 26.11 | 434.8 | VQ-WAE (Vuong et al., 2023), re-run |
-| CelebA | SQ-VAE (K = 512) | 31.05 | 427.8 | VQ-WAE (Vuong et al., 2023), re-run |
-
-The CIFAR10 and CelebA rows of this report need a GPU (an epoch of CelebA is about
-163,000 images). On a machine with one, from the repository root, with the datasets
-under `./datasets` (or `path_dataset DIR`):
-
-```bash
-for seed in 0 1 2; do
-  python main.py -c cifar10_gauss_1.yaml --save --seed $seed
-  python main.py -c cifar10_vqvae.yaml --save --seed $seed
-  python main.py -c cifar10_vqvae.yaml --save --seed $seed \\
-      quantization.ema True path_specific cifar10_vqvae_ema/
-  python main.py -c celeba_gauss_1.yaml --save --seed $seed
-  python main.py -c celeba_vqvae.yaml --save --seed $seed
-  python main.py -c celeba_vqvae.yaml --save --seed $seed \\
-      quantization.ema True path_specific celeba_vqvae_ema/
-done
-# The prior's NLL columns (optional). -ts RUN uses the run's own config.yaml.
-for run in checkpoints/cifar10_*/*/ checkpoints/celeba_*/*/; do
-  python main.py -c cifar10_gauss_1.yaml -ts "$run" --prior
-done
-python -m util.compare --report docs/results.md checkpoints
-```
-"""
+def published_section(report_path):
+    """The report's last section: the published figures, and where the command lines of
+    its GPU rows are (linked from the report's own folder)."""
+    link = os.path.relpath(GPU_RUNS, os.path.dirname(os.path.abspath(report_path)))
+    table = [f"| {r['dataset']} | {r['model']} | {_cell(r['psnr'], '{:.2f}')} | "
+             f"{_cell(r['perplexity'], '{:.1f}')} | {r['source']} |"
+             for r in published_figures()]
+    return "\n".join([
+        "## Published figures",
+        "",
+        "Numbers from the literature to place the tables above. They come from longer GPU",
+        "trainings (hundreds of epochs), so only their order of magnitude compares with a",
+        "few CPU epochs.",
+        "",
+        "| dataset | model | PSNR (dB) | perplexity | source |",
+        "|---|---|---|---|---|",
+        *table,
+        "",
+        "The CIFAR10 and CelebA rows of this report need a GPU (an epoch of CelebA is about",
+        f"163,000 images): the command lines that make them are in [gpu-runs.md]({link}).",
+        ""])
 
 
 def write_report(path, rows, argv, notes=None):
     """The markdown report at `path` (atomically)."""
-    command = "python -m util.compare " + shlex.join(argv)
+    command = "python -m trainer.compare " + shlex.join(argv)
     parts = [
         "# Reproduction report",
         "",
@@ -288,7 +286,7 @@ def write_report(path, rows, argv, notes=None):
     parts += [
         "## Mean ± sample std over seeds",
         "",
-        "Test split, best.pt (lowest validation loss). `mse/image` is the squared error "
+        f"Test split, {runs.BEST} (lowest validation loss). `mse/image` is the squared error "
         "summed over an image's pixels (values in [0, 1]), as the paper reports it; "
         "`perplexity (batch)` is the mean over test batches of exp(entropy of the batch's "
         "code histogram), as the authors' code reports it; `perplexity (split)` and "
@@ -303,7 +301,7 @@ def write_report(path, rows, argv, notes=None):
         "",
         markdown_table(rows),
         "",
-        PUBLISHED,
+        published_section(path),
     ]
     atomic_write_text(path, "\n".join(parts))
 
@@ -325,13 +323,13 @@ def curve_runs(paths):
                       _seed_label(run_dir), _read_metrics(run_dir)))
     datasets = {dataset for _, dataset, _, _ in found}
     labels = [label for label, *_ in found]
-    runs = []
+    labelled = []
     for label, dataset, seed, records in found:
         text = label + (f", {dataset}" if len(datasets) > 1 else "")
         if labels.count(label) > 1 and len(datasets) == 1:
             text += f", {seed}"
-        runs.append((text, records))
-    return runs
+        labelled.append((text, records))
+    return labelled
 
 
 def write_curves(path, paths):
@@ -343,7 +341,7 @@ def write_curves(path, paths):
 
 def build_parser():
     parser = OneLineParser(
-        prog="python -m util.compare",
+        prog="python -m trainer.compare",
         description="One row per run folder: model, dataset, epochs trained, test MSE per "
                     "image and per pixel, PSNR, per-batch and split-level code perplexity, "
                     "codes in use, the prior's NLL, and training time. Printed as a "
@@ -366,7 +364,7 @@ def build_parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     # A run folder or a file named on the command line that cannot be read is input: 2.
-    return run_command(lambda: _main(argv), errors=((CompareError, EXIT_INPUT),),
+    return run_command(lambda: _main(argv), errors=(((CompareError, RunError), EXIT_INPUT),),
                        cannot="read or write", os_status=EXIT_INPUT,
                        interrupted="{what}; each file it writes is whole or as it was")
 
