@@ -42,7 +42,7 @@ from tqdm import tqdm
 from util.cli import EXIT_INPUT, OneLineParser, run_command
 from util.io import UnsafeLink, atomic_save, atomic_write_bytes, atomic_write_text
 from util.lock import FileLock, LockHeld
-from util.signals import pool_worker_init
+from util.signals import worker_pool
 
 from .cache import build_workers, pool_context
 from .decode import LABEL_PARTS as PARTS, open_image
@@ -209,8 +209,8 @@ def _prepare(args):
         except (OSError, ValueError, LookupError, TypeError):
             old_manifest, ks_before, skipped_before = None, {}, set()
         map_faces = map  # one worker: this process; workers ignore Ctrl-C, which stops them
-        if workers > 1:  # as the parent leaves this block (util.signals.pool_worker_init)
-            pool = pool_context().Pool(workers, pool_worker_init)
+        if workers > 1:  # as the parent leaves this block (util.signals.worker_pool)
+            pool = worker_pool(pool_context(), workers)
             map_faces = functools.partial(stack.enter_context(pool).imap,
                                           chunksize=max(1, min(16, len(rows) // (4 * workers))))
         checks = map_faces(functools.partial(_check_face, image_dir, mask_dir),

@@ -6,6 +6,7 @@ test_run_folder_safety.py; here: the helper's rules, and that each companion com
 follows them for Ctrl-C and SIGTERM too.
 """
 import errno
+import multiprocessing
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ import pytest
 
 import main
 from util.cli import EXIT_INPUT, Stopped, UsageError, one_line, run_command
-from util.signals import Terminated
+from util.signals import Terminated, worker_pool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -115,24 +116,40 @@ def test_one_line_keeps_a_line_as_it_is():
 
 
 def test_a_worker_pool_inside_a_command_closes_at_once_and_quietly():
-    # Pool.__exit__ sends SIGTERM to its workers: with util.signals.pool_worker_init they end
-    # as by default, never through Terminated (a traceback from each, or, when the signal
-    # comes just before a worker blocks on the task queue, a parent waiting forever).
+    # Pool.__exit__ sends SIGTERM to its workers, some still starting: made by
+    # util.signals.worker_pool they end as by default, never through Terminated (a traceback
+    # from each, or, when the signal comes just before a worker blocks on the task queue, a
+    # parent waiting forever).
     code = ("import multiprocessing\n"
             "from util.cli import run_command\n"
-            "from util.signals import pool_worker_init\n"
+            "from util.signals import worker_pool\n"
             "def double(x):\n"
             "    return 2 * x\n"
             "def body():\n"
-            "    for _ in range(20):\n"
-            "        with multiprocessing.get_context('fork').Pool(2, pool_worker_init) as p:\n"
-            "            total = sum(p.imap(double, range(10)))\n"
+            "    for _ in range(50):\n"
+            "        with worker_pool(multiprocessing.get_context('fork'), 3) as pool:\n"
+            "            total = sum(pool.imap(double, range(10)))\n"
             "    print(total)\n"
             "    return 0\n"
             "raise SystemExit(run_command(body))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "90\n", "")
+
+
+def test_sigterm_while_a_pool_starts_reaches_the_command_and_ends_the_pool(capsys):
+    fork = multiprocessing.get_context("fork")
+
+    class Context:
+        def Pool(self, *args):  # noqa: N802 (multiprocessing's name)
+            os.kill(os.getpid(), signal.SIGTERM)  # noted; sent again once the pool is ended
+            return fork.Pool(*args)
+
+    def body():
+        with worker_pool(Context(), 2) as pool:
+            return pool.apply(abs, (-3,))  # not reached
+    assert ends(capsys, body) == (143, "SIGTERM\n")
+    assert multiprocessing.active_children() == []
 
 
 # ----------------------------------------------------------------- the companion commands

@@ -39,12 +39,37 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def pool_worker_init():
-    """The initializer of a multiprocessing pool started inside sigterm_as_interrupt: in the
-    workers Ctrl-C is ignored (the parent stops them as it leaves the pool) and SIGTERM ends
-    them at once, as by default. A handler written in Python cannot do that: Pool.terminate
-    sends SIGTERM to idle workers, and one that arrives just before a worker blocks on the
-    task queue's lock is never run, which leaves the parent waiting for that worker forever
-    (inherited, it would also print a traceback of Terminated from every worker)."""
+def worker_pool(context, processes):
+    """`context.Pool(processes)` for use inside sigterm_as_interrupt: its workers ignore
+    Ctrl-C (the parent stops them as it leaves the pool) and end on SIGTERM as by default.
+
+    Not through Terminated: Pool.terminate sends SIGTERM to idle workers, and a handler
+    written in Python is never run for a signal that arrives just before a worker blocks on
+    the task queue's lock, which leaves the parent waiting for that worker forever (it would
+    also print a traceback from every worker). So the workers are forked with SIGTERM held
+    back, and let it in only once it ends them; a SIGTERM for this process meanwhile is
+    noted (raised inside fork's hooks it would be lost), and once the pool is ended, sent
+    again to meet the usual handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return context.Pool(processes, _worker_start)
+    arrived = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: arrived.append(signum))
+    mask = hasattr(signal, "pthread_sigmask")  # POSIX, like fork
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if mask else None
+    try:
+        pool = context.Pool(processes, _worker_start)
+    finally:
+        if mask:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        signal.signal(signal.SIGTERM, previous)
+    if arrived:
+        pool.terminate()
+        signal.raise_signal(signal.SIGTERM)
+    return pool
+
+
+def _worker_start():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
