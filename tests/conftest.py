@@ -9,6 +9,7 @@ never skipped silently. ``python -m pytest -m full_data`` runs tier 2 alone.
 """
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -43,6 +44,16 @@ def no_download():
         del os.environ["SQVAE_NO_DOWNLOAD"]
     else:
         os.environ["SQVAE_NO_DOWNLOAD"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt in this process and in the programs it starts, as in
+    a terminal. A shell starts background jobs (`pytest &`, nohup) with SIGINT ignored, and
+    an ignored signal stays ignored across exec, so the Ctrl-C tests would see nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")
