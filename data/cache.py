@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from util.io import atomic_write_text
 from util.lock import FileLock
+from util.signals import worker_pool
 
 from .decode import IMAGE_SIZE
 from .errors import DatasetError, one_line
@@ -179,6 +180,7 @@ def _decoded_blocks(paths, decode, workers):
         yield from map(job, chunks)
         return
     # imap (not imap_unordered) so each block can be appended to the file as it comes;
-    # leaving the with-block early (an error, Ctrl-C) terminates the workers.
-    with pool_context().Pool(min(workers, len(chunks))) as pool:
+    # leaving the with-block early (an error, Ctrl-C) terminates the workers, which ignore
+    # Ctrl-C and end on SIGTERM by default (util.signals.worker_pool says why).
+    with worker_pool(pool_context(), min(workers, len(chunks))) as pool:
         yield from pool.imap(job, chunks)
