@@ -138,8 +138,7 @@ class CodebookLayer(nn.Module):
 
     def lookup(self, codes):
         """z_q for code indices (z's shape without the dim axis), in the layer's layout."""
-        vectors = self.code_vectors()[codes.long()]
-        return vectors if self.channel_last else vectors.movedim(-1, 1).contiguous()
+        return self._layout_out(self.code_vectors()[codes.long()].movedim(-1, 1))
 
     def _run(self, z, log_var, mode):
         if mode is None:

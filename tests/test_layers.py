@@ -185,6 +185,18 @@ def test_channel_first_and_channel_last_are_identical(kind, spatial, mode):
     assert torch.equal(first.codebook.grad, last.codebook.grad)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_channel_first_z_q_is_contiguous(kind, mode):
+    # Built position by position, z_q would otherwise be a channels-last view, and the
+    # decoder's weight gradients would come back with strides DDP warns about every step.
+    layer = make(kind)
+    z, log_var = inputs(kind, (2, 3, 4, 5))
+    z_q = call(layer, z, log_var, mode=mode)[0]
+    assert z_q.is_contiguous()
+    assert layer.lookup(torch.tensor([[[0, 1, 2, 3, 4]] * 4] * 2)).is_contiguous()
+
+
 @pytest.mark.parametrize("make_layer,message", [
     (lambda: GaussianQuantizer(3, 5, "gaussian_9"), "unknown variance"),
     (lambda: GaussianQuantizer(3, 5, "gaussian_2")(torch.zeros(1, 3, 2)), "log-variance"),
