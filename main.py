@@ -27,7 +27,7 @@ companion commands (each explains itself with --help):
   python -m trainer.compare RUN_OR_FOLDER ... [--csv F] [--report F] [--curves PNG]
       compare run folders: one table row per run, the reproduction report
       (docs/results.md) and learning curves
-  python -m trainer.reference import REF_RUN [--to RUN_DIR]
+  python -m trainer.release import RELEASE_RUN [--to RUN_DIR]
       make a run folder of the authors' release a run of this tool (for --resume and
       --prior; -ts reads it as it is)
   python -m data.prepare_celebamask_hq --src RELEASE --dst DATA_ROOT
@@ -149,7 +149,7 @@ def _run(argv):
         configure_kernels(device, args.deterministic, args.cudnn_benchmark)
         dist.init(device)
         if args.timestamp:
-            return commands.evaluate(cfg, device, run=args.timestamp, opts=args.opts,
+            return commands.test_run(cfg, device, run=args.timestamp, opts=args.opts,
                                      seed=args.seed, limit_batches=args.limit_batches,
                                      dbg=args.dbg, report=args.report, encode=args.encode,
                                      prior=args.prior, sample=args.sample, program=__file__,

@@ -21,7 +21,7 @@ import data  # noqa: E402
 from configs import load_config  # noqa: E402
 from networks import build_model  # noqa: E402
 from trainer.loop import build_optimizer  # noqa: E402
-from trainer.meters import evaluate  # noqa: E402
+from trainer.meters import eval_pass  # noqa: E402
 
 
 def train_steps(cfg, steps, seed=0):
@@ -42,7 +42,7 @@ def train_steps(cfg, steps, seed=0):
         if done == steps:
             break
     seconds = time.perf_counter() - start
-    return evaluate(model, loaders["test"], "deterministic"), seconds
+    return eval_pass(model, loaders["test"], "deterministic"), seconds
 
 
 def main():

@@ -38,7 +38,8 @@ _C.dataset.dim_x = 0
 _C.model = CN()
 # Model family: GaussianSQVAE (image likelihood), VmfSQVAE (label maps) or VQVAE (baseline).
 _C.model.name = "GaussianSQVAE"
-# Quantizer: gaussian_1 .. gaussian_4 (variants I-IV) or vmf.
+# Quantizer variant (the release's key, kept): gaussian_1 .. gaussian_4 (the variances I-IV)
+# or vmf (the von Mises-Fisher quantizer, which has a concentration, not a variance).
 _C.model.param_var_q = "gaussian_1"
 # Initial value of the learned scalar s in sigma_q^2 = exp(v) + exp(s), or kappa_q = exp(s) + 1.
 _C.model.log_param_q_init = math.log(10.0)
@@ -103,7 +104,7 @@ _C.train.compile = False
 _C.train.drop_last = False
 
 _C.test = CN()
-# Batch size of the validation and test loaders (the reference evaluated in batches of 32).
+# Batch size of the validation and test loaders (the release evaluated in batches of 32).
 _C.test.bs = 32
 
 _C.log = CN()

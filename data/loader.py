@@ -347,7 +347,7 @@ def _check_shape(cfg, name, shape):
 
 def per_rank_batch(cfg, world_size):
     """Training batch per process: train.bs is the global batch, split over processes as the
-    reference's DataParallel split it; train.bs_per_rank sets the per-process batch instead."""
+    release's DataParallel split it; train.bs_per_rank sets the per-process batch instead."""
     if cfg.train.bs_per_rank:
         return cfg.train.bs_per_rank
     if cfg.train.bs % world_size:

@@ -1,4 +1,4 @@
-"""Building blocks shared by every encoder/decoder, and the reference initialisation."""
+"""Building blocks shared by every encoder/decoder, and the release's initialisation."""
 from torch import nn
 
 

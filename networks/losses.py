@@ -17,7 +17,7 @@ from third_party.bessel import log_ive
 from util.device import widest_float
 
 def squared_error(x_hat, x):
-    """The reference's "MSE": squared error summed over an image's pixels, mean over images."""
+    """The release's "MSE": squared error summed over an image's pixels, mean over images."""
     return F.mse_loss(x_hat, x, reduction="sum") / x.shape[0]
 
 def arelbo_loss(mse, dim_x):

@@ -70,7 +70,7 @@ class Decoder(nn.Module):
 # them in the release's order -- encoder stem, encoder ResBlocks, mean head, variance head,
 # decoder ResBlocks, decoder head -- and Python evaluates call arguments left to right, so
 # `Encoder(stem, *encoder_blocks(...))` and `Decoder(res_stack(...), head)` keep it. With
-# it, one seed gives the release's initial weights bit for bit (tests/test_reference.py).
+# it, one seed gives the release's initial weights bit for bit (tests/test_release.py).
 
 def encoder_blocks(cfg, d):
     """ResBlocks and heads after the stem: `num_rb - 1` ResBlocks, the mean head and, when the

@@ -16,7 +16,6 @@ import torch
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 SMALL_DATA = os.path.join(TESTS, "data")
-REFERENCE = os.path.join(TESTS, "reference")
 FULL_DATA_ENV = "SQVAE_FULL_DATA"
 FULL_DATASETS = ("MNIST", "FashionMNIST")
 

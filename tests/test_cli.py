@@ -166,7 +166,7 @@ def test_help_ends_with_the_companion_commands():
     assert main.build_parser().format_help().rstrip().endswith(
         "throughput, epoch time and memory per experiment")
     assert {target for _, target in companion_commands()} >= {
-        "trainer.compare", "trainer.reference", "data.prepare_celebamask_hq",
+        "trainer.compare", "trainer.release", "data.prepare_celebamask_hq",
         "benchmarks/gpu_check.py", "benchmarks/bench.py"}
 
 
@@ -192,15 +192,15 @@ def interrupt_in(monkeypatch, module, name, error):
 
 @pytest.mark.parametrize("error, code, word", [(KeyboardInterrupt(), 130, "interrupted"),
                                                (Terminated(), 143, "SIGTERM")])
-@pytest.mark.parametrize("command", ["compare", "reference", "prepare_celebamask_hq"])
+@pytest.mark.parametrize("command", ["compare", "release", "prepare_celebamask_hq"])
 def test_companion_commands_stop_on_ctrl_c_and_sigterm_with_one_line(
         capsys, monkeypatch, tmp_path, command, error, code, word):
     if command == "compare":
         from trainer import compare as module
         interrupt_in(monkeypatch, module, "find_runs", error)
         argv = [str(tmp_path)]
-    elif command == "reference":
-        from trainer import reference as module
+    elif command == "release":
+        from trainer import release as module
         interrupt_in(monkeypatch, module, "import_run", error)
         (tmp_path / "configs.json").write_text("{}")
         argv = ["import", str(tmp_path)]
@@ -211,3 +211,12 @@ def test_companion_commands_stop_on_ctrl_c_and_sigterm_with_one_line(
     assert module.main(argv) == code
     out, err = capsys.readouterr()
     assert len(err.splitlines()) == 1 and err.startswith(f"{word}; "), err
+
+
+def test_the_import_command_still_runs_under_its_first_name(tmp_path):
+    # Written-down commands say `python -m trainer.reference import`; it is trainer.release.
+    proc = subprocess.run([sys.executable, "-m", "trainer.reference", "import", str(tmp_path)],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == (f"error: {tmp_path} is not a run folder of the authors' "
+                                   "release (no configs.json, or it already holds a config.yaml)")

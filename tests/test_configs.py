@@ -13,7 +13,7 @@ import yaml
 
 import configs
 from configs import ConfigError, config_to_yaml, load_config
-from tests.reference_tables import REFERENCE_PARAMS as PARAMS
+from tests.release_tables import RELEASE_PARAMS as PARAMS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

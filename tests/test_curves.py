@@ -7,7 +7,7 @@ from PIL import Image
 
 from trainer import compare
 from util.curves import PANELS, draw_learning_curves, epoch_series
-from util.report import new_figure
+from util.figures import new_figure
 
 
 def epoch_records(epochs, sqvae):

@@ -703,7 +703,7 @@ def test_shipped_test_data_stays_small():
     # gzip'ed idx files (torchvision unpacks them next to themselves; tests use a copy).
     here = os.path.dirname(os.path.abspath(__file__))
     sizes = {}
-    for folder in ("data", "reference"):
+    for folder in ("data", "release"):
         for root, _, files in os.walk(os.path.join(here, folder)):
             for name in files:
                 sizes[os.path.join(root, name)] = os.path.getsize(os.path.join(root, name))

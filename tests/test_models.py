@@ -13,7 +13,7 @@ from torch import nn
 from networks import count_parameters
 from networks.functional import gaussian_logits, gaussian_quantize, gumbel_noise, vmf_quantize
 from tests.helpers import gumbel_draw, make_input, make_model
-from tests.reference_tables import REFERENCE_PARAMS
+from tests.release_tables import RELEASE_PARAMS
 
 NAMES = ["mnist_gauss_1", "fashion-mnist_gauss_1", "cifar10_gauss_1", "celeba_gauss_1",
          "celeba_gauss_2", "celeba_gauss_3", "celeba_gauss_4", "celebamask_vmf", "cifar10_vmf"]
@@ -71,7 +71,7 @@ def test_parameter_counts_match_spec(name):
     cfg, model = make_model(name)
     counts = count_parameters(model)
     got = (counts["total"], counts["encoder"], counts["decoder"])
-    assert got == REFERENCE_PARAMS[name]
+    assert got == RELEASE_PARAMS[name]
     assert got == spec_counts(cfg)
 
 

@@ -11,7 +11,7 @@ import main
 from configs import load_config
 from trainer import export, report, runs
 from trainer.runs import RunError
-from util import report as plots
+from util import figures as plots
 from util.codes import CodesError, load_codes, pack_codes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +98,7 @@ def test_curves_fall_back_to_epoch_records_and_label_the_quantizer():
     assert label == "train (epoch mean)" and len(train) == len(val) == 3
 
     fig = plots.new_figure(12, 6)
-    titles = plots.draw_curves(fig, train, val, param_var_q="gaussian_3", num_codes=512,
+    titles = plots.draw_curves(fig, train, val, variant="gaussian_3", band=True, num_codes=512,
                                train_label=label)
     # No record holds codes_used, so that panel is left out.
     assert titles == CURVE_TITLES[:3] + [r"Quantizer variance $\sigma^2_q$ (variant III)",
@@ -109,7 +109,7 @@ def test_curves_fall_back_to_epoch_records_and_label_the_quantizer():
 
     fig = plots.new_figure(12, 6)
     vmf = [dict(r, acc=0.5 + 0.1 * r["epoch"]) for r in train]
-    titles = plots.draw_curves(fig, vmf, [], quality="acc", param_var_q="vmf", num_codes=64)
+    titles = plots.draw_curves(fig, vmf, [], quality="acc", variant="vmf", num_codes=64)
     assert "Reconstruction accuracy" in titles and r"Quantizer concentration $\kappa_q$ (vMF)" \
         in titles
 

@@ -215,8 +215,8 @@ def test_deeply_nested_release_config_is_one_line_exit_2(capfd, tmp_path):
     folder = release_folder(tmp_path, DEEP_JSON)
     line = fails(capfd, "-c", CONFIG, "-ts", folder)
     assert str(folder / "configs.json") in line and "nested too deeply" in line
-    from trainer import reference
-    assert reference.main(["import", str(folder), "--to", str(tmp_path / "ours")]) == 2
+    from trainer import release
+    assert release.main(["import", str(folder), "--to", str(tmp_path / "ours")]) == 2
     assert "nested too deeply" in error_line(capfd.readouterr().err)
     assert not (tmp_path / "ours").exists()
 
@@ -470,8 +470,8 @@ def test_a_raw_pickle_checkpoint_is_one_line_without_a_warning(capfd, tmp_path, 
 
 
 @pytest.mark.parametrize("module, argv", [
-    ("trainer.reference", ["bogus"]),
-    ("trainer.reference", ["import"]),
+    ("trainer.release", ["bogus"]),
+    ("trainer.release", ["import"]),
     ("trainer.compare", []),
     ("trainer.compare", ["RUN", "--no-such-flag"]),
     ("data.prepare_celebamask_hq", ["--src", "x"]),

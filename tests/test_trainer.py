@@ -12,7 +12,7 @@ import main
 from configs import load_config
 from networks import build_model
 from tests import fixtures
-from trainer import Trainer, evaluate
+from trainer import Trainer, eval_pass
 from trainer.runs import create_run_dir, load_checkpoint
 from util.rng import seed_everything
 
@@ -42,7 +42,7 @@ def test_mnist_end_to_end_learns_and_reloads(tmp_path, capsys, small_data):
     seed_everything(0)
     untrained = build_model(cfg)
     val = data.build_loaders(cfg, "cpu", 0, splits=("val",))["val"]
-    mse_untrained = evaluate(untrained, val, "deterministic")["mse"]
+    mse_untrained = eval_pass(untrained, val, "deterministic")["mse"]
 
     # 6 epochs of 50 steps (the subset's 1,667 training images make 53 batches).
     assert main.run(["-c", "mnist_gauss_1.yaml", "--save", "--limit-batches", "50", *opts]) == 0
@@ -82,7 +82,7 @@ def test_full_mnist_epoch_learns(tmp_path, full_data):
     seed_everything(0)
     val = data.build_loaders(cfg, "cpu", 0, splits=("val",))["val"]
     assert val.dataset_size == 10_000
-    mse_untrained = evaluate(build_model(cfg), val, "deterministic", limit=4)["mse"]
+    mse_untrained = eval_pass(build_model(cfg), val, "deterministic", limit=4)["mse"]
     assert main.run(["-c", "mnist_gauss_1.yaml", "--save", "--limit-batches", "300", *opts]) == 0
     val_record = [r for r in read_metrics(only_run(tmp_path)) if r["split"] == "val"][-1]
     assert val_record["step"] == 300 and val_record["mse"] < 0.6 * mse_untrained

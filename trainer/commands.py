@@ -2,7 +2,7 @@
 
 * ``summary``: the resolved config and the parameter counts.
 * ``train``: a new run, or ``--resume`` of one, then the test split with its best weights.
-* ``evaluate``: ``-ts RUN`` (a run folder of this tool or of the authors' release), with
+* ``test_run``: ``-ts RUN`` (a run folder of this tool or of the authors' release), with
   ``--report`` and ``--encode``.
 
 Everything here raises the project's one-line errors (ConfigError, DatasetError,
@@ -24,7 +24,7 @@ from util.io import check_writable
 from util.rng import seed_everything
 from util.signals import interrupt_status
 
-from . import release, runs
+from . import release_format, runs
 from .budget import check_batch
 from .logs import Display
 from .loop import Interrupted, Trainer
@@ -149,7 +149,7 @@ def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None
     return 0
 
 
-def evaluate(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=False,
+def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=False,
              report=False, encode=None, prior=False, sample=None, program=None,
              config_file=None):
     """-ts RUN: the run's best.pt on the test split, with the run's own saved config; the
@@ -189,10 +189,10 @@ def evaluate(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=Fa
 
 def prior_and_samples(run_dir, device, *, opts, seed, train, sample, limit_batches, command):
     from . import prior as priors
-    if release.is_release_run(run_dir):
+    if release_format.is_release_run(run_dir):
         raise runs.RunError(f"{run_dir} is a run folder of the authors' release, which is "
                             "left untouched; make it a run of ours first with python -m "
-                            "trainer.reference import RUN --to DIR")
+                            "trainer.release import RUN --to DIR")
     if dist.world_size() > 1:
         raise ConfigError("--prior and --sample run in one process; start them without "
                           "torchrun")

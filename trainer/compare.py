@@ -12,7 +12,7 @@ docs/gpu-runs.md). A folder that is not a run folder stands for the run folders 
 
 Each run folder is read through plain files only: its config (``config.yaml`` with
 yaml.safe_load, or for a run folder of the authors' release its ``configs.json``, read by
-trainer/release.py) and ``metrics.jsonl`` (its last ``test`` record, its last ``prior_test``
+trainer/release_format.py) and ``metrics.jsonl`` (its last ``test`` record, its last ``prior_test``
 record, and the ``train`` records for the training time; a release folder has one once
 ``main.py -ts`` evaluated it). No checkpoint is opened and nothing is unpickled, so the
 tool works on copied or downloaded run folders.
@@ -30,7 +30,7 @@ import yaml
 from util.cli import EXIT_INPUT, OneLineParser, run_command
 from util.io import atomic_write_bytes, atomic_write_text
 
-from . import release, runs
+from . import release_format, runs
 from .runs import RunError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,9 +66,9 @@ def _read_config(run_dir):
     """The config of a run folder as a plain mapping (ours, or the release's configs.json)."""
     path = os.path.join(run_dir, runs.CONFIG_FILE)
     if not os.path.isfile(path):
-        if release.is_release_run(run_dir):
-            return release.read_release_json(run_dir)
-        raise CompareError(f"{run_dir}: no {runs.CONFIG_FILE} or {release.CONFIG_FILE} (not "
+        if release_format.is_release_run(run_dir):
+            return release_format.read_release_json(run_dir)
+        raise CompareError(f"{run_dir}: no {runs.CONFIG_FILE} or {release_format.CONFIG_FILE} (not "
                            "a run folder)")
     try:
         with open(path) as f:
@@ -126,7 +126,7 @@ def summarize(run_dir):
         raise CompareError(f"{run_dir}: {runs.METRICS_FILE} holds no test metrics (training "
                            "did not finish; evaluate it with main.py -ts)")
     train = [r for r in records if r.get("split") == "train"]
-    theirs = release.is_release_run(run_dir)
+    theirs = release_format.is_release_run(run_dir)
     return {
         "run": run_label(run_dir),
         "model": model_label(cfg) + (", authors' release" if theirs else ""),
@@ -151,7 +151,7 @@ def find_runs(paths):
     """Run folders: each path that is one, else the run folders up to two levels below it."""
     def is_run(folder):
         return (os.path.isfile(os.path.join(folder, runs.CONFIG_FILE))
-                or release.is_release_run(folder))
+                or release_format.is_release_run(folder))
     found = []
     for path in paths:
         if not os.path.isdir(path) or is_run(path):

@@ -23,15 +23,15 @@ from util import distributed as dist
 MODE_WIDTH = 16  # the release pads the pass name to 16 characters
 
 
-def reference_line(name, metrics, seconds):
+def release_line(name, metrics, seconds):
     """One pass in the release's format."""
     quality = f"ACC: {metrics['acc']:5.4f}" if "acc" in metrics else f"MSE: {metrics['mse']:5.4f}"
     return (f"{name.ljust(MODE_WIDTH)}Loss: {metrics['loss']:5.4f}, {quality}, "
             f"Perplexity: {metrics['perplexity']:5.4f}, Time: {seconds:5.3f} sec")
 
 
-def reference_eval_lines(name, metrics, seconds):
-    lines = [reference_line(name, metrics, seconds)]
+def release_eval_lines(name, metrics, seconds):
+    lines = [release_line(name, metrics, seconds)]
     if "miou" in metrics:
         lines.append(f"PixAcc: {metrics['pixel_acc']:5.4f} mIoU: {metrics['miou']:5.4f}")
     return lines
@@ -119,9 +119,9 @@ class Display:
             return
         name = "Val" if self.labels else "Validation"
         self.log(f"[Epoch={epoch}]")
-        self.log(reference_line("Train", train, train_s))
-        for line in (reference_eval_lines(name, val_s, val_s_s)
-                     + reference_eval_lines(name, val, val_seconds)):
+        self.log(release_line("Train", train, train_s))
+        for line in (release_eval_lines(name, val_s, val_s_s)
+                     + release_eval_lines(name, val, val_seconds)):
             self.log(line)
         self.log("----Saving model!" if saved else f"----Not saving model! Last saved: {best_epoch}")
 
@@ -135,7 +135,7 @@ class Display:
         """The test passes, each as (metrics, seconds)."""
         if self.dbg:
             for metrics, seconds in (stochastic, deterministic):
-                for line in reference_eval_lines("Test", metrics, seconds):
+                for line in release_eval_lines("Test", metrics, seconds):
                     self.log(line)
             return
         metrics, seconds = deterministic

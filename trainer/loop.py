@@ -30,7 +30,7 @@ from util.rng import get_rng_state, set_rng_state
 from . import runs
 from .images import save_reconstructions
 from .logs import Display
-from .meters import CodeHistogram, MeanMeter, derived_metrics, evaluate
+from .meters import CodeHistogram, MeanMeter, derived_metrics, eval_pass
 
 # Records a training run writes (the others, test and -ts records, are appended by callers).
 TRAINING_SPLITS = ("train_step", "train", "val_stochastic", "val")
@@ -310,7 +310,7 @@ class Trainer:
         for mode in ("stochastic", "deterministic"):
             start = time.perf_counter()
             with self.display.progress(limit * loader.batch_size, f"{split} {mode}") as bar:
-                metrics = evaluate(self.eval_model, loader, mode, limit, self.segmentation, bar)
+                metrics = eval_pass(self.eval_model, loader, mode, limit, self.segmentation, bar)
             passes.append((metrics, time.perf_counter() - start))
         return passes
 

@@ -14,7 +14,7 @@ from util.codes import CodeUsage
 
 
 class MeanMeter:
-    """Means over batches of per-batch scalars (the reference's per-epoch figures)."""
+    """Means over batches of per-batch scalars (the release's per-epoch figures)."""
 
     def __init__(self, keys):
         self.keys = tuple(keys)
@@ -77,7 +77,7 @@ class CodeHistogram:
 
 
 def derived_metrics(means, dim_x):
-    """Per-pixel MSE and PSNR next to the reference's per-image summed MSE."""
+    """Per-pixel MSE and PSNR next to the release's per-image summed MSE."""
     out = dict(means)
     if "mse" in out:
         out["mse_pixel"] = out["mse"] / dim_x
@@ -86,8 +86,8 @@ def derived_metrics(means, dim_x):
 
 
 @torch.no_grad()
-def evaluate(model, loader, mode, limit=None, segmentation=None, bar=None):
-    """One pass over `loader` in eval mode: means over batches (the reference's figures), the
+def eval_pass(model, loader, mode, limit=None, segmentation=None, bar=None):
+    """One pass over `loader` in eval mode: means over batches (the release's figures), the
     split-level code perplexity, and for label maps the split-level pixel accuracy and mIoU
     (`segmentation` makes a fresh SegmentationMeter)."""
     model.eval()

@@ -1,75 +1,8 @@
-"""Make a run folder of the authors' release a run folder of this tool.
-
-    python -m trainer.reference import REF_RUN [--to RUN_DIR]
-
-writes config.yaml, best.pt (the release's weights under our names) and an empty
-metrics.jsonl, so that ``--resume`` and ``--prior`` work on it; the release folder is only
-read. ``-ts``, ``--report`` and ``--encode`` need no import: they read a release folder as
-it is. The format is trainer/release.py's; this module is the command line, under the name
-users type.
-"""
-import os
-import shutil
+"""The first name of ``python -m trainer.release``, kept so that commands already written
+down (``python -m trainer.reference import RUN``) still run; it is the same command."""
 import sys
 
-from configs import config_to_yaml
-from util.cli import EXIT_INPUT, OneLineParser, UsageError, run_command
-from util.io import UnsafeLink, atomic_write_bytes
-
-from . import release, runs
-from .runs import RunError
-
-
-def import_run(run_dir, dest=None):
-    """Write a run folder of this tool for a release run; returns its path. The release
-    folder is only read. Without `dest`, the new folder goes under path/path_specific with
-    the release folder's own name."""
-    from networks import build_model
-    cfg = release.read_release_config(run_dir)
-    weights = release.load_release_weights(run_dir)
-    runs.load_model_weights(build_model(cfg), weights, os.path.join(run_dir, runs.BEST))
-    dest = os.path.abspath(dest or os.path.join(cfg.path_checkpoint,
-                                                os.path.basename(os.path.normpath(run_dir))))
-    try:
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        os.mkdir(dest)
-    except FileExistsError:
-        raise RunError(f"{dest} already exists; choose another folder with --to") from None
-    try:
-        runs.write_config(dest, cfg)
-        runs.save_checkpoint(os.path.join(dest, runs.BEST), {
-            "model": weights, "epoch": None, "step": None, "val_loss": None,
-            "config": config_to_yaml(cfg), "imported_from": os.path.abspath(run_dir)})
-        atomic_write_bytes(os.path.join(dest, runs.METRICS_FILE), b"")
-    except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)  # never leave a half-imported folder
-        raise
-    return dest
-
-
-def main(argv=None):
-    return run_command(lambda: _main(argv), errors=(((RunError, UnsafeLink), EXIT_INPUT),),
-                       interrupted="{what}; no run folder was written")
-
-
-def _main(argv):
-    parser = OneLineParser(
-        prog="python -m trainer.reference",
-        description="Turn a run folder of the authors' release into a run folder of this "
-                    "tool (the original is only read).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="import a release run folder")
-    imp.add_argument("run", metavar="REF_RUN", help="the release's run folder")
-    imp.add_argument("--to", metavar="RUN_DIR",
-                     help="where to write it (default: path/path_specific/<its name>)")
-    args = parser.parse_args(argv)
-    if not os.path.isdir(args.run) or not release.is_release_run(args.run):
-        raise UsageError(f"{args.run} is not a run folder of the authors' release (no "
-                         f"{release.CONFIG_FILE}, or it already holds a {runs.CONFIG_FILE})")
-    dest = import_run(args.run, args.to)
-    print(f"imported {os.path.abspath(args.run)} as {dest}")
-    return 0
-
+from .release import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 """``main.py -ts RUN --report``: a one-page picture of a trained run.
 
 Gathers the data (metrics.jsonl, the best.pt model, the test split) and hands it to the
-plotting functions of ``util/report.py``; writes ``report.png`` and its three panels
+plotting functions of ``util/figures.py``; writes ``report.png`` and its three panels
 ``report_curves.png``, ``report_codebook.png`` and ``report_reconstructions.png`` into the
 run folder, atomically.
 
@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from util import report as plots
+from util import figures as plots
 from util.codes import CodeUsage
 from util.io import atomic_write_bytes
 
@@ -103,8 +103,8 @@ def write_report(run_dir, cfg, model, test_loader, test_codes=None):
     originals, recons, caption = reconstruction_arrays(model, test_loader)
     figures = plots.report_figures(
         curves=dict(train=train, val=val, quality="acc" if model.OUTPUTS == "labels"
-                    else "mse_pixel", param_var_q=cfg.model.param_var_q, num_codes=size,
-                    train_label=train_label),
+                    else "mse_pixel", variant=cfg.model.param_var_q,
+                    band=cfg.flags.var_q, num_codes=size, train_label=train_label),
         codebook=dict(counts=CodeUsage.from_codes(test_codes, size).counts, split="test"),
         reconstructions=dict(originals=originals, reconstructions=recons,
                              caption=caption),

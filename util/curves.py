@@ -11,7 +11,7 @@ import math
 
 from matplotlib.ticker import MaxNLocator
 
-from util.report import new_figure, png_bytes, spans_decades
+from util.figures import new_figure, png_bytes, spans_decades
 
 # (record split, key, panel title, y label, SQ-VAE only)
 PANELS = (

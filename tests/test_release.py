@@ -1,6 +1,6 @@
 """Interoperability with the authors' release (github.com/sony/sqvae, vision/).
 
-Facts from running the release, shipped under tests/reference/ (see its README): the sha256
+Facts from running the release, shipped under tests/release/ (see its README): the sha256
 of every initial tensor for seed 0 in its eight experiment files, and a genuine run folder
 (configs.json, best.pt, stdout.txt). Our models must start from the same weights bit for bit,
 evaluate its run folder to the Test line it printed, and print its lines under --dbg.
@@ -21,11 +21,11 @@ import main
 from configs import load_config
 from networks import build_model
 from tests.test_import_graph import import_graph
-from trainer import reference, release, runs
+from trainer import release, release_format, runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HASHES = os.path.join(HERE, "reference", "hashes_seed0.txt")
-REF_RUN = os.path.join(HERE, "reference", "mnist_gauss_1_seed3")
+HASHES = os.path.join(HERE, "release", "hashes_seed0.txt")
+RELEASE_RUN = os.path.join(HERE, "release", "mnist_gauss_1_seed3")
 
 
 def read_hashes():
@@ -62,10 +62,10 @@ def test_seed_0_gives_the_release_initial_weights_bit_for_bit(name):
     torch.manual_seed(0)
     ours = build_model(load_config(name)).state_dict()
     expected = HASH_TABLE[name]
-    assert sorted(release.our_key(k) for k, *_ in expected) == sorted(ours)
+    assert sorted(release_format.our_key(k) for k, *_ in expected) == sorted(ours)
     wrong = []
     for key, dtype, shape, digest in expected:
-        tensor = ours[release.our_key(key)]
+        tensor = ours[release_format.our_key(key)]
         if key == "log_kappa_inv":  # (1,) in the release, a scalar here: same bytes
             tensor = tensor.reshape(1)
         assert str(tensor.dtype).removeprefix("torch.") == dtype, key
@@ -95,7 +95,7 @@ def file_digests(folder):
 
 
 def recorded_test_lines():
-    with open(os.path.join(REF_RUN, "stdout.txt")) as f:
+    with open(os.path.join(RELEASE_RUN, "stdout.txt")) as f:
         return [line.rstrip("\n") for line in f if line.startswith("Test ")]
 
 
@@ -104,11 +104,11 @@ def parse_line(line):
 
 
 @pytest.fixture(scope="module")
-def evaluated_reference(tmp_path_factory, small_data):
+def evaluated_release_run(tmp_path_factory, small_data):
     """A copy of the release run folder after `-ts RUN --dbg` on the full MNIST test split
     (shipped with the subsets); yields (folder, printed lines)."""
     run = tmp_path_factory.mktemp("release") / "resnet_seed3_1125_1927"
-    shutil.copytree(REF_RUN, run)
+    shutil.copytree(RELEASE_RUN, run)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main.run(["-c", "mnist_gauss_1.yaml", "-ts", str(run), "--dbg",
@@ -116,8 +116,8 @@ def evaluated_reference(tmp_path_factory, small_data):
     return run, out.getvalue().splitlines()
 
 
-def test_release_run_evaluates_to_its_recorded_test_line(evaluated_reference):
-    run, lines = evaluated_reference
+def test_release_run_evaluates_to_its_recorded_test_line(evaluated_release_run):
+    run, lines = evaluated_release_run
     deterministic = parse_line(recorded_test_lines()[1])
     ours = [parse_line(line) for line in lines if line.startswith("Test ")]
     assert len(ours) == 2
@@ -131,8 +131,8 @@ def test_release_run_evaluates_to_its_recorded_test_line(evaluated_reference):
     assert records[-1]["mse"] == pytest.approx(deterministic["mse"], rel=2e-5)
 
 
-def test_dbg_prints_the_release_test_lines_in_its_format(evaluated_reference):
-    _, lines = evaluated_reference
+def test_dbg_prints_the_release_test_lines_in_its_format(evaluated_release_run):
+    _, lines = evaluated_release_run
     mine = [line for line in lines if line.startswith("Test ")]
     # Same text up to the digits: padded name, keys, separators, decimals.
     assert [re.sub(r"\d+", "9", line) for line in mine] == \
@@ -153,7 +153,7 @@ def test_dbg_training_prints_the_release_lines_in_order(tmp_path, small_data):
                          "--limit-batches", "3", "train.epoch_max", "2", "path",
                          str(tmp_path), "path_dataset", small_data]) == 0
     (run,) = tmp_path.glob("*/*")
-    with open(os.path.join(REF_RUN, "stdout.txt")) as f:
+    with open(os.path.join(RELEASE_RUN, "stdout.txt")) as f:
         printed = f.read().splitlines()
     ours = printed_shape(out.getvalue().splitlines(), run)
     expected = printed_shape(printed, "resnet_seed3_1125_1927")
@@ -164,10 +164,10 @@ def test_dbg_training_prints_the_release_lines_in_order(tmp_path, small_data):
 
 def test_import_writes_a_run_of_ours_and_leaves_the_release_folder_alone(tmp_path):
     run = tmp_path / "release"
-    shutil.copytree(REF_RUN, run)
+    shutil.copytree(RELEASE_RUN, run)
     before = file_digests(run)
     dest = tmp_path / "ours"
-    assert reference.main(["import", str(run), "--to", str(dest)]) == 0
+    assert release.main(["import", str(run), "--to", str(dest)]) == 0
     assert file_digests(run) == before
     assert sorted(os.listdir(dest)) == ["best.pt", "config.yaml", "metrics.jsonl"]
     imported = torch.load(dest / "best.pt", weights_only=True)["model"]
@@ -175,36 +175,37 @@ def test_import_writes_a_run_of_ours_and_leaves_the_release_folder_alone(tmp_pat
     assert len(imported) == len(theirs)
     for key, value in theirs.items():
         assert key.startswith("module.")
-        assert torch.equal(imported[release.our_key(key)], value)
+        assert torch.equal(imported[release_format.our_key(key)], value)
     cfg = load_config(str(dest / "config.yaml"))
     assert (cfg.train.bs, cfg.test.bs, cfg.quantization.size_dict) == (32, 32, 128)
     # Importing twice into the same place is refused; the first import stays.
-    assert reference.main(["import", str(run), "--to", str(dest)]) == 2
-    assert reference.main(["import", str(dest)]) == 2  # ours is not a release folder
+    assert release.main(["import", str(run), "--to", str(dest)]) == 2
+    assert release.main(["import", str(dest)]) == 2  # ours is not a release folder
 
 
 def test_release_checkpoint_keys_map_onto_ours():
-    assert release.our_key("module.encoder.conv.0.0.weight") == "encoder.stem.0.weight"
-    assert release.our_key("module.encoder.conv.3.bias") == "encoder.stem.3.bias"
-    assert release.our_key("module.encoder.res_m.1.weight") == "encoder.head_mean.1.weight"
-    assert release.our_key("encoder.res_v.0.bias") == "encoder.head_log_var.0.bias"
-    assert release.our_key("module.decoder.convt.2.weight") == "decoder.head.2.weight"
-    assert release.our_key("module.codebook") == "quantizer.codebook"
+    assert release_format.our_key("module.encoder.conv.0.0.weight") == "encoder.stem.0.weight"
+    assert release_format.our_key("module.encoder.conv.3.bias") == "encoder.stem.3.bias"
+    assert release_format.our_key("module.encoder.res_m.1.weight") == "encoder.head_mean.1.weight"
+    assert release_format.our_key("encoder.res_v.0.bias") == "encoder.head_log_var.0.bias"
+    assert release_format.our_key("module.decoder.convt.2.weight") == "decoder.head.2.weight"
+    assert release_format.our_key("module.codebook") == "quantizer.codebook"
 
 
 def test_release_folders_are_read_through_the_release_module_alone():
-    # trainer.runs reads them through the reader trainer/release.py registers, and knows
+    # trainer.runs reads them through the reader trainer/release_format.py registers, and knows
     # nothing of their format.
-    assert runs.folder_reader(REF_RUN) is runs.FOLDER_READERS["release"]
-    assert runs.folder_reader(os.path.dirname(REF_RUN)) is None
-    cfg, model, state = runs.load_run_model(REF_RUN)
+    assert runs.folder_reader(RELEASE_RUN) is runs.FOLDER_READERS["release"]
+    assert runs.folder_reader(os.path.dirname(RELEASE_RUN)) is None
+    cfg, model, state = runs.load_run_model(RELEASE_RUN)
     assert (cfg.model.name, cfg.test.bs, state["epoch"]) == ("GaussianSQVAE", 32, None)
-    weights = torch.load(os.path.join(REF_RUN, "best.pt"), weights_only=True)
+    weights = torch.load(os.path.join(RELEASE_RUN, "best.pt"), weights_only=True)
     assert torch.equal(model.state_dict()["encoder.stem.0.weight"],
                        weights["module.encoder.conv.0.weight"])
-    assert not {"trainer.release", "trainer.reference"} & set(import_graph()["trainer.runs"])
+    release_modules = {"trainer.release_format", "trainer.release", "trainer.reference"}
+    assert not release_modules & set(import_graph()["trainer.runs"])
     with open(runs.__file__) as f:
-        assert release.CONFIG_FILE not in f.read()
+        assert release_format.CONFIG_FILE not in f.read()
 
 
 def test_label_model_dbg_lines_follow_the_release():
@@ -238,7 +239,7 @@ def test_a_release_dataset_root_trains_unchanged(tmp_path, small_data, capsys):
 
 def test_report_and_encode_take_a_release_run_folder(tmp_path, small_data):
     run = tmp_path / "release"
-    shutil.copytree(REF_RUN, run)
+    shutil.copytree(RELEASE_RUN, run)
     assert main.run(["-c", "mnist_gauss_1.yaml", "-ts", str(run), "--report", "--encode",
                      "test", "--limit-batches", "1", "path_dataset", small_data]) == 0
     assert (run / "report.png").stat().st_size > 10_000
@@ -246,5 +247,5 @@ def test_report_and_encode_take_a_release_run_folder(tmp_path, small_data):
     decoded = export.decode_codes(str(run), str(run / "codes_test.npz"))
     assert decoded.shape == (10_000, 1, 28, 28)
     # The release's own files are as they were.
-    assert file_digests(REF_RUN) == {name: digest for name, digest in file_digests(run).items()
-                                     if name in os.listdir(REF_RUN)}
+    assert file_digests(RELEASE_RUN) == {name: digest for name, digest in file_digests(run).items()
+                                     if name in os.listdir(RELEASE_RUN)}

@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 
 from util.grid import reconstruction_grid
 
-TRAIN_COLOR, VAL_COLOR, REF_COLOR = "tab:blue", "tab:orange", "0.45"
+TRAIN_COLOR, VAL_COLOR, GUIDE_COLOR = "tab:blue", "tab:orange", "0.45"
 DPI = 100
 ROMAN = {"gaussian_1": "I", "gaussian_2": "II", "gaussian_3": "III", "gaussian_4": "IV"}
 
@@ -52,19 +52,20 @@ def spans_decades(values, factor=10.0):
         and max(positive) / min(positive) >= factor
 
 
-def quantizer_label(param_var_q):
-    """Axis label and title of the quantizer parameter panel for model.param_var_q."""
-    if param_var_q == "vmf":
+def quantizer_label(variant):
+    """Axis label and title of the quantizer parameter panel for a quantizer variant (the
+    config's model.param_var_q: gaussian_1 .. gaussian_4, or vmf)."""
+    if variant == "vmf":
         return r"$\kappa_q$", r"Quantizer concentration $\kappa_q$ (vMF)"
-    variant = ROMAN.get(param_var_q, param_var_q)
-    return r"$\sigma^2_q$", rf"Quantizer variance $\sigma^2_q$ (variant {variant})"
+    roman = ROMAN.get(variant, variant)
+    return r"$\sigma^2_q$", rf"Quantizer variance $\sigma^2_q$ (variant {roman})"
 
 
-def curve_panels(quality, param_var_q, num_codes, band):
-    """The panels of the training-curve figure: (key, title, y label, log scale, reference
-    line as (value, label) or None, draw the min-max band). Log scale None means: where the
+def curve_panels(quality, variant, num_codes, band):
+    """The panels of the training-curve figure: (key, title, y label, log scale, guide line
+    as (value, label) or None, draw the min-max band). Log scale None means: where the
     values span a decade or more."""
-    param_axis, param_title = quantizer_label(param_var_q)
+    param_axis, param_title = quantizer_label(variant)
     if quality == "acc":
         quality_panel = ("acc", "Reconstruction accuracy", "pixel accuracy", False, None, False)
     else:
@@ -83,12 +84,13 @@ def curve_panels(quality, param_var_q, num_codes, band):
     ]
 
 
-def draw_curves(fig, train, val, *, quality="mse_pixel", param_var_q="gaussian_1",
+def draw_curves(fig, train, val, *, quality="mse_pixel", variant="gaussian_1", band=False,
                 num_codes=None, train_label="train"):
     """Training curves against the step: `train` records as a line, `val` records as
-    markers. Panels whose key no record holds are left out. Returns the axes titles."""
-    band = param_var_q in ("gaussian_2", "gaussian_3", "gaussian_4")
-    panels = [p for p in curve_panels(quality, param_var_q, num_codes or 0, band)
+    markers. `band` draws the quantizer parameter's min-max band (a variance per position:
+    variants II-IV). Panels whose key no record holds are left out. Returns the axes
+    titles."""
+    panels = [p for p in curve_panels(quality, variant, num_codes or 0, band)
               if _column(train, p[0])[0] or _column(val, p[0])[0]]
     if not panels:
         ax = fig.add_subplot()
@@ -99,7 +101,7 @@ def draw_curves(fig, train, val, *, quality="mse_pixel", param_var_q="gaussian_1
     columns = 3 if len(panels) > 4 else len(panels)
     rows = math.ceil(len(panels) / columns)
     titles = []
-    for i, (key, title, ylabel, log, reference, with_band) in enumerate(panels):
+    for i, (key, title, ylabel, log, guide, with_band) in enumerate(panels):
         ax = fig.add_subplot(rows, columns, i + 1)
         steps, values = _column(train, key)
         marker = "o" if len(steps) <= 12 else None
@@ -118,8 +120,8 @@ def draw_curves(fig, train, val, *, quality="mse_pixel", param_var_q="gaussian_1
             ax.plot(v_steps, v_values, ls="none", marker="s", markersize=6, color=VAL_COLOR,
                     markeredgecolor="black", markeredgewidth=0.6, label="val (deterministic)",
                     zorder=3)
-        if reference is not None and reference[0]:
-            ax.axhline(reference[0], color=REF_COLOR, ls="--", lw=0.8, label=reference[1])
+        if guide is not None and guide[0]:
+            ax.axhline(guide[0], color=GUIDE_COLOR, ls="--", lw=0.8, label=guide[1])
         if log is True or (log is None and spans_decades(values + v_values + spread)):
             ax.set_yscale("log")
         else:

@@ -3,7 +3,7 @@
 # Trainable parameters of the release's models: (total, encoder, decoder). cifar10_vmf is not
 # in the release's table: it is a GaussianSQVAE (so D stays 64) without a variance head on the
 # CIFAR10 nets, i.e. exactly the networks and codebook of cifar10_gauss_1.
-REFERENCE_PARAMS = {
+RELEASE_PARAMS = {
     "mnist_gauss_1": (240386, 116128, 116065),
     "fashion-mnist_gauss_1": (248578, 116128, 116065),
     "cifar10_gauss_1": (341252, 154336, 154147),

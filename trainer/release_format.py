@@ -1,0 +1,128 @@
+"""Run folders of the authors' release (github.com/sony/sqvae, vision/), read as data: the
+one module that knows their format.
+
+A release run folder holds ``configs.json`` (its resolved config) and ``best.pt`` /
+``current.pt`` (the state dict of ``nn.DataParallel(model)``: every key starts with
+``module.``), besides a pickled ``plots.npy`` and a copy of the source, which are never
+opened. Checkpoints load with ``torch.load(weights_only=True)``.
+
+The release's module names differ from ours (``encoder.conv`` is our ``encoder.stem``,
+``res_m``/``res_v`` our ``head_mean``/``head_log_var``, ``decoder.convt`` our
+``decoder.head``), its CelebA stem nests the first conv one level deeper, and its vMF
+``log_kappa_inv`` has shape (1,) where ours is a scalar. Everything else is the same
+module for module, and the release's evaluation batch is ``train.bs`` (it ignores the
+``test.bs`` it records), which ``test.bs`` here is set to.
+
+Importing this module registers the release's folders with ``trainer.runs`` (the trainer
+package imports it), so ``-ts``, ``--report`` and ``--encode`` take such a folder as it is;
+``python -m trainer.release import`` turns one into a run folder of this tool.
+"""
+import json
+import os
+import re
+
+import torch
+
+from configs import ConfigError, config_from_mapping
+from networks import LEGACY_KEYS
+
+from . import runs
+from .runs import RunError
+
+CONFIG_FILE = "configs.json"
+# Release key prefix (a regex) -> ours, tried in order; the first match renames.
+KEY_RENAMES = (
+    (r"encoder\.conv\.0\.0\.", "encoder.stem.0."),  # CelebA nests its first conv
+    (r"encoder\.conv\.", "encoder.stem."),
+    (r"encoder\.res_m\.", "encoder.head_mean."),
+    (r"encoder\.res_v\.", "encoder.head_log_var."),
+    (r"decoder\.convt\.", "decoder.head."),
+)
+# configs.json keys that carry over, as (section, keys); the others are the release's own
+# bookkeeping (paths, workers, the seed, save/print switches) or derived here.
+CARRIED = {
+    "dataset": ("name", "shape", "dim_x"),
+    "model": ("name", "param_var_q", "log_param_q_init", "log_kappa_inv"),
+    "network": ("name", "num_rb", "num_class", "act_decoder"),
+    "quantization": ("size_dict", "dim_dict", "temperature"),
+    "train": ("bs", "lr", "epoch_max"),
+    "flags": ("arelbo", "decay", "bn"),
+}
+
+
+def is_release_run(run_dir):
+    """A folder written by the authors' release (its configs.json, none of our config)."""
+    return (os.path.isfile(os.path.join(run_dir, CONFIG_FILE))
+            and not os.path.isfile(os.path.join(run_dir, runs.CONFIG_FILE)))
+
+
+def read_release_json(run_dir):
+    """The configs.json of a release run folder as it is (a dict with its dataset and model
+    sections), read as JSON data."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise RunError(f"cannot read {path}: {type(e).__name__}; is it a run folder of the "
+                       "authors' release?") from None
+    except RecursionError:  # the JSON parser recurses once per level of nesting
+        raise RunError(f"{path} is nested too deeply to be the config of a release run; "
+                       "is it a run folder of the authors' release?") from None
+    if not isinstance(saved, dict) or "dataset" not in saved or "model" not in saved:
+        raise RunError(f"{path} is not the config of a release run (no dataset or model)")
+    return saved
+
+
+def read_release_config(run_dir, opts=None):
+    """Our config for a release run folder, from its configs.json."""
+    saved = read_release_json(run_dir)
+    mapping = {}
+    for section, keys in CARRIED.items():
+        values = saved.get(section) or {}
+        mapping[section] = {k: values[k] for k in keys if k in values}
+    if isinstance(mapping["dataset"].get("shape"), list):
+        mapping["dataset"]["shape"] = tuple(mapping["dataset"]["shape"])
+    mapping["test"] = {"bs": mapping["train"].get("bs", 32)}
+    if "path_specific" in saved:
+        mapping["path_specific"] = saved["path_specific"]
+    try:
+        return config_from_mapping(mapping, opts)
+    except ConfigError as e:
+        raise RunError(f"{os.path.join(run_dir, CONFIG_FILE)}: {e}") from None
+
+
+def our_key(key):
+    """The name of a release state-dict key in this repository's models."""
+    key = key.removeprefix("module.")
+    for pattern, replacement in KEY_RENAMES:
+        renamed, count = re.subn("^" + pattern, replacement, key)
+        if count:
+            return renamed
+    return LEGACY_KEYS.get(key, key)  # the quantizer's tensors, now in its layer
+
+
+def convert_state_dict(state):
+    """A release state dict (with or without DataParallel's prefix) under our names."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise RunError("not a state dict of tensors")
+    out = {our_key(k): v for k, v in state.items()}
+    if "log_kappa_inv" in out:
+        out["log_kappa_inv"] = out["log_kappa_inv"].reshape(())
+    return out
+
+
+def load_release_weights(run_dir, name=runs.BEST):
+    """The weights of a release checkpoint under our names."""
+    path = os.path.join(run_dir, name)
+    state = runs.read_checkpoint(path)
+    try:
+        return convert_state_dict(state)
+    except RunError as e:
+        raise RunError(f"checkpoint {path}: {e}; is it a checkpoint of the authors' "
+                       "release?") from None
+
+
+runs.register_folder_reader("release", is_release_run, read_release_config,
+                            load_release_weights)
