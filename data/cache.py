@@ -20,12 +20,13 @@ import numpy as np
 import PIL
 from tqdm import tqdm
 
+from util.cli import one_line
 from util.io import atomic_write_text
 from util.lock import FileLock
 from util.signals import worker_pool
 
 from .decode import IMAGE_SIZE
-from .errors import DatasetError, one_line
+from .errors import DatasetError
 
 CACHE_DIR = "cache"
 # Bump when the file layout or the sidecar's meaning changes, to retire old caches.

@@ -8,7 +8,9 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .errors import DatasetError, one_line
+from util.cli import one_line
+
+from .errors import DatasetError
 
 CELEBA_CROP = 140
 IMAGE_SIZE = 64

@@ -4,8 +4,3 @@
 class DatasetError(ValueError):
     """Dataset files are missing, truncated or corrupt; the message is one line saying
     which file or folder is at fault and what to put where."""
-
-
-def one_line(text):
-    """Collapse an exception text so the DatasetError that embeds it stays one line."""
-    return " ".join(str(text).split())

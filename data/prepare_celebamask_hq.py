@@ -39,14 +39,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from util.cli import EXIT_INPUT, OneLineParser, run_command
+from util.cli import EXIT_INPUT, OneLineParser, one_line, run_command
 from util.io import UnsafeLink, atomic_save, atomic_write_bytes, atomic_write_text
 from util.lock import FileLock, LockHeld
 from util.signals import worker_pool
 
 from .cache import build_workers, pool_context
 from .decode import LABEL_PARTS as PARTS, open_image
-from .errors import DatasetError, one_line
+from .errors import DatasetError
 from .sources import SPLITS
 
 MASK_SIZE, FACES_PER_MASK_FOLDER = 512, 2000

@@ -255,9 +255,9 @@ def published_section(report_path):
     return "\n".join([
         "## Published figures",
         "",
-        "Numbers from the literature to place the tables above. They come from longer GPU",
-        "trainings (hundreds of epochs), so only their order of magnitude compares with a",
-        "few CPU epochs.",
+        "Numbers from the literature to place the tables above. They come from the sources'",
+        "own GPU trainings: short rows compare with them in order of magnitude only, rows of",
+        "the paper's length more closely.",
         "",
         "| dataset | model | PSNR (dB) | perplexity | source |",
         "|---|---|---|---|---|",

@@ -10,7 +10,9 @@ import pickle
 import numpy as np
 import torchvision.datasets as tvd
 
-from ..errors import DatasetError, one_line
+from util.cli import one_line
+
+from ..errors import DatasetError
 from .layouts import cached, carve_val, find_folder
 
 CIFAR10_DIR = "cifar-10-batches-py"

@@ -10,7 +10,9 @@ import contextlib
 import os
 import socket
 
-from ..errors import DatasetError, one_line
+from util.cli import one_line
+
+from ..errors import DatasetError
 
 SPLITS = ("train", "val", "test")
 NO_DOWNLOAD_ENV = "SQVAE_NO_DOWNLOAD"

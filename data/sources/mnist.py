@@ -8,9 +8,10 @@ import zlib
 
 import torchvision.datasets as tvd
 
+from util.cli import one_line
 from util.io import atomic_write_bytes
 
-from ..errors import DatasetError, one_line
+from ..errors import DatasetError
 from .layouts import cached, carve_val, find_folder
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
