@@ -341,6 +341,13 @@ def test_code_usage_by_hand():
     assert (same.entropy, same.codes_used) == (usage.entropy, usage.codes_used)
 
 
+def test_one_code_has_zero_entropy_not_minus_zero():
+    # A collapsed codebook: H = 0, printed and recorded as 0.0 (not -0.0) and perplexity 1.
+    usage = CodeUsage.from_codes(np.zeros((2, 3), dtype=np.int64), 4)
+    assert math.copysign(1.0, usage.entropy) == 1.0 and usage.perplexity == 1.0
+    assert f"{usage.entropy:.4f}" == "0.0000"
+
+
 def test_code_usage_refuses_the_wrong_kind_of_input():
     with pytest.raises(TypeError):
         CodeUsage(np.array([1, 2]))  # neither codes nor counts: say which

@@ -297,7 +297,7 @@ def test_resume_of_a_finished_run_appends_nothing(capfd, tmp_path, trained):
     before = tree(run, skip=(".writer.lock",))
     code, out, err = cli(capfd, "-c", CONFIG, "--resume", run)
     assert code == 0, err
-    assert f"{run} is finished: trained 1 epochs (train.epoch_max 1) and tested" in out
+    assert f"{run} is finished: trained 1 epoch (train.epoch_max 1) and tested" in out
     assert tree(run, skip=(".writer.lock",)) == before  # no second test record
 
 

@@ -83,7 +83,8 @@ def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None
             if last_epoch >= cfg.train.epoch_max and runs.final_test_recorded(records,
                                                                               last_epoch):
                 if dist.is_main():
-                    print(f"{run_dir} is finished: trained {last_epoch} epochs (train.epoch_max "
+                    epochs = f"{last_epoch} epoch" + "s" * (last_epoch != 1)
+                    print(f"{run_dir} is finished: trained {epochs} (train.epoch_max "
                           f"{cfg.train.epoch_max}) and tested; nothing to do (to train "
                           "further, resume with a larger train.epoch_max)")
                 if lock is not None:

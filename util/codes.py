@@ -126,7 +126,7 @@ class CodeUsage:
     def entropy(self):
         """Entropy in nats of the code frequencies (0 for an empty histogram)."""
         q = self.counts[self.counts > 0] / max(self.total, 1)
-        return float(-(q * np.log(q)).sum())
+        return float((q * np.log(1 / q)).sum())  # a sum of non-negative terms: never -0.0
 
     @property
     def perplexity(self):
