@@ -29,9 +29,9 @@ def code_nll(logits, codes, reduction="mean"):
     """-log softmax(logits)[code] for logits B x K x ... and int64 codes B x ...: the mean
     ("mean") or the sum ("sum") over all positions.
 
-    The same number as F.cross_entropy, built from log-softmax and gather because CUDA's
-    NLL kernel has no deterministic version: under --deterministic it raises, while
-    gather's backward (a scatter-add) does have one."""
+    The same number as torch's cross-entropy loss, built from log-softmax and gather
+    because CUDA's NLL kernel has no deterministic version: under --deterministic it
+    raises, while gather's backward (a scatter-add) does have one."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     picked = logits.log_softmax(dim=1).gather(1, codes.unsqueeze(1))
