@@ -9,6 +9,7 @@ from PIL import Image
 
 import main
 from configs import load_config
+from networks import build_model
 from trainer import export, report, runs
 from trainer.runs import RunError
 from util import figures as plots
@@ -198,3 +199,27 @@ def test_decode_refuses_a_code_grid_of_the_wrong_size(reported_run):
             export.decode_indices(model, np.zeros(shape, np.int64))
     with pytest.raises(ValueError, match="N x 7 x 7"):
         model.decode(torch.zeros(1, 14, 14, dtype=torch.long))
+
+
+@pytest.mark.parametrize("variant, band", [("gaussian_1", False), ("gaussian_3", True)])
+def test_report_draws_the_min_max_band_where_the_variance_varies(tmp_path, monkeypatch,
+                                                                 variant, band):
+    # The band is the config's (flags.var_q: variants II-IV have a variance per position).
+    cfg = load_config("mnist_gauss_1", ["model.param_var_q", variant])
+    records = [{"split": "train", "epoch": e, "step": 10 * e, "loss": 1.0 / e,
+                "param_q": 5.0 / e, "param_q_min": 1.0 / e, "param_q_max": 10.0 / e}
+               for e in (1, 2, 3)]
+    (tmp_path / runs.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    drawn, original = {}, plots.report_figures
+
+    def capture(**parts):
+        drawn.update(original(**parts))
+        return drawn
+
+    monkeypatch.setattr(report.plots, "report_figures", capture)
+    loader = [(torch.rand(4, 1, 28, 28), torch.zeros(4))]
+    report.write_report(str(tmp_path), cfg, build_model(cfg), loader,
+                        np.zeros((4, 7, 7), dtype=np.int64))
+    fig, _ = drawn["report_curves"]
+    (param_axis,) = [ax for ax in fig.axes if ax.get_title().startswith("Quantizer variance")]
+    assert bool(param_axis.collections) is band

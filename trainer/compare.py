@@ -68,8 +68,8 @@ def _read_config(run_dir):
     if not os.path.isfile(path):
         if release_format.is_release_run(run_dir):
             return release_format.read_release_json(run_dir)
-        raise CompareError(f"{run_dir}: no {runs.CONFIG_FILE} or {release_format.CONFIG_FILE} (not "
-                           "a run folder)")
+        raise CompareError(f"{run_dir}: no {runs.CONFIG_FILE} or "
+                           f"{release_format.CONFIG_FILE} (not a run folder)")
     try:
         with open(path) as f:
             cfg = yaml.safe_load(f)
