@@ -211,3 +211,12 @@ def test_the_report_links_the_gpu_command_lines_from_where_it_is(tmp_path):
     for config in ("cifar10_gauss_1.yaml", "cifar10_vqvae.yaml", "celeba_gauss_1.yaml",
                    "celeba_vqvae.yaml"):
         assert f"python main.py -c {config} --save --seed $seed" in commands
+
+
+def test_published_mnist_figures_agree_with_those_the_report_text_quotes():
+    # Two hands: the data file's table and the sentence of the notes that discusses them.
+    rows = {r["model"]: r for r in compare.published_figures() if r["dataset"] == "MNIST"}
+    with open(os.path.join(REPO, "benchmarks", "results_notes.md")) as f:
+        notes = " ".join(f.read().split())
+    sq, vq = rows["SQ-VAE (K = 128)"]["perplexity"], rows["VQ-VAE (K = 128)"]["perplexity"]
+    assert f"gives SQ-VAE a codebook perplexity of {sq} and VQ-VAE {vq}." in notes
