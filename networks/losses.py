@@ -16,12 +16,8 @@ import torch.nn.functional as F
 from third_party.bessel import log_ive
 from util.device import widest_float
 
-def squared_error(x_hat, x):
-    """The release's "MSE": squared error summed over an image's pixels, mean over images."""
-    return F.mse_loss(x_hat, x, reduction="sum") / x.shape[0]
-
-def arelbo_loss(mse, dim_x):
-    return dim_x / 2 * torch.log(mse)
+# The quantizer layers' own terms (torch only, installed with them as sqvae_layers).
+from .reconstruction import arelbo_loss, squared_error  # noqa: F401
 
 def learned_variance_loss(mse, dim_x, log_var_x):
     return mse / (2 * torch.exp(log_var_x)) + dim_x / 2 * log_var_x

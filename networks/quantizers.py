@@ -1,6 +1,7 @@
 """Quantizer layers for any model: SQ-VAE's Gaussian and vMF stochastic quantizers and a VQ-VAE
-nearest-code quantizer. They import torch and this package (third_party through its losses),
-never the config system. docs/layers.md has a worked example.
+nearest-code quantizer. They import torch and two modules of this package (functional.py,
+reconstruction.py) only, never the config system: those three files are what
+``pip install .`` installs as ``sqvae_layers``. docs/layers.md has a worked example.
 
 Contract, the same for all three::
 
@@ -52,7 +53,7 @@ from torch import nn
 from .functional import (check_mode, ema_update, flatten_positions, gaussian_quantize,
                          nearest_codes, one_hot, perplexity, straight_through,
                          summed_over_processes, unflatten_positions, vmf_quantize, vq_losses)
-from .losses import arelbo_loss, squared_error
+from .reconstruction import arelbo_loss, squared_error
 
 
 def arelbo(x_hat, x):

@@ -405,3 +405,27 @@ def test_the_docs_example_runs_and_gives_each_cluster_its_code():
     assert scope["error"].item() == pytest.approx(F.mse_loss(decoded, centers).item())
     assert scope["error"] < untrained_error / 100
     assert not quantizer.training and encoder.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- what layers.md warns
+
+@pytest.mark.parametrize("variance", ["gaussian_2", "gaussian_3", "gaussian_4"])
+def test_variants_2_to_4_take_a_log_var_of_z_full_shape_only(variance):
+    # docs/layers.md: whatever the variant averages it to, log_var comes at z's shape.
+    layer = GaussianQuantizer(4, 8, variance)
+    z = torch.randn(2, 4, 3, 3)
+    layer(z, torch.zeros_like(z))
+    for shape in ((2, 1, 1, 1), (2, 1, 3, 3)):
+        with pytest.raises(ValueError, match="log_var has shape"):
+            layer(z, torch.zeros(shape))
+
+
+@pytest.mark.parametrize("layer", [lambda: GaussianQuantizer(8, 16, channel_last=True),
+                                   lambda: VmfQuantizer(8, 16, channel_last=True)])
+def test_the_sq_loss_is_negative_at_the_start(layer):
+    # docs/layers.md: kld_discrete is minus an entropy, about -positions * log K while the
+    # codes are near uniform, and it outweighs kld_continuous at the start.
+    torch.manual_seed(0)
+    _, aux = layer()(torch.randn(64, 4, 8))
+    assert aux["kld_discrete"] < 0 and aux["loss"] < 0
+    assert aux["kld_discrete"] >= -4 * math.log(16) - 1e-4

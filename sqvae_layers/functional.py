@@ -1,0 +1,1 @@
+../networks/functional.py

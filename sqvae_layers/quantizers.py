@@ -1,0 +1,1 @@
+../networks/quantizers.py

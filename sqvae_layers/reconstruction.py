@@ -1,0 +1,1 @@
+../networks/reconstruction.py
