@@ -24,8 +24,6 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data import prepare_celebamask_hq as prep  # noqa: E402
-
 
 def _jpeg_pool(folder, count, rng):
     """A few distinct photo-sized JPEGs (smooth shading plus grain, quality 95)."""
@@ -41,7 +39,15 @@ def _jpeg_pool(folder, count, rng):
     return [open(p, "rb").read() for p in paths]
 
 
+def _tool():
+    """data.prepare_celebamask_hq, imported once the flags are parsed: the data package
+    imports torch, and --help should not wait for it."""
+    from data import prepare_celebamask_hq
+    return prepare_celebamask_hq
+
+
 def write_release(root, faces, parts, seed=0):
+    prep = _tool()
     rng = np.random.default_rng(seed)
     image_dir = os.path.join(root, prep.IMAGE_DIR)
     os.makedirs(image_dir)
@@ -87,7 +93,7 @@ def _timed(tool, argv):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--faces", type=int, default=200)
+    p.add_argument("--faces", type=int, default=200, help="faces in the synthetic release")
     p.add_argument("--parts", type=int, default=10, help="part masks per face")
     p.add_argument("--workers", default=f"1,{os.cpu_count() or 1}",
                    help="comma-separated worker counts to time")
@@ -95,7 +101,7 @@ def main():
     p.add_argument("--baseline", metavar="FILE", help="also time this version of the tool")
     p.add_argument("--repeat", type=int, default=1, help="runs per version and worker count")
     args = p.parse_args()
-    tools = {"current": prep, **({"baseline": _load(args.baseline)} if args.baseline else {})}
+    tools = {"current": _tool(), **({"baseline": _load(args.baseline)} if args.baseline else {})}
     with tempfile.TemporaryDirectory() as tmp:
         release = os.path.join(tmp, "release")
         t0 = time.perf_counter()

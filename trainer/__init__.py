@@ -1,8 +1,24 @@
-"""Training, evaluation, checkpoints and run folders."""
-from . import release_format  # registers the authors' run folders with trainer.runs
-from .loop import Interrupted, Trainer, TrainingError, build_optimizer, build_scheduler
-from .meters import CodeHistogram, MeanMeter, eval_pass
-from .runs import RunError
+"""Training, evaluation, checkpoints and run folders.
+
+The names below load their modules (and torch) on first use, so that ``python -m
+trainer.compare --help`` and ``python -m trainer.release --help`` answer before torch is
+imported. trainer/release_format.py is imported at once: it registers the authors' run
+folders with trainer.runs (both modules import torch only inside the functions that need it).
+"""
+import importlib
+
+from . import release_format  # noqa: F401  registers the authors' run folders
+
+# name -> the module of this package that defines it
+_LAZY = {"Interrupted": "loop", "Trainer": "loop", "TrainingError": "loop",
+         "build_optimizer": "loop", "build_scheduler": "loop", "CodeHistogram": "meters",
+         "MeanMeter": "meters", "eval_pass": "meters", "RunError": "runs"}
 
 __all__ = ["CodeHistogram", "Interrupted", "MeanMeter", "Trainer", "TrainingError", "RunError",
            "build_optimizer", "build_scheduler", "eval_pass"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

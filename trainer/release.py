@@ -8,6 +8,7 @@ read. ``-ts``, ``--report`` and ``--encode`` need no import: they read a release
 it is. The format is trainer/release_format.py's (which the trainer package imports); this
 module is only the command line, so that ``python -m`` runs a module not yet imported.
 """
+import argparse
 import os
 import shutil
 import sys
@@ -55,10 +56,23 @@ def main(argv=None):
 def _main(argv):
     parser = OneLineParser(
         prog="python -m trainer.release",
-        description="Turn a run folder of the authors' release into a run folder of this "
-                    "tool (the original is only read).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="import a release run folder")
+        description="Run folders of the authors' release (github.com/sony/sqvae, vision/).\n"
+                    "main.py -ts, --report and --encode read one as it is, without this\n"
+                    "command; --resume and --prior need a run folder of this tool, which\n"
+                    "`import` makes (the original is only read).",
+        epilog=("example:\n"
+                "  python -m trainer.release import RELEASE_RUN --to /tmp/runs/imported\n"
+                "  python main.py -c mnist_gauss_1.yaml -ts /tmp/runs/imported --prior"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands")
+    imp = sub.add_parser(
+        "import", help="copy a release run folder into a new run folder of this tool: "
+                       "config.yaml, best.pt (its weights under our names) and an empty "
+                       "metrics.jsonl",
+        description="Write a run folder of this tool for the release run folder "
+                    "RELEASE_RUN (its configs.json and best.pt), for --resume and --prior; "
+                    "RELEASE_RUN is only read. See python -m trainer.release --help.")
     imp.add_argument("run", metavar="RELEASE_RUN", help="the release's run folder")
     imp.add_argument("--to", metavar="RUN_DIR",
                      help="where to write it (default: path/path_specific/<its name>)")

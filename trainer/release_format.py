@@ -21,10 +21,7 @@ import json
 import os
 import re
 
-import torch
-
 from configs import ConfigError, config_from_mapping
-from networks import LEGACY_KEYS
 
 from . import runs
 from .runs import RunError
@@ -94,6 +91,7 @@ def read_release_config(run_dir, opts=None):
 
 def our_key(key):
     """The name of a release state-dict key in this repository's models."""
+    from networks import LEGACY_KEYS  # torch: imported when weights are read, not before
     key = key.removeprefix("module.")
     for pattern, replacement in KEY_RENAMES:
         renamed, count = re.subn("^" + pattern, replacement, key)
@@ -104,6 +102,7 @@ def our_key(key):
 
 def convert_state_dict(state):
     """A release state dict (with or without DataParallel's prefix) under our names."""
+    import torch
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                               for v in state.values()):
         raise RunError("not a state dict of tensors")

@@ -25,8 +25,6 @@ import time
 import warnings
 import zipfile
 
-import torch
-
 from configs import ConfigError, config_to_yaml, get_key, load_config
 from util.io import (JsonlError, append_jsonl, atomic_save, atomic_write_text, read_jsonl,
                      refuse_links, remove_stale_temps)
@@ -178,7 +176,11 @@ def resume_launch(state, seed, limit_batches):
     return launch["seed"], launch["limit_batches"]
 
 
+# torch is imported where a checkpoint is written or read, not with this module: the
+# companion commands (trainer.compare, trainer.release) answer --help without it.
+
 def save_checkpoint(path, state):
+    import torch
     atomic_save(path, lambda buffer: torch.save(state, buffer))
 
 
@@ -189,6 +191,7 @@ def _other(path):
 
 
 def _try_load(path):
+    import torch
     try:
         with warnings.catch_warnings():
             # torch warns about a raw pickle's protocol before refusing it; the one-line
@@ -258,6 +261,7 @@ def load_checkpoint(path, needed=None):
         raise RunError(f"checkpoint {path} {what}: not a complete checkpoint of this tool"
                        + ("; best.pt in the same folder can still be evaluated with -ts"
                           if os.path.basename(path) == CURRENT else ""))
+    import torch
     for key in STATE_DICT_KEYS:
         if key in needed and not all(isinstance(v, torch.Tensor) for v in state[key].values()):
             raise RunError(f"checkpoint {path}: its {key} entry is not a state dict of tensors")
