@@ -28,7 +28,7 @@ import sys
 import yaml
 
 from util.cli import EXIT_INPUT, OneLineParser, run_command
-from util.io import atomic_write_bytes, atomic_write_text
+from util.io import UnsafeLink, atomic_write_bytes
 
 from . import release_format, runs
 from .runs import RunError
@@ -184,6 +184,12 @@ def markdown_table(rows, columns=COLUMNS):
     return "\n".join(lines)
 
 
+def write_output(path, data):
+    """An output file the user named: a regular file is replaced atomically, a device, FIFO
+    or /proc/self/fd link is written in place as a stream (as cp does), never replaced."""
+    atomic_write_bytes(path, data, stream_special=True)
+
+
 def write_csv(rows, path):
     # Full precision in the CSV: it is for further processing, the markdown is for reading.
     text = io.StringIO(newline="")
@@ -191,7 +197,7 @@ def write_csv(rows, path):
     writer.writerow([name for name, _ in COLUMNS])
     for row in rows:
         writer.writerow(["" if row[name] is None else row[name] for name, _ in COLUMNS])
-    atomic_write_text(path, text.getvalue())
+    write_output(path, text.getvalue().encode("utf-8"))
 
 
 def group_rows(rows):
@@ -303,7 +309,7 @@ def write_report(path, rows, argv, notes=None):
         "",
         published_section(path),
     ]
-    atomic_write_text(path, "\n".join(parts))
+    write_output(path, "\n".join(parts).encode("utf-8"))
 
 
 def _seed_label(run_dir):
@@ -336,7 +342,7 @@ def write_curves(path, paths):
     """The learning-curve figure of the runs under `paths` (util/curves.py) as a PNG."""
     from util.curves import learning_curves_png  # matplotlib only when asked for
     png, _ = learning_curves_png(curve_runs(paths), title="Learning curves, per epoch")
-    atomic_write_bytes(path, png)
+    write_output(path, png)
 
 
 def build_parser():
@@ -364,7 +370,8 @@ def build_parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     # A run folder or a file named on the command line that cannot be read is input: 2.
-    return run_command(lambda: _main(argv), errors=(((CompareError, RunError), EXIT_INPUT),),
+    return run_command(lambda: _main(argv),
+                       errors=(((CompareError, RunError, UnsafeLink), EXIT_INPUT),),
                        cannot="read or write", os_status=EXIT_INPUT,
                        interrupted="{what}; each file it writes is whole or as it was")
 

@@ -5,17 +5,21 @@ half a file.
 Nothing here writes through a symbolic link: a rename replaces a link at the target name
 (the file it pointed to stays as it was), files opened in place (``append_jsonl``, the
 locks of ``util.lock``) are opened without following one (``util.links``), and
-``refuse_links`` lets a caller refuse a folder before writing anything into it. Run folders
-come from other people (the authors' release, a colleague, a download), and a planted link
-would otherwise make the tool change a file anywhere the user can write.
+``refuse_links`` lets a caller refuse a folder before writing anything into it. The same
+holds for hard links (a file with a second name elsewhere) and special files: no rename
+ever replaces a device or a FIFO, and nothing is written in place through a second name.
+Run folders come from other people (the authors' release, a colleague, a download), and a
+planted link would otherwise make the tool change a file anywhere the user can write.
 """
+import errno
 import fnmatch
 import io
 import json
 import os
+import stat
 import tempfile
 
-from .links import UnsafeLink, open_no_follow
+from .links import UnsafeLink, open_no_follow, unsafe
 from .lock import FileLock
 
 # mkstemp creates files readable by their owner only; run folders are meant to be shared
@@ -27,21 +31,31 @@ FILE_MODE = 0o666 & ~_UMASK
 
 def refuse_links(folder, patterns, subfolders=()):
     """Raise UnsafeLink for the first entry of `folder` whose name matches one of
-    `patterns` (fnmatch) and is a symbolic link, or for any link inside the `subfolders`
-    (which must not be links themselves: they are matched by `patterns` too)."""
-    def links(path):
+    `patterns` (fnmatch) and is a symbolic link, a special file (a FIFO, a device, a
+    socket) or a file with more than one hard link, or for any such entry inside the
+    `subfolders` (which must not be links themselves: they are matched by `patterns` too).
+    A hard link would write through to the file's other name, as a symbolic link would."""
+    def unsafe_entries(path):
+        found = []
         try:
             with os.scandir(path) as entries:
-                return sorted(e.path for e in entries if e.is_symlink())
+                for entry in entries:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if unsafe(st):
+                        found.append((entry.path, st))
         except (FileNotFoundError, NotADirectoryError):
-            return []
-    for path in links(folder):
+            pass
+        return sorted(found)
+    for path, st in unsafe_entries(folder):
         if any(fnmatch.fnmatchcase(os.path.basename(path), p) for p in patterns):
-            raise UnsafeLink(path)
+            raise UnsafeLink(path, st)
     for name in subfolders:
-        found = links(os.path.join(folder, name))
+        found = unsafe_entries(os.path.join(folder, name))
         if found:
-            raise UnsafeLink(found[0])
+            raise UnsafeLink(*found[0])
 
 
 def remove_stale_temps(folder, names):
@@ -71,12 +85,37 @@ def _named(error, path):
     return error
 
 
-def atomic_write_bytes(path, data, *, durable=True):
+def _special(path):
+    """The stat of what `path` names (following links) if it is neither a regular file nor
+    a folder (a device, a FIFO, a socket, /proc/self/fd/N of a pipe), else None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return None if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) else st
+
+
+def atomic_write_bytes(path, data, *, durable=True, stream_special=False):
     """Write `data` to `path` through a temporary name and a rename.
 
-    durable=False skips the fsync: a name still never holds a partial file if the process
-    dies, but after a power loss the file may be empty. Use it only for many files whose
-    reader checks them (and fsync once where it matters)."""
+    A special file at `path` (a device, a FIFO, a socket, or a link to one) is never
+    replaced: with stream_special=True (an output path the user named, as ``cp`` treats
+    it) `data` is written into it in place, as a stream; otherwise it is refused
+    (UnsafeLink, one line). durable=False skips the fsync: a name still never holds a
+    partial file if the process dies, but after a power loss the file may be empty. Use it
+    only for many files whose reader checks them (and fsync once where it matters)."""
+    special = _special(path)
+    if special is not None:
+        if not stream_special:
+            raise UnsafeLink(path)
+        try:
+            with open(path, "wb") as f:  # follows a link, as cp does: the user named it
+                f.write(data)
+        except OSError as e:
+            raise _named(e, path) from None
+        return
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
         # O_EXCL: mkstemp never opens an existing name, a link included.
@@ -91,6 +130,13 @@ def atomic_write_bytes(path, data, *, durable=True):
                 f.flush()
                 os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
+        # A special file that appeared meanwhile is still never replaced.
+        try:
+            now = os.lstat(path)
+        except FileNotFoundError:
+            now = None
+        if now is not None and not (stat.S_ISREG(now.st_mode) or stat.S_ISLNK(now.st_mode)):
+            raise UnsafeLink(path, now)
         os.replace(tmp, path)  # replaces a link at `path`, never writes through it
     except BaseException as e:
         try:

@@ -1,0 +1,271 @@
+"""The companion commands and the layers keep main.py's promises (issue 30).
+
+* No output of any command replaces a special file: a FIFO, a device or a link to one is
+  written in place as a stream where the user named it (``trainer.compare``'s ``--csv``,
+  ``--report``, ``--curves``), and refused in one line inside a run folder (``-ts`` with
+  ``--report``, ``--encode``, ``--sample``, ``--resume``) and as ``import --to``.
+* A file with more than one hard link in a run folder is refused like a symbolic link.
+* YAML aliases are refused wherever YAML is read, and no message repeats user input
+  without a bound.
+* ``trainer.release import`` writes only under ``--to`` or ``path``.
+* Wrong types in what others hand us are one line and exit 2.
+
+Special files are FIFOs made in tmp_path and links to /dev/null (the real /dev is only
+read: its file types are checked before and after).
+"""
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import stat
+import threading
+import time
+
+import pytest
+
+from tests.test_failures import (CONFIG, cli, cli_state, copy_run, data,  # noqa: F401
+                                 error_line, fails, trained)
+from trainer import compare, release
+from util.io import UnsafeLink, append_jsonl, atomic_write_bytes
+from util.lock import FileLock
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RELEASE_RUN = os.path.join(HERE, "release", "mnist_gauss_1_seed3")
+PRECIOUS = b'{"someone else\'s": "record"}\n'
+
+
+def is_fifo(path):
+    return stat.S_ISFIFO(os.lstat(path).st_mode)
+
+
+def dev_null_intact():
+    st = os.lstat("/dev/null")
+    return stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (1, 3)
+
+
+@contextlib.contextmanager
+def fifo_reader(path):
+    """A FIFO at `path` with a reader that collects what is written into it (opened
+    non-blocking first, so a writer never waits and a failing test never hangs)."""
+    os.mkfifo(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    chunks, done = [], threading.Event()
+
+    def read():
+        while True:
+            ready, _, _ = select.select([fd], [], [], 0.05)
+            chunk = b""
+            if ready:
+                try:
+                    chunk = os.read(fd, 1 << 16)
+                except BlockingIOError:
+                    pass
+            if chunk:
+                chunks.append(chunk)
+            elif done.is_set():
+                return
+            else:
+                time.sleep(0.01)  # no writer yet: select reports the FIFO readable
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    received = []
+    try:
+        yield received
+    finally:
+        done.set()
+        thread.join(10)
+        os.close(fd)
+        received.append(b"".join(chunks))
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    """A FIFO opened or read where it should have been refused would block for ever: fail
+    after 60 s instead (the alarm's exception ends the command like any error)."""
+    def expire(signum, frame):
+        raise TimeoutError("blocked on a special file")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def run_compare(capfd, *argv):
+    code = compare.main([str(a) for a in argv])
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------- special files as outputs
+
+@pytest.mark.parametrize("flag, start", [("--csv", b"run,model,"),
+                                         ("--report", b"# Reproduction report"),
+                                         ("--curves", b"\x89PNG")])
+def test_compare_writes_into_a_fifo_in_place(capfd, tmp_path, trained, flag, start):
+    target = tmp_path / "F"
+    with fifo_reader(target) as received:
+        code, out, err = run_compare(capfd, trained, flag, target)
+    assert code == 0, err
+    assert is_fifo(target)  # still the FIFO: written into, never replaced
+    assert received[0].startswith(start)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("flag", ["--csv", "--report", "--curves"])
+def test_compare_writes_through_a_link_to_dev_null_and_leaves_both(capfd, tmp_path, trained,
+                                                                  flag):
+    link = tmp_path / "null"
+    link.symlink_to("/dev/null")
+    assert dev_null_intact()
+    code, out, err = run_compare(capfd, trained, flag, link)
+    assert code == 0, err
+    assert link.is_symlink() and os.readlink(link) == "/dev/null"
+    assert dev_null_intact()
+
+
+def test_compare_into_a_regular_file_still_replaces_it_whole(capfd, tmp_path, trained):
+    target = tmp_path / "t.csv"
+    target.write_bytes(b"old" * 10000)
+    code, _, err = run_compare(capfd, trained, "--csv", target)
+    assert code == 0, err
+    assert target.read_bytes().startswith(b"run,model,")
+
+
+def test_atomic_write_refuses_a_special_file_unless_told_to_stream(tmp_path):
+    fifo = tmp_path / "F"
+    os.mkfifo(fifo)
+    with pytest.raises(UnsafeLink, match="is a FIFO"):
+        atomic_write_bytes(str(fifo), b"data")
+    assert is_fifo(fifo)
+    link = tmp_path / "null"
+    link.symlink_to("/dev/null")
+    with pytest.raises(UnsafeLink, match="symbolic link"):
+        atomic_write_bytes(str(link), b"data")
+    atomic_write_bytes(str(link), b"data", stream_special=True)
+    assert link.is_symlink() and dev_null_intact()
+    with fifo_reader(tmp_path / "G") as received:
+        atomic_write_bytes(str(tmp_path / "G"), b"through the pipe", stream_special=True)
+    assert received[0] == b"through the pipe" and is_fifo(tmp_path / "G")
+
+
+# A run folder's outputs: each name, and the command that writes it.
+RUN_OUTPUTS = [("report.png", ["-ts", "{run}", "--report"]),
+               ("report_codebook.png", ["-ts", "{run}", "--report"]),
+               ("codes_test.npz", ["-ts", "{run}", "--encode", "test"]),
+               ("samples.png", ["-ts", "{run}", "--sample", "2"]),
+               ("codes_samples.npz", ["-ts", "{run}", "--sample", "2"]),
+               ("metrics.jsonl", ["-ts", "{run}"]),
+               ("best.pt", ["--resume", "{run}", "train.epoch_max", "2"]),
+               (".writer.lock", ["--resume", "{run}", "train.epoch_max", "2"])]
+
+
+def run_argv(command, run, data):
+    return ["-c", CONFIG, *[str(run) if a == "{run}" else a for a in command],
+            "path_dataset", str(data)]
+
+
+@pytest.mark.parametrize("name, command", RUN_OUTPUTS)
+def test_a_fifo_at_a_run_folder_output_is_refused_and_kept(capfd, tmp_path, trained, data,
+                                                           name, command):
+    run = copy_run(trained, tmp_path)
+    if (run / name).exists():
+        (run / name).unlink()
+    os.mkfifo(run / name)
+    line = fails(capfd, *run_argv(command, run, data))
+    assert f"{run / name} is a FIFO (named pipe), not a regular file" in line
+    assert is_fifo(run / name)
+
+
+@pytest.mark.parametrize("flag", ["--report", "--encode"])
+def test_a_link_to_dev_null_in_a_run_folder_is_refused(capfd, tmp_path, trained, data, flag):
+    run = copy_run(trained, tmp_path)
+    name = "report.png" if flag == "--report" else "codes_test.npz"
+    (run / name).symlink_to("/dev/null")
+    command = ["-ts", "{run}", flag] + (["test"] if flag == "--encode" else [])
+    line = fails(capfd, *run_argv(command, run, data))
+    assert f"{run / name} is a symbolic link (to /dev/null)" in line
+    assert (run / name).is_symlink() and dev_null_intact()
+
+
+@pytest.fixture
+def release_copy(tmp_path):
+    run = tmp_path / "release_run"
+    shutil.copytree(RELEASE_RUN, run)
+    return run
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_null_link"])
+def test_import_to_a_special_file_is_refused_and_kept(capfd, tmp_path, release_copy, kind):
+    target = tmp_path / "dest"
+    if kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target.symlink_to("/dev/null")
+    code = release.main(["import", str(release_copy), "--to", str(target)])
+    err = capfd.readouterr().err
+    assert code == 2
+    assert "already exists" in error_line(err)
+    assert is_fifo(target) if kind == "fifo" else target.is_symlink() and dev_null_intact()
+
+
+# ---------------------------------------------------------------- hard links in a run folder
+
+HARD_LINKED = [("metrics.jsonl", ["-ts", "{run}"]),
+               (".writer.lock", ["--resume", "{run}", "train.epoch_max", "2"]),
+               (".metrics.jsonl.lock", ["-ts", "{run}"]),
+               ("best.pt", ["-ts", "{run}", "--report"]),
+               ("current.pt", ["--resume", "{run}", "train.epoch_max", "2"]),
+               ("config.yaml", ["--resume", "{run}", "train.epoch_max", "2"])]
+
+
+@pytest.mark.parametrize("name, command", HARD_LINKED)
+def test_a_hard_link_in_a_run_folder_is_refused_like_a_symbolic_link(capfd, tmp_path,
+                                                                     trained, data, name,
+                                                                     command):
+    run = copy_run(trained, tmp_path)
+    outside = tmp_path / "outside" / name.lstrip(".")
+    outside.parent.mkdir()
+    if (run / name).exists():
+        shutil.copyfile(run / name, outside)
+        (run / name).unlink()
+    else:
+        outside.write_bytes(b"")
+    os.link(outside, run / name)  # as `ln OUTSIDE RUN/NAME` or a `cp -al` backup makes it
+    before = outside.read_bytes()
+    line = fails(capfd, *run_argv(command, run, data))
+    assert f"{run / name} has 2 hard links" in line and "replace it with a copy" in line
+    assert outside.read_bytes() == before
+    assert os.stat(outside).st_nlink == 2
+
+
+def test_a_cp_al_backup_is_not_corrupted_by_ts(capfd, tmp_path, trained, data):
+    run = copy_run(trained, tmp_path)
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    for name in os.listdir(run):
+        if (run / name).is_file():
+            os.link(run / name, backup / name)
+    before = {n: (backup / n).read_bytes() for n in os.listdir(backup)}
+    fails(capfd, *run_argv(["-ts", "{run}"], run, data))
+    assert {n: (backup / n).read_bytes() for n in os.listdir(backup)} == before
+
+
+def test_append_and_lock_refuse_a_hard_link_even_past_the_check(tmp_path):
+    outside = tmp_path / "outside.jsonl"
+    outside.write_bytes(PRECIOUS)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.link(outside, folder / "metrics.jsonl")
+    with pytest.raises(UnsafeLink, match="has 2 hard links"):
+        append_jsonl(str(folder / "metrics.jsonl"), [{"split": "test"}])
+    os.link(outside, folder / ".writer.lock")
+    with pytest.raises(UnsafeLink, match="has 3 hard links"):
+        FileLock(str(folder / ".writer.lock")).acquire()
+    assert outside.read_bytes() == PRECIOUS
+    os.mkfifo(folder / ".other.lock")
+    with pytest.raises(UnsafeLink, match="is a FIFO"):
+        FileLock(str(folder / ".other.lock")).acquire()
