@@ -8,6 +8,7 @@ import ast
 import difflib
 import math
 import os
+import reprlib
 
 import yaml
 from yacs.config import CfgNode
@@ -16,6 +17,11 @@ from . import registry
 from .defaults import get_defaults
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
+# `{repo}` at the start of `path` or `path_dataset` stands for this repository's folder.
+REPO_DIR = os.path.dirname(CONFIG_DIR)
+REPO_TOKEN = "{repo}"
+# The MNIST sample shipped with the repository (configs/mnist_sample.yaml trains on it).
+SAMPLE_DATA = os.path.join(REPO_DIR, "tests", "data")
 
 
 class ConfigError(ValueError):
@@ -85,7 +91,7 @@ def _coerce(key, value, default):
     if not ok:
         raise ConfigError(
             f"config key '{key}' needs a {type(default).__name__} like {default!r}, "
-            f"got {value!r}")
+            f"got {brief(value)}")
     return value
 
 
@@ -111,17 +117,59 @@ def _flatten(mapping, prefix=""):
             yield full, value
 
 
+class YamlAliasError(yaml.composer.ComposerError):
+    """An alias (``*name``) in YAML that others hand us: refused, since a few nested
+    aliases expand to more values than memory holds (an "alias bomb")."""
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (plain data, no Python objects) that refuses aliases. Anchors alone
+    are harmless; the configs this tool writes hold neither."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise YamlAliasError(None, None, "aliases (*name) are not accepted; write the "
+                                 "value out", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_plain_yaml(stream):
+    """The data of a YAML document (str or file), read as yaml.safe_load does but with
+    aliases refused (YamlAliasError, a yaml.YAMLError): the one way YAML is read here."""
+    return yaml.load(stream, Loader=_PlainLoader)
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 2, 40, 40, 40
+_BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 4
+
+
+def brief(value, limit=80):
+    """repr(value) cut to at most `limit` characters, without ever building the whole repr:
+    what an error message may show of a value someone else wrote."""
+    try:
+        text = _BRIEF.repr(value)
+    except ValueError:  # an int beyond the digits Python converts to text
+        text = f"<{type(value).__name__} of {value.bit_length()} bits>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _read_yaml(path):
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = load_plain_yaml(f)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}; fix the file") from None
+        what = "YAML alias" if isinstance(e, YamlAliasError) else "YAML syntax error"
+        raise ConfigError(f"{path}: {what}{where}: {problem}; fix the file") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except (ValueError, OverflowError) as e:
+        # e.g. an integer of more digits than Python converts, a date out of range
+        raise ConfigError(f"{path}: not readable as a config ({brief(str(e), 120)}); fix "
+                          "the file") from None
     except RecursionError:
         # The YAML parser recurses once per level; no config nests more than three.
         raise ConfigError(f"{path}: nested too deeply to be a config (the settings nest at "
@@ -187,7 +235,7 @@ def _check_bounds(cfg):
 def _check_choice(cfg, key, allowed):
     node = get_key(cfg, key)
     if node not in allowed:
-        raise ConfigError(f"config key '{key}' is {node!r}; allowed values: "
+        raise ConfigError(f"config key '{key}' is {brief(node)}; allowed values: "
                           + ", ".join(map(str, allowed)))
 
 
@@ -263,11 +311,24 @@ def _validate_and_derive(cfg):
 
     # Stored absolute, so a run folder's config works from any folder; relative paths are
     # taken against the folder the command was started in.
-    cfg.path = os.path.abspath(os.path.expanduser(cfg.path))
-    cfg.path_dataset = os.path.abspath(os.path.expanduser(cfg.path_dataset))
+    cfg.path = _absolute(cfg.path)
+    cfg.path_dataset = _absolute(cfg.path_dataset)
     cfg.flags.var_q = registry.VARIANTS[cfg.model.param_var_q]
     cfg.quantization.dim_code = cfg.quantization.dim_dict + model.extra_code_dim
     cfg.path_checkpoint = os.path.join(cfg.path, cfg.path_specific)
+
+
+def _absolute(path):
+    if path == REPO_TOKEN or path.startswith(REPO_TOKEN + "/"):
+        path = REPO_DIR + path[len(REPO_TOKEN):]
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def is_sample_data(cfg):
+    """Whether cfg trains on the MNIST sample shipped in tests/data (a first run, not the
+    paper's setting)."""
+    return (cfg.dataset.name == "MNIST"
+            and os.path.normpath(cfg.path_dataset) == os.path.normpath(SAMPLE_DATA))
 
 
 def parse_overrides(opts):

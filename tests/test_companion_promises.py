@@ -269,3 +269,102 @@ def test_append_and_lock_refuse_a_hard_link_even_past_the_check(tmp_path):
     os.mkfifo(folder / ".other.lock")
     with pytest.raises(UnsafeLink, match="is a FIFO"):
         FileLock(str(folder / ".other.lock")).acquire()
+
+
+# ---------------------------------------------------------------- YAML aliases, bounded messages
+
+def alias_bomb(width=10, depth=8):
+    """Nested anchors `width` wide and `depth` deep under train.lr: half a kilobyte of YAML
+    that expands to width ** depth values."""
+    lines = ["train:", "  lr:", "    - &a0 [" + ", ".join(["1.0"] * width) + "]"]
+    for level in range(1, depth):
+        lines.append(f"    - &a{level} [" + ", ".join([f"*a{level - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_in_an_experiment_file_is_refused_at_once(capfd, tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb())
+    assert len(bomb.read_bytes()) < 1000
+    started = time.monotonic()
+    line = fails(capfd, "-c", bomb)
+    assert time.monotonic() - started < 10
+    assert str(bomb) in line and "YAML alias at line 4" in line and len(line) < 300
+
+
+def test_an_alias_bomb_in_a_run_folder_config_is_refused_under_ts(capfd, tmp_path, trained,
+                                                                 data):
+    run = copy_run(trained, tmp_path)
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(alias_bomb() + text.replace("train:\n", "train_:\n", 1))
+    line = fails(capfd, "-c", CONFIG, "-ts", run, "path_dataset", data)
+    assert str(run / "config.yaml") in line and "YAML alias" in line and len(line) < 300
+
+
+def test_an_alias_bomb_under_model_name_is_refused_by_compare(capfd, tmp_path, trained):
+    run = copy_run(trained, tmp_path)
+    text = (run / "config.yaml").read_text()
+    bomb = alias_bomb().replace("train:\n  lr:", "model:\n  name:")
+    (run / "config.yaml").write_text(bomb + text.replace("model:\n", "model_:\n", 1))
+    code, out, err = run_compare(capfd, run)
+    assert code == 2 and out == ""
+    assert "YAML alias" in error_line(err) and len(err) < 400
+
+
+def test_a_value_of_the_wrong_type_is_shown_bounded(capfd, tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("train:\n  lr: [" + ", ".join(["[1, 2, 3, 4, 5, 6]"] * 5000) + "]\n")
+    line = fails(capfd, "-c", big)
+    assert "'train.lr' needs a float" in line and len(line) < 300
+    huge_int = tmp_path / "int.yaml"
+    huge_int.write_text("train:\n  bs: " + "7" * 5000 + "\n")
+    line = fails(capfd, "-c", huge_int)
+    assert str(huge_int) in line and len(line) < 400
+
+
+# ---------------------------------------------------------------- compare: what others wrote
+
+def fake_run(folder, records, config="model:\n  name: VQVAE\ndataset:\n  name: MNIST\n"):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(config)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+@pytest.mark.parametrize("record, key", [
+    ({"split": "train", "epoch": 1, "seconds": "fast"}, "seconds"),
+    ({"split": "train", "epoch": [1], "seconds": 1.0}, "epoch"),
+    ({"split": "test", "mse": "oops"}, "mse"),
+    ({"split": "test", "mse": 1.0, "codes_used": {"a": 1}}, "codes_used"),
+    ({"split": "prior_test", "nll": [1.0]}, "nll")])
+def test_compare_records_of_the_wrong_type_are_one_line(capfd, tmp_path, record, key):
+    records = [{"split": "train", "epoch": 1, "seconds": 1.0}, {"split": "test", "mse": 1.0}]
+    run = fake_run(tmp_path / "exp" / "run", records + [record])
+    code, out, err = run_compare(capfd, run)
+    assert code == 2 and out == ""
+    line = error_line(err)
+    assert str(run / "metrics.jsonl") in line and f"its {key} is" in line
+
+
+def test_compare_takes_a_null_training_time_as_none(capfd, tmp_path):
+    run = fake_run(tmp_path / "exp" / "run", [{"split": "train", "epoch": 1, "seconds": None},
+                                              {"split": "test", "mse": 1.0}])
+    code, out, err = run_compare(capfd, run)
+    assert code == 0 and err == ""
+
+
+def test_compare_shows_config_values_of_any_shape_bounded(capfd, tmp_path):
+    name = "[" + ", ".join(["[1, 2, 3]"] * 3000) + "]"
+    run = fake_run(tmp_path / "exp" / "run", [{"split": "test", "mse": 1.0}],
+                   config=f"model:\n  name: {name}\ndataset:\n  name: MNIST\n")
+    code, out, err = run_compare(capfd, run)
+    assert code == 0 and len(out) < 2000
+
+
+def test_compare_notes_that_are_not_text_are_one_line(capfd, tmp_path):
+    run = fake_run(tmp_path / "exp" / "run", [{"split": "test", "mse": 1.0}])
+    notes = tmp_path / "notes.bin"
+    notes.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    code, out, err = run_compare(capfd, run, "--report", tmp_path / "r.md", "--notes", notes)
+    assert code == 2 and "not UTF-8 text" in error_line(err)
+    assert not (tmp_path / "r.md").exists()

@@ -10,11 +10,11 @@ with (``published_figures.yaml`` beside this file; the command lines of the GPU 
 docs/gpu-runs.md). A folder that is not a run folder stands for the run folders below it
 (two levels). ``--curves`` draws the runs' learning curves (util/curves.py).
 
-Each run folder is read through plain files only: its config (``config.yaml`` with
-yaml.safe_load, or for a run folder of the authors' release its ``configs.json``, read by
-trainer/release_format.py) and ``metrics.jsonl`` (its last ``test`` record, its last ``prior_test``
-record, and the ``train`` records for the training time; a release folder has one once
-``main.py -ts`` evaluated it). No checkpoint is opened and nothing is unpickled, so the
+Each run folder is read through plain files only: its config (``config.yaml`` as plain
+YAML data, aliases refused: configs.load_plain_yaml; or for a run folder of the authors'
+release its ``configs.json``, read by trainer/release_format.py) and ``metrics.jsonl`` (its
+last ``test`` record, its last ``prior_test`` record, and the ``train`` records for the
+training time; a release folder has one once ``main.py -ts`` evaluated it). No checkpoint is opened and nothing is unpickled, so the
 tool works on copied or downloaded run folders.
 """
 import csv
@@ -27,6 +27,7 @@ import sys
 
 import yaml
 
+from configs import YamlAliasError, brief, load_plain_yaml
 from util.cli import EXIT_INPUT, OneLineParser, run_command
 from util.io import UnsafeLink, atomic_write_bytes
 
@@ -72,7 +73,10 @@ def _read_config(run_dir):
                            f"{release_format.CONFIG_FILE} (not a run folder)")
     try:
         with open(path) as f:
-            cfg = yaml.safe_load(f)
+            cfg = load_plain_yaml(f)
+    except YamlAliasError:
+        raise CompareError(f"{path}: holds a YAML alias (*name), which is refused (aliases "
+                           "can expand beyond any memory); not a config of this tool") from None
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise CompareError(f"{path}: unreadable ({type(e).__name__})") from None
     except RecursionError:  # the parser recurses once per level of nesting
@@ -94,13 +98,30 @@ def _section(cfg, name):
     return value if isinstance(value, dict) else {}
 
 
+def _text(value):
+    """A config value shown in a table cell: a name as it is (cut to 80 characters), anything
+    else as a bounded repr (a config from elsewhere may hold any structure there)."""
+    if isinstance(value, str):
+        return value if len(value) <= 80 else value[:77] + "..."
+    return brief(value)
+
+
 def model_label(cfg):
     """model.name, with the quantizer variant (SQ-VAE) or the EMA codebook (VQ-VAE)."""
     model = _section(cfg, "model")
-    name = model.get("name", "?")
+    name = _text(model.get("name", "?"))
     if name == "VQVAE":
-        return "VQVAE (EMA)" if _section(cfg, "quantization").get("ema") else "VQVAE"
-    return f"{name} ({model.get('param_var_q', '?')})"
+        return "VQVAE (EMA)" if _section(cfg, "quantization").get("ema") is True else "VQVAE"
+    return f"{name} ({_text(model.get('param_var_q', '?'))})"
+
+
+def _number(record, key, where):
+    """record[key] if it is a number or absent (None); else a CompareError naming it."""
+    value = record.get(key)
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    raise CompareError(f"{where}: its {key} is {brief(value)}, not a number; fix or remove "
+                       "that record")
 
 
 def run_label(run_dir):
@@ -127,23 +148,33 @@ def summarize(run_dir):
                            "did not finish; evaluate it with main.py -ts)")
     train = [r for r in records if r.get("split") == "train"]
     theirs = release_format.is_release_run(run_dir)
+    metrics = os.path.join(run_dir, runs.METRICS_FILE)
+    where = {"test": f"{metrics}, its last test record",
+             "prior": f"{metrics}, its last prior_test record",
+             "train": f"{metrics}, a train record"}
+    for record in train:
+        _number(record, "seconds", where["train"])
+        if not isinstance(record.get("epoch"), (int, type(None))):
+            raise CompareError(f"{where['train']}: its epoch is {brief(record['epoch'])}, "
+                               "not a whole number; fix or remove that record")
     return {
         "run": run_label(run_dir),
         "model": model_label(cfg) + (", authors' release" if theirs else ""),
-        "dataset": _section(cfg, "dataset").get("name", "?"),
+        "dataset": _text(_section(cfg, "dataset").get("name", "?")),
         # Epochs actually trained (a run may stop before train.epoch_max); a release run
         # folder records none here.
         "epochs": len({r.get("epoch") for r in train}) or None,
-        "test mse/image": test.get("mse"),
-        "test mse/pixel": test.get("mse_pixel"),
-        "psnr (dB)": test.get("psnr"),
-        "perplexity (batch)": test.get("perplexity"),
-        "perplexity (split)": test.get("perplexity_split"),
-        "codes used": test.get("codes_used"),
-        "prior nll (nats/pos)": prior.get("nll"),
-        "unigram (nats/pos)": prior.get("unigram"),
-        "prior nll (bits/dim)": prior.get("nll_bpd"),
-        "train time (s)": sum(float(r.get("seconds", 0.0)) for r in train) if train else None,
+        "test mse/image": _number(test, "mse", where["test"]),
+        "test mse/pixel": _number(test, "mse_pixel", where["test"]),
+        "psnr (dB)": _number(test, "psnr", where["test"]),
+        "perplexity (batch)": _number(test, "perplexity", where["test"]),
+        "perplexity (split)": _number(test, "perplexity_split", where["test"]),
+        "codes used": _number(test, "codes_used", where["test"]),
+        "prior nll (nats/pos)": _number(prior, "nll", where["prior"]),
+        "unigram (nats/pos)": _number(prior, "unigram", where["prior"]),
+        "prior nll (bits/dim)": _number(prior, "nll_bpd", where["prior"]),
+        "train time (s)": (sum(float(r.get("seconds") or 0.0) for r in train)
+                           if train else None),
     }
 
 
@@ -243,7 +274,7 @@ def group_table(groups):
 def published_figures(path=PUBLISHED_FIGURES):
     """The rows of the report's published-figures table, from their data file."""
     with open(path) as f:
-        rows = yaml.safe_load(f)
+        rows = load_plain_yaml(f)
     keys = ("dataset", "model", "psnr", "perplexity", "source")
     if not isinstance(rows, list) or not all(isinstance(r, dict) and set(r) == set(keys)
                                              for r in rows):
@@ -325,7 +356,7 @@ def curve_runs(paths):
     found = []
     for run_dir in find_runs(paths):
         cfg = _read_config(run_dir)
-        found.append((model_label(cfg), _section(cfg, "dataset").get("name", "?"),
+        found.append((model_label(cfg), _text(_section(cfg, "dataset").get("name", "?")),
                       _seed_label(run_dir), _read_metrics(run_dir)))
     datasets = {dataset for _, dataset, _, _ in found}
     labels = [label for label, *_ in found]
@@ -343,6 +374,17 @@ def write_curves(path, paths):
     from util.curves import learning_curves_png  # matplotlib only when asked for
     png, _ = learning_curves_png(curve_runs(paths), title="Learning curves, per epoch")
     write_output(path, png)
+
+
+def read_notes(path):
+    """The text of --notes FILE (UTF-8 markdown), or a CompareError for anything else."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CompareError(f"--notes {path}: not UTF-8 text (byte {e.start} is "
+                           f"{raw[e.start]:#04x}); give a markdown file") from None
 
 
 def build_parser():
@@ -385,8 +427,7 @@ def _main(argv):
     rows = [summarize(run) for run in find_runs(args.runs)]
     notes = None
     if args.notes:
-        with open(args.notes) as f:
-            notes = f.read()
+        notes = read_notes(args.notes)
     if args.csv:
         write_csv(rows, args.csv)
     if args.report:
