@@ -59,6 +59,8 @@ _C.network.num_rb = 2
 _C.network.num_class = 19
 # resnet_label only: decoder output activation: exp (Softplus), sigmoid, tanh or none.
 _C.network.act_decoder = "none"
+# Conv weights and activations channels-last (NHWC): the faster layout on CPUs (docs/speed.md).
+_C.network.channels_last = True
 
 _C.quantization = CN()
 # Codebook size K.

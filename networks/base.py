@@ -49,6 +49,11 @@ class CodebookAutoencoder(nn.Module):
         self.latent_shape = self.encoder.grid(*cfg.dataset.shape[1:])
         init_weights(self)
         self.quantizer = self.build_quantizer(cfg)
+        if cfg.network.channels_last:
+            # Conv weights NHWC, so every activation after the first convolution is NHWC too
+            # (oneDNN's fast path on CPUs; docs/speed.md). Values are unchanged: a seed still
+            # gives the release's weights bit for bit.
+            self.to(memory_format=torch.channels_last)
         # bf16 autocast for the conv stacks only, switched on by the trainer (train.amp);
         # the quantizer and losses stay in full precision.
         self.amp = False

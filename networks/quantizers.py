@@ -110,6 +110,12 @@ def _autocast_off(device):
     return torch.autocast(device.type, enabled=False)
 
 
+def _position_major(t):
+    """Whether a channel-first tensor is stored position by position (channels-last) and not
+    also plain contiguous (as a 1 x 1 grid or one channel would be)."""
+    return t.dim() > 2 and t.movedim(1, -1).is_contiguous() and not t.is_contiguous()
+
+
 class CodebookLayer(nn.Module):
     """What the three layers share: the K x dim codebook, the temperature and its schedule,
     the layout of z, the precision, and the choice of mode."""
@@ -155,15 +161,18 @@ class CodebookLayer(nn.Module):
         # Distances and softmax in bf16 would pick other codes than float32 does.
         with _autocast_off(z.device):
             z_q, aux = self._quantize(z, log_var, mode)
-        return self._layout_out(z_q), aux
+        return self._layout_out(z_q, position_major=_position_major(z)), aux
 
-    def _layout_out(self, z_q):
-        # z_q is built position by position, so channel-first it is a channels-last view.
-        # Handed on so, the next convolutions run channels-last and a 1-channel output
-        # layer's weight gradient comes back with channels-last strides: autograd accepts
-        # them (they differ only on a size-1 axis), DistributedDataParallel warns "Grad
-        # strides do not match bucket view strides" every step. Contiguous, as the release.
-        return z_q.movedim(1, -1) if self.channel_last else z_q.contiguous()
+    def _layout_out(self, z_q, position_major=False):
+        # z_q is built position by position, so channel-first it is a channels-last view. It
+        # is handed on in z's own layout: as it is after a channels-last encoder (the next
+        # convolutions run channels-last too), contiguous (NCHW) after an NCHW one. A
+        # channels-last z_q in an NCHW model made a 1-channel output layer's weight gradient
+        # come back with channels-last strides, which DistributedDataParallel answers with
+        # "Grad strides do not match bucket view strides" every step.
+        if self.channel_last:
+            return z_q.movedim(1, -1)
+        return z_q if position_major else z_q.contiguous()
 
     def _channel_first(self, t):
         # Contiguous, so that both layouts reduce in the same order and agree bit for bit.

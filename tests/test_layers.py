@@ -187,13 +187,21 @@ def test_channel_first_and_channel_last_are_identical(kind, spatial, mode):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", MODES)
-def test_channel_first_z_q_is_contiguous(kind, mode):
-    # Built position by position, z_q would otherwise be a channels-last view, and the
-    # decoder's weight gradients would come back with strides DDP warns about every step.
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_channel_first_z_q_keeps_the_layout_of_z(kind, mode, layout):
+    # Built position by position, z_q is a channels-last view. Handed to an NCHW model so,
+    # the decoder's weight gradients would come back with strides DDP warns about every
+    # step; handed to a channels-last model as NCHW, every decoder convolution would pay a
+    # layout conversion (the slowdown of issue 31).
     layer = make(kind)
     z, log_var = inputs(kind, (2, 3, 4, 5))
+    if layout == "channels_last":
+        z = z.contiguous(memory_format=torch.channels_last)
+        log_var = None if log_var is None else log_var.contiguous(
+            memory_format=torch.channels_last)
     z_q = call(layer, z, log_var, mode=mode)[0]
-    assert z_q.is_contiguous()
+    assert z_q.is_contiguous() == (layout == "nchw")
+    assert z_q.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
     assert layer.lookup(torch.tensor([[[0, 1, 2, 3, 4]] * 4] * 2)).is_contiguous()
 
 

@@ -29,10 +29,23 @@ def import_run(run_dir, dest=None):
     cfg = release_format.read_release_config(run_dir)
     weights = release_format.load_release_weights(run_dir)
     runs.load_model_weights(build_model(cfg), weights, os.path.join(run_dir, runs.BEST))
-    dest = os.path.abspath(dest or os.path.join(cfg.path_checkpoint,
-                                                os.path.basename(os.path.normpath(run_dir))))
+    if dest is None:
+        dest = os.path.join(cfg.path_checkpoint, os.path.basename(os.path.abspath(run_dir)))
+        # read_release_config keeps only a path_specific below `path`; checked once more
+        # here, since this is where the folder is made.
+        if os.path.commonpath([os.path.abspath(dest), cfg.path]) != cfg.path:
+            raise RunError(f"{run_dir}: its configs.json would place the import at {dest}, "
+                           f"outside path ({cfg.path}); choose a folder with --to")
+    dest = os.path.abspath(dest)
     try:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = os.path.dirname(dest)
+        while not os.path.lexists(blocker):
+            blocker = os.path.dirname(blocker)
+        raise RunError(f"cannot make {dest}: {blocker} is a file, not a folder; choose "
+                       "another folder with --to") from None
+    try:
         os.mkdir(dest)
     except FileExistsError:
         raise RunError(f"{dest} already exists; choose another folder with --to") from None

@@ -21,7 +21,7 @@ import json
 import os
 import re
 
-from configs import ConfigError, config_from_mapping
+from configs import ConfigError, brief, config_from_mapping
 
 from . import runs
 from .runs import RunError
@@ -74,19 +74,37 @@ def read_release_json(run_dir):
 def read_release_config(run_dir, opts=None):
     """Our config for a release run folder, from its configs.json."""
     saved = read_release_json(run_dir)
+    path = os.path.join(run_dir, CONFIG_FILE)
     mapping = {}
     for section, keys in CARRIED.items():
-        values = saved.get(section) or {}
+        values = saved.get(section)
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise RunError(f"{path}: its {section} is {brief(values)}, not a section of "
+                           "settings; is it a run folder of the authors' release?")
         mapping[section] = {k: values[k] for k in keys if k in values}
     if isinstance(mapping["dataset"].get("shape"), list):
         mapping["dataset"]["shape"] = tuple(mapping["dataset"]["shape"])
     mapping["test"] = {"bs": mapping["train"].get("bs", 32)}
-    if "path_specific" in saved:
+    if stays_below(saved.get("path_specific")):
+        # Where the release put its runs, if that is a folder below `path`: an import
+        # writes only under `path` (or --to), never where a downloaded file points.
         mapping["path_specific"] = saved["path_specific"]
     try:
         return config_from_mapping(mapping, opts)
     except ConfigError as e:
         raise RunError(f"{os.path.join(run_dir, CONFIG_FILE)}: {e}") from None
+
+
+def stays_below(relative):
+    """Whether `relative` is a path that names a folder below the one it is joined to (not
+    absolute, no `..` climbing out, not `~`)."""
+    if not isinstance(relative, str) or not relative.strip("/"):
+        return False
+    if os.path.isabs(relative) or relative.startswith("~"):
+        return False
+    return not os.path.normpath(relative).split(os.sep)[0] == os.pardir
 
 
 def our_key(key):
