@@ -368,3 +368,58 @@ def test_compare_notes_that_are_not_text_are_one_line(capfd, tmp_path):
     code, out, err = run_compare(capfd, run, "--report", tmp_path / "r.md", "--notes", notes)
     assert code == 2 and "not UTF-8 text" in error_line(err)
     assert not (tmp_path / "r.md").exists()
+
+
+# ---------------------------------------------------------------- release import: where it writes
+
+def with_configs_json(release_copy, **changes):
+    path = release_copy / "configs.json"
+    saved = json.loads(path.read_text())
+    saved.update(changes)
+    path.write_text(json.dumps(saved))
+
+
+@pytest.mark.parametrize("specific", ["{elsewhere}/", "../../../../../../{elsewhere}/x/",
+                                      "a/../../x/"])
+def test_import_writes_only_under_path_whatever_configs_json_says(capfd, tmp_path,
+                                                                  release_copy, monkeypatch,
+                                                                  specific):
+    elsewhere = tmp_path / "elsewhere"
+    root = tmp_path / "checkpoints"
+    monkeypatch.setenv("SQVAE_CHECKPOINTS", str(root))
+    with_configs_json(release_copy, path_specific=specific.format(
+        elsewhere=str(elsewhere).lstrip("/") if specific.startswith("..") else elsewhere))
+    code = release.main(["import", str(release_copy)])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    (dest,) = [line.split(" as ", 1)[1] for line in out.splitlines() if " as " in line]
+    assert os.path.commonpath([dest, str(root)]) == str(root)
+    assert not elsewhere.exists()
+    assert not (tmp_path / "x").exists()
+
+
+def test_import_keeps_a_path_specific_below_path(capfd, tmp_path, release_copy, monkeypatch):
+    root = tmp_path / "checkpoints"
+    monkeypatch.setenv("SQVAE_CHECKPOINTS", str(root))
+    assert release.main(["import", str(release_copy)]) == 0
+    assert (root / "mnist_sqvae_gaussian_1" / "release_run" / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("section, value", [("train", "bs lr"), ("network", 5),
+                                            ("quantization", [1, 2])])
+def test_import_of_a_section_that_is_no_mapping_is_one_line(capfd, tmp_path, release_copy,
+                                                            section, value):
+    with_configs_json(release_copy, **{section: value})
+    code = release.main(["import", str(release_copy), "--to", str(tmp_path / "dest")])
+    line = error_line(capfd.readouterr().err)
+    assert code == 2 and f"its {section} is {value!r}, not a section" in line
+    assert not (tmp_path / "dest").exists()
+
+
+def test_import_to_a_path_below_a_file_says_which_file(capfd, tmp_path, release_copy):
+    blocker = tmp_path / "FILE"
+    blocker.write_bytes(b"x")
+    code = release.main(["import", str(release_copy), "--to", str(blocker / "sub" / "run")])
+    line = error_line(capfd.readouterr().err)
+    assert code == 2 and f"{blocker} is a file, not a folder" in line
+    assert "already exists" not in line and blocker.read_bytes() == b"x"

@@ -99,10 +99,8 @@ def read_release_config(run_dir, opts=None):
 
 def stays_below(relative):
     """Whether `relative` is a path that names a folder below the one it is joined to (not
-    absolute, no `..` climbing out, not `~`)."""
-    if not isinstance(relative, str) or not relative.strip("/"):
-        return False
-    if os.path.isabs(relative) or relative.startswith("~"):
+    absolute, no `..` climbing out)."""
+    if not isinstance(relative, str) or not relative.strip("/") or os.path.isabs(relative):
         return False
     return not os.path.normpath(relative).split(os.sep)[0] == os.pardir
 
