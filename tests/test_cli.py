@@ -211,12 +211,3 @@ def test_companion_commands_stop_on_ctrl_c_and_sigterm_with_one_line(
     assert module.main(argv) == code
     out, err = capsys.readouterr()
     assert len(err.splitlines()) == 1 and err.startswith(f"{word}; "), err
-
-
-def test_the_import_command_still_runs_under_its_first_name(tmp_path):
-    # Written-down commands say `python -m trainer.reference import`; it is trainer.release.
-    proc = subprocess.run([sys.executable, "-m", "trainer.reference", "import", str(tmp_path)],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip() == (f"error: {tmp_path} is not a run folder of the authors' "
-                                   "release (no configs.json, or it already holds a config.yaml)")

@@ -202,7 +202,7 @@ def test_release_folders_are_read_through_the_release_module_alone():
     weights = torch.load(os.path.join(RELEASE_RUN, "best.pt"), weights_only=True)
     assert torch.equal(model.state_dict()["encoder.stem.0.weight"],
                        weights["module.encoder.conv.0.weight"])
-    release_modules = {"trainer.release_format", "trainer.release", "trainer.reference"}
+    release_modules = {"trainer.release_format", "trainer.release"}
     assert not release_modules & set(import_graph()["trainer.runs"])
     with open(runs.__file__) as f:
         assert release_format.CONFIG_FILE not in f.read()

@@ -46,9 +46,13 @@ class Interrupted(Stopped):
 
 
 def build_optimizer(cfg, model, device):
-    fused = is_cuda(device)
-    return torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
-                            **({"fused": True} if fused else {"foreach": True}))
+    """Adam with its fused kernel (one pass over every tensor: 2.2x faster than foreach on this
+    2-core CPU, docs/speed.md), or foreach where the build has no fused kernel for the
+    device (PyTorch before 2.4 on the CPU)."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, foreach=True)
 
 
 def optimizer_state_by_name(model, state):
