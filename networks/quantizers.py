@@ -45,13 +45,14 @@ head instead of the 1, and have no such floor.
 """
 import contextlib
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .functional import (check_mode, ema_update, flatten_positions, gaussian_quantize,
-                         nearest_codes, one_hot, perplexity, straight_through,
+                         mean_rows, nearest_codes, one_hot, perplexity, straight_through,
                          summed_over_processes, unflatten_positions, vmf_quantize, vq_losses)
 from .reconstruction import arelbo_loss, squared_error
 
@@ -103,6 +104,26 @@ GAUSSIAN_VARIANCES = {
 }
 
 
+def _shown(value):
+    text = repr(value) if isinstance(value, (str, int, float)) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_count(name, value):
+    """A size: a whole number of at least 1 (ValueError at construction, not an IndexError
+    or RuntimeError at the first call)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {_shown(value)}")
+
+
+def _check_real(name, value, low=None):
+    """A finite real number (not a bool), at least `low` where given."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or (low is not None and value < low)):
+        need = "a finite number" + (f" of at least {low:g}" if low is not None else "")
+        raise ValueError(f"{name} must be {need}, got {_shown(value)}")
+
+
 def _autocast_off(device):
     # torch.autocast rejects the meta device, which has no autocast to switch off.
     if device.type == "meta":
@@ -123,6 +144,15 @@ class CodebookLayer(nn.Module):
     def __init__(self, dim, codebook_size, *, init, trainable, channel_last,
                  temperature_init, temperature_decay, temperature_min):
         super().__init__()
+        _check_count("dim", dim)
+        _check_count("codebook_size", codebook_size)
+        if init not in CODEBOOK_INITS:
+            raise ValueError(f"unknown init {_shown(init)}; use one of "
+                             f"{', '.join(CODEBOOK_INITS)}")
+        for name, value in (("temperature_init", temperature_init),
+                            ("temperature_decay", temperature_decay),
+                            ("temperature_min", temperature_min)):
+            _check_real(name, value, low=0.0)
         self.dim, self.codebook_size, self.channel_last = dim, codebook_size, channel_last
         self.codebook = nn.Parameter(CODEBOOK_INITS[init](codebook_size, dim),
                                      requires_grad=trainable)
@@ -133,8 +163,12 @@ class CodebookLayer(nn.Module):
                              persistent=False)
 
     def temperature_at(self, step):
+        """The schedule's temperature at global step `step` (a finite number >= 0). It may
+        reach 0 (temperature_init 0, or exp underflowing after ~1e7 steps of the default
+        schedule): the layer then takes the hard argmax of the perturbed logits."""
+        _check_real("step", step, low=0.0)
         init, decay, floor = self.schedule
-        return max(init * math.exp(-decay * step), floor)
+        return max(init * math.exp(-decay * float(step)), floor)
 
     def anneal(self, step):
         self.temperature.fill_(self.temperature_at(step))
@@ -144,7 +178,15 @@ class CodebookLayer(nn.Module):
         return self.codebook
 
     def lookup(self, codes):
-        """z_q for code indices (z's shape without the dim axis), in the layer's layout."""
+        """z_q for code indices (z's shape without the dim axis), in the layer's layout.
+        Indices must be integers in [0, codebook_size): a negative one would wrap around
+        and a fractional one be truncated (checked on the host: this is for decoding)."""
+        codes = torch.as_tensor(codes)
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"code indices must be integers, got {codes.dtype}")
+        if codes.numel() and not (0 <= int(codes.min()) and int(codes.max()) < self.codebook_size):
+            raise ValueError(f"code indices must be in [0, {self.codebook_size}), got "
+                             f"{int(codes.min())} to {int(codes.max())}")
         return self._layout_out(self.code_vectors()[codes.long()].movedim(-1, 1))
 
     def _run(self, z, log_var, mode):
@@ -152,6 +194,9 @@ class CodebookLayer(nn.Module):
             mode = "train" if self.training else "deterministic"
         check_mode(mode)
         axis = -1 if self.channel_last else 1
+        if z.is_complex() or (log_var is not None and log_var.is_complex()):
+            raise ValueError("z is complex; the layers quantize real tensors (pass z.real, "
+                             "or the real and imaginary parts as channels)")
         if z.dim() < 2 or z.shape[axis] != self.dim:
             raise ValueError(f"z of shape {tuple(z.shape)} does not have dim={self.dim} on "
                              f"axis {axis} (channel_last={self.channel_last})")
@@ -192,6 +237,7 @@ class _StochasticLayer(CodebookLayer):
         super().__init__(dim, codebook_size, init="normal", trainable=True,
                          channel_last=channel_last, temperature_init=temperature_init,
                          temperature_decay=temperature_decay, temperature_min=temperature_min)
+        _check_real("log_param_q_init", log_param_q_init)
         self.log_param_q_scalar = nn.Parameter(torch.tensor(float(log_param_q_init)))
 
     def _quantize(self, z, log_var, mode):
@@ -200,6 +246,8 @@ class _StochasticLayer(CodebookLayer):
         z_q = out.pop("z_q")
         out["loss"] = out["kld_discrete"] + out["kld_continuous"]
         param = param.detach()
+        if param.numel() == 0:  # a batch of 0 has no positions to describe
+            param = param.new_full((1,), float("nan"))
         out["param_q"], out["param_q_min"], out["param_q_max"] = \
             param.mean(), param.min(), param.max()
         return z_q, out
@@ -229,7 +277,7 @@ class GaussianQuantizer(_StochasticLayer):
                  log_param_q_init=math.log(10.0), temperature_init=1.0, temperature_decay=1e-5,
                  temperature_min=0.0, channel_last=False):
         if variance not in GAUSSIAN_VARIANCES:
-            raise ValueError(f"unknown variance {variance!r}; use one of "
+            raise ValueError(f"unknown variance {_shown(variance)}; use one of "
                              f"{', '.join(GAUSSIAN_VARIANCES)}")
         super().__init__(dim, codebook_size, log_param_q_init, channel_last, temperature_init,
                          temperature_decay, temperature_min)
@@ -300,6 +348,12 @@ class VectorQuantizer(CodebookLayer):
         super().__init__(dim, codebook_size, init=init, trainable=not ema,
                          channel_last=channel_last, temperature_init=temperature_init,
                          temperature_decay=temperature_decay, temperature_min=temperature_min)
+        _check_real("beta", beta, low=0.0)
+        _check_real("decay", decay, low=0.0)
+        _check_real("eps", eps, low=0.0)
+        if decay >= 1.0 or eps <= 0.0:
+            raise ValueError(f"decay must be in [0, 1) and eps above 0, got decay={decay}, "
+                             f"eps={eps}")
         self.beta, self.ema, self.decay, self.eps = float(beta), bool(ema), float(decay), eps
         if self.ema:
             self.register_buffer("ema_count", torch.zeros(codebook_size))
@@ -323,7 +377,7 @@ class VectorQuantizer(CodebookLayer):
             "loss": codebook_loss + commit_loss,
             "loss_codebook": codebook_loss,
             "loss_commit": commit_loss,
-            "perplexity": perplexity(assigned.mean(0)),
+            "perplexity": perplexity(mean_rows(assigned)),
             "codes": index.reshape(z.shape[0], *z.shape[2:]),
         }
 

@@ -15,7 +15,9 @@ read: its file types are checked before and after).
 """
 import contextlib
 import json
+import math
 import os
+import re
 import select
 import shutil
 import signal
@@ -24,7 +26,10 @@ import threading
 import time
 
 import pytest
+import torch
 
+from networks import GaussianQuantizer, VectorQuantizer, VmfQuantizer
+from networks.functional import HARD_BELOW
 from tests.test_failures import (CONFIG, cli, cli_state, copy_run, data,  # noqa: F401
                                  error_line, fails, trained)
 from trainer import compare, release
@@ -423,3 +428,121 @@ def test_import_to_a_path_below_a_file_says_which_file(capfd, tmp_path, release_
     line = error_line(capfd.readouterr().err)
     assert code == 2 and f"{blocker} is a file, not a folder" in line
     assert "already exists" not in line and blocker.read_bytes() == b"x"
+
+
+# ---------------------------------------------------------------- the layers
+
+LAYERS = {
+    "gaussian_1": lambda **kw: GaussianQuantizer(3, 5, "gaussian_1", **kw),
+    "gaussian_4": lambda **kw: GaussianQuantizer(3, 5, "gaussian_4", **kw),
+    "vmf": lambda **kw: VmfQuantizer(3, 5, **kw),
+    "vq": lambda **kw: VectorQuantizer(3, 5, **kw),
+}
+
+
+def forward(kind, layer, z, **kw):
+    return layer(z, torch.zeros_like(z), **kw) if kind == "gaussian_4" else layer(z, **kw)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("argument, value, message", [
+    ("codebook_size", 0, "codebook_size must be a whole number of at least 1, got 0"),
+    ("codebook_size", -1, "codebook_size must be a whole number of at least 1, got -1"),
+    ("codebook_size", 2.5, "codebook_size must be a whole number of at least 1, got 2.5"),
+    ("dim", 0, "dim must be a whole number of at least 1, got 0"),
+    ("temperature_init", -1.0, "temperature_init must be a finite number of at least 0"),
+    ("temperature_decay", float("nan"), "temperature_decay must be a finite number"),
+    ("temperature_min", float("inf"), "temperature_min must be a finite number"),
+])
+def test_a_constructor_argument_out_of_range_is_a_value_error_at_once(kind, argument, value,
+                                                                      message):
+    if argument in ("dim", "codebook_size"):
+        dim, size = (value, 5) if argument == "dim" else (3, value)
+        make = {"gaussian_1": lambda: GaussianQuantizer(dim, size),
+                "gaussian_4": lambda: GaussianQuantizer(dim, size, "gaussian_4"),
+                "vmf": lambda: VmfQuantizer(dim, size),
+                "vq": lambda: VectorQuantizer(dim, size)}[kind]
+    else:
+        make = lambda: LAYERS[kind](**{argument: value})  # noqa: E731
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: VectorQuantizer(3, 5, init="foo"), "unknown init 'foo'"),
+    (lambda: VectorQuantizer(3, 5, beta=-1), "beta must be a finite number of at least 0"),
+    (lambda: VectorQuantizer(3, 5, decay=1.0), "decay must be in [0, 1)"),
+    (lambda: VectorQuantizer(3, 5, eps=0.0), "eps above 0"),
+    (lambda: GaussianQuantizer(3, 5, log_param_q_init=float("nan")),
+     "log_param_q_init must be a finite number"),
+    (lambda: GaussianQuantizer(3, 5, "x" * 10_000), "unknown variance 'xxx"),
+])
+def test_other_bad_constructor_arguments(make, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        make()
+    assert len(str(e.value)) < 200
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_complex_input_is_refused(kind):
+    layer = LAYERS[kind]()
+    with pytest.raises(ValueError, match="z is complex"):
+        forward(kind, layer, torch.randn(2, 3, 4, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("mode", ["train", "deterministic", "stochastic"])
+def test_a_batch_of_0_gives_a_zero_loss_and_empty_outputs(kind, mode):
+    layer = LAYERS[kind]()
+    z = torch.randn(0, 3, 4, requires_grad=True)
+    z_q, aux = forward(kind, layer, z, mode=mode)
+    assert z_q.shape == (0, 3, 4) and aux["codes"].shape == (0, 4)
+    assert aux["loss"].item() == 0.0 and math.isfinite(aux["perplexity"].item())
+    aux["loss"].backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("codes, message", [
+    (torch.tensor([[0, -1]]), r"in \[0, 5\), got -1 to 0"),
+    (torch.tensor([[0, 5]]), r"in \[0, 5\), got 0 to 5"),
+    (torch.tensor([[1.7, 0.0]]), "must be integers, got torch.float32"),
+    (torch.tensor([[True, False]]), "must be integers, got torch.bool"),
+])
+def test_lookup_validates_its_indices(codes, message):
+    layer = VectorQuantizer(3, 5)
+    with pytest.raises(ValueError, match=message):
+        layer.lookup(codes)
+    assert layer.lookup(torch.tensor([[0, 4]])).shape == (1, 3, 2)
+
+
+@pytest.mark.parametrize("step", [-1, -1e8, float("nan"), float("inf"), "10", True])
+def test_anneal_refuses_a_step_that_is_not_a_finite_number_at_least_0(step):
+    layer = GaussianQuantizer(3, 5)
+    with pytest.raises(ValueError, match="step must be a finite number of at least 0"):
+        layer.anneal(step)
+    assert layer.temperature.item() == 1.0
+
+
+@pytest.mark.parametrize("kind", ["gaussian_1", "gaussian_4", "vmf"])
+@pytest.mark.parametrize("how", ["anneal_1e12", "init_0", "default_9e6", "denormal"])
+def test_at_a_temperature_of_0_the_layer_is_the_hard_argmax_never_nan(kind, how):
+    layer = LAYERS[kind](temperature_init=0.0) if how == "init_0" else LAYERS[kind]()
+    if how == "anneal_1e12":
+        layer.anneal(1e12)
+    elif how == "default_9e6":
+        layer.anneal(9_000_000)  # exp(-90): a float32 subnormal, as the default schedule
+        assert 0 < layer.temperature.item() < HARD_BELOW
+    elif how == "denormal":
+        layer.temperature.fill_(1e-44)
+    layer.train()
+    z = torch.randn(2, 3, 4, requires_grad=True)
+    torch.manual_seed(0)
+    z_q, aux = forward(kind, layer, z)
+    assert torch.isfinite(z_q).all() and torch.isfinite(aux["loss"])
+    aux["loss"].backward()
+    assert torch.isfinite(z.grad).all()
+    # The argmax of the perturbed logits: z_q is exactly one code vector per position.
+    codes = layer.code_vectors().detach()
+    rows = z_q.detach().movedim(1, -1).reshape(-1, 3)
+    distances = torch.cdist(rows, codes)
+    assert (distances.min(1).values < 1e-6).all()
