@@ -51,19 +51,49 @@ def unflatten_positions(rows, like):
     return rows.reshape(like.shape[0], *like.shape[2:], like.shape[1]).movedim(-1, 1)
 
 
+# At or below this temperature the relaxation is its limit as tau -> 0, the one-hot argmax
+# of the perturbed logits: a softmax would divide by (almost) zero and give NaN.
+HARD_BELOW = 1e-20
+
+
+def mean_rows(t):
+    """t.mean(0), and zeros (not NaN) for no rows: a batch of 0 positions."""
+    return t.mean(0) if t.shape[0] else t.sum(0)
+
+
+def mean_all(t):
+    """t.mean(), and 0 (not NaN) for an empty tensor."""
+    return t.mean() if t.numel() else t.sum()
+
+
+def relaxed_weights(logits, temperature):
+    """softmax((logits + Gumbel noise) / temperature), the one-hot argmax of the perturbed
+    logits at a temperature of HARD_BELOW or less (0 included). Chosen on the device: the
+    temperature is never read back to the host."""
+    perturbed = logits + gumbel_noise(logits)
+    if not torch.is_tensor(temperature):
+        temperature = torch.tensor(float(temperature), device=logits.device)
+    soft_enough = temperature > HARD_BELOW
+    # The soft branch divides by 1 where it is not taken, so that neither branch, nor its
+    # gradient, is ever NaN.
+    soft = F.softmax(perturbed / torch.where(soft_enough, temperature, 1.0), dim=-1)
+    hard = one_hot(perturbed.argmax(-1), logits.shape[-1], logits.dtype)
+    return torch.where(soft_enough, soft, hard)
+
+
 def select_codes(logits, probs, mode, temperature):
     """Code weights (N x K) for the given mode, the averaged assignment for perplexity, and the
     chosen code per position (the argmax in training, where the choice is soft). The layers
     check `mode` (check_mode) before calling this."""
     if mode == "train":
-        weights = F.softmax((logits + gumbel_noise(logits)) / temperature, dim=-1)
-        return weights, probs.detach().mean(0), logits.detach().argmax(-1)
+        weights = relaxed_weights(logits, temperature)
+        return weights, mean_rows(probs.detach()), logits.detach().argmax(-1)
     if mode == "deterministic":
         index = logits.argmax(-1)
     else:
         index = torch.multinomial(probs, 1).squeeze(-1)
     weights = one_hot(index, logits.shape[-1], logits.dtype)
-    return weights, (weights if mode == "deterministic" else probs).mean(0), index
+    return weights, mean_rows(weights if mode == "deterministic" else probs), index
 
 
 def _stochastic_outputs(z, logits, codebook, mode, temperature):
@@ -75,10 +105,10 @@ def _stochastic_outputs(z, logits, codebook, mode, temperature):
     neg_entropy = (probs * log_probs).sum()  # sum over positions and codes of p log p
     return dict(
         z_q=unflatten_positions(weights @ codebook, z),
-        kld_discrete=neg_entropy / batch,
+        kld_discrete=neg_entropy / max(batch, 1),  # a batch of 0 sums to 0, not 0 / 0
         perplexity=perplexity(avg_probs),
         # Diagnostics (detached): mean entropy of p per position, and the chosen codes.
-        entropy=-neg_entropy.detach() / probs.shape[0],
+        entropy=-neg_entropy.detach() / max(probs.shape[0], 1),
         codes=index.reshape(batch, *z.shape[2:]),
     )
 
@@ -112,7 +142,7 @@ def gaussian_quantize(z, var_q, codebook, mode, temperature):
         precision_rows = flatten_positions(precision.expand_as(z))
     logits = gaussian_logits(z_rows, codebook, precision_rows)
     out = _stochastic_outputs(z, logits, codebook, mode, temperature)
-    out["kld_continuous"] = (0.5 * precision * (z - out["z_q"]) ** 2).sum() / z.shape[0]
+    out["kld_continuous"] = (0.5 * precision * (z - out["z_q"]) ** 2).sum() / max(z.shape[0], 1)
     return out
 
 
@@ -123,7 +153,7 @@ def vmf_quantize(z, kappa_q, codebook, mode, temperature):
     codebook = F.normalize(codebook, dim=1)
     logits = kappa_q * (flatten_positions(z) @ codebook.t())
     out = _stochastic_outputs(z, logits, codebook, mode, temperature)
-    out["kld_continuous"] = (kappa_q * z * (z - out["z_q"])).sum() / z.shape[0]
+    out["kld_continuous"] = (kappa_q * z * (z - out["z_q"])).sum() / max(z.shape[0], 1)
     return out
 
 
@@ -142,8 +172,8 @@ def nearest_codes(z_rows, codebook):
 def vq_losses(z, e, beta):
     """(codebook loss, commitment loss) for encoder outputs z and their chosen codes e (same
     shape, any layout): means of the squared differences over all elements."""
-    codebook_loss = ((z.detach() - e) ** 2).mean()
-    commit_loss = beta * ((z - e.detach()) ** 2).mean()
+    codebook_loss = mean_all((z.detach() - e) ** 2)
+    commit_loss = beta * mean_all((z - e.detach()) ** 2)
     return codebook_loss, commit_loss
 
 
