@@ -176,6 +176,8 @@ def flag_problem(args):
         return f"{needs_run[0]} works on a saved run: add -ts RUN"
     if args.sample is not None and args.sample < 1:
         return "--sample needs a positive number of samples"
+    if args.seed is not None and not -2**63 <= args.seed < 2**64:
+        return "--seed needs a whole number from -2**63 to 2**64 - 1 (torch's seed range)"
     if (args.prior or args.sample) and (args.report or args.encode):
         return "--prior/--sample and --report/--encode are separate jobs: run them one by one"
     if args.timestamp and args.resume:

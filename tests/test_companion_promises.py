@@ -546,3 +546,11 @@ def test_at_a_temperature_of_0_the_layer_is_the_hard_argmax_never_nan(kind, how)
     rows = z_q.detach().movedim(1, -1).reshape(-1, 3)
     distances = torch.cdist(rows, codes)
     assert (distances.min(1).values < 1e-6).all()
+
+
+# ---------------------------------------------------------------- one line where tracebacks were
+
+@pytest.mark.parametrize("seed", ["1180591620717411303424", str(2**64), str(-2**63 - 1)])
+def test_a_seed_beyond_torchs_range_is_one_line(capfd, seed):
+    line = fails(capfd, "-c", CONFIG, "--seed", seed, "train.epoch_max", "1")
+    assert "--seed needs a whole number from -2**63 to 2**64 - 1" in line
