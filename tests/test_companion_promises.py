@@ -554,3 +554,30 @@ def test_at_a_temperature_of_0_the_layer_is_the_hard_argmax_never_nan(kind, how)
 def test_a_seed_beyond_torchs_range_is_one_line(capfd, seed):
     line = fails(capfd, "-c", CONFIG, "--seed", seed, "train.epoch_max", "1")
     assert "--seed needs a whole number from -2**63 to 2**64 - 1" in line
+
+
+def test_a_full_disk_when_tensorboard_opens_its_file_is_one_line_naming_it(capfd, tmp_path,
+                                                                          data, monkeypatch):
+    from tensorboard.summary.writer import record_writer
+
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+    # As in a plain process (pytest catches threads' exceptions itself): the writer thread's
+    # traceback would go to stderr, and fails() sees any line beyond the one.
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    import main
+    from tests.test_failures import train_argv
+    code = main.run([str(a) for a in train_argv(tmp_path / "runs", data)])
+    for thread in threading.enumerate():  # its traceback would come as the thread ends
+        if type(thread).__name__ == "_AsyncWriterThread":
+            thread.join(10)
+    assert code == 1
+    line = error_line(capfd.readouterr().err)
+    (run,) = (tmp_path / "runs" / "mnist_sqvae_gaussian_1").iterdir()
+    assert line.startswith(f"error: cannot write {run / 'tensorboard'}: No space left on device")
+    # No current.pt was written yet: resume would refuse, so the line does not suggest it.
+    assert not (run / "current.pt").exists()
+    assert line.endswith("then run the command again (no checkpoint was written, nothing to "
+                         "resume)")

@@ -136,6 +136,13 @@ def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None
         if run_dir is not None and dist.is_main():
             runs.append_metrics(run_dir, records)
         display.close()
+    except OSError as e:
+        # A full disk or a read-only folder: main.py's line says "then resume", which only
+        # holds once a current.pt exists.
+        if run_dir is None or not os.path.isfile(os.path.join(run_dir, runs.CURRENT)):
+            e.hint = ("; free space or fix the folder's permissions, then run the command "
+                      "again (no checkpoint was written, nothing to resume)")
+        raise
     except KeyboardInterrupt as e:
         # Ctrl-C or SIGTERM outside the training loop (start-up, the final test): the last
         # current.pt is intact, so the run resumes from it.

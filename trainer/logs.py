@@ -14,7 +14,9 @@ parsers written for it keep working:
 model writes ``ACC:`` for ``MSE:``, names its evaluation passes ``Val``/``Test`` and
 follows each of them with ``PixAcc: … mIoU: …``. Only the main process prints or writes.
 """
+import contextlib
 import sys
+import threading
 
 from tqdm import tqdm
 
@@ -42,6 +44,21 @@ def quality_text(metrics):
         f"mse/pixel {metrics['mse_pixel']:.5f}"
 
 
+def _quiet_writer_threads():
+    """TensorBoard writes from a thread of its own; an error there (a full disk) is raised
+    again in the main thread at its next call, which makes it one line. Its thread's own
+    traceback (threading.excepthook) would only repeat it in 40 lines: it is left out."""
+    hook = threading.excepthook
+    if getattr(hook, "quiet_tensorboard", False):
+        return
+
+    def quiet(args):
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            hook(args)
+    quiet.quiet_tensorboard = True
+    threading.excepthook = quiet
+
+
 class Display:
     """Progress bars, TensorBoard (`tensorboard_dir`, or none) and printed lines for one run.
     `labels` says the model outputs label maps (the release names its passes differently)."""
@@ -63,16 +80,28 @@ class Display:
     def tensorboard(self):
         if self._writer is None and self.tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(log_dir=self.tensorboard_dir)
+            _quiet_writer_threads()
+            with self._tensorboard_errors():
+                self._writer = SummaryWriter(log_dir=self.tensorboard_dir)
         return self._writer
+
+    @contextlib.contextmanager
+    def _tensorboard_errors(self):
+        """An OSError of TensorBoard's (a full disk: raised by its writer thread, again here)
+        names the folder it writes, which the OS error does not."""
+        try:
+            yield
+        except OSError as e:
+            raise OSError(e.errno, e.strerror or str(e), self.tensorboard_dir) from None
 
     def interval(self, entry, bar):
         """A train_step record: to TensorBoard and onto the progress bar."""
         tb = self.tensorboard()
         if tb is not None:
-            for key, value in entry.items():
-                if key not in ("epoch", "split", "step", "seconds"):
-                    tb.add_scalar(f"step/{key}", value, entry["step"])
+            with self._tensorboard_errors():
+                for key, value in entry.items():
+                    if key not in ("epoch", "split", "step", "seconds"):
+                        tb.add_scalar(f"step/{key}", value, entry["step"])
         quality = ("acc", entry["acc"]) if "acc" in entry else ("mse", entry["mse"])
         bar.set_postfix({"loss": f"{entry['loss']:.1f}", quality[0]: f"{quality[1]:.4g}",
                          "ppl": f"{entry['perplexity']:.1f}",
@@ -83,21 +112,24 @@ class Display:
         tb = self.tensorboard()
         if tb is None:
             return
-        for entry in entries:
-            for key, value in entry.items():
-                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                    tb.add_scalar(f"{entry['split']}/{key}", value, entry["epoch"] or 0)
-        tb.flush()
+        with self._tensorboard_errors():
+            for entry in entries:
+                for key, value in entry.items():
+                    if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                        tb.add_scalar(f"{entry['split']}/{key}", value, entry["epoch"] or 0)
+            tb.flush()
 
     def images(self, tag, grid, step):
         tb = self.tensorboard()
         if tb is not None:
-            tb.add_image(tag, grid, step)
+            with self._tensorboard_errors():
+                tb.add_image(tag, grid, step)
 
     def close(self):
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            with self._tensorboard_errors():
+                writer.close()
 
     # ---- printed lines -------------------------------------------------------------------
     def start(self, model_name, run_dir):

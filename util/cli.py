@@ -66,7 +66,8 @@ def run_command(body, *, errors=(), interrupted="{what}", cannot="write", os_hin
     * Stopped: its message and code;
     * UsageError, or an exception listed in `errors`: `error: MESSAGE`, exit 2 for
       UsageError, else the status listed with it;
-    * OSError: `error: cannot {cannot} FILE: REASON{os_hint}`, exit `os_status`;
+    * OSError: `error: cannot {cannot} FILE: REASON{os_hint}` (or the error's own `hint`
+      attribute in place of os_hint), exit `os_status`;
     * anything else: raised, traceback and all (a bug, not a message for the user).
 
     `errors` holds (exception types, exit status) pairs, tried in order, or is a function
@@ -93,7 +94,8 @@ def run_command(body, *, errors=(), interrupted="{what}", cannot="write", os_hin
         status = _status_of(e, errors)
         if status is None and isinstance(e, OSError):
             where = f" {e.filename}" if e.filename else ""
-            say(f"error: cannot {cannot}{where}: {e.strerror or one_line(e)}{os_hint}")
+            hint = getattr(e, "hint", os_hint)  # the command's own, where it knows better
+            say(f"error: cannot {cannot}{where}: {e.strerror or one_line(e)}{hint}")
             return os_status
         if status is None:
             raise
