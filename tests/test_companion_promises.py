@@ -581,3 +581,33 @@ def test_a_full_disk_when_tensorboard_opens_its_file_is_one_line_naming_it(capfd
     assert not (run / "current.pt").exists()
     assert line.endswith("then run the command again (no checkpoint was written, nothing to "
                          "resume)")
+
+
+def test_the_free_memory_of_the_cpu_honours_ulimit_v(monkeypatch):
+    import resource
+
+    from util import device as devices
+    unlimited = devices.free_memory("cpu")
+    assert devices.address_space_left() is None or unlimited <= devices.address_space_left()
+    with open("/proc/self/status") as f:
+        used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (used + 2**20, resource.RLIM_INFINITY)
+                        if which == resource.RLIMIT_AS else (resource.RLIM_INFINITY,) * 2)
+    assert devices.free_memory("cpu") <= 2**20 + 2**24  # what is left under the limit
+
+
+@pytest.mark.parametrize("error", [MemoryError(),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. "
+                                                "DefaultCPUAllocator: can't allocate memory: "
+                                                "you tried to allocate 25165824000 bytes.")])
+def test_an_allocation_the_machine_refuses_is_one_line_exit_1(capfd, tmp_path, data,
+                                                              monkeypatch, error):
+    from tests.test_failures import train_argv
+    from trainer.loop import Trainer
+
+    def refused(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Trainer, "fit", refused)
+    line = fails(capfd, *train_argv(tmp_path / "runs", data), code=1)
+    assert "out of memory on cpu (train.bs 8): lower train.bs or free memory" in line

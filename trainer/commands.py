@@ -27,7 +27,7 @@ from util.signals import interrupt_status
 from . import release_format, runs
 from .budget import check_batch
 from .logs import Display
-from .loop import Interrupted, Trainer
+from .loop import Interrupted, Trainer, TrainingError
 
 
 def summary(cfg):
@@ -136,6 +136,18 @@ def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None
         if run_dir is not None and dist.is_main():
             runs.append_metrics(run_dir, records)
         display.close()
+    except (MemoryError, RuntimeError) as e:
+        # An allocation the machine refused (the CPU allocator raises a RuntimeError, CUDA
+        # an OutOfMemoryError, Python a MemoryError): the machine's limit, one line.
+        if not (isinstance(e, MemoryError) or "can't allocate memory" in str(e)
+                or type(e).__name__ == "OutOfMemoryError"):
+            raise
+        where = (f"; the run resumes from its last checkpoint: "
+                 f"{resume_command(program, config_file, run_dir)}"
+                 if run_dir is not None and os.path.isfile(os.path.join(run_dir, runs.CURRENT))
+                 else "")
+        raise TrainingError(f"out of memory on {torch.device(device).type} (train.bs "
+                            f"{cfg.train.bs}): lower train.bs or free memory{where}") from None
     except OSError as e:
         # A full disk or a read-only folder: main.py's line says "then resume", which only
         # holds once a current.pt exists.

@@ -92,7 +92,7 @@ def configure_kernels(device, deterministic=None, cudnn_benchmark=False):
 def free_memory(device):
     """Bytes a new allocation on `device` can still get, or None where that is unknown: on
     the CPU the kernel's MemAvailable (what can be had without swapping or the out-of-memory
-    killer), on CUDA the free memory plus what PyTorch already holds in its cache, on MPS
+    killer), or less where RLIMIT_AS (`ulimit -v`) leaves less address space, on CUDA the free memory plus what PyTorch already holds in its cache, on MPS
     the recommended working set."""
     device = torch.device(device)
     try:
@@ -101,10 +101,32 @@ def free_memory(device):
             return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         if device.type == "mps":
             return torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory()
+        available = None
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+                    available = int(line.split()[1]) * 1024
+                    break
+        if available is None:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        limit = address_space_left()
+        return available if limit is None else min(available, limit)
     except (AttributeError, OSError, ValueError, RuntimeError):
         return None
+
+
+def address_space_left():
+    """Bytes of address space this process may still map under its RLIMIT_AS (`ulimit -v`),
+    or None where there is no such limit (or no way to tell): an allocation beyond it fails
+    however much memory the machine has free."""
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/status") as f:
+            used = next(int(line.split()[1]) * 1024 for line in f
+                        if line.startswith("VmSize:"))
+    except (ImportError, OSError, ValueError, StopIteration):
+        return None
+    return max(soft - used, 0)
