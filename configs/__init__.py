@@ -17,6 +17,11 @@ from . import registry
 from .defaults import get_defaults
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
+# `{repo}` at the start of `path` or `path_dataset` stands for this repository's folder.
+REPO_DIR = os.path.dirname(CONFIG_DIR)
+REPO_TOKEN = "{repo}"
+# The MNIST sample shipped with the repository (configs/mnist_sample.yaml trains on it).
+SAMPLE_DATA = os.path.join(REPO_DIR, "tests", "data")
 
 
 class ConfigError(ValueError):
@@ -210,7 +215,7 @@ BOUNDS = {
     "test.bs": (1, True),
     "log.every_steps": (1, True),
     "prior.channels": (1, True),
-    "prior.layers": (1, True),
+    "prior.layers": (0, True),
     "prior.lr": (0.0, False),
     "prior.bs": (1, True),
     "prior.epoch_max": (1, True),
@@ -306,11 +311,24 @@ def _validate_and_derive(cfg):
 
     # Stored absolute, so a run folder's config works from any folder; relative paths are
     # taken against the folder the command was started in.
-    cfg.path = os.path.abspath(os.path.expanduser(cfg.path))
-    cfg.path_dataset = os.path.abspath(os.path.expanduser(cfg.path_dataset))
+    cfg.path = _absolute(cfg.path)
+    cfg.path_dataset = _absolute(cfg.path_dataset)
     cfg.flags.var_q = registry.VARIANTS[cfg.model.param_var_q]
     cfg.quantization.dim_code = cfg.quantization.dim_dict + model.extra_code_dim
     cfg.path_checkpoint = os.path.join(cfg.path, cfg.path_specific)
+
+
+def _absolute(path):
+    if path == REPO_TOKEN or path.startswith(REPO_TOKEN + "/"):
+        path = REPO_DIR + path[len(REPO_TOKEN):]
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def is_sample_data(cfg):
+    """Whether cfg trains on the MNIST sample shipped in tests/data (a first run, not the
+    paper's setting)."""
+    return (cfg.dataset.name == "MNIST"
+            and os.path.normpath(cfg.path_dataset) == os.path.normpath(SAMPLE_DATA))
 
 
 def parse_overrides(opts):

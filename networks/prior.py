@@ -20,6 +20,8 @@ Receptive field, with L layers and kernel k (h = k // 2): the logits at (i, j) d
 current row at columns j - 1 - L*h .. j - 1 and on rows i - 1 - L*h .. i - 1 at columns
 j - L*h .. j + L*h, and on nothing else.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,7 +97,7 @@ class GatedPixelCNN(nn.Module):
             raise ValueError(f"kernel must be an odd number at least 3, got {kernel}")
         if layers < 1:
             raise ValueError(f"layers must be at least 1, got {layers}")
-        self.num_codes = num_codes
+        self.num_codes, self.channels, self.kernel = num_codes, channels, kernel
         self.embedding = nn.Embedding(num_codes, channels)
         self.layers = nn.ModuleList(
             GatedLayer(channels, kernel, "A" if index == 0 else "B") for index in range(layers))
@@ -137,8 +139,23 @@ class GatedPixelCNN(nn.Module):
         return codes
 
 
-def build_prior(cfg):
+def layers_to_see(grid, kernel):
+    """The fewest layers with which the logits at every position of an H x W grid see every
+    earlier code (the receptive field of the module docstring): L * (kernel // 2) >=
+    max(H, W) - 1, so that the rows above are seen from column 0 to W - 1 and the current
+    row from column 0 on."""
+    height, width = grid
+    return max(1, math.ceil((max(height, width) - 1) / (kernel // 2)))
+
+
+def build_prior(cfg, grid=None):
     """The prior over the code grids of the model that `cfg` describes, freshly initialised
-    (on the CPU): K = quantization.size_dict, architecture from the `prior` section."""
+    (on the CPU): K = quantization.size_dict, architecture from the `prior` section;
+    prior.layers 0 takes layers_to_see(grid, prior.kernel) for the H x W code `grid`."""
+    layers = cfg.prior.layers
+    if layers == 0:
+        if grid is None:
+            raise ValueError("prior.layers 0 follows the code grid: give build_prior the grid")
+        layers = layers_to_see(grid, cfg.prior.kernel)
     return GatedPixelCNN(cfg.quantization.size_dict, channels=cfg.prior.channels,
-                         layers=cfg.prior.layers, kernel=cfg.prior.kernel)
+                         layers=layers, kernel=cfg.prior.kernel)

@@ -51,7 +51,7 @@ def test_every_evaluation_record_has_its_split_figures(mnist_run):
 
 
 def test_tensorboard_events_hold_the_expected_tags(mnist_run):
-    run_dir, _ = mnist_run
+    run_dir, records = mnist_run
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
@@ -60,7 +60,12 @@ def test_tensorboard_events_hold_the_expected_tags(mnist_run):
                 "test/loss", "test/perplexity"):
         assert tag in scalars, tag
     assert [e.step for e in events.Scalars("step/loss")] == list(range(10, 101, 10))
-    assert [e.step for e in events.Scalars("val/loss")] == [1, 2]
+    # One x-axis (docs/usage.md): the global step, also for the per-epoch and test scalars.
+    val_steps = [r["step"] for r in records if r["split"] == "val"]
+    assert [e.step for e in events.Scalars("val/loss")] == val_steps == [50, 100]
+    best = max((r for r in records if r["split"] == "val"), key=lambda r: -r["loss"])
+    assert [e.step for e in events.Scalars("test/loss")] == [best["step"]]
+    assert [e.step for e in events.Images("reconstructions/current")] == val_steps
     assert "reconstructions/current" in events.Tags()["images"]
 
 

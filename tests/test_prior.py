@@ -19,7 +19,7 @@ from PIL import Image
 
 import main
 from configs import ConfigError, load_config
-from networks.prior import GatedPixelCNN, build_prior, code_nll
+from networks.prior import GatedPixelCNN, build_prior, code_nll, layers_to_see
 from trainer import export
 from util.codes import load_codes
 from util.io import read_jsonl
@@ -89,14 +89,40 @@ def test_logits_see_exactly_the_past_in_their_receptive_field(kernel, layers):
                                                               kernel)), (i, j)
 
 
-def test_default_architecture_sees_all_of_a_16x16_grid():
-    # prior.layers 8 and prior.kernel 5: the last position depends on every earlier one.
-    torch.manual_seed(0)
-    model = GatedPixelCNN(5, channels=8, layers=8, kernel=5).double()
-    embedded = torch.randn(1, 8, 16, 16, dtype=torch.float64, requires_grad=True)
-    model.forward_embedded(embedded)[0, :, 15, 15].sum().backward()
-    seen = (embedded.grad[0] != 0).any(0).flatten()
-    assert seen[:-1].all() and not seen[-1]
+@pytest.mark.parametrize("grid", [(7, 7), (8, 8), (16, 16), (4, 9), (2, 2)])
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_layers_to_see_is_the_fewest_layers_that_see_every_earlier_code(grid, kernel):
+    # prior.layers 0 (the default): every position sees all codes before it, and one layer
+    # fewer would leave one unseen (where more than one layer is needed).
+    height, width = grid
+    layers = layers_to_see(grid, kernel)
+
+    def blind_positions(n_layers):
+        torch.manual_seed(0)
+        model = GatedPixelCNN(5, channels=4, layers=n_layers, kernel=kernel).double()
+        embedded = torch.randn(1, 4, height, width, dtype=torch.float64, requires_grad=True)
+        logits = model.forward_embedded(embedded)
+        blind = 0
+        for i in range(height):
+            for j in range(width):
+                grad, = torch.autograd.grad(logits[0, :, i, j].sum(), embedded,
+                                            retain_graph=True)
+                seen = (grad[0] != 0).any(0).flatten()
+                blind += int((~seen[:i * width + j]).sum())
+        return blind
+
+    assert blind_positions(layers) == 0
+    if layers > 1:
+        assert blind_positions(layers - 1) > 0
+
+
+def test_the_default_prior_of_mnist_codes():
+    # 7 x 7 MNIST codes: 32 channels, kernel 3 and the 6 layers that see the whole grid.
+    cfg = load_config("mnist_gauss_1.yaml", [])
+    prior = build_prior(cfg, (7, 7))
+    assert (prior.channels, len(prior.layers), prior.kernel) == (32, 6, 3)
+    with pytest.raises(ValueError, match="grid"):
+        build_prior(cfg)
 
 
 def test_code_nll_and_model_nll_by_hand():
@@ -234,7 +260,7 @@ def test_build_prior_reads_the_config():
 
 
 @pytest.mark.parametrize("key, value", [
-    ("prior.channels", "0"), ("prior.layers", "0"), ("prior.bs", "0"),
+    ("prior.channels", "0"), ("prior.layers", "-1"), ("prior.bs", "0"),
     ("prior.epoch_max", "0"), ("prior.patience", "0"), ("prior.kernel", "4"),
     ("prior.kernel", "1"), ("prior.lr", "0.0"), ("prior.lr", "-0.001"),
     ("prior.temperature", "0.0"),

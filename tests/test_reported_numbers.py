@@ -222,7 +222,7 @@ def test_tensorboard_holds_the_values_of_metrics_jsonl(gauss_run):
         for key in ("loss", "mse_pixel", "psnr", "perplexity") + (
                 ("perplexity_split", "codes_used") if split == "val" else ()):
             board = scalars(f"{split}/{key}")
-            assert [board[r["epoch"]] for r in kept] == pytest.approx(
+            assert [board[r["step"]] for r in kept] == pytest.approx(
                 [r[key] for r in kept], rel=1e-6), (split, key)
 
 
@@ -252,6 +252,11 @@ def test_prior_nll_unigram_and_bits_per_dim_from_the_encoded_codes(gauss_run):
     for key in ("nll", "unigram", "uniform"):
         assert record[f"{key}_bpd"] == pytest.approx(
             record[key] * POSITIONS / (DIM_X * math.log(2)), rel=1e-9)
+    # TensorBoard's prior/ scalars sit at the prior's optimizer steps (docs/usage.md): one
+    # epoch of batches of 100 code grids.
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("prior/val_nll")] == [math.ceil(len(train_codes) / 100)]
 
 
 # ---------------------------------------------------------------- the training interval

@@ -17,7 +17,7 @@ import sys
 import torch
 
 import data
-from configs import ConfigError, config_to_yaml
+from configs import ConfigError, config_to_yaml, is_sample_data
 from networks import build_model, count_parameters
 from util import distributed as dist
 from util.io import check_writable
@@ -49,6 +49,16 @@ def run_command(program, config_file, flag, run_dir, *more):
 
 def resume_command(program, config_file, run_dir):
     return run_command(program, config_file, "--resume", run_dir)
+
+
+def sample_note(loaders):
+    """What a run on the shipped MNIST sample says once, before it trains."""
+    sizes = ", ".join(f"{loaders[s].dataset_size:,} {s}" for s in ("train", "val", "test")
+                      if s in loaders)
+    return ("data: the MNIST sample shipped in tests/data/MNIST (" + sizes + " images): a "
+            "first run, not the paper's setting. For that, train -c mnist_gauss_1.yaml on the "
+            "full MNIST (50,000 train, 10,000 val, 10,000 test), downloaded into "
+            "./datasets/MNIST/raw/ on first use (or put its four files there)")
 
 
 def check_training_batches(cfg, loader, limit):
@@ -107,6 +117,8 @@ def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None
             # Same initial weights everywhere, but each process draws its own Gumbel noise.
             torch.manual_seed(seed + dist.rank())
         loaders = data.build_loaders(cfg, device, seed)
+        if is_sample_data(cfg) and dist.is_main():
+            print(sample_note(loaders), flush=True)
         check_training_batches(cfg, loaders["train"], limit_batches)
         check_batch(cfg, model, loaders["train"], device)
         if save and run_dir is None:
@@ -125,14 +137,14 @@ def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None
         trainer.fit()
         dist.barrier()  # best.pt is written by the main process; the others read it next
 
-        epoch = trainer.epoch - 1  # no run folder: test the final weights
+        epoch, step = trainer.epoch - 1, trainer.step  # no run folder: the final weights
         if run_dir is not None:
             best = runs.load_checkpoint(os.path.join(run_dir, runs.BEST))
             runs.load_model_weights(model, best["model"], os.path.join(run_dir, runs.BEST))
-            epoch = best["epoch"]
+            epoch, step = best["epoch"], best.get("step", step)
         model.to(device)
         display.best_loaded(run_dir)
-        records = trainer.test(epoch)
+        records = trainer.test(epoch, step=step)
         if run_dir is not None and dist.is_main():
             runs.append_metrics(run_dir, records)
         display.close()

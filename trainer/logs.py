@@ -107,16 +107,20 @@ class Display:
                          "ppl": f"{entry['perplexity']:.1f}",
                          "tau": f"{entry['temperature']:.3g}"}, refresh=False)
 
-    def records(self, entries):
-        """Per-epoch (or test) records of each split to TensorBoard."""
+    def records(self, entries, step=None):
+        """Per-epoch (or test) records of each split to TensorBoard, at `step`, or at each
+        record's own "step". One x-axis everywhere (docs/usage.md): the optimizer steps of
+        the model the scalar is about, the autoencoder's global step for step/, train/,
+        val/, test/ and the images, the prior's own steps for prior/."""
         tb = self.tensorboard()
         if tb is None:
             return
         with self._tensorboard_errors():
             for entry in entries:
+                x = entry["step"] if step is None else step
                 for key, value in entry.items():
                     if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                        tb.add_scalar(f"{entry['split']}/{key}", value, entry["epoch"] or 0)
+                        tb.add_scalar(f"{entry['split']}/{key}", value, x)
             tb.flush()
 
     def images(self, tag, grid, step):

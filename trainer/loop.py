@@ -351,15 +351,16 @@ class Trainer:
             for s, h in handlers.items():
                 signal.signal(s, h)
 
-    def test(self, epoch, **extra):
+    def test(self, epoch, step=None, **extra):
         """Evaluate the test split (stochastic, then the recorded deterministic pass); returns
-        the two metrics records (the caller appends them to metrics.jsonl)."""
+        the two metrics records (the caller appends them to metrics.jsonl). TensorBoard
+        gets them at `step`, the step of the weights tested (default: the last)."""
         stochastic, deterministic = self.evaluate_split("test")
         self.display.test(epoch, stochastic, deterministic)
         records = [{"epoch": epoch, "split": split, **metrics, "seconds": seconds, **extra}
                    for split, (metrics, seconds) in (("test_stochastic", stochastic),
                                                      ("test", deterministic))]
-        self.display.records(records)
+        self.display.records(records, step=self.step if step is None else step)
         return records
 
     # ---- output ------------------------------------------------------------------------
@@ -371,4 +372,4 @@ class Trainer:
         grid = save_reconstructions(
             self.model, x, [self.path(f"reconstructions_{name}.png") for name in names])
         for name in names:
-            self.display.images(f"reconstructions/{name}", grid, self.epoch)
+            self.display.images(f"reconstructions/{name}", grid, self.step)

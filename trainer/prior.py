@@ -82,21 +82,20 @@ def mean_nll(prior, codes, batch_size, limit=None):
     return total / count
 
 
-def architecture(cfg):
+def architecture(prior):
     """What prior.pt needs to be rebuilt (sampling does not depend on the config's prior
-    section then)."""
-    return {"channels": cfg.prior.channels, "layers": cfg.prior.layers,
-            "kernel": cfg.prior.kernel}
+    section then): the layers built, also where prior.layers 0 let the grid choose."""
+    return {"channels": prior.channels, "layers": len(prior.layers), "kernel": prior.kernel}
 
 
 class PriorTraining:
     """Fit, early-stop and checkpoint the prior of one run folder."""
 
-    def __init__(self, cfg, run_dir, device, seed, display, limit_batches=None):
+    def __init__(self, cfg, run_dir, device, seed, display, limit_batches=None, grid=None):
         self.cfg, self.run_dir, self.device = cfg, run_dir, device
         self.seed, self.display, self.limit = seed, display, limit_batches
         torch.manual_seed(seed)
-        self.prior = build_prior(cfg).to(device)
+        self.prior = build_prior(cfg, grid).to(device)
         self.optimizer = torch.optim.Adam(self.prior.parameters(), lr=cfg.prior.lr)
         self.epoch, self.best_nll, self.best_epoch, self.bad_epochs = 0, math.inf, 0, 0
         self.history, self.done, self.seconds = [], False, 0.0
@@ -150,6 +149,8 @@ class PriorTraining:
 
     def fit(self, train_codes, val_codes):
         cfg = self.cfg.prior
+        # The x-axis of TensorBoard's prior/ scalars: the prior's optimizer steps.
+        steps_per_epoch = len(range(0, len(train_codes), cfg.bs)[:self.limit])
         while not self.done:
             self.epoch += 1
             start = time.perf_counter()
@@ -161,11 +162,12 @@ class PriorTraining:
                 self.best_nll, self.best_epoch, self.bad_epochs = val_nll, self.epoch, 0
                 runs.save_checkpoint(self.path(PRIOR_BEST), {
                     "prior": self.prior.state_dict(), "epoch": self.epoch,
-                    "architecture": architecture(self.cfg)})
+                    "architecture": architecture(self.prior)})
             else:
                 self.bad_epochs += 1
             self.done = self.epoch >= cfg.epoch_max or self.bad_epochs >= cfg.patience
-            entry = {"split": "prior", "epoch": self.epoch, "train_nll": train_nll,
+            entry = {"split": "prior", "epoch": self.epoch,
+                     "step": self.epoch * steps_per_epoch, "train_nll": train_nll,
                      "val_nll": val_nll}
             self.history.append(entry)
             self.display.records([entry])
@@ -225,7 +227,8 @@ def train_prior(run_dir, cfg, model, device, *, seed, command, opts=(), limit_ba
         path = os.path.join(run_dir, PRIOR_CURRENT)
         state = runs.load_checkpoint(path, CURRENT_KEYS) if os.path.exists(path) else None
         cfg = continued_settings(cfg, state, opts, path)
-        training = PriorTraining(cfg, run_dir, device, seed, display, limit_batches)
+        training = PriorTraining(cfg, run_dir, device, seed, display, limit_batches,
+                                 grid=model.latent_shape)
         if training.load(state):
             display.log(f"prior: continuing {PRIOR_CURRENT} after epoch {training.epoch}"
                         + (" (finished: evaluating only)" if training.done else ""))

@@ -235,11 +235,17 @@ def read_jsonl(path, warn=None):
 
 
 def check_writable(folder):
-    """Create `folder` if needed and prove a file can be written there; returns an error
-    string or None."""
+    """Prove a file can be written in `folder`, or, where it does not exist yet, in the
+    deepest of its ancestors that does (which must be a folder); returns an error string or
+    None. Nothing is created: a command that fails after this check (a dataset missing)
+    leaves no empty folders behind."""
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"cannot write to {folder}: {os.strerror(errno.ENOTDIR)} ({existing})"
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=existing)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
