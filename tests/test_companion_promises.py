@@ -611,3 +611,30 @@ def test_an_allocation_the_machine_refuses_is_one_line_exit_1(capfd, tmp_path, d
     monkeypatch.setattr(Trainer, "fit", refused)
     line = fails(capfd, *train_argv(tmp_path / "runs", data), code=1)
     assert "out of memory on cpu (train.bs 8): lower train.bs or free memory" in line
+
+
+SIGNAL_AT_IMPORT = """
+import os, runpy, signal, sys
+class Stop:
+    def find_spec(self, name, path=None, target=None):
+        if name == "trainer.release_format":
+            os.kill(os.getpid(), getattr(signal, {sig!r}))
+        return None
+sys.meta_path.insert(0, Stop())
+sys.argv = ["-m", "nothing"]  # as `python -m` has it while the package imports
+runpy._run_module_as_main({module!r})
+"""
+
+
+@pytest.mark.parametrize("module", ["trainer.compare", "trainer.release"])
+@pytest.mark.parametrize("sig, code, word", [("SIGINT", 130, "interrupted"),
+                                             ("SIGTERM", 143, "SIGTERM")])
+def test_a_signal_while_a_companion_command_imports_is_one_line(module, sig, code, word):
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT_IMPORT.format(sig=sig, module=module)],
+                          cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.splitlines() == [f"{word} during start-up; nothing was written"]

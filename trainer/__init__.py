@@ -7,7 +7,12 @@ folders with trainer.runs (both modules import torch only inside the functions t
 """
 import importlib
 
-from . import release_format  # noqa: F401  registers the authors' run folders
+from util.cli import start_up, started_with_m
+
+# `python -m trainer.compare` (or .release) imports this package before its own run_command
+# starts: Ctrl-C or SIGTERM meanwhile is one line too.
+with start_up(started_with_m()):
+    from . import release_format  # noqa: F401  registers the authors' run folders
 
 # name -> the module of this package that defines it
 _LAZY = {"Interrupted": "loop", "Trainer": "loop", "TrainingError": "loop",

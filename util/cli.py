@@ -10,6 +10,7 @@ its exit status, the same for main.py and every companion command:
 * 130 / 143: Ctrl-C / SIGTERM, from the command's first line on.
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -101,6 +102,30 @@ def run_command(body, *, errors=(), interrupted="{what}", cannot="write", os_hin
             raise
         say(f"error: {one_line(e)}")
         return status
+
+
+@contextlib.contextmanager
+def start_up(active=True, message="{what} during start-up; nothing was written"):
+    """For the imports a `python -m PACKAGE.MODULE` command runs before its run_command (its
+    package's __init__): Ctrl-C or SIGTERM there is `message` and exit 130 / 143, not a
+    traceback or a silent death. `active` False (the package imported by another command,
+    whose own run_command answers) leaves the block alone."""
+    if not active:
+        yield
+        return
+    try:
+        with sigterm_as_interrupt():
+            yield
+    except KeyboardInterrupt as e:
+        code, what = interrupt_status(e)
+        say(message.format(what=what))
+        raise SystemExit(code) from None
+
+
+def started_with_m():
+    """Whether this import runs as the package of a `python -m PACKAGE.MODULE` command:
+    during it, sys.argv[0] is still "-m" (runpy sets the module's path afterwards)."""
+    return sys.argv[:1] == ["-m"]
 
 
 def _status_of(error, errors):
