@@ -368,6 +368,11 @@ def main(argv=None):
         split = argv.index("--")
         return child(build_parser().parse_args(argv[:split]).child, argv[split + 1:])
     args = build_parser().parse_args(argv)
+    unknown = sorted(set(args.only or ()) - set(SETTINGS))
+    if unknown:  # input: exit 2, whether or not a GPU is there to check
+        print(f"error: unknown setting {unknown[0]}; choose from {', '.join(SETTINGS)}",
+              file=sys.stderr)
+        return 2
     if args.copy_child:
         return copy_child(args.copy_child, args.device)
     return check(args)

@@ -638,3 +638,41 @@ def test_a_signal_while_a_companion_command_imports_is_one_line(module, sig, cod
                           timeout=120)
     assert proc.returncode == code, proc.stderr
     assert proc.stderr.splitlines() == [f"{word} during start-up; nothing was written"]
+
+
+# ---------------------------------------------------------------- smaller items
+
+def test_gpu_check_with_an_unknown_setting_is_one_line_exit_2():
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "benchmarks",
+                                                        "gpu_check.py"), "--only", "bogus"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: unknown setting bogus; choose from default")
+
+
+def test_the_torn_line_warning_is_printed_once(capfd, tmp_path, trained):
+    run = copy_run(trained, tmp_path)
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'{"split": "te')
+    code, out, err = run_compare(capfd, run, "--csv", tmp_path / "t.csv",
+                                 "--curves", tmp_path / "c.png")
+    assert code == 0
+    assert err.splitlines() == [f"warning: {run / 'metrics.jsonl'}: skipping a torn last line "
+                                "(its writer was stopped mid-line)"]
+
+
+@pytest.mark.parametrize("runs, legend", [(12, True), (1000, False)])
+def test_curves_of_many_runs_leave_the_legend_out(runs, legend):
+    from util.curves import draw_learning_curves
+    from util.figures import new_figure
+    records = [{"split": "val", "epoch": e, "mse_pixel": 0.1 / e} for e in (1, 2)]
+    fig = new_figure(15, 8)
+    titles = draw_learning_curves(fig, [(f"run {i}", records) for i in range(runs)])
+    (ax,) = [a for a in fig.axes if a.get_visible()]
+    assert (ax.get_legend() is not None) == legend
+    assert titles == ["Validation MSE per pixel"]
+    assert ax.get_title().endswith(f"({runs} runs)") != legend

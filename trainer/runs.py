@@ -100,11 +100,21 @@ def read_metrics(run_dir):
     """The records of the run's metrics.jsonl; a torn last line is skipped with a warning, a
     malformed line elsewhere is a RunError (raised before any work, by callers that read
     first)."""
+    path = os.path.join(run_dir, METRICS_FILE)
+
+    def warn(text):
+        # Once per file and process: a command may read the same file twice (compare's
+        # --curves and its table).
+        if os.path.abspath(path) not in _WARNED:
+            _WARNED.add(os.path.abspath(path))
+            print(text, file=sys.stderr)
     try:
-        return read_jsonl(os.path.join(run_dir, METRICS_FILE),
-                          warn=lambda text: print(text, file=sys.stderr))
+        return read_jsonl(path, warn=warn)
     except JsonlError as e:
         raise RunError(str(e)) from None
+
+
+_WARNED = set()  # metrics files whose torn last line was reported
 
 
 def append_metrics(run_dir, records):

@@ -27,6 +27,10 @@ PANELS = (
 )
 
 
+# The most runs a panel names in its legend; with more it only counts them in its title.
+LEGEND_MAX = 12
+
+
 def epoch_series(records, split, key):
     """(epochs, values) of the finite `key` in the `split` records, one point per epoch (the
     last record of an epoch wins, so a re-evaluated epoch is not drawn twice)."""
@@ -67,12 +71,14 @@ def draw_learning_curves(fig, runs):
                     else None)
         if spans_decades([v for _, _, values in series for v in values], factor=4.0):
             ax.set_yscale("log")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title if len(series) <= LEGEND_MAX else f"{title} ({len(series)} runs)",
+                     fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if len(series) <= LEGEND_MAX:  # more entries would cover the curves
+            ax.legend(fontsize=7)
     for ax in axes[len(drawn):]:
         ax.set_visible(False)
     return [title for title, _, _ in drawn]
