@@ -16,6 +16,10 @@ EPILOG = """examples:
       the same with config overrides given as trailing KEY VALUE pairs
   python main.py -c mnist_gauss_1.yaml -ts resnet_seed0_1125_0915
       evaluate a saved run (a folder name under path/path_specific, or a path)
+  python main.py -c images_gauss_1.yaml --save path_dataset ~/pictures
+      train on every picture under ~/pictures (docs/usage.md, "Your own images")
+  python main.py -c images_gauss_1.yaml -ts RUN --images DIR [--encode images]
+      evaluate a run on other pictures (and write their codes)
 
 experiment files (in configs/, or give any YAML path):
   {files}
@@ -60,10 +64,17 @@ def build_parser():
                         help="with -ts: also write report.png (training curves, codebook usage "
                              "on the test split, test reconstructions) and its three panels "
                              "report_{curves,codebook,reconstructions}.png into the run folder")
-    parser.add_argument("--encode", choices=("train", "val", "test"), metavar="SPLIT",
+    parser.add_argument("--encode", choices=("train", "val", "test", "images"), metavar="SPLIT",
                         help="with -ts: also write the deterministic code indices of the whole "
                              "SPLIT (train, val or test; --limit-batches does not apply) to "
-                             "codes_SPLIT.npz in the run folder, e.g. to train a prior")
+                             "codes_SPLIT.npz in the run folder, e.g. to train a prior; with "
+                             "--images DIR, SPLIT is images: one row per picture, with the "
+                             "pictures' names")
+    parser.add_argument("--images", metavar="DIR",
+                        help="with -ts: evaluate the run on every picture under DIR (any "
+                             "format Pillow reads, recursively, in sorted file order, at the "
+                             "run's image shape) instead of its test split; the records "
+                             "(\"split\": \"images\") go to its metrics.jsonl")
     parser.add_argument("--prior", action="store_true",
                         help="with -ts: train a gated PixelCNN prior over the run's code grids "
                              "(prior section of the config; prior.pt, prior_current.pt), "
@@ -152,8 +163,8 @@ def _run(argv):
             return commands.test_run(cfg, device, run=args.timestamp, opts=args.opts,
                                      seed=args.seed, limit_batches=args.limit_batches,
                                      dbg=args.dbg, report=args.report, encode=args.encode,
-                                     prior=args.prior, sample=args.sample, program=__file__,
-                                     config_file=args.config_file)
+                                     prior=args.prior, sample=args.sample, images=args.images,
+                                     program=__file__, config_file=args.config_file)
         return commands.train(cfg, device, program=__file__, config_file=args.config_file,
                               opts=args.opts, save=args.save or bool(args.resume),
                               resume=args.resume, seed=args.seed,
@@ -171,7 +182,8 @@ def flag_problem(args):
         return "--limit-batches needs a positive number"
     needs_run = [flag for flag, given in (("--report", args.report), ("--encode", args.encode),
                                           ("--prior", args.prior),
-                                          ("--sample", args.sample is not None)) if given]
+                                          ("--sample", args.sample is not None),
+                                          ("--images", args.images is not None)) if given]
     if needs_run and not args.timestamp:
         return f"{needs_run[0]} works on a saved run: add -ts RUN"
     if args.sample is not None and args.sample < 1:
@@ -180,6 +192,15 @@ def flag_problem(args):
         return "--seed needs a whole number from -2**63 to 2**64 - 1 (torch's seed range)"
     if (args.prior or args.sample) and (args.report or args.encode):
         return "--prior/--sample and --report/--encode are separate jobs: run them one by one"
+    if args.images is not None:
+        if args.report or args.prior or args.sample is not None:
+            return ("--images evaluates and encodes pictures; --report, --prior and --sample "
+                    "work on the run's own splits: run them without --images")
+        if args.encode not in (None, "images"):
+            return (f"--encode {args.encode} encodes a split of the run's dataset; with "
+                    "--images DIR, --encode images encodes the pictures")
+    elif args.encode == "images":
+        return "--encode images encodes the pictures of --images DIR: add it"
     if args.timestamp and args.resume:
         return "-ts evaluates a run and --resume trains it further: give one of them"
     return None

@@ -243,8 +243,28 @@ def _one_of(values):
     return values[0] if len(values) == 1 else "one of " + ", ".join(values)
 
 
+def _or(values):
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]
+
+
+def _dataset_dimension(cfg, dataset, key, own, allowed, what):
+    """dataset.image_size or dataset.channels: 0 for the dataset's default (`own`), else
+    one of `allowed` (a dataset the config sizes) or `own` itself (any other)."""
+    value = cfg.dataset[key] or own
+    if value in (allowed or (own,)):
+        return value
+    name = cfg.dataset.name
+    if not allowed:
+        raise ConfigError(f"config key 'dataset.{key}' is {cfg.dataset[key]} but dataset "
+                          f"{name} has {what} {own}; remove the key, it follows dataset.name")
+    raise ConfigError(f"config key 'dataset.{key}' is {cfg.dataset[key]}; dataset {name} "
+                      f"takes {_or([str(v) for v in allowed])}"
+                      + (" (the sizes with networks)" if key == "image_size" else ""))
+
+
 def _check_dataset(cfg, dataset):
-    """network.name fits dataset.name; dataset.shape and dataset.dim_x are its own, derived
+    """network.name fits dataset.name; dataset.shape and dataset.dim_x are its own (for
+    pictures the config sizes, those of dataset.channels and dataset.image_size), derived
     here where the config leaves them unset (a file or override may state them, but only
     as the dataset's values)."""
     name = cfg.dataset.name
@@ -252,17 +272,23 @@ def _check_dataset(cfg, dataset):
         raise ConfigError(
             f"config key 'network.name' is {cfg.network.name!r} but dataset {name} "
             f"needs {dataset.network!r}")
-    dim_x = math.prod(dataset.shape)
-    if cfg.dataset.shape and tuple(cfg.dataset.shape) != dataset.shape:
+    channels = _dataset_dimension(cfg, dataset, "channels", dataset.shape[0], dataset.channels,
+                                  "channels")
+    size = _dataset_dimension(cfg, dataset, "image_size", dataset.shape[1], dataset.sizes,
+                              "size")
+    shape = (channels, size, size) if dataset.sizes else dataset.shape
+    dim_x = math.prod(shape)
+    follows = "dataset.channels and dataset.image_size" if dataset.sizes else "dataset.name"
+    if cfg.dataset.shape and tuple(cfg.dataset.shape) != shape:
         raise ConfigError(
             f"config key 'dataset.shape' is {tuple(cfg.dataset.shape)} but dataset {name} "
-            f"has shape {dataset.shape}; remove the key, it follows dataset.name")
+            f"has shape {shape}; remove the key, it follows {follows}")
     if cfg.dataset.dim_x and cfg.dataset.dim_x != dim_x:
         raise ConfigError(
             f"config key 'dataset.dim_x' is {cfg.dataset.dim_x} but dataset {name} has "
-            f"dim_x {dim_x} (C * H * W of {dataset.shape}); remove the key, it follows "
-            "dataset.name")
-    cfg.dataset.shape = dataset.shape
+            f"dim_x {dim_x} (C * H * W of {shape}); remove the key, it follows {follows}")
+    cfg.dataset.channels, cfg.dataset.image_size = channels, size
+    cfg.dataset.shape = shape
     cfg.dataset.dim_x = dim_x
 
 

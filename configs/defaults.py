@@ -21,16 +21,21 @@ _C.path = "./checkpoints"
 _C.path_dataset = "./datasets"
 # Sub-folder of `path` for this experiment, e.g. "mnist_sqvae_gaussian_1/".
 _C.path_specific = "sqvae/"
-# DataLoader worker processes for datasets read from files (CelebA, CelebAMask_HQ).
+# DataLoader worker processes for datasets read one file per item (CelebA, CelebAMask_HQ).
 _C.nworker = 2
-# Decode CelebA/CelebAMask-HQ once into a memory-mapped .npy under path_dataset/cache; reuse it.
+# Decode datasets of image files once into a memory-mapped .npy cache and reuse it.
 _C.cache_decoded = True
 # Derived: the experiment's run root, `path/path_specific`.
 _C.path_checkpoint = ""
 
 _C.dataset = CN()
-# Dataset name: MNIST, FashionMNIST, CIFAR10, CelebA or CelebAMask_HQ.
+# Dataset name: one of configs/registry.py (each has its module under data/sources/).
 _C.dataset.name = "MNIST"
+# Side in pixels of the square pictures of a dataset the config sizes; 0 = its default.
+# Others have their own size: 0, or that size.
+_C.dataset.image_size = 0
+# Channels of such pictures: 3 (RGB) or 1 (grey); 0 = its default (fixed elsewhere).
+_C.dataset.channels = 0
 # Derived: shape (C, H, W) of one input of dataset.name; label maps have C = 1.
 _C.dataset.shape = ()
 # Derived: number of input values C*H*W, used by the reconstruction likelihood.

@@ -1,11 +1,13 @@
 """The one table of names: datasets, models and quantizer variants, and what each implies.
 
 Config validation (``configs.load_config``) reads this table and derives ``dataset.shape``
-and ``dataset.dim_x`` from the dataset's entry; the loaders read from it what a dataset holds
-(``data.loader.TO_MODEL``); the networks take it through the config they are given, picking
-their encoder/decoder by ``network.name`` and ``dataset.shape``, and the models rely on the
-rules below having been applied. The implementations registered under these names
-(``data.DATASETS``, ``networks.MODEL_REGISTRY``, ``networks.NETWORK_REGISTRY``,
+and ``dataset.dim_x`` from the dataset's entry (and, for a dataset of pictures sized by the
+config, from ``dataset.channels`` and ``dataset.image_size``); the networks take it through
+the config they are given, picking their encoder/decoder by ``network.name`` and
+``dataset.shape``, and the models rely on the rules below having been applied. Everything
+else a dataset implies (its files, splits, decoding) is in its module under
+``data/sources/``. The implementations registered under these names (the ``SOURCE`` of
+those modules, ``networks.MODEL_REGISTRY``, ``networks.NETWORK_REGISTRY``,
 ``networks.quantizers.GAUSSIAN_VARIANCES``, ``CODEBOOK_INITS``, ``OUTPUT_ACTIVATIONS``) are
 checked against it by ``tests/test_registry.py``.
 
@@ -22,6 +24,11 @@ class Dataset(NamedTuple):
     shape: tuple   # (C, H, W) of one item: dataset.shape, and dim_x = C * H * W
     network: str   # the network.name whose encoder/decoder read it
     items: str     # "images" (values in [0, 1]) or "labels" (one class index per pixel)
+    # For pictures the config sizes: the dataset.image_size values it takes (sides H = W
+    # with a network; the first is the default) and the dataset.channels values (1 grey,
+    # 3 RGB; the first is the default). Empty: the shape above, fixed.
+    sizes: tuple = ()
+    channels: tuple = ()
 
 
 DATASETS = {
@@ -30,6 +37,7 @@ DATASETS = {
     "CIFAR10": Dataset((3, 32, 32), "resnet", "images"),
     "CelebA": Dataset((3, 64, 64), "resnet", "images"),
     "CelebAMask_HQ": Dataset((1, 64, 64), "resnet_label", "labels"),
+    "ImageFolder": Dataset((3, 64, 64), "resnet", "images", (64, 32, 28), (3, 1)),
 }
 
 # model.param_var_q -> whether its quantizer reads a variance from an encoder head

@@ -1,20 +1,21 @@
-"""Datasets and batch loaders: MNIST, FashionMNIST, CIFAR10, CelebA, CelebAMask_HQ.
+"""Datasets and batch loaders: one module per dataset under ``data/sources/`` (the recipe for
+a new one is in docs/code-map.md).
 
-``build_loader(cfg, split, batch_size=..., shuffle=...)`` is the entry point; files
-live under ``cfg.path_dataset`` (default ``./datasets``) in torchvision's layout, or in
-the authors' (sony/sqvae) layout, see ``data.sources``.
-Set ``SQVAE_NO_DOWNLOAD=1`` to never try downloading missing datasets. CelebA and
-CelebAMask-HQ are decoded once into ``<path_dataset>/cache/`` (``data.cache``) unless
+``build_loader(cfg, split, batch_size=..., shuffle=...)`` is the entry point; files live
+under ``cfg.path_dataset`` (default ``./datasets``) as each dataset's module says.
+``build_picture_loader(cfg, folder, ...)`` reads every picture under any folder at a
+config's shape. Set ``SQVAE_NO_DOWNLOAD=1`` to never try downloading missing datasets.
+Datasets read from image files are decoded once into a cache (``data.cache``) unless
 ``cache_decoded`` is False.
 """
-from .decode import decode_celeba, decode_celebamask_label
 from .errors import DatasetError
-from .loader import (DATASETS, CachedLoader, FileLoader, InMemoryLoader, Loader,
-                     build_loader, build_loaders, per_rank_batch)
+from .loader import (CachedLoader, DecodedLoader, FileLoader, InMemoryLoader, Loader,
+                     build_loader, build_loaders, build_picture_loader, per_rank_batch,
+                     recorded_files)
 from .sources import SPLITS, split_sizes
 
 __all__ = [
-    "DATASETS", "CachedLoader", "DatasetError", "FileLoader", "InMemoryLoader", "Loader",
-    "SPLITS", "build_loader", "build_loaders", "decode_celeba", "decode_celebamask_label",
-    "per_rank_batch", "split_sizes",
+    "CachedLoader", "DatasetError", "DecodedLoader", "FileLoader", "InMemoryLoader", "Loader",
+    "SPLITS", "build_loader", "build_loaders", "build_picture_loader", "per_rank_batch",
+    "recorded_files", "split_sizes",
 ]

@@ -1,11 +1,16 @@
-"""A decoded cache for the datasets read from image files (CelebA, CelebAMask-HQ).
+"""A decoded cache for the datasets read from image files.
 
-A split is decoded once, by the same per-file functions the file loader calls (so the
-two paths stay bit-identical), into one uint8 N x C x H x W array in
-``<root>/cache/<stem>_<split>_64.npy``, which every later epoch and process memory-maps.
-A sidecar ``.json`` next to it records the decoding (function, its module's source hash,
-Pillow's version) and a fingerprint of the split's files (names, sizes, mtimes); when
-either no longer matches, the cache is rebuilt rather than trusted.
+A list of files is decoded once, by the same per-file function the file loader calls (so
+the two paths stay bit-identical), into one uint8 N x C x H x W array in
+``<root>/cache/<name>.npy`` (the name is the dataset module's, e.g. ``<dataset>_<split>_<size>``),
+which every later epoch and process memory-maps. A sidecar ``.json`` next to it records the
+decoding (function, its parameters, its module's source hash, Pillow's version) and a
+fingerprint of the files (names, sizes, mtimes); when either no longer matches, the cache is
+rebuilt rather than trusted.
+
+A build that skips unreadable files (``skip_unreadable``, for folders of pictures from
+anywhere) leaves their rows zero and lists them in the sidecar; it stops with a
+DatasetError when no file can be read, or when the first ``FIRST_FAILURES`` (256) all fail.
 """
 import contextlib
 import functools
@@ -25,7 +30,6 @@ from util.io import atomic_write_text
 from util.lock import FileLock
 from util.signals import worker_pool
 
-from .decode import IMAGE_SIZE
 from .errors import DatasetError
 
 CACHE_DIR = "cache"
@@ -36,10 +40,16 @@ FORMAT = 1
 CHUNK = 256
 # Below this many files a pool's start-up costs more than it saves.
 MIN_PARALLEL = 1024
+# A build that skips unreadable files stops when the first this many all fail (checked as
+# blocks of CHUNK files come in): a folder of something else than pictures, or a Pillow
+# without the format's decoder.
+FIRST_FAILURES = CHUNK
+# File names of unreadable files quoted in an error or a warning.
+NAMES_SHOWN = 3
 
 
-def cache_path(root, stem, split):
-    return os.path.join(root, CACHE_DIR, f"{stem}_{split}_{IMAGE_SIZE}.npy")
+def cache_path(root, name, folder=CACHE_DIR):
+    return os.path.join(root, folder, f"{name}.npy")
 
 
 def sidecar_path(path):
@@ -71,59 +81,94 @@ def _decoding(decode):
     # (crop size, resize call) changes the pixels as much as an edited body does.
     with open(sys.modules[decode.__module__].__file__, "rb") as f:
         source = hashlib.sha256(f.read()).hexdigest()
-    return {"function": f"{decode.__module__}.{decode.__qualname__}",
+    # A decoding object (data.decode.PictureDecoder) is named by its class.
+    name = getattr(decode, "__qualname__", type(decode).__qualname__)
+    return {"function": f"{decode.__module__}.{name}",
             "params": getattr(decode, "params", {}), "source_sha256": source,
             "pillow": PIL.__version__}
 
 
-def expected_sidecar(root, paths, decode, shape):
-    """What the sidecar of an up-to-date cache of ``paths`` must hold, exactly."""
+def expected_sidecar(root, paths, decode, shape, skip_unreadable=False):
+    """What the sidecar of an up-to-date cache of ``paths`` must hold, exactly (besides the
+    unreadable files a skipping build lists under "skipped")."""
     # Lists, not tuples: the dict is compared with what json.load gives back.
-    return {"format": FORMAT, "shape": [len(paths), *shape], "dtype": "uint8",
-            "decode": _decoding(decode),
-            "sources": {"count": len(paths), "sha256": _fingerprint(root, paths)}}
+    sidecar = {"format": FORMAT, "shape": [len(paths), *shape], "dtype": "uint8",
+               "decode": _decoding(decode),
+               "sources": {"count": len(paths), "sha256": _fingerprint(root, paths)}}
+    if skip_unreadable:
+        sidecar["skip_unreadable"] = True
+    return sidecar
 
 
-def open_matching(path, sidecar):
-    """The cache at ``path`` memory-mapped read-only if its sidecar equals ``sidecar``."""
+def _open_matching(path, sidecar):
+    """(memmap, indices of the skipped files) of the cache at ``path`` if its sidecar
+    matches ``sidecar``, else None."""
     try:
         with open(sidecar_path(path)) as f:
-            if json.load(f) != sidecar:
-                return None
+            stored = json.load(f)
+        if not isinstance(stored, dict):
+            return None
+        skipped = stored.pop("skipped", [])
+        if stored != sidecar:
+            return None
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError):  # absent, or cut short by a crash or a full disk
         return None
     if array.shape != tuple(sidecar["shape"]) or array.dtype != np.uint8:
         return None
-    return array
+    return array, skipped
 
 
-def open_or_build(path, *, root, paths, decode, shape, what, workers):
-    """The decoded array of ``paths`` (read-only memmap), built first if missing or stale.
+def open_matching(path, sidecar):
+    """The cache at ``path`` memory-mapped read-only if its sidecar equals ``sidecar``."""
+    found = _open_matching(path, sidecar)
+    return None if found is None else found[0]
+
+
+def open_or_build(path, *, root, paths, decode, shape, what, workers, skip_unreadable=False,
+                  instead=None):
+    """The decoded array of ``paths`` (read-only memmap), built first if missing or stale;
+    with ``skip_unreadable``, (array, indices of the files that could not be decoded, whose
+    rows are zero).
 
     Returns None, after a one-line warning on stderr, when the cache cannot be written
-    (read-only dataset root, full disk): the caller decodes the files instead. Errors
+    (read-only dataset root, full disk): the caller decodes the files instead (`instead`
+    says how, in the warning). Errors
     in the files themselves raise DatasetError as the decoding path would.
     """
-    sidecar = expected_sidecar(root, paths, decode, shape)
-    array = open_matching(path, sidecar)
-    if array is not None:
-        return array
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with FileLock(path + ".lock"):
-            # Another process (a second rank) may have finished it while this one waited.
-            array = open_matching(path, sidecar)
-            if array is None:
-                array = _build(path, sidecar, paths, decode, shape, what, workers)
-    except OSError as e:
-        print(f"warning: cannot write the decoded cache {path} ({one_line(e)}); "
-              f"decoding the {what} files every epoch instead", file=sys.stderr)
-        return None
-    return array
+    sidecar = expected_sidecar(root, paths, decode, shape, skip_unreadable)
+    found = _open_matching(path, sidecar)
+    if found is None:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with FileLock(path + ".lock"):
+                # Another process (a second rank) may have finished it while this one waited.
+                found = _open_matching(path, sidecar)
+                if found is None:
+                    found = _build(path, sidecar, paths, decode, shape, what, workers,
+                                   skip_unreadable=skip_unreadable)
+        except OSError as e:
+            instead = instead or f"decoding the {what} files every epoch instead"
+            print(f"warning: cannot write the decoded cache {path} ({one_line(e)}); {instead}",
+                  file=sys.stderr)
+            return None
+    return found if skip_unreadable else found[0]
 
 
-def _build(path, sidecar, paths, decode, shape, what, workers):
+def decode_all(paths, *, decode, shape, what, workers, skip_unreadable=False):
+    """The decoded array of ``paths`` in memory, as a build would write it (for when no
+    cache can be written); with ``skip_unreadable``, (array, skipped indices)."""
+    array = np.empty((len(paths), *shape), dtype=np.uint8)
+    with contextlib.ExitStack() as stack:
+        blocks = _progress_blocks(stack, paths, decode, shape, what, workers, skip_unreadable)
+        start = 0
+        for block in blocks:
+            array[start:start + len(block)] = block
+            start += len(block)
+    return (array, blocks.skipped) if skip_unreadable else array
+
+
+def _build(path, sidecar, paths, decode, shape, what, workers, skip_unreadable=False):
     # Only lock holders get here, so any temporary file left is from a killed build.
     for stale in glob.glob(glob.escape(path) + ".*.tmp"):
         os.remove(stale)
@@ -136,19 +181,14 @@ def _build(path, sidecar, paths, decode, shape, what, workers):
             np.lib.format.write_array_header_1_0(
                 f, {"descr": "|u1", "fortran_order": False, "shape": (n, *shape)})
             with contextlib.ExitStack() as stack:
-                bar = stack.enter_context(tqdm(total=n, unit="img", desc=f"caching {what}",
-                                               file=sys.stderr,
-                                               disable=not sys.stderr.isatty()))
-                blocks = stack.enter_context(
-                    contextlib.closing(_decoded_blocks(paths, decode, workers)))
+                blocks = _progress_blocks(stack, paths, decode, shape, what, workers,
+                                          skip_unreadable)
                 for block in blocks:
-                    if block.shape[1:] != tuple(shape):
-                        raise DatasetError(f"{what} files decode to {block.shape[1:]} "
-                                           f"arrays, expected {tuple(shape)}")
                     f.write(block.tobytes())
-                    bar.update(len(block))
             f.flush()
             os.fsync(f.fileno())
+        if skip_unreadable:
+            sidecar = {**sidecar, "skipped": blocks.skipped}
         # Old sidecar out first: a crash between the two steps below must never pair
         # an outdated sidecar with the new array (or the new sidecar with an old one).
         if os.path.exists(sidecar_path(path)):
@@ -158,11 +198,73 @@ def _build(path, sidecar, paths, decode, shape, what, workers):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return np.load(path, mmap_mode="r")
+    return np.load(path, mmap_mode="r"), blocks.skipped
+
+
+def _progress_blocks(stack, paths, decode, shape, what, workers, skip_unreadable):
+    """The checked blocks of ``paths`` in file order, with a progress bar on a terminal;
+    entered into ``stack`` (leaving it ends the workers and the bar)."""
+    bar = stack.enter_context(tqdm(total=len(paths), unit="img", desc=f"caching {what}",
+                                   file=sys.stderr, disable=not sys.stderr.isatty()))
+    if skip_unreadable:
+        job = functools.partial(_decode_many_skipping, decode, tuple(shape))
+    else:
+        job = functools.partial(_decode_many, decode)
+    blocks = stack.enter_context(contextlib.closing(_decoded_blocks(paths, job, workers)))
+    return _CheckedBlocks(blocks, paths, shape, what, bar, skip_unreadable)
+
+
+class _CheckedBlocks:
+    """Iterates the decoded blocks: checks their shape, collects the unreadable files of a
+    skipping build (``skipped``), and stops one that reads no file."""
+
+    def __init__(self, blocks, paths, shape, what, bar, skip_unreadable):
+        self.blocks, self.paths, self.shape, self.what = blocks, paths, tuple(shape), what
+        self.bar, self.skip_unreadable = bar, skip_unreadable
+        self.skipped, self.first_error = [], None
+
+    def __iter__(self):
+        done = 0
+        for result in self.blocks:
+            block, failed = result if self.skip_unreadable else (result, [])
+            if block.shape[1:] != self.shape:
+                raise DatasetError(f"{self.what} files decode to {block.shape[1:]} "
+                                   f"arrays, expected {self.shape}")
+            for i, message in failed:
+                self.skipped.append(done + i)
+                self.first_error = self.first_error or message
+            done += len(block)
+            if self.skip_unreadable and len(self.skipped) == done and (
+                    done >= FIRST_FAILURES or done == len(self.paths)):
+                self._none_readable(done)
+            self.bar.update(len(block))
+            yield block
+
+    def _none_readable(self, done):
+        names = ", ".join(os.path.basename(p) for p in self.paths[:NAMES_SHOWN])
+        which = (f"none of its {done} image files" if done == len(self.paths)
+                 else f"none of the first {done} of its {len(self.paths)} image files")
+        more = ", ..." if done > NAMES_SHOWN else ""
+        raise DatasetError(f"{self.what}: {which} can be decoded ({names}{more}; first "
+                           f"error: {self.first_error}); point it at a folder of pictures "
+                           "Pillow reads")
 
 
 def _decode_many(decode, paths):
     return np.stack([decode(p) for p in paths])
+
+
+def _decode_many_skipping(decode, shape, paths):
+    """(block, [(position, error message)] of the files that could not be decoded): those
+    rows are zero."""
+    block = np.zeros((len(paths), *shape), dtype=np.uint8)
+    failed = []
+    for i, p in enumerate(paths):
+        try:
+            block[i] = decode(p)
+        except DatasetError as e:
+            failed.append((i, str(e)))
+    return block, failed
 
 
 def pool_context():
@@ -173,10 +275,9 @@ def pool_context():
     return multiprocessing.get_context()
 
 
-def _decoded_blocks(paths, decode, workers):
-    """uint8 blocks of consecutive files, in file order."""
+def _decoded_blocks(paths, job, workers):
+    """``job(chunk)`` for chunks of consecutive files, in file order."""
     chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
-    job = functools.partial(_decode_many, decode)
     if workers < 2 or len(paths) < MIN_PARALLEL:
         yield from map(job, chunks)
         return

@@ -1,78 +1,94 @@
-"""Per-file decoding for the datasets read from image files.
+"""Opening an image file, and turning any picture into the square array a model reads.
 
-Each function maps one file to the uint8 array the model sees (before scaling), so
-the decoded cache (``data.cache``) calls the very same code and stays bit-identical.
+Each decoding maps one file to the uint8 array the model sees (before scaling), so the
+decoded cache (``data.cache``) calls the very same code and stays bit-identical. The
+decodings of a dataset with its own rules live in its module under ``data/sources/``.
 """
+import warnings
+
 import numpy as np
-from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
+from PIL import Image, ImageOps
 
 from util.cli import one_line
 
 from .errors import DatasetError
 
-CELEBA_CROP = 140
-IMAGE_SIZE = 64
-# The CelebAMask-HQ face parts, in the order the label maps paint them (a later part
-# overwrites an earlier one); label k + 1 is PARTS[k], 0 is background.
-LABEL_PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear",
-               "r_ear", "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck",
-               "cloth")
-NUM_LABEL_CLASSES = len(LABEL_PARTS) + 1  # 19
-
 # What PIL raises on unreadable input: UnidentifiedImageError and "image file is
 # truncated" are OSErrors, but some plugins (PNG among them) raise SyntaxError or
-# ValueError for broken chunks, and a short read can surface as EOFError.
-_PIL_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+# ValueError for broken chunks, a short read can surface as EOFError, and a file that
+# claims billions of pixels raises DecompressionBombError rather than allocate them.
+_PIL_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def open_image(path, what):
     try:
         # open() is lazy: decode now, so a broken file fails here with its name, and
         # leave the block with the pixels in memory and the file closed either way.
-        with Image.open(path) as img:
-            img.load()
+        with warnings.catch_warnings():
+            # Large but legitimate pictures (over 89 Mpx) warn; they are decoded all the same.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
     except _PIL_READ_ERRORS as e:
         raise DatasetError(f"cannot read {what} {path}: {one_line(e)} "
                            "(truncated or corrupt; replace the file)") from None
     return img
 
 
-def decode_celeba(path):
-    """CelebA JPEG -> uint8 array 3x64x64: CenterCrop(140) then Resize(64).
-
-    torchvision's functional ops on a PIL image are used (bilinear, antialiased by PIL)
-    so the result equals transforms.Compose([CenterCrop(140), Resize(64)]) exactly.
-    """
-    img = open_image(path, "CelebA image")
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    img = TF.center_crop(img, [CELEBA_CROP, CELEBA_CROP])
-    img = TF.resize(img, [IMAGE_SIZE, IMAGE_SIZE], interpolation=InterpolationMode.BILINEAR)
-    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+# Integer modes wider than 8 bits, and what brings their values to 0..255: 16-bit greys
+# (PNG, TIFF) by their full range; 32-bit ints and floats as 8-bit values when they fit,
+# else as 16-bit ones.
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
-def decode_celebamask_label(path):
-    """CelebAMask-HQ label PNG -> uint8 array 1x64x64 of class indices 0..18.
-
-    Nearest-neighbour resizing keeps every pixel a valid class index; a file that is
-    already 64x64 (the prepared ``*_label_64`` folders) passes through unchanged.
-    """
-    img = open_image(path, "CelebAMask-HQ label map")
-    if img.size != (IMAGE_SIZE, IMAGE_SIZE):
-        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST)
-    arr = np.asarray(img)
-    if arr.ndim != 2:
-        raise DatasetError(f"CelebAMask-HQ label map {path} has {arr.shape[-1]} channels; "
-                           "expected a single-channel PNG of class indices 0..18")
-    if arr.size and (arr.min() < 0 or arr.max() >= NUM_LABEL_CLASSES):
-        raise DatasetError(f"CelebAMask-HQ label map {path} holds values "
-                           f"{int(arr.min())}..{int(arr.max())}; expected class indices 0..18")
-    return arr.astype(np.uint8)[None]
+def _eight_bit_grey(img):
+    values = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16") or (values.size and values.max() > 255):
+        values = values / 257.0
+    return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode="L")
 
 
-# What each function's output depends on besides the file, recorded by the decoded cache
-# (data.cache) next to the cached arrays for anyone reading its sidecar.
-decode_celeba.params = {"crop": CELEBA_CROP, "size": IMAGE_SIZE, "resize": "bilinear"}
-decode_celebamask_label.params = {"size": IMAGE_SIZE, "resize": "nearest"}
+def as_channels(img, channels):
+    """`img` as 8-bit grey (`channels` 1) or RGB (3). Alpha is dropped (the colour under a
+    transparent pixel shows, as torchvision's image loader does), palette images are
+    expanded, 16-bit greys scaled to 8 bits."""
+    if img.mode in _WIDE_MODES:
+        img = _eight_bit_grey(img)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # what Pillow asks for, rather than warn
+    mode = "L" if channels == 1 else "RGB"
+    return img if img.mode == mode else img.convert(mode)
+
+
+def centre_square(img, size):
+    """The largest centred square of `img`, resized (antialiased, bicubic) to size x size."""
+    width, height = img.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    if (width, height) != (side, side):
+        img = img.crop((left, top, left + side, top + side))
+    return img if side == size else img.resize((size, size), Image.BICUBIC)
+
+
+class PictureDecoder:
+    """Any picture Pillow reads -> uint8 C x size x size: upright by its EXIF orientation,
+    grey or RGB (`channels` 1 or 3), its centred square resized with antialiasing. Raises
+    DatasetError naming the file when it cannot be decoded. An object (not a closure) so
+    that the decoded cache's worker processes can be handed it."""
+
+    def __init__(self, channels, size):
+        self.channels, self.size = int(channels), int(size)
+        # What the output depends on besides the file (the decoded cache's sidecar records it).
+        self.params = {"channels": self.channels, "size": self.size, "crop": "centre square",
+                       "resize": "bicubic, antialiased"}
+
+    def __call__(self, path):
+        img = open_image(path, "image")
+        try:
+            img = ImageOps.exif_transpose(img)
+            img = centre_square(as_channels(img, self.channels), self.size)
+        except _PIL_READ_ERRORS as e:  # e.g. a broken EXIF block or an exotic mode
+            raise DatasetError(f"cannot read image {path}: {one_line(e)}") from None
+        array = np.asarray(img, dtype=np.uint8)
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        return np.ascontiguousarray(array)

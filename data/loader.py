@@ -11,14 +11,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from configs import ConfigError, registry
+from configs import ConfigError
 from util import distributed
 from util.device import is_cuda
 
-from . import cache, sources
-from .decode import decode_celeba, decode_celebamask_label
+from . import cache, pictures, sources
 from .errors import DatasetError
-from .sources import SPLITS
+from .sources import SPLITS, Arrays, Decoded, Files
 
 # Spreads seeds apart: two seeds could only share an epoch's order if a run went past
 # a million epochs.
@@ -56,7 +55,12 @@ class Loader:
     ``len(loader)`` is the number of batches this rank yields per epoch and
     ``num_samples`` the number of samples it sees (padding included). Call
     ``set_epoch`` before each epoch; ``iter_from(k)`` resumes an epoch at batch k.
+    A loader of pictures chosen at run time also has ``names`` (the file of each item,
+    in dataset order) and ``record`` (what a run folder keeps of them); elsewhere None.
     """
+
+    names = None
+    record = None
 
     def __init__(self, *, name, split, n, batch_size, shuffle, seed, device, rank,
                  world_size, drop_last):
@@ -204,7 +208,7 @@ class CachedLoader(FileLoader):
 
     The cache is opened, or built once, on the first pass, so a file that cannot be
     decoded fails at access as it does on the decoding path. Unlike InMemoryLoader the
-    array stays on disk (CelebA's 2 GB need not fit anywhere) and only each batch is
+    array stays on disk (a 2 GB cache need not fit anywhere) and only each batch is
     copied to ``device`` (on CUDA from pinned memory, see ``batch_buffer``). Where the
     cache cannot be written, every pass decodes the files as FileLoader does.
     """
@@ -232,15 +236,35 @@ class CachedLoader(FileLoader):
         if array is None:
             yield from super()._iterate(batches)
             return
-        for batch in batches:
-            idx = batch.numpy()
-            # Rows read in file order sweep the file forwards (page cache read-ahead),
-            # then go back to the epoch's order.
-            order = np.argsort(idx, kind="stable")
-            block = batch_buffer((len(idx), *array.shape[1:]), self.device)
-            block.numpy()[order] = array[idx[order]]
-            x = self.to_model(block.to(self.device, non_blocking=True))
-            yield x, torch.zeros(len(x), dtype=torch.int64, device=self.device)
+        yield from gather_batches(array, None, batches, self.device, self.to_model)
+
+
+class DecodedLoader(Loader):
+    """Gathers batches from rows of an array that is already decoded (``sources.Decoded``:
+    a folder of pictures), memory-mapped or in memory, as CachedLoader does from its cache."""
+
+    def __init__(self, decoded, *, to_model, **kw):
+        super().__init__(n=len(decoded.rows), **kw)
+        self.array, self.rows = decoded.array, np.asarray(decoded.rows, dtype=np.int64)
+        self.names, self.record = list(decoded.names), decoded.record
+        self.to_model = to_model
+
+    def _iterate(self, batches):
+        yield from gather_batches(self.array, self.rows, batches, self.device, self.to_model)
+
+
+def gather_batches(array, rows, batches, device, to_model):
+    """The batches (dataset indices) from `array` (its rows `rows` in dataset order, or all
+    of them), each as (items on `device` for the model, zero labels)."""
+    for batch in batches:
+        idx = batch.numpy() if rows is None else rows[batch.numpy()]
+        # Rows read in file order sweep the file forwards (page cache read-ahead),
+        # then go back to the epoch's order.
+        order = np.argsort(idx, kind="stable")
+        block = batch_buffer((len(idx), *array.shape[1:]), device)
+        block.numpy()[order] = array[idx[order]]
+        x = to_model(block.to(device, non_blocking=True))
+        yield x, torch.zeros(len(x), dtype=torch.int64, device=device)
 
 
 def batch_buffer(shape, device):
@@ -264,39 +288,8 @@ def _label_to_model(x):
 
 
 # How a batch of uint8 items reaches the model, by what the dataset holds
-# (configs/registry.py): images as floats in [0, 1], label maps as class indices.
+# (sources.Source.items): images as floats in [0, 1], label maps as class indices.
 TO_MODEL = {"images": _image_to_model, "labels": _label_to_model}
-
-
-# ---------------------------------------------------------------- registry
-
-def _memory_split(load):
-    def split_arrays(root, split):
-        return load(root)[split]
-    return split_arrays
-
-
-# The readers of the datasets configs/registry.py names (tests/test_registry.py checks that
-# every name there has one here): name -> (kind, source of one split).
-DATASETS = {
-    "MNIST": ("memory", _memory_split(lambda root: sources.load_mnist_like("MNIST", root))),
-    "FashionMNIST": ("memory", _memory_split(
-        lambda root: sources.load_mnist_like("FashionMNIST", root))),
-    "CIFAR10": ("memory", _memory_split(sources.load_cifar10)),
-    "CelebA": ("files", lambda root, split: (sources.celeba_files(root)[split],
-                                             decode_celeba)),
-    "CelebAMask_HQ": ("files", lambda root, split: (sources.celebamask_files(root, split),
-                                                    decode_celebamask_label)),
-}
-# File name stem of each file dataset's decoded cache under <root>/cache/.
-CACHE_STEMS = {"CelebA": "celeba", "CelebAMask_HQ": "celebamask"}
-
-
-def _dataset(cfg):
-    name = cfg.dataset.name
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    return name, os.path.abspath(cfg.path_dataset)
 
 
 def _check_split(split):
@@ -304,39 +297,75 @@ def _check_split(split):
         raise ValueError(f"split must be one of {', '.join(sources.SPLITS)}, got {split!r}")
 
 
-def build_loader(cfg, split, *, batch_size, shuffle, seed=0, device="cpu", rank=0,
-                 world_size=1, drop_last=False):
-    """The loader for ``split`` ("train", "val" or "test") of cfg's dataset.
-
-    ``batch_size`` is per rank. Validation and test loaders keep file order.
-    """
-    _check_split(split)
-    if shuffle and split != "train":
-        raise ValueError(f"the {split} loader keeps file order; build it with shuffle=False")
+def _check_loader_args(batch_size, rank, world_size):
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
-    name, root = _dataset(cfg)
-    kind, source = DATASETS[name]
+
+
+def build_loader(cfg, split, *, batch_size, shuffle, seed=0, device="cpu", rank=0,
+                 world_size=1, drop_last=False, recorded=None):
+    """The loader for ``split`` ("train", "val" or "test") of cfg's dataset.
+
+    ``batch_size`` is per rank. Validation and test loaders keep file order. ``recorded``
+    is what a run folder recorded of the files its splits used (their loaders' ``record``,
+    by split), for a dataset whose files are chosen at run time; others ignore it.
+    """
+    _check_split(split)
+    if shuffle and split != "train":
+        raise ValueError(f"the {split} loader keeps file order; build it with shuffle=False")
+    _check_loader_args(batch_size, rank, world_size)
+    name = cfg.dataset.name
+    source = sources.source(name)
     common = dict(name=name, split=split, batch_size=batch_size, shuffle=shuffle, seed=seed,
                   device=device, rank=rank, world_size=world_size, drop_last=drop_last)
-    if kind == "memory":
-        images, labels = source(root, split)
-        _check_shape(cfg, name, images.shape[1:])
-        if len(images) == 0:
-            raise DatasetError(f"{name} {split} split under {root} is empty")
-        return InMemoryLoader(images, labels, **common)
-    paths, decode = source(root, split)
-    if not paths:
-        raise DatasetError(f"{name} {split} split under {root} is empty")
-    files = dict(num_workers=cfg.nworker, to_model=TO_MODEL[registry.DATASETS[name].items],
-                 **common)
+    got = source.read(cfg, split, recorded)
+    where = os.path.abspath(cfg.path_dataset)
+    if isinstance(got, Arrays):
+        _check_shape(cfg, name, got.images.shape[1:])
+        if len(got.images) == 0:
+            raise DatasetError(f"{name} {split} split under {where} is empty")
+        return InMemoryLoader(got.images, got.labels, **common)
+    if isinstance(got, Decoded):
+        _check_shape(cfg, name, got.array.shape[1:])
+        return DecodedLoader(got, to_model=TO_MODEL[source.items], **common)
+    if not isinstance(got, Files):
+        raise TypeError(f"the reader of {name} returned a {type(got).__name__}, not one of "
+                        "sources.Arrays, Files, Decoded")
+    if not got.paths:
+        raise DatasetError(f"{name} {split} split under {where} is empty")
+    dataset = FileDataset(got.paths, got.decode)
+    files = dict(num_workers=cfg.nworker, to_model=TO_MODEL[source.items], **common)
     if not cfg.cache_decoded:
-        return FileLoader(FileDataset(paths, decode), **files)
-    return CachedLoader(FileDataset(paths, decode),
-                        cache_path=cache.cache_path(root, CACHE_STEMS[name], split), root=root,
+        return FileLoader(dataset, **files)
+    return CachedLoader(dataset, cache_path=cache.cache_path(where, got.cache), root=where,
                         shape=cfg.dataset.shape, build_workers=cache.build_workers(), **files)
+
+
+def build_picture_loader(cfg, folder, *, batch_size, device="cpu", rank=0, world_size=1):
+    """A loader over every picture under `folder` (data.pictures), in sorted file order,
+    decoded at cfg's dataset.shape: what ``-ts RUN --images DIR`` evaluates and encodes.
+    Its ``names`` are the pictures' names relative to the folder; ``record`` says which
+    were skipped."""
+    _check_loader_args(batch_size, rank, world_size)
+    name = cfg.dataset.name
+    source = sources.source(name)
+    if source.items != "images":
+        raise DatasetError(f"--images reads pictures, but a {name} run reconstructs "
+                           f"{source.items}; give a run of a dataset of images")
+    folder = os.path.abspath(folder)
+    names = pictures.list_pictures(folder)
+    decoded = pictures.decoded(folder, names, tuple(cfg.dataset.shape),
+                               cached=cfg.cache_decoded, said_for=cfg)
+    rows, kept = decoded.rows(names)
+    if not rows:
+        raise DatasetError(f"none of the {len(names)} pictures under {folder} can be decoded")
+    return DecodedLoader(Decoded(decoded.array, rows, kept,
+                                 {"files": kept, "skipped": sorted(decoded.skipped)}),
+                         to_model=TO_MODEL[source.items], name=name, split="images",
+                         batch_size=batch_size, shuffle=False, seed=0, device=device,
+                         rank=rank, world_size=world_size, drop_last=False)
 
 
 def _check_shape(cfg, name, shape):
@@ -356,9 +385,10 @@ def per_rank_batch(cfg, world_size):
     return cfg.train.bs // world_size
 
 
-def build_loaders(cfg, device, seed, splits=SPLITS):
+def build_loaders(cfg, device, seed, splits=SPLITS, recorded=None):
     """{split: loader} for this process: the training split shuffled by (seed, epoch) and
-    sharded over the torchrun processes, the others in file order."""
+    sharded over the torchrun processes, the others in file order. ``recorded``: see
+    build_loader."""
     rank, world = distributed.rank(), distributed.world_size()
     loaders = {}
     for split in splits:
@@ -366,5 +396,13 @@ def build_loaders(cfg, device, seed, splits=SPLITS):
         loaders[split] = build_loader(
             cfg, split, batch_size=per_rank_batch(cfg, world) if train else cfg.test.bs,
             shuffle=train, seed=seed, device=device, rank=rank, world_size=world,
-            drop_last=train and cfg.train.drop_last)
+            drop_last=train and cfg.train.drop_last, recorded=recorded)
     return loaders
+
+
+def recorded_files(loaders):
+    """What a run folder records of the files its loaders read ({split: loader.record}), or
+    None when its dataset's files are fixed."""
+    records = {split: loader.record for split, loader in loaders.items()
+               if loader.record is not None}
+    return records or None

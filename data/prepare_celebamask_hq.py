@@ -45,9 +45,10 @@ from util.lock import FileLock, LockHeld
 from util.signals import worker_pool
 
 from .cache import build_workers, pool_context
-from .decode import LABEL_PARTS as PARTS, open_image
+from .decode import open_image
 from .errors import DatasetError
 from .sources import SPLITS
+from .sources.celebamask_hq import LABEL_PARTS as PARTS
 
 MASK_SIZE, FACES_PER_MASK_FOLDER = 512, 2000
 VAL_START, TEST_START = 162771, 182638  # CelebA's list_eval_partition.txt

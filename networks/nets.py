@@ -1,4 +1,5 @@
-"""The four encoder/decoder pairs of docs/model.md §2, chosen by (network.name, input shape).
+"""The four encoder/decoder pairs of docs/model.md §2, chosen by (network.name, input height
+and width); the image networks take the input's channels (1 grey, 3 RGB) from its shape.
 
 Every encoder returns ``(mean, log_var)``, where ``log_var`` is None unless the
 quantizer needs a variance head (``flags.var_q``). Decoders map a quantized
@@ -80,22 +81,22 @@ def encoder_blocks(cfg, d):
 
 
 def _net28(cfg, d, h):
-    bn = cfg.flags.bn
+    bn, c = cfg.flags.bn, cfg.dataset.shape[0]
     encoder = Encoder(
-        nn.Sequential(nn.Conv2d(1, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
+        nn.Sequential(nn.Conv2d(c, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
                       nn.Conv2d(h, d, 4, 2, 1)),
         *encoder_blocks(cfg, d))
     decoder = Decoder(
         res_stack(d, cfg.network.num_rb),
         nn.Sequential(nn.ConvTranspose2d(d, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-                      nn.ConvTranspose2d(h, 1, 4, 2, 1), nn.Sigmoid()))
+                      nn.ConvTranspose2d(h, c, 4, 2, 1), nn.Sigmoid()))
     return encoder, decoder
 
 
 def _net32(cfg, d, h):
-    bn = cfg.flags.bn
+    bn, c = cfg.flags.bn, cfg.dataset.shape[0]
     encoder = Encoder(
-        nn.Sequential(nn.Conv2d(3, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
+        nn.Sequential(nn.Conv2d(c, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
                       nn.Conv2d(h, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
                       nn.Conv2d(d, d, 3, 1, 1), batch_norm(d, bn), nn.ReLU()),
         *encoder_blocks(cfg, d))
@@ -103,14 +104,14 @@ def _net32(cfg, d, h):
         res_stack(d, cfg.network.num_rb),
         nn.Sequential(nn.ConvTranspose2d(d, d, 3, 1, 1), batch_norm(d, bn), nn.ReLU(),
                       nn.ConvTranspose2d(d, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-                      nn.ConvTranspose2d(h, 3, 4, 2, 1), nn.Sigmoid()))
+                      nn.ConvTranspose2d(h, c, 4, 2, 1), nn.Sigmoid()))
     return encoder, decoder
 
 
 def _net64(cfg, d, h):
-    bn = cfg.flags.bn
+    bn, c = cfg.flags.bn, cfg.dataset.shape[0]
     encoder = Encoder(
-        nn.Sequential(nn.Conv2d(3, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
+        nn.Sequential(nn.Conv2d(c, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
                       nn.Conv2d(h, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
                       nn.Conv2d(d, d, 3, 1, 1)),
         *encoder_blocks(cfg, d))
@@ -118,7 +119,7 @@ def _net64(cfg, d, h):
         res_stack(d, cfg.network.num_rb - 1),
         nn.Sequential(nn.ConvTranspose2d(d, d, 3, 1, 1), batch_norm(d, bn), nn.ReLU(),
                       nn.ConvTranspose2d(d, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-                      nn.ConvTranspose2d(h, 3, 4, 2, 1), nn.Sigmoid()))
+                      nn.ConvTranspose2d(h, c, 4, 2, 1), nn.Sigmoid()))
     return encoder, decoder
 
 
@@ -149,22 +150,28 @@ def _net64_label(cfg, d, h):
     return encoder, decoder
 
 
-# (network.name, dataset.shape) -> builder(cfg, D, D // 2) -> (encoder, decoder). The shape is
-# the input each builder's stem takes; which dataset has which is the config's business
-# (configs/registry.py), so no dataset is named here.
+# (network.name, (H, W) of dataset.shape) -> builder(cfg, D, D // 2) -> (encoder, decoder).
+# The size is the input each builder's stem takes; the image networks read and write as many
+# channels as dataset.shape has, the label network class indices (one channel). Which
+# dataset has which shape is the config's business (configs/registry.py), so no dataset is
+# named here.
 NETWORK_REGISTRY = {
-    ("resnet", (1, 28, 28)): _net28,
-    ("resnet", (3, 32, 32)): _net32,
-    ("resnet", (3, 64, 64)): _net64,
-    ("resnet_label", (1, 64, 64)): _net64_label,
+    ("resnet", (28, 28)): _net28,
+    ("resnet", (32, 32)): _net32,
+    ("resnet", (64, 64)): _net64,
+    ("resnet_label", (64, 64)): _net64_label,
 }
+# The channels each network family reads.
+NETWORK_CHANNELS = {"resnet": (1, 3), "resnet_label": (1,)}
 
 
 def build_networks(cfg):
-    key = (cfg.network.name, tuple(cfg.dataset.shape))
-    if key not in NETWORK_REGISTRY:
-        raise ValueError(f"no network '{key[0]}' for inputs of shape {key[1]} "
+    name, shape = cfg.network.name, tuple(cfg.dataset.shape)
+    key = (name, shape[1:])
+    if key not in NETWORK_REGISTRY or shape[0] not in NETWORK_CHANNELS.get(name, ()):
+        raise ValueError(f"no network '{name}' for inputs of shape {shape} "
                          f"(dataset {cfg.dataset.name}); available: "
-                         + ", ".join(f"{n} {shape}" for n, shape in NETWORK_REGISTRY))
+                         + ", ".join(f"{n} {NETWORK_CHANNELS[n]} x {size}"
+                                     for n, size in NETWORK_REGISTRY))
     d = cfg.quantization.dim_code
     return NETWORK_REGISTRY[key](cfg, d, d // 2)

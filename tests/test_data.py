@@ -21,6 +21,9 @@ from torchvision import transforms as T
 import configs
 import data
 from data import sources
+from data.sources import mnist
+from data.sources.celeba import decode_celeba
+from data.sources.celebamask_hq import decode_celebamask_label
 from tests import fixtures
 from tests.conftest import SMALL_DATA
 
@@ -297,7 +300,7 @@ def test_celeba_partitions_and_transform_match_torchvision(tmp_path):
         expected = torch.stack([reference(Image.open(p)) for p in written[split]])
         assert torch.equal(x, expected)
     path = written["train"][0]
-    decoded = data.decode_celeba(path)
+    decoded = decode_celeba(path)
     assert decoded.dtype == np.uint8 and decoded.shape == (3, 64, 64)
     assert torch.equal(torch.from_numpy(decoded).float() / 255, reference(Image.open(path)))
     train = data.build_loader(cfg, "train", batch_size=2, shuffle=True, seed=1)
@@ -320,7 +323,7 @@ def test_celebamask_labels_equal_pil_nearest_resize(celebamask_root):
         assert torch.equal(x, torch.from_numpy(expected.astype(np.int64)))  # numeric file order
         assert 0 <= x.min() and x.max() <= 18 and len(x.unique()) == 19
         assert y.dtype == torch.int64 and not y.any()
-    decoded = data.decode_celebamask_label(written["train"][10])
+    decoded = decode_celebamask_label(written["train"][10])
     assert decoded.dtype == np.uint8 and decoded.shape == (1, 64, 64)
 
 
@@ -531,8 +534,8 @@ def test_gz_only_and_uncompressed_files_give_identical_arrays(tmp_path):
     # torchvision reads uncompressed files: each was extracted beside its .gz, byte for
     # byte, and no temporary file was left behind.
     raw = gz_root / "MNIST" / "raw"
-    assert sorted(os.listdir(raw)) == sorted(sources.MNIST_FILES + tuple(
-        n + ".gz" for n in sources.MNIST_FILES))
+    assert sorted(os.listdir(raw)) == sorted(mnist.MNIST_FILES + tuple(
+        n + ".gz" for n in mnist.MNIST_FILES))
     for name, gz_path in written["paths"].items():
         with gzip.open(gz_path) as f:
             assert (raw / name).read_bytes() == f.read()

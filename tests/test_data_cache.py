@@ -17,6 +17,7 @@ from PIL import Image
 import configs
 import data
 from data import cache
+from data.sources.celeba import decode_celeba
 from tests import fixtures
 
 
@@ -103,7 +104,7 @@ def test_cache_is_built_once_then_reused(tmp_path, monkeypatch, capsys):
     with open(os.path.splitext(path)[0] + ".json") as f:
         sidecar = json.load(f)
     assert sidecar["shape"] == [10, 3, 64, 64]
-    assert sidecar["decode"]["function"] == "data.decode.decode_celeba"
+    assert sidecar["decode"]["function"] == "data.sources.celeba.decode_celeba"
     assert sidecar["decode"]["params"]["crop"] == 140
 
     def no_rebuild(*args, **kw):
@@ -217,7 +218,7 @@ def test_parallel_build_equals_decoding_each_file(tmp_path, monkeypatch):
     cached = loader("CelebA", tmp_path, "train", cached=True, shuffle=False)
     x = torch.cat([x for x, _ in epoch(cached)])
     assert pools == [1]
-    expected = np.stack([data.decode_celeba(p) for p in written["train"]])
+    expected = np.stack([decode_celeba(p) for p in written["train"]])
     assert np.array_equal(np.asarray(cached.array), expected)
     assert torch.equal(x, torch.from_numpy(expected).float().div(255))
 

@@ -13,6 +13,7 @@ import scipy.special as sp
 import torch
 
 from data import sources
+from data.sources import celebamask_hq, mnist
 from data.loader import batch_buffer
 from networks import losses
 from tests.test_bessel import DtypeRecorder
@@ -200,7 +201,7 @@ def test_gpu_check_copy_times_both_kinds_and_they_compute_the_same(tmp_path, one
 def test_gpu_check_data_is_read_by_the_project_readers(tmp_path):
     gpu_check = load_gpu_check()
     gpu_check.write_datasets(str(tmp_path))
-    splits = sources.load_mnist_like("MNIST", str(tmp_path))
+    splits = mnist.load_mnist_like("MNIST", str(tmp_path))
     n_train, n_val = sources.split_sizes("MNIST", gpu_check.MNIST_TRAIN)
     assert [len(splits[s][0]) for s in ("train", "val", "test")] == [
         n_train, n_val, gpu_check.MNIST_TEST]
@@ -208,10 +209,9 @@ def test_gpu_check_data_is_read_by_the_project_readers(tmp_path):
     assert gpu_check.mnist_train_images() == n_train
     assert gpu_check.mnist_train_images(3) == 3 * math.ceil(n_train / 3)
     for split, n in gpu_check.LABEL_MAPS.items():
-        files = sources.celebamask_files(str(tmp_path), split)
+        files = celebamask_hq.celebamask_files(str(tmp_path), split)
         assert len(files) == n
-    from data.decode import decode_celebamask_label
-    label_map = decode_celebamask_label(files[0])
+    label_map = celebamask_hq.decode_celebamask_label(files[0])
     assert label_map.shape == (1, 64, 64) and label_map.max() <= 18
     # 8 x 8 blocks of one class each.
     assert (label_map[0] == np.kron(label_map[0, ::8, ::8], np.ones((8, 8)))).all()

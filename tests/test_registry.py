@@ -10,11 +10,11 @@ import itertools
 import pytest
 import torch
 
-import data
 import networks
 from configs import ConfigError, config_from_mapping, registry
+from data import sources
 from data.loader import TO_MODEL
-from networks.nets import NETWORK_REGISTRY, OUTPUT_ACTIVATIONS
+from networks.nets import NETWORK_CHANNELS, NETWORK_REGISTRY, OUTPUT_ACTIVATIONS
 from networks.quantizers import CODEBOOK_INITS, GAUSSIAN_VARIANCES, GaussianQuantizer
 
 # docs/model.md §1: dataset -> (shape, dim_x = C * H * W, network.name)
@@ -24,8 +24,11 @@ DATASETS = {
     "CIFAR10": ((3, 32, 32), 3072, "resnet"),
     "CelebA": ((3, 64, 64), 12288, "resnet"),
     "CelebAMask_HQ": ((1, 64, 64), 4096, "resnet_label"),
+    "ImageFolder": ((3, 64, 64), 12288, "resnet"),  # by default; see SIZED
 }
-IMAGES = ("MNIST", "FashionMNIST", "CIFAR10", "CelebA")
+IMAGES = ("MNIST", "FashionMNIST", "CIFAR10", "CelebA", "ImageFolder")
+# Datasets of pictures the config sizes: dataset.image_size values, dataset.channels values.
+SIZED = {"ImageFolder": ((64, 32, 28), (3, 1))}
 VARIANTS = ("gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4", "vmf")
 # model -> (the datasets it takes, the variants it takes)
 MODELS = {
@@ -69,11 +72,14 @@ def test_every_dataset_is_accepted_with_its_shape_a_reader_and_a_network(name):
     cfg = config(name, model, MODELS[model][1][0])
     assert cfg.dataset.shape == shape and cfg.dataset.dim_x == dim_x
     assert cfg.network.name == network
-    # A reader, and (for the file datasets) a way to hand its items to the model.
-    kind, _ = data.DATASETS[name]
-    assert kind == "memory" or registry.DATASETS[name].items in TO_MODEL
+    # A module declaring it, with the table's items and shape, and a way to hand its items
+    # to the model.
+    declared = sources.source(name)
+    assert declared.name == name and declared.items == registry.DATASETS[name].items
+    assert declared.items in TO_MODEL
+    assert declared.shape == (None if name in SIZED else shape)
     # A network whose stem takes the shape: the decoder gives back the input's grid.
-    assert (network, shape) in NETWORK_REGISTRY
+    assert (network, shape[1:]) in NETWORK_REGISTRY and shape[0] in NETWORK_CHANNELS[network]
     torch.manual_seed(0)
     built = networks.build_model(cfg).eval()
     x = (torch.zeros(2, *shape, dtype=torch.long) if built.OUTPUTS == "labels"
@@ -84,8 +90,42 @@ def test_every_dataset_is_accepted_with_its_shape_a_reader_and_a_network(name):
 
 
 def test_no_reader_or_network_for_a_dataset_the_table_lacks():
-    assert set(data.DATASETS) == set(DATASETS)
-    assert set(NETWORK_REGISTRY) == {(network, shape) for shape, _, network in DATASETS.values()}
+    assert set(sources.discover()) == set(DATASETS)
+    sizes = {(network, shape[1:]) for shape, _, network in DATASETS.values()}
+    sizes |= {(DATASETS[name][2], (side, side)) for name, (sides, _) in SIZED.items()
+              for side in sides}
+    assert set(NETWORK_REGISTRY) == sizes
+
+
+@pytest.mark.parametrize("name", sorted(SIZED))
+def test_every_size_and_channels_of_a_sized_dataset_builds_a_model(name):
+    sides, channels = SIZED[name]
+    assert registry.DATASETS[name].sizes == sides
+    assert registry.DATASETS[name].channels == channels
+    for side, c in itertools.product(sides, channels):
+        cfg = config(name, "GaussianSQVAE", "gaussian_1",
+                     dataset={"image_size": side, "channels": c})
+        assert cfg.dataset.shape == (c, side, side) and cfg.dataset.dim_x == c * side * side
+        built = networks.build_model(cfg).eval()
+        with torch.no_grad():
+            x_hat, _ = built(torch.rand(2, c, side, side), "deterministic")
+        assert x_hat.shape == (2, c, side, side)
+    message = refusal(name, "GaussianSQVAE", "gaussian_1", dataset={"image_size": 48})
+    assert message == (f"config key 'dataset.image_size' is 48; dataset {name} takes 64, 32 or "
+                       "28 (the sizes with networks)")
+    message = refusal(name, "GaussianSQVAE", "gaussian_1", dataset={"channels": 4})
+    assert message == f"config key 'dataset.channels' is 4; dataset {name} takes 3 or 1"
+
+
+def test_a_fixed_shape_is_refused_another_size_or_channels():
+    assert config("MNIST", "GaussianSQVAE", "gaussian_1", dataset={"image_size": 28}
+                  ).dataset.shape == (1, 28, 28)
+    assert refusal("MNIST", "GaussianSQVAE", "gaussian_1", dataset={"image_size": 64}) == (
+        "config key 'dataset.image_size' is 64 but dataset MNIST has size 28; remove the key, "
+        "it follows dataset.name")
+    assert refusal("CIFAR10", "GaussianSQVAE", "gaussian_1", dataset={"channels": 1}) == (
+        "config key 'dataset.channels' is 1 but dataset CIFAR10 has channels 3; remove the "
+        "key, it follows dataset.name")
 
 
 def test_every_model_has_its_class_reconstructing_what_the_table_says():
@@ -123,10 +163,10 @@ def test_every_combination_is_accepted_exactly_when_the_model_takes_it():
 @pytest.mark.parametrize("combination, message", [
     (("CelebAMask_HQ", "VQVAE", "gaussian_1"),
      "config key 'model.name' VQVAE needs dataset.name one of MNIST, FashionMNIST, CIFAR10, "
-     "CelebA, not CelebAMask_HQ"),
+     "CelebA, ImageFolder, not CelebAMask_HQ"),
     (("CelebAMask_HQ", "GaussianSQVAE", "vmf"),
      "config key 'model.name' GaussianSQVAE needs dataset.name one of MNIST, FashionMNIST, "
-     "CIFAR10, CelebA, not CelebAMask_HQ"),
+     "CIFAR10, CelebA, ImageFolder, not CelebAMask_HQ"),
     (("MNIST", "VmfSQVAE", "vmf"),
      "config key 'model.name' VmfSQVAE needs dataset.name CelebAMask_HQ, not MNIST"),
     (("MNIST", "VQVAE", "gaussian_3"),

@@ -73,7 +73,7 @@ def check_training_batches(cfg, loader, limit):
 def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None, seed=None,
           limit_batches=None, dbg=False):
     """Train (or resume) one run, then evaluate its best weights on the test split."""
-    run_dir, lock, resume_state = None, None, None
+    run_dir, lock, resume_state, recorded = None, None, None, None
     if resume:
         run_dir = runs.resolve_run_dir(cfg, resume, "--resume")
         runs.check_links(run_dir)
@@ -85,6 +85,7 @@ def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None
             runs.check_same_experiment(run_cfg, cfg, run_dir, config_file)
             cfg = run_cfg
             resume_state = runs.load_checkpoint(os.path.join(run_dir, runs.CURRENT))
+            recorded = runs.read_dataset_files(run_dir)
             # A malformed metrics.jsonl stops us before any work.
             records = runs.read_metrics(run_dir)
             # The seed and epoch length are part of the run: an exact resume needs the same.
@@ -116,13 +117,14 @@ def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None
         if dist.world_size() > 1:
             # Same initial weights everywhere, but each process draws its own Gumbel noise.
             torch.manual_seed(seed + dist.rank())
-        loaders = data.build_loaders(cfg, device, seed)
+        loaders = data.build_loaders(cfg, device, seed, recorded=recorded)
         if is_sample_data(cfg) and dist.is_main():
             print(sample_note(loaders), flush=True)
         check_training_batches(cfg, loaders["train"], limit_batches)
         check_batch(cfg, model, loaders["train"], device)
         if save and run_dir is None:
-            created = runs.create_run_dir(cfg, seed) if dist.is_main() else (None, None)
+            created = (runs.create_run_dir(cfg, seed, files=data.recorded_files(loaders))
+                       if dist.is_main() else (None, None))
             run_dir, lock = dist.broadcast_object(created[0]), created[1]
         command = resume_command(program, config_file, run_dir) if run_dir else None
         display = Display(dbg=dbg, labels=model.OUTPUTS == "labels",
@@ -182,10 +184,12 @@ def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None
 
 
 def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=False,
-             report=False, encode=None, prior=False, sample=None, program=None,
+             report=False, encode=None, prior=False, sample=None, images=None, program=None,
              config_file=None):
     """-ts RUN: the run's best.pt on the test split, with the run's own saved config; the
-    records are appended to its metrics.jsonl and the deterministic one printed as JSON.
+    records are appended to its metrics.jsonl (not in a run folder of the authors' release,
+    which stays byte for byte as it was: there --report and --encode are refused).
+    With --images DIR, on every picture under DIR instead (records "split": "images").
     With --prior and/or --sample N, the prior's jobs instead (trainer/prior.py)."""
     run_dir = runs.resolve_run_dir(cfg, run, "-ts")
     runs.check_links(run_dir)
@@ -198,20 +202,32 @@ def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=Fa
                                  sample=sample, limit_batches=limit_batches,
                                  command=run_command(program, config_file, "-ts", run_dir,
                                                      *again))
+    if (report or encode) and release_format.is_release_run(run_dir):
+        raise runs.RunError(release_writes(run_dir, "--report" if report else "--encode"))
     try:
         run_cfg, model, best = runs.load_run_model(run_dir, opts, device)
         runs.read_metrics(run_dir)  # a malformed metrics.jsonl stops us before any work
-        loaders = data.build_loaders(run_cfg, device, seed or 0, splits=("test",))
+        recorded = runs.read_dataset_files(run_dir)
+        if images:
+            return test_images(run_dir, run_cfg, model, best, device, folder=images, dbg=dbg,
+                               limit_batches=limit_batches, encode=encode)
+        loaders = data.build_loaders(run_cfg, device, seed or 0, splits=("test",),
+                                     recorded=recorded)
         display = Display(dbg=dbg, labels=model.OUTPUTS == "labels")
         trainer = Trainer(run_cfg, model, loaders, device, None, limit_batches=limit_batches,
                           display=display)
         records = trainer.test(best["epoch"], source="-ts")
         if not dist.is_main():
             return 0
-        runs.append_metrics(run_dir, records)
-        print(json.dumps(records[-1]))
+        if release_format.is_release_run(run_dir):
+            print(f"not recorded: {run_dir} is a run folder of the authors' release, which "
+                  "is left untouched (python -m trainer.release import makes it a run of "
+                  "ours, whose -ts records go to its metrics.jsonl)")
+        else:
+            runs.append_metrics(run_dir, records)
         if encode or report:
-            write_outputs(run_dir, run_cfg, model, device, report=report, encode=encode)
+            write_outputs(run_dir, run_cfg, model, device, report=report, encode=encode,
+                          recorded=recorded)
     except KeyboardInterrupt as e:
         code, what = interrupt_status(e)
         raise Interrupted(code, f"{what}; the evaluation's records were not written, "
@@ -219,21 +235,57 @@ def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=Fa
     return 0
 
 
+def test_images(run_dir, cfg, model, best, device, *, folder, dbg, limit_batches, encode):
+    """-ts RUN --images DIR: the run's best.pt on every picture under DIR (sorted file
+    order, the run's image shape); its records ("split": "images", with the folder) are
+    appended to the run's metrics.jsonl, except in a release run folder, which is left
+    untouched. With --encode images, codes_images.npz holds one row of codes per picture
+    and the pictures' names."""
+    loader = data.build_picture_loader(cfg, folder, batch_size=cfg.test.bs, device=device,
+                                       rank=dist.rank(), world_size=dist.world_size())
+    display = Display(dbg=dbg, labels=model.OUTPUTS == "labels")
+    trainer = Trainer(cfg, model, {"images": loader}, device, None, limit_batches=limit_batches,
+                      display=display)
+    folder = os.path.abspath(folder)
+    records = trainer.test(best["epoch"], split="images", source="-ts", folder=folder,
+                           pictures=loader.dataset_size)
+    if not dist.is_main():
+        return 0
+    if release_format.is_release_run(run_dir):
+        print(f"not recorded: {run_dir} is a run folder of the authors' release, which is "
+              "left untouched")
+    else:
+        runs.append_metrics(run_dir, records)
+    print(json.dumps(records[-1]))
+    if encode:
+        from . import export
+        # Every picture (whatever --limit-batches or torchrun say), in file order.
+        whole = data.build_picture_loader(cfg, folder, batch_size=cfg.test.bs, device=device)
+        codes = export.encode_split(model, whole)
+        path = export.write_codes(run_dir, cfg, "images", codes, model, names=whole.names)
+        print(f"codes of the {len(whole.names)} pictures under {folder} {codes.shape}: {path}")
+    return 0
+
+
+def release_writes(run_dir, flag):
+    """Why `flag`, which writes files into the run folder, refuses a release run folder."""
+    return (f"{flag} writes into the run folder, and {run_dir} is a run folder of the "
+            "authors' release, which is left untouched; make it a run of ours first with "
+            "python -m trainer.release import RUN --to DIR, then use DIR")
+
+
 def prior_and_samples(run_dir, device, *, opts, seed, train, sample, limit_batches, command):
     from . import prior as priors
     if release_format.is_release_run(run_dir):
-        raise runs.RunError(f"{run_dir} is a run folder of the authors' release, which is "
-                            "left untouched; make it a run of ours first with python -m "
-                            "trainer.release import RUN --to DIR")
+        raise runs.RunError(release_writes(run_dir, "--prior" if train else "--sample"))
     if dist.world_size() > 1:
         raise ConfigError("--prior and --sample run in one process; start them without "
                           "torchrun")
     run_cfg, model, _ = runs.load_run_model(run_dir, opts, device)
     seed = 0 if seed is None else seed
     if train:
-        record = priors.train_prior(run_dir, run_cfg, model, device, seed=seed, opts=opts,
-                                    command=command, limit_batches=limit_batches)
-        print(json.dumps(record))
+        priors.train_prior(run_dir, run_cfg, model, device, seed=seed, opts=opts,
+                           command=command, limit_batches=limit_batches)
     if sample:
         try:
             paths = priors.write_samples(run_dir, run_cfg, model, sample, device, seed=seed,
@@ -246,19 +298,20 @@ def prior_and_samples(run_dir, device, *, opts, seed, train, sample, limit_batch
     return 0
 
 
-def write_outputs(run_dir, cfg, model, device, *, report=False, encode=None):
+def write_outputs(run_dir, cfg, model, device, *, report=False, encode=None, recorded=None):
     """--encode SPLIT and --report, on whole splits in dataset order (whatever
-    --limit-batches or torchrun say)."""
+    --limit-batches or torchrun say); `recorded`: the files the run's splits read."""
     from . import export
     from . import report as reports
 
     test_codes = None
     if encode:
-        codes = export.encode_split(model, export.whole_split(cfg, encode, device))
+        codes = export.encode_split(model, export.whole_split(cfg, encode, device, recorded))
         path = export.write_codes(run_dir, cfg, encode, codes, model)
         print(f"codes of the {encode} split {codes.shape}: {path}")
         test_codes = codes if encode == "test" else None
     if report:
         written = reports.write_report(run_dir, cfg, model,
-                                      export.whole_split(cfg, "test", device), test_codes)
+                                      export.whole_split(cfg, "test", device, recorded),
+                                      test_codes)
         print(f"report: {written['report']['path']}", file=sys.stdout)

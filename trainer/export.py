@@ -31,10 +31,19 @@ def codes_file(split):
 
 # The config sections that define a model (the others say where files are and how to train).
 MODEL_SECTIONS = ("dataset", "model", "network", "quantization", "flags")
+# Keys of those sections that dataset.shape restates: left out, so the hash of a config is
+# the one it had before they existed.
+RESTATED = {"dataset": ("channels", "image_size")}
 
 
 def config_hash(cfg):
-    model_part = "".join(f"{s}:\n{config_to_yaml(cfg[s])}" for s in MODEL_SECTIONS)
+    def section(name):
+        node = cfg[name].clone()
+        for key in RESTATED.get(name, ()):
+            node.pop(key, None)
+        return node
+
+    model_part = "".join(f"{s}:\n{config_to_yaml(section(s))}" for s in MODEL_SECTIONS)
     return hashlib.sha256(model_part.encode("utf-8")).hexdigest()
 
 
@@ -42,10 +51,12 @@ def run_config_hash(run_dir):
     return config_hash(runs.read_run_config(run_dir))
 
 
-def whole_split(cfg, split, device="cpu"):
+def whole_split(cfg, split, device="cpu", recorded=None):
     """A loader over every image of `split` in dataset order, whatever --limit-batches or
-    torchrun say: what --encode, --report and the prior read."""
-    return data.build_loader(cfg, split, batch_size=cfg.test.bs, shuffle=False, device=device)
+    torchrun say: what --encode, --report and the prior read. `recorded`: the files the
+    run's splits read (runs.read_dataset_files), where it recorded them."""
+    return data.build_loader(cfg, split, batch_size=cfg.test.bs, shuffle=False, device=device,
+                             recorded=recorded)
 
 
 @torch.no_grad()
@@ -59,11 +70,12 @@ def encode_split(model, loader):
     return torch.cat(chunks).numpy().astype(np.uint16)
 
 
-def write_codes(run_dir, cfg, split, codes, model):
-    """codes_<split>.npz in the run folder (atomically); returns its path."""
+def write_codes(run_dir, cfg, split, codes, model, names=None):
+    """codes_<split>.npz in the run folder (atomically), with `names` (the file of each row)
+    where given; returns its path."""
     path = os.path.join(run_dir, codes_file(split))
     codebook = model.code_vectors().detach().float().cpu().numpy()
-    atomic_write_bytes(path, pack_codes(codes, codebook, config_hash(cfg)))
+    atomic_write_bytes(path, pack_codes(codes, codebook, config_hash(cfg), names=names))
     return path
 
 

@@ -167,8 +167,9 @@ class Display:
                 self.log(run_dir)
             self.log("Best models were loaded!!")
 
-    def test(self, epoch, stochastic, deterministic):
-        """The test passes, each as (metrics, seconds)."""
+    def test(self, epoch, stochastic, deterministic, name="test"):
+        """The test passes (or those of another evaluated split, `name`), each as (metrics,
+        seconds)."""
         if self.dbg:
             for metrics, seconds in (stochastic, deterministic):
                 for line in release_eval_lines("Test", metrics, seconds):
@@ -176,7 +177,7 @@ class Display:
             return
         metrics, seconds = deterministic
         which = "best.pt" if epoch is None else f"best.pt, epoch {epoch}"
-        self.log(f"test ({which}): loss {metrics['loss']:.2f}, {quality_text(metrics)}, "
+        self.log(f"{name} ({which}): loss {metrics['loss']:.2f}, {quality_text(metrics)}, "
                  f"perplexity {metrics['perplexity']:.1f}"
                  + (f", mIoU {metrics['miou']:.4f}" if "miou" in metrics else "")
                  + f", {seconds:.1f}s")

@@ -351,15 +351,16 @@ class Trainer:
             for s, h in handlers.items():
                 signal.signal(s, h)
 
-    def test(self, epoch, step=None, **extra):
-        """Evaluate the test split (stochastic, then the recorded deterministic pass); returns
-        the two metrics records (the caller appends them to metrics.jsonl). TensorBoard
-        gets them at `step`, the step of the weights tested (default: the last)."""
-        stochastic, deterministic = self.evaluate_split("test")
-        self.display.test(epoch, stochastic, deterministic)
-        records = [{"epoch": epoch, "split": split, **metrics, "seconds": seconds, **extra}
-                   for split, (metrics, seconds) in (("test_stochastic", stochastic),
-                                                     ("test", deterministic))]
+    def test(self, epoch, split="test", step=None, **extra):
+        """Evaluate the test split (or the loader `split`, e.g. the pictures of -ts --images):
+        stochastic, then the recorded deterministic pass; returns the two metrics records,
+        "<split>_stochastic" and "<split>" (the caller appends them to metrics.jsonl).
+        TensorBoard gets them at `step`, the step of the weights tested (default: the last)."""
+        stochastic, deterministic = self.evaluate_split(split)
+        self.display.test(epoch, stochastic, deterministic, name=split)
+        records = [{"epoch": epoch, "split": name, **metrics, "seconds": seconds, **extra}
+                   for name, (metrics, seconds) in ((f"{split}_stochastic", stochastic),
+                                                    (split, deterministic))]
         self.display.records(records, step=self.step if step is None else step)
         return records
 

@@ -53,9 +53,10 @@ FIXED_SETTINGS = ("channels", "layers", "kernel", "lr", "bs")
 SAMPLE_CHUNK = 1024  # grids drawn at once by --sample (memory: chunk x K x H x W logits)
 
 
-def split_codes(cfg, model, split, device):
-    """The deterministic code grids of a whole split, int64 N x H x W on `device`."""
-    codes = export.encode_split(model, export.whole_split(cfg, split, device))
+def split_codes(cfg, model, split, device, recorded=None):
+    """The deterministic code grids of a whole split, int64 N x H x W on `device`
+    (`recorded`: the files the run's splits read, where it recorded them)."""
+    codes = export.encode_split(model, export.whole_split(cfg, split, device, recorded))
     codes = codes.astype(np.int64)
     return torch.from_numpy(codes).to(device)
 
@@ -232,7 +233,8 @@ def train_prior(run_dir, cfg, model, device, *, seed, command, opts=(), limit_ba
         if training.load(state):
             display.log(f"prior: continuing {PRIOR_CURRENT} after epoch {training.epoch}"
                         + (" (finished: evaluating only)" if training.done else ""))
-        codes = {split: split_codes(cfg, model, split, device)
+        recorded = runs.read_dataset_files(run_dir)
+        codes = {split: split_codes(cfg, model, split, device, recorded)
                  for split in ("train", "val", "test")}
         training.fit(codes["train"], codes["val"])
         prior = load_prior(cfg, run_dir, device)

@@ -3,7 +3,9 @@
 A run folder is ``<path>/<path_specific>/<network.name>_seed<seed>_<MMDD_HHMM>[_N]``.
 It is claimed with ``os.mkdir`` (atomic: two runs started in the same minute get
 two folders) and holds ``config.yaml``, ``best.pt``, ``current.pt``,
-``metrics.jsonl`` and reconstruction grids.
+``metrics.jsonl`` and reconstruction grids; for a dataset whose files are chosen when the
+run starts (a folder of pictures), ``dataset_files.json``, the files each split read, which
+``-ts`` and ``--resume`` read again (``read_dataset_files``).
 
 * Every file but ``metrics.jsonl`` is written through ``util.io`` (temporary file, then
   rename). ``metrics.jsonl`` is append-only: every writer appends whole lines, so nothing
@@ -18,6 +20,7 @@ two folders) and holds ``config.yaml``, ``best.pt``, ``current.pt``,
   make a write land outside the folder.
 """
 import collections
+import json
 import os
 import pickle
 import sys
@@ -32,16 +35,17 @@ from util.lock import FileLock, LockHeld
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+DATASET_FILES = "dataset_files.json"
 LOCK_FILE = ".writer.lock"
 BEST, CURRENT = "best.pt", "current.pt"
 TENSORBOARD = "tensorboard"
 # Every name any command writes in a run folder (fnmatch patterns): checkpoints and the
 # prior's, images, codes files, metrics.jsonl and the locks. None of them may be a link.
-WRITTEN_NAMES = (CONFIG_FILE, METRICS_FILE, f".{METRICS_FILE}.lock", LOCK_FILE, TENSORBOARD,
-                 "*.pt", "*.png", "*.npz")
+WRITTEN_NAMES = (CONFIG_FILE, DATASET_FILES, METRICS_FILE, f".{METRICS_FILE}.lock", LOCK_FILE,
+                 TENSORBOARD, "*.pt", "*.png", "*.npz")
 # The files only a holder of the writer lock writes, whose temporary files a killed writer
 # may have left (no one else can be writing them while we hold the lock).
-LOCKED_WRITES = (CONFIG_FILE, BEST, CURRENT, "prior.pt", "prior_current.pt",
+LOCKED_WRITES = (CONFIG_FILE, DATASET_FILES, BEST, CURRENT, "prior.pt", "prior_current.pt",
                  "reconstructions_best.png", "reconstructions_current.png")
 
 
@@ -77,9 +81,10 @@ def writer_lock(run_dir):
     return lock
 
 
-def create_run_dir(cfg, seed, now=None):
-    """Claim a fresh run folder, lock it for writing and write the resolved config into it;
-    returns (path, lock)."""
+def create_run_dir(cfg, seed, now=None, files=None):
+    """Claim a fresh run folder, lock it for writing and write the resolved config into it
+    (and `files`, the files each split reads, where the dataset says: see
+    write_dataset_files); returns (path, lock)."""
     root = cfg.path_checkpoint
     os.makedirs(root, exist_ok=True)
     stamp = time.strftime("%m%d_%H%M", time.localtime(now))
@@ -92,8 +97,41 @@ def create_run_dir(cfg, seed, now=None):
             continue
         lock = writer_lock(path)
         write_config(path, cfg)
+        if files:
+            write_dataset_files(path, cfg, files)
         return path, lock
     raise RunError(f"too many runs named {base}* in {root}")
+
+
+def write_dataset_files(run_dir, cfg, files):
+    """dataset_files.json: {split: {"files": [names], "skipped": [names]}} (relative to
+    path_dataset) from the loaders of a dataset whose files are chosen at run time
+    (data.recorded_files), so that the run is evaluated and resumed on the same files."""
+    record = {"dataset": cfg.dataset.name, "path_dataset": cfg.path_dataset, "splits": files}
+    atomic_write_text(os.path.join(run_dir, DATASET_FILES), json.dumps(record, indent=1) + "\n")
+
+
+def read_dataset_files(run_dir):
+    """The files each split of the run read ({split: record}, what data.build_loaders takes
+    as `recorded`), or None where the run recorded none (its dataset's files are fixed)."""
+    path = os.path.join(run_dir, DATASET_FILES)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path} cannot be read ({type(e).__name__}); it lists the files of "
+                       "the run's splits: restore it from a copy of the run folder") from None
+    splits = record.get("splits") if isinstance(record, dict) else None
+    if not isinstance(splits, dict) or not all(
+            isinstance(r, dict) and all(isinstance(r.get(k, []), list) and
+                                        all(isinstance(n, str) for n in r.get(k, []))
+                                        for k in ("files", "skipped"))
+            for r in splits.values()):
+        raise RunError(f"{path} is not a record of this tool (expected splits of file "
+                       "names); restore it from a copy of the run folder")
+    return splits
 
 
 def read_metrics(run_dir):

@@ -6,7 +6,9 @@
   in dataset order;
 * ``codebook``: float32, K x D, the code vectors as the decoder sees them;
 * ``config_hash``: a 0-d unicode array, the sha256 hex digest of the run's resolved
-  config, so the codes are never decoded by a different model.
+  config, so the codes are never decoded by a different model;
+* ``names`` (only in codes of pictures, ``--images DIR --encode images``): a unicode array
+  of N file names relative to DIR, the picture of each row.
 
 Only numpy is used here, so a prior can be trained on these files without importing
 torch or this repository.
@@ -18,6 +20,7 @@ import zipfile
 import numpy as np
 
 KEYS = ("codes", "codebook", "config_hash")
+NAMES = "names"  # optional
 MAX_CODES = np.iinfo(np.uint16).max + 1
 
 
@@ -25,8 +28,9 @@ class CodesError(ValueError):
     """A codes file that cannot be used; the message is one line naming the file."""
 
 
-def pack_codes(codes, codebook, config_hash):
-    """The bytes of a codes file (write them atomically, e.g. with util.io)."""
+def pack_codes(codes, codebook, config_hash, names=None):
+    """The bytes of a codes file (write them atomically, e.g. with util.io); `names`, where
+    given, name the file of each row."""
     codes = np.asarray(codes)
     codebook = np.asarray(codebook, dtype=np.float32)
     if codebook.ndim != 2:
@@ -37,15 +41,22 @@ def pack_codes(codes, codebook, config_hash):
         raise CodesError(f"codes must be N x H x W, got shape {codes.shape}")
     if codes.size and (codes.min() < 0 or codes.max() >= codebook.shape[0]):
         raise CodesError(f"code indices must lie in 0..{codebook.shape[0] - 1}")
+    extra = {}
+    if names is not None:
+        names = [str(n) for n in names]
+        if len(names) != len(codes):
+            raise CodesError(f"{len(names)} names for {len(codes)} rows of codes")
+        extra["names"] = np.array(names, dtype=str)
     buffer = io.BytesIO()
     np.savez(buffer, codes=codes.astype(np.uint16), codebook=codebook,
-             config_hash=np.array(str(config_hash)))
+             config_hash=np.array(str(config_hash)), **extra)
     return buffer.getvalue()
 
 
 def load_codes(path):
-    """``{"codes": uint16 N x H x W, "codebook": float32 K x D, "config_hash": str}``, or a
-    CodesError saying what is wrong with the file."""
+    """``{"codes": uint16 N x H x W, "codebook": float32 K x D, "config_hash": str}`` (and
+    ``"names"``, N str, where the file has them), or a CodesError saying what is wrong with
+    the file."""
     if not os.path.isfile(path):
         raise CodesError(f"codes file {path} does not exist (write it with "
                          "main.py -ts RUN --encode SPLIT)")
@@ -55,7 +66,7 @@ def load_codes(path):
             if missing:
                 raise CodesError(f"codes file {path} lacks {', '.join(missing)}: "
                                  "not a codes file of this tool")
-            out = {k: npz[k] for k in KEYS}
+            out = {k: npz[k] for k in KEYS + (NAMES,) if k in npz.files}
     except CodesError:
         raise
     except ValueError as e:
@@ -77,7 +88,14 @@ def load_codes(path):
     if codes.size and int(codes.max()) >= codebook.shape[0]:
         raise CodesError(f"codes file {path}: index {int(codes.max())} is outside the "
                          f"codebook of {codebook.shape[0]} codes")
-    return {"codes": codes, "codebook": codebook, "config_hash": str(digest)}
+    loaded = {"codes": codes, "codebook": codebook, "config_hash": str(digest)}
+    if NAMES in out:
+        names = out[NAMES]
+        if names.dtype.kind != "U" or names.shape != (len(codes),):
+            raise CodesError(f"codes file {path}: names are {names.dtype} {names.shape}, "
+                             f"expected {len(codes)} strings")
+        loaded[NAMES] = [str(n) for n in names]
+    return loaded
 
 
 class CodeUsage:

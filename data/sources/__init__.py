@@ -1,27 +1,60 @@
-"""Finding, downloading and reading each dataset's files under the dataset root.
+"""The datasets: one module per dataset in this package, each declaring ``SOURCE`` (a
+``spec.Source``: its name, items, shape and reader), plus the modules they share:
 
-Nothing here builds tensors or loaders; it returns numpy arrays (in-memory datasets)
-or file lists (file-backed datasets) split into train/val/test. One module per source
-family, and one for what they share:
-
+* ``spec``: what a module declares, and the three forms a reader returns a split in;
 * ``layouts``: this project's folder layout and the authors' (sony/sqvae), downloads into
-  ours, the validation split carved off an official training split, the array cache;
-* ``mnist``: MNIST and Fashion-MNIST, parsed by torchvision;
-* ``cifar10``: CIFAR10's batches, unpickled here with only numpy arrays and plain values
-  allowed;
-* ``celeba``: CelebA's JPEGs and CelebAMask-HQ's label maps, as file lists.
-"""
-from .celeba import (CELEBA_DIR, CELEBA_IMAGES, CELEBA_PARTITION, CELEBAMASK_DIR,
-                     celeba_files, celebamask_files)
-from .cifar10 import CIFAR10_DIR, CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES, load_cifar10
-from .layouts import (DOWNLOAD_TIMEOUT_S, LAYOUT_NAMES, MIN_OFFICIAL_TRAIN_FOR_FIXED_VAL,
-                      NO_DOWNLOAD_ENV, SPLITS, VAL_SIZE, download_disabled, split_sizes)
-from .mnist import MNIST_FILES, load_mnist_like
+  ours, the validation split carved off an official training split, the array cache.
 
-__all__ = [
-    "CELEBA_DIR", "CELEBA_IMAGES", "CELEBA_PARTITION", "CELEBAMASK_DIR", "CIFAR10_DIR",
-    "CIFAR10_TEST_FILE", "CIFAR10_TRAIN_FILES", "DOWNLOAD_TIMEOUT_S", "LAYOUT_NAMES",
-    "MIN_OFFICIAL_TRAIN_FOR_FIXED_VAL", "MNIST_FILES", "NO_DOWNLOAD_ENV", "SPLITS", "VAL_SIZE",
-    "celeba_files", "celebamask_files", "download_disabled", "load_cifar10", "load_mnist_like",
-    "split_sizes",
-]
+Nothing registers itself on import: ``discover()`` imports every module of this package
+and collects the ``SOURCE`` each declares, once, when a dataset is first asked for. The
+recipe for a new dataset is in docs/code-map.md.
+"""
+import importlib
+import pkgutil
+
+from .layouts import DOWNLOAD_TIMEOUT_S, NO_DOWNLOAD_ENV, SPLITS, download_disabled
+from .spec import Arrays, Decoded, Files, Source
+
+__all__ = ["Arrays", "DOWNLOAD_TIMEOUT_S", "Decoded", "Files", "NO_DOWNLOAD_ENV", "SPLITS",
+           "Source", "discover", "download_disabled", "source", "split_sizes"]
+
+_FOUND = None
+
+
+def discover():
+    """{dataset.name: Source} of every module in this package that declares a SOURCE."""
+    global _FOUND
+    if _FOUND is None:
+        found = {}
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+            declared = getattr(importlib.import_module(f"{__name__}.{info.name}"), "SOURCE",
+                               None)
+            if declared is None:
+                continue
+            if not isinstance(declared, Source):
+                raise TypeError(f"{__name__}.{info.name}.SOURCE is not a spec.Source")
+            if declared.name in found:
+                raise ValueError(f"dataset {declared.name} is declared twice (in "
+                                 f"{found[declared.name][1]} and {info.name})")
+            found[declared.name] = (declared, info.name)
+        _FOUND = {name: declared for name, (declared, _) in found.items()}
+    return _FOUND
+
+
+def source(name):
+    """The Source of the dataset `name`."""
+    sources = discover()
+    if name not in sources:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(sources))}")
+    return sources[name]
+
+
+def split_sizes(dataset_name, n_official_train):
+    """(n_train, n_val) that `dataset_name` carves from an official training split of
+    `n_official_train` images."""
+    declared = source(dataset_name)
+    if declared.split_sizes is None:
+        carving = sorted(n for n, s in discover().items() if s.split_sizes is not None)
+        raise ValueError(f"split_sizes is for {', '.join(carving)}, not {dataset_name!r} "
+                         "(its splits come from its own files)")
+    return declared.split_sizes(n_official_train)

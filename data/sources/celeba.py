@@ -1,23 +1,29 @@
-"""CelebA (aligned JPEGs and the official partition list) and CelebAMask-HQ (the label maps
-``data.prepare_celebamask_hq`` writes): file lists, decoded elsewhere (``data.decode``).
+"""CelebA: the aligned 178x218 JPEGs and the official partition list, as file lists, each
+image centre-cropped to 140x140 and resized to 64x64 (the release's transforms).
 """
 import os
-import re
 
+import numpy as np
 import torchvision.datasets as tvd
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
+from ..decode import open_image
 from ..errors import DatasetError
 from .layouts import SPLITS, cached, find_folder
+from .spec import Files, Source
 
+NAME = "CelebA"
 CELEBA_DIR = "celeba"
 CELEBA_IMAGES = "img_align_celeba"
 CELEBA_PARTITION = "list_eval_partition.txt"
-CELEBAMASK_DIR = "CelebAMask-HQ"
+CELEBA_CROP = 140
+IMAGE_SIZE = 64
+SHAPE = (3, IMAGE_SIZE, IMAGE_SIZE)
+# Stem of a split's decoded cache under <root>/cache/.
+CACHE_STEM = "celeba"
 _CELEBA_PARTITION_OF_SPLIT = {"train": 0, "val": 1, "test": 2}
-_LABEL_NAME = re.compile(r"^(\d+)\.png$")
 
-
-# ---------------------------------------------------------------- CelebA (JPEG files)
 
 def _read_celeba_partition(path):
     splits = {0: [], 1: [], 2: []}
@@ -40,7 +46,7 @@ def celeba_files(root):
                 and os.path.isdir(os.path.join(folder, CELEBA_IMAGES)))
 
     folder = find_folder(
-        "CelebA", root, (CELEBA_DIR,), complete=present,
+        NAME, root, (CELEBA_DIR,), complete=present,
         what=lambda ours: f"{CELEBA_IMAGES}{os.sep} (the aligned 178x218 JPEGs) and "
                           f"{CELEBA_PARTITION}",
         download=lambda: tvd.CelebA(root, split="all", download=True))
@@ -62,41 +68,31 @@ def celeba_files(root):
 
     # The image folder's mtime changes when files are added or removed, so it keys
     # the cache along with the partition list.
-    return cached("CelebA", [partition, image_dir], parse)
+    return cached(NAME, [partition, image_dir], parse)
 
 
-# ---------------------------------------------------------------- CelebAMask-HQ (PNG labels)
+def decode_celeba(path):
+    """CelebA JPEG -> uint8 array 3x64x64: CenterCrop(140) then Resize(64).
 
-def _numbered_pngs(folder):
-    if not os.path.isdir(folder):
-        return None
-    numbered = []
-    for name in os.listdir(folder):
-        m = _LABEL_NAME.match(name)
-        if m:
-            numbered.append((int(m.group(1)), name))
-    numbered.sort()  # numeric order, so 10.png follows 9.png
-    return [os.path.join(folder, name) for _, name in numbered]
-
-
-def celebamask_files(root, split):
-    """List of label-map paths for one split, in numeric file order.
-
-    A prepared ``<split>_label_64`` folder is preferred when it is complete (same file
-    count as ``<split>_label``, or the only one present): it saves the 512->64 resize.
+    torchvision's functional ops on a PIL image are used (bilinear, antialiased by PIL)
+    so the result equals transforms.Compose([CenterCrop(140), Resize(64)]) exactly.
     """
-    folder = os.path.join(root, CELEBAMASK_DIR)
-    full = _numbered_pngs(os.path.join(folder, f"{split}_label"))
-    small = _numbered_pngs(os.path.join(folder, f"{split}_label_64"))
-    if small and (full is None or len(small) == len(full)):
-        return small
-    if full:
-        return full
-    absent = [f"{s}_label{os.sep}" for s in SPLITS
-              if not _numbered_pngs(os.path.join(folder, f"{s}_label"))
-              and not _numbered_pngs(os.path.join(folder, f"{s}_label_64"))]
-    raise DatasetError(
-        f"CelebAMask_HQ not found under {root}: {', '.join(absent)} missing or "
-        f"empty in {folder}{os.sep}; run `python -m data.prepare_celebamask_hq --src "
-        f"RELEASE_DIR --dst {root}` to write {{train,val,test}}_label{os.sep}<n>.png there "
-        "(no automatic download)")
+    img = open_image(path, "CelebA image")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    img = TF.center_crop(img, [CELEBA_CROP, CELEBA_CROP])
+    img = TF.resize(img, [IMAGE_SIZE, IMAGE_SIZE], interpolation=InterpolationMode.BILINEAR)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+# What the decoding depends on besides the file, recorded by the decoded cache (data.cache)
+# next to the cached arrays for anyone reading its sidecar.
+decode_celeba.params = {"crop": CELEBA_CROP, "size": IMAGE_SIZE, "resize": "bilinear"}
+
+
+def read(cfg, split, recorded=None):
+    paths = celeba_files(os.path.abspath(cfg.path_dataset))[split]
+    return Files(paths, decode_celeba, f"{CACHE_STEM}_{split}_{IMAGE_SIZE}")
+
+
+SOURCE = Source(NAME, "images", SHAPE, read)

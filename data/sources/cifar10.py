@@ -1,9 +1,11 @@
 """CIFAR10: the five training batches and the test batch of ``cifar-10-batches-py``.
 
 The batches are pickles; they are read by a restricted unpickler that builds only numpy
-arrays and plain values.
+arrays and plain values. The validation split is the last 10,000 of the 50,000 training
+images (1/5 of a smaller set).
 """
 import codecs
+import functools
 import os
 import pickle
 
@@ -13,8 +15,13 @@ import torchvision.datasets as tvd
 from util.cli import one_line
 
 from ..errors import DatasetError
-from .layouts import cached, carve_val, find_folder
+from .layouts import cached, carve_val, carved_split_sizes, find_folder
+from .spec import Arrays, Source
 
+NAME = "CIFAR10"
+SHAPE = (3, 32, 32)
+# Validation share of a set smaller than the real one: 10,000 of 50,000.
+TINY_VAL_DIVISOR = 5
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch"
@@ -84,7 +91,7 @@ def _read_cifar_batch(path):
     except (TypeError, ValueError) as e:
         raise DatasetError(f"CIFAR10 batch {path} has labels that are not integers "
                            f"({one_line(e)})") from None
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != np.prod(SHAPE):
         raise DatasetError(f"CIFAR10 batch {path} has data of shape {data.shape} and "
                            f"dtype {data.dtype}; expected uint8 N x 3072")
     if labels.shape != (len(data),):
@@ -93,7 +100,7 @@ def _read_cifar_batch(path):
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise DatasetError(f"CIFAR10 batch {path} holds labels outside 0..9")
     # Rows are 1024 red, then 1024 green, then 1024 blue values, each row-major.
-    return data.reshape(-1, 3, 32, 32), labels
+    return data.reshape(-1, *SHAPE), labels
 
 
 def _download(root):
@@ -112,7 +119,7 @@ def load_cifar10(root):
         return [n for n in names if not os.path.isfile(os.path.join(folder, n))]
 
     folder = find_folder(
-        "CIFAR10", root, (CIFAR10_DIR,), complete=lambda f: not missing(f),
+        NAME, root, (CIFAR10_DIR,), complete=lambda f: not missing(f),
         what=lambda ours: f"{', '.join(missing(ours))} (extracted from cifar-10-python.tar.gz)",
         download=lambda: _download(root))
     paths = [os.path.join(folder, n) for n in names]
@@ -121,6 +128,17 @@ def load_cifar10(root):
         parts = [_read_cifar_batch(p) for p in paths[:-1]]
         images = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
-        return carve_val("CIFAR10", (images, labels), _read_cifar_batch(paths[-1]))
+        n_train, _ = split_sizes(len(images))
+        return carve_val((images, labels), _read_cifar_batch(paths[-1]), n_train)
 
-    return cached("CIFAR10", paths, parse)
+    return cached(NAME, paths, parse)
+
+
+split_sizes = functools.partial(carved_split_sizes, NAME, tiny_val_divisor=TINY_VAL_DIVISOR)
+
+
+def read(cfg, split, recorded=None):
+    return Arrays(*load_cifar10(os.path.abspath(cfg.path_dataset))[split])
+
+
+SOURCE = Source(NAME, "images", SHAPE, read, split_sizes)

@@ -1,5 +1,6 @@
-"""What every source family shares: the two folder layouts, downloads, the validation split
-carved off an official training split, and the parsed-array cache.
+"""What the dataset modules share: the two folder layouts, downloads, the validation split
+carved off an official training split, and the parsed-array cache. No dataset is named here:
+each module passes its own name, folders and sizes.
 
 A dataset's files sit in a folder named as torchvision names it. This project's layout puts
 that folder directly under the dataset root; the authors' code (sony/sqvae) roots
@@ -24,35 +25,30 @@ VAL_SIZE = 10_000
 # Below this many training images the file is a toy (a test fixture or a subset),
 # where a fixed 10,000 would leave nothing to train on.
 MIN_OFFICIAL_TRAIN_FOR_FIXED_VAL = 20_000
-# The official training split over VAL_SIZE: 60,000 and 50,000 images.
-_TINY_VAL_DIVISOR = {"MNIST": 6, "FashionMNIST": 6, "CIFAR10": 5}
 
 
-def split_sizes(dataset_name, n_official_train):
+def carved_split_sizes(dataset_name, n_official_train, tiny_val_divisor):
     """(n_train, n_val) carved from the official training split, train first.
 
-    Real files (>= 20,000 images) keep the fixed rule: the last 10,000 validate, so
-    MNIST/FashionMNIST give 50,000/10,000 and CIFAR10 40,000/10,000. Only smaller
-    (tiny, fixture-sized) files get a proportional split instead: 1/6 validation for
-    MNIST-like data and 1/5 for CIFAR10, the same ratios as the real sizes.
+    Real files (>= 20,000 images) keep the fixed rule: the last 10,000 validate (60,000
+    give 50,000/10,000, 50,000 give 40,000/10,000). Only smaller (tiny,
+    fixture-sized) files get a proportional split instead: 1/`tiny_val_divisor` validates,
+    the dataset module's choice (the ratio of its real sizes).
     """
-    if dataset_name not in _TINY_VAL_DIVISOR:
-        raise ValueError(f"split_sizes is for MNIST, FashionMNIST and CIFAR10, "
-                         f"not {dataset_name!r} (its splits come from its own files)")
     n = int(n_official_train)
     if n >= MIN_OFFICIAL_TRAIN_FOR_FIXED_VAL:
         return n - VAL_SIZE, VAL_SIZE
     if n < 2:
         raise DatasetError(f"{dataset_name} training file holds {n} image(s); "
                            "at least 2 are needed to split off a validation set")
-    n_val = max(1, n // _TINY_VAL_DIVISOR[dataset_name])
+    n_val = max(1, n // tiny_val_divisor)
     return n - n_val, n_val
 
 
-def carve_val(dataset_name, train, test):
-    """{'train', 'val', 'test'} from the official (images, labels) pairs."""
+def carve_val(train, test, n_train):
+    """{'train', 'val', 'test'} from the official (images, labels) pairs: the first
+    `n_train` training items train, the rest validate."""
     images, labels = train
-    n_train, _ = split_sizes(dataset_name, len(images))
     # Slices, not copies: the three splits stay views of the arrays read from disk.
     return {"train": (images[:n_train], labels[:n_train]),
             "val": (images[n_train:], labels[n_train:]),

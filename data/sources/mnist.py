@@ -1,7 +1,10 @@
-"""The MNIST family (MNIST, Fashion-MNIST): four idx files, parsed by torchvision.
+"""MNIST, and the reader of its format, which Fashion-MNIST shares (``fashion_mnist.py``):
+four idx files, parsed by torchvision.
 
-The files sit in ``<Name>/raw`` (torchvision's folder), uncompressed or as ``.gz``.
+The files sit in ``<Name>/raw`` (torchvision's folder), uncompressed or as ``.gz``. The
+validation split is the last 10,000 of the 60,000 training images (1/6 of a smaller file).
 """
+import functools
 import gzip
 import os
 import zlib
@@ -12,8 +15,12 @@ from util.cli import one_line
 from util.io import atomic_write_bytes
 
 from ..errors import DatasetError
-from .layouts import cached, carve_val, find_folder
+from .layouts import cached, carve_val, carved_split_sizes, find_folder
+from .spec import Arrays, Source
 
+SHAPE = (1, 28, 28)
+# Validation share of a file smaller than the real one: 10,000 of 60,000.
+TINY_VAL_DIVISOR = 6
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -89,9 +96,9 @@ def _read_mnist_pair(dataset_name, raw_dir, prefix):
     except Exception as e:  # its reader fails on bad files with whatever type comes up
         raise _corrupt_mnist_error(e, images_path, labels_path) from None
     images, labels = parsed.data.numpy(), parsed.targets.numpy()
-    if images.shape[1:] != (28, 28):
+    if images.shape[1:] != SHAPE[1:]:
         raise DatasetError(f"{images_path} holds {images.shape[1]}x{images.shape[2]} "
-                           f"images; {dataset_name} images are 28x28")
+                           f"images; {dataset_name} images are {SHAPE[1]}x{SHAPE[2]}")
     if len(images) != len(labels):
         raise DatasetError(f"{images_path} has {len(images)} images but {labels_path} has "
                            f"{len(labels)} labels; the pair must match")
@@ -115,6 +122,22 @@ def load_mnist_like(dataset_name, root):
     def parse():
         train = _read_mnist_pair(dataset_name, raw_dir, "train")
         test = _read_mnist_pair(dataset_name, raw_dir, "t10k")
-        return carve_val(dataset_name, train, test)
+        return carve_val(train, test, split_sizes(dataset_name, len(train[0]))[0])
 
     return cached(dataset_name, paths, parse)
+
+
+def split_sizes(dataset_name, n_official_train):
+    return carved_split_sizes(dataset_name, n_official_train, TINY_VAL_DIVISOR)
+
+
+def mnist_format(dataset_name):
+    """The Source of a dataset in MNIST's format, named as torchvision names it."""
+    def read(cfg, split, recorded=None):
+        return Arrays(*load_mnist_like(dataset_name, os.path.abspath(cfg.path_dataset))[split])
+
+    return Source(dataset_name, "images", SHAPE, read,
+                  functools.partial(split_sizes, dataset_name))
+
+
+SOURCE = mnist_format("MNIST")

@@ -1,0 +1,94 @@
+"""CelebAMask-HQ: the label maps ``data.prepare_celebamask_hq`` writes
+(``CelebAMask-HQ/{train,val,test}_label/<n>.png``), as file lists of 64x64 maps of the 19
+class indices (no automatic download).
+"""
+import os
+import re
+
+import numpy as np
+from PIL import Image
+
+from ..decode import open_image
+from ..errors import DatasetError
+from .layouts import SPLITS
+from .spec import Files, Source
+
+NAME = "CelebAMask_HQ"
+CELEBAMASK_DIR = "CelebAMask-HQ"
+IMAGE_SIZE = 64
+SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)
+# Stem of a split's decoded cache under <root>/cache/.
+CACHE_STEM = "celebamask"
+# The face parts, in the order the label maps paint them (a later part overwrites an
+# earlier one); label k + 1 is LABEL_PARTS[k], 0 is background.
+LABEL_PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear",
+               "r_ear", "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck",
+               "cloth")
+NUM_LABEL_CLASSES = len(LABEL_PARTS) + 1  # 19
+_LABEL_NAME = re.compile(r"^(\d+)\.png$")
+
+
+def _numbered_pngs(folder):
+    if not os.path.isdir(folder):
+        return None
+    numbered = []
+    for name in os.listdir(folder):
+        m = _LABEL_NAME.match(name)
+        if m:
+            numbered.append((int(m.group(1)), name))
+    numbered.sort()  # numeric order, so 10.png follows 9.png
+    return [os.path.join(folder, name) for _, name in numbered]
+
+
+def celebamask_files(root, split):
+    """List of label-map paths for one split, in numeric file order.
+
+    A prepared ``<split>_label_64`` folder is preferred when it is complete (same file
+    count as ``<split>_label``, or the only one present): it saves the 512->64 resize.
+    """
+    folder = os.path.join(root, CELEBAMASK_DIR)
+    full = _numbered_pngs(os.path.join(folder, f"{split}_label"))
+    small = _numbered_pngs(os.path.join(folder, f"{split}_label_64"))
+    if small and (full is None or len(small) == len(full)):
+        return small
+    if full:
+        return full
+    absent = [f"{s}_label{os.sep}" for s in SPLITS
+              if not _numbered_pngs(os.path.join(folder, f"{s}_label"))
+              and not _numbered_pngs(os.path.join(folder, f"{s}_label_64"))]
+    raise DatasetError(
+        f"{NAME} not found under {root}: {', '.join(absent)} missing or "
+        f"empty in {folder}{os.sep}; run `python -m data.prepare_celebamask_hq --src "
+        f"RELEASE_DIR --dst {root}` to write {{train,val,test}}_label{os.sep}<n>.png there "
+        "(no automatic download)")
+
+
+def decode_celebamask_label(path):
+    """CelebAMask-HQ label PNG -> uint8 array 1x64x64 of class indices 0..18.
+
+    Nearest-neighbour resizing keeps every pixel a valid class index; a file that is
+    already 64x64 (the prepared ``*_label_64`` folders) passes through unchanged.
+    """
+    img = open_image(path, "CelebAMask-HQ label map")
+    if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST)
+    arr = np.asarray(img)
+    if arr.ndim != 2:
+        raise DatasetError(f"CelebAMask-HQ label map {path} has {arr.shape[-1]} channels; "
+                           "expected a single-channel PNG of class indices 0..18")
+    if arr.size and (arr.min() < 0 or arr.max() >= NUM_LABEL_CLASSES):
+        raise DatasetError(f"CelebAMask-HQ label map {path} holds values "
+                           f"{int(arr.min())}..{int(arr.max())}; expected class indices 0..18")
+    return arr.astype(np.uint8)[None]
+
+
+# What the decoding depends on besides the file, recorded by the decoded cache (data.cache).
+decode_celebamask_label.params = {"size": IMAGE_SIZE, "resize": "nearest"}
+
+
+def read(cfg, split, recorded=None):
+    paths = celebamask_files(os.path.abspath(cfg.path_dataset), split)
+    return Files(paths, decode_celebamask_label, f"{CACHE_STEM}_{split}_{IMAGE_SIZE}")
+
+
+SOURCE = Source(NAME, "labels", SHAPE, read)

@@ -1,0 +1,139 @@
+"""ImageFolder: your own pictures, every file Pillow reads under ``path_dataset``,
+recursively (``data.pictures``), as grey or RGB squares of ``dataset.channels`` x
+``dataset.image_size`` (configs/registry.py lists the sizes that have networks).
+
+Splits: where ``train/``, ``val/`` and ``test/`` all exist under the folder, they are the
+splits (pictures elsewhere are left out, and counted). Otherwise each picture goes to a
+split by a stable hash of its relative name: about 90% train, 5% val and 5% test; in a
+folder too small for that to fill every split, the training pictures with the highest
+hashes fill an empty one. A run folder records the pictures of each split
+(``Decoded.record``); evaluated or resumed later, the run reads exactly those, and says how
+many pictures were added since rather than mix them in.
+"""
+import hashlib
+import os
+import sys
+
+from .. import pictures
+from ..errors import DatasetError
+from .layouts import SPLITS
+from .spec import Decoded, Source
+
+NAME = "ImageFolder"
+# Upper ends of the hash ranges of train and val (the rest is test): about 90 / 5 / 5.
+HASH_SHARES = (0.90, 0.95)
+SHOWN = 3
+
+# Notes printed (pictures left out, added since the record) -> the config they were printed
+# for: once per command (whose splits and outputs share one config object), though train,
+# val and test each read the folder. The config is held, so its identity stays its own.
+_SAID = {}
+
+
+def _say(text, cfg):
+    if _SAID.get(text) is not cfg:
+        _SAID[text] = cfg
+        print(text, flush=True)
+
+
+def hash_position(name):
+    """Where a relative name falls in [0, 1): the same on every machine and Python."""
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def hash_splits(names):
+    """{split: names} by hash_position; an empty val or test split takes the training name
+    with the highest position (a folder of fewer than about 60 pictures)."""
+    if len(names) < len(SPLITS):
+        raise DatasetError(f"{len(names)} picture(s): at least {len(SPLITS)} are needed, one "
+                           "per split (train, val, test)")
+    position = {name: hash_position(name) for name in names}
+    splits = {split: [] for split in SPLITS}
+    for name in names:
+        u = position[name]
+        split = "train" if u < HASH_SHARES[0] else "val" if u < HASH_SHARES[1] else "test"
+        splits[split].append(name)
+    for split in ("test", "val"):
+        if not splits[split]:
+            moved = max(splits["train"], key=position.__getitem__)
+            splits["train"].remove(moved)
+            splits[split].append(moved)
+    return splits
+
+
+def folder_splits(folder, names, cfg):
+    """{split: names} from train/, val/ and test/ where all three exist, else None."""
+    present = [s for s in SPLITS if os.path.isdir(os.path.join(folder, s))]
+    if not present:
+        return None
+    if len(present) < len(SPLITS):
+        absent = [f"{s}/" for s in SPLITS if s not in present]
+        raise DatasetError(
+            f"{folder} has {', '.join(f'{s}/' for s in present)} but no {', '.join(absent)}: "
+            "where train/, val/ and test/ all exist they are the splits; add the missing one, "
+            "or rename the folders so that every picture is split by its name's hash")
+    splits = {s: [n for n in names if n.startswith(s + "/")] for s in SPLITS}
+    for split, listed in splits.items():
+        if not listed:
+            raise DatasetError(f"{os.path.join(folder, split)} holds no picture")
+    outside = len(names) - sum(map(len, splits.values()))
+    if outside:
+        _say(f"{folder}: {outside} picture(s) outside train/, val/ and test/ are not used", cfg)
+    return splits
+
+
+def _recorded(folder, names, recorded, split, cfg):
+    """The recorded splits, checked against the folder as it is now."""
+    listed = {s: list(recorded[s].get("files", [])) for s in SPLITS if s in recorded}
+    if split not in listed:
+        raise DatasetError(f"the run folder's record of its files has no {split} split; "
+                           "it cannot say which pictures to read")
+    gone = [n for n in listed[split] if not os.path.isfile(os.path.join(folder, n))]
+    if gone:
+        raise DatasetError(
+            f"{len(gone)} of the {len(listed[split])} pictures the run recorded for its "
+            f"{split} split are no longer under {folder} (first: {gone[0]}); put them back, or "
+            f"evaluate the folder as it is with -ts RUN --images {folder}")
+    known = {n for s in recorded.values() for key in ("files", "skipped") for n in s.get(key, [])}
+    added = [n for n in names if n not in known]
+    if added:
+        _say(f"{folder}: {len(added)} picture(s) added since the run recorded its splits are "
+             f"left out ({', '.join(added[:SHOWN])}{', ...' if len(added) > SHOWN else ''}); "
+             "its splits are the recorded ones (-ts RUN --images DIR evaluates a whole folder)",
+             cfg)
+    return listed
+
+
+def read(cfg, split, recorded=None):
+    folder = os.path.abspath(cfg.path_dataset)
+    names = pictures.list_pictures(folder)
+    if not names:
+        raise pictures.no_pictures(folder)
+    if recorded:
+        splits = _recorded(folder, names, recorded, split, cfg)
+        skipped_before = {n for r in recorded.values() for n in r.get("skipped", [])}
+    else:
+        by_folder = folder_splits(folder, names, cfg)
+        splits, skipped_before = by_folder or hash_splits(names), set()
+        rule = "train/, val/ and test/" if by_folder else "the hash of their names"
+        _say(f"{folder}: {sum(map(len, splits.values())):,} pictures, split by {rule}: "
+             + ", ".join(f"{len(splits[s]):,} {s}" for s in SPLITS), cfg)
+    # One decoding for every split: the pictures of all of them (and those the run skipped),
+    # in sorted order: the same set, and so the same cache, whether the folder is read
+    # afresh or through the run's record. (A picture of another split gone since is left
+    # out; one of this split is an error, above.)
+    present = set(names)
+    used = sorted(n for n in {n for listed in splits.values() for n in listed} | skipped_before
+                  if n in present)
+    decoded = pictures.decoded(folder, used, tuple(cfg.dataset.shape),
+                               cached=cfg.cache_decoded, said_for=cfg)
+    rows, kept = decoded.rows(splits[split])
+    if not rows:
+        raise DatasetError(f"none of the {len(splits[split])} pictures of the {split} split "
+                           f"under {folder} can be decoded")
+    skipped = [n for n in splits[split] if n in decoded.skipped]
+    return Decoded(decoded.array, rows, kept, {"files": kept, "skipped": skipped})
+
+
+SOURCE = Source(NAME, "images", None, read)
