@@ -51,7 +51,10 @@ def test_release_to_miou(tmp_path, capsys):
 
     capsys.readouterr()
     assert main.run(["-c", "celebamask_vmf.yaml", "-ts", run_dir, *opts]) == 0
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("test (best.pt")
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        printed = [json.loads(line) for line in f][-1]  # the -ts record
+    assert printed["source"] == "-ts"
 
     cfg = load_run_config(run_dir)
     model = build_model(cfg)

@@ -125,10 +125,10 @@ def test_release_run_evaluates_to_its_recorded_test_line(evaluated_release_run):
     # of 32, so only float32 summation order may differ.
     for key in ("loss", "mse", "perplexity"):
         assert ours[1][key] == pytest.approx(deterministic[key], rel=2e-5), key
-    with open(run / "metrics.jsonl") as f:
-        records = [json.loads(line) for line in f]
-    assert records[-1]["split"] == "test" and records[-1]["source"] == "-ts"
-    assert records[-1]["mse"] == pytest.approx(deterministic["mse"], rel=2e-5)
+    # Nothing recorded in the release's folder: it stays byte for byte as it was.
+    assert file_digests(run) == file_digests(RELEASE_RUN)
+    assert any(line.startswith(f"not recorded: {run} is a run folder of the authors' release")
+               for line in lines)
 
 
 def test_dbg_prints_the_release_test_lines_in_its_format(evaluated_release_run):
@@ -237,15 +237,17 @@ def test_a_release_dataset_root_trains_unchanged(tmp_path, small_data, capsys):
     assert "test (" in out
 
 
-def test_report_and_encode_take_a_release_run_folder(tmp_path, small_data):
+@pytest.mark.parametrize("flags", [["--report"], ["--encode", "test"], ["--prior"],
+                                   ["--sample", "4"]])
+def test_what_writes_into_a_release_run_folder_is_refused(tmp_path, small_data, capsys,
+                                                          flags):
+    # A release folder stays byte for byte as it was; the line says how to get a run of
+    # ours (python -m trainer.release import), where these write.
     run = tmp_path / "release"
     shutil.copytree(RELEASE_RUN, run)
-    assert main.run(["-c", "mnist_gauss_1.yaml", "-ts", str(run), "--report", "--encode",
-                     "test", "--limit-batches", "1", "path_dataset", small_data]) == 0
-    assert (run / "report.png").stat().st_size > 10_000
-    from trainer import export
-    decoded = export.decode_codes(str(run), str(run / "codes_test.npz"))
-    assert decoded.shape == (10_000, 1, 28, 28)
-    # The release's own files are as they were.
-    assert file_digests(RELEASE_RUN) == {name: digest for name, digest in file_digests(run).items()
-                                     if name in os.listdir(RELEASE_RUN)}
+    assert main.run(["-c", "mnist_gauss_1.yaml", "-ts", str(run), *flags,
+                     "path_dataset", small_data]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"error: {flags[0]} writes into the run folder, and {run} is a run "
+                           "folder of the authors' release") and "trainer.release import" in line
+    assert file_digests(run) == file_digests(RELEASE_RUN)

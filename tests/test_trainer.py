@@ -63,7 +63,9 @@ def test_mnist_end_to_end_learns_and_reloads(tmp_path, capsys, small_data):
     capsys.readouterr()
     assert main.run(["-c", "mnist_gauss_1.yaml", "-ts", os.path.basename(run_dir),
                      "path", str(tmp_path), "path_dataset", small_data]) == 0
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("test (best.pt, epoch ")  # the summary last: no raw JSON line
+    printed = read_metrics(run_dir)[-1]  # the -ts record
     recorded = records[-1]
     for key in ("loss", "mse", "perplexity", "kld_discrete", "kld_continuous"):
         assert printed[key] == pytest.approx(recorded[key], rel=1e-5), key
