@@ -9,6 +9,9 @@ import sys
 from util.cli import EXIT_INPUT, EXIT_MACHINE, OneLineParser, UsageError, run_command
 
 EPILOG = """examples:
+  python main.py -c mnist_sample.yaml --save
+      a first run, offline: SQ-VAE on the MNIST sample shipped in tests/data (not the
+      paper's setting), in a folder of its own under ./checkpoints/
   python main.py -c mnist_gauss_1.yaml --save
       train on MNIST (downloaded into ./datasets on first use), write a run folder
       under ./checkpoints/mnist_sqvae_gaussian_1/
@@ -108,7 +111,9 @@ def build_parser():
                         help="let cuDNN pick the fastest convolution algorithms (GPU speed; "
                              "results no longer repeat exactly)")
     parser.add_argument("--limit-batches", type=int, metavar="N", dest="limit_batches",
-                        help="at most N train, val and test batches per epoch (smoke runs)")
+                        help="at most N train, val and test batches per epoch, and per epoch "
+                             "of the prior with --prior (smoke runs); --encode, --report and "
+                             "the prior's code grids still take whole splits")
     parser.add_argument("--summary", action="store_true",
                         help="print the resolved config and the parameter counts, then exit")
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE",

@@ -48,6 +48,14 @@ def test_help_is_printed_before_torch_is_imported(how, what, args):
     assert "usage:" in result.stdout
 
 
+def test_limit_batches_says_what_it_limits():
+    import main
+    (action,) = [a for a in main.build_parser()._actions if a.dest == "limit_batches"]
+    text = " ".join(action.help.split())
+    assert "train, val and test batches per epoch" in text and "--prior" in text
+    assert "--encode, --report and the prior's code grids still take whole splits" in text
+
+
 def test_release_help_describes_its_command():
     result = subprocess.run([sys.executable, "-m", "trainer.release", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
