@@ -531,7 +531,7 @@ def test_at_a_temperature_of_0_the_layer_is_the_hard_argmax_never_nan(kind, how)
         layer.anneal(1e12)
     elif how == "default_9e6":
         layer.anneal(9_000_000)  # exp(-90): a float32 subnormal, as the default schedule
-        assert 0 < layer.temperature.item() < HARD_BELOW
+        assert 0 <= layer.temperature.item() < HARD_BELOW  # 0 where subnormals flush
     elif how == "denormal":
         layer.temperature.fill_(1e-44)
     layer.train()
@@ -676,3 +676,26 @@ def test_curves_of_many_runs_leave_the_legend_out(runs, legend):
     assert (ax.get_legend() is not None) == legend
     assert titles == ["Validation MSE per pixel"]
     assert ax.get_title().endswith(f"({runs} runs)") != legend
+
+
+def test_a_dataset_file_that_cannot_be_read_is_not_called_corrupt(capfd, tmp_path,
+                                                                  monkeypatch):
+    import builtins
+
+    from tests.fixtures import write_mnist
+    data = tmp_path / "datasets"  # its own: nothing decoded from it is cached yet
+    write_mnist(str(data), n_train=60, n_test=20)
+    refused = str(data / "MNIST" / "raw" / "train-images-idx3-ubyte")
+    real_open = builtins.open
+
+    def guarded(file, *args, **kwargs):  # chmod 000 does not stop root: refuse by name
+        if os.fspath(file) == refused:
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    from tests.test_failures import train_argv
+    line = fails(capfd, *train_argv(tmp_path / "runs", data))
+    assert f"cannot read {refused}: Permission denied; make it readable" in line
+    assert "corrupt;" not in line and "download it again" not in line
+    assert not (tmp_path / "runs").exists()  # and a dataset error leaves no folder

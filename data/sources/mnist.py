@@ -49,6 +49,9 @@ def _extract_gz(raw_dir):
             with gzip.open(gz, "rb") as f:
                 payload = f.read()
         except (OSError, EOFError, zlib.error) as e:
+            if getattr(e, "errno", None):  # the file system refused (permissions, I/O)
+                raise DatasetError(f"cannot read {gz}: {e.strerror}; make it readable "
+                                   "(it is not known to be corrupt)") from None
             raise DatasetError(f"cannot decompress {gz}: {one_line(e)} "
                                "(truncated or corrupt; download it again)") from None
         try:
@@ -77,6 +80,9 @@ def _file_in_traceback(error, paths):
 def _corrupt_mnist_error(error, images_path, labels_path):
     culprit = _file_in_traceback(error, (images_path, labels_path))
     named = culprit or f"{images_path} or {labels_path}"
+    if isinstance(error, OSError) and error.errno:  # refused, not corrupt: say so
+        return DatasetError(f"cannot read {error.filename or named}: {error.strerror}; make "
+                            "it readable (it is not known to be corrupt)")
     text = one_line(error)
     reason = f"{type(error).__name__}: {text}" if text else type(error).__name__
     reason = reason[:160] + ("..." if len(reason) > 160 else "")
