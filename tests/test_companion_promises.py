@@ -699,3 +699,15 @@ def test_a_dataset_file_that_cannot_be_read_is_not_called_corrupt(capfd, tmp_pat
     assert f"cannot read {refused}: Permission denied; make it readable" in line
     assert "corrupt;" not in line and "download it again" not in line
     assert not (tmp_path / "runs").exists()  # and a dataset error leaves no folder
+
+
+def test_the_temporary_file_of_a_first_save_killed_goes_with_the_next_resume(capfd, tmp_path,
+                                                                           trained, data):
+    run = copy_run(trained, tmp_path)
+    (run / "current.pt").unlink()
+    (run / "best.pt").unlink()
+    left = run / ".current.pt.k1ll3d.tmp"  # what SIGKILL in the first save leaves
+    left.write_bytes(b"x" * 1000)
+    line = fails(capfd, "-c", CONFIG, "--resume", run, "path_dataset", data)
+    assert f"{run / 'current.pt'} does not exist" in line
+    assert not left.exists()
