@@ -132,7 +132,7 @@ _C.flags.var_q = False
 _C.prior = CN()
 # Width of the gated PixelCNN prior over code grids (embedding and both stacks). 32 fits a
 # CPU: a 7x7 MNIST epoch is ~6x faster than at the former 64 x 8 layers x kernel 5, and
-# reaches a lower NLL in the same time (docs/usage.md, "The prior").
+# reaches a lower NLL in the same time (docs/usage.md, "A prior over the codes").
 _C.prior.channels = 32
 # Gated layers; 0: the fewest with which every logit sees every earlier code of the run's
 # grid, ceil((max(H, W) - 1) / (kernel // 2)) (6 for 7x7 at kernel 3, 15 for 16x16).
