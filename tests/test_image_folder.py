@@ -134,28 +134,29 @@ def test_images_of_the_mnist_test_split_give_the_figures_of_its_test_split(
         mnist_runs, small_data, tmp_path):
     """The shipped MNIST test images written out as PNG files named by index (zero-padded, so
     sorted order is file order): -ts --images on them is -ts, to 1e-6 relative. The run
-    evaluates 100 batches of 10 (mnist_runs), so the first 1,000 images are written."""
+    evaluates in batches of 10 (mnist_runs); the first 50 batches, 500 images, are written
+    and compared with -ts --limit-batches 50."""
     run = shutil.copytree(mnist_runs[0], tmp_path / "run")
     folder = tmp_path / "mnist_test_png"
     folder.mkdir()
-    images = mnist.load_mnist_like("MNIST", small_data)["test"][0][:1000]
+    images = mnist.load_mnist_like("MNIST", small_data)["test"][0][:500]
     for i, image in enumerate(images):
         Image.fromarray(image[0]).save(folder / f"{i:05d}.png")
     common = ["-c", "mnist_gauss_1.yaml", "path_dataset", small_data]
-    assert main.run([*common, "-ts", str(run), "--limit-batches", "100"]) == 0
+    assert main.run([*common, "-ts", str(run), "--limit-batches", "50"]) == 0
     test = last_records(run)[-1]
     assert main.run([*common, "-ts", str(run), "--images", str(folder), "--encode",
                      "images"]) == 0
     stochastic, pictures = last_records(run)
     assert test["split"] == "test" and pictures["split"] == "images"
     assert stochastic["split"] == "images_stochastic"
-    assert pictures["folder"] == str(folder) and pictures["pictures"] == 1000
+    assert pictures["folder"] == str(folder) and pictures["pictures"] == 500
     for key in ("mse", "perplexity_split", "loss", "codes_used"):
         assert pictures[key] == pytest.approx(test[key], rel=1e-6), key
     # And their codes, one row per file, named.
     codes = load_codes(os.path.join(run, "codes_images.npz"))
-    assert codes["names"] == [f"{i:05d}.png" for i in range(1000)]
-    assert codes["codes"].shape == (1000, 7, 7)
+    assert codes["names"] == [f"{i:05d}.png" for i in range(500)]
+    assert codes["codes"].shape == (500, 7, 7)
 
 
 def snapshot(folder):
@@ -176,8 +177,11 @@ def test_a_release_run_folder_is_evaluated_on_pictures_and_left_untouched(small_
                      str(folder)]) == 0
     out = capsys.readouterr().out
     assert f"not recorded: {run} is a run folder of the authors' release" in out
-    record = json.loads(out.strip().splitlines()[-1])
-    assert record["split"] == "images" and record["pictures"] == 40
+    assert re.search(r"^images \(best\.pt\): loss \d+\.\d\d, mse/pixel ", out, re.M)
+    assert snapshot(run) == before
+    # Its codes would be written into it: refused in one line, the folder as it was.
+    assert main.run(["-c", "mnist_gauss_1.yaml", "-ts", str(run), "--images", str(folder),
+                     "--encode", "images"]) == 2
     assert snapshot(run) == before
 
 
@@ -240,6 +244,44 @@ def test_grey_32_pixel_training_and_the_vqvae_baseline(tmp_path):
     assert main.run(["-c", "images_vqvae.yaml", "-ts", run, "--sample", "3"]) == 0
     with Image.open(os.path.join(run, "samples.png")) as samples:
         assert samples.size[1] >= 32
+
+
+def test_the_cache_is_reused_and_rebuilt_when_a_picture_or_the_size_changes(tmp_path):
+    readable = write_mixed_folder(tmp_path)
+    cache_file = tmp_path / ".sqvae-cache" / "pictures_3x32.npy"
+
+    def load(size=32):
+        cfg = load_config("images_gauss_1", ["path_dataset", str(tmp_path), "dataset.image_size",
+                                             str(size)])
+        return data.build_picture_loader(cfg, str(tmp_path), batch_size=8)
+
+    first = load()
+    built = (os.stat(cache_file).st_ino, os.stat(cache_file).st_mtime_ns)
+    assert first.names == readable and first.record["skipped"] == ["nested/broken.jpg"]
+    from data import pictures
+    pictures._DECODED.clear()  # a new process: only the file on disk is left
+    again = load()
+    assert (os.stat(cache_file).st_ino, os.stat(cache_file).st_mtime_ns) == built
+    x_first, x_again = next(iter(first))[0], next(iter(again))[0]
+    assert x_first.shape == (8, 3, 32, 32) and (x_first == x_again).all()
+    # A picture replaced: rebuilt, and the new pixels are read.
+    target = tmp_path / readable[0]
+    Image.new("RGB", (50, 50), (255, 0, 0)).save(target, format="JPEG" if
+                                                  target.suffix == ".jpg" else "PNG")
+    red = load()
+    assert (os.stat(cache_file).st_ino, os.stat(cache_file).st_mtime_ns) != built
+    first_red = next(iter(red))[0][0]
+    assert first_red[0].mean() > 0.95 and first_red[1].mean() < 0.05
+    # Another size is another cache, beside it.
+    assert load(28).array.shape[1:] == (3, 28, 28)
+    assert (tmp_path / ".sqvae-cache" / "pictures_3x28.npy").is_file() and cache_file.is_file()
+
+
+def test_images_of_a_label_map_run_are_refused(tmp_path):
+    smooth(np.random.default_rng(0), 20, 20).save(tmp_path / "a.png")
+    with pytest.raises(data.DatasetError, match="--images reads pictures, but a CelebAMask_HQ "
+                       "run reconstructs labels"):
+        data.build_picture_loader(load_config("celebamask_vmf"), str(tmp_path), batch_size=1)
 
 
 # ----------------------------------------------------------------------------- splits

@@ -9,7 +9,6 @@ Everything here raises the project's one-line errors (ConfigError, DatasetError,
 RunError, DeviceError: input the user can fix; TrainingError: the run cannot go on) or
 Interrupted (Ctrl-C or SIGTERM, with the resume command where there is one).
 """
-import json
 import os
 import shlex
 import sys
@@ -219,12 +218,7 @@ def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=Fa
         records = trainer.test(best["epoch"], source="-ts")
         if not dist.is_main():
             return 0
-        if release_format.is_release_run(run_dir):
-            print(f"not recorded: {run_dir} is a run folder of the authors' release, which "
-                  "is left untouched (python -m trainer.release import makes it a run of "
-                  "ours, whose -ts records go to its metrics.jsonl)")
-        else:
-            runs.append_metrics(run_dir, records)
+        record_unless_release(run_dir, records)
         if encode or report:
             write_outputs(run_dir, run_cfg, model, device, report=report, encode=encode,
                           recorded=recorded)
@@ -251,12 +245,7 @@ def test_images(run_dir, cfg, model, best, device, *, folder, dbg, limit_batches
                            pictures=loader.dataset_size)
     if not dist.is_main():
         return 0
-    if release_format.is_release_run(run_dir):
-        print(f"not recorded: {run_dir} is a run folder of the authors' release, which is "
-              "left untouched")
-    else:
-        runs.append_metrics(run_dir, records)
-    print(json.dumps(records[-1]))
+    record_unless_release(run_dir, records)
     if encode:
         from . import export
         # Every picture (whatever --limit-batches or torchrun say), in file order.
@@ -265,6 +254,17 @@ def test_images(run_dir, cfg, model, best, device, *, folder, dbg, limit_batches
         path = export.write_codes(run_dir, cfg, "images", codes, model, names=whole.names)
         print(f"codes of the {len(whole.names)} pictures under {folder} {codes.shape}: {path}")
     return 0
+
+
+def record_unless_release(run_dir, records):
+    """-ts records go to the run's metrics.jsonl; a run folder of the authors' release is
+    left untouched, and the line says so."""
+    if release_format.is_release_run(run_dir):
+        print(f"not recorded: {run_dir} is a run folder of the authors' release, which "
+              "is left untouched (python -m trainer.release import makes it a run of "
+              "ours, whose -ts records go to its metrics.jsonl)")
+    else:
+        runs.append_metrics(run_dir, records)
 
 
 def release_writes(run_dir, flag):
