@@ -31,9 +31,10 @@ def codes_file(split):
 
 # The config sections that define a model (the others say where files are and how to train).
 MODEL_SECTIONS = ("dataset", "model", "network", "quantization", "flags")
-# Keys of those sections that dataset.shape restates: left out, so the hash of a config is
-# the one it had before they existed.
-RESTATED = {"dataset": ("channels", "image_size")}
+# Keys of those sections that change no number a model computes: what dataset.shape restates,
+# and the memory layout. Left out, so the hash of a config is the one it had before they
+# existed.
+RESTATED = {"dataset": ("channels", "image_size"), "network": ("channels_last",)}
 
 
 def config_hash(cfg):
