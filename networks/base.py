@@ -78,6 +78,12 @@ class CodebookAutoencoder(nn.Module):
         with self.conv_precision(z_q):
             return self.decoder(z_q).to(self.codebook.dtype)
 
+    def before_train_step(self, step):
+        """The trainer's one per-step hook, called before training step `step` (the global
+        count from 1): the figures it returns are logged with that step's records. A model
+        with nothing scheduled returns none."""
+        return {}
+
     def quantize(self, z, log_var, mode):
         """(z_q, aux) of the quantizer layer in `mode`."""
         if log_var is None:

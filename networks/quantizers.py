@@ -13,11 +13,13 @@ Contract, the same for all three::
 * ``aux["loss"]``: a 0-dim tensor to add to the objective; ``aux["codes"]``: int64 indices of
   z's shape without the dim axis; ``aux["perplexity"]``: exp of the entropy of the batch's
   average code usage. Further entries are listed with each layer.
-* ``layer.train()``: Gumbel-softmax relaxation at temperature ``layer.temperature``;
-  ``layer.eval()``: the argmax code. ``mode=`` ("train", "deterministic", "stochastic")
+* ``layer.train()``: Gumbel-softmax relaxation at temperature ``layer.temperature`` (the
+  stochastic layers; VectorQuantizer always takes the nearest code); ``layer.eval()``: the
+  argmax code. ``mode=`` ("train", "deterministic", "stochastic")
   overrides that choice; "stochastic" samples each code from its softmax.
-* ``layer.anneal(step)`` sets the temperature for a global training step,
-  tau = max(temperature_init * exp(-temperature_decay * step), temperature_min).
+* ``layer.anneal(step)`` (the stochastic layers) sets the temperature for a global training
+  step, tau = max(temperature_init * exp(-temperature_decay * step), temperature_min), and
+  returns it.
 
 **How the SQ loss is reduced.** ``aux["loss"] = kld_discrete + kld_continuous``, each *summed*
 over positions and codes (or dimensions) and *averaged over the batch* (axis 0): a per-example
@@ -138,40 +140,19 @@ def _position_major(t):
 
 
 class CodebookLayer(nn.Module):
-    """What the three layers share: the K x dim codebook, the temperature and its schedule,
-    the layout of z, the precision, and the choice of mode."""
+    """What the three layers share: the K x dim codebook, the layout of z, the precision, and
+    the choice of mode."""
 
-    def __init__(self, dim, codebook_size, *, init, trainable, channel_last,
-                 temperature_init, temperature_decay, temperature_min):
+    def __init__(self, dim, codebook_size, *, init, trainable, channel_last):
         super().__init__()
         _check_count("dim", dim)
         _check_count("codebook_size", codebook_size)
         if init not in CODEBOOK_INITS:
             raise ValueError(f"unknown init {_shown(init)}; use one of "
                              f"{', '.join(CODEBOOK_INITS)}")
-        for name, value in (("temperature_init", temperature_init),
-                            ("temperature_decay", temperature_decay),
-                            ("temperature_min", temperature_min)):
-            _check_real(name, value, low=0.0)
         self.dim, self.codebook_size, self.channel_last = dim, codebook_size, channel_last
         self.codebook = nn.Parameter(CODEBOOK_INITS[init](codebook_size, dim),
                                      requires_grad=trainable)
-        self.schedule = (float(temperature_init), float(temperature_decay),
-                         float(temperature_min))
-        # A buffer, so annealing is an in-place fill: no recompilation, no host sync.
-        self.register_buffer("temperature", torch.tensor(float(temperature_init)),
-                             persistent=False)
-
-    def temperature_at(self, step):
-        """The schedule's temperature at global step `step` (a finite number >= 0). It may
-        reach 0 (temperature_init 0, or exp underflowing after ~1e7 steps of the default
-        schedule): the layer then takes the hard argmax of the perturbed logits."""
-        _check_real("step", step, low=0.0)
-        init, decay, floor = self.schedule
-        return max(init * math.exp(-decay * float(step)), floor)
-
-    def anneal(self, step):
-        self.temperature.fill_(self.temperature_at(step))
 
     def code_vectors(self):
         """The rows z_q is made of."""
@@ -229,16 +210,39 @@ class CodebookLayer(nn.Module):
 
 
 class _StochasticLayer(CodebookLayer):
-    """The SQ layers: a learned scalar s beside the codebook, and the KL terms as the loss;
-    subclasses give the quantizer (QUANTIZE) and its sigma_q^2 or kappa_q (param_q)."""
+    """The SQ layers: a learned scalar s beside the codebook, the Gumbel-softmax temperature
+    and its schedule, and the KL terms as the loss; subclasses give the quantizer (QUANTIZE)
+    and its sigma_q^2 or kappa_q (param_q)."""
 
     def __init__(self, dim, codebook_size, log_param_q_init, channel_last, temperature_init,
                  temperature_decay, temperature_min):
         super().__init__(dim, codebook_size, init="normal", trainable=True,
-                         channel_last=channel_last, temperature_init=temperature_init,
-                         temperature_decay=temperature_decay, temperature_min=temperature_min)
+                         channel_last=channel_last)
+        for name, value in (("temperature_init", temperature_init),
+                            ("temperature_decay", temperature_decay),
+                            ("temperature_min", temperature_min)):
+            _check_real(name, value, low=0.0)
+        self.schedule = (float(temperature_init), float(temperature_decay),
+                         float(temperature_min))
+        # A buffer, so annealing is an in-place fill: no recompilation, no host sync.
+        self.register_buffer("temperature", torch.tensor(float(temperature_init)),
+                             persistent=False)
         _check_real("log_param_q_init", log_param_q_init)
         self.log_param_q_scalar = nn.Parameter(torch.tensor(float(log_param_q_init)))
+
+    def temperature_at(self, step):
+        """The schedule's temperature at global step `step` (a finite number >= 0). It may
+        reach 0 (temperature_init 0, or exp underflowing after ~1e7 steps of the default
+        schedule): the layer then takes the hard argmax of the perturbed logits."""
+        _check_real("step", step, low=0.0)
+        init, decay, floor = self.schedule
+        return max(init * math.exp(-decay * float(step)), floor)
+
+    def anneal(self, step):
+        """Set the temperature of global training step `step`; returns it."""
+        value = self.temperature_at(step)
+        self.temperature.fill_(value)
+        return value
 
     def _quantize(self, z, log_var, mode):
         param = self.param_q(log_var)
@@ -330,7 +334,7 @@ class VmfQuantizer(_StochasticLayer):
 class VectorQuantizer(CodebookLayer):
     """VQ-VAE's quantizer (docs/vqvae.md): every position takes its nearest code e, and z_q =
     z + sg(e - z) passes the decoder's gradient straight through to z. Every mode picks the
-    nearest code; the temperature arguments only keep one schedule for every layer.
+    nearest code: it has no temperature.
 
     aux: loss = loss_codebook + loss_commit, with loss_codebook = mean (sg(z) - e)^2 (0 with
     ``ema``) and loss_commit = beta * mean (z - sg(e))^2, means over all elements; perplexity
@@ -343,11 +347,9 @@ class VectorQuantizer(CodebookLayer):
     """
 
     def __init__(self, dim, codebook_size, beta=0.25, ema=False, decay=0.99, init="uniform",
-                 channel_last=False, *, eps=1e-5, temperature_init=1.0, temperature_decay=1e-5,
-                 temperature_min=0.0):
+                 channel_last=False, *, eps=1e-5):
         super().__init__(dim, codebook_size, init=init, trainable=not ema,
-                         channel_last=channel_last, temperature_init=temperature_init,
-                         temperature_decay=temperature_decay, temperature_min=temperature_min)
+                         channel_last=channel_last)
         _check_real("beta", beta, low=0.0)
         _check_real("decay", decay, low=0.0)
         _check_real("eps", eps, low=0.0)

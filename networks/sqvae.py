@@ -30,6 +30,10 @@ class SQVAE(CodebookAutoencoder):
             return VmfQuantizer(**args)
         return GaussianQuantizer(variance=cfg.model.param_var_q, **args)
 
+    def before_train_step(self, step):
+        """Anneal the Gumbel-softmax temperature (docs/model.md §3.6); it is logged."""
+        return {"temperature": self.quantizer.anneal(step)}
+
     def loss_terms(self, x_hat, x, aux):
         terms = self.reconstruction_terms(x_hat, x)
         terms["kld_discrete"] = aux["kld_discrete"]

@@ -17,7 +17,7 @@ Loss, every term a mean over its elements (N = B * H * W latent positions):
 `mse` is reported exactly as for the SQ-VAE (squared error summed per image, mean over
 images). See the VQVAE class docstring for why these reductions, and for the EMA codebook.
 """
-from .base import CodebookAutoencoder, schedule_of
+from .base import CodebookAutoencoder
 from .losses import squared_error
 from .quantizers import VectorQuantizer
 
@@ -63,13 +63,12 @@ class VQVAE(CodebookAutoencoder):
     codes reach the outputs within ~20 steps. Measured figures: docs/results.md.
     """
 
-    TERMS = ("loss", "loss_rec", "loss_codebook", "loss_commit", "perplexity", "entropy", "mse")
+    TERMS = ("loss", "loss_rec", "loss_codebook", "loss_commit", "perplexity", "mse")
 
     def build_quantizer(self, cfg):
         q = cfg.quantization
         return VectorQuantizer(q.dim_code, q.size_dict, beta=cfg.model.beta, ema=q.ema,
-                               decay=q.ema_decay, init=q.init, eps=float(q.ema_eps),
-                               **schedule_of(cfg))
+                               decay=q.ema_decay, init=q.init, eps=float(q.ema_eps))
 
     def loss_terms(self, x_hat, x, aux):
         mse = squared_error(x_hat, x)
@@ -80,7 +79,5 @@ class VQVAE(CodebookAutoencoder):
             "loss_codebook": aux["loss_codebook"],
             "loss_commit": aux["loss_commit"],
             "perplexity": aux["perplexity"],
-            # No distribution over codes: the assignment is one-hot, its entropy 0.
-            "entropy": mse.new_zeros(()),
             "mse": mse.detach(),
         }

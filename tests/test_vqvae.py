@@ -15,6 +15,7 @@ import main
 from configs import ConfigError, load_config
 from networks import MODEL_REGISTRY, VQVAE, build_model, count_parameters
 from tests.helpers import make_input, make_model
+from trainer import runs
 
 MODES = ("train", "deterministic", "stochastic")
 
@@ -211,7 +212,6 @@ def test_forward_backward_in_every_mode(ema):
         assert set(terms) == set(VQVAE.TERMS) | {"codes"}
         assert all(terms[k].dim() == 0 and torch.isfinite(terms[k]) for k in VQVAE.TERMS)
         assert terms["codes"].shape == (3, 7, 7)
-        assert terms["entropy"].item() == 0.0
         assert terms["loss"].item() == pytest.approx(
             (terms["loss_rec"] + terms["loss_codebook"] + terms["loss_commit"]).item())
         assert terms["mse"].item() == pytest.approx(((x_hat - x) ** 2).sum().item() / 3,
@@ -230,7 +230,7 @@ def test_forward_backward_in_every_mode(ema):
     assert torch.equal(model.encode(x), outputs[0][1]["codes"])
     # z + (e - z) is e only up to float rounding, hence allclose.
     assert torch.allclose(model.decode(model.encode(x)), outputs[0][0], atol=1e-6)
-    model.quantizer.temperature.fill_(0.5)  # one schedule for every layer; changes nothing
+    assert model.before_train_step(1000) == {}  # no temperature, nothing scheduled
     assert torch.equal(model(x, "deterministic")[0], outputs[0][0])
     with pytest.raises(ValueError):
         model(x, "soft")
@@ -282,3 +282,14 @@ def test_vqvae_uses_a_quarter_of_its_codebook_after_800_steps_on_full_mnist(tmp_
                      "800", "train.epoch_max", "1", "test.bs", "500", "path", str(tmp_path),
                      "path_dataset", full_data]) == 0
     assert last_test(only_run(str(tmp_path), "mnist_vqvae"))["codes_used"] >= 32
+
+
+def test_vq_runs_log_no_temperature_and_no_entropy(mnist_runs):
+    # Only the stochastic quantizers have a temperature and a code distribution; the SQ-VAE run
+    # of the same budget records both at every step it logs.
+    sq_run, vq_run = mnist_runs
+    for run, has in ((sq_run, True), (vq_run, False)):
+        records = runs.read_metrics(run)
+        assert records and all(("temperature" in r) == has for r in records
+                                if r["split"] in ("train_step", "train", "val"))
+        assert all(("entropy" in r) == has for r in records if "loss" in r)

@@ -103,9 +103,11 @@ class Display:
                     if key not in ("epoch", "split", "step", "seconds"):
                         tb.add_scalar(f"step/{key}", value, entry["step"])
         quality = ("acc", entry["acc"]) if "acc" in entry else ("mse", entry["mse"])
-        bar.set_postfix({"loss": f"{entry['loss']:.1f}", quality[0]: f"{quality[1]:.4g}",
-                         "ppl": f"{entry['perplexity']:.1f}",
-                         "tau": f"{entry['temperature']:.3g}"}, refresh=False)
+        shown = {"loss": f"{entry['loss']:.1f}", quality[0]: f"{quality[1]:.4g}",
+                 "ppl": f"{entry['perplexity']:.1f}"}
+        if "temperature" in entry:  # the stochastic quantizers' only
+            shown["tau"] = f"{entry['temperature']:.3g}"
+        bar.set_postfix(shown, refresh=False)
 
     def records(self, entries, step=None):
         """Per-epoch (or test) records of each split to TensorBoard, at `step`, or at each

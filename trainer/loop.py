@@ -1,6 +1,7 @@
 """The training loop of docs/model.md §5, readable top to bottom.
 
-Each epoch: train over the training loader (temperature set before every iteration),
+Each epoch: train over the training loader (the model's per-step hook, the SQ-VAE's
+temperature, before every iteration),
 then validate twice (stochastic, then deterministic; the deterministic result is the one
 recorded, stepped into ReduceLROnPlateau and compared for "best"). With a run folder:
 ``best.pt`` when the validation loss is at most the best so far, ``current.pt`` after
@@ -123,6 +124,7 @@ class Trainer:
         self.interval = MeanMeter(self.keys)
         self.interval_codes = CodeHistogram(model.codebook.shape[0])
         self.train_seconds = 0.0
+        self.step_figures = {}  # what the model's per-step hook returned for the last step
         self._signal = None
         # The first non-finite step and its terms, kept on the device until the next check.
         self._bad_step = torch.full((), -1, dtype=torch.long, device=device)
@@ -169,6 +171,7 @@ class Trainer:
         self.interval_codes.load_state_dict(state["interval_codes"], self.device)
         self.train_seconds = state["train_seconds"]
         self._step_counter.fill_(self.step)
+        self.step_figures = self.model.before_train_step(self.step) if self.step else {}
         ranks = state.get("rng_ranks") or [state["rng"]]
         set_rng_state(ranks[dist.rank()] if len(ranks) == dist.world_size() else state["rng"])
         # A kill between writing current.pt and appending its records leaves them out of
@@ -203,7 +206,7 @@ class Trainer:
     def record(self, split, metrics, seconds, **extra):
         entry = {"epoch": self.epoch, "split": split, "step": self.step, **metrics,
                  "lr": self.optimizer.param_groups[0]["lr"],
-                 "temperature": self.model.quantizer.temperature_at(self.step),
+                 **self.step_figures,
                  "seconds": seconds, **extra}
         self.history.append(entry)
         self.unwritten.append(entry)
@@ -272,7 +275,7 @@ class Trainer:
         bar.update(self.batch * loader.batch_size)
         for x, _ in islice(loader.iter_from(self.batch), n_batches - self.batch):
             self.step = (self.epoch - 1) * n_batches + self.batch + 1
-            model.quantizer.anneal(self.step)
+            self.step_figures = model.before_train_step(self.step)
             self.optimizer.zero_grad(set_to_none=True)
             _, terms = self.train_model(x, "train", codes=True)
             terms["loss"].backward()

@@ -21,7 +21,8 @@ PANELS = (
     ("val", "entropy", "Code entropy per position (SQ-VAE, validation)", "nats", True),
     ("train", "param_q", r"Quantizer variance $\sigma^2_q$ (SQ-VAE, epoch mean)",
      r"$\sigma^2_q$", True),
-    # VQ-VAE records a temperature and a zero entropy it never uses.
+    # VQ-VAE runs record neither (runs of before 2026-12 did: a constant temperature and a
+    # zero entropy), so these panels leave them out by the last column.
     ("train", "temperature", "Gumbel-softmax temperature (SQ-VAE, end of epoch)",
      r"$\tau$", True),
 )
