@@ -16,17 +16,27 @@ import fnmatch
 import io
 import json
 import os
+import secrets
 import stat
-import tempfile
 
 from .links import UnsafeLink, open_no_follow, unsafe
 from .lock import FileLock
 
-# mkstemp creates files readable by their owner only; run folders are meant to be shared
-# like any file the user writes, so apply the process umask as open() would.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
+# Files are created with mode 0o666 and the kernel applies the process umask, as open() does
+# for any file the user writes (mkstemp's 0o600 would hide run folders from their group).
+FILE_MODE = 0o666
+
+
+def _new_temp_file(folder, name):
+    """(fd, path) of a new file beside `name` in `folder`, opened write-only. O_EXCL never opens
+    an existing name, a link included."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, FILE_MODE), tmp
+        except FileExistsError:
+            continue
 
 
 def refuse_links(folder, patterns, subfolders=()):
@@ -118,9 +128,7 @@ def atomic_write_bytes(path, data, *, durable=True, stream_special=False):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
-        # O_EXCL: mkstemp never opens an existing name, a link included.
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                                   dir=folder)
+        fd, tmp = _new_temp_file(folder, os.path.basename(path))
     except OSError as e:
         raise _named(e, path) from None
     try:
@@ -129,7 +137,6 @@ def atomic_write_bytes(path, data, *, durable=True, stream_special=False):
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
         # A special file that appeared meanwhile is still never replaced.
         try:
             now = os.lstat(path)
@@ -245,7 +252,7 @@ def check_writable(folder):
     if not os.path.isdir(existing):
         return f"cannot write to {folder}: {os.strerror(errno.ENOTDIR)} ({existing})"
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=existing)
+        fd, tmp = _new_temp_file(existing, "write-test")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
