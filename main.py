@@ -42,8 +42,9 @@ companion commands (each explains itself with --help):
   python benchmarks/gpu_check.py
       every GPU path once (cuDNN settings, AMP, compile, -ts, prior, vMF, torchrun), one
       table; a check of a CUDA machine
-  python benchmarks/bench.py CONFIG ...
-      throughput, epoch time and memory per experiment
+  python benchmarks/bench.py --check
+      the speed guard: exit 1 when a training step got slower than its committed limit;
+      -c CONFIG ... for throughput, epoch time and memory per experiment
 """
 
 

@@ -164,7 +164,7 @@ def companion_commands():
 
 def test_help_ends_with_the_companion_commands():
     assert main.build_parser().format_help().rstrip().endswith(
-        "throughput, epoch time and memory per experiment")
+        "-c CONFIG ... for throughput, epoch time and memory per experiment")
     assert {target for _, target in companion_commands()} >= {
         "trainer.compare", "trainer.release", "data.prepare_celebamask_hq",
         "benchmarks/gpu_check.py", "benchmarks/bench.py"}

@@ -18,6 +18,7 @@ COMMANDS = [
     ("module", "data.prepare_celebamask_hq", []),
     ("path", "benchmarks/prepare_celebamask_hq.py", []),
     ("path", "benchmarks/gpu_check.py", []),
+    ("path", "benchmarks/bench.py", []),
 ]
 
 PROBE = """
