@@ -25,7 +25,7 @@ import numpy as np
 import PIL
 from tqdm import tqdm
 
-from util.cli import one_line
+from util.text import one_line
 from util.io import atomic_write_text
 from util.lock import FileLock
 from util.signals import worker_pool

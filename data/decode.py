@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from util.cli import one_line
+from util.text import one_line
 
 from .errors import DatasetError
 

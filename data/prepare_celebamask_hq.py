@@ -39,7 +39,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from util.cli import EXIT_INPUT, OneLineParser, one_line, run_command
+from util.cli import EXIT_INPUT, OneLineParser, run_command
+from util.text import one_line
 from util.io import UnsafeLink, atomic_save, atomic_write_bytes, atomic_write_text
 from util.lock import FileLock, LockHeld
 from util.signals import worker_pool

@@ -15,6 +15,7 @@ import os
 import sys
 
 from .signals import interrupt_status, sigterm_as_interrupt
+from .text import one_line
 
 EXIT_MACHINE, EXIT_INPUT = 1, 2
 
@@ -44,12 +45,6 @@ class Stopped(Exception):
     def __init__(self, code, message):
         super().__init__(message)
         self.code = code
-
-
-def one_line(text):
-    """`text` with its line breaks (and the blanks around them) made single spaces."""
-    text = str(text)
-    return " ".join(text.split()) if "\n" in text or "\r" in text else text
 
 
 def say(line):

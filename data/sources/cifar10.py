@@ -12,7 +12,7 @@ import pickle
 import numpy as np
 import torchvision.datasets as tvd
 
-from util.cli import one_line
+from util.text import one_line
 
 from ..errors import DatasetError
 from .layouts import cached, carve_val, carved_split_sizes, find_folder

@@ -11,7 +11,7 @@ import contextlib
 import os
 import socket
 
-from util.cli import one_line
+from util.text import one_line
 
 from ..errors import DatasetError
 

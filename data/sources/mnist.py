@@ -11,7 +11,7 @@ import zlib
 
 import torchvision.datasets as tvd
 
-from util.cli import one_line
+from util.text import one_line
 from util.io import atomic_write_bytes
 
 from ..errors import DatasetError
