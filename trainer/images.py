@@ -23,11 +23,6 @@ def to_display(x, x_hat, labels):
     return displayable(x, labels), displayable(x_hat.argmax(1) if labels else x_hat, labels)
 
 
-def as_hwc(images):
-    """N x C x H x W tensor -> N x H x W x C float array on the host."""
-    return images.permute(0, 2, 3, 1).float().cpu().numpy()
-
-
 @torch.no_grad()
 def reconstruction_grid(model, x, n=GRID_IMAGES):
     """The first `n` images of `x` above their deterministic reconstructions, C x H x W."""
@@ -37,8 +32,8 @@ def reconstruction_grid(model, x, n=GRID_IMAGES):
     x_hat, _ = model(x, "deterministic")
     model.train(was_training)
     top, bottom = to_display(x, x_hat, model.OUTPUTS == "labels")
-    grid, _ = layout(as_hwc(top), as_hwc(bottom), columns=len(x))
-    return torch.from_numpy(grid).permute(2, 0, 1)
+    grid, _ = layout(top.cpu(), bottom.cpu(), columns=len(x))
+    return grid
 
 
 def save_reconstructions(model, x, paths):

@@ -1,15 +1,10 @@
-"""``main.py -ts RUN --report``: a one-page picture of a trained run.
+"""``main.py -ts RUN --report``: ``report.png`` and its three panels ``report_curves.png``,
+``report_codebook.png`` and ``report_reconstructions.png``, drawn by util/figures.py.
 
-Gathers the data (metrics.jsonl, the best.pt model, the test split) and hands it to the
-plotting functions of ``util/figures.py``; writes ``report.png`` and its three panels
-``report_curves.png``, ``report_codebook.png`` and ``report_reconstructions.png`` into the
-run folder, atomically.
-
-* curves: loss, reconstruction quality, perplexity, sigma_q^2 or kappa_q, code entropy and
-  codes in use against the step. The training line is the ``train_step`` records (means over
-  ``log.every_steps`` steps) where the run logged them, else the per-epoch ``train`` records;
-  the deterministic validation (``val``) of each epoch is drawn as markers.
-* codebook: the usage histogram of the deterministic codes over the whole test split.
+* curves against the step: the ``train_step`` records (means over ``log.every_steps``
+  steps) where the run logged them, else the per-epoch ``train`` records; the deterministic
+  validation (``val``) of each epoch as markers.
+* codebook: the usage of the deterministic codes over the whole test split.
 * reconstructions: the first test images above their deterministic reconstructions.
 """
 import os
@@ -21,7 +16,7 @@ from util.codes import CodeUsage
 from util.io import atomic_write_bytes
 
 from . import export, runs
-from .images import as_hwc, to_display
+from .images import to_display
 
 NAMES = ("report", "report_curves", "report_codebook", "report_reconstructions")
 RECONSTRUCTIONS = 16
@@ -45,8 +40,8 @@ def training_records(records):
 
 @torch.no_grad()
 def reconstruction_arrays(model, loader, n=RECONSTRUCTIONS):
-    """The first `n` images of `loader` and their deterministic reconstructions as N x H x W x C
-    arrays in [0, 1] (label maps coloured), and a caption with their error."""
+    """The first `n` images of `loader` and their deterministic reconstructions, ready to show
+    (on the host), and a caption with their error."""
     model.eval()
     images, count = [], 0
     for x, _ in loader:
@@ -63,7 +58,7 @@ def reconstruction_arrays(model, loader, n=RECONSTRUCTIONS):
         caption = f"pixel accuracy {float(correct.float().mean()):.3f}"
     else:
         caption = f"MSE per pixel {float(((x_hat.clamp(0, 1) - x) ** 2).mean()):.4f}"
-    return as_hwc(top), as_hwc(bottom), caption
+    return top.cpu(), bottom.cpu(), caption
 
 
 def _fmt(record, key, spec):
@@ -92,9 +87,7 @@ def report_title(run_dir, cfg, train, records):
 
 def write_report(run_dir, cfg, model, test_loader, test_codes=None):
     """Write report.png and its panels into `run_dir`; returns {name: {"path", "titles"}}.
-
-    `test_codes` (N x H x W) are the deterministic codes of the whole test split when the
-    caller already has them (``--encode test``); otherwise they are computed here."""
+    `test_codes`: the test split's codes where the caller has them (``--encode test``)."""
     records = runs.read_metrics(run_dir)
     train, train_label, val = training_records(records)
     if test_codes is None:
@@ -105,7 +98,7 @@ def write_report(run_dir, cfg, model, test_loader, test_codes=None):
         curves=dict(train=train, val=val, quality="acc" if model.OUTPUTS == "labels"
                     else "mse_pixel", variant=cfg.model.param_var_q,
                     band=cfg.flags.var_q, num_codes=size, train_label=train_label),
-        codebook=dict(counts=CodeUsage.from_codes(test_codes, size).counts, split="test"),
+        codebook=dict(usage=CodeUsage.from_codes(test_codes, size), split="test"),
         reconstructions=dict(originals=originals, reconstructions=recons,
                              caption=caption),
         title=report_title(run_dir, cfg, train, records))

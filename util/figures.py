@@ -1,13 +1,9 @@
-"""Figures of a run report, drawn from plain data (metric records, arrays).
+"""Figures of a run report, drawn from plain data (metric records, code usage, images).
 
-Every ``draw_*`` function draws into a matplotlib Figure or SubFigure and returns the
-titles of the axes it made, so the same code fills the separate panels and the combined
-``report.png``, and a caller can check which panels were drawn.
-
-Figures are ``matplotlib.figure.Figure`` objects rendered by the Agg canvas directly: no
-pyplot, so nothing needs a display, no global figure registry grows when many runs are
-reported from one process, and an interactive session that imports this module keeps
-its own backend.
+Every ``draw_*`` function draws into a Figure or SubFigure and returns the titles of the axes
+it made, so the same code fills the separate panels and the combined ``report.png``. Figures
+are rendered by the Agg canvas directly, without pyplot: nothing needs a display, no global
+figure registry grows, and an interactive session keeps its own backend.
 """
 import io
 import math
@@ -16,8 +12,6 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-
-from util.grid import reconstruction_grid
 
 TRAIN_COLOR, VAL_COLOR, GUIDE_COLOR = "tab:blue", "tab:orange", "0.45"
 DPI = 100
@@ -45,16 +39,14 @@ def _column(records, key):
 
 
 def spans_decades(values, factor=10.0):
-    """Whether a log axis reads better: all values positive and at least `factor` apart (on
-    a narrower range a log axis only adds awkward tick labels)."""
+    """Whether a log axis reads better: all values positive and at least `factor` apart."""
     positive = [v for v in values if v > 0]
     return bool(positive) and len(positive) == len(values) \
         and max(positive) / min(positive) >= factor
 
 
 def quantizer_label(variant):
-    """Axis label and title of the quantizer parameter panel for a quantizer variant (the
-    config's model.param_var_q: gaussian_1 .. gaussian_4, or vmf)."""
+    """Axis label and title of the quantizer parameter panel for model.param_var_q."""
     if variant == "vmf":
         return r"$\kappa_q$", r"Quantizer concentration $\kappa_q$ (vMF)"
     roman = ROMAN.get(variant, variant)
@@ -62,9 +54,8 @@ def quantizer_label(variant):
 
 
 def curve_panels(quality, variant, num_codes, band):
-    """The panels of the training-curve figure: (key, title, y label, log scale, guide line
-    as (value, label) or None, draw the min-max band). Log scale None means: where the
-    values span a decade or more."""
+    """The training-curve panels: (key, title, y label, log scale (None: where the values span
+    a decade), guide line as (value, label) or None, draw the min-max band)."""
     param_axis, param_title = quantizer_label(variant)
     if quality == "acc":
         quality_panel = ("acc", "Reconstruction accuracy", "pixel accuracy", False, None, False)
@@ -86,10 +77,9 @@ def curve_panels(quality, variant, num_codes, band):
 
 def draw_curves(fig, train, val, *, quality="mse_pixel", variant="gaussian_1", band=False,
                 num_codes=None, train_label="train"):
-    """Training curves against the step: `train` records as a line, `val` records as
-    markers. `band` draws the quantizer parameter's min-max band (a variance per position:
-    variants II-IV). Panels whose key no record holds are left out. Returns the axes
-    titles."""
+    """Training curves against the step: `train` records as a line, `val` records as markers,
+    `band`: the quantizer parameter's min-max band (variants II-IV). Panels whose key no record
+    holds are left out."""
     panels = [p for p in curve_panels(quality, variant, num_codes or 0, band)
               if _column(train, p[0])[0] or _column(val, p[0])[0]]
     if not panels:
@@ -137,16 +127,11 @@ def draw_curves(fig, train, val, *, quality="mse_pixel", variant="gaussian_1", b
     return titles
 
 
-def draw_codebook(fig, counts, split="test"):
-    """Code usage over a split, codes sorted by frequency (most used first), with the
-    cumulative share on a second axis. Returns the axes title."""
-    counts = np.asarray(counts, dtype=np.int64)
-    size, total = len(counts), int(counts.sum())
-    order = np.sort(counts)[::-1]
-    share = order / max(total, 1)
-    used = int((counts > 0).sum())
-    q = share[share > 0]
-    perplexity = float(np.exp(-(q * np.log(q)).sum())) if total else 0.0
+def draw_codebook(fig, usage, split="test"):
+    """Code usage (util.codes.CodeUsage) over a split, codes sorted by frequency (most used
+    first), with the cumulative share on a second axis."""
+    size, total, used = len(usage.counts), usage.total, usage.codes_used
+    share = np.sort(usage.counts)[::-1] / max(total, 1)
     ax = fig.add_subplot()
     ax.bar(np.arange(1, size + 1), share, width=1.0, color=TRAIN_COLOR, label="share of positions")
     ax.set_xlim(0.5, size + 0.5)
@@ -164,22 +149,18 @@ def draw_codebook(fig, counts, split="test"):
     handles = ax.get_legend_handles_labels()[0] + cumulative.get_legend_handles_labels()[0]
     cumulative.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
     title = (f"Codebook usage on the {split} split ({total:,} positions)\n"
-             f"perplexity {perplexity:.1f} of K = {size}, {used} of {size} codes in use")
+             f"perplexity {usage.perplexity:.1f} of K = {size}, {used} of {size} codes in use")
     ax.set_title(title, fontsize=10)
     return [title]
 
 
 def draw_reconstructions(fig, originals, reconstructions, caption="", columns=8):
-    """Originals, each row above the row of their reconstructions; arrays N x H x W x C in
-    [0, 1], C = 1 or 3. Returns the axes title."""
-    originals = np.clip(np.asarray(originals, dtype=np.float32), 0, 1)
-    reconstructions = np.clip(np.asarray(reconstructions, dtype=np.float32), 0, 1)
+    """Originals, each row above the row of their reconstructions (N x C x H x W tensors in
+    [0, 1])."""
+    from util.grid import reconstruction_grid  # torch, only for a report (not for --curves)
     grid, centres = reconstruction_grid(originals, reconstructions, columns)
     ax = fig.add_subplot()
-    if grid.shape[-1] == 1:
-        ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    else:
-        ax.imshow(grid, interpolation="nearest")
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([y for y, _ in centres], [label for _, label in centres], fontsize=8)
     ax.tick_params(axis="y", length=0)
@@ -194,12 +175,9 @@ CURVES_SIZE, CODEBOOK_SIZE, RECON_SIZE = (15, 8), (7, 4.8), (8, 4.4)
 
 
 def report_figures(curves, codebook, reconstructions, title=""):
-    """The combined report and its three panels as separate figures.
-
-    curves: keyword arguments of ``draw_curves``; codebook: of ``draw_codebook``;
-    reconstructions: of ``draw_reconstructions``. Returns ``{name: (figure, titles)}`` for
-    the names report, report_curves, report_codebook and report_reconstructions.
-    """
+    """``{name: (figure, titles)}``: the combined report and its three panels (report_curves,
+    report_codebook, report_reconstructions), each part given the keyword arguments of its
+    ``draw_*`` function."""
     out = {}
     fig = new_figure(*CURVES_SIZE)
     out["report_curves"] = (fig, draw_curves(fig, **curves))

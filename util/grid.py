@@ -1,26 +1,21 @@
-"""The reconstruction grid, as a plain array: the one layout every figure and PNG uses."""
+"""The reconstruction grid every PNG and report figure shows, laid out by make_grid."""
 import math
 
-import numpy as np
+import torch
+from torchvision.utils import make_grid
 
 
 def reconstruction_grid(originals, reconstructions, columns=8, pad=2):
-    """One image: rows of `columns` originals, each row followed by the row of their
-    reconstructions; grey lines between images, a wider gap between row pairs. Returns the
-    image (H x W x C) and the centre row of every original and reconstruction row."""
-    n, h, w, c = originals.shape
+    """Originals and reconstructions (N x C x H x W in [0, 1]) as one C x H x W image: rows of
+    `columns` originals, each above the row of their reconstructions, on grey. Also returns
+    the centre height of every row with what it shows."""
+    n, c, h, w = originals.shape
     columns = min(columns, n)
-    pairs = math.ceil(n / columns)
-    gap = 4 * pad
-    width = columns * (w + pad) - pad
-    grid = np.full((pairs * (2 * h + pad) + (pairs - 1) * gap, width, c), 0.5, np.float32)
-    centres = []
-    for i in range(n):
-        pair, col = divmod(i, columns)
-        top = pair * (2 * h + pad + gap)
-        left = col * (w + pad)
-        grid[top:top + h, left:left + w] = originals[i]
-        grid[top + h + pad:top + 2 * h + pad, left:left + w] = reconstructions[i]
-        if col == 0:
-            centres += [(top + h / 2, "original"), (top + h + pad + h / 2, "reconstruction")]
+    rows = math.ceil(n / columns)
+    blank = originals.new_full((rows * columns - n, c, h, w), 0.5)  # the last row's gap
+    pairs = torch.stack([torch.cat([images, blank]).unflatten(0, (rows, columns))
+                         for images in (originals, reconstructions)], 1)
+    grid = make_grid(pairs.flatten(0, 2), nrow=columns, padding=pad, pad_value=0.5)
+    centres = [(pad + row * (h + pad) + h / 2, ("original", "reconstruction")[row % 2])
+               for row in range(2 * rows)]
     return grid, centres
