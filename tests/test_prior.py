@@ -20,7 +20,7 @@ from PIL import Image
 import main
 from configs import ConfigError, load_config
 from networks.prior import GatedPixelCNN, build_prior, code_nll, layers_to_see
-from trainer import export
+from trainer import export, runs
 from util.codes import load_codes
 from util.io import read_jsonl
 
@@ -329,8 +329,9 @@ def test_samples_are_seeded_decodable_code_grids(prior_run, tmp_path):
     assert not np.array_equal(load_codes(str(run / "codes_samples.npz"))["codes"],
                               first["codes"])
     # The same decoder turns them into images: --encode's format, the run's config hash.
-    assert export.decode_codes(str(run), str(run / "codes_samples.npz")).shape == \
-        (16, 1, 28, 28)
+    cfg, model, _ = runs.load_run_model(str(run))
+    assert first["config_hash"] == export.config_hash(cfg)
+    assert export.decode_indices(model, first["codes"]).shape == (16, 1, 28, 28)
 
 
 def test_interrupted_prior_continues_to_the_same_weights(short_run, prior_run, tmp_path,

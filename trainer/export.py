@@ -1,15 +1,8 @@
-"""Discrete codes of a trained run, and images back from codes.
+"""``-ts RUN --encode SPLIT``: ``codes_<SPLIT>.npz`` (format in util/codes.py), the code
+index of every latent position of the split, and images back from code indices.
 
-``python main.py -c CFG -ts RUN --encode SPLIT`` writes ``codes_<SPLIT>.npz`` into the run
-folder (format in ``util/codes.py``): the deterministic code index of every latent position
-of every image of the split, in dataset order, with the codebook and a hash of the run's
-config. These files are the input for training a prior over the discrete codes (a PixelCNN
-or a transformer over the H x W grid of indices); codes sampled from such a prior, saved in
-the same format, become images through ``decode_codes``.
-
-The hash is taken over the sections of the run's own config that define the model (dataset,
-model, network, quantization, flags), so encoding with one data path and decoding with
-another, or from another folder, still match.
+The config hash covers only the sections that define the model, so codes stay valid when
+the data or the run folder move.
 """
 import hashlib
 import os
@@ -19,11 +12,11 @@ import torch
 
 import data
 from configs import config_to_yaml
-from util.codes import CodesError, load_codes, pack_codes
+from util.codes import pack_codes
 from util.io import atomic_write_bytes
 
-from . import runs
 from .runs import RunError
+
 
 def codes_file(split):
     return f"codes_{split}.npz"
@@ -31,9 +24,8 @@ def codes_file(split):
 
 # The config sections that define a model (the others say where files are and how to train).
 MODEL_SECTIONS = ("dataset", "model", "network", "quantization", "flags")
-# Keys of those sections that change no number a model computes: what dataset.shape restates,
-# and the memory layout. Left out, so the hash of a config is the one it had before they
-# existed.
+# Keys that change no number a model computes (what dataset.shape restates, the memory
+# layout): left out, so a config hashes as it did before they existed.
 RESTATED = {"dataset": ("channels", "image_size"), "network": ("channels_last",)}
 
 
@@ -48,14 +40,9 @@ def config_hash(cfg):
     return hashlib.sha256(model_part.encode("utf-8")).hexdigest()
 
 
-def run_config_hash(run_dir):
-    return config_hash(runs.read_run_config(run_dir))
-
-
 def whole_split(cfg, split, device="cpu", recorded=None):
     """A loader over every image of `split` in dataset order, whatever --limit-batches or
-    torchrun say: what --encode, --report and the prior read. `recorded`: the files the
-    run's splits read (runs.read_dataset_files), where it recorded them."""
+    torchrun say (`recorded`: runs.read_dataset_files of the run)."""
     return data.build_loader(cfg, split, batch_size=cfg.test.bs, shuffle=False, device=device,
                              recorded=recorded)
 
@@ -96,23 +83,3 @@ def decode_indices(model, codes, device="cpu", batch_size=256):
         out.append((x_hat.argmax(1, keepdim=True) if labels else x_hat).cpu())
     return torch.cat(out)
 
-
-def decode_codes(run_dir, codes_path, device="cpu", batch_size=256):
-    """Decode a codes file with the run's best.pt. Refuses codes made for another config, or
-    made before best.pt last changed (the stored codebook no longer matches)."""
-    try:
-        saved = load_codes(codes_path)
-    except CodesError as e:
-        raise RunError(str(e)) from None
-    expected = run_config_hash(run_dir)
-    if saved["config_hash"] != expected:
-        raise RunError(f"{codes_path} was written for another config (hash "
-                       f"{saved['config_hash'][:12]}…, but {run_dir} has {expected[:12]}…); "
-                       "decode it with the run that encoded it")
-    _, model, _ = runs.load_run_model(run_dir, device=device)
-    codebook = model.code_vectors().detach().float().cpu().numpy()
-    if saved["codebook"].shape != codebook.shape or not np.array_equal(saved["codebook"],
-                                                                         codebook):
-        raise RunError(f"{codes_path} does not match the codebook of {run_dir}/{runs.BEST} "
-                       "(the run was trained further after encoding); encode again")
-    return decode_indices(model, saved["codes"], device, batch_size)
