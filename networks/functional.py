@@ -33,7 +33,8 @@ def gumbel_noise(like):
 
 
 def perplexity(avg_probs):
-    """exp of the entropy of the code usage averaged over the batch's positions."""
+    """exp of the entropy of the code usage averaged over the batch's positions: the release's
+    per-batch figure, from soft assignments on the device, not util.codes' split-level one."""
     return torch.exp(-(avg_probs * torch.log(avg_probs + 1e-7)).sum())
 
 

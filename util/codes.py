@@ -1,17 +1,11 @@
-"""The codes file: a split's discrete code indices as plain numpy arrays.
+"""Code statistics (CodeUsage) and the codes file, a split's code indices as plain numpy.
 
-``codes_<split>.npz`` (``np.savez``, no pickled objects) holds
-
-* ``codes``: uint16, N x H x W, the deterministic code index of every latent position,
-  in dataset order;
-* ``codebook``: float32, K x D, the code vectors as the decoder sees them;
-* ``config_hash``: a 0-d unicode array, the sha256 hex digest of the run's resolved
-  config, so the codes are never decoded by a different model;
-* ``names`` (only in codes of pictures, ``--images DIR --encode images``): a unicode array
-  of N file names relative to DIR, the picture of each row.
-
-Only numpy is used here, so a prior can be trained on these files without importing
-torch or this repository.
+``codes_<split>.npz`` (``np.savez``, nothing pickled) holds ``codes`` (uint16 N x H x W, the
+deterministic code of every latent position, in dataset order), ``codebook`` (float32 K x D,
+the code vectors the decoder sees), ``config_hash`` (0-d str, sha256 of the run's model
+config, so codes are never decoded by another model) and, for ``--images DIR --encode
+images``, ``names`` (N file names relative to DIR). Numpy only: a prior can be trained on
+these files without torch or this repository.
 """
 import io
 import os
@@ -29,8 +23,7 @@ class CodesError(ValueError):
 
 
 def pack_codes(codes, codebook, config_hash, names=None):
-    """The bytes of a codes file (write them atomically, e.g. with util.io); `names`, where
-    given, name the file of each row."""
+    """The bytes of a codes file; `names`, where given, name the file of each row."""
     codes = np.asarray(codes)
     codebook = np.asarray(codebook, dtype=np.float32)
     if codebook.ndim != 2:
@@ -54,9 +47,8 @@ def pack_codes(codes, codebook, config_hash, names=None):
 
 
 def load_codes(path):
-    """``{"codes": uint16 N x H x W, "codebook": float32 K x D, "config_hash": str}`` (and
-    ``"names"``, N str, where the file has them), or a CodesError saying what is wrong with
-    the file."""
+    """The arrays of a codes file (``config_hash`` as str, ``names`` as a list where held),
+    or a CodesError saying what is wrong with it."""
     if not os.path.isfile(path):
         raise CodesError(f"codes file {path} does not exist (write it with "
                          "main.py -ts RUN --encode SPLIT)")
@@ -99,13 +91,10 @@ def load_codes(path):
 
 
 class CodeUsage:
-    """How often each of K codes is used, and the two figures reported from it.
-
-    Build it from what you have, never the other: ``CodeUsage.from_codes(codes, size)``
-    histograms code *indices*; ``CodeUsage.from_counts(counts)`` takes a histogram that
-    is already made (length K, one count per code). The constructor is private to these
-    two, so a histogram can never be histogrammed a second time by mistake.
-    """
+    """How often each of K codes is used, and the figures reported from it: the one place
+    they are computed from codes or counts. ``from_codes`` histograms code indices,
+    ``from_counts`` takes a histogram; the constructor is theirs alone, so a histogram is
+    never histogrammed a second time by mistake."""
 
     __slots__ = ("counts",)
 
@@ -137,7 +126,6 @@ class CodeUsage:
 
     @property
     def codes_used(self):
-        """How many codes occur at least once."""
         return int((self.counts > 0).sum())
 
     @property
@@ -148,5 +136,6 @@ class CodeUsage:
 
     @property
     def perplexity(self):
-        """exp(entropy): the trainer's split-level ``perplexity_split``."""
+        """exp(entropy): the split-level ``perplexity_split``. (The per-batch ``perplexity`` is
+        the quantizer's own, networks/functional.py, on soft assignments.)"""
         return float(np.exp(self.entropy))
