@@ -1,12 +1,8 @@
-"""Make a run folder of the authors' release a run folder of this tool.
-
-    python -m trainer.release import RELEASE_RUN [--to RUN_DIR]
-
-writes config.yaml, best.pt (the release's weights under our names) and an empty
-metrics.jsonl, so that ``--resume`` and ``--prior`` work on it; the release folder is only
-read. ``-ts``, ``--report`` and ``--encode`` need no import: they read a release folder as
-it is. The format is trainer/release_format.py's (which the trainer package imports); this
-module is only the command line, so that ``python -m`` runs a module not yet imported.
+"""``python -m trainer.release import RELEASE_RUN [--to RUN_DIR]``: a run folder of the
+authors' release made one of ours (config.yaml, best.pt under our names, an empty
+metrics.jsonl) for ``--resume`` and ``--prior``; ``-ts``, ``--report`` and ``--encode`` read
+a release folder as it is. The format is trainer/release_format.py's; this module is the
+command line only, so that ``python -m`` runs a module not yet imported.
 """
 import argparse
 import os
@@ -22,9 +18,8 @@ from .runs import RunError
 
 
 def import_run(run_dir, dest=None):
-    """Write a run folder of this tool for a release run; returns its path. The release
-    folder is only read. Without `dest`, the new folder goes under path/path_specific with
-    the release folder's own name."""
+    """Write a run folder of ours for a release run (only read) and return its path: `dest`,
+    or path/path_specific/<the release folder's name>."""
     from networks import build_model
     cfg = release_format.read_release_config(run_dir)
     weights = release_format.load_release_weights(run_dir)

@@ -1,11 +1,9 @@
-"""Learning curves of several runs side by side, per epoch, from their metrics.jsonl records.
+"""Learning curves of several runs side by side, per epoch, from their metrics.jsonl records
+(``python -m trainer.compare RUNS --curves PATH``).
 
-``python -m trainer.compare RUNS --curves PATH`` draws them. The top row compares every run:
-validation MSE per pixel, split-level code perplexity and codes in use. The bottom row
-shows what only SQ-VAE has, its self-annealing: the mean entropy of the code distribution
-per latent position (it falls as the quantizer sharpens), the learned quantizer variance
-sigma_q^2 and the Gumbel-softmax temperature. A run draws in the panels whose figures its
-records hold, so VQ-VAE runs appear in the top row only.
+The top row compares every run: validation MSE per pixel, split-level perplexity, codes in
+use. The bottom row is SQ-VAE's self-annealing: the code entropy per position, the learned
+variance sigma_q^2 and the Gumbel-softmax temperature; VQ-VAE runs are left out of it.
 """
 import math
 
@@ -21,8 +19,8 @@ PANELS = (
     ("val", "entropy", "Code entropy per position (SQ-VAE, validation)", "nats", True),
     ("train", "param_q", r"Quantizer variance $\sigma^2_q$ (SQ-VAE, epoch mean)",
      r"$\sigma^2_q$", True),
-    # VQ-VAE runs record neither (runs of before 2026-12 did: a constant temperature and a
-    # zero entropy), so these panels leave them out by the last column.
+    # VQ-VAE runs of before 2026-12 recorded a constant temperature and a zero entropy:
+    # the last column leaves them out.
     ("train", "temperature", "Gumbel-softmax temperature (SQ-VAE, end of epoch)",
      r"$\tau$", True),
 )
@@ -33,8 +31,8 @@ LEGEND_MAX = 12
 
 
 def epoch_series(records, split, key):
-    """(epochs, values) of the finite `key` in the `split` records, one point per epoch (the
-    last record of an epoch wins, so a re-evaluated epoch is not drawn twice)."""
+    """(epochs, values) of the finite `key` in the `split` records; the last record of an
+    epoch wins, so a re-evaluated epoch is drawn once."""
     by_epoch = {}
     for r in records:
         value = r.get(key)
@@ -45,21 +43,16 @@ def epoch_series(records, split, key):
     return epochs, [by_epoch[e] for e in epochs]
 
 
-def _is_sqvae(records):
-    return any("param_q" in r for r in records if r.get("split") == "train")
-
-
 def draw_learning_curves(fig, runs):
-    """Draw the six panels for `runs`, a list of (label, records). Returns the titles of
-    the panels drawn (a panel no run has data for is left out)."""
+    """Draw the panels for `runs`, (label, records) pairs; returns the titles of those drawn
+    (a panel no run has data for is left out)."""
     drawn = []
     for split, key, title, ylabel, sqvae_only in PANELS:
         series = []
         for label, records in runs:
-            if sqvae_only and not _is_sqvae(records):
-                continue
+            sqvae = any("param_q" in r for r in records if r.get("split") == "train")
             epochs, values = epoch_series(records, split, key)
-            if epochs:
+            if epochs and (sqvae or not sqvae_only):
                 series.append((label, epochs, values))
         if series:
             drawn.append((title, ylabel, series))
@@ -86,8 +79,7 @@ def draw_learning_curves(fig, runs):
 
 
 def learning_curves_png(runs, title=""):
-    """PNG bytes of the learning-curve figure of `runs` ((label, records) pairs), and the
-    titles of its panels."""
+    """PNG bytes of the learning-curve figure of `runs`, and the titles of its panels."""
     fig = new_figure(15, 8)
     titles = draw_learning_curves(fig, runs)
     if title:
