@@ -1,9 +1,7 @@
-"""Batch loaders with a reproducible, resumable, shardable epoch order.
-
-Every loader shares one contract (see ``Loader``): the order of an epoch is a pure
-function of (seed, epoch), computed on a CPU generator so it is the same on any
-device, and an epoch can be re-entered at any batch to resume a run exactly.
-"""
+"""Batch loaders with a reproducible, resumable, shardable epoch order: the order of an epoch
+is a pure function of (seed, epoch), computed on a CPU generator so it is the same on any
+device, and an epoch can be re-entered at any batch to resume a run exactly."""
+import functools
 import math
 import os
 
@@ -11,33 +9,25 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from configs import ConfigError
+from configs import ConfigError, registry
 from util import distributed
 from util.device import is_cuda
 
 from . import cache, pictures, sources
 from .errors import DatasetError
-from .sources import SPLITS, Arrays, Decoded, Files
+from .sources import SPLITS, Arrays, Decoded, Files, Reads
 
-# Spreads seeds apart: two seeds could only share an epoch's order if a run went past
-# a million epochs.
+# Spreads seeds apart: two seeds could only share an epoch's order past a million epochs.
 SEED_STRIDE = 1_000_003
 
 
-def epoch_generator_seed(seed, epoch):
-    return seed * SEED_STRIDE + epoch
-
-
 def epoch_order(n, *, shuffle, seed, epoch, rank=0, world_size=1, pad=True):
-    """Dataset indices (CPU int64) that ``rank`` visits in ``epoch``.
-
-    With several ranks, rank r takes positions r, r + W, r + 2W, ... With ``pad`` the
-    order is first padded from its own start to a multiple of world_size, as
-    DistributedSampler does, so every rank gets the same count (training needs equal
-    step counts for DDP); evaluation does without, so every sample counts once.
-    """
+    """Dataset indices (CPU int64) that ``rank`` visits in ``epoch``: positions r, r + W, ...
+    of the epoch's order. With ``pad`` the order is first padded from its own start to a
+    multiple of world_size, as DistributedSampler does, so that every rank takes as many
+    steps (DDP needs it); evaluation does without, so that every sample counts once."""
     if shuffle:
-        gen = torch.Generator().manual_seed(epoch_generator_seed(seed, epoch))
+        gen = torch.Generator().manual_seed(seed * SEED_STRIDE + epoch)
         order = torch.randperm(n, generator=gen)
     else:
         order = torch.arange(n)
@@ -52,11 +42,10 @@ def epoch_order(n, *, shuffle, seed, epoch, rank=0, world_size=1, pad=True):
 class Loader:
     """One split of one dataset, yielding ``(x, y)`` batches on ``device``.
 
-    ``len(loader)`` is the number of batches this rank yields per epoch and
-    ``num_samples`` the number of samples it sees (padding included). Call
-    ``set_epoch`` before each epoch; ``iter_from(k)`` resumes an epoch at batch k.
-    A loader of pictures chosen at run time also has ``names`` (the file of each item,
-    in dataset order) and ``record`` (what a run folder keeps of them); elsewhere None.
+    ``len(loader)``: the batches this rank yields per epoch; ``num_samples``: the samples it
+    sees (padding included). Call ``set_epoch`` before each epoch; ``iter_from(k)`` resumes
+    an epoch at batch k. A loader of pictures chosen at run time also has ``names`` (the file
+    of each item, in dataset order) and ``record`` (what a run folder keeps of them).
     """
 
     names = None
@@ -64,21 +53,14 @@ class Loader:
 
     def __init__(self, *, name, split, n, batch_size, shuffle, seed, device, rank,
                  world_size, drop_last):
-        self.name = name
-        self.split = split
-        self.dataset_size = n
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
+        self.name, self.split, self.dataset_size = name, split, n
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.device = torch.device(device)
-        self.rank = rank
-        self.world_size = world_size
-        self.drop_last = drop_last
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
-        # Training shards are padded to equal size; evaluation shards are not (see
-        # epoch_order), so validation and test metrics count every sample exactly once.
-        self.num_samples = math.ceil(n / world_size) if shuffle else len(range(rank, n,
-                                                                               world_size))
+        # Training shards are padded to equal size, evaluation shards are not (epoch_order).
+        self.num_samples = (math.ceil(n / world_size) if shuffle
+                            else len(range(rank, n, world_size)))
 
     def __len__(self):
         if self.drop_last:
@@ -94,17 +76,14 @@ class Loader:
                            epoch=self.epoch, rank=self.rank, world_size=self.world_size,
                            pad=self.shuffle)
 
-    def _batches(self, start_batch):
+    def iter_from(self, start_batch=0):
+        """Iterate the current epoch's batches from index ``start_batch`` on."""
         n_batches = len(self)
         if not 0 <= start_batch <= n_batches:
             raise ValueError(f"start_batch {start_batch} is outside 0..{n_batches} "
                              f"({self.name} {self.split} has {n_batches} batches per epoch)")
         order = self.indices()[:n_batches * self.batch_size] if self.drop_last else self.indices()
-        return list(order.split(self.batch_size))[start_batch:]
-
-    def iter_from(self, start_batch=0):
-        """Iterate the current epoch's batches from index ``start_batch`` on."""
-        return self._iterate(self._batches(start_batch))
+        return self._iterate(list(order.split(self.batch_size))[start_batch:])
 
     def __iter__(self):
         return self.iter_from(0)
@@ -119,15 +98,12 @@ class Loader:
 
 
 class InMemoryLoader(Loader):
-    """Holds the split as one uint8 tensor on ``device`` and gathers batches by index.
-
-    Small datasets are faster this way than through per-item decoding and worker
-    processes, and on a GPU the data never crosses the bus again after loading.
-    """
+    """Holds the split as one uint8 tensor on ``device`` and gathers batches by index: small
+    datasets are faster so than through workers, and on a GPU never cross the bus again."""
 
     def __init__(self, images, labels, **kw):
         super().__init__(n=len(images), **kw)
-        # On CPU these share memory with the module-level array cache (no copy).
+        # On the CPU these share memory with the arrays read (no copy).
         self.images = torch.from_numpy(images).to(self.device)
         self.labels = torch.from_numpy(labels).to(self.device)
 
@@ -141,36 +117,19 @@ class InMemoryLoader(Loader):
 
 
 class FileDataset(Dataset):
-    """Decodes one file per item with ``decode`` (uint8 C x H x W)."""
+    """One file per item, decoded by ``decode`` (uint8 C x H x W). A DatasetError comes back as
+    its message: raised in a worker, DataLoader would re-raise it with the worker's whole
+    traceback as the message, and tearing the worker down stalls for 5 s."""
 
     def __init__(self, paths, decode):
-        self.paths = list(paths)
-        self.decode = decode
+        self.paths, self.decode = list(paths), decode
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return torch.from_numpy(self.decode(self.paths[i]))
-
-
-class _ErrorsAsValues(Dataset):
-    """Returns a DatasetError's message instead of raising it.
-
-    Raised inside a worker, DataLoader would re-raise it with the worker's whole
-    traceback as the message, and tearing down the errored worker stalls for 5 s;
-    passed back as data, the loader raises it cleanly in the main process.
-    """
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
         try:
-            return self.dataset[i]
+            return torch.from_numpy(self.decode(self.paths[i]))
         except DatasetError as e:
             return str(e)
 
@@ -181,19 +140,29 @@ def _collate(items):
 
 
 class FileLoader(Loader):
-    """Decodes files in DataLoader workers; batches follow the shared epoch order."""
+    """Decodes the files in DataLoader workers, or, given ``open_cache`` (data.cache's
+    open_or_build for the split), gathers the batches from the split's decoded cache in this
+    process: opened, or built once, on the first pass, so that a file that cannot be decoded
+    fails at access either way. The cache stays on disk (2 GB need not fit anywhere); where it
+    cannot be written (``array`` None), every pass decodes the files."""
 
-    def __init__(self, dataset, *, num_workers, to_model, **kw):
+    def __init__(self, dataset, *, num_workers, to_model, open_cache=None, **kw):
         super().__init__(n=len(dataset), **kw)
-        self.dataset = dataset
-        self.num_workers = num_workers
-        self.to_model = to_model
+        self.dataset, self.num_workers, self.to_model = dataset, num_workers, to_model
+        self.open_cache, self.array = open_cache, None
 
     def _iterate(self, batches):
-        # A fresh DataLoader per pass: its batch list is this epoch's (possibly
-        # resumed) slice, and non-persistent workers exit when the pass ends.
-        loader = DataLoader(_ErrorsAsValues(self.dataset),
-                            batch_sampler=[b.tolist() for b in batches],
+        if self.open_cache is not None:
+            self.array, self.open_cache = self.open_cache(), None
+        if self.array is None:
+            yield from self._decode(batches)
+        else:
+            yield from gather_batches(self.array, None, batches, self.device, self.to_model)
+
+    def _decode(self, batches):
+        # A fresh DataLoader per pass: its batch list is this epoch's (possibly resumed)
+        # slice, and non-persistent workers exit when the pass ends.
+        loader = DataLoader(self.dataset, batch_sampler=[b.tolist() for b in batches],
                             num_workers=self.num_workers, collate_fn=_collate,
                             pin_memory=is_cuda(self.device))
         for x in loader:
@@ -203,45 +172,9 @@ class FileLoader(Loader):
             yield x, torch.zeros(len(x), dtype=torch.int64, device=self.device)
 
 
-class CachedLoader(FileLoader):
-    """Gathers batches from the split's decoded cache (``data.cache``) in this process.
-
-    The cache is opened, or built once, on the first pass, so a file that cannot be
-    decoded fails at access as it does on the decoding path. Unlike InMemoryLoader the
-    array stays on disk (a 2 GB cache need not fit anywhere) and only each batch is
-    copied to ``device`` (on CUDA from pinned memory, see ``batch_buffer``). Where the
-    cache cannot be written, every pass decodes the files as FileLoader does.
-    """
-
-    def __init__(self, dataset, *, cache_path, root, shape, build_workers, **kw):
-        super().__init__(dataset, **kw)
-        self.cache_path = cache_path
-        self.root = root
-        self.shape = tuple(shape)
-        self.build_workers = build_workers
-        self.array = None
-        self._cache_checked = False
-
-    def _open_cache(self):
-        if not self._cache_checked:
-            self.array = cache.open_or_build(
-                self.cache_path, root=self.root, paths=self.dataset.paths,
-                decode=self.dataset.decode, shape=self.shape,
-                what=f"{self.name} {self.split}", workers=self.build_workers)
-            self._cache_checked = True
-        return self.array
-
-    def _iterate(self, batches):
-        array = self._open_cache()
-        if array is None:
-            yield from super()._iterate(batches)
-            return
-        yield from gather_batches(array, None, batches, self.device, self.to_model)
-
-
 class DecodedLoader(Loader):
-    """Gathers batches from rows of an array that is already decoded (``sources.Decoded``:
-    a folder of pictures), memory-mapped or in memory, as CachedLoader does from its cache."""
+    """Gathers batches from rows of an array already decoded (``sources.Decoded``: a folder of
+    pictures), memory-mapped or in memory, as FileLoader does from its cache."""
 
     def __init__(self, decoded, *, to_model, **kw):
         super().__init__(n=len(decoded.rows), **kw)
@@ -250,7 +183,7 @@ class DecodedLoader(Loader):
         self.to_model = to_model
 
     def _iterate(self, batches):
-        yield from gather_batches(self.array, self.rows, batches, self.device, self.to_model)
+        return gather_batches(self.array, self.rows, batches, self.device, self.to_model)
 
 
 def gather_batches(array, rows, batches, device, to_model):
@@ -258,8 +191,8 @@ def gather_batches(array, rows, batches, device, to_model):
     of them), each as (items on `device` for the model, zero labels)."""
     for batch in batches:
         idx = batch.numpy() if rows is None else rows[batch.numpy()]
-        # Rows read in file order sweep the file forwards (page cache read-ahead),
-        # then go back to the epoch's order.
+        # Rows read in file order sweep the file forwards (page cache read-ahead), then go
+        # back to the epoch's order.
         order = np.argsort(idx, kind="stable")
         block = batch_buffer((len(idx), *array.shape[1:]), device)
         block.numpy()[order] = array[idx[order]]
@@ -268,14 +201,10 @@ def gather_batches(array, rows, batches, device, to_model):
 
 
 def batch_buffer(shape, device):
-    """An empty uint8 host tensor for a batch bound for `device`.
-
-    Page-locked (pinned) for a CUDA device: only from pinned memory does a non_blocking
-    copy run asynchronously, overlapping the step that runs meanwhile; from pageable memory
-    it is staged and waited for. A fresh buffer per batch is safe and cheap: PyTorch's
-    pinned-memory cache hands a block out again only after the copies that read it have
-    finished. Elsewhere the buffer is ordinary memory (on the CPU the batch is used in
-    place)."""
+    """An empty uint8 host tensor for a batch bound for `device`: pinned for CUDA, since only
+    from pinned memory does a non_blocking copy overlap the step running meanwhile. A fresh
+    buffer per batch is safe and cheap: PyTorch's pinned-memory cache hands a block out again
+    only after the copies reading it have finished. Elsewhere, ordinary memory."""
     return torch.empty(shape, dtype=torch.uint8, pin_memory=is_cuda(device))
 
 
@@ -288,13 +217,9 @@ def _label_to_model(x):
 
 
 # How a batch of uint8 items reaches the model, by what the dataset holds
-# (sources.Source.items): images as floats in [0, 1], label maps as class indices.
-TO_MODEL = {"images": _image_to_model, "labels": _label_to_model}
-
-
-def _check_split(split):
-    if split not in sources.SPLITS:
-        raise ValueError(f"split must be one of {', '.join(sources.SPLITS)}, got {split!r}")
+# (configs.registry's Dataset.items): images as floats in [0, 1], label maps as class indices.
+IMAGES = "images"
+TO_MODEL = {IMAGES: _image_to_model, "labels": _label_to_model}
 
 
 def _check_loader_args(batch_size, rank, world_size):
@@ -304,74 +229,74 @@ def _check_loader_args(batch_size, rank, world_size):
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
 
 
+def _check_read(cfg, got, split, where):
+    """A reader's split: one of the three forms, of the config's shape, not empty."""
+    name = cfg.dataset.name
+    if not isinstance(got, (Arrays, Decoded, Files)):
+        raise TypeError(f"the reader of {name} returned a {type(got).__name__}, not one of "
+                        "sources.Arrays, Files, Decoded")
+    if not isinstance(got, Files):
+        shape = tuple((got.images if isinstance(got, Arrays) else got.array).shape[1:])
+        if shape != tuple(cfg.dataset.shape):
+            raise DatasetError(f"{name} files hold {shape} samples but the config's "
+                               f"dataset.shape is {tuple(cfg.dataset.shape)}")
+    if not isinstance(got, Decoded) and len(got[0]) == 0:
+        raise DatasetError(f"{name} {split} split under {where} is empty")
+
+
 def build_loader(cfg, split, *, batch_size, shuffle, seed=0, device="cpu", rank=0,
                  world_size=1, drop_last=False, recorded=None):
-    """The loader for ``split`` ("train", "val" or "test") of cfg's dataset.
-
-    ``batch_size`` is per rank. Validation and test loaders keep file order. ``recorded``
-    is what a run folder recorded of the files its splits used (their loaders' ``record``,
-    by split), for a dataset whose files are chosen at run time; others ignore it.
-    """
-    _check_split(split)
+    """The loader for ``split`` ("train", "val" or "test") of cfg's dataset, ``batch_size`` per
+    rank. ``recorded``: what a run folder recorded of the files its splits read (their
+    loaders' ``record``, by split), for a dataset whose files are chosen at run time."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if shuffle and split != "train":
         raise ValueError(f"the {split} loader keeps file order; build it with shuffle=False")
     _check_loader_args(batch_size, rank, world_size)
     name = cfg.dataset.name
-    source = sources.source(name)
     common = dict(name=name, split=split, batch_size=batch_size, shuffle=shuffle, seed=seed,
                   device=device, rank=rank, world_size=world_size, drop_last=drop_last)
-    got = source.read(cfg, split, recorded)
+    got = sources.source(name).read(cfg, split, recorded)
     where = os.path.abspath(cfg.path_dataset)
+    _check_read(cfg, got, split, where)
+    to_model = TO_MODEL[registry.DATASETS[name].items]
     if isinstance(got, Arrays):
-        _check_shape(cfg, name, got.images.shape[1:])
-        if len(got.images) == 0:
-            raise DatasetError(f"{name} {split} split under {where} is empty")
         return InMemoryLoader(got.images, got.labels, **common)
     if isinstance(got, Decoded):
-        _check_shape(cfg, name, got.array.shape[1:])
-        return DecodedLoader(got, to_model=TO_MODEL[source.items], **common)
-    if not isinstance(got, Files):
-        raise TypeError(f"the reader of {name} returned a {type(got).__name__}, not one of "
-                        "sources.Arrays, Files, Decoded")
-    if not got.paths:
-        raise DatasetError(f"{name} {split} split under {where} is empty")
+        return DecodedLoader(got, to_model=to_model, **common)
     dataset = FileDataset(got.paths, got.decode)
-    files = dict(num_workers=cfg.nworker, to_model=TO_MODEL[source.items], **common)
-    if not cfg.cache_decoded:
-        return FileLoader(dataset, **files)
-    return CachedLoader(dataset, cache_path=cache.cache_path(where, got.cache), root=where,
-                        shape=cfg.dataset.shape, build_workers=cache.build_workers(), **files)
+    open_cache = None
+    if cfg.cache_decoded:
+        open_cache = functools.partial(
+            cache.open_or_build, cache.cache_path(where, got.cache), root=where,
+            paths=dataset.paths, decode=dataset.decode, shape=tuple(cfg.dataset.shape),
+            what=f"{name} {split}", workers=cache.build_workers())
+    return FileLoader(dataset, num_workers=cfg.nworker, to_model=to_model,
+                      open_cache=open_cache, **common)
 
 
 def build_picture_loader(cfg, folder, *, batch_size, device="cpu", rank=0, world_size=1):
-    """A loader over every picture under `folder` (data.pictures), in sorted file order,
-    decoded at cfg's dataset.shape: what ``-ts RUN --images DIR`` evaluates and encodes.
-    Its ``names`` are the pictures' names relative to the folder; ``record`` says which
-    were skipped."""
+    """A loader over every picture under `folder` (data.pictures) in sorted file order, decoded
+    at cfg's dataset.shape: what ``-ts RUN --images DIR`` evaluates and encodes. Its ``names``
+    are the pictures' names relative to the folder; ``record`` says which were skipped."""
     _check_loader_args(batch_size, rank, world_size)
-    name = cfg.dataset.name
-    source = sources.source(name)
-    if source.items != "images":
+    name, items = cfg.dataset.name, registry.DATASETS[cfg.dataset.name].items
+    if items != IMAGES:
         raise DatasetError(f"--images reads pictures, but a {name} run reconstructs "
-                           f"{source.items}; give a run of a dataset of images")
+                           f"{items}; give a run of a dataset of images")
     folder = os.path.abspath(folder)
     names = pictures.list_pictures(folder)
     decoded = pictures.decoded(folder, names, tuple(cfg.dataset.shape),
-                               cached=cfg.cache_decoded, said_for=cfg)
+                               cached=cfg.cache_decoded, reads=Reads.of(cfg))
     rows, kept = decoded.rows(names)
     if not rows:
         raise DatasetError(f"none of the {len(names)} pictures under {folder} can be decoded")
     return DecodedLoader(Decoded(decoded.array, rows, kept,
                                  {"files": kept, "skipped": sorted(decoded.skipped)}),
-                         to_model=TO_MODEL[source.items], name=name, split="images",
+                         to_model=TO_MODEL[items], name=name, split="images",
                          batch_size=batch_size, shuffle=False, seed=0, device=device,
                          rank=rank, world_size=world_size, drop_last=False)
-
-
-def _check_shape(cfg, name, shape):
-    if tuple(shape) != tuple(cfg.dataset.shape):
-        raise DatasetError(f"{name} files hold {tuple(shape)} samples but the config's "
-                           f"dataset.shape is {tuple(cfg.dataset.shape)}")
 
 
 def per_rank_batch(cfg, world_size):
@@ -387,17 +312,13 @@ def per_rank_batch(cfg, world_size):
 
 def build_loaders(cfg, device, seed, splits=SPLITS, recorded=None):
     """{split: loader} for this process: the training split shuffled by (seed, epoch) and
-    sharded over the torchrun processes, the others in file order. ``recorded``: see
-    build_loader."""
+    sharded over the torchrun processes, the others in file order."""
     rank, world = distributed.rank(), distributed.world_size()
-    loaders = {}
-    for split in splits:
-        train = split == "train"
-        loaders[split] = build_loader(
-            cfg, split, batch_size=per_rank_batch(cfg, world) if train else cfg.test.bs,
-            shuffle=train, seed=seed, device=device, rank=rank, world_size=world,
-            drop_last=train and cfg.train.drop_last, recorded=recorded)
-    return loaders
+    return {split: build_loader(
+        cfg, split, batch_size=per_rank_batch(cfg, world) if split == "train" else cfg.test.bs,
+        shuffle=split == "train", seed=seed, device=device, rank=rank, world_size=world,
+        drop_last=split == "train" and cfg.train.drop_last, recorded=recorded)
+        for split in splits}
 
 
 def recorded_files(loaders):

@@ -1,15 +1,10 @@
 """Folders of pictures: every file Pillow reads under a folder, decoded once to one shape.
 
-``list_pictures(folder)`` finds the pictures, recursively: files whose extension is one
-Pillow opens (JPEG, PNG, WebP, BMP, TIFF, GIF, ...), in sorted order of their names
-relative to the folder ('/'-separated); hidden files and folders are left out, the cache's
-own among them. ``decoded(folder, names, shape)`` decodes them to uint8 C x H x W with
-``data.decode.PictureDecoder`` into one cache, ``<folder>/.sqvae-cache/pictures_CxS.npy``
-(``data.cache``: rebuilt when a file or the shape changes, with a progress bar on a
-terminal), or into memory where the folder is read-only or ``cache_decoded`` is False. A
-file that cannot be decoded is skipped: one warning line gives the count and the first few
-names, once per command; no readable picture at all, or none among the first
-``data.cache.FIRST_FAILURES`` (256), is a DatasetError.
+``list_pictures`` finds them (hidden files and folders left out, the cache's own among them);
+``decoded`` decodes them with ``data.decode.PictureDecoder`` into one cache,
+``<folder>/.sqvae-cache/pictures_CxS.npy`` (``data.cache``), or into memory where the folder is
+read-only or ``cache_decoded`` is False. A file that cannot be decoded is skipped, with one
+warning line per command; none readable, or none of the first 256, is a DatasetError.
 """
 import os
 import sys
@@ -72,45 +67,23 @@ class Pictures(NamedTuple):
         return [index[n] for n in kept], kept
 
 
-# Decoded pictures per (folder, names with their sizes and mtimes, shape, caching): the
-# train, val and test splits of one folder share a single decoding.
-_DECODED = {}
-# Skipped files reported: decoding key -> the object (a command's config) they were reported
-# for, held so that its identity stays its own.
-_REPORTED = {}
-
-
-def _state(folder, names):
-    state = []
-    for name in names:
-        try:
-            st = os.stat(os.path.join(folder, name))
-        except OSError as e:
-            raise DatasetError(f"cannot read {os.path.join(folder, name)}: {e.strerror}") from None
-        state.append((name, st.st_size, st.st_mtime_ns))
-    return tuple(state)
-
-
-def decoded(folder, names, shape, *, cached=True, said_for=None):
-    """The Pictures of `names` (relative to `folder`) at `shape` (C, H, W) with H == W. Its
-    skipped files are reported once for `said_for` (one command's config)."""
+def decoded(folder, names, shape, *, cached=True, reads):
+    """The Pictures of `names` (relative to `folder`) at `shape` (C, H, W) with H == W, once
+    per state of the files for `reads` (one command's), which reports the skipped ones once."""
     channels, size, width = shape
     if size != width:
         raise ValueError(f"pictures are decoded square, not {size}x{width}")
     if not names:
         raise no_pictures(folder)
-    key = (folder, _state(folder, names), tuple(shape), cached)
-    if key not in _DECODED:
-        _DECODED.clear()  # one folder state at a time: older arrays are not kept alive
-        _DECODED[key] = _decode(folder, list(names), tuple(shape), cached)
-    found = _DECODED[key]
-    if found.skipped and (said_for is None or _REPORTED.get(key) is not said_for):
-        _REPORTED[key] = said_for
+    found = reads.kept(("pictures", folder, tuple(shape), cached),
+                       [os.path.join(folder, name) for name in names],
+                       lambda: _decode(folder, list(names), tuple(shape), cached))
+    if found.skipped:
         skipped = [n for n in found.names if n in found.skipped]
         shown = ", ".join(skipped[:cache.NAMES_SHOWN]) + (
             ", ..." if len(skipped) > cache.NAMES_SHOWN else "")
-        print(f"warning: {len(skipped)} of the {len(names)} pictures under {folder} cannot "
-              f"be decoded and are skipped: {shown}", file=sys.stderr, flush=True)
+        reads.say(f"warning: {len(skipped)} of the {len(names)} pictures under {folder} cannot "
+                  f"be decoded and are skipped: {shown}", file=sys.stderr)
     return found
 
 

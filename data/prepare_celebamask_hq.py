@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from util.cli import EXIT_INPUT, OneLineParser, run_command
+from util.cli import EXIT_INPUT, OneLineParser, run_cli
 from util.text import one_line
 from util.io import UnsafeLink, atomic_save, atomic_write_bytes, atomic_write_text
 from util.lock import FileLock, LockHeld
@@ -289,7 +289,7 @@ def _summary(root, faces, skipped, written, removed, manifest_changed):
 def main(argv=None):
     """Command-line entry point; returns the exit code (see the module docstring)."""
     # Bad input, another run, a lock file that is a link: 2; unwritable output: 1.
-    return run_command(lambda: _main(argv),
+    return run_cli(lambda: _main(argv),
                        errors=(((DatasetError, LockHeld, UnsafeLink), EXIT_INPUT),),
                        interrupted="{what}; run the same command again to resume")
 

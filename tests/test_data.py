@@ -236,21 +236,22 @@ def test_sharding_file_loader_and_drop_last(celebamask_root):
     assert len(set(seen)) == 8  # 2 ranks x 1 full batch, disjoint
 
 
-def test_parsed_arrays_are_read_once_per_process(mnist_root, monkeypatch):
+def test_parsed_arrays_are_read_once_per_config(mnist_root, monkeypatch):
     root, w = mnist_root
     parsed = []
-    real_mnist = torchvision.datasets.MNIST
+    real_read = torchvision.datasets.mnist.read_image_file
 
-    def counting_mnist(*args, **kw):
-        parsed.append(kw.get("train"))
-        return real_mnist(*args, **kw)
+    def counting_read(path):
+        parsed.append(os.path.basename(path))
+        return real_read(path)
 
-    monkeypatch.setattr(torchvision.datasets, "MNIST", counting_mnist)
+    monkeypatch.setattr(torchvision.datasets.mnist, "read_image_file", counting_read)
     cfg = make_cfg("mnist_gauss_1", root)
     train = data.build_loader(cfg, "train", batch_size=8, shuffle=True)
     val = data.build_loader(cfg, "val", batch_size=8, shuffle=False)
     data.build_loader(cfg, "test", batch_size=8, shuffle=False)
-    assert parsed == [True, False]  # the training pair and the test pair, each parsed once
+    # The training and the test images, each parsed once for the loaders of one config.
+    assert parsed == ["train-images-idx3-ubyte", "t10k-images-idx3-ubyte"]
     # One uint8 tensor per split, gathered by index.
     assert train.images.dtype == torch.uint8 and train.images.shape == (55, 1, 28, 28)
     assert val.images.shape == (11, 1, 28, 28)
@@ -258,6 +259,9 @@ def test_parsed_arrays_are_read_once_per_process(mnist_root, monkeypatch):
     new = fixtures.write_mnist(root, n_train=66, n_test=20, seed=2)
     again = data.build_loader(cfg, "train", batch_size=8, shuffle=False)
     assert len(parsed) == 4
+    # Another config (another command) reads the files afresh.
+    data.build_loader(make_cfg("mnist_gauss_1", root), "test", batch_size=8, shuffle=False)
+    assert len(parsed) == 6
     assert torch.equal(again.images[:, 0], torch.from_numpy(new["train_images"][:55]))
 
 

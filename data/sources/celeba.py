@@ -1,6 +1,5 @@
-"""CelebA: the aligned 178x218 JPEGs and the official partition list, as file lists, each
-image centre-cropped to 140x140 and resized to 64x64 (the release's transforms).
-"""
+"""CelebA: the aligned 178x218 JPEGs and the official partition list, as file lists, each image
+centre-cropped to 140x140 and resized to 64x64 (the release's transforms)."""
 import os
 
 import numpy as np
@@ -10,8 +9,8 @@ from torchvision.transforms import functional as TF
 
 from ..decode import open_image
 from ..errors import DatasetError
-from .layouts import SPLITS, cached, find_folder
-from .spec import Files, Source
+from .layouts import SPLITS, find_folder
+from .spec import Files, Reads, Source
 
 NAME = "CelebA"
 CELEBA_DIR = "celeba"
@@ -19,14 +18,13 @@ CELEBA_IMAGES = "img_align_celeba"
 CELEBA_PARTITION = "list_eval_partition.txt"
 CELEBA_CROP = 140
 IMAGE_SIZE = 64
-SHAPE = (3, IMAGE_SIZE, IMAGE_SIZE)
 # Stem of a split's decoded cache under <root>/cache/.
 CACHE_STEM = "celeba"
-_CELEBA_PARTITION_OF_SPLIT = {"train": 0, "val": 1, "test": 2}
 
 
 def _read_celeba_partition(path):
-    splits = {0: [], 1: [], 2: []}
+    """[train, val, test] names, as list_eval_partition.txt marks them 0, 1 and 2."""
+    splits = ([], [], [])
     with open(path, "r") as f:
         for lineno, line in enumerate(f, 1):
             fields = line.split()
@@ -39,14 +37,14 @@ def _read_celeba_partition(path):
     return splits
 
 
-def celeba_files(root):
+def celeba_files(root, reads):
     """{'train', 'val', 'test'} -> list of JPEG paths, in list_eval_partition.txt order."""
     def present(folder):
         return (os.path.isfile(os.path.join(folder, CELEBA_PARTITION))
                 and os.path.isdir(os.path.join(folder, CELEBA_IMAGES)))
 
     folder = find_folder(
-        NAME, root, (CELEBA_DIR,), complete=present,
+        reads, NAME, root, (CELEBA_DIR,), complete=present,
         what=lambda ours: f"{CELEBA_IMAGES}{os.sep} (the aligned 178x218 JPEGs) and "
                           f"{CELEBA_PARTITION}",
         download=lambda: tvd.CelebA(root, split="all", download=True))
@@ -56,27 +54,22 @@ def celeba_files(root):
     def parse():
         by_partition = _read_celeba_partition(partition)
         on_disk = set(os.listdir(image_dir))
-        listed = [n for names in by_partition.values() for n in names]
+        listed = [n for names in by_partition for n in names]
         absent = [n for n in listed if n not in on_disk]
         if absent:
             raise DatasetError(
                 f"{len(absent)} of the {len(listed)} images listed in {partition} are "
                 f"missing from {image_dir}{os.sep} (first: {absent[0]})")
-        return {split: [os.path.join(image_dir, n)
-                        for n in by_partition[_CELEBA_PARTITION_OF_SPLIT[split]]]
-                for split in SPLITS}
+        return {split: [os.path.join(image_dir, n) for n in names]
+                for split, names in zip(SPLITS, by_partition)}
 
-    # The image folder's mtime changes when files are added or removed, so it keys
-    # the cache along with the partition list.
-    return cached(NAME, [partition, image_dir], parse)
+    # The image folder's mtime changes when files are added or removed.
+    return reads.kept(NAME, [partition, image_dir], parse)
 
 
 def decode_celeba(path):
-    """CelebA JPEG -> uint8 array 3x64x64: CenterCrop(140) then Resize(64).
-
-    torchvision's functional ops on a PIL image are used (bilinear, antialiased by PIL)
-    so the result equals transforms.Compose([CenterCrop(140), Resize(64)]) exactly.
-    """
+    """CelebA JPEG -> uint8 array 3x64x64: CenterCrop(140) then Resize(64), by torchvision's
+    functional ops on a PIL image (bilinear, antialiased by PIL), as the release's transforms."""
     img = open_image(path, "CelebA image")
     if img.mode != "RGB":
         img = img.convert("RGB")
@@ -85,14 +78,13 @@ def decode_celeba(path):
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
-# What the decoding depends on besides the file, recorded by the decoded cache (data.cache)
-# next to the cached arrays for anyone reading its sidecar.
+# What the decoding depends on besides the file: the decoded cache's sidecar records it.
 decode_celeba.params = {"crop": CELEBA_CROP, "size": IMAGE_SIZE, "resize": "bilinear"}
 
 
 def read(cfg, split, recorded=None):
-    paths = celeba_files(os.path.abspath(cfg.path_dataset))[split]
+    paths = celeba_files(os.path.abspath(cfg.path_dataset), Reads.of(cfg))[split]
     return Files(paths, decode_celeba, f"{CACHE_STEM}_{split}_{IMAGE_SIZE}")
 
 
-SOURCE = Source(NAME, "images", SHAPE, read)
+SOURCE = Source(NAME, read)

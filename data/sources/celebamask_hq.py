@@ -1,7 +1,6 @@
 """CelebAMask-HQ: the label maps ``data.prepare_celebamask_hq`` writes
 (``CelebAMask-HQ/{train,val,test}_label/<n>.png``), as file lists of 64x64 maps of the 19
-class indices (no automatic download).
-"""
+class indices (no automatic download)."""
 import os
 import re
 
@@ -16,7 +15,6 @@ from .spec import Files, Source
 NAME = "CelebAMask_HQ"
 CELEBAMASK_DIR = "CelebAMask-HQ"
 IMAGE_SIZE = 64
-SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)
 # Stem of a split's decoded cache under <root>/cache/.
 CACHE_STEM = "celebamask"
 # The face parts, in the order the label maps paint them (a later part overwrites an
@@ -41,11 +39,9 @@ def _numbered_pngs(folder):
 
 
 def celebamask_files(root, split):
-    """List of label-map paths for one split, in numeric file order.
-
-    A prepared ``<split>_label_64`` folder is preferred when it is complete (same file
-    count as ``<split>_label``, or the only one present): it saves the 512->64 resize.
-    """
+    """The label maps of one split, in numeric file order: those of a prepared
+    ``<split>_label_64`` folder where it is complete (as many files as ``<split>_label``, or
+    the only one present), which saves the 512->64 resize."""
     folder = os.path.join(root, CELEBAMASK_DIR)
     full = _numbered_pngs(os.path.join(folder, f"{split}_label"))
     small = _numbered_pngs(os.path.join(folder, f"{split}_label_64"))
@@ -64,11 +60,8 @@ def celebamask_files(root, split):
 
 
 def decode_celebamask_label(path):
-    """CelebAMask-HQ label PNG -> uint8 array 1x64x64 of class indices 0..18.
-
-    Nearest-neighbour resizing keeps every pixel a valid class index; a file that is
-    already 64x64 (the prepared ``*_label_64`` folders) passes through unchanged.
-    """
+    """CelebAMask-HQ label PNG -> uint8 array 1x64x64 of class indices 0..18, resized
+    nearest-neighbour (every pixel stays a class index) unless already 64x64."""
     img = open_image(path, "CelebAMask-HQ label map")
     if img.size != (IMAGE_SIZE, IMAGE_SIZE):
         img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST)
@@ -82,7 +75,7 @@ def decode_celebamask_label(path):
     return arr.astype(np.uint8)[None]
 
 
-# What the decoding depends on besides the file, recorded by the decoded cache (data.cache).
+# What the decoding depends on besides the file: the decoded cache's sidecar records it.
 decode_celebamask_label.params = {"size": IMAGE_SIZE, "resize": "nearest"}
 
 
@@ -91,4 +84,4 @@ def read(cfg, split, recorded=None):
     return Files(paths, decode_celebamask_label, f"{CACHE_STEM}_{split}_{IMAGE_SIZE}")
 
 
-SOURCE = Source(NAME, "labels", SHAPE, read)
+SOURCE = Source(NAME, read)

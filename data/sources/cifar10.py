@@ -1,9 +1,5 @@
-"""CIFAR10: the five training batches and the test batch of ``cifar-10-batches-py``.
-
-The batches are pickles; they are read by a restricted unpickler that builds only numpy
-arrays and plain values. The validation split is the last 10,000 of the 50,000 training
-images (1/5 of a smaller set).
-"""
+"""CIFAR10: the five training batches and the test batch of ``cifar-10-batches-py``, pickles
+read by a restricted unpickler. The last 10,000 of the 50,000 training images validate."""
 import codecs
 import functools
 import os
@@ -15,8 +11,8 @@ import torchvision.datasets as tvd
 from util.text import one_line
 
 from ..errors import DatasetError
-from .layouts import cached, carve_val, carved_split_sizes, find_folder
-from .spec import Arrays, Source
+from .layouts import carve_val, carved_split_sizes, find_folder
+from .spec import Arrays, Reads, Source
 
 NAME = "CIFAR10"
 SHAPE = (3, 32, 32)
@@ -111,15 +107,15 @@ def _download(root):
                                            md5=tvd.CIFAR10.tgz_md5)
 
 
-def load_cifar10(root):
-    """{'train', 'val', 'test'} -> (uint8 N x 3 x 32 x 32, int64 N) for CIFAR10."""
+def load_cifar10(root, reads):
+    """{'train', 'val', 'test'} -> (uint8 N x 3 x 32 x 32, int64 N), read once per `reads`."""
     names = CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)
 
     def missing(folder):
         return [n for n in names if not os.path.isfile(os.path.join(folder, n))]
 
     folder = find_folder(
-        NAME, root, (CIFAR10_DIR,), complete=lambda f: not missing(f),
+        reads, NAME, root, (CIFAR10_DIR,), complete=lambda f: not missing(f),
         what=lambda ours: f"{', '.join(missing(ours))} (extracted from cifar-10-python.tar.gz)",
         download=lambda: _download(root))
     paths = [os.path.join(folder, n) for n in names]
@@ -131,14 +127,14 @@ def load_cifar10(root):
         n_train, _ = split_sizes(len(images))
         return carve_val((images, labels), _read_cifar_batch(paths[-1]), n_train)
 
-    return cached(NAME, paths, parse)
+    return reads.kept(NAME, paths, parse)
 
 
 split_sizes = functools.partial(carved_split_sizes, NAME, tiny_val_divisor=TINY_VAL_DIVISOR)
 
 
 def read(cfg, split, recorded=None):
-    return Arrays(*load_cifar10(os.path.abspath(cfg.path_dataset))[split])
+    return Arrays(*load_cifar10(os.path.abspath(cfg.path_dataset), Reads.of(cfg))[split])
 
 
-SOURCE = Source(NAME, "images", SHAPE, read, split_sizes)
+SOURCE = Source(NAME, read, split_sizes)

@@ -1,40 +1,24 @@
-"""ImageFolder: your own pictures, every file Pillow reads under ``path_dataset``,
-recursively (``data.pictures``), as grey or RGB squares of ``dataset.channels`` x
-``dataset.image_size`` (configs/registry.py lists the sizes that have networks).
+"""ImageFolder: your own pictures, every file Pillow reads under ``path_dataset``, recursively
+(``data.pictures``), as grey or RGB squares of ``dataset.channels`` x ``dataset.image_size``.
 
-Splits: where ``train/``, ``val/`` and ``test/`` all exist under the folder, they are the
-splits (pictures elsewhere are left out, and counted). Otherwise each picture goes to a
-split by a stable hash of its relative name: about 90% train, 5% val and 5% test; in a
-folder too small for that to fill every split, the training pictures with the highest
-hashes fill an empty one. A run folder records the pictures of each split
-(``Decoded.record``); evaluated or resumed later, the run reads exactly those, and says how
-many pictures were added since rather than mix them in.
+Where ``train/``, ``val/`` and ``test/`` all exist under the folder, they are the splits
+(pictures elsewhere are left out, and counted); otherwise a stable hash of each relative name
+picks its split: about 90% train, 5% val, 5% test. A run folder records the pictures of each
+split (``Decoded.record``); evaluated or resumed later, the run reads exactly those, and says
+how many pictures were added since rather than mix them in.
 """
 import hashlib
 import os
-import sys
 
 from .. import pictures
 from ..errors import DatasetError
 from .layouts import SPLITS
-from .spec import Decoded, Source
+from .spec import Decoded, Reads, Source
 
 NAME = "ImageFolder"
 # Upper ends of the hash ranges of train and val (the rest is test): about 90 / 5 / 5.
 HASH_SHARES = (0.90, 0.95)
 SHOWN = 3
-
-# Notes printed (pictures left out, added since the record) -> the config they were printed
-# for: once per command (whose splits and outputs share one config object), though train,
-# val and test each read the folder. The config is held, so its identity stays its own.
-_SAID = {}
-
-
-def _say(text, cfg):
-    if _SAID.get(text) is not cfg:
-        _SAID[text] = cfg
-        print(text, flush=True)
-
 
 def hash_position(name):
     """Where a relative name falls in [0, 1): the same on every machine and Python."""
@@ -79,7 +63,8 @@ def folder_splits(folder, names, cfg):
             raise DatasetError(f"{os.path.join(folder, split)} holds no picture")
     outside = len(names) - sum(map(len, splits.values()))
     if outside:
-        _say(f"{folder}: {outside} picture(s) outside train/, val/ and test/ are not used", cfg)
+        Reads.of(cfg).say(f"{folder}: {outside} picture(s) outside train/, val/ and test/ "
+                          "are not used")
     return splits
 
 
@@ -98,10 +83,10 @@ def _recorded(folder, names, recorded, split, cfg):
     known = {n for s in recorded.values() for key in ("files", "skipped") for n in s.get(key, [])}
     added = [n for n in names if n not in known]
     if added:
-        _say(f"{folder}: {len(added)} picture(s) added since the run recorded its splits are "
-             f"left out ({', '.join(added[:SHOWN])}{', ...' if len(added) > SHOWN else ''}); "
-             "its splits are the recorded ones (-ts RUN --images DIR evaluates a whole folder)",
-             cfg)
+        Reads.of(cfg).say(
+            f"{folder}: {len(added)} picture(s) added since the run recorded its splits are "
+            f"left out ({', '.join(added[:SHOWN])}{', ...' if len(added) > SHOWN else ''}); "
+            "its splits are the recorded ones (-ts RUN --images DIR evaluates a whole folder)")
     return listed
 
 
@@ -117,8 +102,8 @@ def read(cfg, split, recorded=None):
         by_folder = folder_splits(folder, names, cfg)
         splits, skipped_before = by_folder or hash_splits(names), set()
         rule = "train/, val/ and test/" if by_folder else "the hash of their names"
-        _say(f"{folder}: {sum(map(len, splits.values())):,} pictures, split by {rule}: "
-             + ", ".join(f"{len(splits[s]):,} {s}" for s in SPLITS), cfg)
+        Reads.of(cfg).say(f"{folder}: {sum(map(len, splits.values())):,} pictures, split by "
+                          f"{rule}: " + ", ".join(f"{len(splits[s]):,} {s}" for s in SPLITS))
     # One decoding for every split: the pictures of all of them (and those the run skipped),
     # in sorted order: the same set, and so the same cache, whether the folder is read
     # afresh or through the run's record. (A picture of another split gone since is left
@@ -127,7 +112,7 @@ def read(cfg, split, recorded=None):
     used = sorted(n for n in {n for listed in splits.values() for n in listed} | skipped_before
                   if n in present)
     decoded = pictures.decoded(folder, used, tuple(cfg.dataset.shape),
-                               cached=cfg.cache_decoded, said_for=cfg)
+                               cached=cfg.cache_decoded, reads=Reads.of(cfg))
     rows, kept = decoded.rows(splits[split])
     if not rows:
         raise DatasetError(f"none of the {len(splits[split])} pictures of the {split} split "
@@ -136,4 +121,4 @@ def read(cfg, split, recorded=None):
     return Decoded(decoded.array, rows, kept, {"files": kept, "skipped": skipped})
 
 
-SOURCE = Source(NAME, "images", None, read)
+SOURCE = Source(NAME, read)

@@ -1,11 +1,9 @@
-"""What the dataset modules share: the two folder layouts, downloads, the validation split
-carved off an official training split, and the parsed-array cache. No dataset is named here:
-each module passes its own name, folders and sizes.
+"""What the dataset modules share: the two folder layouts, downloads and the validation split
+carved off an official training split. No dataset is named here.
 
-A dataset's files sit in a folder named as torchvision names it. This project's layout puts
-that folder directly under the dataset root; the authors' code (sony/sqvae) roots
-torchvision at ``<root>/<Name>``, so theirs is ``<root>/<Name>/<folder>``. Ours is looked at
-first, and a download always goes to ours.
+A dataset's files sit in a folder named as torchvision names it: directly under the dataset
+root in this project's layout, under ``<root>/<Name>/`` in the authors' (sony/sqvae). Ours is
+looked at first, and a download always goes to ours.
 """
 import contextlib
 import os
@@ -19,22 +17,16 @@ SPLITS = ("train", "val", "test")
 NO_DOWNLOAD_ENV = "SQVAE_NO_DOWNLOAD"
 DOWNLOAD_TIMEOUT_S = 10
 LAYOUT_NAMES = ("this project's layout", "the authors' layout")
-
 # Validation size carved off the end of the official training split.
 VAL_SIZE = 10_000
-# Below this many training images the file is a toy (a test fixture or a subset),
-# where a fixed 10,000 would leave nothing to train on.
+# Below this many training images the file is a toy (a test fixture or a subset), where a
+# fixed 10,000 would leave nothing to train on.
 MIN_OFFICIAL_TRAIN_FOR_FIXED_VAL = 20_000
 
 
 def carved_split_sizes(dataset_name, n_official_train, tiny_val_divisor):
-    """(n_train, n_val) carved from the official training split, train first.
-
-    Real files (>= 20,000 images) keep the fixed rule: the last 10,000 validate (60,000
-    give 50,000/10,000, 50,000 give 40,000/10,000). Only smaller (tiny,
-    fixture-sized) files get a proportional split instead: 1/`tiny_val_divisor` validates,
-    the dataset module's choice (the ratio of its real sizes).
-    """
+    """(n_train, n_val): the last 10,000 validate (60,000 give 50,000/10,000); a file of fewer
+    than 20,000 gives 1/`tiny_val_divisor` (the ratio of the real sizes) to validation."""
     n = int(n_official_train)
     if n >= MIN_OFFICIAL_TRAIN_FOR_FIXED_VAL:
         return n - VAL_SIZE, VAL_SIZE
@@ -46,59 +38,32 @@ def carved_split_sizes(dataset_name, n_official_train, tiny_val_divisor):
 
 
 def carve_val(train, test, n_train):
-    """{'train', 'val', 'test'} from the official (images, labels) pairs: the first
-    `n_train` training items train, the rest validate."""
+    """{'train', 'val', 'test'} from the official (images, labels) pairs: the first `n_train`
+    training items train, the rest validate (views of the arrays read, not copies)."""
     images, labels = train
-    # Slices, not copies: the three splits stay views of the arrays read from disk.
     return {"train": (images[:n_train], labels[:n_train]),
-            "val": (images[n_train:], labels[n_train:]),
-            "test": test}
+            "val": (images[n_train:], labels[n_train:]), "test": test}
 
 
-# ---------------------------------------------------------------- layouts
-
-# (dataset, folder) pairs already reported: train, val and test loaders each look the
-# dataset up, and the user needs to read where it came from once.
-_ANNOUNCED = set()
-
-
-def layout_folders(dataset_name, root, folder):
-    """[ours, the authors'] for `folder`, the path parts of torchvision's folder."""
-    return [os.path.join(root, *folder), os.path.join(root, dataset_name, *folder)]
-
-
-def _locate(dataset_name, folders, complete):
-    """The first of `folders` (ours, then the authors') for which ``complete`` holds."""
-    for folder, layout in zip(folders, LAYOUT_NAMES):
-        if complete(folder):
-            if (dataset_name, folder) not in _ANNOUNCED:
-                _ANNOUNCED.add((dataset_name, folder))
-                print(f"{dataset_name}: using {folder} ({layout})", flush=True)
-            return folder
-    return None
-
-
-def find_folder(dataset_name, root, folder, *, complete, what, download):
-    """The folder of a dataset's files, ours or the authors' (see the module docstring),
-    whichever ``complete(path)`` accepts first.
-
-    When neither does, ``download()`` is tried into ours and both are looked at again;
-    still missing, the error names what to put where: ``what(ours)``, in our folder.
-    """
-    folders = layout_folders(dataset_name, root, folder)
-    found = _locate(dataset_name, folders, complete)
-    if found is None:
+def find_folder(reads, dataset_name, root, folder, *, complete, what, download):
+    """The folder of a dataset's files (`folder`: the path parts of torchvision's), ours or
+    the authors', whichever ``complete(path)`` accepts first; said once per command (`reads`).
+    Neither: ``download()`` is tried into ours; still missing, the error names what to put
+    where (``what(ours)``)."""
+    folders = [os.path.join(root, *folder), os.path.join(root, dataset_name, *folder)]
+    note = None
+    while True:
+        for path, layout in zip(folders, LAYOUT_NAMES):
+            if complete(path):
+                reads.say(f"{dataset_name}: using {path} ({layout})")
+                return path
+        if note is not None:
+            break
         note = try_download(folders[0], download)
-        found = _locate(dataset_name, folders, complete)
-        if found is None:
-            ours, theirs = folders
-            raise DatasetError(
-                f"{dataset_name} not found under {root}: put {what(ours)} in {ours}{os.sep} "
-                f"(or in {theirs}{os.sep}, the authors' layout; {note})")
-    return found
+    ours, theirs = folders
+    raise DatasetError(f"{dataset_name} not found under {root}: put {what(ours)} in {ours}{os.sep}"
+                       f" (or in {theirs}{os.sep}, the authors' layout; {note})")
 
-
-# ---------------------------------------------------------------- download
 
 def download_disabled():
     return os.environ.get(NO_DOWNLOAD_ENV, "").strip() not in ("", "0")
@@ -106,8 +71,8 @@ def download_disabled():
 
 @contextlib.contextmanager
 def _socket_timeout(seconds):
-    # torchvision's urllib calls have no timeout of their own; without one a machine
-    # with no route out can hang for minutes before reporting the dataset missing.
+    # torchvision's urllib calls have no timeout of their own; without one a machine with no
+    # route out can hang for minutes before reporting the dataset missing.
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(seconds)
     try:
@@ -126,68 +91,28 @@ def _short_reason(error):
     return f"{type(error).__name__}: {text[:120]}" + ("..." if len(text) > 120 else "")
 
 
-def _absent_folders(folder):
-    """``folder`` and those of its ancestors that do not exist yet, deepest first."""
-    absent = []
-    folder = os.path.abspath(folder)
-    while not os.path.exists(folder):
-        absent.append(folder)
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            break
-        folder = parent
-    return absent
-
-
-def _remove_if_empty(folders):
-    for folder in folders:
-        try:
-            # rmdir refuses a folder with anything in it, so a partial download (or a
-            # file some other process put there meanwhile) is never lost.
-            os.rmdir(folder)
-        except OSError:
-            pass
-
-
 def try_download(target, download):
-    """Call ``download()`` (torchvision's downloader for a dataset, whose files land in
-    `target`); return a short note for error messages.
+    """Call ``download()`` (whose files land in `target`); a short note for error messages.
 
-    Failure is expected offline and is never raised here: the caller re-checks the
-    files and reports what is still missing. Folders the attempt created and left
-    empty are removed again, so an offline run leaves the dataset root as it found it.
+    A failure (expected offline) is never raised: the caller looks for the files again. The
+    folders the attempt created and left empty are removed, so an offline run leaves the
+    dataset root as it found it.
     """
     if download_disabled():
         return f"download skipped: {NO_DOWNLOAD_ENV}=1"
-    created = _absent_folders(target)
+    created, folder = [], os.path.abspath(target)
+    while not os.path.exists(folder) and folder not in created:
+        created.append(folder)  # deepest first
+        folder = os.path.dirname(folder)
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
             download()
     except Exception as e:  # any failure (no network, quota, bad archive) means "not here"
         return f"download failed: {_short_reason(e)}"
     finally:
-        _remove_if_empty(created)
+        for folder in created:
+            # rmdir refuses a folder with anything in it: a partial download (or a file
+            # another process put there meanwhile) is never lost.
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
     return "download attempted"
-
-
-# ---------------------------------------------------------------- cache
-
-# Parsed arrays per (dataset, files with their size and mtime): train and val loaders
-# of one process share a single read, and a replaced file is read afresh.
-_ARRAY_CACHE = {}
-
-
-def _signature(paths):
-    sig = []
-    for p in paths:
-        st = os.stat(p)
-        sig.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
-    return tuple(sig)
-
-
-def cached(key_name, paths, parse):
-    """``parse()``, once per `key_name` and state of the files at `paths`."""
-    key = (key_name, _signature(paths))
-    if key not in _ARRAY_CACHE:
-        _ARRAY_CACHE[key] = parse()
-    return _ARRAY_CACHE[key]

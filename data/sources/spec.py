@@ -1,32 +1,23 @@
-"""What a dataset module declares, and what its reader hands the loaders.
-
-Each dataset is one module of this package with a module-level ``SOURCE``, a ``Source``:
-its name (the ``dataset.name`` that configs/registry.py lists), what its items are, their
-shape, and ``read(cfg, split, recorded)``, which returns one split in one of three forms:
-
-* ``Arrays``: the whole split in memory (parsed files: idx files, pickled batches);
-* ``Files``: one file per item, decoded by ``decode`` in the loader's workers or once into the
-  decoded cache (``data.cache``) under ``<path_dataset>/cache/<cache>.npy``;
-* ``Decoded``: rows of an array the reader has decoded already (a folder of pictures, decoded
-  by ``data.pictures``), with the file name of each row and what a run folder records of them.
-
-``recorded`` is None, or what a run folder recorded of the files each split used (a
-``Decoded`` split's ``record``, by split), so that a run evaluated or resumed later reads the
-same files; readers of fixed file sets ignore it.
-"""
+"""What a dataset module declares (``SOURCE``), the forms its reader returns a split in, and
+``Reads``, what one command has read. A dataset's shape and items are in configs/registry.py."""
+import os
+import weakref
 from typing import Callable, NamedTuple, Optional
+
+from ..errors import DatasetError
 
 
 class Arrays(NamedTuple):
-    """A split in memory: uint8 N x C x H x W items and int64 N labels."""
+    """A split in memory (parsed files): uint8 N x C x H x W items and int64 N labels."""
 
     images: object
     labels: object
 
 
 class Files(NamedTuple):
-    """A split read one file per item: the paths in the split's order, ``decode(path)`` ->
-    uint8 C x H x W, and the stem of the split's decoded cache under <path_dataset>/cache/."""
+    """A split read one file per item: the paths in order, ``decode(path)`` -> uint8 C x H x W
+    (run by the loader's workers, or once into the decoded cache, ``data.cache``), and the
+    stem of the split's decoded cache under <path_dataset>/cache/."""
 
     paths: list
     decode: Callable
@@ -34,9 +25,9 @@ class Files(NamedTuple):
 
 
 class Decoded(NamedTuple):
-    """A split already decoded: the rows ``rows`` of the uint8 N x C x H x W ``array`` (a
-    memory map or in memory), ``names`` (the file of each row, relative to the folder read),
-    and ``record``, what a run folder keeps of the split (plain JSON data)."""
+    """A split already decoded (``data.pictures``): the rows ``rows`` of the uint8 N x C x H x W
+    ``array``, the file of each row (``names``, relative to the folder read), and ``record``,
+    what a run folder keeps of the split (plain JSON data)."""
 
     array: object
     rows: object
@@ -45,12 +36,52 @@ class Decoded(NamedTuple):
 
 
 class Source(NamedTuple):
-    """What a dataset's name implies in data/: everything about it is in its own module."""
+    """A dataset module's declaration. ``read(cfg, split, recorded)`` returns one split as
+    Arrays, Files or Decoded; ``recorded`` is None, or what a run folder recorded of the files
+    of its splits (their Decoded ``record``, by split), so that a run evaluated or resumed
+    later reads the same files. ``split_sizes``: n_official_train -> (n_train, n_val), for a
+    dataset whose validation split is carved off an official training split."""
 
-    name: str                 # dataset.name, as configs/registry.py lists it
-    items: str                # "images" (values 0..255, given to the model in [0, 1]) or "labels"
-    shape: Optional[tuple]    # (C, H, W) of every item; None: the config chooses it
-    read: Callable            # read(cfg, split, recorded) -> Arrays | Files | Decoded
-    # n_official_train -> (n_train, n_val), for a dataset whose validation split is carved
-    # off an official training split; None where the splits come from the files themselves.
+    name: str
+    read: Callable
     split_sizes: Optional[Callable] = None
+
+
+class Reads:
+    """What one command has read of its datasets (parsed files, decoded pictures) and the notes
+    it has printed, so that its train, val and test loaders share one read and print a note
+    once. ``Reads.of(cfg)``: the one of a config object, dropped when the config is."""
+
+    _of_config = {}  # id(cfg) -> Reads, removed as that config is garbage collected
+
+    def __init__(self):
+        self._kept, self._said = {}, set()
+
+    @classmethod
+    def of(cls, cfg):
+        key = id(cfg)
+        if key not in cls._of_config:
+            cls._of_config[key] = cls()
+            weakref.finalize(cfg, cls._of_config.pop, key, None)
+        return cls._of_config[key]
+
+    def kept(self, key, paths, make):
+        """``make()``, once per `key` and state (size, mtime) of the files at `paths`: a file
+        replaced on disk is read afresh, and the value of its older state dropped."""
+        state = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                raise DatasetError(f"cannot read {path}: {e.strerror}") from None
+            state.append((os.path.abspath(path), st.st_size, st.st_mtime_ns))
+        if self._kept.get(key, (None,))[0] != state:
+            self._kept.pop(key, None)
+            self._kept[key] = (state, make())
+        return self._kept[key][1]
+
+    def say(self, text, file=None):
+        """Print `text` unless this command has printed it already."""
+        if text not in self._said:
+            self._said.add(text)
+            print(text, file=file, flush=True)
