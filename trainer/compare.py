@@ -1,21 +1,15 @@
-"""Compare finished runs, and write the reproduction report from them.
+"""The table of run folders, and the reproduction report from them.
 
     python -m trainer.compare RUN_OR_FOLDER ... [--csv out.csv] [--report docs/results.md]
                               [--curves out.png] [--notes FILE]
 
-One table row per run folder, printed as markdown; ``--csv`` also writes the rows as CSV,
-``--report`` writes a markdown report: the command that made it, mean +- std over seeds of
-each (dataset, model, epochs) group, every run's row, and the published figures to compare
-with (``published_figures.yaml`` beside this file; the command lines of the GPU rows are in
-docs/gpu-runs.md). A folder that is not a run folder stands for the run folders below it
-(two levels). ``--curves`` draws the runs' learning curves (util/curves.py).
-
-Each run folder is read through plain files only: its config (``config.yaml`` as plain
-YAML data, aliases refused: configs.load_plain_yaml; or for a run folder of the authors'
-release its ``configs.json``, read by trainer/release_format.py) and ``metrics.jsonl`` (its
-last ``test`` record, its last ``prior_test`` record, and the ``train`` records for the
-training time; a release folder has one once ``main.py -ts`` evaluated it). No checkpoint is opened and nothing is unpickled, so the
-tool works on copied or downloaded run folders.
+One markdown row per run folder; ``--csv`` writes the rows as CSV, ``--report`` a markdown
+report (the command that made it, mean ± std over seeds of each (dataset, model, epochs)
+group, every row, the figures of ``published_figures.yaml`` beside this file), ``--curves``
+the learning curves (util/curves.py). A folder that is not a run folder stands for those up
+to two levels below it. Only plain files are read: the config (``config.yaml`` as plain YAML,
+or a release folder's ``configs.json``) and ``metrics.jsonl``; no checkpoint is opened and
+nothing is unpickled, so copied or downloaded run folders are safe to compare.
 """
 import csv
 import io
@@ -28,7 +22,7 @@ import sys
 import yaml
 
 from configs import YamlAliasError, brief, load_plain_yaml
-from util.cli import EXIT_INPUT, OneLineParser, run_command
+from util.cli import EXIT_INPUT, OneLineParser, run_cli
 from util.io import UnsafeLink, atomic_write_bytes
 
 from . import release_format, runs
@@ -38,25 +32,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PUBLISHED_FIGURES = os.path.join(HERE, "published_figures.yaml")
 GPU_RUNS = os.path.join(os.path.dirname(HERE), "docs", "gpu-runs.md")
 
-# (column header, how to format the value in the markdown table)
+# (column header, its format in the markdown table, (split, key) of the record it comes from)
 COLUMNS = (
-    ("run", "{}"),
-    ("model", "{}"),
-    ("dataset", "{}"),
-    ("epochs", "{}"),
-    ("test mse/image", "{:.2f}"),
-    ("test mse/pixel", "{:.5f}"),
-    ("psnr (dB)", "{:.2f}"),
-    ("perplexity (batch)", "{:.1f}"),
-    ("perplexity (split)", "{:.1f}"),
-    ("codes used", "{}"),
-    ("prior nll (nats/pos)", "{:.3f}"),
-    ("unigram (nats/pos)", "{:.3f}"),
-    ("prior nll (bits/dim)", "{:.4f}"),
-    ("train time (s)", "{:.1f}"),
+    ("run", "{}", None),
+    ("model", "{}", None),
+    ("dataset", "{}", None),
+    ("epochs", "{}", None),
+    ("test mse/image", "{:.2f}", ("test", "mse")),
+    ("test mse/pixel", "{:.5f}", ("test", "mse_pixel")),
+    ("psnr (dB)", "{:.2f}", ("test", "psnr")),
+    ("perplexity (batch)", "{:.1f}", ("test", "perplexity")),
+    ("perplexity (split)", "{:.1f}", ("test", "perplexity_split")),
+    ("codes used", "{}", ("test", "codes_used")),
+    ("prior nll (nats/pos)", "{:.3f}", ("prior_test", "nll")),
+    ("unigram (nats/pos)", "{:.3f}", ("prior_test", "unigram")),
+    ("prior nll (bits/dim)", "{:.4f}", ("prior_test", "nll_bpd")),
+    ("train time (s)", "{:.1f}", None),
 )
+FORMATS = {name: fmt for name, fmt, _ in COLUMNS}
 # The figures a report averages over seeds (the others identify the group).
-MEASURES = [name for name, _ in COLUMNS if name not in ("run", "model", "dataset", "epochs")]
+MEASURES = [name for name, _, _ in COLUMNS if name not in ("run", "model", "dataset", "epochs")]
 
 
 class CompareError(ValueError):
@@ -99,8 +94,8 @@ def _section(cfg, name):
 
 
 def _text(value):
-    """A config value shown in a table cell: a name as it is (cut to 80 characters), anything
-    else as a bounded repr (a config from elsewhere may hold any structure there)."""
+    """A config value in a table cell: a name cut to 80 characters, anything else (a config
+    from elsewhere may hold any structure) as a bounded repr."""
     if isinstance(value, str):
         return value if len(value) <= 80 else value[:77] + "..."
     return brief(value)
@@ -125,57 +120,42 @@ def _number(record, key, where):
 
 
 def run_label(run_dir):
-    # Run folder names repeat across experiments (same network, seed and minute), so the
-    # experiment folder above is part of the label.
+    # Run folder names repeat across experiments: the experiment folder above is named too.
     parts = os.path.normpath(os.path.abspath(run_dir)).split(os.sep)
     return "/".join(parts[-2:])
-
-
-def _last(records, split):
-    found = [r for r in records if r.get("split") == split]
-    return found[-1] if found else {}
 
 
 def summarize(run_dir):
     """The table row of one run folder, as a dict keyed by column header."""
     if not os.path.isdir(run_dir):
         raise CompareError(f"{run_dir}: no such run folder")
-    cfg = _read_config(run_dir)
-    records = _read_metrics(run_dir)
-    test, prior = _last(records, "test"), _last(records, "prior_test")
-    if not test:
+    cfg, records = _read_config(run_dir), _read_metrics(run_dir)
+    last = {split: next((r for r in reversed(records) if r.get("split") == split), {})
+            for split in ("test", "prior_test")}
+    if not last["test"]:
         raise CompareError(f"{run_dir}: {runs.METRICS_FILE} holds no test metrics (training "
                            "did not finish; evaluate it with main.py -ts)")
-    train = [r for r in records if r.get("split") == "train"]
-    theirs = release_format.is_release_run(run_dir)
     metrics = os.path.join(run_dir, runs.METRICS_FILE)
-    where = {"test": f"{metrics}, its last test record",
-             "prior": f"{metrics}, its last prior_test record",
-             "train": f"{metrics}, a train record"}
+    train = [r for r in records if r.get("split") == "train"]
     for record in train:
-        _number(record, "seconds", where["train"])
+        _number(record, "seconds", f"{metrics}, a train record")
         if not isinstance(record.get("epoch"), (int, type(None))):
-            raise CompareError(f"{where['train']}: its epoch is {brief(record['epoch'])}, "
-                               "not a whole number; fix or remove that record")
-    return {
-        "run": run_label(run_dir),
-        "model": model_label(cfg) + (", authors' release" if theirs else ""),
-        "dataset": _text(_section(cfg, "dataset").get("name", "?")),
-        # Epochs actually trained (a run may stop before train.epoch_max); a release run
-        # folder records none here.
-        "epochs": len({r.get("epoch") for r in train}) or None,
-        "test mse/image": _number(test, "mse", where["test"]),
-        "test mse/pixel": _number(test, "mse_pixel", where["test"]),
-        "psnr (dB)": _number(test, "psnr", where["test"]),
-        "perplexity (batch)": _number(test, "perplexity", where["test"]),
-        "perplexity (split)": _number(test, "perplexity_split", where["test"]),
-        "codes used": _number(test, "codes_used", where["test"]),
-        "prior nll (nats/pos)": _number(prior, "nll", where["prior"]),
-        "unigram (nats/pos)": _number(prior, "unigram", where["prior"]),
-        "prior nll (bits/dim)": _number(prior, "nll_bpd", where["prior"]),
-        "train time (s)": (sum(float(r.get("seconds") or 0.0) for r in train)
-                           if train else None),
-    }
+            raise CompareError(f"{metrics}, a train record: its epoch is "
+                               f"{brief(record['epoch'])}, not a whole number; fix or remove "
+                               "that record")
+    theirs = release_format.is_release_run(run_dir)
+    row = {"run": run_label(run_dir),
+           "model": model_label(cfg) + (", authors' release" if theirs else ""),
+           "dataset": _text(_section(cfg, "dataset").get("name", "?")),
+           # Epochs actually trained (a run may stop early); a release run folder records none.
+           "epochs": len({r.get("epoch") for r in train}) or None,
+           "train time (s)": sum(float(r.get("seconds") or 0.0) for r in train) if train
+           else None}
+    for name, _, source in COLUMNS:
+        if source:
+            row[name] = _number(last[source[0]], source[1],
+                                f"{metrics}, its last {source[0]} record")
+    return row
 
 
 def find_runs(paths):
@@ -206,69 +186,53 @@ def _cell(value, fmt):
     return fmt.format(value)
 
 
-def markdown_table(rows, columns=COLUMNS):
-    headers = [name for name, _ in columns]
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---" for _ in headers) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row[name], fmt) for name, fmt in columns) + " |")
-    return "\n".join(lines)
+def _markdown(headers, rows):
+    """A markdown table of `rows`, lists of cell texts."""
+    return "\n".join(["| " + " | ".join(headers) + " |",
+                      "|" + "|".join("---" for _ in headers) + "|",
+                      *("| " + " | ".join(cells) + " |" for cells in rows)])
 
 
-def write_output(path, data):
-    """An output file the user named: a regular file is replaced atomically, a device, FIFO
-    or /proc/self/fd link is written in place as a stream (as cp does), never replaced."""
-    atomic_write_bytes(path, data, stream_special=True)
+def markdown_table(rows):
+    return _markdown(FORMATS, [[_cell(row[name], fmt) for name, fmt in FORMATS.items()]
+                               for row in rows])
+
+
+# Every output is a file the user named: replaced atomically, but a device, FIFO or
+# /proc/self/fd link is written in place as a stream (stream_special, as cp does).
 
 
 def write_csv(rows, path):
     # Full precision in the CSV: it is for further processing, the markdown is for reading.
     text = io.StringIO(newline="")
     writer = csv.writer(text)
-    writer.writerow([name for name, _ in COLUMNS])
+    writer.writerow(FORMATS)
     for row in rows:
-        writer.writerow(["" if row[name] is None else row[name] for name, _ in COLUMNS])
-    write_output(path, text.getvalue().encode("utf-8"))
+        writer.writerow(["" if row[name] is None else row[name] for name in FORMATS])
+    atomic_write_bytes(path, text.getvalue().encode("utf-8"), stream_special=True)
 
 
-def group_rows(rows):
-    """One row per (dataset, model, epochs): each measure as (mean, sample std, n) over the
-    group's runs that have it."""
+def _mean_std(values, fmt, group_size):
+    if not values:
+        return "n/a"
+    text = fmt.format(statistics.fmean(values))
+    if len(values) > 1:
+        text += " ± " + fmt.format(statistics.stdev(values))
+    return text + ("" if len(values) == group_size else f" ({len(values)} of {group_size} runs)")
+
+
+def group_table(rows):
+    """One row per (dataset, model, epochs): each measure's mean ± sample std over the group's
+    runs that have it."""
     groups = {}
     for row in rows:
         groups.setdefault((row["dataset"], row["model"], row["epochs"]), []).append(row)
-    out = []
-    for (dataset, model, epochs), members in groups.items():
-        summary = {"dataset": dataset, "model": model, "epochs": epochs, "runs": len(members)}
-        for name in MEASURES:
-            values = [m[name] for m in members if m[name] is not None]
-            if values:
-                std = statistics.stdev(values) if len(values) > 1 else None
-                summary[name] = (statistics.fmean(values), std, len(values))
-            else:
-                summary[name] = None
-        out.append(summary)
-    return out
-
-
-def _mean_std(value, fmt, members):
-    if value is None:
-        return "n/a"
-    mean, std, n = value
-    return (fmt.format(mean) + ("" if std is None else " ± " + fmt.format(std))
-            + ("" if n == members else f" ({n} of {members} runs)"))
-
-
-def group_table(groups):
-    formats = dict(COLUMNS)
-    headers = ["dataset", "model", "epochs", "runs", *MEASURES]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    for g in groups:
-        cells = [g["dataset"], g["model"], _cell(g["epochs"], "{}"), str(g["runs"])]
-        cells += [_mean_std(g[name], "{:.1f}" if name == "codes used" else formats[name],
-                            g["runs"]) for name in MEASURES]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _markdown(["dataset", "model", "epochs", "runs", *MEASURES], [
+        [dataset, model, _cell(epochs, "{}"), str(len(members))]
+        + [_mean_std([m[name] for m in members if m[name] is not None],
+                     "{:.1f}" if name == "codes used" else FORMATS[name], len(members))
+           for name in MEASURES]
+        for (dataset, model, epochs), members in groups.items()])
 
 
 def published_figures(path=PUBLISHED_FIGURES):
@@ -286,43 +250,29 @@ def published_section(report_path):
     """The report's last section: the published figures, and where the command lines of
     its GPU rows are (linked from the report's own folder)."""
     link = os.path.relpath(GPU_RUNS, os.path.dirname(os.path.abspath(report_path)))
-    table = [f"| {r['dataset']} | {r['model']} | {_cell(r['psnr'], '{:.2f}')} | "
-             f"{_cell(r['perplexity'], '{:.1f}')} | {r['source']} |"
-             for r in published_figures()]
-    return "\n".join([
+    table = _markdown(["dataset", "model", "PSNR (dB)", "perplexity", "source"],
+                      [[r["dataset"], r["model"], _cell(r["psnr"], "{:.2f}"),
+                        _cell(r["perplexity"], "{:.1f}"), r["source"]]
+                       for r in published_figures()])
+    return "\n\n".join([
         "## Published figures",
-        "",
-        "Numbers from the literature to place the tables above. They come from the sources'",
-        "own GPU trainings: short rows compare with them in order of magnitude only, rows of",
+        "Numbers from the literature to place the tables above. They come from the sources'\n"
+        "own GPU trainings: short rows compare with them in order of magnitude only, rows of\n"
         "the paper's length more closely.",
-        "",
-        "| dataset | model | PSNR (dB) | perplexity | source |",
-        "|---|---|---|---|---|",
-        *table,
-        "",
-        "The CIFAR10 and CelebA rows of this report need a GPU (an epoch of CelebA is about",
-        f"163,000 images): the command lines that make them are in [gpu-runs.md]({link}).",
-        ""])
+        table,
+        "The CIFAR10 and CelebA rows of this report need a GPU (an epoch of CelebA is about\n"
+        f"163,000 images): the command lines that make them are in [gpu-runs.md]({link}).\n"])
 
 
 def write_report(path, rows, argv, notes=None):
     """The markdown report at `path` (atomically)."""
-    command = "python -m trainer.compare " + shlex.join(argv)
-    parts = [
+    sections = [
         "# Reproduction report",
-        "",
         "Generated from run folders by",
-        "",
-        f"    {command}",
-        "",
+        "    python -m trainer.compare " + shlex.join(argv),
         "Do not edit by hand: change the runs and run the command again.",
-        "",
-    ]
-    if notes:
-        parts += [notes.rstrip(), ""]
-    parts += [
+        *([notes.rstrip()] if notes else []),
         "## Mean ± sample std over seeds",
-        "",
         f"Test split, {runs.BEST} (lowest validation loss). `mse/image` is the squared error "
         "summed over an image's pixels (values in [0, 1]), as the paper reports it; "
         "`perplexity (batch)` is the mean over test batches of exp(entropy of the batch's "
@@ -331,16 +281,12 @@ def write_report(path, rows, argv, notes=None):
         "`main.py -ts RUN --prior` (a gated PixelCNN over the code grids): its test NLL "
         "and the entropy of the training codes' histogram, in nats per latent position, "
         "and the NLL in bits per image dimension.",
-        "",
-        group_table(group_rows(rows)),
-        "",
+        group_table(rows),
         "## Every run",
-        "",
         markdown_table(rows),
-        "",
         published_section(path),
     ]
-    write_output(path, "\n".join(parts).encode("utf-8"))
+    atomic_write_bytes(path, "\n\n".join(sections).encode("utf-8"), stream_special=True)
 
 
 def _seed_label(run_dir):
@@ -350,30 +296,25 @@ def _seed_label(run_dir):
 
 
 def curve_runs(paths):
-    """(label, records) of every run folder under `paths`, for the learning-curve figure:
-    the model, with the dataset and seed where the runs differ in them. Unfinished runs
-    count too (their curves so far)."""
+    """(label, records) of every run folder under `paths`, finished or not: the model, with the
+    dataset where the runs' datasets differ, else the seed where a model repeats."""
     found = []
     for run_dir in find_runs(paths):
         cfg = _read_config(run_dir)
         found.append((model_label(cfg), _text(_section(cfg, "dataset").get("name", "?")),
                       _seed_label(run_dir), _read_metrics(run_dir)))
-    datasets = {dataset for _, dataset, _, _ in found}
+    datasets = len({dataset for _, dataset, _, _ in found})
     labels = [label for label, *_ in found]
-    labelled = []
-    for label, dataset, seed, records in found:
-        text = label + (f", {dataset}" if len(datasets) > 1 else "")
-        if labels.count(label) > 1 and len(datasets) == 1:
-            text += f", {seed}"
-        labelled.append((text, records))
-    return labelled
+    return [(label + (f", {dataset}" if datasets > 1 else f", {seed}"
+                      if labels.count(label) > 1 else ""), records)
+            for label, dataset, seed, records in found]
 
 
 def write_curves(path, paths):
     """The learning-curve figure of the runs under `paths` (util/curves.py) as a PNG."""
     from util.curves import learning_curves_png  # matplotlib only when asked for
     png, _ = learning_curves_png(curve_runs(paths), title="Learning curves, per epoch")
-    write_output(path, png)
+    atomic_write_bytes(path, png, stream_special=True)
 
 
 def read_notes(path):
@@ -412,7 +353,7 @@ def build_parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     # A run folder or a file named on the command line that cannot be read is input: 2.
-    return run_command(lambda: _main(argv),
+    return run_cli(lambda: _main(argv),
                        errors=(((CompareError, RunError, UnsafeLink), EXIT_INPUT),),
                        cannot="read or write", os_status=EXIT_INPUT,
                        interrupted="{what}; each file it writes is whole or as it was")
@@ -425,9 +366,7 @@ def _main(argv):
         if not (args.report or args.csv):
             return 0
     rows = [summarize(run) for run in find_runs(args.runs)]
-    notes = None
-    if args.notes:
-        notes = read_notes(args.notes)
+    notes = read_notes(args.notes) if args.notes else None
     if args.csv:
         write_csv(rows, args.csv)
     if args.report:
