@@ -193,7 +193,7 @@ def get_key(cfg, key):
 DERIVED_KEYS = {
     "path_checkpoint": "it is path/path_specific: set path or path_specific instead",
     "quantization.dim_code": "it is quantization.dim_dict (+ 1 for VmfSQVAE): set that",
-    "flags.var_q": "it follows model.param_var_q: set that",
+    "flags.var_q": "it follows model.param_var_q: set that",  # in run folders of before
 }
 # Numeric keys and the lowest value each accepts: (bound, whether the bound itself is allowed).
 BOUNDS = {
@@ -295,7 +295,7 @@ def _check_dataset(cfg, dataset):
 def _check_model(cfg, model, dataset):
     """The model takes the dataset, the quantizer variant and the codebook options."""
     name = cfg.model.name
-    if cfg.model.param_var_q not in model.variants:
+    if cfg.model.param_var_q not in (model.variants or registry.VARIANTS):
         raise ConfigError(f"config key 'model.name' {name} needs model.param_var_q "
                           f"{_one_of(model.variants)}, not {cfg.model.param_var_q}")
     if dataset.items != model.items:
@@ -319,7 +319,7 @@ def _check_model(cfg, model, dataset):
 def _validate_and_derive(cfg):
     _check_choice(cfg, "dataset.name", tuple(registry.DATASETS))
     _check_choice(cfg, "model.name", tuple(registry.MODELS))
-    _check_choice(cfg, "model.param_var_q", tuple(registry.VARIANTS))
+    _check_choice(cfg, "model.param_var_q", registry.VARIANTS)
     _check_choice(cfg, "network.name", registry.NETWORKS)
     _check_choice(cfg, "network.act_decoder", registry.ACTIVATIONS)
     _check_choice(cfg, "quantization.init", registry.CODEBOOK_INITS)
@@ -339,7 +339,6 @@ def _validate_and_derive(cfg):
     # taken against the folder the command was started in.
     cfg.path = _absolute(cfg.path)
     cfg.path_dataset = _absolute(cfg.path_dataset)
-    cfg.flags.var_q = registry.VARIANTS[cfg.model.param_var_q]
     cfg.quantization.dim_code = cfg.quantization.dim_dict + model.extra_code_dim
     cfg.path_checkpoint = os.path.join(cfg.path, cfg.path_specific)
 
@@ -351,10 +350,9 @@ def _absolute(path):
 
 
 def is_sample_data(cfg):
-    """Whether cfg trains on the MNIST sample shipped in tests/data (a first run, not the
-    paper's setting)."""
-    return (cfg.dataset.name == "MNIST"
-            and os.path.normpath(cfg.path_dataset) == os.path.normpath(SAMPLE_DATA))
+    """Whether cfg trains on the sample shipped in tests/data (a first run, not the paper's
+    setting)."""
+    return os.path.normpath(cfg.path_dataset) == os.path.normpath(SAMPLE_DATA)
 
 
 def parse_overrides(opts):
@@ -373,7 +371,8 @@ def config_from_mapping(mapping, opts=None):
     defaults = get_defaults()
     cfg = defaults.clone()
     for key, value in _flatten(mapping):
-        _set(cfg, defaults, key, value)
+        if key not in DERIVED_KEYS:  # recomputed anyway
+            _set(cfg, defaults, key, value)
     for key, value in parse_overrides(opts):
         if key in DERIVED_KEYS:
             raise ConfigError(f"config key '{key}' is derived and cannot be set; "

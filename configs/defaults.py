@@ -12,6 +12,8 @@ import os
 
 from yacs.config import CfgNode as CN
 
+from . import registry
+
 _C = CN()
 
 # Root folder for run folders; env SQVAE_CHECKPOINTS overrides this default.
@@ -19,7 +21,7 @@ _C.path = "./checkpoints"
 # Root folder for datasets, outside the source packages; env SQVAE_DATA overrides it.
 # Relative paths are taken from the current folder; a leading {repo} is the repository's.
 _C.path_dataset = "./datasets"
-# Sub-folder of `path` for this experiment, e.g. "mnist_sqvae_gaussian_1/".
+# Sub-folder of `path` for this experiment, e.g. <dataset>_sqvae_<variant>/.
 _C.path_specific = "sqvae/"
 # DataLoader worker processes for datasets read one file per item (CelebA, CelebAMask_HQ).
 _C.nworker = 2
@@ -30,7 +32,7 @@ _C.path_checkpoint = ""
 
 _C.dataset = CN()
 # Dataset name: one of configs/registry.py (each has its module under data/sources/).
-_C.dataset.name = "MNIST"
+_C.dataset.name = next(iter(registry.DATASETS))
 # Side in pixels of the square pictures of a dataset the config sizes; 0 = its default.
 # Others have their own size: 0, or that size.
 _C.dataset.image_size = 0
@@ -44,9 +46,9 @@ _C.dataset.dim_x = 0
 _C.model = CN()
 # Model family: GaussianSQVAE (image likelihood), VmfSQVAE (label maps) or VQVAE (baseline).
 _C.model.name = "GaussianSQVAE"
-# Quantizer variant (the release's key, kept): gaussian_1 .. gaussian_4 (the variances I-IV)
-# or vmf (the von Mises-Fisher quantizer, which has a concentration, not a variance).
-_C.model.param_var_q = "gaussian_1"
+# Quantizer variant (the release's key): one of configs/registry.py VARIANTS, the Gaussian
+# variances I-IV or the von Mises-Fisher quantizer (a concentration, not a variance).
+_C.model.param_var_q = registry.VARIANTS[0]
 # Initial value of the learned scalar s in sigma_q^2 = exp(v) + exp(s), or kappa_q = exp(s) + 1.
 _C.model.log_param_q_init = math.log(10.0)
 # VmfSQVAE only: initial log of the decoder's inverse concentration 1/kappa_d.
@@ -126,8 +128,6 @@ _C.flags.arelbo = True
 _C.flags.decay = True
 # BatchNorm in the conv stacks.
 _C.flags.bn = True
-# Derived: the encoder has a variance head (param_var_q is gaussian_2/3/4).
-_C.flags.var_q = False
 
 _C.prior = CN()
 # Width of the gated PixelCNN prior over code grids (embedding and both stacks). 32 fits a

@@ -1,19 +1,10 @@
 """The one table of names: datasets, models and quantizer variants, and what each implies.
 
-Config validation (``configs.load_config``) reads this table and derives ``dataset.shape``
-and ``dataset.dim_x`` from the dataset's entry (and, for a dataset of pictures sized by the
-config, from ``dataset.channels`` and ``dataset.image_size``); the networks take it through
-the config they are given, picking their encoder/decoder by ``network.name`` and
-``dataset.shape``, and the models rely on the rules below having been applied. Everything
-else a dataset implies (its files, splits, decoding) is in its module under
-``data/sources/``. The implementations registered under these names (the ``SOURCE`` of
-those modules, ``networks.MODEL_REGISTRY``, ``networks.NETWORK_REGISTRY``,
-``networks.quantizers.GAUSSIAN_VARIANCES``, ``CODEBOOK_INITS``, ``OUTPUT_ACTIVATIONS``) are
-checked against it by ``tests/test_registry.py``.
-
-Plain data that imports nothing of ours, so any package may read it: configs/ still imports
-nothing outside itself, and data/ already imports configs. The networks do not import it:
-importing ``networks`` never loads the config system (docs/layers.md).
+Config validation (``configs.load_config``) checks names against it and derives
+``dataset.shape`` and ``dataset.dim_x`` from a dataset's entry; the networks take those through
+the config. What a dataset or variant implies beyond that lives with its implementation (its
+module under ``data/sources/``; ``networks.quantizers.GAUSSIAN_VARIANCES``). Plain data that
+imports nothing of ours, so any package may read it.
 """
 from typing import NamedTuple
 
@@ -31,6 +22,7 @@ class Dataset(NamedTuple):
     channels: tuple = ()
 
 
+# dataset.name -> its Dataset; the first is the default.
 DATASETS = {
     "MNIST": Dataset((1, 28, 28), "resnet", "images"),
     "FashionMNIST": Dataset((1, 28, 28), "resnet", "images"),
@@ -40,22 +32,16 @@ DATASETS = {
     "ImageFolder": Dataset((3, 64, 64), "resnet", "images", (64, 32, 28), (3, 1)),
 }
 
-# model.param_var_q -> whether its quantizer reads a variance from an encoder head
-# (flags.var_q): the Gaussian variances I-IV of docs/model.md §3.1, and the vMF quantizer.
-VARIANTS = {
-    "gaussian_1": False,
-    "gaussian_2": True,
-    "gaussian_3": True,
-    "gaussian_4": True,
-    "vmf": False,
-}
+# model.param_var_q: the Gaussian variances I-IV of docs/model.md §3.1 (what each is:
+# networks/quantizers.py GAUSSIAN_VARIANCES), and the vMF quantizer. The first is the default.
+VARIANTS = ("gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4", "vmf")
 
 
 class Model(NamedTuple):
     """What a model accepts."""
 
     items: str              # what it reconstructs: the datasets whose items are these
-    variants: tuple         # the model.param_var_q values it takes
+    variants: tuple         # the model.param_var_q values it takes; () every one
     codebook_inits: tuple   # the quantization.init values it takes
     ema: bool               # whether it takes quantization.ema True
     extra_code_dim: int     # quantization.dim_code = quantization.dim_dict + this
@@ -65,7 +51,7 @@ class Model(NamedTuple):
 # reproduces the Gaussian experiments with the nearest-code quantizer only; the release's
 # vMF model on label maps widens its codes by one.
 MODELS = {
-    "GaussianSQVAE": Model("images", tuple(VARIANTS), ("normal",), False, 0),
+    "GaussianSQVAE": Model("images", (), ("normal",), False, 0),
     "VmfSQVAE": Model("labels", ("vmf",), ("normal",), False, 1),
     "VQVAE": Model("images", ("gaussian_1",), ("normal", "uniform"), True, 0),
 }

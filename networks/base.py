@@ -45,7 +45,7 @@ class CodebookAutoencoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.dim_x = cfg.dataset.dim_x
-        self.encoder, self.decoder = build_networks(cfg)
+        self.encoder, self.decoder = build_networks(cfg, self.reads_log_var(cfg))
         self.latent_shape = self.encoder.grid(*cfg.dataset.shape[1:])
         init_weights(self)
         self.quantizer = self.build_quantizer(cfg)
@@ -57,6 +57,11 @@ class CodebookAutoencoder(nn.Module):
         # bf16 autocast for the conv stacks only, switched on by the trainer (train.amp);
         # the quantizer and losses stay in full precision.
         self.amp = False
+
+    @staticmethod
+    def reads_log_var(cfg):
+        """Whether the quantizer `cfg` describes reads a log-variance (an encoder head)."""
+        return False
 
     @property
     def codebook(self):

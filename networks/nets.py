@@ -2,7 +2,7 @@
 and width); the image networks take the input's channels (1 grey, 3 RGB) from its shape.
 
 Every encoder returns ``(mean, log_var)``, where ``log_var`` is None unless the
-quantizer needs a variance head (``flags.var_q``). Decoders map a quantized
+quantizer needs a variance head (``log_var_head``). Decoders map a quantized
 latent back to data space. D is the code dimension, D/2 the hidden width.
 """
 import math
@@ -73,19 +73,19 @@ class Decoder(nn.Module):
 # `Encoder(stem, *encoder_blocks(...))` and `Decoder(res_stack(...), head)` keep it. With
 # it, one seed gives the release's initial weights bit for bit (tests/test_release.py).
 
-def encoder_blocks(cfg, d):
+def encoder_blocks(cfg, d, log_var_head):
     """ResBlocks and heads after the stem: `num_rb - 1` ResBlocks, the mean head and, when the
-    quantizer needs it (`flags.var_q`), the log-variance head."""
+    quantizer reads one, the log-variance head."""
     return (res_stack(d, cfg.network.num_rb - 1), ResBlock(d),
-            ResBlock(d) if cfg.flags.var_q else None)
+            ResBlock(d) if log_var_head else None)
 
 
-def _net28(cfg, d, h):
+def _net28(cfg, d, h, log_var_head):
     bn, c = cfg.flags.bn, cfg.dataset.shape[0]
     encoder = Encoder(
         nn.Sequential(nn.Conv2d(c, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
                       nn.Conv2d(h, d, 4, 2, 1)),
-        *encoder_blocks(cfg, d))
+        *encoder_blocks(cfg, d, log_var_head))
     decoder = Decoder(
         res_stack(d, cfg.network.num_rb),
         nn.Sequential(nn.ConvTranspose2d(d, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
@@ -93,13 +93,13 @@ def _net28(cfg, d, h):
     return encoder, decoder
 
 
-def _net32(cfg, d, h):
+def _net32(cfg, d, h, log_var_head):
     bn, c = cfg.flags.bn, cfg.dataset.shape[0]
     encoder = Encoder(
         nn.Sequential(nn.Conv2d(c, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
                       nn.Conv2d(h, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
                       nn.Conv2d(d, d, 3, 1, 1), batch_norm(d, bn), nn.ReLU()),
-        *encoder_blocks(cfg, d))
+        *encoder_blocks(cfg, d, log_var_head))
     decoder = Decoder(
         res_stack(d, cfg.network.num_rb),
         nn.Sequential(nn.ConvTranspose2d(d, d, 3, 1, 1), batch_norm(d, bn), nn.ReLU(),
@@ -108,13 +108,13 @@ def _net32(cfg, d, h):
     return encoder, decoder
 
 
-def _net64(cfg, d, h):
+def _net64(cfg, d, h, log_var_head):
     bn, c = cfg.flags.bn, cfg.dataset.shape[0]
     encoder = Encoder(
         nn.Sequential(nn.Conv2d(c, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
                       nn.Conv2d(h, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
                       nn.Conv2d(d, d, 3, 1, 1)),
-        *encoder_blocks(cfg, d))
+        *encoder_blocks(cfg, d, log_var_head))
     decoder = Decoder(
         res_stack(d, cfg.network.num_rb - 1),
         nn.Sequential(nn.ConvTranspose2d(d, d, 3, 1, 1), batch_norm(d, bn), nn.ReLU(),
@@ -132,7 +132,7 @@ def label_channels(num_class):
     return 2 * math.ceil(num_class / 2)
 
 
-def _net64_label(cfg, d, h):
+def _net64_label(cfg, d, h, log_var_head):
     bn = cfg.flags.bn
     n = label_channels(cfg.network.num_class)
     encoder = LabelEncoder(
@@ -140,7 +140,7 @@ def _net64_label(cfg, d, h):
         nn.Sequential(nn.Conv2d(n, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
                       nn.Conv2d(h, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
                       nn.Conv2d(d, d, 4, 2, 1)),
-        *encoder_blocks(cfg, d))
+        *encoder_blocks(cfg, d, log_var_head))
     decoder = Decoder(
         res_stack(d, cfg.network.num_rb - 1),
         nn.Sequential(nn.ConvTranspose2d(d, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
@@ -150,7 +150,8 @@ def _net64_label(cfg, d, h):
     return encoder, decoder
 
 
-# (network.name, (H, W) of dataset.shape) -> builder(cfg, D, D // 2) -> (encoder, decoder).
+# (network.name, (H, W) of dataset.shape) -> builder(cfg, D, D // 2, log-variance head) ->
+# (encoder, decoder).
 # The size is the input each builder's stem takes; the image networks read and write as many
 # channels as dataset.shape has, the label network class indices (one channel). Which
 # dataset has which shape is the config's business (configs/registry.py), so no dataset is
@@ -165,7 +166,7 @@ NETWORK_REGISTRY = {
 NETWORK_CHANNELS = {"resnet": (1, 3), "resnet_label": (1,)}
 
 
-def build_networks(cfg):
+def build_networks(cfg, log_var_head=False):
     name, shape = cfg.network.name, tuple(cfg.dataset.shape)
     key = (name, shape[1:])
     if key not in NETWORK_REGISTRY or shape[0] not in NETWORK_CHANNELS.get(name, ()):
@@ -174,4 +175,4 @@ def build_networks(cfg):
                          + ", ".join(f"{n} {NETWORK_CHANNELS[n]} x {size}"
                                      for n, size in NETWORK_REGISTRY))
     d = cfg.quantization.dim_code
-    return NETWORK_REGISTRY[key](cfg, d, d // 2)
+    return NETWORK_REGISTRY[key](cfg, d, d // 2, log_var_head)

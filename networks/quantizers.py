@@ -1,53 +1,14 @@
 """Quantizer layers for any model: SQ-VAE's Gaussian and vMF stochastic quantizers and a VQ-VAE
 nearest-code quantizer. They import torch and two modules of this package (functional.py,
-reconstruction.py) only, never the config system: those three files are what
-``pip install .`` installs as ``sqvae_layers``. docs/layers.md has a worked example.
-
-Contract, the same for all three::
-
-    z_q, aux = layer(z)              # Gaussian II-IV: layer(z, log_var)
-
-* ``z``: (B, dim, *spatial), or (B, *positions, dim) with ``channel_last=True``; ``z_q`` has
-  its shape. The layer quantizes in its codebook's dtype (float32 under bf16 autocast) and
-  returns ``z_q`` in that dtype.
-* ``aux["loss"]``: a 0-dim tensor to add to the objective; ``aux["codes"]``: int64 indices of
-  z's shape without the dim axis; ``aux["perplexity"]``: exp of the entropy of the batch's
-  average code usage. Further entries are listed with each layer.
-* ``layer.train()``: Gumbel-softmax relaxation at temperature ``layer.temperature`` (the
-  stochastic layers; VectorQuantizer always takes the nearest code); ``layer.eval()``: the
-  argmax code. ``mode=`` ("train", "deterministic", "stochastic")
-  overrides that choice; "stochastic" samples each code from its softmax.
-* ``layer.anneal(step)`` (the stochastic layers) sets the temperature for a global training
-  step, tau = max(temperature_init * exp(-temperature_decay * step), temperature_min), and
-  returns it.
-
-**How the SQ loss is reduced.** ``aux["loss"] = kld_discrete + kld_continuous``, each *summed*
-over positions and codes (or dimensions) and *averaged over the batch* (axis 0): a per-example
-KL, as in the ELBO. It must meet a reconstruction term with the same reduction.
-
-**Self-annealing needs ARELBO.** Use ``loss = arelbo(x_hat, x) + aux["loss"]``:
-``arelbo`` = dim_x / 2 * log(sum (x_hat - x)^2 / B), the Gaussian log-likelihood with its
-variance set to the optimum, mse / dim_x, at every step. As the reconstruction improves that
-variance falls, the data term outweighs the KL more and more, and the learned sigma_q^2 (or
-1 / kappa_q) falls with it: the code distribution sharpens by itself while the Gumbel
-temperature decays only slowly. With a plain mean-squared error instead (``F.mse_loss``, a
-mean over all B * dim_x values) the data term is that likelihood at a fixed variance of
-dim_x / 2, dim_x times lighter than a per-example sum, against a per-example KL: nothing
-drives sigma_q^2 down, the codes stay soft (high perplexity), and the decoder learns on
-mixtures of codes that it never receives after ``eval()``. A squared error summed per
-example and averaged over the batch is a fixed variance of 1/2; it anneals, but at a rate
-set by that guess.
-
-**Variant I never goes below unit variance.** The release sets sigma_q^2 = exp(0) + exp(s)
-(its open issue #6 asks whether this was meant); that form is kept. Since sigma_q^2 >= 1, p
-sharpens only as the distances |z_i - b_k| grow beyond 1: the layer anneals by its latent and
-codebook spreading out, so a latent held at a fixed scale (normalised without a learned gain)
-caps how deterministic its codes can become. Variants II-IV add exp(log_var) from an encoder
-head instead of the 1, and have no such floor.
+reconstruction.py) only: those three files are what ``pip install .`` installs as
+``sqvae_layers``. docs/layers.md states their contract (``z_q, aux = layer(z)``, the modes,
+``anneal``), how the SQ loss is reduced, why it wants ``arelbo``, and what variant I's
+sigma_q^2 >= 1 implies; it has a worked example.
 """
 import contextlib
 import math
 import numbers
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -97,12 +58,22 @@ def _variance_gaussian_4(log_var, s):
     return torch.exp(log_var) + torch.exp(s)
 
 
-# variance name -> sigma_q^2 from (channel-first log-variance, s), docs/model.md §3.1
+class Variance(NamedTuple):
+    """A Gaussian variant: everything the code knows of it (configs/registry.py only lists
+    its name)."""
+
+    of: Callable         # sigma_q^2 from (channel-first log-variance or None, s)
+    reads_log_var: bool  # whether the encoder has a log-variance head (None is passed if not)
+    label: str           # its name in docs/model.md §3.1 and the report's figures
+
+
+# model.param_var_q / the layer's `variance` -> its Variance. A new variant is one function
+# and its entry here, plus its name in configs/registry.py VARIANTS.
 GAUSSIAN_VARIANCES = {
-    "gaussian_1": _variance_gaussian_1,
-    "gaussian_2": _variance_gaussian_2,
-    "gaussian_3": _variance_gaussian_3,
-    "gaussian_4": _variance_gaussian_4,
+    "gaussian_1": Variance(_variance_gaussian_1, False, "I"),
+    "gaussian_2": Variance(_variance_gaussian_2, True, "II"),
+    "gaussian_3": Variance(_variance_gaussian_3, True, "III"),
+    "gaussian_4": Variance(_variance_gaussian_4, True, "IV"),
 }
 
 
@@ -289,7 +260,11 @@ class GaussianQuantizer(_StochasticLayer):
 
     @property
     def needs_log_var(self):
-        return self.variance != "gaussian_1"
+        return GAUSSIAN_VARIANCES[self.variance].reads_log_var
+
+    @property
+    def label(self):
+        return GAUSSIAN_VARIANCES[self.variance].label
 
     def forward(self, z, log_var=None, *, mode=None):
         if (log_var is None) == self.needs_log_var:
@@ -302,7 +277,7 @@ class GaussianQuantizer(_StochasticLayer):
 
     def param_q(self, log_var=None):
         """sigma_q^2, broadcastable to a channel-first z."""
-        return GAUSSIAN_VARIANCES[self.variance](log_var, self.log_param_q_scalar)
+        return GAUSSIAN_VARIANCES[self.variance].of(log_var, self.log_param_q_scalar)
 
 
 class VmfQuantizer(_StochasticLayer):
@@ -313,6 +288,7 @@ class VmfQuantizer(_StochasticLayer):
     param_q the concentration kappa_q."""
 
     QUANTIZE = staticmethod(vmf_quantize)
+    label = "vMF"
 
     def __init__(self, dim, codebook_size, *, log_param_q_init=math.log(0.05),
                  temperature_init=1.0, temperature_decay=1e-5, temperature_min=0.0,
@@ -345,6 +321,8 @@ class VectorQuantizer(CodebookLayer):
     passes (``layer.training`` and mode "train"), after quantizing; summed over processes
     under torch.distributed. ``init``: "uniform" (+-1/K) or "normal" (N(0, 1)).
     """
+
+    label = "VQ"
 
     def __init__(self, dim, codebook_size, beta=0.25, ema=False, decay=0.99, init="uniform",
                  channel_last=False, *, eps=1e-5):

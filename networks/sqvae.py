@@ -13,7 +13,7 @@ from torch import nn
 
 from .base import CodebookAutoencoder, schedule_of
 from .losses import arelbo_loss, learned_variance_loss, squared_error, vmf_reconstruction
-from .quantizers import GaussianQuantizer, VmfQuantizer
+from .quantizers import GAUSSIAN_VARIANCES, GaussianQuantizer, VmfQuantizer
 
 
 class SQVAE(CodebookAutoencoder):
@@ -23,12 +23,17 @@ class SQVAE(CodebookAutoencoder):
     TERMS = ("loss", "loss_rec", "kld_discrete", "kld_continuous", "perplexity", "entropy",
              "param_q", "param_q_min", "param_q_max", "param_x")
 
+    @staticmethod
+    def reads_log_var(cfg):
+        variance = GAUSSIAN_VARIANCES.get(cfg.model.param_var_q)
+        return variance is not None and variance.reads_log_var
+
     def build_quantizer(self, cfg):
         args = dict(dim=cfg.quantization.dim_code, codebook_size=cfg.quantization.size_dict,
                     log_param_q_init=cfg.model.log_param_q_init, **schedule_of(cfg))
-        if cfg.model.param_var_q == "vmf":
-            return VmfQuantizer(**args)
-        return GaussianQuantizer(variance=cfg.model.param_var_q, **args)
+        if cfg.model.param_var_q in GAUSSIAN_VARIANCES:
+            return GaussianQuantizer(variance=cfg.model.param_var_q, **args)
+        return VmfQuantizer(**args)  # the one other variant configs/registry.py names
 
     def before_train_step(self, step):
         """Anneal the Gumbel-softmax temperature (docs/model.md §3.6); it is logged."""

@@ -13,6 +13,7 @@ import yaml
 
 import configs
 from configs import ConfigError, config_to_yaml, load_config
+from networks import MODEL_REGISTRY
 from tests.release_tables import RELEASE_PARAMS as PARAMS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,7 @@ EXPERIMENTS = {
 }
 NAMES = sorted(EXPERIMENTS)
 # The derived fields, worked out by hand from that table (C * H * W; a variance head for
-# gaussian_2..4; D + 1 for VmfSQVAE only): file -> (dim_x, flags.var_q, quantization.dim_code)
+# gaussian_2..4; D + 1 for VmfSQVAE only): file -> (dim_x, variance head, quantization.dim_code)
 DERIVED = {
     "mnist_gauss_1": (784, False, 64),
     "fashion-mnist_gauss_1": (784, False, 64),
@@ -125,7 +126,7 @@ def test_derived_fields(name, tmp_path):
     cfg = load_config(name, ["path", str(tmp_path)])
     dim_x, var_q, dim_code = DERIVED[name]
     assert cfg.dataset.dim_x == dim_x
-    assert cfg.flags.var_q is var_q
+    assert MODEL_REGISTRY[cfg.model.name].reads_log_var(cfg) is var_q  # the networks decide
     assert cfg.quantization.dim_code == dim_code
     assert cfg.path_checkpoint == os.path.join(str(tmp_path), cfg.path_specific)
 
@@ -181,15 +182,14 @@ def test_cifar10_vmf_has_its_own_folder():
 
 
 def test_derived_fields_ignore_values_written_in_files(tmp_path):
-    # A saved run's config.yaml holds the derived keys; they are recomputed from the real ones.
+    # A saved run's config.yaml holds the derived keys; they are recomputed from the real ones
+    # (flags.var_q, which run folders of before hold, is dropped: the networks decide it).
     path = tmp_path / "cfg.yaml"
     path.write_text("path_specific: x/\nflags: {var_q: True}\nquantization: {dim_code: 7}\n"
                     "path_checkpoint: /elsewhere\n")
     cfg = load_config(str(path))
-    assert cfg.flags.var_q is False and cfg.quantization.dim_code == 64
+    assert "var_q" not in cfg.flags and cfg.quantization.dim_code == 64
     assert cfg.path_checkpoint == os.path.join(cfg.path, "x/")
-    cfg = load_config(str(path), ["model.param_var_q", "gaussian_3"])
-    assert cfg.flags.var_q is True
 
 
 @pytest.mark.parametrize("key, value, fix", [

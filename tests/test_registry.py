@@ -1,9 +1,11 @@
-"""configs/registry.py, the one table of names.
+"""configs/registry.py, the one table of names, by what its names do.
 
-Every dataset, model and quantizer variant it names is accepted by config validation and has
-its implementation (a reader, a network for its shape, a model class, a quantizer); the rules
-it states are the ones load_config applies; any other name is refused in one line. The
-expected values are written out here by hand (docs/model.md §1), not read from the table.
+Every dataset, model and quantizer variant it names is accepted by config validation and
+builds a model that reconstructs an input of the dataset's shape; every combination a model
+does not take is refused in one line; any other name is refused in one line that lists the
+known ones. A new Gaussian variant is one function and its entry in
+networks/quantizers.py:GAUSSIAN_VARIANCES plus its name in the registry (docs/code-map.md):
+the toy variant below is added that way.
 """
 import itertools
 
@@ -14,35 +16,15 @@ import networks
 from configs import ConfigError, config_from_mapping, registry
 from data import sources
 from data.loader import TO_MODEL
+from networks import quantizers
 from networks.nets import NETWORK_CHANNELS, NETWORK_REGISTRY, OUTPUT_ACTIVATIONS
-from networks.quantizers import CODEBOOK_INITS, GAUSSIAN_VARIANCES, GaussianQuantizer
-
-# docs/model.md §1: dataset -> (shape, dim_x = C * H * W, network.name)
-DATASETS = {
-    "MNIST": ((1, 28, 28), 784, "resnet"),
-    "FashionMNIST": ((1, 28, 28), 784, "resnet"),
-    "CIFAR10": ((3, 32, 32), 3072, "resnet"),
-    "CelebA": ((3, 64, 64), 12288, "resnet"),
-    "CelebAMask_HQ": ((1, 64, 64), 4096, "resnet_label"),
-    "ImageFolder": ((3, 64, 64), 12288, "resnet"),  # by default; see SIZED
-}
-IMAGES = ("MNIST", "FashionMNIST", "CIFAR10", "CelebA", "ImageFolder")
-# Datasets of pictures the config sizes: dataset.image_size values, dataset.channels values.
-SIZED = {"ImageFolder": ((64, 32, 28), (3, 1))}
-VARIANTS = ("gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4", "vmf")
-# model -> (the datasets it takes, the variants it takes)
-MODELS = {
-    "GaussianSQVAE": (IMAGES, VARIANTS),
-    "VmfSQVAE": (("CelebAMask_HQ",), ("vmf",)),
-    "VQVAE": (IMAGES, ("gaussian_1",)),
-}
 
 
 def config(dataset, model, variant, /, **sections):
     """A small config (D = 4, K = 8, one ResBlock) for the combination, built the way
     load_config builds one; `sections` adds keys per section."""
     mapping = {"dataset": {"name": dataset},
-               "network": {"name": DATASETS[dataset][2], "num_rb": 1},
+               "network": {"name": registry.DATASETS[dataset].network, "num_rb": 1},
                "model": {"name": model, "param_var_q": variant},
                "quantization": {"size_dict": 8, "dim_dict": 4}}
     for section, values in sections.items():
@@ -58,63 +40,61 @@ def refusal(*args, **sections):
     return message
 
 
-def test_the_table_holds_the_names_of_the_docs():
-    assert tuple(registry.DATASETS) == tuple(DATASETS)
-    assert tuple(registry.MODELS) == tuple(MODELS)
-    assert tuple(registry.VARIANTS) == VARIANTS
-    assert registry.NETWORKS == ("resnet", "resnet_label")
-
-
-@pytest.mark.parametrize("name", sorted(DATASETS))
-def test_every_dataset_is_accepted_with_its_shape_a_reader_and_a_network(name):
-    shape, dim_x, network = DATASETS[name]
-    model = next(m for m, (datasets, _) in MODELS.items() if name in datasets)
-    cfg = config(name, model, MODELS[model][1][0])
-    assert cfg.dataset.shape == shape and cfg.dataset.dim_x == dim_x
-    assert cfg.network.name == network
-    # A module declaring it, with the table's items and shape, and a way to hand its items
-    # to the model.
-    declared = sources.source(name)
-    assert declared.name == name and declared.items == registry.DATASETS[name].items
-    assert declared.items in TO_MODEL
-    assert declared.shape == (None if name in SIZED else shape)
-    # A network whose stem takes the shape: the decoder gives back the input's grid.
-    assert (network, shape[1:]) in NETWORK_REGISTRY and shape[0] in NETWORK_CHANNELS[network]
+def reconstructs(cfg):
+    """The model `cfg` describes, run on two inputs of dataset.shape: its output keeps the
+    input's grid (and, for images, its channels), and the loss has a gradient."""
     torch.manual_seed(0)
-    built = networks.build_model(cfg).eval()
-    x = (torch.zeros(2, *shape, dtype=torch.long) if built.OUTPUTS == "labels"
+    model = networks.build_model(cfg)
+    shape = tuple(cfg.dataset.shape)
+    x = (torch.randint(0, 3, (2, *shape)) if model.OUTPUTS == "labels"
          else torch.rand(2, *shape))
-    with torch.no_grad():
-        x_hat, _ = built(x, "deterministic")
+    x_hat, terms = model(x)
+    terms["loss"].backward()
     assert tuple(x_hat.shape[2:]) == shape[1:]
+    if model.OUTPUTS == "images":
+        assert x_hat.shape[1] == shape[0]
+    assert torch.isfinite(terms["loss"]) and model.codebook.grad is not None
+    return model
+
+
+def a_model_for(dataset):
+    """The first model (and its first variant) that takes `dataset`."""
+    items = registry.DATASETS[dataset].items
+    name, spec = next((m, s) for m, s in registry.MODELS.items() if s.items == items)
+    return name, (spec.variants or registry.VARIANTS)[0]
+
+
+@pytest.mark.parametrize("name", list(registry.DATASETS))
+def test_every_dataset_builds_a_model_for_its_shape_and_has_a_reader(name):
+    cfg = config(name, *a_model_for(name))
+    shape = registry.DATASETS[name].shape
+    assert cfg.dataset.shape == shape and cfg.dataset.dim_x == shape[0] * shape[1] * shape[2]
+    reconstructs(cfg)
+    assert sources.source(name).name == name
+    assert registry.DATASETS[name].items in TO_MODEL  # the loaders know how to hand them on
 
 
 def test_no_reader_or_network_for_a_dataset_the_table_lacks():
-    assert set(sources.discover()) == set(DATASETS)
-    sizes = {(network, shape[1:]) for shape, _, network in DATASETS.values()}
-    sizes |= {(DATASETS[name][2], (side, side)) for name, (sides, _) in SIZED.items()
-              for side in sides}
+    assert set(sources.discover()) == set(registry.DATASETS)
+    sizes = {(spec.network, (side, side)) for spec in registry.DATASETS.values()
+             for side in spec.sizes or spec.shape[1:2]}
     assert set(NETWORK_REGISTRY) == sizes
 
 
-@pytest.mark.parametrize("name", sorted(SIZED))
+@pytest.mark.parametrize("name", [n for n, spec in registry.DATASETS.items() if spec.sizes])
 def test_every_size_and_channels_of_a_sized_dataset_builds_a_model(name):
-    sides, channels = SIZED[name]
-    assert registry.DATASETS[name].sizes == sides
-    assert registry.DATASETS[name].channels == channels
-    for side, c in itertools.product(sides, channels):
-        cfg = config(name, "GaussianSQVAE", "gaussian_1",
-                     dataset={"image_size": side, "channels": c})
-        assert cfg.dataset.shape == (c, side, side) and cfg.dataset.dim_x == c * side * side
-        built = networks.build_model(cfg).eval()
-        with torch.no_grad():
-            x_hat, _ = built(torch.rand(2, c, side, side), "deterministic")
-        assert x_hat.shape == (2, c, side, side)
-    message = refusal(name, "GaussianSQVAE", "gaussian_1", dataset={"image_size": 48})
-    assert message == (f"config key 'dataset.image_size' is 48; dataset {name} takes 64, 32 or "
-                       "28 (the sizes with networks)")
-    message = refusal(name, "GaussianSQVAE", "gaussian_1", dataset={"channels": 4})
-    assert message == f"config key 'dataset.channels' is 4; dataset {name} takes 3 or 1"
+    spec = registry.DATASETS[name]
+    assert spec.channels and set(spec.channels) <= set(NETWORK_CHANNELS[spec.network])
+    for side, c in itertools.product(spec.sizes, spec.channels):
+        cfg = config(name, *a_model_for(name), dataset={"image_size": side, "channels": c})
+        assert cfg.dataset.shape == (c, side, side)
+        reconstructs(cfg)
+    # ImageFolder's values, by hand: a size without a network, and 4 channels, are refused.
+    assert refusal(name, *a_model_for(name), dataset={"image_size": 48}) == (
+        f"config key 'dataset.image_size' is 48; dataset {name} takes 64, 32 or 28 (the sizes "
+        "with networks)")
+    assert refusal(name, *a_model_for(name), dataset={"channels": 4}) == (
+        f"config key 'dataset.channels' is 4; dataset {name} takes 3 or 1")
 
 
 def test_a_fixed_shape_is_refused_another_size_or_channels():
@@ -129,35 +109,35 @@ def test_a_fixed_shape_is_refused_another_size_or_channels():
 
 
 def test_every_model_has_its_class_reconstructing_what_the_table_says():
-    assert set(networks.MODEL_REGISTRY) == set(MODELS)
+    assert set(networks.MODEL_REGISTRY) == set(registry.MODELS)
     for name, spec in registry.MODELS.items():
         assert networks.MODEL_REGISTRY[name].OUTPUTS == spec.items, name
 
 
-def test_the_variants_are_the_quantizers_and_their_variance_heads():
-    assert set(GAUSSIAN_VARIANCES) == {"gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4"}
-    heads = {"gaussian_1": False, "gaussian_2": True, "gaussian_3": True, "gaussian_4": True,
-             "vmf": False}
-    assert registry.VARIANTS == heads
-    for variant in GAUSSIAN_VARIANCES:
-        assert GaussianQuantizer(4, 8, variant).needs_log_var is heads[variant], variant
-
-
 def test_codebook_starts_and_activations_have_their_implementations():
-    assert set(registry.CODEBOOK_INITS) == set(CODEBOOK_INITS) == {"normal", "uniform"}
+    assert set(registry.CODEBOOK_INITS) == set(quantizers.CODEBOOK_INITS)
     assert set(registry.ACTIVATIONS) == set(OUTPUT_ACTIVATIONS)
 
 
-def test_every_combination_is_accepted_exactly_when_the_model_takes_it():
-    for model, dataset, variant in itertools.product(MODELS, DATASETS, VARIANTS):
-        datasets, variants = MODELS[model]
-        if dataset in datasets and variant in variants:
+def test_every_combination_builds_a_model_or_is_refused_in_one_line():
+    built = set()
+    for model, dataset, variant in itertools.product(registry.MODELS, registry.DATASETS,
+                                                     registry.VARIANTS):
+        try:
             cfg = config(dataset, model, variant)
-            assert cfg.quantization.dim_code == 4 + (model == "VmfSQVAE")
-            assert cfg.flags.var_q is (variant in ("gaussian_2", "gaussian_3", "gaussian_4"))
-        else:
-            assert refusal(dataset, model, variant).startswith(
-                f"config key 'model.name' {model} needs "), (model, dataset, variant)
+        except ConfigError as e:
+            assert "\n" not in str(e)
+            assert str(e).startswith(f"config key 'model.name' {model} needs "), str(e)
+            continue
+        built.add((model, variant))
+        built_model = reconstructs(cfg)
+        # The variance head is there exactly when the quantizer reads it.
+        assert (built_model.encoder.head_log_var is not None) == getattr(
+            built_model.quantizer, "needs_log_var", False)
+    # By hand (docs/model.md §1): the SQ-VAE takes every variant, the VQ-VAE variant I only.
+    assert {v for m, v in built if m == "GaussianSQVAE"} == set(registry.VARIANTS)
+    assert {v for m, v in built if m == "VQVAE"} == {"gaussian_1"}
+    assert {v for m, v in built if m == "VmfSQVAE"} == {"vmf"}
 
 
 @pytest.mark.parametrize("combination, message", [
@@ -176,16 +156,16 @@ def test_a_refused_combination_names_what_the_model_needs(combination, message):
     assert refusal(*combination) == message
 
 
-@pytest.mark.parametrize("model, init, ema, allowed", [
-    ("VQVAE", "uniform", True, True),
-    ("VQVAE", "normal", False, True),
-    ("GaussianSQVAE", "uniform", False, False),
-    ("GaussianSQVAE", "normal", True, False),
-    ("VmfSQVAE", "uniform", False, False),
+@pytest.mark.parametrize("model, dataset, init, ema, allowed", [
+    ("VQVAE", "MNIST", "uniform", True, True),
+    ("VQVAE", "MNIST", "normal", False, True),
+    ("GaussianSQVAE", "MNIST", "uniform", False, False),
+    ("GaussianSQVAE", "MNIST", "normal", True, False),
+    ("VmfSQVAE", "CelebAMask_HQ", "uniform", False, False),
 ])
-def test_only_the_vqvae_takes_another_codebook_start_or_the_ema(model, init, ema, allowed):
-    dataset = MODELS[model][0][0]
-    args = (dataset, model, MODELS[model][1][0])
+def test_only_the_vqvae_takes_another_codebook_start_or_the_ema(model, dataset, init, ema,
+                                                                allowed):
+    args = (dataset, model, "vmf" if model == "VmfSQVAE" else "gaussian_1")
     quantization = {"init": init, "ema": ema}
     if allowed:
         assert config(*args, quantization=quantization).quantization.init == init
@@ -198,14 +178,45 @@ def test_only_the_vqvae_takes_another_codebook_start_or_the_ema(model, init, ema
             "config key 'quantization.ema' True needs model.name VQVAE")
 
 
-@pytest.mark.parametrize("key, value, allowed", [
-    ("dataset", {"name": "ImageNet"}, DATASETS),
-    ("model", {"name": "FooVAE"}, MODELS),
-    ("model", {"param_var_q": "gaussian_9"}, VARIANTS),
-    ("network", {"name": "unet"}, ("resnet", "resnet_label")),
+@pytest.mark.parametrize("key, value, known", [
+    ("dataset", {"name": "ImageNet"}, registry.DATASETS),
+    ("model", {"name": "FooVAE"}, registry.MODELS),
+    ("model", {"param_var_q": "gaussian_9"}, registry.VARIANTS),
+    ("network", {"name": "unet"}, registry.NETWORKS),
 ])
-def test_an_unknown_name_is_refused_in_one_line_that_lists_the_known(key, value, allowed):
+def test_an_unknown_name_is_refused_in_one_line_that_lists_the_known(key, value, known):
     message = refusal("MNIST", "GaussianSQVAE", "gaussian_1", **{key: value})
     (field, name), = value.items()
     assert message == (f"config key '{key}.{field}' is {name!r}; allowed values: "
-                       + ", ".join(allowed))
+                       + ", ".join(known))
+
+
+# A toy variant, added as docs/code-map.md says: one function, its entry in
+# GAUSSIAN_VARIANCES, and its name in the registry. Half the mean log-variance per position,
+# with a head; or a fixed variance of 2 + exp(s), without one.
+def _variance_toy(log_var, s):
+    return torch.exp(0.5 * log_var.mean(dim=1, keepdim=True)) + torch.exp(s)
+
+
+def _variance_toy_fixed(log_var, s):
+    return 2.0 + torch.exp(s)
+
+
+@pytest.mark.parametrize("name, variance", [
+    ("toy", quantizers.Variance(_variance_toy, True, "toy")),
+    ("toy_fixed", quantizers.Variance(_variance_toy_fixed, False, "toy fixed")),
+])
+def test_a_new_variant_is_one_function_and_its_entries(monkeypatch, name, variance):
+    monkeypatch.setitem(quantizers.GAUSSIAN_VARIANCES, name, variance)
+    monkeypatch.setattr(registry, "VARIANTS", (*registry.VARIANTS, name))
+    cfg = config("MNIST", "GaussianSQVAE", name)
+    model = reconstructs(cfg)
+    assert (model.encoder.head_log_var is not None) is variance.reads_log_var
+    assert model.quantizer.label == variance.label
+    assert model.encoder.head_mean.block[1].weight.grad is not None
+    z, log_var = model.run_encoder(torch.rand(2, 1, 28, 28))
+    expected = variance.of(log_var, model.quantizer.log_param_q_scalar)
+    assert torch.equal(model.quantizer.param_q(log_var), expected)
+    # The other models still refuse it.
+    assert refusal("MNIST", "VQVAE", name) == (
+        f"config key 'model.name' VQVAE needs model.param_var_q gaussian_1, not {name}")

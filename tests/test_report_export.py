@@ -99,7 +99,7 @@ def test_curves_fall_back_to_epoch_records_and_label_the_quantizer():
     assert label == "train (epoch mean)" and len(train) == len(val) == 3
 
     fig = plots.new_figure(12, 6)
-    titles = plots.draw_curves(fig, train, val, variant="gaussian_3", band=True, num_codes=512,
+    titles = plots.draw_curves(fig, train, val, variant="III", band=True, num_codes=512,
                                train_label=label)
     # No record holds codes_used, so that panel is left out.
     assert titles == CURVE_TITLES[:3] + [r"Quantizer variance $\sigma^2_q$ (variant III)",
@@ -110,7 +110,7 @@ def test_curves_fall_back_to_epoch_records_and_label_the_quantizer():
 
     fig = plots.new_figure(12, 6)
     vmf = [dict(r, acc=0.5 + 0.1 * r["epoch"]) for r in train]
-    titles = plots.draw_curves(fig, vmf, [], quality="acc", variant="vmf", num_codes=64)
+    titles = plots.draw_curves(fig, vmf, [], quality="acc", variant="vMF", num_codes=64)
     assert "Reconstruction accuracy" in titles and r"Quantizer concentration $\kappa_q$ (vMF)" \
         in titles
 
@@ -202,7 +202,7 @@ def test_decode_refuses_a_code_grid_of_the_wrong_size(reported_run):
 @pytest.mark.parametrize("variant, band", [("gaussian_1", False), ("gaussian_3", True)])
 def test_report_draws_the_min_max_band_where_the_variance_varies(tmp_path, monkeypatch,
                                                                  variant, band):
-    # The band is the config's (flags.var_q: variants II-IV have a variance per position).
+    # The band is drawn where the encoder has a variance head (variants II-IV).
     cfg = load_config("mnist_gauss_1", ["model.param_var_q", variant])
     records = [{"split": "train", "epoch": e, "step": 10 * e, "loss": 1.0 / e,
                 "param_q": 5.0 / e, "param_q_min": 1.0 / e, "param_q_max": 10.0 / e}

@@ -96,8 +96,9 @@ def write_report(run_dir, cfg, model, test_loader, test_codes=None):
     originals, recons, caption = reconstruction_arrays(model, test_loader)
     figures = plots.report_figures(
         curves=dict(train=train, val=val, quality="acc" if model.OUTPUTS == "labels"
-                    else "mse_pixel", variant=cfg.model.param_var_q,
-                    band=cfg.flags.var_q, num_codes=size, train_label=train_label),
+                    else "mse_pixel", variant=model.quantizer.label,
+                    band=model.encoder.head_log_var is not None, num_codes=size,
+                    train_label=train_label),
         codebook=dict(usage=CodeUsage.from_codes(test_codes, size), split="test"),
         reconstructions=dict(originals=originals, reconstructions=recons,
                              caption=caption),

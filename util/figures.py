@@ -15,7 +15,6 @@ from matplotlib.ticker import MaxNLocator
 
 TRAIN_COLOR, VAL_COLOR, GUIDE_COLOR = "tab:blue", "tab:orange", "0.45"
 DPI = 100
-ROMAN = {"gaussian_1": "I", "gaussian_2": "II", "gaussian_3": "III", "gaussian_4": "IV"}
 
 
 def new_figure(width, height):
@@ -46,11 +45,11 @@ def spans_decades(values, factor=10.0):
 
 
 def quantizer_label(variant):
-    """Axis label and title of the quantizer parameter panel for model.param_var_q."""
-    if variant == "vmf":
+    """Axis label and title of the quantizer parameter panel for a variant's display name (the
+    quantizer layer's `label`: I-IV, or vMF)."""
+    if variant == "vMF":
         return r"$\kappa_q$", r"Quantizer concentration $\kappa_q$ (vMF)"
-    roman = ROMAN.get(variant, variant)
-    return r"$\sigma^2_q$", rf"Quantizer variance $\sigma^2_q$ (variant {roman})"
+    return r"$\sigma^2_q$", rf"Quantizer variance $\sigma^2_q$ (variant {variant})"
 
 
 def curve_panels(quality, variant, num_codes, band):
@@ -75,7 +74,7 @@ def curve_panels(quality, variant, num_codes, band):
     ]
 
 
-def draw_curves(fig, train, val, *, quality="mse_pixel", variant="gaussian_1", band=False,
+def draw_curves(fig, train, val, *, quality="mse_pixel", variant="I", band=False,
                 num_codes=None, train_label="train"):
     """Training curves against the step: `train` records as a line, `val` records as markers,
     `band`: the quantizer parameter's min-max band (variants II-IV). Panels whose key no record
