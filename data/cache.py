@@ -1,16 +1,14 @@
 """A decoded cache for the datasets read from image files.
 
-A list of files is decoded once, by the same per-file function the file loader calls (so
-the two paths stay bit-identical), into one uint8 N x C x H x W array in
-``<root>/cache/<name>.npy`` (the name is the dataset module's, e.g. ``<dataset>_<split>_<size>``),
-which every later epoch and process memory-maps. A sidecar ``.json`` next to it records the
-decoding (function, its parameters, its module's source hash, Pillow's version) and a
-fingerprint of the files (names, sizes, mtimes); when either no longer matches, the cache is
-rebuilt rather than trusted.
+A list of files is decoded once, by the same per-file function the file loader calls (so the
+two stay bit-identical), into one uint8 N x C x H x W array, ``<root>/cache/<name>.npy``, that
+every later epoch and process memory-maps. A sidecar ``.json`` beside it records the decoding
+(function, parameters, its module's source hash, Pillow's version) and a fingerprint of the
+files (names, sizes, mtimes); when either no longer matches, the cache is rebuilt.
 
 A build that skips unreadable files (``skip_unreadable``, for folders of pictures from
-anywhere) leaves their rows zero and lists them in the sidecar; it stops with a
-DatasetError when no file can be read, or when the first ``FIRST_FAILURES`` (256) all fail.
+anywhere) leaves their rows zero and lists them in the sidecar; it stops with a DatasetError
+when no file can be read, or when the first ``FIRST_FAILURES`` (256) all fail.
 """
 import contextlib
 import functools
@@ -25,24 +23,23 @@ import numpy as np
 import PIL
 from tqdm import tqdm
 
-from util.text import one_line
 from util.io import atomic_write_text
 from util.lock import FileLock
 from util.signals import worker_pool
+from util.text import one_line
 
 from .errors import DatasetError
 
 CACHE_DIR = "cache"
 # Bump when the file layout or the sidecar's meaning changes, to retire old caches.
 FORMAT = 1
-# Files decoded per task: large enough that pickling a block back is cheap next to
-# decoding it, small enough that the bar moves and every worker gets work.
+# Files decoded per task: large enough that pickling a block back is cheap next to decoding
+# it, small enough that the bar moves and every worker gets work.
 CHUNK = 256
 # Below this many files a pool's start-up costs more than it saves.
 MIN_PARALLEL = 1024
-# A build that skips unreadable files stops when the first this many all fail (checked as
-# blocks of CHUNK files come in): a folder of something else than pictures, or a Pillow
-# without the format's decoder.
+# A skipping build stops when the first this many files all fail (a folder of something else
+# than pictures, or a Pillow without the format's decoder).
 FIRST_FAILURES = CHUNK
 # File names of unreadable files quoted in an error or a warning.
 NAMES_SHOWN = 3
@@ -88,21 +85,9 @@ def _decoding(decode):
             "pillow": PIL.__version__}
 
 
-def expected_sidecar(root, paths, decode, shape, skip_unreadable=False):
-    """What the sidecar of an up-to-date cache of ``paths`` must hold, exactly (besides the
-    unreadable files a skipping build lists under "skipped")."""
-    # Lists, not tuples: the dict is compared with what json.load gives back.
-    sidecar = {"format": FORMAT, "shape": [len(paths), *shape], "dtype": "uint8",
-               "decode": _decoding(decode),
-               "sources": {"count": len(paths), "sha256": _fingerprint(root, paths)}}
-    if skip_unreadable:
-        sidecar["skip_unreadable"] = True
-    return sidecar
-
-
 def _open_matching(path, sidecar):
-    """(memmap, indices of the skipped files) of the cache at ``path`` if its sidecar
-    matches ``sidecar``, else None."""
+    """(memmap, indices of the skipped files) of the cache at ``path`` if its sidecar (less
+    its "skipped") equals ``sidecar``, else None."""
     try:
         with open(sidecar_path(path)) as f:
             stored = json.load(f)
@@ -119,78 +104,67 @@ def _open_matching(path, sidecar):
     return array, skipped
 
 
-def open_matching(path, sidecar):
-    """The cache at ``path`` memory-mapped read-only if its sidecar equals ``sidecar``."""
-    found = _open_matching(path, sidecar)
-    return None if found is None else found[0]
-
-
 def open_or_build(path, *, root, paths, decode, shape, what, workers, skip_unreadable=False,
                   instead=None):
-    """The decoded array of ``paths`` (read-only memmap), built first if missing or stale;
-    with ``skip_unreadable``, (array, indices of the files that could not be decoded, whose
-    rows are zero).
-
-    Returns None, after a one-line warning on stderr, when the cache cannot be written
-    (read-only dataset root, full disk): the caller decodes the files instead (`instead`
-    says how, in the warning). Errors
-    in the files themselves raise DatasetError as the decoding path would.
-    """
-    sidecar = expected_sidecar(root, paths, decode, shape, skip_unreadable)
+    """(read-only memmap of the decoded ``paths``, indices of the files that could not be
+    decoded, whose rows are zero: only with ``skip_unreadable``), built first if missing or
+    stale. None, after a one-line warning on stderr, where the cache cannot be written: the
+    caller decodes the files instead (`instead` says how). Errors in the files raise
+    DatasetError as the decoding path does."""
+    # Lists, not tuples: the dict is compared with what json.load gives back.
+    sidecar = {"format": FORMAT, "shape": [len(paths), *shape], "dtype": "uint8",
+               "decode": _decoding(decode),
+               "sources": {"count": len(paths), "sha256": _fingerprint(root, paths)}}
+    if skip_unreadable:
+        sidecar["skip_unreadable"] = True
     found = _open_matching(path, sidecar)
     if found is None:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with FileLock(path + ".lock"):
-                # Another process (a second rank) may have finished it while this one waited.
-                found = _open_matching(path, sidecar)
-                if found is None:
-                    found = _build(path, sidecar, paths, decode, shape, what, workers,
-                                   skip_unreadable=skip_unreadable)
+                # Another process (a second rank) may have built it while this one waited.
+                found = _open_matching(path, sidecar) or _build(
+                    path, sidecar, paths, decode, shape, what, workers, skip_unreadable)
         except OSError as e:
             instead = instead or f"decoding the {what} files every epoch instead"
             print(f"warning: cannot write the decoded cache {path} ({one_line(e)}); {instead}",
                   file=sys.stderr)
             return None
-    return found if skip_unreadable else found[0]
+    return found
 
 
 def decode_all(paths, *, decode, shape, what, workers, skip_unreadable=False):
-    """The decoded array of ``paths`` in memory, as a build would write it (for when no
-    cache can be written); with ``skip_unreadable``, (array, skipped indices)."""
-    array = np.empty((len(paths), *shape), dtype=np.uint8)
-    with contextlib.ExitStack() as stack:
-        blocks = _progress_blocks(stack, paths, decode, shape, what, workers, skip_unreadable)
-        start = 0
+    """(the decoded array of ``paths`` in memory, as a build writes it, the skipped indices),
+    for when no cache can be written."""
+    array, skipped, start = np.empty((len(paths), *shape), dtype=np.uint8), [], 0
+    with contextlib.closing(_blocks(paths, decode, shape, what, workers,
+                                    skipped if skip_unreadable else None)) as blocks:
         for block in blocks:
             array[start:start + len(block)] = block
             start += len(block)
-    return (array, blocks.skipped) if skip_unreadable else array
+    return array, skipped
 
 
-def _build(path, sidecar, paths, decode, shape, what, workers, skip_unreadable=False):
+def _build(path, sidecar, paths, decode, shape, what, workers, skip_unreadable):
     # Only lock holders get here, so any temporary file left is from a killed build.
     for stale in glob.glob(glob.escape(path) + ".*.tmp"):
         os.remove(stale)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    n = len(paths)
+    tmp, skipped = f"{path}.{os.getpid()}.tmp", []
     try:
         # Plain sequential writes rather than a writable memmap: a full disk then raises
         # OSError here instead of killing the process with SIGBUS.
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as f, contextlib.closing(_blocks(
+                paths, decode, shape, what, workers, skipped if skip_unreadable else None)) as blocks:
             np.lib.format.write_array_header_1_0(
-                f, {"descr": "|u1", "fortran_order": False, "shape": (n, *shape)})
-            with contextlib.ExitStack() as stack:
-                blocks = _progress_blocks(stack, paths, decode, shape, what, workers,
-                                          skip_unreadable)
-                for block in blocks:
-                    f.write(block.tobytes())
+                f, {"descr": "|u1", "fortran_order": False, "shape": (len(paths), *shape)})
+            for block in blocks:
+                f.write(block.tobytes())
             f.flush()
             os.fsync(f.fileno())
         if skip_unreadable:
-            sidecar = {**sidecar, "skipped": blocks.skipped}
-        # Old sidecar out first: a crash between the two steps below must never pair
-        # an outdated sidecar with the new array (or the new sidecar with an old one).
+            sidecar = {**sidecar, "skipped": skipped}
+        # Old sidecar out first: a crash between the two steps below must never pair an
+        # outdated sidecar with the new array (or the new sidecar with an old one).
         if os.path.exists(sidecar_path(path)):
             os.remove(sidecar_path(path))
         os.replace(tmp, path)
@@ -198,56 +172,43 @@ def _build(path, sidecar, paths, decode, shape, what, workers, skip_unreadable=F
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return np.load(path, mmap_mode="r"), blocks.skipped
+    return np.load(path, mmap_mode="r"), skipped
 
 
-def _progress_blocks(stack, paths, decode, shape, what, workers, skip_unreadable):
-    """The checked blocks of ``paths`` in file order, with a progress bar on a terminal;
-    entered into ``stack`` (leaving it ends the workers and the bar)."""
-    bar = stack.enter_context(tqdm(total=len(paths), unit="img", desc=f"caching {what}",
-                                   file=sys.stderr, disable=not sys.stderr.isatty()))
-    if skip_unreadable:
-        job = functools.partial(_decode_many_skipping, decode, tuple(shape))
-    else:
+def _blocks(paths, decode, shape, what, workers, skipped):
+    """The decoded blocks of ``paths`` in file order, shape-checked, with a progress bar on a
+    terminal. `skipped` None: an unreadable file raises; else a list that collects the indices
+    of those, and a build that reads none (of all, or of the first FIRST_FAILURES) raises."""
+    if skipped is None:
         job = functools.partial(_decode_many, decode)
-    blocks = stack.enter_context(contextlib.closing(_decoded_blocks(paths, job, workers)))
-    return _CheckedBlocks(blocks, paths, shape, what, bar, skip_unreadable)
-
-
-class _CheckedBlocks:
-    """Iterates the decoded blocks: checks their shape, collects the unreadable files of a
-    skipping build (``skipped``), and stops one that reads no file."""
-
-    def __init__(self, blocks, paths, shape, what, bar, skip_unreadable):
-        self.blocks, self.paths, self.shape, self.what = blocks, paths, tuple(shape), what
-        self.bar, self.skip_unreadable = bar, skip_unreadable
-        self.skipped, self.first_error = [], None
-
-    def __iter__(self):
-        done = 0
-        for result in self.blocks:
-            block, failed = result if self.skip_unreadable else (result, [])
-            if block.shape[1:] != self.shape:
-                raise DatasetError(f"{self.what} files decode to {block.shape[1:]} "
-                                   f"arrays, expected {self.shape}")
+    else:
+        job = functools.partial(_decode_many_skipping, decode, tuple(shape))
+    done, first_error = 0, None
+    with tqdm(total=len(paths), unit="img", desc=f"caching {what}", file=sys.stderr,
+              disable=not sys.stderr.isatty()) as bar, \
+            contextlib.closing(_decoded_blocks(paths, job, workers)) as results:
+        for result in results:
+            block, failed = (result, []) if skipped is None else result
+            if block.shape[1:] != tuple(shape):
+                raise DatasetError(f"{what} files decode to {block.shape[1:]} arrays, "
+                                   f"expected {tuple(shape)}")
             for i, message in failed:
-                self.skipped.append(done + i)
-                self.first_error = self.first_error or message
+                skipped.append(done + i)
+                first_error = first_error or message
             done += len(block)
-            if self.skip_unreadable and len(self.skipped) == done and (
-                    done >= FIRST_FAILURES or done == len(self.paths)):
-                self._none_readable(done)
-            self.bar.update(len(block))
+            if failed and len(skipped) == done and done >= min(FIRST_FAILURES, len(paths)):
+                raise _none_readable(what, paths, done, first_error)
+            bar.update(len(block))
             yield block
 
-    def _none_readable(self, done):
-        names = ", ".join(os.path.basename(p) for p in self.paths[:NAMES_SHOWN])
-        which = (f"none of its {done} image files" if done == len(self.paths)
-                 else f"none of the first {done} of its {len(self.paths)} image files")
-        more = ", ..." if done > NAMES_SHOWN else ""
-        raise DatasetError(f"{self.what}: {which} can be decoded ({names}{more}; first "
-                           f"error: {self.first_error}); point it at a folder of pictures "
-                           "Pillow reads")
+
+def _none_readable(what, paths, done, first_error):
+    names = ", ".join(os.path.basename(p) for p in paths[:NAMES_SHOWN])
+    which = (f"none of its {done} image files" if done == len(paths)
+             else f"none of the first {done} of its {len(paths)} image files")
+    more = ", ..." if done > NAMES_SHOWN else ""
+    return DatasetError(f"{what}: {which} can be decoded ({names}{more}; first error: "
+                        f"{first_error}); point it at a folder of pictures Pillow reads")
 
 
 def _decode_many(decode, paths):
@@ -255,8 +216,8 @@ def _decode_many(decode, paths):
 
 
 def _decode_many_skipping(decode, shape, paths):
-    """(block, [(position, error message)] of the files that could not be decoded): those
-    rows are zero."""
+    """(block, [(position, error message)] of the files that could not be decoded, whose rows
+    are zero)."""
     block = np.zeros((len(paths), *shape), dtype=np.uint8)
     failed = []
     for i, p in enumerate(paths):
@@ -268,8 +229,8 @@ def _decode_many_skipping(decode, shape, paths):
 
 
 def pool_context():
-    # fork hands workers the already imported torch/PIL; a fresh interpreter would
-    # spend seconds importing them again.
+    # fork hands workers the already imported torch/PIL; a fresh interpreter would spend
+    # seconds importing them again.
     if "fork" in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context()

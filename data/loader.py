@@ -153,7 +153,8 @@ class FileLoader(Loader):
 
     def _iterate(self, batches):
         if self.open_cache is not None:
-            self.array, self.open_cache = self.open_cache(), None
+            found, self.open_cache = self.open_cache(), None
+            self.array = None if found is None else found[0]
         if self.array is None:
             yield from self._decode(batches)
         else:

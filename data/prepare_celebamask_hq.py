@@ -4,28 +4,21 @@
                                          [--strict] [--size S]
 
 RELEASE: CelebA-HQ-img/<k>.jpg, CelebAMask-HQ-mask-anno/<k // 2000>/<k:05d>_<part>.png and
-CelebA-HQ-to-CelebA-mapping.txt. DATA_ROOT/CelebAMask-HQ/: {split}_img/<n>.jpg (the release
-JPEG), {split}_label/<n>.png (512x512 uint8, the 18 PARTS painted in order as 1..18 on 0),
-{split}_label_<S>/<n>.png (NEAREST-resized; with --size S, or kept once made as the loader
-prefers them), manifest.json (the k of each (split, n); the faces skipped). The split is
-CelebA's partition of orig_idx (split_of); n counts a split's faces in mapping order.
+CelebA-HQ-to-CelebA-mapping.txt. DATA_ROOT/CelebAMask-HQ/ gets {split}_img/<n>.jpg (the
+JPEG), {split}_label/<n>.png (512x512, the 18 PARTS painted in order as 1..18 on 0),
+{split}_label_<S>/<n>.png (NEAREST-resized; --size S, kept once made) and manifest.json (the k
+of each (split, n), the faces skipped). The split is CelebA's partition of orig_idx; n counts
+a split's faces in mapping order.
 
-A first pass fixes every n, skipping (--strict: fatal) faces with a missing image or a mask
-that is not a 512x512 PNG ending in IEND. Then each file is written via a temporary name and a
-rename unless complete: newer than its face's files (make's rule), and a JPEG of the source's
-size or a PNG whose header and IEND say 8-bit grey of its size. Before manifest.json changes,
-temporary files and the files of an n beyond a split's count, named non-canonically or holding
-another face are deleted. A mask that does not decode fails the run (exit 1) after the other
-faces; its face is then listed as skipped, and later runs decode the masks of skipped faces.
+A first pass numbers the faces, skipping (--strict: fatal) those with a missing image or a
+mask that is not a 512x512 PNG ending in IEND. A file is (re)written, via a temporary name,
+unless newer than its face's files and whole; files of no face or of another face are deleted
+first. A mask that does not decode fails the run (exit 1) after the other faces, listed as
+skipped; the next run decodes it again. Not done: fingerprints of the sources (a file replaced
+by an older copy goes unnoticed), fsyncs of folders after deletions.
 
-Dropped for simplicity: fingerprints of the sources (a file replaced by an older copy or a
-deleted mask goes unnoticed: delete the output then); fsyncs of folders after deletions (ext4
-and XFS journal them before the later rename of manifest.json); a final listing of the folders
-(the numbers are fixed up front); a missing mask folder k // 2000 as a warning (bad input now).
-
-Exit codes, one line on stderr (util.cli): 0 done; 1 output not writable, or a mask did not
-decode (run again); 2 bad input (--strict: a bad face) or another run holds
-CelebAMask-HQ/.lock; 130 ^C, 143 SIGTERM (run again to resume).
+Exit codes, one line on stderr: 0 done; 1 output not writable or a mask did not decode; 2 bad
+input or another run holds CelebAMask-HQ/.lock; 130 ^C, 143 SIGTERM (run again to resume).
 """
 import collections
 import contextlib
@@ -190,43 +183,61 @@ def _write_face(root, image_dir, mask_dir, side_of_kind, face):
     return face.k, bool(todo), None
 
 
-def _prepare(args):
-    if not os.path.isdir(args.src):
-        raise DatasetError(f"missing release folder {args.src}")
-    rows = read_mapping(os.path.join(args.src, MAPPING_FILE))
-    image_dir, mask_dir = os.path.join(args.src, IMAGE_DIR), os.path.join(args.src, MASK_DIR)
+def _release(src):
+    """(mapping rows, image folder, mask folder) of the release at `src`, its folders checked."""
+    if not os.path.isdir(src):
+        raise DatasetError(f"missing release folder {src}")
+    rows = read_mapping(os.path.join(src, MAPPING_FILE))
+    image_dir, mask_dir = os.path.join(src, IMAGE_DIR), os.path.join(src, MASK_DIR)
     for folder in [image_dir, mask_dir, *sorted({os.path.dirname(mask_path(mask_dir, k, ""))
                                                  for k, _ in rows})]:
         if not os.path.isdir(folder):
             raise DatasetError(f"missing folder {folder}")
+    return rows, image_dir, mask_dir
+
+
+def _old_manifest(root):
+    """(an earlier run's manifest, its ks by split, its skipped ks); none or unreadable:
+    (None, {}, set()), and every file present is redone."""
+    try:
+        with open(os.path.join(root, MANIFEST_FILE), encoding="utf-8") as f:
+            manifest = json.load(f)
+        return (manifest, {split: list(manifest["faces"][split]) for split in SPLITS},
+                {entry["k"] for entry in manifest["skipped"]})
+    except (OSError, ValueError, LookupError, TypeError):
+        return None, {}, set()
+
+
+def _number_faces(rows, checks, strict):
+    """(Faces, skipped entries, ks by split) from the first pass's `checks` of the `rows`."""
+    faces, skipped, ks_of_split = [], [], {split: [] for split in SPLITS}
+    for (k, orig_idx), (problem, *facts) in zip(rows, checks):
+        split = split_of(orig_idx)
+        if problem and strict:
+            raise DatasetError(problem)
+        if problem:
+            skipped.append({"k": k, "split": split, "reason": problem})
+        else:  # facts: parts, image_size, newest_source_ns
+            faces.append(Face(k, split, len(ks_of_split[split]), *facts))
+            ks_of_split[split].append(k)
+    return faces, skipped, ks_of_split
+
+
+def _prepare(args):
+    rows, image_dir, mask_dir = _release(args.src)
     root, workers = os.path.join(args.dst, OUT_DIR), max(1, min(args.workers, len(rows)))
     os.makedirs(root, exist_ok=True)
     with contextlib.ExitStack() as stack:
         stack.enter_context(FileLock(os.path.join(root, LOCK_FILE), blocking=False))
-        try:  # an earlier run's manifest; none or unreadable: every file present is redone
-            with open(os.path.join(root, MANIFEST_FILE), encoding="utf-8") as f:
-                old_manifest = json.load(f)
-            ks_before = {split: list(old_manifest["faces"][split]) for split in SPLITS}
-            skipped_before = {entry["k"] for entry in old_manifest["skipped"]}
-        except (OSError, ValueError, LookupError, TypeError):
-            old_manifest, ks_before, skipped_before = None, {}, set()
+        old_manifest, ks_before, skipped_before = _old_manifest(root)
         map_faces = map  # one worker: this process; workers ignore Ctrl-C, which stops them
         if workers > 1:  # as the parent leaves this block (util.signals.worker_pool)
             pool = worker_pool(pool_context(), workers)
             map_faces = functools.partial(stack.enter_context(pool).imap,
                                           chunksize=max(1, min(16, len(rows) // (4 * workers))))
-        checks = map_faces(functools.partial(_check_face, image_dir, mask_dir),
-                           [(k, k in skipped_before) for k, _ in rows])
-        faces, skipped, ks_of_split = [], [], {split: [] for split in SPLITS}
-        for (k, orig_idx), (problem, *facts) in zip(rows, checks):
-            split = split_of(orig_idx)
-            if problem and args.strict:
-                raise DatasetError(problem)
-            if problem:
-                skipped.append({"k": k, "split": split, "reason": problem})
-            else:  # facts: parts, image_size, newest_source_ns
-                faces.append(Face(k, split, len(ks_of_split[split]), *facts))
-                ks_of_split[split].append(k)
+        faces, skipped, ks_of_split = _number_faces(rows, map_faces(
+            functools.partial(_check_face, image_dir, mask_dir),
+            [(k, k in skipped_before) for k, _ in rows]), args.strict)
         earlier_sizes = {int(m[1]) for m in map(_SIZED_LABEL_FOLDER.match, os.listdir(root))
                          if m and int(m[1]) < MASK_SIZE}  # the loader prefers them: kept
         side_of_kind = {"img": 0, "label": MASK_SIZE,  # 0: the JPEG
