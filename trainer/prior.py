@@ -1,23 +1,14 @@
-"""A PixelCNN prior over a saved run's codes: ``-ts RUN --prior`` trains it, ``-ts RUN
---sample N`` draws from it.
+"""``-ts RUN --prior``: a PixelCNN prior (networks/prior.py) fitted to the deterministic code
+grids of the training split, early-stopped on the validation NLL; ``-ts RUN --sample N``.
 
-The prior (networks/prior.py) is fitted to the deterministic code grids of the training
-split, with the validation split's NLL for early stopping and for choosing its weights.
-Files in the run folder, each written atomically:
-
-* ``prior_current.pt``: after every prior epoch, everything needed to continue (weights,
-  optimizer, epoch, best validation NLL, the per-epoch history, and the ``prior`` section
-  of the config it was trained with). ``-ts RUN --prior`` continues from it with those
-  settings, whatever overrides started it; a finished prior is only evaluated again.
-* ``prior.pt``: the weights with the best validation NLL.
-* a ``metrics.jsonl`` line ``"split": "prior_test"`` with, in nats per latent position, the
-  prior's NLL on the test codes, the entropy of the training codes' histogram (``unigram``:
-  the best a prior that ignores context can do) and log K (``uniform``); and each of them in
-  bits per image dimension (``*_bpd``: nats x positions / (dim_x x ln 2)).
-* ``samples.png`` and ``codes_samples.npz`` (the ``--encode`` format) from ``--sample N``.
-
-Shuffling draws from a generator seeded by (seed, epoch), so a continued training is the
-one an uninterrupted run would have done.
+Files in the run folder, each written atomically: ``prior_current.pt`` after every epoch
+(all that continuing needs, with the ``prior`` config section it was trained with: a
+finished prior is only evaluated again), ``prior.pt`` (the weights of the best validation
+NLL), a ``prior_test`` record in metrics.jsonl (in nats per latent position: the test NLL,
+``unigram``, the training codes' histogram entropy, and ``uniform``, log K; each also as
+``*_bpd``, bits per image dimension) and, from ``--sample N``, ``samples.png`` and
+``codes_samples.npz``. Shuffling is a function of (seed, epoch), so a continued training is
+the one an uninterrupted run would have done.
 """
 import io
 import math
@@ -26,7 +17,7 @@ import time
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
 from configs import parse_overrides
 from data.loader import epoch_order
@@ -54,21 +45,9 @@ SAMPLE_CHUNK = 1024  # grids drawn at once by --sample (memory: chunk x K x H x 
 
 
 def split_codes(cfg, model, split, device, recorded=None):
-    """The deterministic code grids of a whole split, int64 N x H x W on `device`
-    (`recorded`: the files the run's splits read, where it recorded them)."""
+    """The deterministic code grids of a whole split, int64 N x H x W on `device`."""
     codes = export.encode_split(model, export.whole_split(cfg, split, device, recorded))
-    codes = codes.astype(np.int64)
-    return torch.from_numpy(codes).to(device)
-
-
-def unigram_entropy(codes, size):
-    """Entropy in nats of the histogram of `codes` over `size` codes: the log of the split
-    perplexity (util.codes.CodeUsage)."""
-    return CodeUsage.from_codes(codes.cpu().numpy(), size).entropy
-
-
-def bits_per_dim(nats_per_position, positions, dim_x):
-    return nats_per_position * positions / (dim_x * math.log(2))
+    return torch.from_numpy(codes.astype(np.int64)).to(device)
 
 
 @torch.no_grad()
@@ -83,20 +62,14 @@ def mean_nll(prior, codes, batch_size, limit=None):
     return total / count
 
 
-def architecture(prior):
-    """What prior.pt needs to be rebuilt (sampling does not depend on the config's prior
-    section then): the layers built, also where prior.layers 0 let the grid choose."""
-    return {"channels": prior.channels, "layers": len(prior.layers), "kernel": prior.kernel}
-
-
 class PriorTraining:
     """Fit, early-stop and checkpoint the prior of one run folder."""
 
     def __init__(self, cfg, run_dir, device, seed, display, limit_batches=None, grid=None):
         self.cfg, self.run_dir, self.device = cfg, run_dir, device
         self.seed, self.display, self.limit = seed, display, limit_batches
-        torch.manual_seed(seed)
-        self.prior = build_prior(cfg, grid).to(device)
+        # Weights drawn from `seed` by a generator of their own, not the global RNG.
+        self.prior = build_prior(cfg, grid, torch.Generator().manual_seed(seed)).to(device)
         self.optimizer = torch.optim.Adam(self.prior.parameters(), lr=cfg.prior.lr)
         self.epoch, self.best_nll, self.best_epoch, self.bad_epochs = 0, math.inf, 0, 0
         self.history, self.done, self.seconds = [], False, 0.0
@@ -104,15 +77,18 @@ class PriorTraining:
     def path(self, name):
         return os.path.join(self.run_dir, name)
 
+    def stopped(self):
+        # Recomputed on loading too: a raised prior.epoch_max (or patience) continues a prior.
+        return self.epoch >= self.cfg.prior.epoch_max or self.bad_epochs >= self.cfg.prior.patience
+
     def state_dict(self):
         return {"prior": self.prior.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "epoch": self.epoch, "best_nll": self.best_nll, "best_epoch": self.best_epoch,
-                "bad_epochs": self.bad_epochs, "history": self.history, "done": self.done,
-                "seconds": self.seconds, "seed": self.seed, "settings": dict(self.cfg.prior)}
+                **{key: getattr(self, key) for key in CURRENT_KEYS
+                   if key not in ("prior", "optimizer")},
+                "settings": dict(self.cfg.prior)}
 
     def load(self, state):
-        """Continue from `state` (prior_current.pt, or None: there is none); returns whether
-        there was one."""
+        """Continue from `state` (prior_current.pt, or None); returns whether there was one."""
         if state is None:
             return False
         path = self.path(PRIOR_CURRENT)
@@ -124,9 +100,7 @@ class PriorTraining:
         self.optimizer.load_state_dict(state["optimizer"])
         for key in CURRENT_KEYS.keys() - {"prior", "optimizer"}:
             setattr(self, key, state[key])
-        # A raised prior.epoch_max (or patience) continues a prior that had stopped.
-        cfg = self.cfg.prior
-        self.done = self.epoch >= cfg.epoch_max or self.bad_epochs >= cfg.patience
+        self.done = self.stopped()
         return True
 
     def train_epoch(self, codes):
@@ -161,12 +135,15 @@ class PriorTraining:
             improved = val_nll < self.best_nll
             if improved:
                 self.best_nll, self.best_epoch, self.bad_epochs = val_nll, self.epoch, 0
+                # The layers as built (prior.layers 0 lets the grid choose): prior.pt is
+                # rebuilt without the config.
                 runs.save_checkpoint(self.path(PRIOR_BEST), {
-                    "prior": self.prior.state_dict(), "epoch": self.epoch,
-                    "architecture": architecture(self.prior)})
+                    "prior": self.prior.state_dict(), "epoch": self.epoch, "architecture": {
+                        "channels": self.prior.channels, "layers": len(self.prior.layers),
+                        "kernel": self.prior.kernel}})
             else:
                 self.bad_epochs += 1
-            self.done = self.epoch >= cfg.epoch_max or self.bad_epochs >= cfg.patience
+            self.done = self.stopped()
             entry = {"split": "prior", "epoch": self.epoch,
                      "step": self.epoch * steps_per_epoch, "train_nll": train_nll,
                      "val_nll": val_nll}
@@ -196,9 +173,8 @@ def load_prior(cfg, run_dir, device):
 
 
 def continued_settings(cfg, state, opts, path):
-    """`cfg` with the prior section that `state` (prior_current.pt) was trained with, and the
-    prior overrides of `opts` on top; an override of a setting the continued prior cannot
-    change is a RunError naming it."""
+    """`cfg` with the prior section `state` (prior_current.pt) was trained with and the prior
+    overrides of `opts` on top; a RunError names an override the prior cannot take."""
     saved = state.get("settings") if state is not None else None
     if not isinstance(saved, dict):
         return cfg  # no prior yet, or one saved before its settings were kept
@@ -240,10 +216,10 @@ def train_prior(run_dir, cfg, model, device, *, seed, command, opts=(), limit_ba
         prior = load_prior(cfg, run_dir, device)
         size, positions = cfg.quantization.size_dict, math.prod(codes["test"].shape[1:])
         nats = {"nll": mean_nll(prior, codes["test"], cfg.prior.bs, limit_batches),
-                "unigram": unigram_entropy(codes["train"], size),
+                "unigram": CodeUsage.from_codes(codes["train"].cpu().numpy(), size).entropy,
                 "uniform": math.log(size)}
         record = {"split": "prior_test", "epoch": training.best_epoch, **nats,
-                  **{f"{k}_bpd": bits_per_dim(v, positions, cfg.dataset.dim_x)
+                  **{f"{k}_bpd": v * positions / (cfg.dataset.dim_x * math.log(2))
                      for k, v in nats.items()},
                   "prior_epochs": training.epoch, "seconds": training.seconds}
         runs.append_metrics(run_dir, [record])
@@ -261,9 +237,8 @@ def train_prior(run_dir, cfg, model, device, *, seed, command, opts=(), limit_ba
 
 
 def write_samples(run_dir, cfg, model, n, device, *, seed, temperature=None, display=None):
-    """-ts RUN --sample N: N code grids from the run's prior, decoded; writes samples.png and
-    codes_samples.npz; returns their paths. Drawn SAMPLE_CHUNK grids at a time, with a
-    progress bar (on a terminal) from `display`."""
+    """-ts RUN --sample N: N code grids from the run's prior, SAMPLE_CHUNK at a time; writes
+    samples.png (decoded) and codes_samples.npz and returns their paths."""
     prior = load_prior(cfg, run_dir, device)
     generator = torch.Generator(device=device).manual_seed(seed)
     temperature = cfg.prior.temperature if temperature is None else temperature
@@ -278,9 +253,8 @@ def write_samples(run_dir, cfg, model, n, device, *, seed, temperature=None, dis
     codes = torch.cat(chunks).numpy()
     images = export.decode_indices(model, codes, device)
     shown = displayable(images, model.OUTPUTS == "labels")
-    grid = make_grid(shown, nrow=math.ceil(math.sqrt(n)), padding=2)
     buffer = io.BytesIO()
-    save_image(grid, buffer, format="png")
+    save_image(shown, buffer, format="png", nrow=math.ceil(math.sqrt(n)))  # via make_grid
     image_path = os.path.join(run_dir, SAMPLES_IMAGE)
     atomic_write_bytes(image_path, buffer.getvalue())
     codes_path = export.write_codes(run_dir, cfg, "samples", codes.astype(np.uint16), model)
