@@ -37,7 +37,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from util.cli import EXIT_INPUT, OneLineParser, UsageError, run_command  # noqa: E402
+from util.cli import EXIT_INPUT, OneLineParser, UsageError, run_cli  # noqa: E402
 
 LIMITS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "overhead_limits.json")
 
@@ -357,7 +357,7 @@ def exit_statuses():
 
 
 def main(argv=None):
-    return run_command(lambda: _main(argv), errors=exit_statuses,
+    return run_cli(lambda: _main(argv), errors=exit_statuses,
                        interrupted="{what}: benchmark stopped; nothing was written")
 
 

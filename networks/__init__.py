@@ -1,5 +1,4 @@
 """Models: encoders/decoders, quantizer layers, losses, and one builder."""
-from .base import LEGACY_KEYS, upgrade_state_dict
 from .nets import NETWORK_REGISTRY, label_channels
 from .quantizers import GaussianQuantizer, VectorQuantizer, VmfQuantizer, arelbo
 from .sqvae import GaussianSQVAE, SQVAE, VmfSQVAE
@@ -29,5 +28,4 @@ def count_parameters(model):
 
 __all__ = ["build_model", "count_parameters", "MODEL_REGISTRY", "NETWORK_REGISTRY",
            "SQVAE", "GaussianSQVAE", "VmfSQVAE", "VQVAE", "label_channels",
-           "GaussianQuantizer", "VmfQuantizer", "VectorQuantizer", "arelbo",
-           "LEGACY_KEYS", "upgrade_state_dict"]
+           "GaussianQuantizer", "VmfQuantizer", "VectorQuantizer", "arelbo"]

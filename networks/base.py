@@ -9,18 +9,6 @@ from torch import nn
 from .blocks import init_weights
 from .nets import build_networks
 
-# State-dict names of the quantizer's tensors before it became a layer, which are also the
-# release's names: checkpoints that use them load through `upgrade_state_dict`.
-LEGACY_KEYS = {"codebook": "quantizer.codebook",
-               "log_param_q_scalar": "quantizer.log_param_q_scalar",
-               "ema_count": "quantizer.ema_count", "ema_total": "quantizer.ema_total"}
-
-
-def upgrade_state_dict(state):
-    """`state` under the current names, in the same order."""
-    return {LEGACY_KEYS.get(key, key): value for key, value in state.items()}
-
-
 def schedule_of(cfg):
     """The layer's temperature arguments for `cfg`: the schedule of docs/model.md §3.6, or a
     constant `init` without `flags.decay`."""

@@ -46,14 +46,14 @@ import util.io  # noqa: E402
 
 
 def _after_step(n, action):
-    original = trainer.loop.Trainer.track_finite
+    original = trainer.loop.Trainer.train_step
 
-    def track_finite(self, values):
-        original(self, values)
+    def train_step(self, *args):
+        original(self, *args)
         if self.step == n:
             action()
 
-    trainer.loop.Trainer.track_finite = track_finite
+    trainer.loop.Trainer.train_step = train_step
 
 
 class _CutShort:

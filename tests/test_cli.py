@@ -1,4 +1,4 @@
-"""One way every command line ends (util.cli.run_command), and the companion commands that
+"""One way every command line ends (util.cli.run_cli), and the companion commands that
 main.py --help lists.
 
 main.py's own failures are tested case by case in test_failures.py and
@@ -16,7 +16,7 @@ import sys
 import pytest
 
 import main
-from util.cli import EXIT_INPUT, Stopped, UsageError, one_line, run_command
+from util.cli import EXIT_INPUT, Stopped, UsageError, one_line, run_cli
 from util.signals import Terminated, worker_pool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,8 +38,8 @@ def raising(error):
 
 
 def ends(capsys, body, **kw):
-    """(exit status, stderr) of run_command(body); nothing may go to stdout."""
-    code = run_command(body, **kw)
+    """(exit status, stderr) of run_cli(body); nothing may go to stdout."""
+    code = run_cli(body, **kw)
     out, err = capsys.readouterr()
     assert out == ""
     return code, err
@@ -86,12 +86,12 @@ def test_the_statuses_may_come_from_a_function_called_only_when_needed(capsys):
 
 def test_unknown_errors_keep_their_traceback_and_a_broken_import_its_own(capsys):
     with pytest.raises(KeyError):
-        run_command(raising(KeyError("bug")), errors=ERRORS)
+        run_cli(raising(KeyError("bug")), errors=ERRORS)
 
     def broken():
         raise ImportError("no module named yacs")
     with pytest.raises(KeyError):  # the first error, not the one of the failed import
-        run_command(raising(KeyError("bug")), errors=broken)
+        run_cli(raising(KeyError("bug")), errors=broken)
 
 
 def test_a_stop_is_said_by_torchrun_process_0_only(capsys, monkeypatch):
@@ -121,7 +121,7 @@ def test_a_worker_pool_inside_a_command_closes_at_once_and_quietly():
     # from each, or, when the signal comes just before a worker blocks on the task queue, a
     # parent waiting forever).
     code = ("import multiprocessing\n"
-            "from util.cli import run_command\n"
+            "from util.cli import run_cli\n"
             "from util.signals import worker_pool\n"
             "def double(x):\n"
             "    return 2 * x\n"
@@ -131,7 +131,7 @@ def test_a_worker_pool_inside_a_command_closes_at_once_and_quietly():
             "            total = sum(pool.imap(double, range(10)))\n"
             "    print(total)\n"
             "    return 0\n"
-            "raise SystemExit(run_command(body))\n")
+            "raise SystemExit(run_cli(body))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "90\n", "")

@@ -477,24 +477,24 @@ def test_ctrl_c_at_start_up_exits_130(capfd, tmp_path, data, monkeypatch):
 
 def test_ctrl_c_during_ts_exits_130_and_writes_nothing(capfd, tmp_path, trained, data,
                                                       monkeypatch):
-    from trainer import Trainer
+    from trainer import commands
     run = copy_run(trained, tmp_path)
     before = metrics_bytes(run)
-    monkeypatch.setattr(Trainer, "test", interrupt)
+    monkeypatch.setattr(commands, "evaluate", interrupt)
     code, out, err = cli(capfd, "-c", CONFIG, "-ts", run, "path_dataset", data)
     assert code == 130 and "run -ts again" in err and "Traceback" not in err
     assert metrics_bytes(run) == before
 
 
 def test_ctrl_c_in_the_final_test_resumes(capfd, tmp_path, data, monkeypatch):
-    from trainer import Trainer
-    original = Trainer.test
-    monkeypatch.setattr(Trainer, "test", interrupt)
+    from trainer import commands
+    original = commands.evaluate
+    monkeypatch.setattr(commands, "evaluate", interrupt)
     code, out, err = cli(capfd, *train_argv(tmp_path, data))
     assert code == 130 and f"resume with: {shlex.quote(sys.executable)} " in err
     (run,) = (tmp_path / "mnist_sqvae_gaussian_1").iterdir()
     assert records(run, "test") == []
-    monkeypatch.setattr(Trainer, "test", original)
+    monkeypatch.setattr(commands, "evaluate", original)
     assert cli(capfd, "-c", CONFIG, "--resume", run)[0] == 0
     assert len(records(run, "test")) == 1
 

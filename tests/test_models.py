@@ -525,54 +525,6 @@ def test_models_are_built_from_the_layers(name, opts, layer):
         assert (q.beta, q.ema, q.decay, q.eps) == (0.25, True, 0.99, 1e-5)
 
 
-LEGACY = {"quantizer.codebook": "codebook", "quantizer.log_param_q_scalar": "log_param_q_scalar",
-          "quantizer.ema_count": "ema_count", "quantizer.ema_total": "ema_total"}
-
-
-def legacy_layout(model):
-    """The state dict as the models wrote it before the quantizer became a layer: the
-    quantizer's tensors under the release's names, as the model's own first entries."""
-    state = model.state_dict()
-    own = [k for k in state if "." not in k or k in LEGACY]
-    first = sorted(own, key=lambda k: (k not in LEGACY, list(LEGACY).index(k) if k in LEGACY
-                                       else 0))
-    return {LEGACY.get(k, k): state[k] for k in first + [k for k in state if k not in own]}
-
-
-@pytest.mark.parametrize("name,opts", [("mnist_gauss_1", ("flags.arelbo", "False")),
-                                       ("mnist_vqvae", ("quantization.ema", "True"))])
-def test_checkpoints_from_before_the_layers_resume_exactly(name, opts):
-    from trainer.loop import build_optimizer, optimizer_state_by_name
-    from trainer.runs import load_model_weights
-    cfg, model = make_model(name, *opts, seed=0)
-    optimizer = build_optimizer(cfg, model, "cpu")
-    _, terms = model(make_input(cfg, 2), "train")
-    terms["loss"].backward()
-    optimizer.step()
-    legacy = legacy_layout(model)
-    assert list(legacy)[:3] == (["codebook", "log_param_q_scalar", "log_var_x"]
-                                if name == "mnist_gauss_1" else
-                                ["codebook", "ema_count", "ema_total"])
-    # The optimizer listed the parameters in the state dict's order then.
-    names = [n for n, _ in model.named_parameters()]
-    position = {LEGACY.get(n, n): i for i, n in enumerate(names)}
-    saved = optimizer.state_dict()
-    order = [k for k in legacy if k in position]
-    legacy_optimizer = {"state": {i: saved["state"][position[k]] for i, k in enumerate(order)
-                                  if position[k] in saved["state"]},
-                        "param_groups": [{**saved["param_groups"][0],
-                                          "params": list(range(len(order)))}]}
-    _, again = make_model(name, *opts, seed=1)
-    load_model_weights(again, legacy, "legacy.pt")
-    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
-    resumed = build_optimizer(cfg, again, "cpu")
-    resumed.load_state_dict(optimizer_state_by_name(again, {"model": legacy,
-                                                            "optimizer": legacy_optimizer}))
-    for (name_a, a), (_, b) in zip(model.named_parameters(), again.named_parameters()):
-        if a in optimizer.state:
-            assert torch.equal(optimizer.state[a]["exp_avg"], resumed.state[b]["exp_avg"]), name_a
-
-
 @pytest.mark.parametrize("name", ["mnist_gauss_1.yaml", "cifar10_gauss_1.yaml",
                                   "celebamask_vmf.yaml", "mnist_vqvae.yaml"])
 def test_the_built_model_runs_channels_last_end_to_end(name):

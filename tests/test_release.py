@@ -193,17 +193,18 @@ def test_release_checkpoint_keys_map_onto_ours():
 
 
 def test_release_folders_are_read_through_the_release_module_alone():
-    # trainer.runs reads them through the reader trainer/release_format.py registers, and knows
-    # nothing of their format.
-    assert runs.folder_reader(RELEASE_RUN) is runs.FOLDER_READERS["release"]
-    assert runs.folder_reader(os.path.dirname(RELEASE_RUN)) is None
+    # trainer.runs reads them through trainer/release_format.py, and knows nothing of their
+    # format.
+    assert release_format.is_release_run(RELEASE_RUN)
+    assert not release_format.is_release_run(os.path.dirname(RELEASE_RUN))
     cfg, model, state = runs.load_run_model(RELEASE_RUN)
     assert (cfg.model.name, cfg.test.bs, state["epoch"]) == ("GaussianSQVAE", 32, None)
     weights = torch.load(os.path.join(RELEASE_RUN, "best.pt"), weights_only=True)
     assert torch.equal(model.state_dict()["encoder.stem.0.weight"],
                        weights["module.encoder.conv.0.weight"])
-    release_modules = {"trainer.release_format", "trainer.release"}
-    assert not release_modules & set(import_graph()["trainer.runs"])
+    graph = import_graph()
+    assert "trainer.release" not in graph["trainer.runs"]
+    assert "trainer.runs" not in graph["trainer.release_format"]  # it registers nothing there
     with open(runs.__file__) as f:
         assert release_format.CONFIG_FILE not in f.read()
 

@@ -364,10 +364,10 @@ def send_sigterm(*_, **__):
 
 
 def test_sigterm_during_ts_is_one_line_exit_143(capfd, tmp_path, trained, data, monkeypatch):
-    from trainer import Trainer
+    from trainer import commands
     run = copy_run(trained, tmp_path)
     before = metrics_bytes(run)
-    monkeypatch.setattr(Trainer, "test", send_sigterm)
+    monkeypatch.setattr(commands, "evaluate", send_sigterm)
     code, out, err = cli(capfd, "-c", CONFIG, "-ts", run, "path_dataset", data)
     assert code == 143 and err == ("SIGTERM; the evaluation's records were not written, run "
                                    "-ts again\n")

@@ -1,10 +1,13 @@
-"""Metric accumulation: running means, code histograms, and one evaluation pass.
+"""Metric accumulation (running means, code histograms) and evaluation: one pass over a split
+(``eval_pass``), and the stochastic and deterministic passes whose records the final test and
+``-ts`` write (``evaluate``).
 
-Everything accumulates on the device and is read back once per split (or logging
-interval), so a training step never waits for the host. Under torchrun the sums are
-all-reduced, so every process sees the same numbers.
+Everything accumulates on the device and is read back once per split (or logging interval),
+so a training step never waits for the host. Under torchrun the sums are all-reduced, so every
+process sees the same numbers.
 """
 import math
+import time
 from itertools import islice
 
 import torch
@@ -85,6 +88,15 @@ def derived_metrics(means, dim_x):
     return out
 
 
+def segmentation_meter(model):
+    """A factory of split-level pixel-accuracy/mIoU meters for label-map models, else None."""
+    if model.OUTPUTS != "labels":
+        return None
+    from networks import label_channels
+    from third_party.segmentation import SegmentationMeter
+    return lambda: SegmentationMeter(model.num_classes, label_channels(model.num_classes))
+
+
 @torch.no_grad()
 def eval_pass(model, loader, mode, limit=None, segmentation=None, bar=None):
     """One pass over `loader` in eval mode: means over batches (the release's figures), the
@@ -109,3 +121,30 @@ def eval_pass(model, loader, mode, limit=None, segmentation=None, bar=None):
         scores = seg.compute()
         result["pixel_acc"], result["miou"] = scores["pixel_acc"], scores["miou"]
     return result
+
+
+def evaluate_split(model, loader, split, limit, display):
+    """The stochastic, then the deterministic pass over `loader` (at most `limit` batches), as
+    two (metrics, seconds) pairs."""
+    limit = len(loader) if limit is None else min(len(loader), limit)
+    segmentation = segmentation_meter(model)
+    passes = []
+    for mode in ("stochastic", "deterministic"):
+        start = time.perf_counter()
+        with display.progress(limit * loader.batch_size, f"{split} {mode}") as bar:
+            metrics = eval_pass(model, loader, mode, limit, segmentation, bar)
+        passes.append((metrics, time.perf_counter() - start))
+    return passes
+
+
+def evaluate(model, loader, split, epoch, *, limit, display, step=0, **extra):
+    """Evaluate `split` (the test split, or e.g. the pictures of -ts --images): the records
+    "<split>_stochastic" and "<split>" (the deterministic pass), shown, and to TensorBoard at
+    `step`, the step of the weights; the caller appends them to metrics.jsonl."""
+    stochastic, deterministic = evaluate_split(model, loader, split, limit, display)
+    display.test(epoch, stochastic, deterministic, name=split)
+    records = [{"epoch": epoch, "split": name, **metrics, "seconds": seconds, **extra}
+               for name, (metrics, seconds) in ((f"{split}_stochastic", stochastic),
+                                                (split, deterministic))]
+    display.records(records, step=step)
+    return records

@@ -10,7 +10,7 @@ import shutil
 import sys
 
 from configs import config_to_yaml
-from util.cli import EXIT_INPUT, OneLineParser, UsageError, run_command
+from util.cli import EXIT_INPUT, OneLineParser, UsageError, run_cli
 from util.io import UnsafeLink, atomic_write_bytes
 
 from . import release_format, runs
@@ -57,7 +57,7 @@ def import_run(run_dir, dest=None):
 
 
 def main(argv=None):
-    return run_command(lambda: _main(argv), errors=(((RunError, UnsafeLink), EXIT_INPUT),),
+    return run_cli(lambda: _main(argv), errors=(((RunError, UnsafeLink), EXIT_INPUT),),
                        interrupted="{what}; no run folder was written")
 
 

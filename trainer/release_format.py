@@ -13,8 +13,7 @@ The release's module names differ from ours (``encoder.conv`` is our ``encoder.s
 module for module, and the release's evaluation batch is ``train.bs`` (it ignores the
 ``test.bs`` it records), which ``test.bs`` here is set to.
 
-Importing this module registers the release's folders with ``trainer.runs`` (the trainer
-package imports it), so ``-ts``, ``--report`` and ``--encode`` take such a folder as it is;
+``trainer.runs`` reads such a folder through this module, so ``-ts`` takes it as it is;
 ``python -m trainer.release import`` turns one into a run folder of this tool.
 """
 import json
@@ -23,10 +22,10 @@ import re
 
 from configs import ConfigError, brief, config_from_mapping
 
-from . import runs
-from .runs import RunError
+from .checkpoints import BEST, RunError, read_checkpoint
 
 CONFIG_FILE = "configs.json"
+OUR_CONFIG = "config.yaml"  # runs.CONFIG_FILE: a folder with one is ours
 # Release key prefix (a regex) -> ours, tried in order; the first match renames.
 KEY_RENAMES = (
     (r"encoder\.conv\.0\.0\.", "encoder.stem.0."),  # CelebA nests its first conv
@@ -34,6 +33,8 @@ KEY_RENAMES = (
     (r"encoder\.res_m\.", "encoder.head_mean."),
     (r"encoder\.res_v\.", "encoder.head_log_var."),
     (r"decoder\.convt\.", "decoder.head."),
+    # The quantizer's tensors, in its layer here.
+    (r"(codebook|log_param_q_scalar|ema_count|ema_total)$", r"quantizer.\1"),
 )
 # configs.json keys that carry over, as (section, keys); the others are the release's own
 # bookkeeping (paths, workers, the seed, save/print switches) or derived here.
@@ -50,7 +51,7 @@ CARRIED = {
 def is_release_run(run_dir):
     """A folder written by the authors' release (its configs.json, none of our config)."""
     return (os.path.isfile(os.path.join(run_dir, CONFIG_FILE))
-            and not os.path.isfile(os.path.join(run_dir, runs.CONFIG_FILE)))
+            and not os.path.isfile(os.path.join(run_dir, OUR_CONFIG)))
 
 
 def read_release_json(run_dir):
@@ -107,13 +108,12 @@ def stays_below(relative):
 
 def our_key(key):
     """The name of a release state-dict key in this repository's models."""
-    from networks import LEGACY_KEYS  # torch: imported when weights are read, not before
     key = key.removeprefix("module.")
     for pattern, replacement in KEY_RENAMES:
         renamed, count = re.subn("^" + pattern, replacement, key)
         if count:
             return renamed
-    return LEGACY_KEYS.get(key, key)  # the quantizer's tensors, now in its layer
+    return key
 
 
 def convert_state_dict(state):
@@ -128,16 +128,13 @@ def convert_state_dict(state):
     return out
 
 
-def load_release_weights(run_dir, name=runs.BEST):
+def load_release_weights(run_dir, name=BEST):
     """The weights of a release checkpoint under our names."""
     path = os.path.join(run_dir, name)
-    state = runs.read_checkpoint(path)
+    state = read_checkpoint(path)
     try:
         return convert_state_dict(state)
     except RunError as e:
         raise RunError(f"checkpoint {path}: {e}; is it a checkpoint of the authors' "
                        "release?") from None
 
-
-runs.register_folder_reader("release", is_release_run, read_release_config,
-                            load_release_weights)

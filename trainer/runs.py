@@ -1,43 +1,39 @@
 """Run folders: their config, checkpoints, metrics file and writer lock.
 
-A run folder is ``<path>/<path_specific>/<network.name>_seed<seed>_<MMDD_HHMM>[_N]``.
-It is claimed with ``os.mkdir`` (atomic: two runs started in the same minute get
-two folders) and holds ``config.yaml``, ``best.pt``, ``current.pt``,
-``metrics.jsonl`` and reconstruction grids; for a dataset whose files are chosen when the
-run starts (a folder of pictures), ``dataset_files.json``, the files each split read, which
-``-ts`` and ``--resume`` read again (``read_dataset_files``).
+A run folder is ``<path>/<path_specific>/<network.name>_seed<seed>_<MMDD_HHMM>[_N]``, claimed
+with ``os.mkdir`` (atomic: two runs started in the same minute get two folders). It holds
+``config.yaml``, ``best.pt``, ``current.pt``, ``metrics.jsonl``, reconstruction grids and, for
+a dataset whose files are chosen when the run starts (a folder of pictures),
+``dataset_files.json``, the files each split read (``read_dataset_files``).
 
 * Every file but ``metrics.jsonl`` is written through ``util.io`` (temporary file, then
-  rename). ``metrics.jsonl`` is append-only: every writer appends whole lines, so nothing
-  ever rewrites or truncates a record (``append_metrics``, ``read_metrics``).
+  rename); ``metrics.jsonl`` is append-only, whole lines (``append_metrics``).
 * One process at a time trains into a folder: ``writer_lock`` holds an OS lock on
-  ``.writer.lock`` for the run's lifetime, which the kernel releases however the process
-  ends. Evaluations (``-ts``) only read, and append their lines without it.
-* Checkpoints are plain dicts of tensors and numbers, loaded with
-  ``torch.load(weights_only=True)`` and checked for the keys their reader needs.
-* A folder where a name the tool writes is a symbolic link is refused before anything is
-  written (``check_links``): run folders come from other people, and a planted link would
-  make a write land outside the folder.
+  ``.writer.lock``, which dies with the process. ``-ts`` only reads, and appends without it.
+* A folder where a name the tool writes is a link is refused before anything is written
+  (``check_links``): run folders come from other people, and a planted link would make a
+  write land outside the folder.
+* A run folder of the authors' release is read through ``release_format``.
 """
-import collections
+import contextlib
 import json
 import os
-import pickle
 import sys
 import time
-import warnings
-import zipfile
 
 from configs import ConfigError, config_to_yaml, get_key, load_config
-from util.io import (JsonlError, append_jsonl, atomic_save, atomic_write_text, read_jsonl,
-                     refuse_links, remove_stale_temps)
+from util.io import (JsonlError, append_jsonl, atomic_write_text, read_jsonl, refuse_links,
+                     remove_stale_temps)
 from util.lock import FileLock, LockHeld
+
+from . import release_format
+from .checkpoints import (BEST, CURRENT, NUMBER, RunError, load_checkpoint,  # noqa: F401
+                          load_model_weights, read_checkpoint, save_checkpoint)
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 DATASET_FILES = "dataset_files.json"
 LOCK_FILE = ".writer.lock"
-BEST, CURRENT = "best.pt", "current.pt"
 TENSORBOARD = "tensorboard"
 # Every name any command writes in a run folder (fnmatch patterns): checkpoints and the
 # prior's, images, codes files, metrics.jsonl and the locks. None of them may be a link.
@@ -47,10 +43,8 @@ WRITTEN_NAMES = (CONFIG_FILE, DATASET_FILES, METRICS_FILE, f".{METRICS_FILE}.loc
 # may have left (no one else can be writing them while we hold the lock).
 LOCKED_WRITES = (CONFIG_FILE, DATASET_FILES, BEST, CURRENT, "prior.pt", "prior_current.pt",
                  "reconstructions_best.png", "reconstructions_current.png")
-
-
-class RunError(ValueError):
-    """A run folder or checkpoint problem the user can fix; one line."""
+# Records a training run writes (test and -ts records are appended by their callers).
+TRAINING_SPLITS = ("train_step", "train", "val_stochastic", "val")
 
 
 def write_config(run_dir, cfg):
@@ -65,19 +59,18 @@ def check_links(run_dir):
 
 
 def writer_lock(run_dir):
-    """Hold the run folder's writer lock (released when the process ends, however it ends),
-    or a RunError naming the process that holds it. Temporary files left by a writer killed
-    mid-write are removed once the lock is ours."""
+    """The run folder's writer lock, held (``with writer_lock(run_dir):`` gives it back; so
+    does the end of the process), or a RunError naming the process that holds it. Temporary
+    files a writer killed mid-write left are removed once the lock is ours."""
     try:
         lock = FileLock(os.path.join(run_dir, LOCK_FILE), blocking=False).acquire()
     except LockHeld as e:
         raise RunError(f"{run_dir} is being written by process {e.pid or '(unknown)'} (a "
                        "training or --resume); wait for it to end or stop it") from None
-    try:
+    with contextlib.ExitStack() as on_error:
+        on_error.enter_context(lock)
         remove_stale_temps(run_dir, LOCKED_WRITES)
-    except BaseException:
-        lock.release()
-        raise
+        on_error.pop_all()  # no error: the caller holds it
     return lock
 
 
@@ -224,169 +217,19 @@ def resume_launch(state, seed, limit_batches):
     return launch["seed"], launch["limit_batches"]
 
 
-# torch is imported where a checkpoint is written or read, not with this module: the
-# companion commands (trainer.compare, trainer.release) answer --help without it.
-
-def save_checkpoint(path, state):
-    import torch
-    atomic_save(path, lambda buffer: torch.save(state, buffer))
-
-
-def _other(path):
-    folder, name = os.path.split(path)
-    other = os.path.join(folder, CURRENT if name == BEST else BEST)
-    return other if name in (BEST, CURRENT) else None
-
-
-def _try_load(path):
-    import torch
-    try:
-        with warnings.catch_warnings():
-            # torch warns about a raw pickle's protocol before refusing it; the one-line
-            # error below says all there is to say.
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True), None
-    except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            return None, ("holds pickled Python objects, which are refused because loading "
-                          "them could run code; re-save it with this tool")
-        return None, "is corrupt (unreadable pickle data)"
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            return None, "does not exist"
-        return None, "is truncated or corrupt"
-
-
-def read_checkpoint(path):
-    """The object a checkpoint file holds (plain data only), or a RunError that names the
-    file and says whether the run's other checkpoint can be used instead."""
-    if not os.path.isfile(path):
-        raise RunError(f"{path} does not exist: the run holds no checkpoint "
-                       "(was it started with --save, and did it finish an epoch?)")
-    state, problem = _try_load(path)
-    if state is None:
-        other = _other(path)
-        if other and os.path.isfile(other) and _try_load(other)[0] is not None:
-            hint = f"; {os.path.basename(other)} in the same folder loads fine"
-        elif other:
-            hint = f"; {os.path.basename(other)} is not usable either"
-        else:
-            hint = ""
-        raise RunError(f"checkpoint {path} {problem}{hint}")
-    return state
-
-
-# What each checkpoint must hold for its reader: key -> accepted types.
-NUMBER = (int, float)
-CHECKPOINT_KEYS = {
-    BEST: {"model": dict, "epoch": (int, type(None))},
-    CURRENT: {"model": dict, "optimizer": dict, "scheduler": dict, "epoch": int, "batch": int,
-              "step": int, "best_loss": NUMBER, "best_epoch": int, "history": list,
-              "train_meter": dict, "interval_meter": dict, "interval_codes": dict,
-              "train_seconds": NUMBER, "rng": dict},
-}
-
-
-# Entries that hold a module's state dict (tensors only).
-STATE_DICT_KEYS = ("model", "prior")
-
-
-def load_checkpoint(path, needed=None):
-    """A checkpoint of this tool, checked for the keys (and their types) that its reader
-    needs (`needed`, key -> accepted types; by default CHECKPOINT_KEYS for best.pt and
-    current.pt): a file that loads but lacks one is a one-line RunError, not a KeyError
-    later."""
-    state = read_checkpoint(path)
-    if not isinstance(state, dict):
-        raise RunError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint "
-                       "of this tool")
-    needed = needed or CHECKPOINT_KEYS.get(os.path.basename(path), {"model": dict})
-    missing = [k for k in needed if k not in state]
-    wrong = [k for k, kinds in needed.items() if k in state and not isinstance(state[k], kinds)]
-    if missing or wrong:
-        what = (f"lacks {', '.join(missing)}" if missing else
-                f"has {', '.join(f'{k} of type {type(state[k]).__name__}' for k in wrong)}")
-        raise RunError(f"checkpoint {path} {what}: not a complete checkpoint of this tool"
-                       + ("; best.pt in the same folder can still be evaluated with -ts"
-                          if os.path.basename(path) == CURRENT else ""))
-    import torch
-    for key in STATE_DICT_KEYS:
-        if key in needed and not all(isinstance(v, torch.Tensor) for v in state[key].values()):
-            raise RunError(f"checkpoint {path}: its {key} entry is not a state dict of tensors")
-    return state
-
-
-# Which config keys set the shape of which parameters (by name prefix).
-SHAPE_KEYS = (
-    ("quantizer.codebook", "quantization.size_dict, quantization.dim_dict"),
-    ("encoder.head_log_var", "model.param_var_q"),
-    ("log_var_x", "flags.arelbo"),
-    ("log_kappa_inv", "model.name"),
-    ("quantizer.ema_", "quantization.ema, quantization.size_dict, quantization.dim_dict"),
-    ("encoder.res", "network.num_rb, quantization.dim_dict"),
-    ("decoder.res", "network.num_rb, quantization.dim_dict"),
-    ("", "quantization.dim_dict, flags.bn, dataset.name"),
-)
-
-
-def load_model_weights(model, state_dict, path):
-    """load_state_dict with a one-line message naming mismatched parameters and the config
-    keys that set them. Names from before the quantizer became a layer are mapped first."""
-    from networks import upgrade_state_dict
-    state_dict = upgrade_state_dict(state_dict)
-    own = model.state_dict()
-    problems, keys = [], []
-    for name in sorted(set(own) | set(state_dict)):
-        if name not in state_dict:
-            problems.append(f"{name} missing from the file")
-        elif name not in own:
-            problems.append(f"{name} unexpected in the file")
-        elif tuple(own[name].shape) != tuple(state_dict[name].shape):
-            problems.append(f"{name} is {tuple(state_dict[name].shape)} in the file but "
-                            f"{tuple(own[name].shape)} in the model")
-        else:
-            continue
-        keys.append(next(k for prefix, k in SHAPE_KEYS if name.startswith(prefix)))
-    if problems:
-        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more"
-                                          if len(problems) > 3 else "")
-        raise RunError(f"checkpoint {path} does not match the config: {shown} "
-                       f"(set by {', '.join(dict.fromkeys(keys))})")
-    model.load_state_dict(state_dict)
-
-
-# Run folders that other programs wrote, each read through the one module that knows its
-# format (trainer/release.py: the authors' release, registered when the trainer package
-# loads): name -> FolderReader. A folder no reader claims is one of ours.
-FolderReader = collections.namedtuple("FolderReader", "claims read_config read_weights")
-FOLDER_READERS = {}
-
-
-def register_folder_reader(name, claims, read_config, read_weights):
-    """Read the run folders for which `claims(run_dir)` is true with
-    `read_config(run_dir, opts)` (our config for them) and `read_weights(run_dir)` (their
-    best weights under this tool's names)."""
-    FOLDER_READERS[name] = FolderReader(claims, read_config, read_weights)
-
-
-def folder_reader(run_dir):
-    """The registered reader that claims `run_dir`, or None for a run folder of ours."""
-    return next((r for r in FOLDER_READERS.values() if r.claims(run_dir)), None)
-
-
 def read_run_config(run_dir, opts=None):
-    """The config of a run folder of this tool, or of another program (FOLDER_READERS)."""
-    reader = folder_reader(run_dir)
-    return reader.read_config(run_dir, opts) if reader else load_run_config(run_dir, opts)
+    """The config of a run folder of this tool or of the authors' release."""
+    if release_format.is_release_run(run_dir):
+        return release_format.read_release_config(run_dir, opts)
+    return load_run_config(run_dir, opts)
 
 
 def load_run(run_dir, opts=None):
-    """(config, best.pt state) of a run folder of this tool or of another program
-    (FOLDER_READERS). The state's "model" holds weights under this tool's names."""
-    reader = folder_reader(run_dir)
-    if reader:
-        return (reader.read_config(run_dir, opts),
-                {"model": reader.read_weights(run_dir), "epoch": None})
+    """(config, best.pt state) of a run folder of this tool or of the authors' release; the
+    state's "model" holds weights under this tool's names."""
+    if release_format.is_release_run(run_dir):
+        return (release_format.read_release_config(run_dir, opts),
+                {"model": release_format.load_release_weights(run_dir), "epoch": None})
     return load_run_config(run_dir, opts), load_checkpoint(os.path.join(run_dir, BEST))
 
 
@@ -398,3 +241,67 @@ def load_run_model(run_dir, opts=None, device="cpu"):
     model = build_model(cfg)
     load_model_weights(model, state["model"], os.path.join(run_dir, BEST))
     return cfg, model.to(device).eval(), state
+
+
+def record_key(record):
+    return record.get("split"), record.get("epoch"), record.get("step")
+
+
+class RunRecorder:
+    """A training run's records and, with a run folder, its files: current.pt, best.pt,
+    metrics.jsonl and the reconstruction grids; only the main process writes. Records go to
+    metrics.jsonl right after current.pt is written: the file only ever holds records of
+    steps a resume will not redo, and is only appended to."""
+
+    def __init__(self, run_dir, is_main):
+        self.run_dir, self.is_main = run_dir, is_main
+        self.history = []  # every training record so far (kept in current.pt)
+        self.unwritten = []  # those not yet appended to metrics.jsonl
+
+    def path(self, name):
+        return os.path.join(self.run_dir, name)
+
+    def add(self, record):
+        self.history.append(record)
+        self.unwritten.append(record)
+        return record
+
+    def resume(self, history):
+        """Go on from current.pt's `history`. A kill between writing current.pt and appending
+        its records left them out of metrics.jsonl: exactly those are appended."""
+        self.history = list(history)
+        if self.run_dir is not None and self.is_main:
+            written = {record_key(r) for r in read_metrics(self.run_dir)
+                       if r.get("split") in TRAINING_SPLITS}
+            self.unwritten = [r for r in self.history if record_key(r) not in written]
+            self.write_records()
+
+    def write_records(self):
+        if self.run_dir is not None and self.is_main and self.unwritten:
+            append_metrics(self.run_dir, self.unwritten)
+        self.unwritten = []
+
+    def save_current(self, state):
+        if self.is_main:
+            save_checkpoint(self.path(CURRENT), state)
+            self.write_records()
+
+    def save_best(self, state):
+        if self.is_main:
+            save_checkpoint(self.path(BEST), state)
+
+    def kept(self):
+        """The checkpoints in the run folder (those a failure leaves as they were)."""
+        return [name for name in (CURRENT, BEST)
+                if self.run_dir is not None and os.path.isfile(self.path(name))]
+
+    def save_grids(self, model, loader, names, display, step):
+        """One reconstruction grid of `loader`'s first batch, saved under each of `names`."""
+        if not self.is_main:
+            return
+        from .images import save_reconstructions  # torchvision: not for the companions
+        x, _ = next(iter(loader))
+        grid = save_reconstructions(model, x, [self.path(f"reconstructions_{name}.png")
+                                               for name in names])
+        for name in names:
+            display.images(f"reconstructions/{name}", grid, step)

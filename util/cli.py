@@ -1,8 +1,8 @@
 """How every command line here starts and ends.
 
-``OneLineParser``: a bad flag is one line, like every other input error, instead of
-argparse's usage block. ``run_command``: what stops a command becomes one line on stderr and
-its exit status, the same for main.py and every companion command:
+``OneLineParser``: a bad flag is one line, like every other input error. ``run_cli``: what
+stops a command becomes one line on stderr and its exit status, for main.py and every
+companion command:
 
 * 0: done;
 * 1: the machine or the run (a full disk, a read-only folder, a failed training);
@@ -33,14 +33,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 class UsageError(ValueError):
-    """Input a command refuses before it starts (flags that do not go together, a folder of
-    the wrong kind): exit status 2, the message as its line."""
+    """Input a command refuses before it starts: exit status 2, the message as its line."""
 
 
 class Stopped(Exception):
-    """The command stops with exit status `code` after saying `message` as it is (not an
-    error line): e.g. an interruption after a checkpoint was written, with the command that
-    continues. Under torchrun only process 0 says it."""
+    """Stop with exit status `code` after saying `message` as it is (not an error line), e.g.
+    an interruption with the command that continues; under torchrun only process 0 says it."""
 
     def __init__(self, code, message):
         super().__init__(message)
@@ -51,24 +49,22 @@ def say(line):
     print(line, file=sys.stderr)
 
 
-def run_command(body, *, errors=(), interrupted="{what}", cannot="write", os_hint="",
-                os_status=EXIT_MACHINE):
-    """`body()`'s exit status, with SIGTERM raised as an interruption while it runs, and
-    whatever stops it turned into one line on stderr and an exit status:
+def run_cli(body, *, errors=(), interrupted="{what}", cannot="write", os_hint="",
+            os_status=EXIT_MACHINE):
+    """`body()`'s exit status, with SIGTERM raised as an interruption while it runs, and what
+    stops it made one line on stderr and an exit status:
 
     * SystemExit (argparse: --help, a bad flag, already printed): its status;
-    * Ctrl-C / SIGTERM: `interrupted` with {what} filled in ("interrupted" / "SIGTERM"),
-      exit 130 / 143;
+    * Ctrl-C / SIGTERM: `interrupted` with {what} filled in, exit 130 / 143;
     * Stopped: its message and code;
     * UsageError, or an exception listed in `errors`: `error: MESSAGE`, exit 2 for
       UsageError, else the status listed with it;
-    * OSError: `error: cannot {cannot} FILE: REASON{os_hint}` (or the error's own `hint`
-      attribute in place of os_hint), exit `os_status`;
+    * OSError: `error: cannot {cannot} FILE: REASON{os_hint}` (or the error's own `hint`),
+      exit `os_status`;
     * anything else: raised, traceback and all (a bug, not a message for the user).
 
-    `errors` holds (exception types, exit status) pairs, tried in order, or is a function
-    returning them, called only once an exception arrives (for a command whose exception
-    types take seconds to import: Ctrl-C must be one line from the first line on).
+    `errors`: (exception types, exit status) pairs, or a function returning them, called only
+    once an exception arrives (for types that take seconds to import).
     """
     try:
         with sigterm_as_interrupt():
@@ -101,10 +97,9 @@ def run_command(body, *, errors=(), interrupted="{what}", cannot="write", os_hin
 
 @contextlib.contextmanager
 def start_up(active=True, message="{what} during start-up; nothing was written"):
-    """For the imports a `python -m PACKAGE.MODULE` command runs before its run_command (its
-    package's __init__): Ctrl-C or SIGTERM there is `message` and exit 130 / 143, not a
-    traceback or a silent death. `active` False (the package imported by another command,
-    whose own run_command answers) leaves the block alone."""
+    """Around the imports a `python -m PACKAGE.MODULE` command runs before its run_cli (its
+    package's __init__): Ctrl-C or SIGTERM there is `message` and exit 130 / 143. `active`
+    False (imported by another command, whose run_cli answers) leaves the block alone."""
     if not active:
         yield
         return
@@ -118,8 +113,8 @@ def start_up(active=True, message="{what} during start-up; nothing was written")
 
 
 def started_with_m():
-    """Whether this import runs as the package of a `python -m PACKAGE.MODULE` command:
-    during it, sys.argv[0] is still "-m" (runpy sets the module's path afterwards)."""
+    """Whether this import runs as the package of a `python -m PACKAGE.MODULE` command
+    (sys.argv[0] is "-m" until runpy sets the module's path)."""
     return sys.argv[:1] == ["-m"]
 
 

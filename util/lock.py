@@ -1,68 +1,44 @@
-"""Advisory file locks that die with their process.
+"""Advisory file locks (filelock's ``flock``) that die with their process, however it ends.
 
-``flock`` locks belong to an open file description, so the kernel drops them when the
-holder exits, however it exits (SIGKILL, a crash, a power cut): a killed writer never
-leaves a stale lock behind, and no lock file ever has to be cleaned up by hand. The
-holder writes its PID into the lock file, so a refused second process can say who holds
-it. Where ``fcntl`` does not exist (Windows) the locks are no-ops.
-
-A lock file is opened without following a symbolic link (``UnsafeLink``): writing the PID
-through a link planted in a downloaded run folder would truncate the file it points to.
+The lock file is opened without following a link (``util.links``): writing the holder's PID
+through a link planted in a downloaded run folder would truncate the file it points to. The
+PID lets a refused second process say who holds the lock.
 """
+import contextlib
 import os
 
-from .links import open_no_follow
+from filelock import lock_descriptor
 
-try:
-    import fcntl
-except ImportError:  # not POSIX
-    fcntl = None
+from .links import open_no_follow
 
 
 class LockHeld(RuntimeError):
     """Another live process holds the lock; ``pid`` is its process id (or None)."""
 
     def __init__(self, path, pid):
-        super().__init__(f"{path} is locked by process {pid if pid else '(unknown)'}")
+        super().__init__(f"{path} is locked by process {pid or '(unknown)'}")
         self.path, self.pid = path, pid
 
 
-def _holder(fd):
-    try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        return int(text) if text.isdigit() else None
-    except OSError:
-        return None
-
-
 class FileLock:
-    """``with FileLock(path):`` holds an exclusive lock on ``path`` (created if needed).
-
-    ``blocking=False`` raises LockHeld at once instead of waiting. ``release()`` (or
-    leaving the block) gives it back; so does the end of the process.
-    """
+    """``with FileLock(path):`` holds an exclusive lock on ``path`` (created if needed);
+    ``blocking=False`` raises LockHeld at once instead of waiting."""
 
     def __init__(self, path, blocking=True):
-        self.path, self.blocking = path, blocking
-        self.fd = None
+        self.path, self.blocking, self.fd = path, blocking, None
 
     def acquire(self):
-        fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                pid = _holder(fd)
-                os.close(fd)
-                raise LockHeld(self.path, pid) from None
-            except BaseException:
-                os.close(fd)
-                raise
+        fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT)
         try:
+            if not lock_descriptor(fd, blocking=self.blocking):
+                text = os.pread(fd, 32, 0).strip()
+                raise LockHeld(self.path, int(text) if text.isdigit() else None)
+        except BaseException:
+            os.close(fd)
+            raise
+        with contextlib.suppress(OSError):  # the PID is a courtesy; the lock is held
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        except OSError:
-            pass  # the PID is a courtesy for error messages; the lock itself is held
         self.fd = fd
         return self
 
@@ -72,7 +48,7 @@ class FileLock:
             self.fd = None
 
     def __enter__(self):
-        return self.acquire()
+        return self if self.fd is not None else self.acquire()  # held already: keep it
 
     def __exit__(self, *exc):
         self.release()
