@@ -25,17 +25,13 @@ RECONSTRUCTIONS = 16
 def training_records(records):
     """(train records, their legend label, val records) of the run's latest training."""
     steps = [r for r in records if r.get("split") == "train_step"]
-    if steps:
-        every = {b["step"] - a["step"] for a, b in zip(steps, steps[1:])}
-        label = "train (interval means)"
-        if len(every) == 1:
-            n = every.pop()
-            label = "train (every step)" if n == 1 else f"train (mean over {n} steps)"
-        train = steps
-    else:
-        train = [r for r in records if r.get("split") == "train"]
-        label = "train (epoch mean)"
-    return train, label, [r for r in records if r.get("split") == "val"]
+    val = [r for r in records if r.get("split") == "val"]
+    if not steps:
+        return [r for r in records if r.get("split") == "train"], "train (epoch mean)", val
+    every = {b["step"] - a["step"] for a, b in zip(steps, steps[1:])}
+    label = ("train (interval means)" if len(every) != 1 else "train (every step)"
+             if every == {1} else f"train (mean over {every.pop()} steps)")
+    return steps, label, val
 
 
 @torch.no_grad()

@@ -7,9 +7,7 @@ variance sigma_q^2 and the Gumbel-softmax temperature; VQ-VAE runs are left out 
 """
 import math
 
-from matplotlib.ticker import MaxNLocator
-
-from util.figures import new_figure, png_bytes, spans_decades
+from util.figures import finish_axes, new_figure, png_bytes, spans_decades
 
 # (record split, key, panel title, y label, SQ-VAE only)
 PANELS = (
@@ -65,14 +63,9 @@ def draw_learning_curves(fig, runs):
                     else None)
         if spans_decades([v for _, _, values in series for v in values], factor=4.0):
             ax.set_yscale("log")
-        ax.set_title(title if len(series) <= LEGEND_MAX else f"{title} ({len(series)} runs)",
-                     fontsize=10)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(True, alpha=0.3)
-        if len(series) <= LEGEND_MAX:  # more entries would cover the curves
-            ax.legend(fontsize=7)
+        few = len(series) <= LEGEND_MAX  # more legend entries would cover the curves
+        finish_axes(ax, title if few else f"{title} ({len(series)} runs)", "epoch", ylabel,
+                    legend=few)
     for ax in axes[len(drawn):]:
         ax.set_visible(False)
     return [title for title, _, _ in drawn]

@@ -29,12 +29,22 @@ def png_bytes(fig):
     return buffer.getvalue()
 
 
+def finish_axes(ax, title, xlabel, ylabel, legend=True):
+    """What every curve panel shares: whole steps or epochs, a light grid, a small legend."""
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    if legend:
+        ax.legend(fontsize=7)
+
+
 def _column(records, key):
     """(steps, values) of the records that hold a finite `key`."""
-    points = [(r["step"], r[key]) for r in records
-              if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
-              and isinstance(r.get("step"), (int, float))]
-    return [p[0] for p in points], [p[1] for p in points]
+    kept = [r for r in records if isinstance(r.get(key), (int, float))
+            and math.isfinite(r[key]) and isinstance(r.get("step"), (int, float))]
+    return [r["step"] for r in kept], [r[key] for r in kept]
 
 
 def spans_decades(values, factor=10.0):
@@ -116,12 +126,7 @@ def draw_curves(fig, train, val, *, quality="mse_pixel", variant="I", band=False
         else:
             # An offset ("+1.0499") above the axis is easy to miss; show the values themselves.
             ax.ticklabel_format(axis="y", useOffset=False)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("training step")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        finish_axes(ax, title, "training step", ylabel)
         titles.append(title)
     return titles
 
@@ -154,8 +159,7 @@ def draw_codebook(fig, usage, split="test"):
 
 
 def draw_reconstructions(fig, originals, reconstructions, caption="", columns=8):
-    """Originals, each row above the row of their reconstructions (N x C x H x W tensors in
-    [0, 1])."""
+    """Originals, each row above the row of their reconstructions (N x C x H x W, in [0, 1])."""
     from util.grid import reconstruction_grid  # torch, only for a report (not for --curves)
     grid, centres = reconstruction_grid(originals, reconstructions, columns)
     ax = fig.add_subplot()
