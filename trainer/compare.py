@@ -328,7 +328,16 @@ def read_notes(path):
                            f"{raw[e.start]:#04x}); give a markdown file") from None
 
 
-def build_parser():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # A run folder or a file named on the command line that cannot be read is input: 2.
+    return run_cli(lambda: _main(argv),
+                       errors=(((CompareError, RunError, UnsafeLink), EXIT_INPUT),),
+                       cannot="read or write", os_status=EXIT_INPUT,
+                       interrupted="{what}; each file it writes is whole or as it was")
+
+
+def _main(argv):
     parser = OneLineParser(
         prog="python -m trainer.compare",
         description="One row per run folder: model, dataset, epochs trained, test MSE per "
@@ -347,20 +356,7 @@ def build_parser():
     parser.add_argument("--notes", metavar="FILE",
                         help="with --report: a markdown file whose text goes under the "
                              "report's header (how the runs were made)")
-    return parser
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    # A run folder or a file named on the command line that cannot be read is input: 2.
-    return run_cli(lambda: _main(argv),
-                       errors=(((CompareError, RunError, UnsafeLink), EXIT_INPUT),),
-                       cannot="read or write", os_status=EXIT_INPUT,
-                       interrupted="{what}; each file it writes is whole or as it was")
-
-
-def _main(argv):
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     if args.curves:
         write_curves(args.curves, args.runs)
         if not (args.report or args.csv):
