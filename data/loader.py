@@ -290,11 +290,7 @@ def build_picture_loader(cfg, folder, *, batch_size, device="cpu", rank=0, world
     names = pictures.list_pictures(folder)
     decoded = pictures.decoded(folder, names, tuple(cfg.dataset.shape),
                                cached=cfg.cache_decoded, reads=Reads.of(cfg))
-    rows, kept = decoded.rows(names)
-    if not rows:
-        raise DatasetError(f"none of the {len(names)} pictures under {folder} can be decoded")
-    return DecodedLoader(Decoded(decoded.array, rows, kept,
-                                 {"files": kept, "skipped": sorted(decoded.skipped)}),
+    return DecodedLoader(decoded.split(names, f"under {folder}"),
                          to_model=TO_MODEL[items], name=name, split="images",
                          batch_size=batch_size, shuffle=False, seed=0, device=device,
                          rank=rank, world_size=world_size, drop_last=False)

@@ -15,6 +15,7 @@ from PIL import Image, ImageFile
 from . import cache
 from .decode import PictureDecoder
 from .errors import DatasetError
+from .sources.spec import Decoded
 
 CACHE_FOLDER = ".sqvae-cache"
 
@@ -60,11 +61,15 @@ class Pictures(NamedTuple):
     array: object
     skipped: set
 
-    def rows(self, names):
-        """The array rows of those of `names` that were decoded, and those names."""
+    def split(self, names, where):
+        """The Decoded split of `names`: the rows of those decoded, which its record lists with
+        those skipped. None decoded: a DatasetError naming the pictures `where` they are."""
         index = {name: i for i, name in enumerate(self.names)}
         kept = [n for n in names if n not in self.skipped]
-        return [index[n] for n in kept], kept
+        if not kept:
+            raise DatasetError(f"none of the {len(names)} pictures {where} can be decoded")
+        return Decoded(self.array, [index[n] for n in kept], kept,
+                       {"files": kept, "skipped": [n for n in names if n in self.skipped]})
 
 
 def decoded(folder, names, shape, *, cached=True, reads):

@@ -13,7 +13,7 @@ import os
 from .. import pictures
 from ..errors import DatasetError
 from .layouts import SPLITS
-from .spec import Decoded, Reads, Source
+from .spec import Reads, Source
 
 NAME = "ImageFolder"
 # Upper ends of the hash ranges of train and val (the rest is test): about 90 / 5 / 5.
@@ -113,12 +113,7 @@ def read(cfg, split, recorded=None):
                   if n in present)
     decoded = pictures.decoded(folder, used, tuple(cfg.dataset.shape),
                                cached=cfg.cache_decoded, reads=Reads.of(cfg))
-    rows, kept = decoded.rows(splits[split])
-    if not rows:
-        raise DatasetError(f"none of the {len(splits[split])} pictures of the {split} split "
-                           f"under {folder} can be decoded")
-    skipped = [n for n in splits[split] if n in decoded.skipped]
-    return Decoded(decoded.array, rows, kept, {"files": kept, "skipped": skipped})
+    return decoded.split(splits[split], f"of the {split} split under {folder}")
 
 
 SOURCE = Source(NAME, read)

@@ -8,16 +8,15 @@ from ..errors import DatasetError
 
 
 class Arrays(NamedTuple):
-    """A split in memory (parsed files): uint8 N x C x H x W items and int64 N labels."""
+    """A split in memory (parsed files): uint8 N x C x H x W items, int64 N labels."""
 
     images: object
     labels: object
 
 
 class Files(NamedTuple):
-    """A split read one file per item: the paths in order, ``decode(path)`` -> uint8 C x H x W
-    (run by the loader's workers, or once into the decoded cache, ``data.cache``), and the
-    stem of the split's decoded cache under <path_dataset>/cache/."""
+    """A split of one file per item: the paths, ``decode(path)`` -> uint8 C x H x W, and the
+    stem of its decoded cache (``data.cache``) under <path_dataset>/cache/."""
 
     paths: list
     decode: Callable
@@ -25,9 +24,8 @@ class Files(NamedTuple):
 
 
 class Decoded(NamedTuple):
-    """A split already decoded (``data.pictures``): the rows ``rows`` of the uint8 N x C x H x W
-    ``array``, the file of each row (``names``, relative to the folder read), and ``record``,
-    what a run folder keeps of the split (plain JSON data)."""
+    """A split already decoded: the rows ``rows`` of the uint8 N x C x H x W ``array``, the file
+    of each (``names``), and ``record``, what a run folder keeps of the split (JSON data)."""
 
     array: object
     rows: object
@@ -37,10 +35,9 @@ class Decoded(NamedTuple):
 
 class Source(NamedTuple):
     """A dataset module's declaration. ``read(cfg, split, recorded)`` returns one split as
-    Arrays, Files or Decoded; ``recorded`` is None, or what a run folder recorded of the files
-    of its splits (their Decoded ``record``, by split), so that a run evaluated or resumed
-    later reads the same files. ``split_sizes``: n_official_train -> (n_train, n_val), for a
-    dataset whose validation split is carved off an official training split."""
+    Arrays, Files or Decoded; ``recorded``: None, or the ``record`` of each split a run folder
+    kept, so that the run evaluated or resumed later reads the same files. ``split_sizes``:
+    n_official_train -> (n_train, n_val) where validation is carved off the training split."""
 
     name: str
     read: Callable
