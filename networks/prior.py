@@ -148,14 +148,34 @@ def layers_to_see(grid, kernel):
     return max(1, math.ceil((max(height, width) - 1) / (kernel // 2)))
 
 
-def build_prior(cfg, grid=None):
+@torch.no_grad()
+def initialise(prior, generator):
+    """PyTorch's default initialisation drawn from `generator`: conv weights and biases
+    uniform(+-1 / sqrt(fan_in)) (what kaiming_uniform with a = sqrt(5) gives), embeddings
+    N(0, 1)."""
+    for m in prior.modules():
+        if isinstance(m, nn.Conv2d):
+            bound = 1 / math.sqrt(m.weight[0].numel())
+            m.weight.uniform_(-bound, bound, generator=generator)
+            m.bias.uniform_(-bound, bound, generator=generator)
+        elif isinstance(m, nn.Embedding):
+            m.weight.normal_(generator=generator)
+    return prior
+
+
+def build_prior(cfg, grid=None, generator=None):
     """The prior over the code grids of the model that `cfg` describes, freshly initialised
-    (on the CPU): K = quantization.size_dict, architecture from the `prior` section;
-    prior.layers 0 takes layers_to_see(grid, prior.kernel) for the H x W code `grid`."""
+    on the CPU (from `generator` where given: the global RNG is then left alone):
+    K = quantization.size_dict, architecture from the `prior` section; prior.layers 0 takes
+    layers_to_see(grid, prior.kernel) for the H x W code `grid`."""
     layers = cfg.prior.layers
     if layers == 0:
         if grid is None:
             raise ValueError("prior.layers 0 follows the code grid: give build_prior the grid")
         layers = layers_to_see(grid, cfg.prior.kernel)
-    return GatedPixelCNN(cfg.quantization.size_dict, channels=cfg.prior.channels,
-                         layers=layers, kernel=cfg.prior.kernel)
+    args = (cfg.quantization.size_dict, cfg.prior.channels, layers, cfg.prior.kernel)
+    if generator is None:
+        return GatedPixelCNN(*args)
+    with torch.device("meta"):  # shapes only: nothing drawn from the global RNG
+        prior = GatedPixelCNN(*args)
+    return initialise(prior.to_empty(device="cpu"), generator)

@@ -259,6 +259,20 @@ def test_build_prior_reads_the_config():
     assert prior(torch.zeros(2, 7, 7, dtype=torch.long)).shape == (2, 128, 7, 7)
 
 
+def test_a_prior_drawn_from_a_generator_leaves_the_global_rng_alone():
+    cfg = load_config("mnist_gauss_1.yaml", ["prior.channels", "8", "prior.layers", "2"])
+    state = torch.get_rng_state()
+    first, again = (build_prior(cfg, generator=torch.Generator().manual_seed(3)).state_dict()
+                    for _ in range(2))
+    other = build_prior(cfg, generator=torch.Generator().manual_seed(4)).state_dict()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["embedding.weight"], other["embedding.weight"])
+    # PyTorch's default bounds: a conv weight within 1 / sqrt(fan_in), embeddings N(0, 1).
+    assert first["head.3.weight"].abs().max() <= 1 / math.sqrt(8)
+    assert 0.8 < first["embedding.weight"].std() < 1.2
+
+
 @pytest.mark.parametrize("key, value", [
     ("prior.channels", "0"), ("prior.layers", "-1"), ("prior.bs", "0"),
     ("prior.epoch_max", "0"), ("prior.patience", "0"), ("prior.kernel", "4"),
