@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from third_party.bessel import log_ive
-from util.device import widest_float
 
 # The quantizer layers' own terms (torch only, installed with them as sqvae_layers).
 from .reconstruction import arelbo_loss, squared_error  # noqa: F401
@@ -25,9 +24,8 @@ def learned_variance_loss(mse, dim_x, log_var_x):
 def vmf_log_normalizer(kappa_inv, m):
     """log C_m(kappa) of a vMF on the (2m - 1)-sphere, without its 2*pi constant."""
     kappa = 1.0 / kappa_inv
-    # The Bessel series wants float64 where the device has it (tests/test_bessel.py
-    # bounds what float32 loses).
-    log_bessel = log_ive(m - 1, kappa, dtype=widest_float(kappa.device))
+    # In float64 where the device has it (tests/test_bessel.py bounds what float32 loses).
+    log_bessel = log_ive(m - 1, kappa)
     return -(m - 1) * torch.log(kappa_inv) - kappa - log_bessel
 
 def vmf_reconstruction(x_hat, labels, log_kappa_inv, dim_x):

@@ -16,9 +16,9 @@ from data import sources
 from data.sources import celebamask_hq, mnist
 from data.loader import batch_buffer
 from networks import losses
+from third_party import bessel
 from tests.test_bessel import DtypeRecorder
-from third_party.bessel import log_ive
-from util.device import widest_float
+from third_party.bessel import log_ive, widest_float
 from util.rng import get_rng_state, set_rng_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +44,7 @@ def mps_policy(monkeypatch):
     def policy(device):
         asked.append(torch.device(device))
         return widest_float(torch.device("mps"))
-    monkeypatch.setattr(losses, "widest_float", policy)
+    monkeypatch.setattr(bessel, "widest_float", policy)
     return asked
 
 

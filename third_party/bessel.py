@@ -1,37 +1,27 @@
 """Exponentially scaled modified Bessel function of the first kind in torch.
 
-``ive(nu, x) = I_nu(x) * exp(-x)`` (the same quantity as ``scipy.special.ive``)
-and ``log_ive(nu, x) = log(ive(nu, x))``, both differentiable in ``x``.
+``ive(nu, x) = I_nu(x) * exp(-x)`` (the same quantity as ``scipy.special.ive``) and
+``log_ive(nu, x) = log(ive(nu, x))``, both differentiable in ``x``. The vMF likelihood needs
+I_nu at concentrations from ~1e-3 up to ~1e9, on the accelerator inside the training graph,
+so everything is plain torch arithmetic on the input's device: no host round trips, no
+branching on tensor values (both branches are evaluated and merged with ``torch.where``).
 
-The vMF likelihood needs I_nu at concentrations ranging from ~1e-3 up to ~1e9,
-and it needs it on the accelerator inside the training graph, so everything
-here is plain torch arithmetic on the input's device: no host round trips, no
-branching on tensor values (both branches are evaluated and merged with
-``torch.where``).
+Method (internal arithmetic in float64, or float32 on a device without it; the result is
+cast back to x's dtype):
 
-Method (internal arithmetic in float64 unless the caller asks for float32, e.g. on
-Apple's MPS, which has no float64; the result is cast back to x's dtype):
+* ``x < T(nu)``: the power series ``I_nu(x) = sum_k (x/2)^(2k+nu) / (k! Gamma(k+nu+1))``,
+  summed as a log-sum-exp of its (positive) log terms: no precision lost, no overflow, and
+  the log stays finite where ``I_nu`` underflows (tiny x, large nu).
+* ``x >= T(nu)``: Hankel's expansion ``Ie_nu(x) ~ (2 pi x)^(-1/2) sum_k c_k(nu) x^(-k)``,
+  ``c_k = prod_{j<=k} -(4 nu^2 - (2j-1)^2) / (8 j)``. ``T(nu) = max(25, nu^2 / 2)`` makes
+  ``|c_1| / x <= 1``, so the alternating series starts out shrinking (little cancellation)
+  while the first omitted term is far below float64 resolution.
 
-* ``x < T(nu)``: the power series
-  ``I_nu(x) = sum_k (x/2)^(2k+nu) / (k! Gamma(k+nu+1))``. Every term is
-  positive, so summing it as a log-sum-exp of the log terms loses no precision
-  and cannot overflow, and the log result stays finite when ``I_nu`` itself
-  underflows (tiny x, large nu).
-* ``x >= T(nu)``: Hankel's large-argument expansion
-  ``Ie_nu(x) ~ (2 pi x)^(-1/2) sum_k c_k(nu) x^(-k)``,
-  ``c_k = prod_{j<=k} -(4 nu^2 - (2j-1)^2) / (8 j)``.
-  The switch point ``T(nu) = max(25, nu^2 / 2)`` makes ``|c_1| / x <= 1`` so
-  the alternating series starts out shrinking (little cancellation), while the
-  first omitted term is far below float64 resolution.
-
-In float32 both branches keep their form. The series' log terms are differences
-of numbers that grow with x and nu (~150 near the peak at nu = 9), each rounded
-to float32, so log Ie_nu carries an absolute error of up to ~1e-5 (nu = 9) to
-~6e-5 (nu = 20); Hankel's branch stays near float32 rounding.
-
-Both branches also return the exact derivative of their own log, so gradients
-come from closed forms rather than from differencing two close numbers (which
-would lose accuracy, e.g. ``I_{nu-1}/I_nu - 1`` at large x).
+In float32 the series' log terms are differences of numbers that grow with x and nu (~150
+near the peak at nu = 9), so log Ie_nu carries an absolute error of up to ~1e-5 (nu = 9) to
+~6e-5 (nu = 20); Hankel's branch stays near float32 rounding. Both branches also return the
+exact derivative of their own log, so gradients come from closed forms rather than from
+differencing two close numbers (e.g. ``I_{nu-1}/I_nu - 1`` at large x).
 """
 
 from __future__ import annotations
@@ -40,7 +30,7 @@ import math
 
 import torch
 
-__all__ = ["ive", "log_ive"]
+__all__ = ["ive", "log_ive", "widest_float"]
 
 # Smaller than any concentration we expect, large enough that nu / x stays
 # finite (nu <= 20) in the compute dtype. Inputs are clamped to it so x = 0
@@ -140,43 +130,42 @@ class _LogIve(torch.autograd.Function):
         return grad_out * dlog, None, None
 
 
-def _check_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def widest_float(device) -> torch.dtype:
+    """The most precise float dtype `device` computes in: float64, but float32 on Apple's MPS,
+    which has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def _check_input(x: torch.Tensor, dtype) -> tuple:
     if not isinstance(x, torch.Tensor):
         raise TypeError("x must be a torch.Tensor")
+    if dtype is None:
+        dtype = widest_float(x.device)
     if dtype not in _X_FLOOR:
         raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
     if not x.is_floating_point():
         # Integer inputs would make the output integer; promote like torch does.
         x = x.to(torch.get_default_dtype())
-    return x
+    return x, dtype
 
 
-def ive(nu: float, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Ie_nu(x) = I_nu(x) * exp(-x) elementwise, differentiable in x.
+def ive(nu: float, x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Ie_nu(x) = I_nu(x) * exp(-x) elementwise, differentiable in x, with x's shape, dtype and
+    device.
 
-    Args:
-        nu: order, a Python number >= 0 (validated for 0..20; larger orders
-            work but need more series terms, see ``_switch_point``).
-        x: argument tensor, x > 0 (x = 0 is clamped to 1e-300, or 1e-35 when
-            computing in float32).
-        dtype: the precision of the internal arithmetic: torch.float64, or
-            torch.float32 on devices without float64 (Apple's MPS).
-
-    Returns a tensor with x's shape, dtype and device. Computed in float64, the
-    relative error is ~1e-13, so a float32 result is float32 rounding; computed
-    in float32 it is ~1e-5 up to nu = 9 and ~6e-5 at nu = 20 (the series' log
-    terms grow with nu, see the module docstring).
+    nu: a Python number >= 0 (validated for 0..20; larger orders need more series terms, see
+    ``_switch_point``). x > 0 (0 is clamped to 1e-300, or 1e-35 in float32). dtype: of the
+    internal arithmetic, torch.float64 or torch.float32; None: ``widest_float(x.device)``.
+    In float64 the relative error is ~1e-13 (a float32 result is float32 rounding); in
+    float32 ~1e-5 up to nu = 9 and ~6e-5 at nu = 20.
     """
-    x = _check_input(x, dtype)
+    x, dtype = _check_input(x, dtype)
     return _Ive.apply(x, nu, dtype)
 
 
-def log_ive(nu: float, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """log(I_nu(x) * exp(-x)) elementwise, differentiable in x.
-
-    Computed directly in log space, so it stays finite where ``ive`` underflows
-    (e.g. x = 1e-30 in float32). Its gradient is ``ive'(x) / ive(x)`` evaluated
-    in closed form. ``dtype`` as for ``ive``.
-    """
-    x = _check_input(x, dtype)
+def log_ive(nu: float, x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """log(I_nu(x) * exp(-x)) elementwise, computed in log space, so it stays finite where
+    ``ive`` underflows (e.g. x = 1e-30 in float32); its gradient is ive'(x) / ive(x) in
+    closed form. Arguments as for ``ive``."""
+    x, dtype = _check_input(x, dtype)
     return _LogIve.apply(x, nu, dtype)
