@@ -150,11 +150,11 @@ def _build(path, sidecar, paths, decode, shape, what, workers, skip_unreadable):
     for stale in glob.glob(glob.escape(path) + ".*.tmp"):
         os.remove(stale)
     tmp, skipped = f"{path}.{os.getpid()}.tmp", []
+    blocks = _blocks(paths, decode, shape, what, workers, skipped if skip_unreadable else None)
     try:
         # Plain sequential writes rather than a writable memmap: a full disk then raises
         # OSError here instead of killing the process with SIGBUS.
-        with open(tmp, "wb") as f, contextlib.closing(_blocks(
-                paths, decode, shape, what, workers, skipped if skip_unreadable else None)) as blocks:
+        with open(tmp, "wb") as f, contextlib.closing(blocks):
             np.lib.format.write_array_header_1_0(
                 f, {"descr": "|u1", "fortran_order": False, "shape": (len(paths), *shape)})
             for block in blocks:

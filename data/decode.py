@@ -1,9 +1,5 @@
-"""Opening an image file, and turning any picture into the square array a model reads.
-
-Each decoding maps one file to the uint8 array the model sees (before scaling), so the
-decoded cache (``data.cache``) calls the very same code and stays bit-identical. The
-decodings of a dataset with its own rules live in its module under ``data/sources/``.
-"""
+"""Opening an image file, and any picture to the square array a model reads (the decoded cache
+calls the very same code). A dataset's own decoding lives in its module under data/sources/."""
 import warnings
 
 import numpy as np

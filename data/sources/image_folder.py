@@ -20,6 +20,7 @@ NAME = "ImageFolder"
 HASH_SHARES = (0.90, 0.95)
 SHOWN = 3
 
+
 def hash_position(name):
     """Where a relative name falls in [0, 1): the same on every machine and Python."""
     digest = hashlib.sha256(name.encode("utf-8")).digest()
