@@ -12,7 +12,7 @@ import torch
 
 import data
 from configs import config_to_yaml
-from util.codes import pack_codes
+from util.codes import MAX_CODES, pack_codes
 from util.io import atomic_write_bytes
 
 from .runs import RunError
@@ -49,18 +49,16 @@ def whole_split(cfg, split, device="cpu", recorded=None):
 
 @torch.no_grad()
 def encode_split(model, loader):
-    """Deterministic code indices of every batch of `loader` (all of them, in loader order),
-    as one uint16 array N x H x W on the host."""
+    """The code indices of every batch of `loader`, in order: uint16 N x H x W on the host."""
     model.eval()
-    if model.codebook.shape[0] > np.iinfo(np.uint16).max + 1:
+    if model.codebook.shape[0] > MAX_CODES:
         raise RunError(f"{model.codebook.shape[0]} codes do not fit in uint16 indices")
     chunks = [model.encode(x).to("cpu", torch.int32) for x, _ in loader]
     return torch.cat(chunks).numpy().astype(np.uint16)
 
 
 def write_codes(run_dir, cfg, split, codes, model, names=None):
-    """codes_<split>.npz in the run folder (atomically), with `names` (the file of each row)
-    where given; returns its path."""
+    """Write codes_<split>.npz into the run folder, with `names` where given; its path."""
     path = os.path.join(run_dir, codes_file(split))
     codebook = model.code_vectors().detach().float().cpu().numpy()
     atomic_write_bytes(path, pack_codes(codes, codebook, config_hash(cfg), names=names))
@@ -76,10 +74,9 @@ def decode_indices(model, codes, device="cpu", batch_size=256):
     if codes.dim() != 3 or tuple(codes.shape[1:]) != tuple(model.latent_shape):
         raise RunError(f"codes of shape {tuple(codes.shape)} do not fit this model: it "
                        f"decodes N x {model.latent_shape[0]} x {model.latent_shape[1]} grids")
-    out = []
-    for chunk in codes.split(batch_size):
+    labels, out = model.OUTPUTS == "labels", []
+    for chunk in codes.split(batch_size):  # each chunk to the host at once: logits are large
         x_hat = model.decode(chunk.to(device))
-        labels = model.OUTPUTS == "labels"
         out.append((x_hat.argmax(1, keepdim=True) if labels else x_hat).cpu())
     return torch.cat(out)
 
