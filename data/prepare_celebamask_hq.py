@@ -33,10 +33,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from util.cli import EXIT_INPUT, OneLineParser, run_cli
-from util.text import one_line
 from util.io import UnsafeLink, atomic_save, atomic_write_bytes, atomic_write_text
 from util.lock import FileLock, LockHeld
 from util.signals import worker_pool
+from util.text import one_line
 
 from .cache import build_workers, pool_context
 from .decode import open_image
@@ -301,8 +301,8 @@ def main(argv=None):
     """Command-line entry point; returns the exit code (see the module docstring)."""
     # Bad input, another run, a lock file that is a link: 2; unwritable output: 1.
     return run_cli(lambda: _main(argv),
-                       errors=(((DatasetError, LockHeld, UnsafeLink), EXIT_INPUT),),
-                       interrupted="{what}; run the same command again to resume")
+                   errors=(((DatasetError, LockHeld, UnsafeLink), EXIT_INPUT),),
+                   interrupted="{what}; run the same command again to resume")
 
 
 def _main(argv):

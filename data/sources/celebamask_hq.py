@@ -27,14 +27,11 @@ _LABEL_NAME = re.compile(r"^(\d+)\.png$")
 
 
 def _numbered_pngs(folder):
+    """The <n>.png files of `folder` in numeric order (10.png after 9.png); None: no folder."""
     if not os.path.isdir(folder):
         return None
-    numbered = []
-    for name in os.listdir(folder):
-        m = _LABEL_NAME.match(name)
-        if m:
-            numbered.append((int(m.group(1)), name))
-    numbered.sort()  # numeric order, so 10.png follows 9.png
+    numbered = sorted((int(m.group(1)), m.string) for m in map(_LABEL_NAME.match,
+                                                                 os.listdir(folder)) if m)
     return [os.path.join(folder, name) for _, name in numbered]
 
 

@@ -22,11 +22,9 @@ CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch"
 
-# Our own reader rather than torchvision's CIFAR10: that one unpickles the batch files
-# with plain pickle.load, and a pickle can call anything it names (os.system included)
-# while loading, so a tampered file from a mirror or a shared disk would run code. The
-# official batches name only these globals; everything else in them (dict, list, str,
-# int) is built by pickle opcodes that need no lookup.
+# Not torchvision's reader: its plain pickle.load would run whatever a tampered batch names
+# (os.system included). The official batches name only these globals; their dicts, lists,
+# strings and ints are built by opcodes that need no lookup.
 _RECONSTRUCT = np.empty(0).__reduce__()[0]
 # At pickle protocol 5 numpy rebuilds an array from its raw buffer with this one instead.
 _FROMBUFFER = np.empty(0).__reduce_ex__(5)[0]
@@ -38,8 +36,7 @@ _CIFAR_GLOBALS = {
     ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    # Python 3 writes bytes this way at pickle protocol 2 (the official files, from
-    # Python 2, hold plain strings, but a re-saved copy holds bytes keys).
+    # How Python 3 writes bytes at protocol 2 (a re-saved copy with bytes keys).
     ("_codecs", "encode"): codecs.encode,
 }
 
@@ -63,8 +60,7 @@ class _CifarUnpickler(pickle.Unpickler):
 def _read_cifar_batch(path):
     try:
         with open(path, "rb") as f:
-            # latin1 is what the Python 2 pickles of the official release need to
-            # restore their numpy arrays.
+            # latin1: what the official Python 2 pickles need to restore their arrays.
             batch = _CifarUnpickler(f, encoding="latin1").load()
     except _RefusedGlobal as e:
         raise DatasetError(f"CIFAR10 batch {path} holds a pickled {e.qualified_name}, which "
@@ -100,8 +96,7 @@ def _read_cifar_batch(path):
 
 
 def _download(root):
-    # Download and extract only: constructing tvd.CIFAR10 would also unpickle every
-    # batch, which _read_cifar_batch does safely later.
+    # Download and extract only: tvd.CIFAR10 would also unpickle every batch.
     tvd.utils.download_and_extract_archive(tvd.CIFAR10.url, root,
                                            filename=tvd.CIFAR10.filename,
                                            md5=tvd.CIFAR10.tgz_md5)
