@@ -1,12 +1,8 @@
-"""Refuse, before any run folder exists, a training batch that cannot work.
-
-A batch larger than the training split is a typo (the epoch would be one short batch), and
-a batch whose activations alone exceed the free memory would not fail cleanly: on the CPU
-the kernel's out-of-memory killer ends the run, or another process, and leaves a run
-folder with only its config. The memory figure is a lower bound, so a batch that is
-refused surely does not fit: the bytes of every module's output for one image (measured
-by a forward pass of one blank input, with the weights, buffers and random streams left
-exactly as they were), times the batch.
+"""Refuse, before any run folder exists, a training batch that cannot work: one larger than
+the training split (a typo), or whose activations alone exceed the free memory (on the CPU
+the OOM killer would end the run, or another process, not a clean error). The figure is a
+lower bound: every module's output for one blank image (weights, buffers and random streams
+left as they were), times the batch.
 """
 import torch
 

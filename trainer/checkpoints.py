@@ -1,9 +1,7 @@
-"""Checkpoint files: plain dicts of tensors and numbers, written atomically, loaded with
-``torch.load(weights_only=True)`` and checked for the keys their reader needs; weights loaded
-into a model with a one-line message naming what does not match.
-
-torch is imported where a checkpoint is written or read: the companion commands
-(trainer.compare, trainer.release) answer --help without it.
+"""Checkpoints: plain dicts of tensors and numbers, written atomically, loaded with
+``weights_only=True`` and checked for the keys their reader needs; weights loaded with a
+one-line message naming what does not match. torch is imported where a checkpoint is written
+or read: the companion commands answer --help without it.
 """
 import os
 import pickle
@@ -84,9 +82,8 @@ def read_checkpoint(path):
 
 
 def load_checkpoint(path, needed=None):
-    """A checkpoint of this tool, checked for the keys (and their types) its reader needs
-    (`needed`, key -> accepted types; by default CHECKPOINT_KEYS of best.pt and current.pt):
-    a file that lacks one is a one-line RunError, not a KeyError later."""
+    """A checkpoint of this tool, with the keys and types its reader needs (`needed`; by
+    default CHECKPOINT_KEYS), or a one-line RunError (not a KeyError later)."""
     state = read_checkpoint(path)
     if not isinstance(state, dict):
         raise RunError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint "
@@ -108,8 +105,7 @@ def load_checkpoint(path, needed=None):
 
 
 def load_model_weights(model, state_dict, path):
-    """load_state_dict with a one-line message naming mismatched parameters and the config
-    keys that set them."""
+    """load_state_dict, or a RunError naming mismatched parameters and the keys that set them."""
     own = model.state_dict()
     problems, keys = [], []
     for name in sorted(set(own) | set(state_dict)):

@@ -1,12 +1,7 @@
-"""One function per mode of the command line, what main.py calls once it has parsed flags:
-``summary`` (the resolved config and parameter counts), ``train`` (a new run, or ``--resume``
-of one, then the test split with its best weights) and ``test_run`` (``-ts RUN``: a run folder
-of this tool or of the authors' release, with ``--report``, ``--encode``, ``--images``,
-``--prior`` and ``--sample``).
-
-Everything here raises the project's one-line errors (ConfigError, DatasetError, RunError,
-DeviceError: input the user can fix; TrainingError: the run cannot go on) or Interrupted
-(Ctrl-C or SIGTERM, with the resume command where there is one).
+"""What main.py calls once it has parsed flags: ``summary``, ``train`` (a new run or
+``--resume``, then the test split with the best weights) and ``test_run`` (``-ts RUN``).
+Everything here raises one-line errors (ConfigError, DatasetError, RunError, DeviceError:
+input; TrainingError: the run cannot go on) or Interrupted (with the resume command).
 """
 import contextlib
 import os
@@ -102,8 +97,8 @@ def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None
 
 
 def prepare_resume(run_dir, cfg, opts, config_file, seed, limit_batches):
-    """(the run's config, current.pt, the files its splits read, its seed and epoch length);
-    the state is None where the run is finished."""
+    """(the run's config, current.pt or None where the run is finished, the files its splits
+    read, its seed and epoch length)."""
     run_cfg = runs.load_run_config(run_dir, opts)
     runs.check_same_experiment(run_cfg, cfg, run_dir, config_file)
     state = runs.load_checkpoint(os.path.join(run_dir, runs.CURRENT))
@@ -123,8 +118,8 @@ def prepare_resume(run_dir, cfg, opts, config_file, seed, limit_batches):
 
 
 def prepare_training(cfg, device, seed, recorded, limit_batches):
-    """The seeded model and the loaders, refused before any run folder exists where the
-    training batch cannot work."""
+    """The seeded model and loaders; a training batch that cannot work is refused here,
+    before any run folder exists."""
     seed_everything(seed)
     model = build_model(cfg).to(device)
     if dist.world_size() > 1:
@@ -205,40 +200,49 @@ def errors_as_lines(cfg, device, job):
 def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=False,
              report=False, encode=None, prior=False, sample=None, images=None, program=None,
              config_file=None):
-    """-ts RUN: the run's best.pt on the test split (with --images DIR, on every picture
-    under DIR), with the run's own config; the records go to its metrics.jsonl, except in a
-    run folder of the authors' release, which stays as it was (--report and --encode are
-    refused there). With --prior and/or --sample N, the prior's jobs (trainer/prior.py)."""
+    """-ts RUN: the run's best.pt, with its own config, on the test split (or on every
+    picture under --images DIR, in sorted file order); the records go to its metrics.jsonl,
+    except in a run folder of the authors' release, which stays as it was. --report,
+    --encode, --prior and --sample (trainer/prior.py) write into the run folder."""
     run_dir = runs.resolve_run_dir(cfg, run, "-ts")
     runs.check_links(run_dir)
+    writes = [flag for flag, given in (("--prior", prior), ("--sample", sample),
+                                       ("--report", report), ("--encode", encode)) if given]
+    if writes and release_format.is_release_run(run_dir):
+        raise runs.RunError(f"{writes[0]} writes into the run folder, and {run_dir} is a run "
+                            "folder of the authors' release, which is left untouched; make it "
+                            "a run of ours first with python -m trainer.release import RUN "
+                            "--to DIR, then use DIR")
     if prior or sample:
         # The same command again continues an interrupted prior.
         again = ["--prior", *(["--seed", str(seed)] if seed is not None else []),
                  *(["--limit-batches", str(limit_batches)] if limit_batches else []), *opts]
-        return prior_and_samples(run_dir, device, opts=opts, seed=seed, train=prior,
-                                 sample=sample, limit_batches=limit_batches,
-                                 command=main_command_line(program, config_file, "-ts",
-                                                           run_dir, *again))
-    if (report or encode) and release_format.is_release_run(run_dir):
-        raise runs.RunError(release_writes(run_dir, "--report" if report else "--encode"))
+        command = main_command_line(program, config_file, "-ts", run_dir, *again)
+        return prior_and_samples(run_dir, device, opts=opts, seed=0 if seed is None else seed,
+                                 train=prior, sample=sample, limit_batches=limit_batches,
+                                 command=command)
     try:
         run_cfg, model, best = runs.load_run_model(run_dir, opts, device)
         model.amp = run_cfg.train.amp  # evaluated in the precision it trained in
         runs.read_metrics(run_dir)  # a malformed metrics.jsonl stops us before any work
         recorded = runs.read_dataset_files(run_dir)
-        display = Display(dbg=dbg, labels=model.OUTPUTS == "labels")
+        split, extra = "test", {}
         if images:
-            return test_images(run_dir, run_cfg, model, best, device, folder=images,
-                               display=display, limit_batches=limit_batches, encode=encode)
-        loader = data.build_loaders(run_cfg, device, seed or 0, splits=("test",),
-                                    recorded=recorded)["test"]
-        records = evaluate(model, loader, "test", best["epoch"], limit=limit_batches,
-                           display=display, source="-ts")
+            images = os.path.abspath(images)
+            loader = data.build_picture_loader(run_cfg, images, batch_size=run_cfg.test.bs,
+                                               device=device, rank=dist.rank(),
+                                               world_size=dist.world_size())
+            split, extra = "images", {"folder": images, "pictures": loader.dataset_size}
+        else:
+            loader = data.build_loaders(run_cfg, device, seed or 0, splits=("test",),
+                                        recorded=recorded)["test"]
+        records = evaluate(model, loader, split, best["epoch"], limit=limit_batches,
+                           display=Display(dbg=dbg, labels=model.OUTPUTS == "labels"),
+                           source="-ts", **extra)
         if dist.is_main():
             record_unless_release(run_dir, records)
-            if encode or report:
-                write_outputs(run_dir, run_cfg, model, device, report=report, encode=encode,
-                              recorded=recorded)
+            write_outputs(run_dir, run_cfg, model, device, report=report, encode=encode,
+                          recorded=recorded, images=images)
     except KeyboardInterrupt as e:
         code, what = interrupt_status(e)
         raise Interrupted(code, f"{what}; the evaluation's records were not written, "
@@ -246,32 +250,7 @@ def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=Fa
     return 0
 
 
-def test_images(run_dir, cfg, model, best, device, *, folder, display, limit_batches, encode):
-    """-ts RUN --images DIR: the run's best.pt on every picture under DIR (sorted file order,
-    the run's image shape), records "split": "images"; with --encode images, codes_images.npz
-    holds one row of codes per picture and the pictures' names."""
-    loader = data.build_picture_loader(cfg, folder, batch_size=cfg.test.bs, device=device,
-                                       rank=dist.rank(), world_size=dist.world_size())
-    folder = os.path.abspath(folder)
-    records = evaluate(model, loader, "images", best["epoch"], limit=limit_batches,
-                       display=display, source="-ts", folder=folder,
-                       pictures=loader.dataset_size)
-    if not dist.is_main():
-        return 0
-    record_unless_release(run_dir, records)
-    if encode:
-        from . import export
-        # Every picture (whatever --limit-batches or torchrun say), in file order.
-        whole = data.build_picture_loader(cfg, folder, batch_size=cfg.test.bs, device=device)
-        codes = export.encode_split(model, whole)
-        path = export.write_codes(run_dir, cfg, "images", codes, model, names=whole.names)
-        print(f"codes of the {len(whole.names)} pictures under {folder} {codes.shape}: {path}")
-    return 0
-
-
 def record_unless_release(run_dir, records):
-    """-ts records go to the run's metrics.jsonl; a run folder of the authors' release is
-    left untouched, and the line says so."""
     if release_format.is_release_run(run_dir):
         print(f"not recorded: {run_dir} is a run folder of the authors' release, which "
               "is left untouched (python -m trainer.release import makes it a run of "
@@ -280,22 +259,34 @@ def record_unless_release(run_dir, records):
         runs.append_metrics(run_dir, records)
 
 
-def release_writes(run_dir, flag):
-    """Why `flag`, which writes files into the run folder, refuses a release run folder."""
-    return (f"{flag} writes into the run folder, and {run_dir} is a run folder of the "
-            "authors' release, which is left untouched; make it a run of ours first with "
-            "python -m trainer.release import RUN --to DIR, then use DIR")
+def write_outputs(run_dir, cfg, model, device, *, report, encode, recorded, images):
+    """--encode SPLIT (images: the pictures of --images, one row each, with their names) and
+    --report, on whole splits in file order, whatever --limit-batches or torchrun say."""
+    from . import export
+    from . import report as reports
+    codes = None
+    if encode == "images":
+        whole = data.build_picture_loader(cfg, images, batch_size=cfg.test.bs, device=device)
+        codes = export.encode_split(model, whole)
+        path = export.write_codes(run_dir, cfg, "images", codes, model, names=whole.names)
+        print(f"codes of the {len(whole.names)} pictures under {images} {codes.shape}: {path}")
+    elif encode:
+        codes = export.encode_split(model, export.whole_split(cfg, encode, device, recorded))
+        path = export.write_codes(run_dir, cfg, encode, codes, model)
+        print(f"codes of the {encode} split {codes.shape}: {path}")
+    if report:
+        test_split = export.whole_split(cfg, "test", device, recorded)
+        written = reports.write_report(run_dir, cfg, model, test_split,
+                                       codes if encode == "test" else None)
+        print(f"report: {written['report']['path']}")
 
 
 def prior_and_samples(run_dir, device, *, opts, seed, train, sample, limit_batches, command):
     from . import prior as priors
-    if release_format.is_release_run(run_dir):
-        raise runs.RunError(release_writes(run_dir, "--prior" if train else "--sample"))
     if dist.world_size() > 1:
         raise ConfigError("--prior and --sample run in one process; start them without "
                           "torchrun")
     run_cfg, model, _ = runs.load_run_model(run_dir, opts, device)
-    seed = 0 if seed is None else seed
     if train:
         priors.train_prior(run_dir, run_cfg, model, device, seed=seed, opts=opts,
                            command=command, limit_batches=limit_batches)
@@ -309,22 +300,3 @@ def prior_and_samples(run_dir, device, *, opts, seed, train, sample, limit_batch
                                     "earlier --sample are as they were), run it again") from None
         print(f"{sample} samples: {paths[0]} (codes: {paths[1]})")
     return 0
-
-
-def write_outputs(run_dir, cfg, model, device, *, report=False, encode=None, recorded=None):
-    """--encode SPLIT and --report, on whole splits in dataset order (whatever
-    --limit-batches or torchrun say); `recorded`: the files the run's splits read."""
-    from . import export
-    from . import report as reports
-
-    test_codes = None
-    if encode:
-        codes = export.encode_split(model, export.whole_split(cfg, encode, device, recorded))
-        path = export.write_codes(run_dir, cfg, encode, codes, model)
-        print(f"codes of the {encode} split {codes.shape}: {path}")
-        test_codes = codes if encode == "test" else None
-    if report:
-        written = reports.write_report(run_dir, cfg, model,
-                                      export.whole_split(cfg, "test", device, recorded),
-                                      test_codes)
-        print(f"report: {written['report']['path']}")

@@ -1,8 +1,5 @@
-"""What a run shows: progress bars, TensorBoard, and the printed lines.
-
-Printed lines come in two styles. By default one concise line per epoch and per test.
-With ``--dbg`` the lines the authors' release prints, in its format and order, so log
-parsers written for it keep working:
+"""What a run shows: progress bars, TensorBoard, and printed lines: one per epoch and test,
+or with ``--dbg`` the release's, in its format and order (its log parsers keep working):
 
     [Epoch=1]
     Train           Loss: 1327.7047, MSE: 51.5733, Perplexity: 118.9915, Time: 45.570 sec
@@ -10,9 +7,9 @@ parsers written for it keep working:
     Validation      Loss: 1214.9088, MSE: 30.5493, Perplexity: 11.4344, Time: 37.668 sec
     ----Saving model!
 
-(the two Validation lines are the stochastic, then the deterministic pass). The label-map
-model writes ``ACC:`` for ``MSE:``, names its evaluation passes ``Val``/``Test`` and
-follows each of them with ``PixAcc: … mIoU: …``. Only the main process prints or writes.
+(stochastic, then deterministic validation). The label-map model writes ``ACC:`` for
+``MSE:``, names its passes ``Val``/``Test``, each followed by ``PixAcc: … mIoU: …``. Only the
+main process prints or writes.
 """
 import contextlib
 import sys
@@ -45,9 +42,8 @@ def quality_text(metrics):
 
 
 def _quiet_writer_threads():
-    """TensorBoard writes from a thread of its own; an error there (a full disk) is raised
-    again in the main thread at its next call, which makes it one line. Its thread's own
-    traceback (threading.excepthook) would only repeat it in 40 lines: it is left out."""
+    """TensorBoard's writer thread raises an error (a full disk) again in the main thread at
+    its next call, as one line: the thread's own 40-line traceback is left out."""
     hook = threading.excepthook
     if getattr(hook, "quiet_tensorboard", False):
         return
@@ -60,8 +56,8 @@ def _quiet_writer_threads():
 
 
 class Display:
-    """Progress bars, TensorBoard (`tensorboard_dir`, or none) and printed lines for one run.
-    `labels` says the model outputs label maps (the release names its passes differently)."""
+    """Progress bars, TensorBoard (`tensorboard_dir`, or none) and printed lines for one run;
+    `labels`: the model outputs label maps."""
 
     def __init__(self, *, dbg=False, labels=False, tensorboard_dir=None, log=print):
         self.is_main = dist.is_main()
@@ -87,8 +83,7 @@ class Display:
 
     @contextlib.contextmanager
     def _tensorboard_errors(self):
-        """An OSError of TensorBoard's (a full disk: raised by its writer thread, again here)
-        names the folder it writes, which the OS error does not."""
+        """An OSError of TensorBoard's (a full disk) names the folder it writes."""
         try:
             yield
         except OSError as e:
@@ -110,10 +105,8 @@ class Display:
         bar.set_postfix(shown, refresh=False)
 
     def records(self, entries, step=None):
-        """Per-epoch (or test) records of each split to TensorBoard, at `step`, or at each
-        record's own "step". One x-axis everywhere (docs/usage.md): the optimizer steps of
-        the model the scalar is about, the autoencoder's global step for step/, train/,
-        val/, test/ and the images, the prior's own steps for prior/."""
+        """Records to TensorBoard, at `step` or each record's own "step": the optimizer steps
+        of the model the scalar is about (docs/usage.md)."""
         tb = self.tensorboard()
         if tb is None:
             return
@@ -161,7 +154,8 @@ class Display:
         for line in (release_eval_lines(name, val_s, val_s_s)
                      + release_eval_lines(name, val, val_seconds)):
             self.log(line)
-        self.log("----Saving model!" if saved else f"----Not saving model! Last saved: {best_epoch}")
+        self.log("----Saving model!" if saved else
+                 f"----Not saving model! Last saved: {best_epoch}")
 
     def best_loaded(self, run_dir):
         if self.dbg:
@@ -170,8 +164,7 @@ class Display:
             self.log("Best models were loaded!!")
 
     def test(self, epoch, stochastic, deterministic, name="test"):
-        """The test passes (or those of another evaluated split, `name`), each as (metrics,
-        seconds)."""
+        """The (metrics, seconds) of the two passes over the test split (or split `name`)."""
         if self.dbg:
             for metrics, seconds in (stochastic, deterministic):
                 for line in release_eval_lines("Test", metrics, seconds):

@@ -1,11 +1,8 @@
-"""The training loop of docs/model.md §5, readable top to bottom: `Trainer.fit` runs epochs,
-an epoch trains (`train_epoch`, one `train_step` per batch, the model's per-step hook before
-each) and then validates twice, stochastic then deterministic; the deterministic result is the
-one recorded, stepped into ReduceLROnPlateau and compared for "best".
-
-The run folder (``best.pt`` when the validation loss is at most the best so far,
-``current.pt`` after every epoch and every ``train.ckpt_every_steps`` steps, metrics.jsonl)
-is the `runs.RunRecorder`'s. Metrics stay on the device and are read back once per
+"""The training loop of docs/model.md §5: `Trainer.fit` runs epochs; an epoch trains (one
+`train_step` per batch) and validates twice, stochastic then deterministic, whose loss is
+recorded, stepped into ReduceLROnPlateau and compared for "best" (best.pt when it is at most
+the best so far; current.pt after every epoch and every ``train.ckpt_every_steps`` steps: the
+`runs.RunRecorder`'s files). Metrics stay on the device and are read back once per
 ``log.every_steps`` steps (a ``train_step`` record) and once per epoch.
 """
 import math
@@ -31,14 +28,12 @@ class TrainingError(RuntimeError):
 
 
 class Interrupted(Stopped):
-    """SIGINT/SIGTERM arrived; `code` is the exit status (130 or 143), the message says how
-    to continue."""
+    """SIGINT/SIGTERM arrived: exit status `code` (130 or 143), a message saying how to go on."""
 
 
 def build_optimizer(cfg, model, device):
-    """Adam with its fused kernel (one pass over every tensor: 2.2x faster than foreach on this
-    2-core CPU, docs/speed.md), or foreach where the build has no fused kernel for the
-    device (PyTorch before 2.4 on the CPU)."""
+    """Adam with its fused kernel (2.2x faster than foreach on a 2-core CPU, docs/speed.md),
+    or foreach where the build has none for the device (PyTorch before 2.4 on the CPU)."""
     try:
         return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
     except RuntimeError:
@@ -117,8 +112,7 @@ class StopSignals:
         self.signum = signum
 
     def received(self, agree=True):
-        """Whether to stop now; under torchrun only where `agree`, a step at which every
-        process asks."""
+        """Whether to stop now; under torchrun only where `agree` (every process asks there)."""
         if not dist.active():
             return self.signum is not None
         if not agree:

@@ -2,18 +2,13 @@
 one module that knows their format.
 
 A release run folder holds ``configs.json`` (its resolved config) and ``best.pt`` /
-``current.pt`` (the state dict of ``nn.DataParallel(model)``: every key starts with
-``module.``), besides a pickled ``plots.npy`` and a copy of the source, which are never
-opened. Checkpoints load with ``torch.load(weights_only=True)``.
+``current.pt`` (the state dict of ``nn.DataParallel(model)``, keys prefixed ``module.``;
+loaded with ``weights_only=True``), besides a pickled ``plots.npy`` and a copy of the source,
+never opened. Its module names differ from ours (``KEY_RENAMES``), its vMF ``log_kappa_inv``
+has shape (1,) where ours is a scalar, and its evaluation batch is ``train.bs`` (it ignores
+the ``test.bs`` it records), which ``test.bs`` here is set to.
 
-The release's module names differ from ours (``encoder.conv`` is our ``encoder.stem``,
-``res_m``/``res_v`` our ``head_mean``/``head_log_var``, ``decoder.convt`` our
-``decoder.head``), its CelebA stem nests the first conv one level deeper, and its vMF
-``log_kappa_inv`` has shape (1,) where ours is a scalar. Everything else is the same
-module for module, and the release's evaluation batch is ``train.bs`` (it ignores the
-``test.bs`` it records), which ``test.bs`` here is set to.
-
-``trainer.runs`` reads such a folder through this module, so ``-ts`` takes it as it is;
+``trainer.runs`` reads such a folder through this module (``-ts`` takes it as it is);
 ``python -m trainer.release import`` turns one into a run folder of this tool.
 """
 import json
@@ -55,8 +50,7 @@ def is_release_run(run_dir):
 
 
 def read_release_json(run_dir):
-    """The configs.json of a release run folder as it is (a dict with its dataset and model
-    sections), read as JSON data."""
+    """The configs.json of a release run folder as it is (with dataset and model sections)."""
     path = os.path.join(run_dir, CONFIG_FILE)
     try:
         with open(path) as f:

@@ -1,19 +1,13 @@
 """Run folders: their config, checkpoints, metrics file and writer lock.
 
-A run folder is ``<path>/<path_specific>/<network.name>_seed<seed>_<MMDD_HHMM>[_N]``, claimed
-with ``os.mkdir`` (atomic: two runs started in the same minute get two folders). It holds
-``config.yaml``, ``best.pt``, ``current.pt``, ``metrics.jsonl``, reconstruction grids and, for
-a dataset whose files are chosen when the run starts (a folder of pictures),
-``dataset_files.json``, the files each split read (``read_dataset_files``).
-
-* Every file but ``metrics.jsonl`` is written through ``util.io`` (temporary file, then
-  rename); ``metrics.jsonl`` is append-only, whole lines (``append_metrics``).
-* One process at a time trains into a folder: ``writer_lock`` holds an OS lock on
-  ``.writer.lock``, which dies with the process. ``-ts`` only reads, and appends without it.
-* A folder where a name the tool writes is a link is refused before anything is written
-  (``check_links``): run folders come from other people, and a planted link would make a
-  write land outside the folder.
-* A run folder of the authors' release is read through ``release_format``.
+A run folder, ``<path>/<path_specific>/<network.name>_seed<seed>_<MMDD_HHMM>[_N]``, is
+claimed with ``os.mkdir`` (atomic) and holds ``config.yaml``, ``best.pt``, ``current.pt``,
+``metrics.jsonl`` (append-only, whole lines), reconstruction grids and, where a dataset's
+files are chosen when the run starts, ``dataset_files.json``. Every other file is written
+atomically (``util.io``). One process at a time trains into a folder (``writer_lock``);
+``-ts`` only reads and appends. A folder where a name the tool writes is a link is refused
+before anything is written (``check_links``): run folders come from other people. A run
+folder of the authors' release is read through ``release_format``.
 """
 import contextlib
 import json
@@ -52,9 +46,8 @@ def write_config(run_dir, cfg):
 
 
 def check_links(run_dir):
-    """Refuse (util.io.UnsafeLink, one line naming it) a run folder in which a name the tool
-    writes, or anything in its tensorboard/ folder, is a symbolic link. Call it before the
-    first write: the writer lock is a write too."""
+    """UnsafeLink where a name the tool writes in `run_dir` (or in its tensorboard/) is a
+    link; before the first write, the writer lock included."""
     refuse_links(run_dir, WRITTEN_NAMES, subfolders=(TENSORBOARD,))
 
 
@@ -75,9 +68,8 @@ def writer_lock(run_dir):
 
 
 def create_run_dir(cfg, seed, now=None, files=None):
-    """Claim a fresh run folder, lock it for writing and write the resolved config into it
-    (and `files`, the files each split reads, where the dataset says: see
-    write_dataset_files); returns (path, lock)."""
+    """Claim a fresh run folder, lock it and write the config (and `files`, the files each
+    split reads, where the dataset chooses them); returns (path, lock)."""
     root = cfg.path_checkpoint
     os.makedirs(root, exist_ok=True)
     stamp = time.strftime("%m%d_%H%M", time.localtime(now))
@@ -98,15 +90,13 @@ def create_run_dir(cfg, seed, now=None, files=None):
 
 def write_dataset_files(run_dir, cfg, files):
     """dataset_files.json: {split: {"files": [names], "skipped": [names]}} (relative to
-    path_dataset) from the loaders of a dataset whose files are chosen at run time
-    (data.recorded_files), so that the run is evaluated and resumed on the same files."""
+    path_dataset), so the run is evaluated and resumed on the same files."""
     record = {"dataset": cfg.dataset.name, "path_dataset": cfg.path_dataset, "splits": files}
     atomic_write_text(os.path.join(run_dir, DATASET_FILES), json.dumps(record, indent=1) + "\n")
 
 
 def read_dataset_files(run_dir):
-    """The files each split of the run read ({split: record}, what data.build_loaders takes
-    as `recorded`), or None where the run recorded none (its dataset's files are fixed)."""
+    """The files each split of the run read (data.build_loaders' `recorded`), or None."""
     path = os.path.join(run_dir, DATASET_FILES)
     if not os.path.isfile(path):
         return None
@@ -128,14 +118,11 @@ def read_dataset_files(run_dir):
 
 
 def read_metrics(run_dir):
-    """The records of the run's metrics.jsonl; a torn last line is skipped with a warning, a
-    malformed line elsewhere is a RunError (raised before any work, by callers that read
-    first)."""
+    """The records of the run's metrics.jsonl; a torn last line is skipped with a warning
+    (once per file), a malformed line elsewhere is a RunError."""
     path = os.path.join(run_dir, METRICS_FILE)
 
     def warn(text):
-        # Once per file and process: a command may read the same file twice (compare's
-        # --curves and its table).
         if os.path.abspath(path) not in _WARNED:
             _WARNED.add(os.path.abspath(path))
             print(text, file=sys.stderr)
@@ -153,9 +140,8 @@ def append_metrics(run_dir, records):
 
 
 def final_test_recorded(records, last_epoch):
-    """Whether the training's own test (a "test" record without "source", appended after
-    the last epoch's records) follows the "val" record of `last_epoch` in `records`: then
-    a run trained to `last_epoch` is finished, and testing it again would record it twice."""
+    """Whether the training's own test (a "test" record without "source") follows the "val"
+    record of `last_epoch`: the run is finished, and testing it again would record it twice."""
     after_last_val = False
     for record in records:
         if record.get("split") == "val" and record.get("epoch") == last_epoch:
@@ -203,8 +189,7 @@ def check_same_experiment(run_cfg, cfg, run_dir, config_name):
 
 
 def resume_launch(state, seed, limit_batches):
-    """The run's own seed and --limit-batches; explicit flags must agree with them, since
-    either would change the data order or the epoch length of an exact resume."""
+    """The run's own seed and --limit-batches, which explicit flags must agree with."""
     launch = state.get("launch", {"seed": 0, "limit_batches": None})
     if seed is not None and seed != launch["seed"]:
         raise RunError(f"--resume: this run was started with --seed {launch['seed']}; "
@@ -225,8 +210,8 @@ def read_run_config(run_dir, opts=None):
 
 
 def load_run(run_dir, opts=None):
-    """(config, best.pt state) of a run folder of this tool or of the authors' release; the
-    state's "model" holds weights under this tool's names."""
+    """(config, best.pt state with weights under our names) of a run folder of ours or of
+    the authors' release."""
     if release_format.is_release_run(run_dir):
         return (release_format.read_release_config(run_dir, opts),
                 {"model": release_format.load_release_weights(run_dir), "epoch": None})
@@ -248,10 +233,9 @@ def record_key(record):
 
 
 class RunRecorder:
-    """A training run's records and, with a run folder, its files: current.pt, best.pt,
-    metrics.jsonl and the reconstruction grids; only the main process writes. Records go to
-    metrics.jsonl right after current.pt is written: the file only ever holds records of
-    steps a resume will not redo, and is only appended to."""
+    """A training's records and, with a run folder, its files (current.pt, best.pt,
+    metrics.jsonl, grids), written by the main process. Records go to metrics.jsonl right
+    after current.pt: it only holds records of steps a resume will not redo."""
 
     def __init__(self, run_dir, is_main):
         self.run_dir, self.is_main = run_dir, is_main

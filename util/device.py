@@ -51,9 +51,7 @@ def is_cuda(device):
 
 
 def widest_float(device):
-    """The most precise float dtype `device` computes in: float64, but float32 on Apple's
-    MPS, which has no float64. Code that wants float64 for accuracy (the vMF Bessel
-    function) asks here, so that this device rule is written once."""
+    """The most precise float dtype `device` computes in: float64, but float32 on MPS."""
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
@@ -63,13 +61,10 @@ CUBLAS_WORKSPACE = ":4096:8"
 
 
 def configure_kernels(device, deterministic=None, cudnn_benchmark=False):
-    """Choose the kernels; returns whether deterministic algorithms are on.
-
-    `deterministic` None means the default: on for the CPU (two runs with one seed are
-    bitwise equal), off on GPUs. cuDNN follows the authors' release by default
-    (cudnn.deterministic on, cudnn.benchmark off); `cudnn_benchmark` lets cuDNN pick the
-    fastest convolution algorithms instead, which are not repeatable. Call it before the
-    first CUDA computation."""
+    """Choose the kernels (before the first CUDA computation); returns whether deterministic
+    algorithms are on. `deterministic` None: on for the CPU (two runs with one seed are
+    bitwise equal), off on GPUs. cuDNN follows the release (deterministic, no benchmark)
+    unless `cudnn_benchmark` lets it pick the fastest, unrepeatable algorithms."""
     if deterministic is None:
         deterministic = (not cudnn_benchmark and not is_cuda(device)
                          and torch.device(device).type != "mps")
@@ -90,10 +85,9 @@ def configure_kernels(device, deterministic=None, cudnn_benchmark=False):
 
 
 def free_memory(device):
-    """Bytes a new allocation on `device` can still get, or None where that is unknown: on
-    the CPU the kernel's MemAvailable (what can be had without swapping or the out-of-memory
-    killer), or less where RLIMIT_AS (`ulimit -v`) leaves less address space, on CUDA the free memory plus what PyTorch already holds in its cache, on MPS
-    the recommended working set."""
+    """Bytes a new allocation on `device` can still get, or None where unknown: on the CPU
+    MemAvailable (no swapping, no OOM killer) or what RLIMIT_AS leaves if less, on CUDA the
+    free memory plus PyTorch's cache, on MPS the recommended working set."""
     device = torch.device(device)
     try:
         if device.type == "cuda":
@@ -101,12 +95,9 @@ def free_memory(device):
             return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         if device.type == "mps":
             return torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory()
-        available = None
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
+            available = next((int(line.split()[1]) * 1024 for line in f
+                              if line.startswith("MemAvailable:")), None)
         if available is None:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         limit = address_space_left()
@@ -116,9 +107,8 @@ def free_memory(device):
 
 
 def address_space_left():
-    """Bytes of address space this process may still map under its RLIMIT_AS (`ulimit -v`),
-    or None where there is no such limit (or no way to tell): an allocation beyond it fails
-    however much memory the machine has free."""
+    """Bytes of address space left under RLIMIT_AS (`ulimit -v`), or None (no limit, or no
+    way to tell): an allocation beyond it fails however much memory is free."""
     try:
         import resource
         soft, _ = resource.getrlimit(resource.RLIMIT_AS)

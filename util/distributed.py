@@ -1,8 +1,5 @@
-"""Data-parallel plumbing set up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
-
-Without those variables everything here is a no-op for a single process, so the
-training loop reads the same either way. nccl serves CUDA, gloo the CPU.
-"""
+"""Data-parallel plumbing from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); a no-op
+for a single process, so the training loop reads the same either way."""
 import os
 
 import torch.distributed as dist
@@ -19,11 +16,11 @@ def env_world():
 
 
 def init(device):
-    """Join the process group when launched by torchrun; returns (rank, world_size)."""
+    """Join the process group (nccl for CUDA, gloo for the CPU) when launched by torchrun;
+    returns (rank, world_size)."""
     rank, _, world = env_world()
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if is_cuda(device) else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="nccl" if is_cuda(device) else "gloo")
     return rank, world
 
 
@@ -43,17 +40,15 @@ def is_main():
     return rank() == 0
 
 
-def all_reduce_sum(tensor):
-    """Sum a tensor over ranks in place (identity for one process)."""
+def all_reduce_sum(tensor, op=dist.ReduceOp.SUM):
+    """Reduce `tensor` over ranks in place (the identity for one process)."""
     if active():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=op)
     return tensor
 
 
 def all_reduce_max(tensor):
-    if active():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
+    return all_reduce_sum(tensor, dist.ReduceOp.MAX)
 
 
 def broadcast_object(obj, src=0):

@@ -1,11 +1,7 @@
-"""SIGTERM handled like Ctrl-C: one line and a clean stop instead of a silent death.
-
-Python turns SIGINT into KeyboardInterrupt, which every command already catches to stop
-cleanly (and print the command that continues). ``sigterm_as_interrupt`` makes SIGTERM
-(a scheduler's pre-emption, ``kill``) raise ``Terminated``, a KeyboardInterrupt, so that the
-same handlers run; ``interrupt_status`` tells them which exit status and word to use.
-The training loop installs its own handlers for both signals while it trains (it stops at
-the end of a step and writes a checkpoint first) and puts these back afterwards.
+"""SIGTERM handled like Ctrl-C: ``sigterm_as_interrupt`` makes it raise ``Terminated``, a
+KeyboardInterrupt, so the handlers that stop a command cleanly run for both;
+``interrupt_status`` tells them the exit status and word. (The training loop notes both
+signals itself while it trains, to stop after a step with a checkpoint.)
 """
 import contextlib
 import signal
@@ -27,8 +23,8 @@ def _raise_terminated(signum, frame):
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """While the block runs, SIGTERM raises Terminated (in the main thread only: Python
-    delivers signals there, and only there may handlers be installed)."""
+    """While the block runs, SIGTERM raises Terminated (in the main thread only, where Python
+    delivers signals)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -40,16 +36,12 @@ def sigterm_as_interrupt():
 
 
 def worker_pool(context, processes):
-    """`context.Pool(processes)` for use inside sigterm_as_interrupt: its workers ignore
-    Ctrl-C (the parent stops them as it leaves the pool) and end on SIGTERM as by default.
-
-    Not through Terminated: Pool.terminate sends SIGTERM to idle workers, and a handler
-    written in Python is never run for a signal that arrives just before a worker blocks on
-    the task queue's lock, which leaves the parent waiting for that worker forever (it would
-    also print a traceback from every worker). So the workers are forked with SIGTERM held
-    back, and let it in only once it ends them; a SIGTERM for this process meanwhile is
-    noted (raised inside fork's hooks it would be lost), and once the pool is ended, sent
-    again to meet the usual handler."""
+    """`context.Pool(processes)` inside sigterm_as_interrupt: its workers ignore Ctrl-C (the
+    parent stops them) and end on SIGTERM as by default, not through Terminated: a Python
+    handler never runs for a signal that arrives as a worker blocks on the task queue's lock
+    (Pool.terminate sends those), and the parent would wait for it forever. So workers are
+    forked with SIGTERM blocked and let it in once it ends them; a SIGTERM for this process
+    meanwhile (lost inside fork's hooks) is noted and sent again once the pool is ended."""
     if threading.current_thread() is not threading.main_thread():
         return context.Pool(processes, _worker_start)
     arrived = []
