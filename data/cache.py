@@ -1,15 +1,9 @@
-"""A decoded cache for the datasets read from image files.
-
-A list of files is decoded once, by the same per-file function the file loader calls (so the
-two stay bit-identical), into one uint8 N x C x H x W array, ``<root>/cache/<name>.npy``, that
-every later epoch and process memory-maps. A sidecar ``.json`` beside it records the decoding
-(function, parameters, its module's source hash, Pillow's version) and a fingerprint of the
-files (names, sizes, mtimes); when either no longer matches, the cache is rebuilt.
-
-A build that skips unreadable files (``skip_unreadable``, for folders of pictures from
-anywhere) leaves their rows zero and lists them in the sidecar; it stops with a DatasetError
-when no file can be read, or when the first ``FIRST_FAILURES`` (256) all fail.
-"""
+"""A decoded cache for the datasets read from image files: the files decoded once, by the very
+function the file loader calls, into one uint8 N x C x H x W array, ``<root>/cache/<name>.npy``,
+that later epochs and processes memory-map. Its sidecar ``.json`` records the decoding (function,
+parameters, its module's source hash, Pillow's version) and the files (names, sizes, mtimes):
+when either changes, the cache is rebuilt. A build that skips unreadable files (folders of
+pictures) leaves their rows zero and lists them in the sidecar."""
 import contextlib
 import functools
 import glob

@@ -3,22 +3,10 @@
     python -m data.prepare_celebamask_hq --src RELEASE --dst DATA_ROOT [--workers N]
                                          [--strict] [--size S]
 
-RELEASE: CelebA-HQ-img/<k>.jpg, CelebAMask-HQ-mask-anno/<k // 2000>/<k:05d>_<part>.png and
-CelebA-HQ-to-CelebA-mapping.txt. DATA_ROOT/CelebAMask-HQ/ gets {split}_img/<n>.jpg (the
-JPEG), {split}_label/<n>.png (512x512, the 18 PARTS painted in order as 1..18 on 0),
-{split}_label_<S>/<n>.png (NEAREST-resized; --size S, kept once made) and manifest.json (the k
-of each (split, n), the faces skipped). The split is CelebA's partition of orig_idx; n counts
-a split's faces in mapping order.
-
-A first pass numbers the faces, skipping (--strict: fatal) those with a missing image or a
-mask that is not a 512x512 PNG ending in IEND. A file is (re)written, via a temporary name,
-unless newer than its face's files and whole; files of no face or of another face are deleted
-first. A mask that does not decode fails the run (exit 1) after the other faces, listed as
-skipped; the next run decodes it again. Not done: fingerprints of the sources (a file replaced
-by an older copy goes unnoticed), fsyncs of folders after deletions.
-
-Exit codes, one line on stderr: 0 done; 1 output not writable or a mask did not decode; 2 bad
-input or another run holds CelebAMask-HQ/.lock; 130 ^C, 143 SIGTERM (run again to resume).
+DATA_ROOT/CelebAMask-HQ/ gets {split}_img/<n>.jpg, {split}_label/<n>.png (512x512, the 18
+PARTS painted in order as 1..18 on 0), {split}_label_<S>/<n>.png and manifest.json (the k of
+each (split, n), the faces skipped); files already complete are kept, so a run interrupted
+resumes. docs/usage.md says the rules, the skipped faces and the exit codes.
 """
 import collections
 import contextlib

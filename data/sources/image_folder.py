@@ -47,7 +47,7 @@ def hash_splits(names):
     return splits
 
 
-def folder_splits(folder, names, cfg):
+def folder_splits(folder, names, reads):
     """{split: names} from train/, val/ and test/ where all three exist, else None."""
     present = [s for s in SPLITS if os.path.isdir(os.path.join(folder, s))]
     if not present:
@@ -64,12 +64,11 @@ def folder_splits(folder, names, cfg):
             raise DatasetError(f"{os.path.join(folder, split)} holds no picture")
     outside = len(names) - sum(map(len, splits.values()))
     if outside:
-        Reads.of(cfg).say(f"{folder}: {outside} picture(s) outside train/, val/ and test/ "
-                          "are not used")
+        reads.say(f"{folder}: {outside} picture(s) outside train/, val/ and test/ are not used")
     return splits
 
 
-def _recorded(folder, names, recorded, split, cfg):
+def _recorded(folder, names, recorded, split, reads):
     """The recorded splits, checked against the folder as it is now."""
     listed = {s: list(recorded[s].get("files", [])) for s in SPLITS if s in recorded}
     if split not in listed:
@@ -84,7 +83,7 @@ def _recorded(folder, names, recorded, split, cfg):
     known = {n for s in recorded.values() for key in ("files", "skipped") for n in s.get(key, [])}
     added = [n for n in names if n not in known]
     if added:
-        Reads.of(cfg).say(
+        reads.say(
             f"{folder}: {len(added)} picture(s) added since the run recorded its splits are "
             f"left out ({', '.join(added[:SHOWN])}{', ...' if len(added) > SHOWN else ''}); "
             "its splits are the recorded ones (-ts RUN --images DIR evaluates a whole folder)")
@@ -92,28 +91,26 @@ def _recorded(folder, names, recorded, split, cfg):
 
 
 def read(cfg, split, recorded=None):
-    folder = os.path.abspath(cfg.path_dataset)
+    folder, reads = os.path.abspath(cfg.path_dataset), Reads.of(cfg)
     names = pictures.list_pictures(folder)
     if not names:
         raise pictures.no_pictures(folder)
     if recorded:
-        splits = _recorded(folder, names, recorded, split, cfg)
+        splits = _recorded(folder, names, recorded, split, reads)
         skipped_before = {n for r in recorded.values() for n in r.get("skipped", [])}
     else:
-        by_folder = folder_splits(folder, names, cfg)
+        by_folder = folder_splits(folder, names, reads)
         splits, skipped_before = by_folder or hash_splits(names), set()
         rule = "train/, val/ and test/" if by_folder else "the hash of their names"
-        Reads.of(cfg).say(f"{folder}: {sum(map(len, splits.values())):,} pictures, split by "
-                          f"{rule}: " + ", ".join(f"{len(splits[s]):,} {s}" for s in SPLITS))
-    # One decoding for every split: the pictures of all of them (and those the run skipped),
-    # in sorted order: the same set, and so the same cache, whether the folder is read
-    # afresh or through the run's record. (A picture of another split gone since is left
-    # out; one of this split is an error, above.)
+        reads.say(f"{folder}: {sum(map(len, splits.values())):,} pictures, split by {rule}: "
+                  + ", ".join(f"{len(splits[s]):,} {s}" for s in SPLITS))
+    # One decoding for every split, of the pictures of all (and those the run skipped) still
+    # present, sorted: the same set, so the same cache, whether read afresh or by the record.
     present = set(names)
     used = sorted(n for n in {n for listed in splits.values() for n in listed} | skipped_before
                   if n in present)
     decoded = pictures.decoded(folder, used, tuple(cfg.dataset.shape),
-                               cached=cfg.cache_decoded, reads=Reads.of(cfg))
+                               cached=cfg.cache_decoded, reads=reads)
     return decoded.split(splits[split], f"of the {split} split under {folder}")
 
 
