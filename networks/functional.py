@@ -1,16 +1,10 @@
 """The functional core of the quantizer layers (docs/model.md §3 and docs/vqvae.md).
 
-Stochastic quantization turns per-position logits l_ik over the K codes into a quantized
-latent in one of three modes:
-
-* ``train``: Gumbel-softmax relaxation y = softmax((l + g) / tau), z_q = y @ B
-  (soft, no straight-through);
-* ``deterministic``: one-hot argmax_k l_ik;
-* ``stochastic``: one-hot sample from Categorical(softmax(l)).
-
-Latents are channel-first here (B x D x *spatial); "rows" are one D-vector per position.
-Logits, softmax and log-softmax are computed once per call, and every tensor is created on
-the device and dtype of the inputs.
+Stochastic quantization turns per-position logits l_ik over the K codes into z_q in one of
+three modes: ``train``, the Gumbel-softmax relaxation y = softmax((l + g) / tau), z_q = y @ B
+(soft, no straight-through); ``deterministic``, the one-hot argmax; ``stochastic``, a one-hot
+sample from softmax(l). Latents are channel-first here (B x D x *spatial); "rows" are one
+D-vector per position. Every tensor is created on the device and dtype of the inputs.
 """
 import torch
 import torch.distributed as dist
@@ -26,9 +20,8 @@ def check_mode(mode):
 
 
 def gumbel_noise(like):
-    """Gumbel(0, 1) noise as the release draws it: -log(-log(U + 1e-10) + 1e-10). Computed in
-    place, one buffer for the six steps: the same values, without five temporaries of the
-    N x K logits' size (a third of a CIFAR10 quantizer's time went to such passes)."""
+    """Gumbel(0, 1) noise as the release draws it, -log(-log(U + 1e-10) + 1e-10), in place:
+    the same values without five N x K temporaries (a third of a CIFAR10 quantizer's time)."""
     return torch.rand_like(like).add_(1e-10).log_().neg_().add_(1e-10).log_().neg_()
 
 
@@ -81,9 +74,8 @@ def relaxed_weights(logits, temperature):
 
 
 def select_codes(logits, probs, mode, temperature):
-    """Code weights (N x K) for the given mode, the averaged assignment for perplexity, and the
-    chosen code per position (the argmax in training, where the choice is soft). The layers
-    check `mode` (check_mode) before calling this."""
+    """Code weights (N x K) for a checked `mode`, the averaged assignment for perplexity, and
+    the chosen code per position (the argmax in training, where the choice is soft)."""
     if mode == "train":
         weights = relaxed_weights(logits, temperature)
         return weights, mean_rows(probs.detach()), logits.detach().argmax(-1)
@@ -127,12 +119,8 @@ def gaussian_logits(z_rows, codebook, precision_rows):
 
 
 def gaussian_quantize(z, var_q, codebook, mode, temperature):
-    """Gaussian stochastic quantization.
-
-    z: B x D x *spatial encoder mean. var_q: sigma_q^2 broadcastable to z (a scalar,
-    B x 1 x 1 ..., B x 1 x *spatial or B x D x *spatial), so any latent grid works for every
-    variant.
-    """
+    """Gaussian stochastic quantization of the encoder mean z (B x D x *spatial); var_q is
+    sigma_q^2 broadcastable to z (a scalar, B x 1 x 1 ..., B x 1 x *spatial or z's shape)."""
     precision = 1.0 / var_q.clamp(min=1e-10)
     z_rows = flatten_positions(z)
     if precision.dim() == 0 or precision.shape[1] == 1:
@@ -159,10 +147,8 @@ def vmf_quantize(z, kappa_q, codebook, mode, temperature):
 # ----------------------------------------------------------------------------- VQ-VAE
 
 def nearest_codes(z_rows, codebook):
-    """Index of the nearest codebook row for each row of z (N x D), by squared distance.
-
-    ||z||^2 is the same for every code, so it is left out of the comparison; the search
-    needs no gradient."""
+    """Index of the nearest codebook row for each row of z (N x D), by squared distance
+    (||z||^2, the same for every code, left out)."""
     with torch.no_grad():
         score = (codebook ** 2).sum(1) - 2 * z_rows @ codebook.t()
         return score.argmin(1)
@@ -182,14 +168,10 @@ def straight_through(z, e):
 
 
 def ema_update(count, total, codebook, batch_count, batch_sum, decay, eps):
-    """One EMA step of the codebook statistics, in place.
-
-    batch_count (K) and batch_sum (K x D) are the number and the sum of the encoder outputs
-    assigned to each code in this batch; count and total are their moving averages. The
-    codebook becomes total / smoothed count, with the Laplace smoothing
-    n_k' = (n_k + eps) / (n + K eps) * n, n = sum_k n_k. The smoothed count is only used for
-    that division, so the stored count stays a plain moving average and the smoothing does
-    not compound from step to step."""
+    """One EMA step, in place: count and total are moving averages of batch_count (K) and
+    batch_sum (K x D), the number and sum of the outputs assigned to each code; the codebook
+    becomes total / the Laplace-smoothed count (n_k + eps) / (n + K eps) * n, n = sum_k n_k.
+    Only that division is smoothed, so the smoothing does not compound from step to step."""
     count.mul_(decay).add_(batch_count, alpha=1 - decay)
     total.mul_(decay).add_(batch_sum, alpha=1 - decay)
     n = count.sum()

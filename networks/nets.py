@@ -80,46 +80,35 @@ def encoder_blocks(cfg, d, log_var_head):
             ResBlock(d) if log_var_head else None)
 
 
+def down(cin, cout, kernel, stride, bn):
+    """Conv (padding keeps a stride-1 size, halves a stride-2 one), BatchNorm, ReLU."""
+    return nn.Conv2d(cin, cout, kernel, stride, 1), batch_norm(cout, bn), nn.ReLU()
+
+
+def up(cin, cout, kernel, stride, bn):
+    return nn.ConvTranspose2d(cin, cout, kernel, stride, 1), batch_norm(cout, bn), nn.ReLU()
+
+
 def _net28(cfg, d, h, log_var_head):
     bn, c = cfg.flags.bn, cfg.dataset.shape[0]
-    encoder = Encoder(
-        nn.Sequential(nn.Conv2d(c, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-                      nn.Conv2d(h, d, 4, 2, 1)),
-        *encoder_blocks(cfg, d, log_var_head))
-    decoder = Decoder(
-        res_stack(d, cfg.network.num_rb),
-        nn.Sequential(nn.ConvTranspose2d(d, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-                      nn.ConvTranspose2d(h, c, 4, 2, 1), nn.Sigmoid()))
+    encoder = Encoder(nn.Sequential(*down(c, h, 4, 2, bn), nn.Conv2d(h, d, 4, 2, 1)),
+                      *encoder_blocks(cfg, d, log_var_head))
+    decoder = Decoder(res_stack(d, cfg.network.num_rb),
+                      nn.Sequential(*up(d, h, 4, 2, bn), nn.ConvTranspose2d(h, c, 4, 2, 1),
+                                    nn.Sigmoid()))
     return encoder, decoder
 
 
-def _net32(cfg, d, h, log_var_head):
-    bn, c = cfg.flags.bn, cfg.dataset.shape[0]
-    encoder = Encoder(
-        nn.Sequential(nn.Conv2d(c, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-                      nn.Conv2d(h, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
-                      nn.Conv2d(d, d, 3, 1, 1), batch_norm(d, bn), nn.ReLU()),
-        *encoder_blocks(cfg, d, log_var_head))
-    decoder = Decoder(
-        res_stack(d, cfg.network.num_rb),
-        nn.Sequential(nn.ConvTranspose2d(d, d, 3, 1, 1), batch_norm(d, bn), nn.ReLU(),
-                      nn.ConvTranspose2d(d, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-                      nn.ConvTranspose2d(h, c, 4, 2, 1), nn.Sigmoid()))
-    return encoder, decoder
-
-
-def _net64(cfg, d, h, log_var_head):
-    bn, c = cfg.flags.bn, cfg.dataset.shape[0]
-    encoder = Encoder(
-        nn.Sequential(nn.Conv2d(c, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-                      nn.Conv2d(h, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
-                      nn.Conv2d(d, d, 3, 1, 1)),
-        *encoder_blocks(cfg, d, log_var_head))
-    decoder = Decoder(
-        res_stack(d, cfg.network.num_rb - 1),
-        nn.Sequential(nn.ConvTranspose2d(d, d, 3, 1, 1), batch_norm(d, bn), nn.ReLU(),
-                      nn.ConvTranspose2d(d, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-                      nn.ConvTranspose2d(h, c, 4, 2, 1), nn.Sigmoid()))
+def _net32_or_64(cfg, d, h, log_var_head):
+    """32 x 32 (the stem's last conv with BatchNorm and ReLU, num_rb decoder ResBlocks) or
+    64 x 64 (a bare last conv, num_rb - 1 decoder ResBlocks)."""
+    bn, (c, side, _) = cfg.flags.bn, cfg.dataset.shape
+    stem = [*down(c, h, 4, 2, bn), *down(h, d, 4, 2, bn)]  # created in order (see above)
+    stem += down(d, d, 3, 1, bn) if side == 32 else [nn.Conv2d(d, d, 3, 1, 1)]
+    encoder = Encoder(nn.Sequential(*stem), *encoder_blocks(cfg, d, log_var_head))
+    decoder = Decoder(res_stack(d, cfg.network.num_rb - (side == 64)),
+                      nn.Sequential(*up(d, d, 3, 1, bn), *up(d, h, 4, 2, bn),
+                                    nn.ConvTranspose2d(h, c, 4, 2, 1), nn.Sigmoid()))
     return encoder, decoder
 
 
@@ -133,33 +122,24 @@ def label_channels(num_class):
 
 
 def _net64_label(cfg, d, h, log_var_head):
-    bn = cfg.flags.bn
-    n = label_channels(cfg.network.num_class)
+    bn, n = cfg.flags.bn, label_channels(cfg.network.num_class)
     encoder = LabelEncoder(
-        n,
-        nn.Sequential(nn.Conv2d(n, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-                      nn.Conv2d(h, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
-                      nn.Conv2d(d, d, 4, 2, 1)),
+        n, nn.Sequential(*down(n, h, 4, 2, bn), *down(h, d, 4, 2, bn), nn.Conv2d(d, d, 4, 2, 1)),
         *encoder_blocks(cfg, d, log_var_head))
-    decoder = Decoder(
-        res_stack(d, cfg.network.num_rb - 1),
-        nn.Sequential(nn.ConvTranspose2d(d, d, 4, 2, 1), batch_norm(d, bn), nn.ReLU(),
-                      nn.ConvTranspose2d(d, h, 4, 2, 1), batch_norm(h, bn), nn.ReLU(),
-                      nn.ConvTranspose2d(h, n, 4, 2, 1),
-                      OUTPUT_ACTIVATIONS[cfg.network.act_decoder]()))
+    decoder = Decoder(res_stack(d, cfg.network.num_rb - 1),
+                      nn.Sequential(*up(d, d, 4, 2, bn), *up(d, h, 4, 2, bn),
+                                    nn.ConvTranspose2d(h, n, 4, 2, 1),
+                                    OUTPUT_ACTIVATIONS[cfg.network.act_decoder]()))
     return encoder, decoder
 
 
-# (network.name, (H, W) of dataset.shape) -> builder(cfg, D, D // 2, log-variance head) ->
-# (encoder, decoder).
-# The size is the input each builder's stem takes; the image networks read and write as many
-# channels as dataset.shape has, the label network class indices (one channel). Which
-# dataset has which shape is the config's business (configs/registry.py), so no dataset is
-# named here.
+# (network.name, (H, W) its stem takes) -> builder(cfg, D, D // 2, log-variance head) ->
+# (encoder, decoder). The image networks read and write the channels of dataset.shape, the
+# label network class indices; which dataset has which shape is configs/registry.py's.
 NETWORK_REGISTRY = {
     ("resnet", (28, 28)): _net28,
-    ("resnet", (32, 32)): _net32,
-    ("resnet", (64, 64)): _net64,
+    ("resnet", (32, 32)): _net32_or_64,
+    ("resnet", (64, 64)): _net32_or_64,
     ("resnet_label", (64, 64)): _net64_label,
 }
 # The channels each network family reads.

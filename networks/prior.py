@@ -1,20 +1,11 @@
-"""An autoregressive prior over grids of discrete codes: an unconditional gated PixelCNN.
-
-A trained SQ-VAE or VQ-VAE turns an image into an H x W grid of code indices in 0..K-1. This
-model learns p(grid) = prod_{i, j} p(code[i, j] | the codes before (i, j) in raster order),
-so that new grids can be sampled and decoded into images. It follows van den Oord et al.,
-"Conditional Image Generation with PixelCNN Decoders" (NeurIPS 2016, arXiv:1606.05328):
-
-- a vertical stack sees the rows above; a horizontal stack sees the codes to the left in the
-  current row and receives the vertical stack through a 1x1 conv, shifted down one row;
-- every layer uses the gated activation tanh(a) * sigmoid(b), and the horizontal stack is
-  residual;
-- the first layer is of mask type "A" (the current position is excluded), the others of
-  type "B" (the layer's own position in the previous layer's output is included).
-
-The masks are realised by kernel shapes, padding and shifts instead of zeroed weights: a
-kernel that covers only the allowed positions is a masked kernel without the zeros. Splitting
-the receptive field into the two stacks removes the blind spot of the original PixelCNN.
+"""An unconditional gated PixelCNN over H x W grids of code indices in 0..K-1: p(grid) =
+prod_{i, j} p(code[i, j] | the codes before (i, j) in raster order), to sample new grids and
+decode them (van den Oord et al., "Conditional Image Generation with PixelCNN Decoders",
+NeurIPS 2016). A vertical stack sees the rows above; a horizontal stack the codes to the left,
+plus the vertical stack shifted down one row; gated activations tanh(a) * sigmoid(b), the
+horizontal stack residual; the first layer excludes the current position (mask "A"), the
+others include it (mask "B"). The masks are kernel shapes, padding and shifts, not zeroed
+weights; the two stacks leave no blind spot.
 
 Receptive field, with L layers and kernel k (h = k // 2): the logits at (i, j) depend on the
 current row at columns j - 1 - L*h .. j - 1 and on rows i - 1 - L*h .. i - 1 at columns
@@ -28,12 +19,9 @@ from torch import nn
 
 
 def code_nll(logits, codes, reduction="mean"):
-    """-log softmax(logits)[code] for logits B x K x ... and int64 codes B x ...: the mean
-    ("mean") or the sum ("sum") over all positions.
-
-    The same number as torch's cross-entropy loss, built from log-softmax and gather
-    because CUDA's NLL kernel has no deterministic version: under --deterministic it
-    raises, while gather's backward (a scatter-add) does have one."""
+    """-log softmax(logits)[code] for logits B x K x ... and int64 codes B x ..., the mean or
+    the sum over all positions: torch's cross-entropy, built from gather because CUDA's NLL
+    kernel has no deterministic version (gather's backward has one)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     picked = logits.log_softmax(dim=1).gather(1, codes.unsqueeze(1))
@@ -109,10 +97,8 @@ class GatedPixelCNN(nn.Module):
         return self.forward_embedded(self.embedding(codes).permute(0, 3, 1, 2))
 
     def forward_embedded(self, embedded):
-        """Logits from embedded codes B x channels x H x W.
-
-        A float input, so that the gradient with respect to it shows which positions each
-        output depends on."""
+        """Logits from embedded codes B x channels x H x W (a float input: its gradient shows
+        which positions each output depends on)."""
         vertical, horizontal = embedded, embedded
         for layer in self.layers:
             vertical, horizontal = layer(vertical, horizontal)
@@ -140,10 +126,8 @@ class GatedPixelCNN(nn.Module):
 
 
 def layers_to_see(grid, kernel):
-    """The fewest layers with which the logits at every position of an H x W grid see every
-    earlier code (the receptive field of the module docstring): L * (kernel // 2) >=
-    max(H, W) - 1, so that the rows above are seen from column 0 to W - 1 and the current
-    row from column 0 on."""
+    """The fewest layers L with which every logit of an H x W grid sees every earlier code (the
+    module docstring's receptive field): L * (kernel // 2) >= max(H, W) - 1."""
     height, width = grid
     return max(1, math.ceil((max(height, width) - 1) / (kernel // 2)))
 

@@ -26,18 +26,13 @@ def arelbo(x_hat, x):
     return arelbo_loss(squared_error(x_hat, x), x[0].numel())
 
 
-def normal_codebook(size, dim):
-    """N(0, 1) rows: the SQ-VAE release's codebook (and Sonnet's VectorQuantizerEMA)."""
-    return torch.randn(size, dim)
-
-
-def uniform_codebook(size, dim):
-    """uniform(-1/K, 1/K) rows: the VQ-VAE codebook of the widely used PyTorch port of
-    Sonnet's VQ-VAE (zalandoresearch/pytorch-vq-vae), near the origin like Sonnet's own."""
-    return torch.empty(size, dim).uniform_(-1.0 / size, 1.0 / size)
-
-
-CODEBOOK_INITS = {"normal": normal_codebook, "uniform": uniform_codebook}
+# N(0, 1) rows, the SQ-VAE release's codebook (and Sonnet's VectorQuantizerEMA); or
+# uniform(-1/K, 1/K) rows, near the origin, the start of the widely used PyTorch port of
+# Sonnet's VQ-VAE (zalandoresearch/pytorch-vq-vae).
+CODEBOOK_INITS = {
+    "normal": lambda size, dim: torch.randn(size, dim),
+    "uniform": lambda size, dim: torch.empty(size, dim).uniform_(-1.0 / size, 1.0 / size),
+}
 
 
 def _variance_gaussian_1(log_var, s):
@@ -59,8 +54,7 @@ def _variance_gaussian_4(log_var, s):
 
 
 class Variance(NamedTuple):
-    """A Gaussian variant: everything the code knows of it (configs/registry.py only lists
-    its name)."""
+    """A Gaussian variant: all the code knows of it (configs/registry.py lists its name)."""
 
     of: Callable         # sigma_q^2 from (channel-first log-variance or None, s)
     reads_log_var: bool  # whether the encoder has a log-variance head (None is passed if not)
@@ -83,8 +77,7 @@ def _shown(value):
 
 
 def _check_count(name, value):
-    """A size: a whole number of at least 1 (ValueError at construction, not an IndexError
-    or RuntimeError at the first call)."""
+    """A size: a whole number of at least 1 (refused at construction, not at the first call)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a whole number of at least 1, got {_shown(value)}")
 
@@ -129,6 +122,9 @@ class CodebookLayer(nn.Module):
         """The rows z_q is made of."""
         return self.codebook
 
+    def forward(self, z, *, mode=None):
+        return self._run(z, None, mode)
+
     def lookup(self, codes):
         """z_q for code indices (z's shape without the dim axis), in the layer's layout.
         Indices must be integers in [0, codebook_size): a negative one would wrap around
@@ -161,11 +157,9 @@ class CodebookLayer(nn.Module):
         return self._layout_out(z_q, position_major=_position_major(z)), aux
 
     def _layout_out(self, z_q, position_major=False):
-        # z_q is built position by position, so channel-first it is a channels-last view. It
-        # is handed on in z's own layout: as it is after a channels-last encoder (the next
-        # convolutions run channels-last too), contiguous (NCHW) after an NCHW one. A
-        # channels-last z_q in an NCHW model made a 1-channel output layer's weight gradient
-        # come back with channels-last strides, which DistributedDataParallel answers with
+        # z_q is built position by position (channel-first, a channels-last view) and handed
+        # on in z's own layout: a channels-last z_q in an NCHW model gave a 1-channel output
+        # layer channels-last weight gradients, which DistributedDataParallel answers with
         # "Grad strides do not match bucket view strides" every step.
         if self.channel_last:
             return z_q.movedim(1, -1)
@@ -231,19 +225,13 @@ class _StochasticLayer(CodebookLayer):
 class GaussianQuantizer(_StochasticLayer):
     """SQ-VAE's Gaussian stochastic quantizer (docs/model.md §3.1), variants I-IV.
 
-    ``variance`` picks sigma_q^2 = exp(v) + exp(s), s the learned scalar
-    ``log_param_q_scalar`` (initial value ``log_param_q_init``, the release's log 10):
-    "gaussian_1" (v = 0, one scalar), or, from the encoder's log-variance of z's shape,
-    "gaussian_2" (its mean per example), "gaussian_3" (its mean over dim, per position) and
-    "gaussian_4" (per position and dimension). The temperature defaults are the release's:
-    1.0, decaying by exp(-1e-5) a step, no floor. The codebook starts N(0, 1).
-
-    aux: loss, kld_discrete, kld_continuous, perplexity (training: of the soft assignment),
-    entropy (mean entropy of a position's code distribution), codes, and param_q /
-    param_q_min / param_q_max (sigma_q^2 over positions, detached).
-
-    How the loss is reduced, why it wants the ``arelbo`` term, and what variant I's
-    sigma_q^2 >= 1 implies: the module docstring (``help(networks.quantizers)``).
+    ``variance`` (a key of GAUSSIAN_VARIANCES) picks sigma_q^2 = exp(v) + exp(s), s the
+    learned ``log_param_q_scalar`` (initially ``log_param_q_init``, the release's log 10):
+    v = 0 for "gaussian_1", else from the encoder's log-variance of z's shape. Temperature
+    defaults are the release's (1.0, decaying by exp(-1e-5) a step, no floor); the codebook
+    starts N(0, 1). aux: loss, kld_discrete, kld_continuous, perplexity (training: of the soft
+    assignment), entropy (mean per position), codes, and param_q / param_q_min / param_q_max
+    (sigma_q^2 over positions, detached).
     """
 
     QUANTIZE = staticmethod(gaussian_quantize)
@@ -296,9 +284,6 @@ class VmfQuantizer(_StochasticLayer):
         super().__init__(dim, codebook_size, log_param_q_init, channel_last, temperature_init,
                          temperature_decay, temperature_min)
 
-    def forward(self, z, *, mode=None):
-        return self._run(z, None, mode)
-
     def param_q(self, log_var=None):
         """kappa_q."""
         return torch.exp(self.log_param_q_scalar) + 1.0
@@ -308,18 +293,13 @@ class VmfQuantizer(_StochasticLayer):
 
 
 class VectorQuantizer(CodebookLayer):
-    """VQ-VAE's quantizer (docs/vqvae.md): every position takes its nearest code e, and z_q =
-    z + sg(e - z) passes the decoder's gradient straight through to z. Every mode picks the
-    nearest code: it has no temperature.
-
-    aux: loss = loss_codebook + loss_commit, with loss_codebook = mean (sg(z) - e)^2 (0 with
-    ``ema``) and loss_commit = beta * mean (z - sg(e))^2, means over all elements; perplexity
-    of the chosen codes; codes.
-
-    ``ema=True``: the codebook follows moving averages (``decay``, Laplace smoothing ``eps``)
-    of the outputs assigned to each code instead of a loss, updated in training forward
-    passes (``layer.training`` and mode "train"), after quantizing; summed over processes
-    under torch.distributed. ``init``: "uniform" (+-1/K) or "normal" (N(0, 1)).
+    """VQ-VAE's quantizer (docs/vqvae.md): every position (in every mode: no temperature)
+    takes its nearest code e, and z_q = z + sg(e - z) passes the gradient straight through.
+    aux: loss = loss_codebook (mean (sg(z) - e)^2, 0 with ``ema``) + loss_commit (beta *
+    mean (z - sg(e))^2), perplexity of the chosen codes, codes. ``ema=True``: the codebook
+    follows moving averages (``decay``, Laplace smoothing ``eps``) of the outputs assigned to
+    each code, updated after quantizing in training forward passes (``layer.training`` and
+    mode "train"), summed over processes under torch.distributed.
     """
 
     label = "VQ"
@@ -338,9 +318,6 @@ class VectorQuantizer(CodebookLayer):
         if self.ema:
             self.register_buffer("ema_count", torch.zeros(codebook_size))
             self.register_buffer("ema_total", self.codebook.detach().clone())
-
-    def forward(self, z, *, mode=None):
-        return self._run(z, None, mode)
 
     def _quantize(self, z, log_var, mode):
         z_rows = flatten_positions(z)

@@ -1,12 +1,7 @@
 """SQ-VAE: encoder -> stochastic quantizer layer -> decoder, with the loss of docs/model.md §3-4.
-
-``model(x, mode)`` returns ``(x_hat, terms)``; ``terms`` holds 0-dim tensors
-(``loss``, ``loss_rec``, ``kld_discrete``, ``kld_continuous``, ``perplexity``,
-``mse`` or ``acc``, and the self-annealing diagnostics: ``entropy`` (mean entropy
-of the code distribution per position), ``param_q`` / ``param_q_min`` /
-``param_q_max`` (sigma_q^2 or kappa_q over positions) and ``param_x`` (decoder
-variance sigma_x^2, or kappa_d for vMF). Nothing is read back to the host, so a
-training step never synchronises.
+``model(x, mode)`` returns ``(x_hat, terms)``, ``terms`` the 0-dim tensors of ``TERMS`` (the
+self-annealing diagnostics among them: ``entropy``, ``param_q`` and its range over positions,
+``param_x`` the decoder's sigma_x^2 or kappa_d); none is read back to the host.
 """
 import torch
 from torch import nn
