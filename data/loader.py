@@ -209,18 +209,10 @@ def batch_buffer(shape, device):
     return torch.empty(shape, dtype=torch.uint8, pin_memory=is_cuda(device))
 
 
-def _image_to_model(x):
-    return x.float().div_(255)
-
-
-def _label_to_model(x):
-    return x.long()
-
-
 # How a batch of uint8 items reaches the model, by what the dataset holds
 # (configs.registry's Dataset.items): images as floats in [0, 1], label maps as class indices.
 IMAGES = "images"
-TO_MODEL = {IMAGES: _image_to_model, "labels": _label_to_model}
+TO_MODEL = {IMAGES: lambda x: x.float().div_(255), "labels": lambda x: x.long()}
 
 
 def _check_loader_args(batch_size, rank, world_size):
