@@ -94,7 +94,7 @@ class FiniteGuard:
 
 class StopSignals:
     """While `with`-ed, SIGINT and SIGTERM are noted rather than raised: the loop stops after
-    the step it is in. Under torchrun the processes agree (at logging steps, or `now`)."""
+    the step it is in, with a checkpoint. Under torchrun the processes agree on the step."""
 
     def __init__(self, device):
         self.device, self.signum, self.previous = device, None, {}

@@ -96,13 +96,9 @@ def run_cli(body, *, errors=(), interrupted="{what}", cannot="write", os_hint=""
 
 
 @contextlib.contextmanager
-def start_up(active=True, message="{what} during start-up; nothing was written"):
-    """Around the imports a `python -m PACKAGE.MODULE` command runs before its run_cli (its
-    package's __init__): Ctrl-C or SIGTERM there is `message` and exit 130 / 143. `active`
-    False (imported by another command, whose run_cli answers) leaves the block alone."""
-    if not active:
-        yield
-        return
+def start_up(message="{what} during start-up; nothing was written"):
+    """Around the imports a `python -m PACKAGE.MODULE` command runs before its run_cli (in its
+    package's __init__): Ctrl-C or SIGTERM there is `message` and exit 130 / 143."""
     try:
         with sigterm_as_interrupt():
             yield
