@@ -1,6 +1,5 @@
 """What every model here shares: the encoder/decoder pair of docs/model.md §2 around a quantizer
-layer (networks/quantizers.py), bf16 autocast around the conv stacks only, the forward pass and
-encoding, and decoding from code indices."""
+layer, bf16 autocast around the conv stacks only, the forward pass, encoding and decoding."""
 import contextlib
 
 import torch
@@ -21,12 +20,9 @@ def schedule_of(cfg):
 class CodebookAutoencoder(nn.Module):
     """Builds `encoder`, `decoder` (initialised as docs/model.md §2) and `quantizer`
     (`build_quantizer`, which draws the codebook), in that order, so one seed gives SQ-VAE and
-    VQ-VAE the same network weights.
-
-    `OUTPUTS` says what the decoder produces: "images" (values in [0, 1], one per input value)
-    or "labels" (per-pixel class scores whose argmax is the label map). `latent_shape` is the
-    H x W grid of codes for one input. Subclasses turn the decoder output and the quantizer's
-    aux into the logged terms (`loss_terms`)."""
+    VQ-VAE the same network weights. `OUTPUTS`: "images" (values in [0, 1]) or "labels"
+    (per-pixel class scores); `latent_shape`: the H x W code grid of one input; `loss_terms`
+    turns the decoder output and the quantizer's aux into the logged terms."""
 
     OUTPUTS = "images"
 
@@ -38,9 +34,8 @@ class CodebookAutoencoder(nn.Module):
         init_weights(self)
         self.quantizer = self.build_quantizer(cfg)
         if cfg.network.channels_last:
-            # Conv weights NHWC, so every activation after the first convolution is NHWC too
-            # (oneDNN's fast path on CPUs; docs/speed.md). Values are unchanged: a seed still
-            # gives the release's weights bit for bit.
+            # Every activation after the first convolution NHWC too (oneDNN's fast path on
+            # CPUs; docs/speed.md); the values, and so the release's weights, are unchanged.
             self.to(memory_format=torch.channels_last)
         # bf16 autocast for the conv stacks only, switched on by the trainer (train.amp);
         # the quantizer and losses stay in full precision.
@@ -72,9 +67,8 @@ class CodebookAutoencoder(nn.Module):
             return self.decoder(z_q).to(self.codebook.dtype)
 
     def before_train_step(self, step):
-        """The trainer's one per-step hook, called before training step `step` (the global
-        count from 1): the figures it returns are logged with that step's records. A model
-        with nothing scheduled returns none."""
+        """The trainer's hook before global training step `step` (from 1): the figures it
+        returns are logged with that step's records."""
         return {}
 
     def quantize(self, z, log_var, mode):

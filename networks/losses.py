@@ -1,14 +1,6 @@
-"""Reconstruction losses of docs/model.md §4.
-
-Gaussian: with ``mse = sum (x_hat - x)^2 / B`` (summed over pixels, mean over images),
-ARELBO gives ``dim_x / 2 * log(mse)``; a learned variance gives
-``mse / (2 sigma^2) + dim_x / 2 * log sigma^2``.
-
-vMF (label maps): decoder outputs are L2-normalised per pixel over the N channels;
-``c`` is the component at the true class; with kappa_inv = exp(log_kappa_inv) + 1e-9
-and m = N / 2,
-``L = -(1 / kappa_inv) * mean_b(sum_pixels c) - dim_x * log C(kappa_inv)``,
-``log C(k_inv) = -(m - 1) log k_inv - 1 / k_inv - log Ie_{m-1}(1 / k_inv)``.
+"""Reconstruction losses of docs/model.md §4 beside the layers' own (reconstruction.py): a
+learned Gaussian variance, mse / (2 sigma^2) + dim_x / 2 * log sigma^2, and the vMF likelihood
+of label maps over L2-normalised decoder outputs (its normaliser from third_party.bessel).
 """
 import torch
 import torch.nn.functional as F

@@ -41,7 +41,6 @@ class SQVAE(CodebookAutoencoder):
         terms["loss"] = terms["loss_rec"] + aux["kld_discrete"] + aux["kld_continuous"]
         for key in ("perplexity", "entropy", "param_q", "param_q_min", "param_q_max"):
             terms[key] = aux[key]
-        terms["param_x"] = self.decoder_variance(terms)
         return terms
 
 
@@ -57,18 +56,14 @@ class GaussianSQVAE(SQVAE):
             self.log_var_x = nn.Parameter(torch.tensor(float(cfg.model.log_var_x_init)))
 
     def reconstruction_terms(self, x_hat, x):
+        """loss_rec, mse and param_x, the decoder's sigma_x^2: ARELBO's implied mse / dim_x,
+        or the learned variance."""
         mse = squared_error(x_hat, x)
         if self.arelbo:
-            loss = arelbo_loss(mse, self.dim_x)
-        else:
-            loss = learned_variance_loss(mse, self.dim_x, self.log_var_x)
-        return {"loss_rec": loss, "mse": mse.detach()}
-
-    def decoder_variance(self, terms):
-        """sigma_x^2: ARELBO's implied mse / dim_x, or the learned variance."""
-        if self.arelbo:
-            return terms["mse"] / self.dim_x
-        return torch.exp(self.log_var_x.detach())
+            return {"loss_rec": arelbo_loss(mse, self.dim_x), "mse": mse.detach(),
+                    "param_x": mse.detach() / self.dim_x}
+        return {"loss_rec": learned_variance_loss(mse, self.dim_x, self.log_var_x),
+                "mse": mse.detach(), "param_x": torch.exp(self.log_var_x.detach())}
 
 
 class VmfSQVAE(SQVAE):
@@ -83,9 +78,7 @@ class VmfSQVAE(SQVAE):
         self.log_kappa_inv = nn.Parameter(torch.tensor(float(cfg.model.log_kappa_inv)))
 
     def reconstruction_terms(self, x_hat, x):
+        """loss_rec, acc and param_x, the decoder's concentration kappa_d."""
         loss, accuracy = vmf_reconstruction(x_hat, x, self.log_kappa_inv, self.dim_x)
-        return {"loss_rec": loss, "acc": accuracy.detach()}
-
-    def decoder_variance(self, terms):
-        """kappa_d, the decoder's concentration (logged as param_x)."""
-        return 1.0 / (torch.exp(self.log_kappa_inv.detach()) + 1e-9)
+        return {"loss_rec": loss, "acc": accuracy.detach(),
+                "param_x": 1.0 / (torch.exp(self.log_kappa_inv.detach()) + 1e-9)}
