@@ -57,11 +57,6 @@ def reconstruction_arrays(model, loader, n=RECONSTRUCTIONS):
     return top.cpu(), bottom.cpu(), caption
 
 
-def _fmt(record, key, spec):
-    value = record.get(key)
-    return None if not isinstance(value, (int, float)) else format(value, spec)
-
-
 def report_title(run_dir, cfg, train, records):
     """One line naming the run and its experiment, and one with the latest test result."""
     name = os.path.join(os.path.basename(os.path.dirname(run_dir)), os.path.basename(run_dir))
@@ -69,15 +64,14 @@ def report_title(run_dir, cfg, train, records):
     head = (f"{name}: {cfg.model.name} {cfg.model.param_var_q}, {cfg.dataset.name}, "
             f"K = {cfg.quantization.size_dict}, D = {cfg.quantization.dim_dict}"
             + (f", {last.get('step')} steps ({last.get('epoch')} epochs)" if last else ""))
-    tests = [r for r in records if r.get("split") == "test"]
-    if not tests:
+    test = next((r for r in reversed(records) if r.get("split") == "test"), None)
+    if test is None:
         return head
-    test = tests[-1]
     parts = [("MSE/pixel", "mse_pixel", ".5f"), ("PSNR", "psnr", ".2f"), ("acc", "acc", ".4f"),
              ("mIoU", "miou", ".4f"), ("perplexity (split)", "perplexity_split", ".1f"),
              ("codes in use", "codes_used", "d")]
-    shown = [f"{label} {text}" + (" dB" if key == "psnr" else "")
-             for label, key, spec in parts if (text := _fmt(test, key, spec)) is not None]
+    shown = [f"{label} {format(test[key], spec)}" + (" dB" if key == "psnr" else "")
+             for label, key, spec in parts if isinstance(test.get(key), (int, float))]
     return head + f"\ntest (best.pt, epoch {test.get('epoch')}): " + ", ".join(shown)
 
 
