@@ -1,10 +1,9 @@
-"""Loading, validating and deriving experiment configurations.
-
-``load_config(name_or_path, opts)`` is the one way a config is made: defaults
-(``configs/defaults.py``), then an experiment YAML, then ``KEY VALUE``
-overrides, then validation and the derived fields. The result is frozen.
+"""``load_config(name_or_path, opts)``, the one way a config is made: the defaults
+(``configs/defaults.py``), an experiment YAML, ``KEY VALUE`` overrides, then validation
+against ``configs/registry.py`` and the derived fields; the result is frozen.
 """
 import ast
+import contextlib
 import difflib
 import math
 import os
@@ -20,7 +19,7 @@ CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 # `{repo}` at the start of `path` or `path_dataset` stands for this repository's folder.
 REPO_DIR = os.path.dirname(CONFIG_DIR)
 REPO_TOKEN = "{repo}"
-# The MNIST sample shipped with the repository (configs/mnist_sample.yaml trains on it).
+# The sample shipped with the repository (configs/mnist_sample.yaml trains on it).
 SAMPLE_DATA = os.path.join(REPO_DIR, "tests", "data")
 
 
@@ -48,17 +47,17 @@ def resolve_config_path(name_or_path):
         + ", ".join(experiment_files()))
 
 
-def _all_keys(node, prefix=""):
-    for key, value in node.items():
-        full = prefix + key
-        if isinstance(value, CfgNode):
-            yield from _all_keys(value, full + ".")
+def _flatten(mapping, prefix=""):
+    """(dotted key, value) of every leaf of a nested mapping (a CfgNode is one)."""
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
         else:
-            yield full
+            yield f"{prefix}{key}", value
 
 
 def _unknown_key_error(key, defaults):
-    known = list(_all_keys(defaults))
+    known = [k for k, _ in _flatten(defaults)]
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
@@ -68,27 +67,18 @@ def _unknown_key_error(key, defaults):
 
 
 def _coerce(key, value, default):
-    """Convert an override or file value to the type of its default, or fail clearly."""
+    """An override or file value as the type of its default (an int for a float, a list of
+    ints for a tuple), or a one-line error."""
     if isinstance(value, str) and not isinstance(default, str):
-        try:
+        with contextlib.suppress(ValueError, SyntaxError):
             value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, tuple):
-        ok = isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value)
-        value = tuple(value) if ok else value
-    elif isinstance(default, str):
-        ok = isinstance(value, str)
-    else:
-        ok = type(value) is type(default)
-    if not ok:
+    kind = type(default)
+    if kind is float and type(value) is int:
+        value = float(value)
+    elif kind is tuple and type(value) is list:
+        value = tuple(value)
+    if type(value) is not kind or (kind is tuple and not all(isinstance(v, int)
+                                                            for v in value)):
         raise ConfigError(
             f"config key '{key}' needs a {type(default).__name__} like {default!r}, "
             f"got {brief(value)}")
@@ -108,23 +98,13 @@ def _set(cfg, defaults, key, value):
     node[leaf] = _coerce(key, value, dnode[leaf])
 
 
-def _flatten(mapping, prefix=""):
-    for key, value in mapping.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _flatten(value, full + ".")
-        else:
-            yield full, value
-
-
 class YamlAliasError(yaml.composer.ComposerError):
-    """An alias (``*name``) in YAML that others hand us: refused, since a few nested
-    aliases expand to more values than memory holds (an "alias bomb")."""
+    """A YAML alias (``*name``): refused, since a few nested ones expand to more values than
+    memory holds (an "alias bomb")."""
 
 
 class _PlainLoader(yaml.SafeLoader):
-    """yaml.SafeLoader (plain data, no Python objects) that refuses aliases. Anchors alone
-    are harmless; the configs this tool writes hold neither."""
+    """yaml.SafeLoader (plain data, no Python objects) that refuses aliases."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -134,8 +114,8 @@ class _PlainLoader(yaml.SafeLoader):
 
 
 def load_plain_yaml(stream):
-    """The data of a YAML document (str or file), read as yaml.safe_load does but with
-    aliases refused (YamlAliasError, a yaml.YAMLError): the one way YAML is read here."""
+    """A YAML document (str or file) read as yaml.safe_load does, aliases refused
+    (YamlAliasError, a yaml.YAMLError): the one way YAML is read here."""
     return yaml.load(stream, Loader=_PlainLoader)
 
 
@@ -145,8 +125,8 @@ _BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 4
 
 
 def brief(value, limit=80):
-    """repr(value) cut to at most `limit` characters, without ever building the whole repr:
-    what an error message may show of a value someone else wrote."""
+    """repr(value) cut to `limit` characters without building the whole repr: what an error
+    message may show of a value someone else wrote."""
     try:
         text = _BRIEF.repr(value)
     except ValueError:  # an int beyond the digits Python converts to text
@@ -188,48 +168,34 @@ def get_key(cfg, key):
     return cfg
 
 
-# Keys computed by _validate_and_derive (an override would be silently replaced), and what
-# to set instead.
+# Keys computed here (an override would be silently replaced; a file's value is dropped), and
+# what to set instead.
 DERIVED_KEYS = {
     "path_checkpoint": "it is path/path_specific: set path or path_specific instead",
     "quantization.dim_code": "it is quantization.dim_dict (+ 1 for VmfSQVAE): set that",
-    "flags.var_q": "it follows model.param_var_q: set that",  # in run folders of before
+    "flags.var_q": "it follows model.param_var_q: set that",  # held by older run folders
 }
-# Numeric keys and the lowest value each accepts: (bound, whether the bound itself is allowed).
-BOUNDS = {
-    "nworker": (0, True),
-    "quantization.size_dict": (1, True),
-    "quantization.dim_dict": (2, True),
-    "quantization.temperature.init": (0.0, False),
-    "quantization.temperature.decay": (0.0, True),
-    "quantization.temperature.min": (0.0, True),
-    "quantization.ema_eps": (0.0, False),
-    "model.beta": (0.0, True),
-    "network.num_rb": (1, True),
-    "network.num_class": (1, True),
-    "train.bs": (1, True),
-    "train.lr": (0.0, False),
-    "train.epoch_max": (1, True),
-    "train.ckpt_every_steps": (0, True),
-    "train.bs_per_rank": (0, True),
-    "test.bs": (1, True),
-    "log.every_steps": (1, True),
-    "prior.channels": (1, True),
-    "prior.layers": (0, True),
-    "prior.lr": (0.0, False),
-    "prior.bs": (1, True),
-    "prior.epoch_max": (1, True),
-    "prior.patience": (1, True),
-    "prior.temperature": (0.0, False),
-}
+# Numeric keys by the lowest value each accepts and whether that value itself is allowed.
+BOUNDS = (
+    ((0, True), ("nworker", "train.ckpt_every_steps", "train.bs_per_rank", "prior.layers")),
+    ((1, True), ("quantization.size_dict", "network.num_rb", "network.num_class", "train.bs",
+                 "train.epoch_max", "test.bs", "log.every_steps", "prior.channels", "prior.bs",
+                 "prior.epoch_max", "prior.patience")),
+    ((2, True), ("quantization.dim_dict",)),
+    ((0.0, True), ("quantization.temperature.decay", "quantization.temperature.min",
+                   "model.beta")),
+    ((0.0, False), ("quantization.temperature.init", "quantization.ema_eps", "train.lr",
+                    "prior.lr", "prior.temperature")),
+)
 
 
 def _check_bounds(cfg):
-    for key, (bound, inclusive) in BOUNDS.items():
-        value = get_key(cfg, key)
-        if value < bound or (value == bound and not inclusive):
-            need = f"at least {bound}" if inclusive else f"greater than {bound}"
-            raise ConfigError(f"config key '{key}' must be {need}, got {value}")
+    for (bound, inclusive), keys in BOUNDS:
+        for key in keys:
+            value = get_key(cfg, key)
+            if value < bound or (value == bound and not inclusive):
+                need = f"at least {bound}" if inclusive else f"greater than {bound}"
+                raise ConfigError(f"config key '{key}' must be {need}, got {value}")
 
 
 def _check_choice(cfg, key, allowed):
@@ -263,10 +229,9 @@ def _dataset_dimension(cfg, dataset, key, own, allowed, what):
 
 
 def _check_dataset(cfg, dataset):
-    """network.name fits dataset.name; dataset.shape and dataset.dim_x are its own (for
-    pictures the config sizes, those of dataset.channels and dataset.image_size), derived
-    here where the config leaves them unset (a file or override may state them, but only
-    as the dataset's values)."""
+    """network.name fits dataset.name; dataset.shape and dataset.dim_x, derived here, are the
+    dataset's (or those of dataset.channels and dataset.image_size); a file or override may
+    state them, but only as those values."""
     name = cfg.dataset.name
     if cfg.network.name != dataset.network:
         raise ConfigError(
@@ -288,8 +253,7 @@ def _check_dataset(cfg, dataset):
             f"config key 'dataset.dim_x' is {cfg.dataset.dim_x} but dataset {name} has "
             f"dim_x {dim_x} (C * H * W of {shape}); remove the key, it follows {follows}")
     cfg.dataset.channels, cfg.dataset.image_size = channels, size
-    cfg.dataset.shape = shape
-    cfg.dataset.dim_x = dim_x
+    cfg.dataset.shape, cfg.dataset.dim_x = shape, dim_x
 
 
 def _check_model(cfg, model, dataset):
@@ -309,8 +273,7 @@ def _check_model(cfg, model, dataset):
                           f"model.name {_one_of(taking)} (model.name {name} takes "
                           f"{_one_of(model.codebook_inits)})")
     if cfg.quantization.ema and not model.ema:
-        # The SQ-VAE's codebook is learned by its loss; silently ignoring the flag would
-        # mislabel a run.
+        # The SQ-VAE's codebook is learned by its loss: ignoring the flag would mislabel a run.
         taking = [m for m, spec in registry.MODELS.items() if spec.ema]
         raise ConfigError(f"config key 'quantization.ema' True needs model.name "
                           f"{_one_of(taking)}")
@@ -334,9 +297,7 @@ def _validate_and_derive(cfg):
     if cfg.prior.kernel < 3 or cfg.prior.kernel % 2 == 0:
         raise ConfigError("config key 'prior.kernel' must be an odd number at least 3, got "
                           f"{cfg.prior.kernel}")
-
-    # Stored absolute, so a run folder's config works from any folder; relative paths are
-    # taken against the folder the command was started in.
+    # Absolute, so a run folder's config works from any folder.
     cfg.path = _absolute(cfg.path)
     cfg.path_dataset = _absolute(cfg.path_dataset)
     cfg.quantization.dim_code = cfg.quantization.dim_dict + model.extra_code_dim

@@ -1,11 +1,7 @@
-"""Every option of the tool, with its default and a one-line meaning.
-
-An experiment YAML (``configs/*.yaml``) overrides a subset of these, and
-trailing ``KEY VALUE`` pairs on the command line override both. Keys under
-"derived" comments are computed by ``configs.load_config``; values written
-for them in a file are ignored and recomputed, except ``dataset.shape`` and
-``dataset.dim_x``: a file may state them, but only as the values of its
-``dataset.name`` (configs/registry.py).
+"""Every option of the tool, with its default and a one-line meaning. An experiment YAML
+overrides some, trailing ``KEY VALUE`` pairs override both. ``configs.load_config`` computes
+the "derived" keys (a file's values are recomputed; ``dataset.shape`` and ``dataset.dim_x``
+may be stated, but only as the values of ``dataset.name``).
 """
 import math
 import os
@@ -27,14 +23,12 @@ _C.path_specific = "sqvae/"
 _C.nworker = 2
 # Decode datasets of image files once into a memory-mapped .npy cache and reuse it.
 _C.cache_decoded = True
-# Derived: the experiment's run root, `path/path_specific`.
-_C.path_checkpoint = ""
+_C.path_checkpoint = ""  # Derived: the experiment's run root, `path/path_specific`.
 
 _C.dataset = CN()
 # Dataset name: one of configs/registry.py (each has its module under data/sources/).
 _C.dataset.name = next(iter(registry.DATASETS))
-# Side in pixels of the square pictures of a dataset the config sizes; 0 = its default.
-# Others have their own size: 0, or that size.
+# Side in pixels of a dataset of square pictures the config sizes (others: 0 or their own).
 _C.dataset.image_size = 0
 # Channels of such pictures: 3 (RGB) or 1 (grey); 0 = its default (fixed elsewhere).
 _C.dataset.channels = 0
@@ -55,14 +49,11 @@ _C.model.log_param_q_init = math.log(10.0)
 _C.model.log_kappa_inv = math.log(0.01)
 # Only with flags.arelbo False: initial log of the learned decoder variance sigma^2.
 _C.model.log_var_x_init = math.log(0.1)
-# VQVAE only: weight beta of the commitment loss beta * ||z - sg(e)||^2.
-_C.model.beta = 0.25
+_C.model.beta = 0.25  # VQVAE only: weight beta of the commitment loss beta * ||z - sg(e)||^2.
 
 _C.network = CN()
-# Encoder/decoder family: resnet (images) or resnet_label (label maps).
-_C.network.name = "resnet"
-# Number of residual blocks (see docs/model.md §2 for where they sit).
-_C.network.num_rb = 2
+_C.network.name = "resnet"  # Encoder/decoder family: resnet (images) or resnet_label (label maps).
+_C.network.num_rb = 2  # Number of residual blocks (see docs/model.md §2 for where they sit).
 # resnet_label only: number of label classes (one-hot width is 2*ceil(num_class/2)).
 _C.network.num_class = 19
 # resnet_label only: decoder output activation: exp (Softplus), sigmoid, tanh or none.
@@ -71,21 +62,17 @@ _C.network.act_decoder = "none"
 _C.network.channels_last = True
 
 _C.quantization = CN()
-# Codebook size K.
-_C.quantization.size_dict = 512
+_C.quantization.size_dict = 512  # Codebook size K.
 # Codebook initialisation: normal (N(0, 1), the SQ-VAE release's) or uniform (+-1/K, VQ-VAE).
 _C.quantization.init = "normal"
-# Code dimension D as written in the experiment file.
-_C.quantization.dim_dict = 64
+_C.quantization.dim_dict = 64  # Code dimension D as written in the experiment file.
 # Derived: dimension the networks and codebook use (dim_dict, + 1 for VmfSQVAE).
 _C.quantization.dim_code = 0
 _C.quantization.temperature = CN()
-# Gumbel-softmax temperature at step 0.
-_C.quantization.temperature.init = 1.0
+_C.quantization.temperature.init = 1.0  # Gumbel-softmax temperature at step 0.
 # Exponential decay rate of the temperature per training iteration.
 _C.quantization.temperature.decay = 0.00001
-# Lower bound of the temperature.
-_C.quantization.temperature.min = 0.0
+_C.quantization.temperature.min = 0.0  # Lower bound of the temperature.
 # VQVAE only: codebook by exponential moving averages instead of the codebook loss.
 _C.quantization.ema = False
 # VQVAE with ema only: decay of the moving averages of code counts and sums.
@@ -94,12 +81,9 @@ _C.quantization.ema_decay = 0.99
 _C.quantization.ema_eps = 1e-5
 
 _C.train = CN()
-# Training batch size (global, over all devices).
-_C.train.bs = 32
-# Adam learning rate.
-_C.train.lr = 0.001
-# Number of training epochs.
-_C.train.epoch_max = 100
+_C.train.bs = 32  # Training batch size (global, over all devices).
+_C.train.lr = 0.001  # Adam learning rate.
+_C.train.epoch_max = 100  # Number of training epochs.
 # Also write a resumable current.pt every this many training steps (0: only at epoch ends).
 _C.train.ckpt_every_steps = 1000
 # Per-process batch size under torchrun; 0 splits train.bs over the processes instead.
@@ -124,27 +108,20 @@ _C.log.every_steps = 100
 _C.flags = CN()
 # Decoder variance by ARELBO (log of the MSE) instead of a learned variance.
 _C.flags.arelbo = True
-# Anneal the Gumbel-softmax temperature every iteration.
-_C.flags.decay = True
-# BatchNorm in the conv stacks.
-_C.flags.bn = True
+_C.flags.decay = True  # Anneal the Gumbel-softmax temperature every iteration.
+_C.flags.bn = True  # BatchNorm in the conv stacks.
 
 _C.prior = CN()
-# Width of the gated PixelCNN prior over code grids (embedding and both stacks). 32 fits a
-# CPU: a 7x7 MNIST epoch is ~6x faster than at the former 64 x 8 layers x kernel 5, and
-# reaches a lower NLL in the same time (docs/usage.md, "A prior over the codes").
+# Width of the gated PixelCNN prior over code grids (embedding and both stacks); 32 fits a
+# CPU (docs/usage.md, "A prior over the codes").
 _C.prior.channels = 32
-# Gated layers; 0: the fewest with which every logit sees every earlier code of the run's
-# grid, ceil((max(H, W) - 1) / (kernel // 2)) (6 for 7x7 at kernel 3, 15 for 16x16).
+# Gated layers; 0: the fewest with which every logit sees every earlier code of the grid.
 _C.prior.layers = 0
 # Odd kernel width k, at least 3; each layer widens the receptive field by k // 2 positions.
 _C.prior.kernel = 3
-# Adam learning rate of the prior.
-_C.prior.lr = 0.001
-# Prior training batch size, in code grids.
-_C.prior.bs = 128
-# Maximum number of prior training epochs.
-_C.prior.epoch_max = 30
+_C.prior.lr = 0.001  # Adam learning rate of the prior.
+_C.prior.bs = 128  # Prior training batch size, in code grids.
+_C.prior.epoch_max = 30  # Maximum number of prior training epochs.
 # Early stopping: epochs without a better validation NLL before prior training stops.
 _C.prior.patience = 4
 # Sampling temperature: codes are drawn from softmax(logits / temperature).
