@@ -32,13 +32,12 @@ import torch
 
 __all__ = ["ive", "log_ive", "widest_float"]
 
-# Smaller than any concentration we expect, large enough that nu / x stays
-# finite (nu <= 20) in the compute dtype. Inputs are clamped to it so x = 0
-# gives finite values and gradients instead of NaN.
+# Below any concentration we expect, large enough that nu / x stays finite (nu <= 20): x is
+# clamped to it, so x = 0 gives finite values and gradients instead of NaN.
 _X_FLOOR = {torch.float64: 1e-300, torch.float32: 1e-35}
 
-# Terms kept from Hankel's expansion. For x >= 25 the k-th term keeps shrinking
-# until k ~ 2x >= 50, and by k = 30 it is far below 1e-17 of the sum.
+# Terms kept from Hankel's expansion: for x >= 25 they shrink until k ~ 2x >= 50, and by
+# k = 30 are far below 1e-17 of the sum.
 _HANKEL_TERMS = 30
 
 
@@ -47,9 +46,8 @@ def _switch_point(nu: float) -> float:
 
 
 def _series_terms(threshold: float) -> int:
-    # The series terms peak near k = x/2 and then fall like a Gaussian of width
-    # ~sqrt(x/2); 6 widths past the peak is below 1e-16 of the sum. Extra slack
-    # covers small x where the decay is not yet Gaussian.
+    # The terms peak near k = x/2 and fall like a Gaussian of width ~sqrt(x/2); 6 widths past
+    # the peak is below 1e-16 of the sum; the slack covers small x (not yet Gaussian).
     return int(math.ceil(threshold / 2 + 6.0 * math.sqrt(threshold) + 30))
 
 
@@ -60,8 +58,8 @@ def _series(nu: float, x: torch.Tensor, n_terms: int):
     log_norm = torch.lgamma(k + 1.0) + torch.lgamma(k + (nu + 1.0))
     log_terms = power * torch.log(0.5 * x).unsqueeze(-1) - log_norm
     log_sum = torch.logsumexp(log_terms, dim=-1)
-    # d/dx log(term_k) = power_k / x; the log-derivative of the sum is the
-    # softmax-weighted average, a sum of positive numbers (no cancellation).
+    # d/dx log(term_k) = power_k / x; the sum's log-derivative is their softmax-weighted
+    # average, a sum of positive numbers (no cancellation).
     weights = torch.softmax(log_terms, dim=-1)
     dlog = (weights * power).sum(dim=-1) / x - 1.0
     return log_sum - x, dlog
@@ -71,8 +69,7 @@ def _hankel(nu: float, x: torch.Tensor, n_terms: int):
     """log Ie_nu(x) and d/dx log Ie_nu(x) from Hankel's expansion (x: 1-D)."""
     j = torch.arange(1, n_terms + 1, dtype=x.dtype, device=x.device)
     step = -(4.0 * nu * nu - (2.0 * j - 1.0) ** 2) / (8.0 * j)
-    # term_k = c_k / x^k built as a running product so neither c_k nor x^k is
-    # ever formed on its own (either could overflow for large k).
+    # term_k = c_k / x^k as a running product: neither c_k nor x^k (either could overflow).
     terms = torch.cumprod(step / x.unsqueeze(-1), dim=-1)
     s = 1.0 + terms.sum(dim=-1)
     ds = -(terms * j).sum(dim=-1) / x  # d/dx of sum_k term_k, with term_k ~ x^-k
@@ -89,8 +86,7 @@ def _log_ive_and_dlog(nu: float, x: torch.Tensor, dtype: torch.dtype):
     shape = x.shape
     xc = x.detach().to(dtype).reshape(-1).clamp_min(_X_FLOOR[dtype])
     t = _switch_point(nu)
-    # Each branch only sees arguments inside its own domain, so the branch that
-    # is thrown away by torch.where never produces inf/NaN.
+    # Each branch sees only its own domain, so the one torch.where discards makes no inf/NaN.
     log_s, dlog_s = _series(nu, xc.clamp_max(t), _series_terms(t))
     log_h, dlog_h = _hankel(nu, xc.clamp_min(t), _HANKEL_TERMS)
     small = xc < t
@@ -100,12 +96,16 @@ def _log_ive_and_dlog(nu: float, x: torch.Tensor, dtype: torch.dtype):
 
 
 class _Ive(torch.autograd.Function):
+    """Ie_nu(x), or its log with `log`, with the derivative saved in closed form."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, nu: float, dtype: torch.dtype):
+    def forward(ctx, x: torch.Tensor, nu: float, dtype: torch.dtype, log: bool):
         log_ie, dlog = _log_ive_and_dlog(nu, x, dtype)
+        if log:
+            ctx.save_for_backward(dlog.to(x.dtype))
+            return log_ie.to(x.dtype)
         ie = torch.exp(log_ie)
-        # d/dx Ie = Ie * d/dx log Ie, which equals Ie_{nu-1} - Ie_nu (nu + x)/x.
-        # Where Ie underflows to 0 the product is 0 (dlog stays finite).
+        # d/dx Ie = Ie * d/dx log Ie (= Ie_{nu-1} - Ie_nu (nu + x)/x), 0 where Ie underflows.
         ctx.save_for_backward((ie * dlog).to(x.dtype))
         return ie.to(x.dtype)
 
@@ -113,21 +113,7 @@ class _Ive(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         (deriv,) = ctx.saved_tensors
-        return grad_out * deriv, None, None
-
-
-class _LogIve(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, nu: float, dtype: torch.dtype):
-        log_ie, dlog = _log_ive_and_dlog(nu, x, dtype)
-        ctx.save_for_backward(dlog.to(x.dtype))
-        return log_ie.to(x.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        (dlog,) = ctx.saved_tensors
-        return grad_out * dlog, None, None
+        return grad_out * deriv, None, None, None
 
 
 def widest_float(device) -> torch.dtype:
@@ -160,7 +146,7 @@ def ive(nu: float, x: torch.Tensor, dtype=None) -> torch.Tensor:
     float32 ~1e-5 up to nu = 9 and ~6e-5 at nu = 20.
     """
     x, dtype = _check_input(x, dtype)
-    return _Ive.apply(x, nu, dtype)
+    return _Ive.apply(x, nu, dtype, False)
 
 
 def log_ive(nu: float, x: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -168,4 +154,4 @@ def log_ive(nu: float, x: torch.Tensor, dtype=None) -> torch.Tensor:
     ``ive`` underflows (e.g. x = 1e-30 in float32); its gradient is ive'(x) / ive(x) in
     closed form. Arguments as for ``ive``."""
     x, dtype = _check_input(x, dtype)
-    return _LogIve.apply(x, nu, dtype)
+    return _Ive.apply(x, nu, dtype, True)

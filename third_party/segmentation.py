@@ -1,11 +1,9 @@
 """Segmentation metrics and colouring for the 19-class CelebAMask-HQ label maps.
 
-The vMF label decoder emits ``num_channels`` (20) scores per pixel for
-``num_classes`` (19) classes, because the latent dimension N = 2*ceil(19/2) is
-even. The argmax can therefore land on the spare channel 19, which belongs to
-no class. Such a pixel is a wrong prediction for its labelled class: it is kept
-in the pixel-accuracy denominator and in the union of its true class. (Dropping
-it, as a naive "ignore out-of-range" would, inflates both metrics.)
+The vMF label decoder emits 20 scores per pixel for 19 classes (N = 2*ceil(19/2) is even), so
+the argmax can land on the spare channel 19, which belongs to no class. Such a pixel is a
+wrong prediction for its labelled class: it stays in the pixel-accuracy denominator and in
+the union of its true class (dropping it, as "ignore out-of-range" would, inflates both).
 """
 
 from __future__ import annotations
@@ -19,37 +17,26 @@ _EPS = 1e-10
 # CelebAMask-HQ colours in label order: background, skin, nose, eye_g, l_eye,
 # r_eye, l_brow, r_brow, l_ear, r_ear, mouth, u_lip, l_lip, hair, hat, ear_r,
 # neck_l, neck, cloth.
-_PALETTE = (
-    (0, 0, 0),
-    (204, 0, 0),
-    (76, 153, 0),
-    (204, 204, 0),
-    (51, 51, 255),
-    (204, 0, 204),
-    (0, 255, 255),
-    (255, 204, 204),
-    (102, 51, 0),
-    (255, 0, 0),
-    (102, 204, 0),
-    (255, 255, 0),
-    (0, 0, 153),
-    (0, 0, 204),
-    (255, 51, 153),
-    (0, 204, 204),
-    (0, 51, 0),
-    (255, 153, 51),
-    (0, 204, 0),
-)
+_PALETTE = ((0, 0, 0), (204, 0, 0), (76, 153, 0), (204, 204, 0), (51, 51, 255), (204, 0, 204),
+            (0, 255, 255), (255, 204, 204), (102, 51, 0), (255, 0, 0), (102, 204, 0),
+            (255, 255, 0), (0, 0, 153), (0, 0, 204), (255, 51, 153), (0, 204, 204), (0, 51, 0),
+            (255, 153, 51), (0, 204, 0))
+
+
+def _one_channel(labels: torch.Tensor, what: str) -> torch.Tensor:
+    """B x H x W from B x 1 x H x W; other shapes as they are."""
+    if labels.dim() == 4:
+        if labels.shape[1] != 1:
+            raise ValueError(f"{what} with 4 dims must have one channel, got "
+                             f"{tuple(labels.shape)}")
+        labels = labels[:, 0]
+    return labels
 
 
 class SegmentationMeter:
-    """Confusion matrix accumulated over a whole split.
-
-    ``confusion[t, p]`` counts pixels with true class ``t`` (0..num_classes-1)
-    whose predicted channel is ``p`` (0..num_channels-1). It is an int64 tensor
-    living on the device of the first update, exposed so that a distributed
-    caller can all-reduce it before ``compute()``.
-    """
+    """Confusion matrix over a whole split: ``confusion[t, p]`` counts the pixels of true class
+    t (0..num_classes-1) predicted as channel p (0..num_channels-1), an int64 tensor on the
+    device of the first update (a distributed caller all-reduces it before ``compute()``)."""
 
     def __init__(self, num_classes: int, num_channels: int):
         if num_channels < num_classes:
@@ -77,15 +64,13 @@ class SegmentationMeter:
         pred = pred.reshape(-1).to(device=conf.device, dtype=torch.int64)
         label = label.reshape(-1).to(device=conf.device, dtype=torch.int64)
         cells = self.num_classes * self.num_channels
-        # Values outside the valid ranges (e.g. an ignore label) go to a spare
-        # bin that is discarded, instead of being checked on the host, which
-        # would force a device sync.
+        # Values out of range (e.g. an ignore label) go to a spare bin that is discarded:
+        # checking them on the host would force a device sync.
         valid = (label >= 0) & (label < self.num_classes) & (pred >= 0) & (pred < self.num_channels)
         flat = torch.where(valid, label * self.num_channels + pred, cells)
         counts = torch.zeros(cells + 1, dtype=torch.int64, device=conf.device)
-        # index_add_ rather than torch.bincount: CUDA bincount reads the max
-        # value back to the host to size its output; index_add_ writes into a
-        # buffer of known size, and is deterministic for integer counts.
+        # Not torch.bincount, which on CUDA reads the max back to the host to size its output;
+        # index_add_ fills a buffer of known size, deterministically for integer counts.
         counts.index_add_(0, flat, torch.ones_like(flat))
         conf += counts[:cells].view(self.num_classes, self.num_channels)
 
@@ -96,13 +81,9 @@ class SegmentationMeter:
             raise ValueError(
                 f"expected logits of shape B x {self.num_channels} x H x W, got {tuple(logits.shape)}"
             )
-        if label.dim() == 4:
-            if label.shape[1] != 1:
-                raise ValueError(f"label with 4 dims must have one channel, got {tuple(label.shape)}")
-            label = label[:, 0]
-        # Argmax over every channel, spare ones included, so a pixel won by a
-        # spare channel is scored as an error rather than silently re-mapped.
-        self.update(logits.argmax(dim=1), label)
+        # Argmax over every channel, spare ones included: a pixel won by a spare channel is
+        # scored as an error, not silently re-mapped.
+        self.update(logits.argmax(dim=1), _one_channel(label, "label"))
 
     def merge(self, other: "SegmentationMeter") -> None:
         if (other.num_classes, other.num_channels) != (self.num_classes, self.num_channels):
@@ -127,11 +108,8 @@ class SegmentationMeter:
         iou = correct / (union + _EPS)
         total = labelled.sum()
         pixel_acc = (correct.sum() / total).item() if total > 0 else 0.0
-        return {
-            "pixel_acc": float(pixel_acc),
-            "iou": [float(v) for v in iou.tolist()],
-            "miou": float(iou.mean().item()),
-        }
+        return {"pixel_acc": float(pixel_acc), "iou": [float(v) for v in iou.tolist()],
+                "miou": float(iou.mean().item())}
 
 
 def label_palette() -> torch.Tensor:
@@ -140,21 +118,13 @@ def label_palette() -> torch.Tensor:
 
 
 def colorize(labels: torch.Tensor) -> torch.Tensor:
-    """Map integer labels (B x H x W or B x 1 x H x W) to float RGB B x 3 x H x W in [0, 1].
-
-    Indices outside the palette (e.g. the spare channel 19) are drawn white so
-    they stand out in sample grids.
-    """
-    if labels.dim() == 4:
-        if labels.shape[1] != 1:
-            raise ValueError(f"labels with 4 dims must have one channel, got {tuple(labels.shape)}")
-        labels = labels[:, 0]
+    """Integer labels (B x H x W or B x 1 x H x W) as float RGB B x 3 x H x W in [0, 1];
+    indices outside the palette (e.g. the spare channel 19) white, to stand out."""
+    labels = _one_channel(labels, "labels")
     if labels.dim() != 3:
         raise ValueError(f"expected B x H x W labels, got {tuple(labels.shape)}")
     labels = labels.long()
     n = len(_PALETTE)
-    table = torch.cat(
-        [label_palette().to(torch.float32) / 255.0, torch.ones(1, 3)], dim=0
-    ).to(labels.device)
+    table = torch.cat([label_palette() / 255.0, torch.ones(1, 3)]).to(labels.device)
     idx = torch.where((labels >= 0) & (labels < n), labels, n)
     return table[idx].permute(0, 3, 1, 2).contiguous()
