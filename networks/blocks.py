@@ -8,10 +8,8 @@ def batch_norm(dim, enabled):
 
 
 class ResBlock(nn.Module):
-    """x + [ReLU, Conv3x3, BN, ReLU, Conv1x1, BN](x); channel count is preserved.
-
-    Its BatchNorms do not follow `flags.bn`: the authors' release never passes the flag to
-    its ResBlocks, only to the stems and heads (docs/model.md §2)."""
+    """x + [ReLU, Conv3x3, BN, ReLU, Conv1x1, BN](x), its BatchNorms whatever `flags.bn` says
+    (the release passes the flag to the stems and heads only; docs/model.md §2)."""
 
     def __init__(self, dim):
         super().__init__()

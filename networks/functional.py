@@ -46,9 +46,9 @@ def unflatten_positions(rows, like):
     return rows.reshape(like.shape[0], *like.shape[2:], like.shape[1]).movedim(-1, 1)
 
 
-# The relaxation's temperature is at least this: at 0 a softmax would divide by zero and give
-# NaN. At 1e-20 the softmax is already its limit as tau -> 0, the one-hot argmax of the
-# perturbed logits (two logits closer than 1e-18 are equal in float32), with a zero gradient.
+# The relaxation's least temperature (0 would give NaN): at 1e-20 the softmax is already its
+# limit, the one-hot argmax of the perturbed logits (logits closer than 1e-18 are equal in
+# float32), with a zero gradient.
 HARD_BELOW = 1e-20
 
 
@@ -63,9 +63,8 @@ def mean_all(t):
 
 
 def relaxed_weights(logits, temperature):
-    """softmax((logits + Gumbel noise) / temperature), with the temperature held at HARD_BELOW
-    or above (0 included): there, the one-hot argmax of the perturbed logits. The clamp runs
-    on the device, so the temperature is never read back to the host."""
+    """softmax((logits + Gumbel noise) / temperature), the temperature clamped at HARD_BELOW on
+    the device (never read back to the host)."""
     if not torch.is_tensor(temperature):
         temperature = torch.tensor(float(temperature), device=logits.device)
     # In place on the noise: the values of (logits + g) / tau, without two N x K temporaries.
@@ -134,8 +133,7 @@ def gaussian_quantize(z, var_q, codebook, mode, temperature):
 
 
 def vmf_quantize(z, kappa_q, codebook, mode, temperature):
-    """vMF stochastic quantization on the unit sphere:
-    l_ik = kappa_q <z_i / |z_i|, b_k / |b_k|>."""
+    """vMF stochastic quantization on the unit sphere, l_ik = kappa_q <z_i/|z_i|, b_k/|b_k|>."""
     z = F.normalize(z, dim=1)
     codebook = F.normalize(codebook, dim=1)
     logits = kappa_q * (flatten_positions(z) @ codebook.t())
@@ -180,8 +178,7 @@ def ema_update(count, total, codebook, batch_count, batch_sum, decay, eps):
 
 
 def summed_over_processes(batch_count, batch_sum):
-    """Under torchrun every process sees a shard of the batch; summing the statistics keeps
-    the codebooks identical and equal to a single-process run's."""
+    """Statistics summed over torchrun's processes: the codebooks stay those of one process."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return batch_count, batch_sum
     stats = torch.cat([batch_count.unsqueeze(1), batch_sum], dim=1)

@@ -1,9 +1,6 @@
-"""The four encoder/decoder pairs of docs/model.md §2, chosen by (network.name, input height
-and width); the image networks take the input's channels (1 grey, 3 RGB) from its shape.
-
-Every encoder returns ``(mean, log_var)``, where ``log_var`` is None unless the
-quantizer needs a variance head (``log_var_head``). Decoders map a quantized
-latent back to data space. D is the code dimension, D/2 the hidden width.
+"""The encoder/decoder pairs of docs/model.md §2, chosen by (network.name, input height and
+width), the image networks with the input's channels. An encoder returns ``(mean, log_var)``,
+``log_var`` None without a variance head. D is the code dimension, D/2 the hidden width.
 """
 import math
 
@@ -27,8 +24,7 @@ class Encoder(nn.Module):
         return x
 
     def grid(self, height, width):
-        """The latent grid (H, W) for an input of height x width: what the stem's strided
-        convs leave of it (ResBlocks keep the size)."""
+        """The latent grid (H, W) the stem's convs leave of a height x width input."""
         for layer in self.stem.modules():
             if isinstance(layer, nn.Conv2d):
                 (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
@@ -66,12 +62,10 @@ class Decoder(nn.Module):
         return self.head(self.res(z))
 
 
-# Creating a conv layer draws its default bias from the global generator, so the order in
-# which layers are created decides which biases a seed gives. Every builder below creates
-# them in the release's order -- encoder stem, encoder ResBlocks, mean head, variance head,
-# decoder ResBlocks, decoder head -- and Python evaluates call arguments left to right, so
-# `Encoder(stem, *encoder_blocks(...))` and `Decoder(res_stack(...), head)` keep it. With
-# it, one seed gives the release's initial weights bit for bit (tests/test_release.py).
+# A conv layer draws its default bias from the global generator when created, so every builder
+# creates the layers in the release's order (encoder stem, ResBlocks, mean head, variance head,
+# decoder ResBlocks, head; call arguments are evaluated left to right): one seed then gives
+# the release's initial weights bit for bit (tests/test_release.py).
 
 def encoder_blocks(cfg, d, log_var_head):
     """ResBlocks and heads after the stem: `num_rb - 1` ResBlocks, the mean head and, when the

@@ -110,8 +110,8 @@ class GatedPixelCNN(nn.Module):
 
     @torch.no_grad()
     def sample(self, n, height, width, temperature=1.0, generator=None):
-        """n grids n x height x width (int64), drawn position by position in raster order
-        from softmax(logits / temperature); the same `generator` state gives the same grids."""
+        """n grids n x height x width (int64) drawn in raster order from softmax(logits /
+        temperature); the same `generator` state gives the same grids."""
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         codes = torch.zeros(n, height, width, dtype=torch.long,
@@ -134,9 +134,8 @@ def layers_to_see(grid, kernel):
 
 @torch.no_grad()
 def initialise(prior, generator):
-    """PyTorch's default initialisation drawn from `generator`: conv weights and biases
-    uniform(+-1 / sqrt(fan_in)) (what kaiming_uniform with a = sqrt(5) gives), embeddings
-    N(0, 1)."""
+    """PyTorch's default initialisation from `generator`: conv weights and biases uniform(+-1 /
+    sqrt(fan_in)) (kaiming_uniform with a = sqrt(5)), embeddings N(0, 1), in creation order."""
     for m in prior.modules():
         if isinstance(m, nn.Conv2d):
             bound = 1 / math.sqrt(m.weight[0].numel())

@@ -1,9 +1,7 @@
-"""Quantizer layers for any model: SQ-VAE's Gaussian and vMF stochastic quantizers and a VQ-VAE
-nearest-code quantizer. They import torch and two modules of this package (functional.py,
-reconstruction.py) only: those three files are what ``pip install .`` installs as
-``sqvae_layers``. docs/layers.md states their contract (``z_q, aux = layer(z)``, the modes,
-``anneal``), how the SQ loss is reduced, why it wants ``arelbo``, and what variant I's
-sigma_q^2 >= 1 implies; it has a worked example.
+"""Quantizer layers for any model: SQ-VAE's Gaussian and vMF stochastic quantizers and VQ-VAE's
+nearest-code one. With functional.py and reconstruction.py, torch their only import, they are
+what ``pip install .`` installs as ``sqvae_layers``; docs/layers.md has their contract (the
+modes, ``anneal``, how the SQ loss is reduced and why it wants ``arelbo``) and an example.
 """
 import contextlib
 import math
@@ -98,8 +96,7 @@ def _autocast_off(device):
 
 
 def _position_major(t):
-    """Whether a channel-first tensor is stored position by position (channels-last) and not
-    also plain contiguous (as a 1 x 1 grid or one channel would be)."""
+    """Whether a channel-first tensor is channels-last and not also contiguous (as 1 x 1 is)."""
     return t.dim() > 2 and t.movedim(1, -1).is_contiguous() and not t.is_contiguous()
 
 
@@ -126,9 +123,8 @@ class CodebookLayer(nn.Module):
         return self._run(z, None, mode)
 
     def lookup(self, codes):
-        """z_q for code indices (z's shape without the dim axis), in the layer's layout.
-        Indices must be integers in [0, codebook_size): a negative one would wrap around
-        and a fractional one be truncated (checked on the host: this is for decoding)."""
+        """z_q for code indices (z's shape without the dim axis), in the layer's layout; integers
+        in [0, codebook_size), checked on the host (this is for decoding)."""
         codes = torch.as_tensor(codes)
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise ValueError(f"code indices must be integers, got {codes.dtype}")
@@ -175,9 +171,8 @@ class CodebookLayer(nn.Module):
 
 
 class _StochasticLayer(CodebookLayer):
-    """The SQ layers: a learned scalar s beside the codebook, the Gumbel-softmax temperature
-    and its schedule, and the KL terms as the loss; subclasses give the quantizer (QUANTIZE)
-    and its sigma_q^2 or kappa_q (param_q)."""
+    """The SQ layers: a learned scalar s, the Gumbel-softmax temperature and its schedule, the
+    KL terms as the loss; subclasses give QUANTIZE and param_q (sigma_q^2 or kappa_q)."""
 
     def __init__(self, dim, codebook_size, log_param_q_init, channel_last, temperature_init,
                  temperature_decay, temperature_min):
@@ -196,9 +191,8 @@ class _StochasticLayer(CodebookLayer):
         self.log_param_q_scalar = nn.Parameter(torch.tensor(float(log_param_q_init)))
 
     def temperature_at(self, step):
-        """The schedule's temperature at global step `step` (a finite number >= 0). It may
-        reach 0 (temperature_init 0, or exp underflowing after ~1e7 steps of the default
-        schedule): the layer then takes the hard argmax of the perturbed logits."""
+        """The temperature at global step `step` (>= 0); at 0 (exp underflows after ~1e7 default
+        steps) the layer takes the hard argmax of the perturbed logits."""
         _check_real("step", step, low=0.0)
         init, decay, floor = self.schedule
         return max(init * math.exp(-decay * float(step)), floor)

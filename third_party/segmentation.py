@@ -78,9 +78,8 @@ class SegmentationMeter:
     def update_from_logits(self, logits: torch.Tensor, label: torch.Tensor) -> None:
         """logits: B x num_channels x H x W; label: B x H x W or B x 1 x H x W."""
         if logits.dim() != 4 or logits.shape[1] != self.num_channels:
-            raise ValueError(
-                f"expected logits of shape B x {self.num_channels} x H x W, got {tuple(logits.shape)}"
-            )
+            raise ValueError(f"expected logits of shape B x {self.num_channels} x H x W, got "
+                             f"{tuple(logits.shape)}")
         # Argmax over every channel, spare ones included: a pixel won by a spare channel is
         # scored as an error, not silently re-mapped.
         self.update(logits.argmax(dim=1), _one_channel(label, "label"))
