@@ -34,12 +34,8 @@ def experiment_files():
 
 def resolve_config_path(name_or_path):
     """A YAML path from a shipped name ("mnist_gauss_1[.yaml]") or any path."""
-    candidates = [name_or_path]
-    if not os.path.isabs(name_or_path):
-        candidates.append(os.path.join(CONFIG_DIR, name_or_path))
-        if not name_or_path.endswith((".yaml", ".yml")):
-            candidates.append(os.path.join(CONFIG_DIR, name_or_path + ".yaml"))
-    for path in candidates:
+    shipped = os.path.join(CONFIG_DIR, name_or_path)  # name_or_path itself if absolute
+    for path in (name_or_path, shipped, shipped + ".yaml"):
         if os.path.isfile(path):
             return path
     raise ConfigError(
@@ -56,8 +52,7 @@ def _flatten(mapping, prefix=""):
             yield f"{prefix}{key}", value
 
 
-def _unknown_key_error(key, defaults):
-    known = [k for k, _ in _flatten(defaults)]
+def _unknown_key_error(key, known):
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
@@ -86,16 +81,14 @@ def _coerce(key, value, default):
 
 
 def _set(cfg, defaults, key, value):
-    node, dnode = cfg, defaults
-    parts = key.split(".")
-    for part in parts[:-1]:
-        if part not in dnode or not isinstance(dnode[part], CfgNode):
-            raise _unknown_key_error(key, defaults)
-        node, dnode = node[part], dnode[part]
-    leaf = parts[-1]
-    if leaf not in dnode or isinstance(dnode[leaf], CfgNode):
-        raise _unknown_key_error(key, defaults)
-    node[leaf] = _coerce(key, value, dnode[leaf])
+    known = dict(_flatten(defaults))
+    if key not in known:
+        raise _unknown_key_error(key, list(known))
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[leaf] = _coerce(key, value, known[key])
 
 
 class YamlAliasError(yaml.composer.ComposerError):
@@ -244,14 +237,12 @@ def _check_dataset(cfg, dataset):
     shape = (channels, size, size) if dataset.sizes else dataset.shape
     dim_x = math.prod(shape)
     follows = "dataset.channels and dataset.image_size" if dataset.sizes else "dataset.name"
-    if cfg.dataset.shape and tuple(cfg.dataset.shape) != shape:
-        raise ConfigError(
-            f"config key 'dataset.shape' is {tuple(cfg.dataset.shape)} but dataset {name} "
-            f"has shape {shape}; remove the key, it follows {follows}")
-    if cfg.dataset.dim_x and cfg.dataset.dim_x != dim_x:
-        raise ConfigError(
-            f"config key 'dataset.dim_x' is {cfg.dataset.dim_x} but dataset {name} has "
-            f"dim_x {dim_x} (C * H * W of {shape}); remove the key, it follows {follows}")
+    for key, written, own in (("shape", tuple(cfg.dataset.shape), shape),
+                              ("dim_x", cfg.dataset.dim_x, dim_x)):
+        if written and written != own:
+            note = f" (C * H * W of {shape})" if key == "dim_x" else ""
+            raise ConfigError(f"config key 'dataset.{key}' is {written} but dataset {name} has "
+                              f"{key} {own}{note}; remove the key, it follows {follows}")
     cfg.dataset.channels, cfg.dataset.image_size = channels, size
     cfg.dataset.shape, cfg.dataset.dim_x = shape, dim_x
 
@@ -311,8 +302,7 @@ def _absolute(path):
 
 
 def is_sample_data(cfg):
-    """Whether cfg trains on the sample shipped in tests/data (a first run, not the paper's
-    setting)."""
+    """Whether cfg trains on the sample in tests/data (a first run, not the paper's setting)."""
     return os.path.normpath(cfg.path_dataset) == os.path.normpath(SAMPLE_DATA)
 
 
@@ -327,8 +317,8 @@ def parse_overrides(opts):
 
 
 def config_from_mapping(mapping, opts=None):
-    """Defaults + a nested mapping of config keys (an experiment file's content) + overrides,
-    validated, derived and frozen."""
+    """Defaults + a nested mapping (an experiment file's content) + overrides, validated,
+    derived and frozen."""
     defaults = get_defaults()
     cfg = defaults.clone()
     for key, value in _flatten(mapping):

@@ -12,30 +12,23 @@ from . import registry
 
 _C = CN()
 
-# Root folder for run folders; env SQVAE_CHECKPOINTS overrides this default.
-_C.path = "./checkpoints"
+_C.path = "./checkpoints"  # Root folder of run folders; env SQVAE_CHECKPOINTS overrides it.
 # Root folder for datasets, outside the source packages; env SQVAE_DATA overrides it.
 # Relative paths are taken from the current folder; a leading {repo} is the repository's.
 _C.path_dataset = "./datasets"
-# Sub-folder of `path` for this experiment, e.g. <dataset>_sqvae_<variant>/.
-_C.path_specific = "sqvae/"
-# DataLoader worker processes for datasets read one file per item (CelebA, CelebAMask_HQ).
-_C.nworker = 2
-# Decode datasets of image files once into a memory-mapped .npy cache and reuse it.
-_C.cache_decoded = True
+_C.path_specific = "sqvae/"  # Sub-folder of `path`, e.g. <dataset>_sqvae_<variant>/.
+_C.nworker = 2  # DataLoader worker processes for datasets read one file per item.
+_C.cache_decoded = True  # Decode image files once into a memory-mapped .npy cache.
 _C.path_checkpoint = ""  # Derived: the experiment's run root, `path/path_specific`.
 
 _C.dataset = CN()
-# Dataset name: one of configs/registry.py (each has its module under data/sources/).
-_C.dataset.name = next(iter(registry.DATASETS))
+_C.dataset.name = next(iter(registry.DATASETS))  # One of configs/registry.py DATASETS.
 # Side in pixels of a dataset of square pictures the config sizes (others: 0 or their own).
 _C.dataset.image_size = 0
 # Channels of such pictures: 3 (RGB) or 1 (grey); 0 = its default (fixed elsewhere).
 _C.dataset.channels = 0
-# Derived: shape (C, H, W) of one input of dataset.name; label maps have C = 1.
-_C.dataset.shape = ()
-# Derived: number of input values C*H*W, used by the reconstruction likelihood.
-_C.dataset.dim_x = 0
+_C.dataset.shape = ()  # Derived: shape (C, H, W) of one input; label maps have C = 1.
+_C.dataset.dim_x = 0  # Derived: C*H*W, used by the reconstruction likelihood.
 
 _C.model = CN()
 # Model family: GaussianSQVAE (image likelihood), VmfSQVAE (label maps) or VQVAE (baseline).
@@ -45,40 +38,30 @@ _C.model.name = "GaussianSQVAE"
 _C.model.param_var_q = registry.VARIANTS[0]
 # Initial value of the learned scalar s in sigma_q^2 = exp(v) + exp(s), or kappa_q = exp(s) + 1.
 _C.model.log_param_q_init = math.log(10.0)
-# VmfSQVAE only: initial log of the decoder's inverse concentration 1/kappa_d.
-_C.model.log_kappa_inv = math.log(0.01)
-# Only with flags.arelbo False: initial log of the learned decoder variance sigma^2.
-_C.model.log_var_x_init = math.log(0.1)
+_C.model.log_kappa_inv = math.log(0.01)  # VmfSQVAE only: initial log of 1/kappa_d.
+_C.model.log_var_x_init = math.log(0.1)  # With flags.arelbo False: initial log sigma_x^2.
 _C.model.beta = 0.25  # VQVAE only: weight beta of the commitment loss beta * ||z - sg(e)||^2.
 
 _C.network = CN()
 _C.network.name = "resnet"  # Encoder/decoder family: resnet (images) or resnet_label (label maps).
 _C.network.num_rb = 2  # Number of residual blocks (see docs/model.md §2 for where they sit).
-# resnet_label only: number of label classes (one-hot width is 2*ceil(num_class/2)).
-_C.network.num_class = 19
-# resnet_label only: decoder output activation: exp (Softplus), sigmoid, tanh or none.
-_C.network.act_decoder = "none"
-# Conv weights and activations channels-last (NHWC): the faster layout on CPUs (docs/speed.md).
-_C.network.channels_last = True
+_C.network.num_class = 19  # resnet_label only: label classes (one-hot width 2*ceil(n/2)).
+_C.network.act_decoder = "none"  # resnet_label only: exp (Softplus), sigmoid, tanh, none.
+_C.network.channels_last = True  # NHWC weights and activations, faster on CPUs (docs/speed.md).
 
 _C.quantization = CN()
 _C.quantization.size_dict = 512  # Codebook size K.
 # Codebook initialisation: normal (N(0, 1), the SQ-VAE release's) or uniform (+-1/K, VQ-VAE).
 _C.quantization.init = "normal"
 _C.quantization.dim_dict = 64  # Code dimension D as written in the experiment file.
-# Derived: dimension the networks and codebook use (dim_dict, + 1 for VmfSQVAE).
-_C.quantization.dim_code = 0
+_C.quantization.dim_code = 0  # Derived: the networks' and codebook's D (+ 1 for VmfSQVAE).
 _C.quantization.temperature = CN()
 _C.quantization.temperature.init = 1.0  # Gumbel-softmax temperature at step 0.
-# Exponential decay rate of the temperature per training iteration.
-_C.quantization.temperature.decay = 0.00001
+_C.quantization.temperature.decay = 0.00001  # Its exponential decay rate per training step.
 _C.quantization.temperature.min = 0.0  # Lower bound of the temperature.
-# VQVAE only: codebook by exponential moving averages instead of the codebook loss.
-_C.quantization.ema = False
-# VQVAE with ema only: decay of the moving averages of code counts and sums.
-_C.quantization.ema_decay = 0.99
-# VQVAE with ema only: Laplace smoothing of the code counts (keeps unused codes finite).
-_C.quantization.ema_eps = 1e-5
+_C.quantization.ema = False  # VQVAE only: codebook by moving averages, not its loss.
+_C.quantization.ema_decay = 0.99  # VQVAE with ema only: decay of those moving averages.
+_C.quantization.ema_eps = 1e-5  # VQVAE with ema: Laplace smoothing of the code counts.
 
 _C.train = CN()
 _C.train.bs = 32  # Training batch size (global, over all devices).
@@ -88,26 +71,22 @@ _C.train.epoch_max = 100  # Number of training epochs.
 _C.train.ckpt_every_steps = 1000
 # Per-process batch size under torchrun; 0 splits train.bs over the processes instead.
 _C.train.bs_per_rank = 0
-# Under torchrun, synchronise BatchNorm statistics across processes (SyncBatchNorm).
-_C.train.sync_bn = False
+_C.train.sync_bn = False  # Under torchrun, SyncBatchNorm across processes.
 # bf16 autocast for the conv stacks (quantizer and losses stay float32); off = faithful.
 _C.train.amp = False
-# torch.compile the model (GPU speed-up; first steps are slower while it compiles).
-_C.train.compile = False
+_C.train.compile = False  # torch.compile the model (GPU speed-up; slower first steps).
 # Drop the ragged last training batch, so every step has the same shape (CUDA graphs).
 _C.train.drop_last = False
 
 _C.test = CN()
-# Batch size of the validation and test loaders (the release evaluated in batches of 32).
-_C.test.bs = 32
+_C.test.bs = 32  # Batch size of the validation and test loaders (the release's 32).
 
 _C.log = CN()
 # Read the running metrics back from the device (and check for non-finite loss) every N steps.
 _C.log.every_steps = 100
 
 _C.flags = CN()
-# Decoder variance by ARELBO (log of the MSE) instead of a learned variance.
-_C.flags.arelbo = True
+_C.flags.arelbo = True  # Decoder variance by ARELBO (log of the MSE), not learned.
 _C.flags.decay = True  # Anneal the Gumbel-softmax temperature every iteration.
 _C.flags.bn = True  # BatchNorm in the conv stacks.
 
@@ -122,10 +101,8 @@ _C.prior.kernel = 3
 _C.prior.lr = 0.001  # Adam learning rate of the prior.
 _C.prior.bs = 128  # Prior training batch size, in code grids.
 _C.prior.epoch_max = 30  # Maximum number of prior training epochs.
-# Early stopping: epochs without a better validation NLL before prior training stops.
-_C.prior.patience = 4
-# Sampling temperature: codes are drawn from softmax(logits / temperature).
-_C.prior.temperature = 1.0
+_C.prior.patience = 4  # Epochs without a better validation NLL before training stops.
+_C.prior.temperature = 1.0  # Sampling: codes drawn from softmax(logits / temperature).
 
 
 ENV_OVERRIDES = {"path": "SQVAE_CHECKPOINTS", "path_dataset": "SQVAE_DATA"}

@@ -1,10 +1,6 @@
-"""The one table of names: datasets, models and quantizer variants, and what each implies.
-
-Config validation (``configs.load_config``) checks names against it and derives
-``dataset.shape`` and ``dataset.dim_x`` from a dataset's entry; the networks take those through
-the config. What a dataset or variant implies beyond that lives with its implementation (its
-module under ``data/sources/``; ``networks.quantizers.GAUSSIAN_VARIANCES``). Plain data that
-imports nothing of ours, so any package may read it.
+"""The one table of names (datasets, models, quantizer variants) and what config validation
+derives from them; everything else a name implies lives with its implementation (its module
+under data/sources/, networks.quantizers.GAUSSIAN_VARIANCES). Plain data, importing nothing.
 """
 from typing import NamedTuple
 
@@ -15,9 +11,8 @@ class Dataset(NamedTuple):
     shape: tuple   # (C, H, W) of one item: dataset.shape, and dim_x = C * H * W
     network: str   # the network.name whose encoder/decoder read it
     items: str     # "images" (values in [0, 1]) or "labels" (one class index per pixel)
-    # For pictures the config sizes: the dataset.image_size values it takes (sides H = W
-    # with a network; the first is the default) and the dataset.channels values (1 grey,
-    # 3 RGB; the first is the default). Empty: the shape above, fixed.
+    # Pictures the config sizes: the dataset.image_size (H = W) and dataset.channels values
+    # it takes, the first the default. Empty: the shape above, fixed.
     sizes: tuple = ()
     channels: tuple = ()
 
@@ -47,9 +42,8 @@ class Model(NamedTuple):
     extra_code_dim: int     # quantization.dim_code = quantization.dim_dict + this
 
 
-# The SQ-VAE keeps the release's N(0, 1) codebook (docs/model.md); the VQ-VAE baseline
-# reproduces the Gaussian experiments with the nearest-code quantizer only; the release's
-# vMF model on label maps widens its codes by one.
+# The SQ-VAE keeps the release's N(0, 1) codebook; the VQ-VAE baseline reproduces the
+# Gaussian I experiments; the release's vMF model on label maps widens its codes by one.
 MODELS = {
     "GaussianSQVAE": Model("images", (), ("normal",), False, 0),
     "VmfSQVAE": Model("labels", ("vmf",), ("normal",), False, 1),
