@@ -1,13 +1,11 @@
-"""Datasets and batch loaders: one module per dataset under ``data/sources/`` (the recipe for a
-new one is in docs/code-map.md), files under ``cfg.path_dataset``; ``build_loader`` is the
-entry point. ``SQVAE_NO_DOWNLOAD=1``: never try downloading a missing dataset."""
+"""Datasets and batch loaders (``build_loader``): one module per dataset under ``data/sources/``,
+its files under ``cfg.path_dataset`` (docs/usage.md; a new dataset: docs/code-map.md)."""
 import importlib
 
 from .errors import DatasetError
 from .sources import SPLITS, split_sizes
 
-# The loaders import torch: loaded on first use, so that `python -m data.prepare_celebamask_hq
-# --help` (which imports this package first) answers before torch is imported.
+# Loaded on first use: `python -m data.prepare_celebamask_hq --help` answers before torch.
 _LOADER_NAMES = ("DecodedLoader", "FileLoader", "InMemoryLoader", "Loader", "build_loader",
                  "build_loaders", "build_picture_loader", "per_rank_batch", "recorded_files")
 

@@ -1,9 +1,7 @@
-"""A decoded cache for the datasets read from image files: the files decoded once, by the very
-function the file loader calls, into one uint8 N x C x H x W array, ``<root>/cache/<name>.npy``,
-that later epochs and processes memory-map. Its sidecar ``.json`` records the decoding (function,
-parameters, its module's source hash, Pillow's version) and the files (names, sizes, mtimes):
-when either changes, the cache is rebuilt. A build that skips unreadable files (folders of
-pictures) leaves their rows zero and lists them in the sidecar."""
+"""The decoded cache of the datasets read from image files: the files decoded once, by the very
+function the file loader calls, into a uint8 N x C x H x W ``<root>/cache/<name>.npy`` that
+later epochs and processes memory-map. Its ``.json`` sidecar records the decoding (function,
+parameters, its module's source hash, Pillow) and the files: either changed, it is rebuilt."""
 import contextlib
 import functools
 import glob
@@ -22,7 +20,7 @@ from util.lock import FileLock
 from util.signals import worker_pool
 from util.text import one_line
 
-from .errors import DatasetError
+from .errors import DatasetError, file_state, first_few
 
 CACHE_DIR = "cache"
 # Bump when the file layout or the sidecar's meaning changes, to retire old caches.
@@ -35,8 +33,6 @@ MIN_PARALLEL = 1024
 # A skipping build stops when the first this many files all fail (a folder of something else
 # than pictures, or a Pillow without the format's decoder).
 FIRST_FAILURES = CHUNK
-# File names of unreadable files quoted in an error or a warning.
-NAMES_SHOWN = 3
 
 
 def cache_path(root, name, folder=CACHE_DIR):
@@ -55,33 +51,38 @@ def build_workers():
         return os.cpu_count() or 1
 
 
-def _fingerprint(root, paths):
-    digest = hashlib.sha256()
-    for p in paths:
-        try:
-            st = os.stat(p)
-        except OSError as e:
-            raise DatasetError(f"cannot read {p}: {e.strerror}") from None
-        # Root-relative names, so a dataset root moved with its mtimes keeps its cache.
-        digest.update(f"{os.path.relpath(p, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+def pool_context():
+    # fork hands workers the torch and PIL already imported; a fresh interpreter would spend
+    # seconds importing them again.
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if fork else None)
 
 
-def _decoding(decode):
+def _sidecar(root, paths, decode, shape, skip_unreadable):
+    """What the cache of `paths` decoded by `decode` depends on, as its sidecar records it."""
+    files = hashlib.sha256()
+    for path in paths:  # root-relative names: a root moved with its mtimes keeps its cache
+        size, mtime_ns = file_state(path)
+        files.update(f"{os.path.relpath(path, root)}\0{size}\0{mtime_ns}\n".encode())
     # The whole module's source, not just the function's: a changed constant or helper
     # (crop size, resize call) changes the pixels as much as an edited body does.
     with open(sys.modules[decode.__module__].__file__, "rb") as f:
         source = hashlib.sha256(f.read()).hexdigest()
-    # A decoding object (data.decode.PictureDecoder) is named by its class.
-    name = getattr(decode, "__qualname__", type(decode).__qualname__)
-    return {"function": f"{decode.__module__}.{name}",
-            "params": getattr(decode, "params", {}), "source_sha256": source,
-            "pillow": PIL.__version__}
+    name = getattr(decode, "__qualname__", type(decode).__qualname__)  # or a decoding object's
+    # Lists, not tuples: the dict is compared with what json.load gives back.
+    sidecar = {"format": FORMAT, "shape": [len(paths), *shape], "dtype": "uint8",
+               "decode": {"function": f"{decode.__module__}.{name}",
+                          "params": getattr(decode, "params", {}), "source_sha256": source,
+                          "pillow": PIL.__version__},
+               "sources": {"count": len(paths), "sha256": files.hexdigest()}}
+    if skip_unreadable:
+        sidecar["skip_unreadable"] = True
+    return sidecar
 
 
 def _open_matching(path, sidecar):
-    """(memmap, indices of the skipped files) of the cache at ``path`` if its sidecar (less
-    its "skipped") equals ``sidecar``, else None."""
+    """(memmap, indices of the skipped files) of the cache at `path` if its sidecar (less its
+    "skipped") equals `sidecar`, else None."""
     try:
         with open(sidecar_path(path)) as f:
             stored = json.load(f)
@@ -98,40 +99,32 @@ def _open_matching(path, sidecar):
     return array, skipped
 
 
-def open_or_build(path, *, root, paths, decode, shape, what, workers, skip_unreadable=False,
+def open_or_build(path, *, root, paths, decode, shape, what, skip_unreadable=False,
                   instead=None):
-    """(read-only memmap of the decoded ``paths``, indices of the files that could not be
-    decoded, whose rows are zero: only with ``skip_unreadable``), built first if missing or
-    stale. None, after a one-line warning on stderr, where the cache cannot be written: the
-    caller decodes the files instead (`instead` says how). Errors in the files raise
-    DatasetError as the decoding path does."""
-    # Lists, not tuples: the dict is compared with what json.load gives back.
-    sidecar = {"format": FORMAT, "shape": [len(paths), *shape], "dtype": "uint8",
-               "decode": _decoding(decode),
-               "sources": {"count": len(paths), "sha256": _fingerprint(root, paths)}}
-    if skip_unreadable:
-        sidecar["skip_unreadable"] = True
+    """(read-only memmap of the decoded `paths`, indices of the files that could not be decoded,
+    rows zero: only with `skip_unreadable`), built first if missing or stale. None, after a
+    one-line warning, where it cannot be written: the caller decodes (`instead` says how)."""
+    sidecar = _sidecar(root, paths, decode, shape, skip_unreadable)
     found = _open_matching(path, sidecar)
-    if found is None:
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with FileLock(path + ".lock"):
-                # Another process (a second rank) may have built it while this one waited.
-                found = _open_matching(path, sidecar) or _build(
-                    path, sidecar, paths, decode, shape, what, workers, skip_unreadable)
-        except OSError as e:
-            instead = instead or f"decoding the {what} files every epoch instead"
-            print(f"warning: cannot write the decoded cache {path} ({one_line(e)}); {instead}",
-                  file=sys.stderr)
-            return None
-    return found
+    if found is not None:
+        return found
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with FileLock(path + ".lock"):
+            # Another process (a second rank) may have built it while this one waited.
+            return _open_matching(path, sidecar) or _build(
+                path, sidecar, paths, decode, shape, what, skip_unreadable)
+    except OSError as e:
+        instead = instead or f"decoding the {what} files every epoch instead"
+        print(f"warning: cannot write the decoded cache {path} ({one_line(e)}); {instead}",
+              file=sys.stderr)
+        return None
 
 
-def decode_all(paths, *, decode, shape, what, workers, skip_unreadable=False):
-    """(the decoded array of ``paths`` in memory, as a build writes it, the skipped indices),
-    for when no cache can be written."""
+def decode_all(paths, *, decode, shape, what, skip_unreadable=False):
+    """(the decoded array of `paths` in memory, as a build writes it, the skipped indices)."""
     array, skipped, start = np.empty((len(paths), *shape), dtype=np.uint8), [], 0
-    with contextlib.closing(_blocks(paths, decode, shape, what, workers,
+    with contextlib.closing(_blocks(paths, decode, shape, what,
                                     skipped if skip_unreadable else None)) as blocks:
         for block in blocks:
             array[start:start + len(block)] = block
@@ -139,12 +132,12 @@ def decode_all(paths, *, decode, shape, what, workers, skip_unreadable=False):
     return array, skipped
 
 
-def _build(path, sidecar, paths, decode, shape, what, workers, skip_unreadable):
+def _build(path, sidecar, paths, decode, shape, what, skip_unreadable):
     # Only lock holders get here, so any temporary file left is from a killed build.
     for stale in glob.glob(glob.escape(path) + ".*.tmp"):
         os.remove(stale)
     tmp, skipped = f"{path}.{os.getpid()}.tmp", []
-    blocks = _blocks(paths, decode, shape, what, workers, skipped if skip_unreadable else None)
+    blocks = _blocks(paths, decode, shape, what, skipped if skip_unreadable else None)
     try:
         # Plain sequential writes rather than a writable memmap: a full disk then raises
         # OSError here instead of killing the process with SIGBUS.
@@ -169,20 +162,25 @@ def _build(path, sidecar, paths, decode, shape, what, workers, skip_unreadable):
     return np.load(path, mmap_mode="r"), skipped
 
 
-def _blocks(paths, decode, shape, what, workers, skipped):
-    """The decoded blocks of ``paths`` in file order, shape-checked, with a progress bar on a
-    terminal. `skipped` None: an unreadable file raises; else a list that collects the indices
-    of those, and a build that reads none (of all, or of the first FIRST_FAILURES) raises."""
-    if skipped is None:
-        job = functools.partial(_decode_many, decode)
-    else:
-        job = functools.partial(_decode_many_skipping, decode, tuple(shape))
-    done, first_error = 0, None
-    with tqdm(total=len(paths), unit="img", desc=f"caching {what}", file=sys.stderr,
-              disable=not sys.stderr.isatty()) as bar, \
-            contextlib.closing(_decoded_blocks(paths, job, workers)) as results:
-        for result in results:
-            block, failed = (result, []) if skipped is None else result
+def _blocks(paths, decode, shape, what, skipped):
+    """The decoded blocks of `paths` in file order, shape-checked, with a progress bar on a
+    terminal. `skipped` None: an unreadable file raises; else a list that collects their
+    indices, and a build that reads none (of all, or of the first FIRST_FAILURES) raises."""
+    job = functools.partial(_decode_many, decode)
+    if skipped is not None:
+        job = functools.partial(_decode_many, decode, skip_shape=tuple(shape))
+    chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
+    done, first_error, workers = 0, None, build_workers()
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=len(paths), unit="img", desc=f"caching {what}",
+                                       file=sys.stderr, disable=not sys.stderr.isatty()))
+        results = map(job, chunks)
+        if workers > 1 and len(paths) >= MIN_PARALLEL:
+            # imap, not imap_unordered: each block is appended to the file as it comes. Leaving
+            # the block early (an error, Ctrl-C) ends the workers (util.signals.worker_pool).
+            pool = worker_pool(pool_context(), min(workers, len(chunks)))
+            results = stack.enter_context(pool).imap(job, chunks)
+        for block, failed in results:
             if block.shape[1:] != tuple(shape):
                 raise DatasetError(f"{what} files decode to {block.shape[1:]} arrays, "
                                    f"expected {tuple(shape)}")
@@ -191,53 +189,25 @@ def _blocks(paths, decode, shape, what, workers, skipped):
                 first_error = first_error or message
             done += len(block)
             if failed and len(skipped) == done and done >= min(FIRST_FAILURES, len(paths)):
-                raise _none_readable(what, paths, done, first_error)
+                which = (f"none of its {done} image files" if done == len(paths)
+                         else f"none of the first {done} of its {len(paths)} image files")
+                names = first_few([os.path.basename(p) for p in paths[:done]])
+                raise DatasetError(f"{what}: {which} can be decoded ({names}; first error: "
+                                   f"{first_error}); point it at a folder of pictures Pillow "
+                                   "reads")
             bar.update(len(block))
             yield block
 
 
-def _none_readable(what, paths, done, first_error):
-    names = ", ".join(os.path.basename(p) for p in paths[:NAMES_SHOWN])
-    which = (f"none of its {done} image files" if done == len(paths)
-             else f"none of the first {done} of its {len(paths)} image files")
-    more = ", ..." if done > NAMES_SHOWN else ""
-    return DatasetError(f"{what}: {which} can be decoded ({names}{more}; first error: "
-                        f"{first_error}); point it at a folder of pictures Pillow reads")
-
-
-def _decode_many(decode, paths):
-    return np.stack([decode(p) for p in paths])
-
-
-def _decode_many_skipping(decode, shape, paths):
-    """(block, [(position, error message)] of the files that could not be decoded, whose rows
-    are zero)."""
-    block = np.zeros((len(paths), *shape), dtype=np.uint8)
-    failed = []
-    for i, p in enumerate(paths):
+def _decode_many(decode, paths, skip_shape=None):
+    """(block of the decoded `paths`, [(position, message)] of those that failed). With
+    `skip_shape` (one item's), a file that cannot be decoded leaves its row zero, not raise."""
+    if skip_shape is None:
+        return np.stack([decode(p) for p in paths]), []
+    block, failed = np.zeros((len(paths), *skip_shape), dtype=np.uint8), []
+    for i, path in enumerate(paths):
         try:
-            block[i] = decode(p)
+            block[i] = decode(path)
         except DatasetError as e:
             failed.append((i, str(e)))
     return block, failed
-
-
-def pool_context():
-    # fork hands workers the already imported torch/PIL; a fresh interpreter would spend
-    # seconds importing them again.
-    if "fork" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context()
-
-
-def _decoded_blocks(paths, job, workers):
-    """``job(chunk)`` for chunks of consecutive files, in file order."""
-    chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
-    if workers < 2 or len(paths) < MIN_PARALLEL:
-        yield from map(job, chunks)
-        return
-    # imap (not imap_unordered) so each block can be appended to the file as it comes;
-    # leaving the with-block early (an error, Ctrl-C) terminates the workers, which ignore
-    # Ctrl-C and end on SIGTERM by default (util.signals.worker_pool says why).
-    with worker_pool(pool_context(), min(workers, len(chunks))) as pool:
-        yield from pool.imap(job, chunks)

@@ -9,19 +9,14 @@ from util.text import one_line
 
 from .errors import DatasetError
 
-# What PIL raises on unreadable input: UnidentifiedImageError and "image file is
-# truncated" are OSErrors, but some plugins (PNG among them) raise SyntaxError or
-# ValueError for broken chunks, a short read can surface as EOFError, and a file that
-# claims billions of pixels raises DecompressionBombError rather than allocate them.
+# What PIL raises on unreadable input: OSError mostly; some plugins (PNG) raise SyntaxError or
+# ValueError on broken chunks, a short read EOFError, a claim of billions of pixels a bomb error.
 _PIL_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def open_image(path, what):
-    try:
-        # open() is lazy: decode now, so a broken file fails here with its name, and
-        # leave the block with the pixels in memory and the file closed either way.
-        with warnings.catch_warnings():
-            # Large but legitimate pictures (over 89 Mpx) warn; they are decoded all the same.
+    try:  # open() is lazy: decode now, so that a broken file fails here with its name
+        with warnings.catch_warnings():  # legitimate pictures over 89 Mpx warn: decode them
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
@@ -31,25 +26,18 @@ def open_image(path, what):
     return img
 
 
-# Integer modes wider than 8 bits, and what brings their values to 0..255: 16-bit greys
-# (PNG, TIFF) by their full range; 32-bit ints and floats as 8-bit values when they fit,
-# else as 16-bit ones.
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
-def _eight_bit_grey(img):
-    values = np.asarray(img, dtype=np.float64)
-    if img.mode.startswith("I;16") or (values.size and values.max() > 255):
-        values = values / 257.0
-    return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode="L")
-
-
 def as_channels(img, channels):
-    """`img` as 8-bit grey (`channels` 1) or RGB (3). Alpha is dropped (the colour under a
-    transparent pixel shows, as torchvision's image loader does), palette images are
-    expanded, 16-bit greys scaled to 8 bits."""
+    """`img` as 8-bit grey (`channels` 1) or RGB (3): alpha dropped (the colour under it shows,
+    as in torchvision's image loader), palettes expanded, 16-bit greys scaled to 8 bits."""
     if img.mode in _WIDE_MODES:
-        img = _eight_bit_grey(img)
+        # 16-bit greys by their full range; 32-bit ints and floats as 8 bits if they fit, else 16
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or (values.size and values.max() > 255):
+            values = values / 257.0
+        img = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode="L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # what Pillow asks for, rather than warn
     mode = "L" if channels == 1 else "RGB"
@@ -67,14 +55,13 @@ def centre_square(img, size):
 
 
 class PictureDecoder:
-    """Any picture Pillow reads -> uint8 C x size x size: upright by its EXIF orientation,
-    grey or RGB (`channels` 1 or 3), its centred square resized with antialiasing. Raises
-    DatasetError naming the file when it cannot be decoded. An object (not a closure) so
-    that the decoded cache's worker processes can be handed it."""
+    """Any picture Pillow reads -> uint8 C x size x size: upright by its EXIF orientation, grey
+    or RGB (`channels` 1 or 3), its centred square resized with antialiasing; DatasetError
+    naming the file otherwise. An object, not a closure: the cache's workers are handed it."""
 
     def __init__(self, channels, size):
         self.channels, self.size = int(channels), int(size)
-        # What the output depends on besides the file (the decoded cache's sidecar records it).
+        # What the output depends on besides the file: the decoded cache's sidecar records it.
         self.params = {"channels": self.channels, "size": self.size, "crop": "centre square",
                        "resize": "bicubic, antialiased"}
 

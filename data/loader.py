@@ -1,6 +1,6 @@
 """Batch loaders with a reproducible, resumable, shardable epoch order: the order of an epoch
-is a pure function of (seed, epoch), computed on a CPU generator so it is the same on any
-device, and an epoch can be re-entered at any batch to resume a run exactly."""
+is a pure function of (seed, epoch), drawn on a CPU generator so it is the same on any device,
+and an epoch can be re-entered at any batch to resume a run exactly."""
 import functools
 import math
 import os
@@ -19,13 +19,16 @@ from .sources import SPLITS, Arrays, Decoded, Files, Reads
 
 # Spreads seeds apart: two seeds could only share an epoch's order past a million epochs.
 SEED_STRIDE = 1_000_003
+# How a batch of uint8 items reaches the model, by what the dataset holds (configs.registry's
+# Dataset.items): images as floats in [0, 1], label maps as class indices.
+IMAGES = "images"
+TO_MODEL = {IMAGES: lambda x: x.float().div_(255), "labels": lambda x: x.long()}
 
 
 def epoch_order(n, *, shuffle, seed, epoch, rank=0, world_size=1, pad=True):
-    """Dataset indices (CPU int64) that ``rank`` visits in ``epoch``: positions r, r + W, ...
-    of the epoch's order. With ``pad`` the order is first padded from its own start to a
-    multiple of world_size, as DistributedSampler does, so that every rank takes as many
-    steps (DDP needs it); evaluation does without, so that every sample counts once."""
+    """Dataset indices (CPU int64) that ``rank`` visits in ``epoch``: positions r, r + W, ... of
+    the epoch's order, with ``pad`` first padded from its own start to a multiple of world_size
+    as DistributedSampler does (DDP needs equal steps; evaluation counts each sample once)."""
     if shuffle:
         gen = torch.Generator().manual_seed(seed * SEED_STRIDE + epoch)
         order = torch.randperm(n, generator=gen)
@@ -40,27 +43,21 @@ def epoch_order(n, *, shuffle, seed, epoch, rank=0, world_size=1, pad=True):
 
 
 class Loader:
-    """One split of one dataset, yielding ``(x, y)`` batches on ``device``.
+    """One split of one dataset, yielding ``(x, y)`` batches on ``device``: ``len(loader)``
+    batches of ``num_samples`` (padding included) per epoch on this rank. ``set_epoch`` before
+    each epoch; ``iter_from(k)`` resumes one at batch k."""
 
-    ``len(loader)``: the batches this rank yields per epoch; ``num_samples``: the samples it
-    sees (padding included). Call ``set_epoch`` before each epoch; ``iter_from(k)`` resumes
-    an epoch at batch k. A loader of pictures chosen at run time also has ``names`` (the file
-    of each item, in dataset order) and ``record`` (what a run folder keeps of them).
-    """
+    names = record = None  # pictures chosen at run time: each item's file, what a run keeps
 
-    names = None
-    record = None
-
-    def __init__(self, *, name, split, n, batch_size, shuffle, seed, device, rank,
-                 world_size, drop_last):
+    def __init__(self, *, name, split, n, batch_size, shuffle, seed, device, rank, world_size,
+                 drop_last):
         self.name, self.split, self.dataset_size = name, split, n
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.device = torch.device(device)
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
         # Training shards are padded to equal size, evaluation shards are not (epoch_order).
-        self.num_samples = (math.ceil(n / world_size) if shuffle
-                            else len(range(rank, n, world_size)))
+        self.num_samples = math.ceil(n / world_size) if shuffle else len(range(rank, n, world_size))
 
     def __len__(self):
         if self.drop_last:
@@ -70,26 +67,20 @@ class Loader:
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
 
-    def indices(self):
-        """Dataset indices this rank visits in the current epoch, in batch order."""
-        return epoch_order(self.dataset_size, shuffle=self.shuffle, seed=self.seed,
-                           epoch=self.epoch, rank=self.rank, world_size=self.world_size,
-                           pad=self.shuffle)
-
     def iter_from(self, start_batch=0):
         """Iterate the current epoch's batches from index ``start_batch`` on."""
         n_batches = len(self)
         if not 0 <= start_batch <= n_batches:
             raise ValueError(f"start_batch {start_batch} is outside 0..{n_batches} "
                              f"({self.name} {self.split} has {n_batches} batches per epoch)")
-        order = self.indices()[:n_batches * self.batch_size] if self.drop_last else self.indices()
+        order = epoch_order(self.dataset_size, shuffle=self.shuffle, seed=self.seed,
+                            epoch=self.epoch, rank=self.rank, world_size=self.world_size,
+                            pad=self.shuffle)
+        if self.drop_last:
+            order = order[:n_batches * self.batch_size]
         return self._iterate(list(order.split(self.batch_size))[start_batch:])
 
-    def __iter__(self):
-        return self.iter_from(0)
-
-    def _iterate(self, batches):
-        raise NotImplementedError
+    __iter__ = iter_from
 
     def __repr__(self):
         return (f"{type(self).__name__}({self.name} {self.split}: {self.dataset_size} samples, "
@@ -140,27 +131,28 @@ def _collate(items):
 
 
 class FileLoader(Loader):
-    """Decodes the files in DataLoader workers, or, given ``open_cache`` (data.cache's
-    open_or_build for the split), gathers the batches from the split's decoded cache in this
-    process: opened, or built once, on the first pass, so that a file that cannot be decoded
-    fails at access either way. The cache stays on disk (2 GB need not fit anywhere); where it
-    cannot be written (``array`` None), every pass decodes the files."""
+    """One file per item. Batches are gathered in this process from the rows of an array
+    already decoded: a ``sources.Decoded`` split (pictures), or the split's decoded cache that
+    ``open_cache`` opens or builds on the first pass, kept on disk (2 GB need not fit anywhere).
+    Without one (``array`` None: no cache, or one that cannot be written), DataLoader workers
+    decode the files of every pass. A file that cannot be decoded fails at access either way."""
 
-    def __init__(self, dataset, *, num_workers, to_model, open_cache=None, **kw):
-        super().__init__(n=len(dataset), **kw)
+    def __init__(self, *, to_model, dataset=None, num_workers=0, open_cache=None, decoded=None,
+                 **kw):
+        super().__init__(n=len(dataset) if decoded is None else len(decoded.rows), **kw)
         self.dataset, self.num_workers, self.to_model = dataset, num_workers, to_model
-        self.open_cache, self.array = open_cache, None
+        self.open_cache, self.array, self.rows = open_cache, None, None
+        if decoded is not None:
+            self.array, self.rows = decoded.array, np.asarray(decoded.rows, dtype=np.int64)
+            self.names, self.record = list(decoded.names), decoded.record
 
     def _iterate(self, batches):
         if self.open_cache is not None:
             found, self.open_cache = self.open_cache(), None
             self.array = None if found is None else found[0]
-        if self.array is None:
-            yield from self._decode(batches)
-        else:
-            yield from gather_batches(self.array, None, batches, self.device, self.to_model)
-
-    def _decode(self, batches):
+        if self.array is not None:
+            yield from gather_batches(self.array, self.rows, batches, self.device, self.to_model)
+            return
         # A fresh DataLoader per pass: its batch list is this epoch's (possibly resumed)
         # slice, and non-persistent workers exit when the pass ends.
         loader = DataLoader(self.dataset, batch_sampler=[b.tolist() for b in batches],
@@ -171,20 +163,6 @@ class FileLoader(Loader):
                 raise DatasetError(x)
             x = self.to_model(x.to(self.device, non_blocking=True))
             yield x, torch.zeros(len(x), dtype=torch.int64, device=self.device)
-
-
-class DecodedLoader(Loader):
-    """Gathers batches from rows of an array already decoded (``sources.Decoded``: a folder of
-    pictures), memory-mapped or in memory, as FileLoader does from its cache."""
-
-    def __init__(self, decoded, *, to_model, **kw):
-        super().__init__(n=len(decoded.rows), **kw)
-        self.array, self.rows = decoded.array, np.asarray(decoded.rows, dtype=np.int64)
-        self.names, self.record = list(decoded.names), decoded.record
-        self.to_model = to_model
-
-    def _iterate(self, batches):
-        return gather_batches(self.array, self.rows, batches, self.device, self.to_model)
 
 
 def gather_batches(array, rows, batches, device, to_model):
@@ -209,17 +187,13 @@ def batch_buffer(shape, device):
     return torch.empty(shape, dtype=torch.uint8, pin_memory=is_cuda(device))
 
 
-# How a batch of uint8 items reaches the model, by what the dataset holds
-# (configs.registry's Dataset.items): images as floats in [0, 1], label maps as class indices.
-IMAGES = "images"
-TO_MODEL = {IMAGES: lambda x: x.float().div_(255), "labels": lambda x: x.long()}
-
-
-def _check_loader_args(batch_size, rank, world_size):
+def _loader_args(*, batch_size, rank, world_size, **kw):
+    """The keyword arguments of a Loader, checked."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
+    return dict(batch_size=batch_size, rank=rank, world_size=world_size, **kw)
 
 
 def _check_read(cfg, got, split, where):
@@ -246,46 +220,44 @@ def build_loader(cfg, split, *, batch_size, shuffle, seed=0, device="cpu", rank=
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if shuffle and split != "train":
         raise ValueError(f"the {split} loader keeps file order; build it with shuffle=False")
-    _check_loader_args(batch_size, rank, world_size)
-    name = cfg.dataset.name
-    common = dict(name=name, split=split, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                  device=device, rank=rank, world_size=world_size, drop_last=drop_last)
+    name, where = cfg.dataset.name, os.path.abspath(cfg.path_dataset)
+    common = _loader_args(name=name, split=split, batch_size=batch_size, shuffle=shuffle,
+                          seed=seed, device=device, rank=rank, world_size=world_size,
+                          drop_last=drop_last)
     got = sources.source(name).read(cfg, split, recorded)
-    where = os.path.abspath(cfg.path_dataset)
     _check_read(cfg, got, split, where)
     to_model = TO_MODEL[registry.DATASETS[name].items]
     if isinstance(got, Arrays):
         return InMemoryLoader(got.images, got.labels, **common)
     if isinstance(got, Decoded):
-        return DecodedLoader(got, to_model=to_model, **common)
-    dataset = FileDataset(got.paths, got.decode)
+        return FileLoader(decoded=got, to_model=to_model, **common)
     open_cache = None
     if cfg.cache_decoded:
         open_cache = functools.partial(
             cache.open_or_build, cache.cache_path(where, got.cache), root=where,
-            paths=dataset.paths, decode=dataset.decode, shape=tuple(cfg.dataset.shape),
-            what=f"{name} {split}", workers=cache.build_workers())
-    return FileLoader(dataset, num_workers=cfg.nworker, to_model=to_model,
-                      open_cache=open_cache, **common)
+            paths=list(got.paths), decode=got.decode, shape=tuple(cfg.dataset.shape),
+            what=f"{name} {split}")
+    return FileLoader(dataset=FileDataset(got.paths, got.decode), num_workers=cfg.nworker,
+                      to_model=to_model, open_cache=open_cache, **common)
 
 
 def build_picture_loader(cfg, folder, *, batch_size, device="cpu", rank=0, world_size=1):
     """A loader over every picture under `folder` (data.pictures) in sorted file order, decoded
     at cfg's dataset.shape: what ``-ts RUN --images DIR`` evaluates and encodes. Its ``names``
     are the pictures' names relative to the folder; ``record`` says which were skipped."""
-    _check_loader_args(batch_size, rank, world_size)
     name, items = cfg.dataset.name, registry.DATASETS[cfg.dataset.name].items
+    common = _loader_args(name=name, split="images", batch_size=batch_size, shuffle=False,
+                          seed=0, device=device, rank=rank, world_size=world_size,
+                          drop_last=False)
     if items != IMAGES:
         raise DatasetError(f"--images reads pictures, but a {name} run reconstructs "
                            f"{items}; give a run of a dataset of images")
     folder = os.path.abspath(folder)
     names = pictures.list_pictures(folder)
-    decoded = pictures.decoded(folder, names, tuple(cfg.dataset.shape),
-                               cached=cfg.cache_decoded, reads=Reads.of(cfg))
-    return DecodedLoader(decoded.split(names, f"under {folder}"),
-                         to_model=TO_MODEL[items], name=name, split="images",
-                         batch_size=batch_size, shuffle=False, seed=0, device=device,
-                         rank=rank, world_size=world_size, drop_last=False)
+    found = pictures.decoded(folder, names, tuple(cfg.dataset.shape), cached=cfg.cache_decoded,
+                             reads=Reads.of(cfg))
+    return FileLoader(decoded=found.split(names, f"under {folder}"), to_model=TO_MODEL[items],
+                      **common)
 
 
 def per_rank_batch(cfg, world_size):

@@ -1,11 +1,6 @@
-"""Folders of pictures: every file Pillow reads under a folder, decoded once to one shape.
-
-``list_pictures`` finds them (hidden files and folders left out, the cache's own among them);
-``decoded`` decodes them with ``data.decode.PictureDecoder`` into one cache,
-``<folder>/.sqvae-cache/pictures_CxS.npy`` (``data.cache``), or into memory where the folder is
-read-only or ``cache_decoded`` is False. A file that cannot be decoded is skipped, with one
-warning line per command; none readable, or none of the first 256, is a DatasetError.
-"""
+"""Folders of pictures: every file Pillow reads under a folder (hidden ones left out), decoded
+once by ``data.decode.PictureDecoder`` into ``<folder>/.sqvae-cache/pictures_CxS.npy``, or into
+memory; unreadable files skipped with one warning (docs/usage.md, "Your own images")."""
 import os
 import sys
 from typing import NamedTuple
@@ -14,16 +9,15 @@ from PIL import Image, ImageFile
 
 from . import cache
 from .decode import PictureDecoder
-from .errors import DatasetError
+from .errors import DatasetError, first_few
 from .sources.spec import Decoded
 
 CACHE_FOLDER = ".sqvae-cache"
 
 
 def picture_extensions():
-    """The file extensions (lower case, with the dot) of the formats Pillow can decode here:
-    those it opens, less the stubs that need a handler from elsewhere and MPEG (identified,
-    never decoded)."""
+    """The file extensions (lower case, with the dot) of the formats Pillow decodes here: those
+    it opens, less the stubs that need a handler from elsewhere and MPEG (never decoded)."""
     Image.init()
     readable = {fmt for fmt, (factory, _) in Image.OPEN.items()
                 if not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
@@ -39,23 +33,19 @@ def list_pictures(folder):
     names = []
     for root, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
-                names.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
+        names += [os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+                  for name in files
+                  if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions]
+    if not names:
+        raise DatasetError(f"no picture under {folder} (looked recursively for the files Pillow "
+                           "reads: .jpg, .png, .webp, .bmp, .tif, ...); set path_dataset to a "
+                           "folder of pictures")
     return sorted(names)
-
-
-def no_pictures(folder):
-    return DatasetError(f"no picture under {folder} (looked recursively for the files Pillow "
-                        "reads: .jpg, .png, .webp, .bmp, .tif, ...); set path_dataset to a "
-                        "folder of pictures")
 
 
 class Pictures(NamedTuple):
     """The decoded pictures of a folder: ``array`` (uint8 N x C x H x W, a memory map or in
-    memory) holds row i for ``names[i]``; the rows of ``skipped`` (names that could not be
-    decoded) are zero."""
-
+    memory) holds row i for ``names[i]``; the rows of ``skipped`` (not decoded) are zero."""
     folder: str
     names: list
     array: object
@@ -73,29 +63,23 @@ class Pictures(NamedTuple):
 
 
 def decoded(folder, names, shape, *, cached=True, reads):
-    """The Pictures of `names` (relative to `folder`) at `shape` (C, H, W) with H == W, once
-    per state of the files for `reads` (one command's), which reports the skipped ones once."""
+    """The Pictures of `names` (from list_pictures) at `shape` (C, H, W) with H == W, once per
+    state of the files for `reads` (one command's), which reports the skipped ones once."""
     channels, size, width = shape
     if size != width:
         raise ValueError(f"pictures are decoded square, not {size}x{width}")
-    if not names:
-        raise no_pictures(folder)
-    found = reads.kept(("pictures", folder, tuple(shape), cached),
-                       [os.path.join(folder, name) for name in names],
-                       lambda: _decode(folder, list(names), tuple(shape), cached))
+    paths = [os.path.join(folder, name) for name in names]
+    found = reads.kept(("pictures", folder, tuple(shape), cached), paths,
+                       lambda: _decode(folder, list(names), paths, tuple(shape), cached))
     if found.skipped:
         skipped = [n for n in found.names if n in found.skipped]
-        shown = ", ".join(skipped[:cache.NAMES_SHOWN]) + (
-            ", ..." if len(skipped) > cache.NAMES_SHOWN else "")
         reads.say(f"warning: {len(skipped)} of the {len(names)} pictures under {folder} cannot "
-                  f"be decoded and are skipped: {shown}", file=sys.stderr)
+                  f"be decoded and are skipped: {first_few(skipped)}", file=sys.stderr)
     return found
 
 
-def _decode(folder, names, shape, cached):
-    paths = [os.path.join(folder, name) for name in names]
-    decode = PictureDecoder(shape[0], shape[1])
-    common = dict(decode=decode, shape=shape, what=folder, workers=cache.build_workers(),
+def _decode(folder, names, paths, shape, cached):
+    common = dict(decode=PictureDecoder(shape[0], shape[1]), shape=shape, what=folder,
                   skip_unreadable=True)
     found = None
     if cached:

@@ -1,7 +1,5 @@
-"""The datasets: one module per dataset, each declaring ``SOURCE`` (``spec.Source``), and what
-they share (``spec``, ``layouts``). Nothing registers on import: ``discover()`` imports every
-module of this package once, when a dataset is first asked for (the recipe for a new one is
-in docs/code-map.md)."""
+"""One module per dataset, each declaring ``SOURCE`` (``spec.Source``), and what they share
+(``spec``, ``layouts``); ``discover()`` imports them when a dataset is first asked for."""
 import functools
 import importlib
 import pkgutil

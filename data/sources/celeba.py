@@ -39,15 +39,14 @@ def _read_celeba_partition(path):
 
 def celeba_files(root, reads):
     """{'train', 'val', 'test'} -> list of JPEG paths, in list_eval_partition.txt order."""
-    def present(folder):
-        return (os.path.isfile(os.path.join(folder, CELEBA_PARTITION))
-                and os.path.isdir(os.path.join(folder, CELEBA_IMAGES)))
+    def missing(folder):
+        if (os.path.isfile(os.path.join(folder, CELEBA_PARTITION))
+                and os.path.isdir(os.path.join(folder, CELEBA_IMAGES))):
+            return []
+        return [f"{CELEBA_IMAGES}{os.sep} (the aligned 178x218 JPEGs) and {CELEBA_PARTITION}"]
 
-    folder = find_folder(
-        reads, NAME, root, (CELEBA_DIR,), complete=present,
-        what=lambda ours: f"{CELEBA_IMAGES}{os.sep} (the aligned 178x218 JPEGs) and "
-                          f"{CELEBA_PARTITION}",
-        download=lambda: tvd.CelebA(root, split="all", download=True))
+    folder = find_folder(reads, NAME, root, (CELEBA_DIR,), missing=missing, hint="",
+                         download=lambda: tvd.CelebA(root, split="all", download=True))
     image_dir = os.path.join(folder, CELEBA_IMAGES)
     partition = os.path.join(folder, CELEBA_PARTITION)
 

@@ -26,8 +26,10 @@ NUM_LABEL_CLASSES = len(LABEL_PARTS) + 1  # 19
 _LABEL_NAME = re.compile(r"^(\d+)\.png$")
 
 
-def _numbered_pngs(folder):
-    """The <n>.png files of `folder` in numeric order (10.png after 9.png); None: no folder."""
+def _numbered_pngs(root, split, suffix=""):
+    """The <n>.png files of <root>/<split>_label<suffix> in numeric order (10.png after 9.png);
+    None: no such folder."""
+    folder = os.path.join(root, f"{split}_label{suffix}")
     if not os.path.isdir(folder):
         return None
     numbered = sorted((int(m.group(1)), m.string) for m in map(_LABEL_NAME.match,
@@ -40,15 +42,13 @@ def celebamask_files(root, split):
     ``<split>_label_64`` folder where it is complete (as many files as ``<split>_label``, or
     the only one present), which saves the 512->64 resize."""
     folder = os.path.join(root, CELEBAMASK_DIR)
-    full = _numbered_pngs(os.path.join(folder, f"{split}_label"))
-    small = _numbered_pngs(os.path.join(folder, f"{split}_label_64"))
+    full, small = _numbered_pngs(folder, split), _numbered_pngs(folder, split, "_64")
     if small and (full is None or len(small) == len(full)):
         return small
     if full:
         return full
     absent = [f"{s}_label{os.sep}" for s in SPLITS
-              if not _numbered_pngs(os.path.join(folder, f"{s}_label"))
-              and not _numbered_pngs(os.path.join(folder, f"{s}_label_64"))]
+              if not (_numbered_pngs(folder, s) or _numbered_pngs(folder, s, "_64"))]
     raise DatasetError(
         f"{NAME} not found under {root}: {', '.join(absent)} missing or "
         f"empty in {folder}{os.sep}; run `python -m data.prepare_celebamask_hq --src "

@@ -42,19 +42,16 @@ _CIFAR_GLOBALS = {
 
 
 class _RefusedGlobal(pickle.UnpicklingError):
-    def __init__(self, module, name):
-        # Pickles of protocol 2 name Python 2's module (Python 3 writes builtins that way).
-        module = {"__builtin__": "builtins"}.get(module, module)
-        super().__init__(f"{module}.{name}")
-        self.qualified_name = f"{module}.{name}"
+    """A global the official batches never name; the message is its qualified name."""
 
 
 class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         try:
             return _CIFAR_GLOBALS[(module, name)]
-        except KeyError:
-            raise _RefusedGlobal(module, name) from None
+        except KeyError:  # protocol 2 names Python 2's module (Python 3 writes builtins so)
+            module = {"__builtin__": "builtins"}.get(module, module)
+            raise _RefusedGlobal(f"{module}.{name}") from None
 
 
 def _read_cifar_batch(path):
@@ -63,9 +60,9 @@ def _read_cifar_batch(path):
             # latin1: what the official Python 2 pickles need to restore their arrays.
             batch = _CifarUnpickler(f, encoding="latin1").load()
     except _RefusedGlobal as e:
-        raise DatasetError(f"CIFAR10 batch {path} holds a pickled {e.qualified_name}, which "
-                           "is refused: only numpy arrays, lists, bytes, str and int are "
-                           "allowed; download the official files again") from None
+        raise DatasetError(f"CIFAR10 batch {path} holds a pickled {e}, which is refused: only "
+                           "numpy arrays, lists, bytes, str and int are allowed; download the "
+                           "official files again") from None
     except Exception as e:  # a damaged pickle can raise almost any exception type
         raise DatasetError(f"cannot read CIFAR10 batch {path}: {type(e).__name__}: "
                            f"{one_line(e)} (truncated or corrupt; extract "
@@ -95,32 +92,22 @@ def _read_cifar_batch(path):
     return data.reshape(-1, *SHAPE), labels
 
 
-def _download(root):
-    # Download and extract only: tvd.CIFAR10 would also unpickle every batch.
-    tvd.utils.download_and_extract_archive(tvd.CIFAR10.url, root,
-                                           filename=tvd.CIFAR10.filename,
-                                           md5=tvd.CIFAR10.tgz_md5)
-
-
 def load_cifar10(root, reads):
     """{'train', 'val', 'test'} -> (uint8 N x 3 x 32 x 32, int64 N), read once per `reads`."""
     names = CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)
-
-    def missing(folder):
-        return [n for n in names if not os.path.isfile(os.path.join(folder, n))]
-
     folder = find_folder(
-        reads, NAME, root, (CIFAR10_DIR,), complete=lambda f: not missing(f),
-        what=lambda ours: f"{', '.join(missing(ours))} (extracted from cifar-10-python.tar.gz)",
-        download=lambda: _download(root))
+        reads, NAME, root, (CIFAR10_DIR,),
+        missing=lambda f: [n for n in names if not os.path.isfile(os.path.join(f, n))],
+        hint=" (extracted from cifar-10-python.tar.gz)",
+        # Download and extract only: tvd.CIFAR10 would also unpickle every batch.
+        download=lambda: tvd.utils.download_and_extract_archive(
+            tvd.CIFAR10.url, root, filename=tvd.CIFAR10.filename, md5=tvd.CIFAR10.tgz_md5))
     paths = [os.path.join(folder, n) for n in names]
 
     def parse():
         parts = [_read_cifar_batch(p) for p in paths[:-1]]
-        images = np.concatenate([p[0] for p in parts])
-        labels = np.concatenate([p[1] for p in parts])
-        n_train, _ = split_sizes(len(images))
-        return carve_val((images, labels), _read_cifar_batch(paths[-1]), n_train)
+        train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        return carve_val(train, _read_cifar_batch(paths[-1]), split_sizes)
 
     return reads.kept(NAME, paths, parse)
 

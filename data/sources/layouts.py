@@ -1,12 +1,10 @@
-"""What the dataset modules share: the two folder layouts, downloads and the validation split
-carved off an official training split. No dataset is named here.
-
-A dataset's files sit in a folder named as torchvision names it: directly under the dataset
-root in this project's layout, under ``<root>/<Name>/`` in the authors' (sony/sqvae). Ours is
-looked at first, and a download always goes to ours.
-"""
+"""What the dataset modules share: the two folder layouts (files directly under the dataset
+root in ours, under ``<root>/<Name>/`` in the authors'; ours is looked at first, and a download
+goes to it), downloads and the validation split carved off an official training split."""
 import contextlib
+import itertools
 import os
+import pathlib
 import socket
 
 from util.text import one_line
@@ -22,6 +20,8 @@ VAL_SIZE = 10_000
 # Below this many training images the file is a toy (a test fixture or a subset), where a
 # fixed 10,000 would leave nothing to train on.
 MIN_OFFICIAL_TRAIN_FOR_FIXED_VAL = 20_000
+_OFFLINE = ("Name or service not known", "Temporary failure in name resolution",
+            "Network is unreachable", "timed out")
 
 
 def carved_split_sizes(dataset_name, n_official_train, tiny_val_divisor):
@@ -37,82 +37,58 @@ def carved_split_sizes(dataset_name, n_official_train, tiny_val_divisor):
     return n - n_val, n_val
 
 
-def carve_val(train, test, n_train):
-    """{'train', 'val', 'test'} from the official (images, labels) pairs: the first `n_train`
-    training items train, the rest validate (views of the arrays read, not copies)."""
-    images, labels = train
+def carve_val(train, test, split_sizes):
+    """{'train', 'val', 'test'} from the official (images, labels) pairs: the training items
+    past ``split_sizes(n)[0]`` validate (views of the arrays read, not copies)."""
+    (images, labels), (n_train, _) = train, split_sizes(len(train[0]))
     return {"train": (images[:n_train], labels[:n_train]),
             "val": (images[n_train:], labels[n_train:]), "test": test}
 
 
-def find_folder(reads, dataset_name, root, folder, *, complete, what, download):
-    """The folder of a dataset's files (`folder`: the path parts of torchvision's), ours or
-    the authors', whichever ``complete(path)`` accepts first; said once per command (`reads`).
-    Neither: ``download()`` is tried into ours; still missing, the error names what to put
-    where (``what(ours)``)."""
-    folders = [os.path.join(root, *folder), os.path.join(root, dataset_name, *folder)]
+def find_folder(reads, dataset_name, root, folder, *, missing, hint, download):
+    """The folder of a dataset's files (`folder`: torchvision's path parts), ours or the
+    authors', the first where ``missing(path)`` lists nothing, said once per command. Neither:
+    ``download()`` is tried into ours; still missing, the error names what to put where."""
+    ours, theirs = os.path.join(root, *folder), os.path.join(root, dataset_name, *folder)
     note = None
     while True:
-        for path, layout in zip(folders, LAYOUT_NAMES):
-            if complete(path):
+        for path, layout in zip((ours, theirs), LAYOUT_NAMES):
+            if not missing(path):
                 reads.say(f"{dataset_name}: using {path} ({layout})")
                 return path
         if note is not None:
-            break
-        note = try_download(folders[0], download)
-    ours, theirs = folders
-    raise DatasetError(f"{dataset_name} not found under {root}: put {what(ours)} in {ours}{os.sep}"
-                       f" (or in {theirs}{os.sep}, the authors' layout; {note})")
+            raise DatasetError(f"{dataset_name} not found under {root}: put "
+                               f"{', '.join(missing(ours))}{hint} in {ours}{os.sep} (or in "
+                               f"{theirs}{os.sep}, the authors' layout; {note})")
+        note = try_download(ours, download)
 
 
 def download_disabled():
     return os.environ.get(NO_DOWNLOAD_ENV, "").strip() not in ("", "0")
 
 
-@contextlib.contextmanager
-def _socket_timeout(seconds):
-    # torchvision's urllib calls have no timeout of their own; without one a machine with no
-    # route out can hang for minutes before reporting the dataset missing.
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def _short_reason(error):
-    """The gist of a download failure: no network is the common case and says it all."""
-    text = one_line(error)
-    for marker in ("Name or service not known", "Temporary failure in name resolution",
-                   "Network is unreachable", "timed out"):
-        if marker in text:
-            return "no network"
-    return f"{type(error).__name__}: {text[:120]}" + ("..." if len(text) > 120 else "")
-
-
 def try_download(target, download):
-    """Call ``download()`` (whose files land in `target`); a short note for error messages.
-
-    A failure (expected offline) is never raised: the caller looks for the files again. The
-    folders the attempt created and left empty are removed, so an offline run leaves the
-    dataset root as it found it.
-    """
+    """Call ``download()`` (whose files land in `target`); a short note for error messages. A
+    failure (expected offline) is never raised, and the folders the attempt created and left
+    empty are removed: an offline run leaves the dataset root as it found it."""
     if download_disabled():
         return f"download skipped: {NO_DOWNLOAD_ENV}=1"
-    created, folder = [], os.path.abspath(target)
-    while not os.path.exists(folder) and folder not in created:
-        created.append(folder)  # deepest first
-        folder = os.path.dirname(folder)
+    target = pathlib.Path(os.path.abspath(target))
+    created = list(itertools.takewhile(lambda p: not p.exists(), [target, *target.parents]))
+    previous = socket.getdefaulttimeout()
+    # torchvision's urllib calls have no timeout: with no route out, one hangs for minutes.
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-            download()
+        download()
     except Exception as e:  # any failure (no network, quota, bad archive) means "not here"
-        return f"download failed: {_short_reason(e)}"
+        text = one_line(e)
+        if any(marker in text for marker in _OFFLINE):
+            return "download failed: no network"
+        return (f"download failed: {type(e).__name__}: {text[:120]}"
+                + ("..." if len(text) > 120 else ""))
     finally:
-        for folder in created:
-            # rmdir refuses a folder with anything in it: a partial download (or a file
-            # another process put there meanwhile) is never lost.
+        socket.setdefaulttimeout(previous)
+        for folder in created:  # deepest first; rmdir keeps a folder with anything in it
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
     return "download attempted"

@@ -27,27 +27,30 @@ def _missing_mnist_files(raw_dir):
             if not any(os.path.isfile(os.path.join(raw_dir, name + ext)) for ext in ("", ".gz"))]
 
 
+def _refused(path, error):
+    """The error for a file the file system refuses (permissions, I/O) rather than a bad one."""
+    return DatasetError(f"cannot read {path}: {error.strerror}; make it readable "
+                        "(it is not known to be corrupt)")
+
+
 def _extract_gz(raw_dir):
-    """Decompress each idx file present only as .gz beside it (torchvision reads only the
-    uncompressed files), renamed into place once complete: an interrupted extraction never
-    leaves a short file that looks like data."""
+    """Decompress each idx file present only as .gz (torchvision reads only the uncompressed
+    files), renamed into place once complete: never a short file that looks like data."""
     for path in (os.path.join(raw_dir, name) for name in MNIST_FILES):
         if os.path.isfile(path):
             continue
-        gz = path + ".gz"
         try:
-            with gzip.open(gz, "rb") as f:
+            with gzip.open(path + ".gz", "rb") as f:
                 payload = f.read()
         except (OSError, EOFError, zlib.error) as e:
-            if getattr(e, "errno", None):  # the file system refused (permissions, I/O)
-                raise DatasetError(f"cannot read {gz}: {e.strerror}; make it readable "
-                                   "(it is not known to be corrupt)") from None
-            raise DatasetError(f"cannot decompress {gz}: {one_line(e)} "
+            if getattr(e, "errno", None):
+                raise _refused(path + ".gz", e) from None
+            raise DatasetError(f"cannot decompress {path}.gz: {one_line(e)} "
                                "(truncated or corrupt; download it again)") from None
         try:
             atomic_write_bytes(path, payload)
         except OSError as e:
-            raise DatasetError(f"cannot extract {gz} to {path}: {e.strerror}; make "
+            raise DatasetError(f"cannot extract {path}.gz to {path}: {e.strerror}; make "
                                f"{raw_dir} writable or decompress it there yourself "
                                "(gunzip -k)") from None
 
@@ -57,9 +60,8 @@ def _read_idx(path, reader):
     try:
         return reader(path).numpy()
     except OSError as e:
-        if e.errno:  # refused, not corrupt: say so
-            raise DatasetError(f"cannot read {path}: {e.strerror}; make it readable "
-                               "(it is not known to be corrupt)") from None
+        if e.errno:
+            raise _refused(path, e) from None
         error = e
     except Exception as e:  # the reader fails on bad files with whatever type comes up
         error = e
@@ -93,24 +95,17 @@ def _read_mnist_pair(dataset_name, raw_dir, prefix):
 def load_mnist_like(dataset_name, root, reads=None):
     """{'train', 'val', 'test'} -> (uint8 N x 1 x 28 x 28, int64 N), read once per `reads`."""
     reads = reads or Reads()
-    raw_dir = find_folder(
-        reads, dataset_name, root, (dataset_name, "raw"),
-        complete=lambda folder: not _missing_mnist_files(folder),
-        what=lambda ours: f"{', '.join(_missing_mnist_files(ours))} (or the same names "
-                          "with .gz)",
-        download=lambda: getattr(tvd, dataset_name)(root, train=True, download=True))
+    raw_dir = find_folder(reads, dataset_name, root, (dataset_name, "raw"),
+                          missing=_missing_mnist_files, hint=" (or the same names with .gz)",
+                          download=lambda: getattr(tvd, dataset_name)(root, download=True))
     _extract_gz(raw_dir)
-
-    def parse():
-        train = _read_mnist_pair(dataset_name, raw_dir, "train")
-        test = _read_mnist_pair(dataset_name, raw_dir, "t10k")
-        return carve_val(train, test, split_sizes(dataset_name, len(train[0]))[0])
-
-    return reads.kept(dataset_name, [os.path.join(raw_dir, n) for n in MNIST_FILES], parse)
+    return reads.kept(dataset_name, [os.path.join(raw_dir, n) for n in MNIST_FILES],
+                      lambda: carve_val(_read_mnist_pair(dataset_name, raw_dir, "train"),
+                                        _read_mnist_pair(dataset_name, raw_dir, "t10k"),
+                                        functools.partial(split_sizes, dataset_name)))
 
 
-def split_sizes(dataset_name, n_official_train):
-    return carved_split_sizes(dataset_name, n_official_train, TINY_VAL_DIVISOR)
+split_sizes = functools.partial(carved_split_sizes, tiny_val_divisor=TINY_VAL_DIVISOR)
 
 
 def mnist_format(dataset_name):

@@ -4,12 +4,11 @@ import os
 import weakref
 from typing import Callable, NamedTuple, Optional
 
-from ..errors import DatasetError
+from ..errors import file_state
 
 
 class Arrays(NamedTuple):
     """A split in memory (parsed files): uint8 N x C x H x W items, int64 N labels."""
-
     images: object
     labels: object
 
@@ -17,7 +16,6 @@ class Arrays(NamedTuple):
 class Files(NamedTuple):
     """A split of one file per item: the paths, ``decode(path)`` -> uint8 C x H x W, and the
     stem of its decoded cache (``data.cache``) under <path_dataset>/cache/."""
-
     paths: list
     decode: Callable
     cache: str
@@ -26,7 +24,6 @@ class Files(NamedTuple):
 class Decoded(NamedTuple):
     """A split already decoded: the rows ``rows`` of the uint8 N x C x H x W ``array``, the file
     of each (``names``), and ``record``, what a run folder keeps of the split (JSON data)."""
-
     array: object
     rows: object
     names: list
@@ -34,20 +31,18 @@ class Decoded(NamedTuple):
 
 
 class Source(NamedTuple):
-    """A dataset module's declaration. ``read(cfg, split, recorded)`` returns one split as
-    Arrays, Files or Decoded; ``recorded``: None, or the ``record`` of each split a run folder
-    kept, so that the run evaluated or resumed later reads the same files. ``split_sizes``:
-    n_official_train -> (n_train, n_val) where validation is carved off the training split."""
-
+    """A dataset module's declaration. ``read(cfg, split, recorded)``: one split as Arrays, Files
+    or Decoded (``recorded``: None, or the ``record`` of each split a run folder kept).
+    ``split_sizes``: n_official_train -> (n_train, n_val) where val is carved off train."""
     name: str
     read: Callable
     split_sizes: Optional[Callable] = None
 
 
 class Reads:
-    """What one command has read of its datasets (parsed files, decoded pictures) and the notes
-    it has printed, so that its train, val and test loaders share one read and print a note
-    once. ``Reads.of(cfg)``: the one of a config object, dropped when the config is."""
+    """What one command has read (parsed files, decoded pictures) and the notes it printed, so
+    that its loaders share one read and print a note once. ``Reads.of(cfg)``: the one of a
+    config object, dropped when the config is."""
 
     _of_config = {}  # id(cfg) -> Reads, removed as that config is garbage collected
 
@@ -65,13 +60,7 @@ class Reads:
     def kept(self, key, paths, make):
         """``make()``, once per `key` and state (size, mtime) of the files at `paths`: a file
         replaced on disk is read afresh, and the value of its older state dropped."""
-        state = []
-        for path in paths:
-            try:
-                st = os.stat(path)
-            except OSError as e:
-                raise DatasetError(f"cannot read {path}: {e.strerror}") from None
-            state.append((os.path.abspath(path), st.st_size, st.st_mtime_ns))
+        state = [(os.path.abspath(path), *file_state(path)) for path in paths]
         if self._kept.get(key, (None,))[0] != state:
             self._kept.pop(key, None)
             self._kept[key] = (state, make())
