@@ -220,12 +220,10 @@ class GaussianQuantizer(_StochasticLayer):
     """SQ-VAE's Gaussian stochastic quantizer (docs/model.md §3.1), variants I-IV.
 
     ``variance`` (a key of GAUSSIAN_VARIANCES) picks sigma_q^2 = exp(v) + exp(s), s the
-    learned ``log_param_q_scalar`` (initially ``log_param_q_init``, the release's log 10):
-    v = 0 for "gaussian_1", else from the encoder's log-variance of z's shape. Temperature
-    defaults are the release's (1.0, decaying by exp(-1e-5) a step, no floor); the codebook
-    starts N(0, 1). aux: loss, kld_discrete, kld_continuous, perplexity (training: of the soft
-    assignment), entropy (mean per position), codes, and param_q / param_q_min / param_q_max
-    (sigma_q^2 over positions, detached).
+    learned ``log_param_q_scalar`` (initially the release's log 10), v = 0 for "gaussian_1",
+    else from the encoder's log-variance of z's shape. Temperature defaults are the release's;
+    aux: loss, kld_discrete, kld_continuous, perplexity, entropy, codes and param_q (sigma_q^2)
+    with its min and max over positions (docs/layers.md).
     """
 
     QUANTIZE = staticmethod(gaussian_quantize)

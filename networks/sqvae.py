@@ -36,10 +36,9 @@ class SQVAE(CodebookAutoencoder):
 
     def loss_terms(self, x_hat, x, aux):
         terms = self.reconstruction_terms(x_hat, x)
-        terms["kld_discrete"] = aux["kld_discrete"]
-        terms["kld_continuous"] = aux["kld_continuous"]
         terms["loss"] = terms["loss_rec"] + aux["kld_discrete"] + aux["kld_continuous"]
-        for key in ("perplexity", "entropy", "param_q", "param_q_min", "param_q_max"):
+        for key in ("kld_discrete", "kld_continuous", "perplexity", "entropy", "param_q",
+                    "param_q_min", "param_q_max"):
             terms[key] = aux[key]
         return terms
 
