@@ -108,9 +108,8 @@ class InMemoryLoader(Loader):
 
 
 class FileDataset(Dataset):
-    """One file per item, decoded by ``decode`` (uint8 C x H x W). A DatasetError comes back as
-    its message: raised in a worker, DataLoader would re-raise it with the worker's whole
-    traceback as the message, and tearing the worker down stalls for 5 s."""
+    """One file per item, decoded by ``decode``. A DatasetError comes back as its message: raised
+    in a worker, DataLoader would re-raise it with the worker's traceback and stall for 5 s."""
 
     def __init__(self, paths, decode):
         self.paths, self.decode = list(paths), decode
@@ -131,11 +130,9 @@ def _collate(items):
 
 
 class FileLoader(Loader):
-    """One file per item. Batches are gathered in this process from the rows of an array
-    already decoded: a ``sources.Decoded`` split (pictures), or the split's decoded cache that
-    ``open_cache`` opens or builds on the first pass, kept on disk (2 GB need not fit anywhere).
-    Without one (``array`` None: no cache, or one that cannot be written), DataLoader workers
-    decode the files of every pass. A file that cannot be decoded fails at access either way."""
+    """One file per item, gathered from rows of a decoded array (``decoded`` pictures, or the
+    cache ``open_cache`` opens or builds on the first pass, on disk: 2 GB need not fit), or
+    without one (``array`` None) decoded by DataLoader workers on every pass."""
 
     def __init__(self, *, to_model, dataset=None, num_workers=0, open_cache=None, decoded=None,
                  **kw):
@@ -147,7 +144,7 @@ class FileLoader(Loader):
             self.names, self.record = list(decoded.names), decoded.record
 
     def _iterate(self, batches):
-        if self.open_cache is not None:
+        if self.open_cache is not None:  # now: an undecodable file fails at access, cached or not
             found, self.open_cache = self.open_cache(), None
             self.array = None if found is None else found[0]
         if self.array is not None:
@@ -166,8 +163,8 @@ class FileLoader(Loader):
 
 
 def gather_batches(array, rows, batches, device, to_model):
-    """The batches (dataset indices) from `array` (its rows `rows` in dataset order, or all
-    of them), each as (items on `device` for the model, zero labels)."""
+    """(items on `device` for the model, zero labels) of each batch of dataset indices, from
+    `array` (its rows `rows` in dataset order, or all of them)."""
     for batch in batches:
         idx = batch.numpy() if rows is None else rows[batch.numpy()]
         # Rows read in file order sweep the file forwards (page cache read-ahead), then go
@@ -180,15 +177,13 @@ def gather_batches(array, rows, batches, device, to_model):
 
 
 def batch_buffer(shape, device):
-    """An empty uint8 host tensor for a batch bound for `device`: pinned for CUDA, since only
-    from pinned memory does a non_blocking copy overlap the step running meanwhile. A fresh
-    buffer per batch is safe and cheap: PyTorch's pinned-memory cache hands a block out again
-    only after the copies reading it have finished. Elsewhere, ordinary memory."""
+    """An empty uint8 host tensor for a batch bound for `device`: pinned for CUDA, where only
+    that lets a non_blocking copy overlap the step (a fresh one per batch is safe and cheap:
+    the pinned cache reuses a block once its copies have finished); else ordinary memory."""
     return torch.empty(shape, dtype=torch.uint8, pin_memory=is_cuda(device))
 
 
 def _loader_args(*, batch_size, rank, world_size, **kw):
-    """The keyword arguments of a Loader, checked."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
@@ -213,9 +208,8 @@ def _check_read(cfg, got, split, where):
 
 def build_loader(cfg, split, *, batch_size, shuffle, seed=0, device="cpu", rank=0,
                  world_size=1, drop_last=False, recorded=None):
-    """The loader for ``split`` ("train", "val" or "test") of cfg's dataset, ``batch_size`` per
-    rank. ``recorded``: what a run folder recorded of the files its splits read (their
-    loaders' ``record``, by split), for a dataset whose files are chosen at run time."""
+    """The loader of ``split`` of cfg's dataset, ``batch_size`` per rank. ``recorded``: the
+    ``record`` of each split's loader a run folder kept (files chosen at run time)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if shuffle and split != "train":
@@ -242,9 +236,8 @@ def build_loader(cfg, split, *, batch_size, shuffle, seed=0, device="cpu", rank=
 
 
 def build_picture_loader(cfg, folder, *, batch_size, device="cpu", rank=0, world_size=1):
-    """A loader over every picture under `folder` (data.pictures) in sorted file order, decoded
-    at cfg's dataset.shape: what ``-ts RUN --images DIR`` evaluates and encodes. Its ``names``
-    are the pictures' names relative to the folder; ``record`` says which were skipped."""
+    """A loader over every picture under `folder` in sorted file order, at cfg's dataset.shape
+    (``-ts RUN --images DIR``); ``names`` relative to the folder, ``record`` with the skipped."""
     name, items = cfg.dataset.name, registry.DATASETS[cfg.dataset.name].items
     common = _loader_args(name=name, split="images", batch_size=batch_size, shuffle=False,
                           seed=0, device=device, rank=rank, world_size=world_size,
@@ -283,8 +276,7 @@ def build_loaders(cfg, device, seed, splits=SPLITS, recorded=None):
 
 
 def recorded_files(loaders):
-    """What a run folder records of the files its loaders read ({split: loader.record}), or
-    None when its dataset's files are fixed."""
+    """{split: loader.record}, what a run folder keeps of its files; None where they are fixed."""
     records = {split: loader.record for split, loader in loaders.items()
                if loader.record is not None}
     return records or None

@@ -1,13 +1,7 @@
 """Turn the public CelebAMask-HQ release into the split folders the training loader reads.
 
-    python -m data.prepare_celebamask_hq --src RELEASE --dst DATA_ROOT [--workers N]
-                                         [--strict] [--size S]
-
-DATA_ROOT/CelebAMask-HQ/ gets {split}_img/<n>.jpg, {split}_label/<n>.png (512x512, the 18
-PARTS painted in order as 1..18 on 0), {split}_label_<S>/<n>.png and manifest.json (the k of
-each (split, n), the faces skipped); files already complete are kept, so a run interrupted
-resumes. docs/usage.md says the rules, the skipped faces and the exit codes.
-"""
+DATA_ROOT/CelebAMask-HQ/ gets {split}_img/<n>.jpg, {split}_label[_<S>]/<n>.png and
+manifest.json; files already complete are kept. docs/usage.md says the rules and exit codes."""
 import collections
 import contextlib
 import functools
@@ -40,7 +34,7 @@ OUT_DIR, MANIFEST_FILE, LOCK_FILE = "CelebAMask-HQ", "manifest.json", ".lock"
 _SIZED_LABEL_FOLDER = re.compile(r"^(?:train|val|test)_label_([1-9]\d*)$")
 _PNG_START = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR"  # then width, height, depth, colour
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-# A face the first pass numbered; newest_source_ns: the latest mtime of its image and masks.
+# A face the first pass numbered; newest_source_ns: the latest mtime of its image and masks
 Face = collections.namedtuple("Face", "k split n parts image_size newest_source_ns")
 
 
@@ -52,8 +46,8 @@ def split_of(orig_idx):
 
 
 def label_from_masks(masks, shape=(MASK_SIZE, MASK_SIZE)):
-    """Paint {part: mask} into a uint8 label map in PARTS order, whatever the dict order.
-    A mask has the given shape, or one more axis of channels (any nonzero one counts)."""
+    """Paint {part: mask} into a uint8 label map in PARTS order, whatever the dict order. A mask
+    has the given shape, or one more axis of channels (any nonzero one counts)."""
     if set(masks) - set(PARTS):
         raise ValueError(f"unknown part names {sorted(set(masks) - set(PARTS))}")
     label = np.zeros(shape, np.uint8)
@@ -89,8 +83,8 @@ def mask_path(mask_dir, k, part):
 
 
 def png_problem(path, what, side=MASK_SIZE, grey=False):
-    """What a PNG's first 26 and last 12 bytes show wrong (not a PNG, not side x side, with
-    grey: not 8-bit grey, no IEND at its end), or None. OSError if it cannot be opened."""
+    """What a PNG's first 26 and last 12 bytes show wrong (not a PNG, not side x side, with grey:
+    not 8-bit grey, no IEND at its end), or None. OSError if it cannot be opened."""
     with open(path, "rb") as f:
         head = f.read(26)
         f.seek(max(26, os.fstat(f.fileno()).st_size - len(_PNG_END)))
@@ -126,7 +120,7 @@ def read_mapping(path):
 
 def _check_face(image_dir, mask_dir, job):
     """The first pass over one face: (problem or None, parts, image size, newest mtime of its
-    files). With `decode` (skipped before: is it fixed?) its masks are decoded as well."""
+    files). With `decode` (skipped before: is it fixed?) its masks are decoded too."""
     k, decode = job
     parts = tuple(part for part in PARTS if os.path.exists(mask_path(mask_dir, k, part)))
     masks = [mask_path(mask_dir, k, part) for part in parts]
@@ -286,8 +280,8 @@ def _summary(root, faces, skipped, written, removed, manifest_changed):
 
 
 def main(argv=None):
-    """Command-line entry point; returns the exit code (see the module docstring)."""
-    # Bad input, another run, a lock file that is a link: 2; unwritable output: 1.
+    """Command-line entry point; returns the exit code (2: bad input, another run, a lock file
+    that is a link; 1: unwritable output)."""
     return run_cli(lambda: _main(argv),
                    errors=(((DatasetError, LockHeld, UnsafeLink), EXIT_INPUT),),
                    interrupted="{what}; run the same command again to resume")

@@ -1,24 +1,18 @@
-"""ImageFolder: your own pictures, every file Pillow reads under ``path_dataset``, recursively
-(``data.pictures``), as grey or RGB squares of ``dataset.channels`` x ``dataset.image_size``.
-
-Where ``train/``, ``val/`` and ``test/`` all exist under the folder, they are the splits
-(pictures elsewhere are left out, and counted); otherwise a stable hash of each relative name
-picks its split: about 90% train, 5% val, 5% test. A run folder records the pictures of each
-split (``Decoded.record``); evaluated or resumed later, the run reads exactly those, and says
-how many pictures were added since rather than mix them in.
-"""
+"""ImageFolder: your own pictures, every file Pillow reads under ``path_dataset``, split by
+``train/``, ``val/`` and ``test/`` where all three exist, else by a stable hash of each name
+(90/5/5); a run reads the splits it recorded (docs/usage.md, "Your own images")."""
 import hashlib
+import itertools
 import os
 
 from .. import pictures
-from ..errors import DatasetError
+from ..errors import DatasetError, first_few
 from .layouts import SPLITS
 from .spec import Reads, Source
 
 NAME = "ImageFolder"
 # Upper ends of the hash ranges of train and val (the rest is test): about 90 / 5 / 5.
 HASH_SHARES = (0.90, 0.95)
-SHOWN = 3
 
 
 def hash_position(name):
@@ -36,9 +30,9 @@ def hash_splits(names):
     position = {name: hash_position(name) for name in names}
     splits = {split: [] for split in SPLITS}
     for name in names:
-        u = position[name]
-        split = "train" if u < HASH_SHARES[0] else "val" if u < HASH_SHARES[1] else "test"
-        splits[split].append(name)
+        where = position[name]
+        splits["train" if where < HASH_SHARES[0] else "val" if where < HASH_SHARES[1]
+               else "test"].append(name)
     for split in ("test", "val"):
         if not splits[split]:
             moved = max(splits["train"], key=position.__getitem__)
@@ -59,9 +53,8 @@ def folder_splits(folder, names, reads):
             "where train/, val/ and test/ all exist they are the splits; add the missing one, "
             "or rename the folders so that every picture is split by its name's hash")
     splits = {s: [n for n in names if n.startswith(s + "/")] for s in SPLITS}
-    for split, listed in splits.items():
-        if not listed:
-            raise DatasetError(f"{os.path.join(folder, split)} holds no picture")
+    for split in (s for s in SPLITS if not splits[s]):
+        raise DatasetError(f"{os.path.join(folder, split)} holds no picture")
     outside = len(names) - sum(map(len, splits.values()))
     if outside:
         reads.say(f"{folder}: {outside} picture(s) outside train/, val/ and test/ are not used")
@@ -85,16 +78,14 @@ def _recorded(folder, names, recorded, split, reads):
     if added:
         reads.say(
             f"{folder}: {len(added)} picture(s) added since the run recorded its splits are "
-            f"left out ({', '.join(added[:SHOWN])}{', ...' if len(added) > SHOWN else ''}); "
-            "its splits are the recorded ones (-ts RUN --images DIR evaluates a whole folder)")
+            f"left out ({first_few(added)}); its splits are the recorded ones (-ts RUN "
+            "--images DIR evaluates a whole folder)")
     return listed
 
 
 def read(cfg, split, recorded=None):
     folder, reads = os.path.abspath(cfg.path_dataset), Reads.of(cfg)
     names = pictures.list_pictures(folder)
-    if not names:
-        raise pictures.no_pictures(folder)
     if recorded:
         splits = _recorded(folder, names, recorded, split, reads)
         skipped_before = {n for r in recorded.values() for n in r.get("skipped", [])}
@@ -106,9 +97,7 @@ def read(cfg, split, recorded=None):
                   + ", ".join(f"{len(splits[s]):,} {s}" for s in SPLITS))
     # One decoding for every split, of the pictures of all (and those the run skipped) still
     # present, sorted: the same set, so the same cache, whether read afresh or by the record.
-    present = set(names)
-    used = sorted(n for n in {n for listed in splits.values() for n in listed} | skipped_before
-                  if n in present)
+    used = sorted(set(names).intersection(itertools.chain(*splits.values(), skipped_before)))
     decoded = pictures.decoded(folder, used, tuple(cfg.dataset.shape),
                                cached=cfg.cache_decoded, reads=reads)
     return decoded.split(splits[split], f"of the {split} split under {folder}")
