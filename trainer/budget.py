@@ -43,9 +43,13 @@ def activation_bytes_per_image(cfg, model, device):
 
 
 def check_batch(cfg, model, loader, device):
-    """ConfigError if the training batch exceeds the split, or its activations the memory
-    free on `device`."""
+    """ConfigError if an epoch has no training batch, or the batch exceeds the split, or its
+    activations the memory free on `device`."""
     batch, images = loader.batch_size, loader.num_samples
+    if len(loader) == 0:
+        raise ConfigError(f"no training batch: {images} training images on this process make "
+                          f"no batch of {batch} with train.drop_last True; lower train.bs or "
+                          "set train.drop_last False")
     if batch > images:
         raise ConfigError(f"train.bs {cfg.train.bs} makes batches of {batch} images, more than "
                           f"the {images} training images of this process; set train.bs to "

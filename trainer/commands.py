@@ -128,13 +128,7 @@ def prepare_training(cfg, device, seed, recorded, limit_batches):
     loaders = data.build_loaders(cfg, device, seed, recorded=recorded)
     if is_sample_data(cfg) and dist.is_main():
         print(sample_note(loaders), flush=True)
-    train = loaders["train"]
-    if len(train) == 0:
-        raise ConfigError(
-            f"no training batch: {train.num_samples} training images on this process make "
-            f"no batch of {train.batch_size} with train.drop_last True; lower train.bs or "
-            "set train.drop_last False")
-    check_batch(cfg, model, train, device)
+    check_batch(cfg, model, loaders["train"], device)
     return model, loaders
 
 
