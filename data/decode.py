@@ -44,16 +44,6 @@ def as_channels(img, channels):
     return img if img.mode == mode else img.convert(mode)
 
 
-def centre_square(img, size):
-    """The largest centred square of `img`, resized (antialiased, bicubic) to size x size."""
-    width, height = img.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    if (width, height) != (side, side):
-        img = img.crop((left, top, left + side, top + side))
-    return img if side == size else img.resize((size, size), Image.BICUBIC)
-
-
 class PictureDecoder:
     """Any picture Pillow reads -> uint8 C x size x size: upright by its EXIF orientation, grey
     or RGB (`channels` 1 or 3), its centred square resized with antialiasing; DatasetError
@@ -68,8 +58,14 @@ class PictureDecoder:
     def __call__(self, path):
         img = open_image(path, "image")
         try:
-            img = ImageOps.exif_transpose(img)
-            img = centre_square(as_channels(img, self.channels), self.size)
+            img = as_channels(ImageOps.exif_transpose(img), self.channels)
+            width, height = img.size
+            side = min(width, height)  # the largest centred square, resized unless it fits
+            left, top = (width - side) // 2, (height - side) // 2
+            if (width, height) != (side, side):
+                img = img.crop((left, top, left + side, top + side))
+            if side != self.size:
+                img = img.resize((self.size, self.size), Image.BICUBIC)
         except _PIL_READ_ERRORS as e:  # e.g. a broken EXIF block or an exotic mode
             raise DatasetError(f"cannot read image {path}: {one_line(e)}") from None
         array = np.asarray(img, dtype=np.uint8)

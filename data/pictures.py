@@ -15,21 +15,15 @@ from .sources.spec import Decoded
 CACHE_FOLDER = ".sqvae-cache"
 
 
-def picture_extensions():
-    """The file extensions (lower case, with the dot) of the formats Pillow decodes here: those
-    it opens, less the stubs that need a handler from elsewhere and MPEG (never decoded)."""
-    Image.init()
-    readable = {fmt for fmt, (factory, _) in Image.OPEN.items()
-                if not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
-    readable.discard("MPEG")
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in readable}
-
-
 def list_pictures(folder):
-    """Names (relative to `folder`, '/'-separated, sorted) of the picture files under it."""
+    """Names (relative to `folder`, '/'-separated, sorted) of the picture files under it: those
+    of the formats Pillow opens, less the stubs that need a handler from elsewhere and MPEG."""
     if not os.path.isdir(folder):
         raise DatasetError(f"{folder} is not a folder; set path_dataset to a folder of pictures")
-    extensions = picture_extensions()
+    Image.init()
+    readable = {fmt for fmt, (factory, _) in Image.OPEN.items() if fmt != "MPEG" and not (
+        isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
+    extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in readable}
     names = []
     for root, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = [d for d in dirs if not d.startswith(".")]

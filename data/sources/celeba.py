@@ -18,8 +18,6 @@ CELEBA_IMAGES = "img_align_celeba"
 CELEBA_PARTITION = "list_eval_partition.txt"
 CELEBA_CROP = 140
 IMAGE_SIZE = 64
-# Stem of a split's decoded cache under <root>/cache/.
-CACHE_STEM = "celeba"
 
 
 def _read_celeba_partition(path):
@@ -83,7 +81,7 @@ decode_celeba.params = {"crop": CELEBA_CROP, "size": IMAGE_SIZE, "resize": "bili
 
 def read(cfg, split, recorded=None):
     paths = celeba_files(os.path.abspath(cfg.path_dataset), Reads.of(cfg))[split]
-    return Files(paths, decode_celeba, f"{CACHE_STEM}_{split}_{IMAGE_SIZE}")
+    return Files(paths, decode_celeba, cache=f"celeba_{split}_{IMAGE_SIZE}")
 
 
 SOURCE = Source(NAME, read)

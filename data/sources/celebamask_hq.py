@@ -15,8 +15,6 @@ from .spec import Files, Source
 NAME = "CelebAMask_HQ"
 CELEBAMASK_DIR = "CelebAMask-HQ"
 IMAGE_SIZE = 64
-# Stem of a split's decoded cache under <root>/cache/.
-CACHE_STEM = "celebamask"
 # The face parts, in the order the label maps paint them (a later part overwrites an
 # earlier one); label k + 1 is LABEL_PARTS[k], 0 is background.
 LABEL_PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear",
@@ -78,7 +76,7 @@ decode_celebamask_label.params = {"size": IMAGE_SIZE, "resize": "nearest"}
 
 def read(cfg, split, recorded=None):
     paths = celebamask_files(os.path.abspath(cfg.path_dataset), split)
-    return Files(paths, decode_celebamask_label, f"{CACHE_STEM}_{split}_{IMAGE_SIZE}")
+    return Files(paths, decode_celebamask_label, cache=f"celebamask_{split}_{IMAGE_SIZE}")
 
 
 SOURCE = Source(NAME, read)

@@ -15,10 +15,8 @@ SPLITS = ("train", "val", "test")
 NO_DOWNLOAD_ENV = "SQVAE_NO_DOWNLOAD"
 DOWNLOAD_TIMEOUT_S = 10
 LAYOUT_NAMES = ("this project's layout", "the authors' layout")
-# Validation size carved off the end of the official training split.
-VAL_SIZE = 10_000
-# Below this many training images the file is a toy (a test fixture or a subset), where a
-# fixed 10,000 would leave nothing to train on.
+VAL_SIZE = 10_000  # carved off the end of the official training split
+# Fewer training images: a toy (a test fixture, a subset) that 10,000 would leave without any.
 MIN_OFFICIAL_TRAIN_FOR_FIXED_VAL = 20_000
 _OFFLINE = ("Name or service not known", "Temporary failure in name resolution",
             "Network is unreachable", "timed out")

@@ -28,7 +28,7 @@ def _missing_mnist_files(raw_dir):
 
 
 def _refused(path, error):
-    """The error for a file the file system refuses (permissions, I/O) rather than a bad one."""
+    """The error for a file the file system refuses (permissions, I/O): not known corrupt."""
     return DatasetError(f"cannot read {path}: {error.strerror}; make it readable "
                         "(it is not known to be corrupt)")
 
@@ -59,19 +59,15 @@ def _read_idx(path, reader):
     """`reader` (torchvision's idx reader of images or labels) on `path`, as a numpy array."""
     try:
         return reader(path).numpy()
-    except OSError as e:
-        if e.errno:
-            raise _refused(path, e) from None
-        error = e
     except Exception as e:  # the reader fails on bad files with whatever type comes up
-        error = e
-    text = one_line(error)
-    reason = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    reason = reason[:160] + ("..." if len(reason) > 160 else "")
+        if isinstance(e, OSError) and e.errno:
+            raise _refused(path, e) from None
+        reason = f"{type(e).__name__}: {one_line(e)}" if one_line(e) else type(e).__name__
     fix = "download it again"
     if os.path.isfile(path + ".gz"):
         fix = f"delete it to extract {os.path.basename(path)}.gz again, or download it again"
-    raise DatasetError(f"{path} is truncated or corrupt ({reason}); {fix}")
+    raise DatasetError(f"{path} is truncated or corrupt ({reason[:160]}"
+                       f"{'...' if len(reason) > 160 else ''}); {fix}")
 
 
 def _read_mnist_pair(dataset_name, raw_dir, prefix):

@@ -1,42 +1,23 @@
 """What a dataset module declares (``SOURCE``), the forms its reader returns a split in, and
 ``Reads``, what one command has read. A dataset's shape and items are in configs/registry.py."""
+import collections
 import os
 import weakref
-from typing import Callable, NamedTuple, Optional
 
 from ..errors import file_state
 
-
-class Arrays(NamedTuple):
-    """A split in memory (parsed files): uint8 N x C x H x W items, int64 N labels."""
-    images: object
-    labels: object
-
-
-class Files(NamedTuple):
-    """A split of one file per item: the paths, ``decode(path)`` -> uint8 C x H x W, and the
-    stem of its decoded cache (``data.cache``) under <path_dataset>/cache/."""
-    paths: list
-    decode: Callable
-    cache: str
-
-
-class Decoded(NamedTuple):
-    """A split already decoded: the rows ``rows`` of the uint8 N x C x H x W ``array``, the file
-    of each (``names``), and ``record``, what a run folder keeps of the split (JSON data)."""
-    array: object
-    rows: object
-    names: list
-    record: dict
-
-
-class Source(NamedTuple):
-    """A dataset module's declaration. ``read(cfg, split, recorded)``: one split as Arrays, Files
-    or Decoded (``recorded``: None, or the ``record`` of each split a run folder kept).
-    ``split_sizes``: n_official_train -> (n_train, n_val) where val is carved off train."""
-    name: str
-    read: Callable
-    split_sizes: Optional[Callable] = None
+# A split in memory (parsed files): uint8 N x C x H x W images, int64 N labels.
+Arrays = collections.namedtuple("Arrays", "images labels")
+# A split of one file per item: the paths, decode(path) -> uint8 C x H x W, and the stem of
+# its decoded cache (data.cache) under <path_dataset>/cache/.
+Files = collections.namedtuple("Files", "paths decode cache")
+# A split already decoded: the rows `rows` of the uint8 N x C x H x W `array`, the file of each
+# (`names`), and `record`, what a run folder keeps of the split (JSON data).
+Decoded = collections.namedtuple("Decoded", "array rows names record")
+# A dataset module's declaration. read(cfg, split, recorded): one split as Arrays, Files or
+# Decoded (`recorded`: None, or the `record` of each split a run folder kept); split_sizes:
+# n_official_train -> (n_train, n_val) where val is carved off train, else None.
+Source = collections.namedtuple("Source", "name read split_sizes", defaults=(None,))
 
 
 class Reads:
