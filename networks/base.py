@@ -8,14 +8,6 @@ from torch import nn
 from .blocks import init_weights
 from .nets import build_networks
 
-def schedule_of(cfg):
-    """The layer's temperature arguments for `cfg`: the schedule of docs/model.md §3.6, or a
-    constant `init` without `flags.decay`."""
-    t = cfg.quantization.temperature
-    decay = cfg.flags.decay
-    return dict(temperature_init=t.init, temperature_decay=t.decay if decay else 0.0,
-                temperature_min=t.min if decay else 0.0)
-
 
 class CodebookAutoencoder(nn.Module):
     """Builds `encoder`, `decoder` (initialised as docs/model.md §2) and `quantizer`

@@ -6,7 +6,7 @@ self-annealing diagnostics among them: ``entropy``, ``param_q`` and its range ov
 import torch
 from torch import nn
 
-from .base import CodebookAutoencoder, schedule_of
+from .base import CodebookAutoencoder
 from .losses import arelbo_loss, learned_variance_loss, squared_error, vmf_reconstruction
 from .quantizers import GAUSSIAN_VARIANCES, GaussianQuantizer, VmfQuantizer
 
@@ -24,8 +24,12 @@ class SQVAE(CodebookAutoencoder):
         return variance is not None and variance.reads_log_var
 
     def build_quantizer(self, cfg):
+        # The temperature schedule of docs/model.md §3.6, or a constant `init` without it.
+        t, decay = cfg.quantization.temperature, cfg.flags.decay
         args = dict(dim=cfg.quantization.dim_code, codebook_size=cfg.quantization.size_dict,
-                    log_param_q_init=cfg.model.log_param_q_init, **schedule_of(cfg))
+                    log_param_q_init=cfg.model.log_param_q_init, temperature_init=t.init,
+                    temperature_decay=t.decay if decay else 0.0,
+                    temperature_min=t.min if decay else 0.0)
         if cfg.model.param_var_q in GAUSSIAN_VARIANCES:
             return GaussianQuantizer(variance=cfg.model.param_var_q, **args)
         return VmfQuantizer(**args)  # the one other variant configs/registry.py names
