@@ -1,16 +1,7 @@
-"""The table of run folders, and the reproduction report from them.
-
-    python -m trainer.compare RUN_OR_FOLDER ... [--csv out.csv] [--report docs/results.md]
-                              [--curves out.png] [--notes FILE]
-
-One markdown row per run folder; ``--csv`` writes the rows as CSV, ``--report`` a markdown
-report (the command that made it, mean ± std over seeds of each (dataset, model, epochs)
-group, every row, the figures of ``published_figures.yaml`` beside this file), ``--curves``
-the learning curves (util/curves.py). A folder that is not a run folder stands for those up
-to two levels below it. Only plain files are read: the config (``config.yaml`` as plain YAML,
-or a release folder's ``configs.json``) and ``metrics.jsonl``; no checkpoint is opened and
-nothing is unpickled, so copied or downloaded run folders are safe to compare.
-"""
+"""``python -m trainer.compare``: one markdown row per run folder, as CSV (``--csv``), the
+reproduction report (``--report``) and the learning curves (``--curves``, util/curves.py).
+Only config.yaml (or a release's configs.json) and metrics.jsonl are read, nothing is
+unpickled: downloaded run folders are safe to compare. docs/vqvae.md, "Comparing runs"."""
 import csv
 import io
 import math
@@ -34,10 +25,7 @@ GPU_RUNS = os.path.join(os.path.dirname(HERE), "docs", "gpu-runs.md")
 
 # (column header, its format in the markdown table, (split, key) of the record it comes from)
 COLUMNS = (
-    ("run", "{}", None),
-    ("model", "{}", None),
-    ("dataset", "{}", None),
-    ("epochs", "{}", None),
+    ("run", "{}", None), ("model", "{}", None), ("dataset", "{}", None), ("epochs", "{}", None),
     ("test mse/image", "{:.2f}", ("test", "mse")),
     ("test mse/pixel", "{:.5f}", ("test", "mse_pixel")),
     ("psnr (dB)", "{:.2f}", ("test", "psnr")),
@@ -50,8 +38,7 @@ COLUMNS = (
     ("train time (s)", "{:.1f}", None),
 )
 FORMATS = {name: fmt for name, fmt, _ in COLUMNS}
-# The figures a report averages over seeds (the others identify the group).
-MEASURES = [name for name, _, _ in COLUMNS if name not in ("run", "model", "dataset", "epochs")]
+MEASURES = list(FORMATS)[4:]  # what a report averages over seeds; the first four name a group
 
 
 class CompareError(ValueError):
@@ -94,8 +81,7 @@ def _section(cfg, name):
 
 
 def _text(value):
-    """A config value in a table cell: a name cut to 80 characters, anything else (a config
-    from elsewhere may hold any structure) as a bounded repr."""
+    """A config value in a table cell: a str cut to 80 characters, anything else a brief repr."""
     if isinstance(value, str):
         return value if len(value) <= 80 else value[:77] + "..."
     return brief(value)
@@ -110,12 +96,12 @@ def model_label(cfg):
     return f"{name} ({_text(model.get('param_var_q', '?'))})"
 
 
-def _number(record, key, where):
-    """record[key] if it is a number or absent (None); else a CompareError naming it."""
+def _number(record, key, where, types=(int, float), noun="a number"):
+    """record[key] if it is a number (of `types`) or absent (None); else a CompareError."""
     value = record.get(key)
-    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+    if value is None or (isinstance(value, types) and not isinstance(value, bool)):
         return value
-    raise CompareError(f"{where}: its {key} is {brief(value)}, not a number; fix or remove "
+    raise CompareError(f"{where}: its {key} is {brief(value)}, not {noun}; fix or remove "
                        "that record")
 
 
@@ -139,10 +125,7 @@ def summarize(run_dir):
     train = [r for r in records if r.get("split") == "train"]
     for record in train:
         _number(record, "seconds", f"{metrics}, a train record")
-        if not isinstance(record.get("epoch"), (int, type(None))):
-            raise CompareError(f"{metrics}, a train record: its epoch is "
-                               f"{brief(record['epoch'])}, not a whole number; fix or remove "
-                               "that record")
+        _number(record, "epoch", f"{metrics}, a train record", int, "a whole number")
     theirs = release_format.is_release_run(run_dir)
     row = {"run": run_label(run_dir),
            "model": model_label(cfg) + (", authors' release" if theirs else ""),
@@ -151,10 +134,8 @@ def summarize(run_dir):
            "epochs": len({r.get("epoch") for r in train}) or None,
            "train time (s)": sum(float(r.get("seconds") or 0.0) for r in train) if train
            else None}
-    for name, _, source in COLUMNS:
-        if source:
-            row[name] = _number(last[source[0]], source[1],
-                                f"{metrics}, its last {source[0]} record")
+    for name, _, (split, key) in [column for column in COLUMNS if column[2]]:
+        row[name] = _number(last[split], key, f"{metrics}, its last {split} record")
     return row
 
 
@@ -168,10 +149,9 @@ def find_runs(paths):
         if not os.path.isdir(path) or is_run(path):
             found.append(path)
             continue
-        below = sorted(os.path.join(root, name) for root, dirs, _ in os.walk(path)
-                       for name in dirs
-                       if os.path.relpath(os.path.join(root, name), path).count(os.sep) <= 1)
-        inside = [folder for folder in below if is_run(folder)]
+        inside = sorted(folder for root, dirs, _ in os.walk(path)
+                        for folder in (os.path.join(root, name) for name in dirs)
+                        if os.path.relpath(folder, path).count(os.sep) <= 1 and is_run(folder))
         if not inside:
             raise CompareError(f"{path}: no run folder in it or in its subfolders")
         found.extend(inside)
@@ -198,10 +178,7 @@ def markdown_table(rows):
                                for row in rows])
 
 
-# Every output is a file the user named: replaced atomically, but a device, FIFO or
-# /proc/self/fd link is written in place as a stream (stream_special, as cp does).
-
-
+# Outputs are files the user named: a device, FIFO or link to one is streamed into, as cp does.
 def write_csv(rows, path):
     # Full precision in the CSV: it is for further processing, the markdown is for reading.
     text = io.StringIO(newline="")
@@ -222,8 +199,7 @@ def _mean_std(values, fmt, group_size):
 
 
 def group_table(rows):
-    """One row per (dataset, model, epochs): each measure's mean ± sample std over the group's
-    runs that have it."""
+    """One row per (dataset, model, epochs): each measure's mean ± sample std where held."""
     groups = {}
     for row in rows:
         groups.setdefault((row["dataset"], row["model"], row["epochs"]), []).append(row)
@@ -247,8 +223,7 @@ def published_figures(path=PUBLISHED_FIGURES):
 
 
 def published_section(report_path):
-    """The report's last section: the published figures, and where the command lines of
-    its GPU rows are (linked from the report's own folder)."""
+    """The published figures, and a link (from the report's folder) to the GPU runs' commands."""
     link = os.path.relpath(GPU_RUNS, os.path.dirname(os.path.abspath(report_path)))
     table = _markdown(["dataset", "model", "PSNR (dB)", "perplexity", "source"],
                       [[r["dataset"], r["model"], _cell(r["psnr"], "{:.2f}"),
@@ -274,13 +249,12 @@ def write_report(path, rows, argv, notes=None):
         *([notes.rstrip()] if notes else []),
         "## Mean ± sample std over seeds",
         f"Test split, {runs.BEST} (lowest validation loss). `mse/image` is the squared error "
-        "summed over an image's pixels (values in [0, 1]), as the paper reports it; "
-        "`perplexity (batch)` is the mean over test batches of exp(entropy of the batch's "
-        "code histogram), as the authors' code reports it; `perplexity (split)` and "
-        "`codes used` count the whole test split. The prior columns come from "
-        "`main.py -ts RUN --prior` (a gated PixelCNN over the code grids): its test NLL "
-        "and the entropy of the training codes' histogram, in nats per latent position, "
-        "and the NLL in bits per image dimension.",
+        "summed over an image's pixels (values in [0, 1]), as the paper reports it; `perplexity "
+        "(batch)` is the mean over test batches of exp(entropy of the batch's code histogram), as "
+        "the authors' code reports it; `perplexity (split)` and `codes used` count the whole test "
+        "split. The prior columns come from `main.py -ts RUN --prior` (a gated PixelCNN over the "
+        "code grids): its test NLL and the entropy of the training codes' histogram, in nats per "
+        "latent position, and the NLL in bits per image dimension.",
         group_table(rows),
         "## Every run",
         markdown_table(rows),
@@ -296,8 +270,8 @@ def _seed_label(run_dir):
 
 
 def curve_runs(paths):
-    """(label, records) of every run folder under `paths`, finished or not: the model, with the
-    dataset where the runs' datasets differ, else the seed where a model repeats."""
+    """(label, records) of every run folder under `paths`, finished or not: the model, and the
+    dataset where datasets differ, else the seed where a model repeats."""
     found = []
     for run_dir in find_runs(paths):
         cfg = _read_config(run_dir)
@@ -308,13 +282,6 @@ def curve_runs(paths):
     return [(label + (f", {dataset}" if datasets > 1 else f", {seed}"
                       if labels.count(label) > 1 else ""), records)
             for label, dataset, seed, records in found]
-
-
-def write_curves(path, paths):
-    """The learning-curve figure of the runs under `paths` (util/curves.py) as a PNG."""
-    from util.curves import learning_curves_png  # matplotlib only when asked for
-    png, _ = learning_curves_png(curve_runs(paths), title="Learning curves, per epoch")
-    atomic_write_bytes(path, png, stream_special=True)
 
 
 def read_notes(path):
@@ -331,34 +298,34 @@ def read_notes(path):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     # A run folder or a file named on the command line that cannot be read is input: 2.
-    return run_cli(lambda: _main(argv),
-                       errors=(((CompareError, RunError, UnsafeLink), EXIT_INPUT),),
-                       cannot="read or write", os_status=EXIT_INPUT,
-                       interrupted="{what}; each file it writes is whole or as it was")
+    errors = (((CompareError, RunError, UnsafeLink), EXIT_INPUT),)
+    return run_cli(lambda: _main(argv), errors=errors, cannot="read or write", os_status=EXIT_INPUT,
+                   interrupted="{what}; each file it writes is whole or as it was")
 
 
 def _main(argv):
     parser = OneLineParser(
         prog="python -m trainer.compare",
-        description="One row per run folder: model, dataset, epochs trained, test MSE per "
-                    "image and per pixel, PSNR, per-batch and split-level code perplexity, "
-                    "codes in use, the prior's NLL, and training time. Printed as a "
-                    "markdown table; written as CSV or as a report only where told.")
+        description="One row per run folder: model, dataset, epochs trained, test MSE per image "
+                    "and per pixel, PSNR, per-batch and split-level code perplexity, codes in "
+                    "use, the prior's NLL, and training time. Printed as a markdown table; "
+                    "written as CSV or as a report only where told.")
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="run folders, or folders holding run folders (two levels down)")
     parser.add_argument("--csv", metavar="PATH", help="also write the rows as CSV to PATH")
     parser.add_argument("--report", metavar="PATH",
                         help="also write the reproduction report (markdown) to PATH")
     parser.add_argument("--curves", metavar="PNG",
-                        help="also draw the runs' learning curves per epoch (validation MSE, "
-                             "split perplexity, codes in use; SQ-VAE's code entropy, "
-                             "sigma_q^2 and temperature) into PNG; unfinished runs count")
-    parser.add_argument("--notes", metavar="FILE",
-                        help="with --report: a markdown file whose text goes under the "
-                             "report's header (how the runs were made)")
+                        help="also draw the runs' learning curves per epoch (validation MSE, split "
+                             "perplexity, codes in use; SQ-VAE's code entropy, sigma_q^2 and "
+                             "temperature) into PNG; unfinished runs count")
+    parser.add_argument("--notes", metavar="FILE", help="with --report: a markdown file whose "
+                        "text goes under the report's header (how the runs were made)")
     args = parser.parse_args(argv)
     if args.curves:
-        write_curves(args.curves, args.runs)
+        from util.curves import learning_curves_png  # matplotlib only when asked for
+        png, _ = learning_curves_png(curve_runs(args.runs), title="Learning curves, per epoch")
+        atomic_write_bytes(args.curves, png, stream_special=True)
         if not (args.report or args.csv):
             return 0
     rows = [summarize(run) for run in find_runs(args.runs)]

@@ -1,9 +1,5 @@
-"""``-ts RUN --encode SPLIT``: ``codes_<SPLIT>.npz`` (format in util/codes.py), the code
-index of every latent position of the split, and images back from code indices.
-
-The config hash covers only the sections that define the model, so codes stay valid when
-the data or the run folder move.
-"""
+"""``-ts RUN --encode SPLIT``: ``codes_<SPLIT>.npz`` (util/codes.py), the code of every latent
+position of a split, and images decoded back from codes."""
 import hashlib
 import os
 
@@ -17,32 +13,29 @@ from util.io import atomic_write_bytes
 
 from .runs import RunError
 
-
-def codes_file(split):
-    return f"codes_{split}.npz"
-
-
-# The config sections that define a model (the others say where files are and how to train).
+# The config sections that define a model: codes stay valid when the data or the run move.
 MODEL_SECTIONS = ("dataset", "model", "network", "quantization", "flags")
 # Keys that change no number a model computes (what dataset.shape restates, the memory
 # layout): left out, so a config hashes as it did before they existed.
 RESTATED = {"dataset": ("channels", "image_size"), "network": ("channels_last",)}
 
 
+def codes_file(split):
+    return f"codes_{split}.npz"
+
+
 def config_hash(cfg):
-    def section(name):
+    parts = []
+    for name in MODEL_SECTIONS:
         node = cfg[name].clone()
         for key in RESTATED.get(name, ()):
             node.pop(key, None)
-        return node
-
-    model_part = "".join(f"{s}:\n{config_to_yaml(section(s))}" for s in MODEL_SECTIONS)
-    return hashlib.sha256(model_part.encode("utf-8")).hexdigest()
+        parts.append(f"{name}:\n{config_to_yaml(node)}")
+    return hashlib.sha256("".join(parts).encode("utf-8")).hexdigest()
 
 
 def whole_split(cfg, split, device="cpu", recorded=None):
-    """A loader over every image of `split` in dataset order, whatever --limit-batches or
-    torchrun say (`recorded`: runs.read_dataset_files of the run)."""
+    """A loader over every image of `split` in order, whatever --limit-batches or torchrun say."""
     return data.build_loader(cfg, split, batch_size=cfg.test.bs, shuffle=False, device=device,
                              recorded=recorded)
 
@@ -58,7 +51,7 @@ def encode_split(model, loader):
 
 
 def write_codes(run_dir, cfg, split, codes, model, names=None):
-    """Write codes_<split>.npz into the run folder, with `names` where given; its path."""
+    """Write codes_<split>.npz (with `names` where given) into the run folder; its path."""
     path = os.path.join(run_dir, codes_file(split))
     codebook = model.code_vectors().detach().float().cpu().numpy()
     atomic_write_bytes(path, pack_codes(codes, codebook, config_hash(cfg), names=names))

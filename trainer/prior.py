@@ -1,15 +1,7 @@
 """``-ts RUN --prior``: a PixelCNN prior (networks/prior.py) fitted to the deterministic code
-grids of the training split, early-stopped on the validation NLL; ``-ts RUN --sample N``.
-
-Files in the run folder, each written atomically: ``prior_current.pt`` after every epoch
-(all that continuing needs, with the ``prior`` config section it was trained with: a
-finished prior is only evaluated again), ``prior.pt`` (the weights of the best validation
-NLL), a ``prior_test`` record in metrics.jsonl (in nats per latent position: the test NLL,
-``unigram``, the training codes' histogram entropy, and ``uniform``, log K; each also as
-``*_bpd``, bits per image dimension) and, from ``--sample N``, ``samples.png`` and
-``codes_samples.npz``. Shuffling is a function of (seed, epoch), so a continued training is
-the one an uninterrupted run would have done.
-"""
+grids of the training split, early-stopped on the validation NLL, continued from
+``prior_current.pt``; ``-ts RUN --sample N``. Files and records: docs/usage.md, "A prior over
+the codes"."""
 import io
 import math
 import os
@@ -33,13 +25,12 @@ from .loop import Interrupted
 
 PRIOR_BEST, PRIOR_CURRENT = "prior.pt", "prior_current.pt"
 SAMPLES_IMAGE = "samples.png"  # the codes go to codes_samples.npz (export.codes_file)
-# What each prior checkpoint must hold (runs.load_checkpoint checks it): key -> types.
+# What each prior checkpoint must hold, key -> types (runs.load_checkpoint checks it).
 BEST_KEYS = {"prior": dict, "epoch": int, "architecture": dict}
 CURRENT_KEYS = {"prior": dict, "optimizer": dict, "epoch": int, "best_nll": runs.NUMBER,
                 "best_epoch": int, "bad_epochs": int, "history": list, "done": bool,
                 "seconds": runs.NUMBER, "seed": int}
-# Settings that shape the prior's weights or its training trajectory: a continued prior
-# keeps them. The others (epoch_max, patience, temperature) may be changed to continue.
+# What shapes the weights or the trajectory: a continued prior keeps these (not epoch_max...).
 FIXED_SETTINGS = ("channels", "layers", "kernel", "lr", "bs")
 SAMPLE_CHUNK = 1024  # grids drawn at once by --sample (memory: chunk x K x H x W logits)
 
@@ -74,9 +65,6 @@ class PriorTraining:
         self.epoch, self.best_nll, self.best_epoch, self.bad_epochs = 0, math.inf, 0, 0
         self.history, self.done, self.seconds = [], False, 0.0
 
-    def path(self, name):
-        return os.path.join(self.run_dir, name)
-
     def stopped(self):
         # Recomputed on loading too: a raised prior.epoch_max (or patience) continues a prior.
         return self.epoch >= self.cfg.prior.epoch_max or self.bad_epochs >= self.cfg.prior.patience
@@ -88,13 +76,13 @@ class PriorTraining:
                 "settings": dict(self.cfg.prior)}
 
     def load(self, state):
-        """Continue from `state` (prior_current.pt, or None); returns whether there was one."""
+        """Continue from `state` (prior_current.pt, or None); whether there was one."""
         if state is None:
             return False
-        path = self.path(PRIOR_CURRENT)
         try:
             self.prior.load_state_dict(state["prior"])
         except RuntimeError:
+            path = os.path.join(self.run_dir, PRIOR_CURRENT)
             raise runs.RunError(f"checkpoint {path} does not match the prior section of the "
                                 "config; delete it (and prior.pt) to train again") from None
         self.optimizer.load_state_dict(state["optimizer"])
@@ -106,9 +94,9 @@ class PriorTraining:
     def train_epoch(self, codes):
         self.prior.train()
         bs = self.cfg.prior.bs
-        # The loaders' shuffle: a pure function of (seed, epoch).
-        order = epoch_order(len(codes), shuffle=True, seed=self.seed,
-                            epoch=self.epoch).to(self.device)
+        # The loaders' shuffle, a function of (seed, epoch): a continued prior trains as one run.
+        order = epoch_order(len(codes), shuffle=True, seed=self.seed, epoch=self.epoch)
+        order = order.to(self.device)
         starts = range(0, len(codes), bs)[:self.limit]
         total = torch.zeros((), device=self.device)  # read once per epoch: no per-step sync
         with self.display.progress(len(starts) * bs, f"prior epoch {self.epoch}") as bar:
@@ -135,33 +123,29 @@ class PriorTraining:
             improved = val_nll < self.best_nll
             if improved:
                 self.best_nll, self.best_epoch, self.bad_epochs = val_nll, self.epoch, 0
-                # The layers as built (prior.layers 0 lets the grid choose): prior.pt is
-                # rebuilt without the config.
-                runs.save_checkpoint(self.path(PRIOR_BEST), {
+                # The layers as built (prior.layers 0 lets the grid choose): no config needed.
+                runs.save_checkpoint(os.path.join(self.run_dir, PRIOR_BEST), {
                     "prior": self.prior.state_dict(), "epoch": self.epoch, "architecture": {
                         "channels": self.prior.channels, "layers": len(self.prior.layers),
                         "kernel": self.prior.kernel}})
             else:
                 self.bad_epochs += 1
             self.done = self.stopped()
-            entry = {"split": "prior", "epoch": self.epoch,
-                     "step": self.epoch * steps_per_epoch, "train_nll": train_nll,
-                     "val_nll": val_nll}
+            entry = {"split": "prior", "epoch": self.epoch, "step": self.epoch * steps_per_epoch,
+                     "train_nll": train_nll, "val_nll": val_nll}
             self.history.append(entry)
             self.display.records([entry])
+            best = "" if improved else f" (best {self.best_nll:.4f}, epoch {self.best_epoch})"
             self.display.log(f"prior epoch {self.epoch}/{cfg.epoch_max}: train nll "
-                             f"{train_nll:.4f}, val nll {val_nll:.4f} nats/position"
-                             + ("" if improved else f" (best {self.best_nll:.4f}, epoch "
-                                                    f"{self.best_epoch})"))
-            runs.save_checkpoint(self.path(PRIOR_CURRENT), self.state_dict())
+                             f"{train_nll:.4f}, val nll {val_nll:.4f} nats/position{best}")
+            runs.save_checkpoint(os.path.join(self.run_dir, PRIOR_CURRENT), self.state_dict())
 
 
 def load_prior(cfg, run_dir, device):
     """The prior with the weights of the run's prior.pt, in eval mode."""
     path = os.path.join(run_dir, PRIOR_BEST)
     if not os.path.exists(path):
-        raise runs.RunError(f"{run_dir} has no {PRIOR_BEST}; train one first with -ts RUN "
-                            "--prior")
+        raise runs.RunError(f"{run_dir} has no {PRIOR_BEST}; train one first with -ts RUN --prior")
     state = runs.load_checkpoint(path, BEST_KEYS)
     try:
         prior = GatedPixelCNN(cfg.quantization.size_dict, **state["architecture"])
@@ -178,8 +162,7 @@ def continued_settings(cfg, state, opts, path):
     saved = state.get("settings") if state is not None else None
     if not isinstance(saved, dict):
         return cfg  # no prior yet, or one saved before its settings were kept
-    given = {key.split(".", 1)[1] for key, _ in parse_overrides(opts)
-             if key.startswith("prior.")}
+    given = {key.split(".", 1)[1] for key, _ in parse_overrides(opts) if key.startswith("prior.")}
     settings = {k: v for k, v in saved.items() if k in cfg.prior}
     for key in given:
         if key in FIXED_SETTINGS and key in settings and cfg.prior[key] != settings[key]:
@@ -223,10 +206,9 @@ def train_prior(run_dir, cfg, model, device, *, seed, command, opts=(), limit_ba
                      for k, v in nats.items()},
                   "prior_epochs": training.epoch, "seconds": training.seconds}
         runs.append_metrics(run_dir, [record])
-        display.log(f"prior test (epoch {training.best_epoch}): nll {nats['nll']:.4f}, "
-                    f"unigram {nats['unigram']:.4f}, uniform {nats['uniform']:.4f} "
-                    f"nats/position; {record['nll_bpd']:.4f} bits/dim; trained "
-                    f"{training.seconds:.1f}s")
+        display.log(f"prior test (epoch {training.best_epoch}): nll {nats['nll']:.4f}, unigram "
+                    f"{nats['unigram']:.4f}, uniform {nats['uniform']:.4f} nats/position; "
+                    f"{record['nll_bpd']:.4f} bits/dim; trained {training.seconds:.1f}s")
         return record
     except KeyboardInterrupt as e:
         code, what = interrupt_status(e)
@@ -237,14 +219,12 @@ def train_prior(run_dir, cfg, model, device, *, seed, command, opts=(), limit_ba
 
 
 def write_samples(run_dir, cfg, model, n, device, *, seed, temperature=None, display=None):
-    """-ts RUN --sample N: N code grids from the run's prior, SAMPLE_CHUNK at a time; writes
-    samples.png (decoded) and codes_samples.npz and returns their paths."""
+    """-ts RUN --sample N: N grids from the prior, decoded; writes and returns the two paths."""
     prior = load_prior(cfg, run_dir, device)
     generator = torch.Generator(device=device).manual_seed(seed)
     temperature = cfg.prior.temperature if temperature is None else temperature
-    display = display or Display()
     chunks = []
-    with display.progress(n, "sampling") as bar:
+    with (display or Display()).progress(n, "sampling") as bar:
         for start in range(0, n, SAMPLE_CHUNK):
             size = min(SAMPLE_CHUNK, n - start)
             chunks.append(prior.sample(size, *model.latent_shape, temperature=temperature,

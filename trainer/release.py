@@ -1,9 +1,7 @@
 """``python -m trainer.release import RELEASE_RUN [--to RUN_DIR]``: a run folder of the
-authors' release made one of ours (config.yaml, best.pt under our names, an empty
-metrics.jsonl) for ``--resume`` and ``--prior``; ``-ts``, ``--report`` and ``--encode`` read
-a release folder as it is. The format is trainer/release_format.py's; this module is the
-command line only, so that ``python -m`` runs a module not yet imported.
-"""
+authors' release made one of ours, for ``--resume`` and ``--prior``. The format is
+trainer/release_format.py's; this module is the command line only, so that ``python -m``
+runs a module not yet imported."""
 import argparse
 import os
 import shutil
@@ -18,16 +16,14 @@ from .runs import RunError
 
 
 def import_run(run_dir, dest=None):
-    """Write a run folder of ours for a release run (only read) and return its path: `dest`,
-    or path/path_specific/<the release folder's name>."""
+    """Write a run folder of ours (`dest`, or path/path_specific/NAME) for a release run."""
     from networks import build_model
     cfg = release_format.read_release_config(run_dir)
     weights = release_format.load_release_weights(run_dir)
     runs.load_model_weights(build_model(cfg), weights, os.path.join(run_dir, runs.BEST))
     if dest is None:
         dest = os.path.join(cfg.path_checkpoint, os.path.basename(os.path.abspath(run_dir)))
-        # read_release_config keeps only a path_specific below `path`; checked once more
-        # here, since this is where the folder is made.
+        # read_release_config keeps path_specific below `path`; checked again where it is made.
         if os.path.commonpath([os.path.abspath(dest), cfg.path]) != cfg.path:
             raise RunError(f"{run_dir}: its configs.json would place the import at {dest}, "
                            f"outside path ({cfg.path}); choose a folder with --to")
@@ -78,9 +74,9 @@ def _main(argv):
         "import", help="copy a release run folder into a new run folder of this tool: "
                        "config.yaml, best.pt (its weights under our names) and an empty "
                        "metrics.jsonl",
-        description="Write a run folder of this tool for the release run folder "
-                    "RELEASE_RUN (its configs.json and best.pt), for --resume and --prior; "
-                    "RELEASE_RUN is only read. See python -m trainer.release --help.")
+        description="Write a run folder of this tool for the release run folder RELEASE_RUN "
+                    "(its configs.json and best.pt), for --resume and --prior; RELEASE_RUN is "
+                    "only read. See python -m trainer.release --help.")
     imp.add_argument("run", metavar="RELEASE_RUN", help="the release's run folder")
     imp.add_argument("--to", metavar="RUN_DIR",
                      help="where to write it (default: path/path_specific/<its name>)")

@@ -1,12 +1,6 @@
 """``main.py -ts RUN --report``: ``report.png`` and its three panels ``report_curves.png``,
-``report_codebook.png`` and ``report_reconstructions.png``, drawn by util/figures.py.
-
-* curves against the step: the ``train_step`` records (means over ``log.every_steps``
-  steps) where the run logged them, else the per-epoch ``train`` records; the deterministic
-  validation (``val``) of each epoch as markers.
-* codebook: the usage of the deterministic codes over the whole test split.
-* reconstructions: the first test images above their deterministic reconstructions.
-"""
+``report_codebook.png`` and ``report_reconstructions.png``, drawn by util/figures.py from
+the run's records, its test codes and reconstructions (docs/usage.md, "Reports and codes")."""
 import os
 
 import torch
@@ -36,14 +30,12 @@ def training_records(records):
 
 @torch.no_grad()
 def reconstruction_arrays(model, loader, n=RECONSTRUCTIONS):
-    """The first `n` images of `loader` and their deterministic reconstructions, ready to show
-    (on the host), and a caption with their error."""
+    """The first `n` images of `loader`, their deterministic reconstructions, and a caption."""
     model.eval()
-    images, count = [], 0
+    images = []
     for x, _ in loader:
         images.append(x)
-        count += len(x)
-        if count >= n:
+        if sum(map(len, images)) >= n:
             break
     x = torch.cat(images)[:n]
     x_hat, _ = model(x, "deterministic")
@@ -85,13 +77,11 @@ def write_report(run_dir, cfg, model, test_loader, test_codes=None):
     size = cfg.quantization.size_dict
     originals, recons, caption = reconstruction_arrays(model, test_loader)
     figures = plots.report_figures(
-        curves=dict(train=train, val=val, quality="acc" if model.OUTPUTS == "labels"
-                    else "mse_pixel", variant=model.quantizer.label,
-                    band=model.encoder.head_log_var is not None, num_codes=size,
-                    train_label=train_label),
+        curves=dict(train=train, val=val, train_label=train_label, variant=model.quantizer.label,
+                    quality="acc" if model.OUTPUTS == "labels" else "mse_pixel", num_codes=size,
+                    band=model.encoder.head_log_var is not None),
         codebook=dict(usage=CodeUsage.from_codes(test_codes, size), split="test"),
-        reconstructions=dict(originals=originals, reconstructions=recons,
-                             caption=caption),
+        reconstructions=dict(originals=originals, reconstructions=recons, caption=caption),
         title=report_title(run_dir, cfg, train, records))
     written = {}
     for name in NAMES:

@@ -1,12 +1,6 @@
-"""Code statistics (CodeUsage) and the codes file, a split's code indices as plain numpy.
-
-``codes_<split>.npz`` (``np.savez``, nothing pickled) holds ``codes`` (uint16 N x H x W, the
-deterministic code of every latent position, in dataset order), ``codebook`` (float32 K x D,
-the code vectors the decoder sees), ``config_hash`` (0-d str, sha256 of the run's model
-config, so codes are never decoded by another model) and, for ``--images DIR --encode
-images``, ``names`` (N file names relative to DIR). Numpy only: a prior can be trained on
-these files without torch or this repository.
-"""
+"""The codes file ``codes_<split>.npz``, numpy only and nothing pickled: ``codes`` (uint16
+N x H x W), ``codebook`` (float32 K x D), ``config_hash`` (0-d str) and, for ``--encode
+images``, ``names`` (docs/usage.md, "Reports and codes"); CodeUsage, the code statistics."""
 import io
 import os
 import zipfile
@@ -47,20 +41,14 @@ def pack_codes(codes, codebook, config_hash, names=None):
 
 
 def load_codes(path):
-    """The arrays of a codes file (``config_hash`` as str, ``names`` as a list where held),
-    or a CodesError saying what is wrong with it."""
+    """The arrays of a codes file (``config_hash`` a str, ``names`` a list), or a CodesError."""
     if not os.path.isfile(path):
         raise CodesError(f"codes file {path} does not exist (write it with "
                          "main.py -ts RUN --encode SPLIT)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in KEYS if k not in npz.files]
-            if missing:
-                raise CodesError(f"codes file {path} lacks {', '.join(missing)}: "
-                                 "not a codes file of this tool")
-            out = {k: npz[k] for k in KEYS + (NAMES,) if k in npz.files}
-    except CodesError:
-        raise
+            out = {} if missing else {k: npz[k] for k in KEYS + (NAMES,) if k in npz.files}
     except ValueError as e:
         # np.load says "Object arrays cannot be loaded when allow_pickle=False".
         reason = "holds pickled objects, which are refused" if "pickle" in str(e) \
@@ -68,6 +56,9 @@ def load_codes(path):
         raise CodesError(f"codes file {path} {reason}") from None
     except (OSError, EOFError, zipfile.BadZipFile):
         raise CodesError(f"codes file {path} is corrupt or truncated") from None
+    if missing:
+        raise CodesError(f"codes file {path} lacks {', '.join(missing)}: not a codes file of "
+                         "this tool")
     codes, codebook, digest = out["codes"], out["codebook"], out["config_hash"]
     if codes.dtype != np.uint16 or codes.ndim != 3:
         raise CodesError(f"codes file {path}: codes are {codes.dtype} {codes.shape}, "
@@ -91,10 +82,9 @@ def load_codes(path):
 
 
 class CodeUsage:
-    """How often each of K codes is used, and the figures reported from it: the one place
-    they are computed from codes or counts. ``from_codes`` histograms code indices,
-    ``from_counts`` takes a histogram; the constructor is theirs alone, so a histogram is
-    never histogrammed a second time by mistake."""
+    """How often each of K codes is used, and the figures reported from it. Made only by
+    ``from_codes`` (code indices) or ``from_counts`` (a histogram), so a histogram is never
+    histogrammed a second time by mistake."""
 
     __slots__ = ("counts",)
 
@@ -136,6 +126,5 @@ class CodeUsage:
 
     @property
     def perplexity(self):
-        """exp(entropy): the split-level ``perplexity_split``. (The per-batch ``perplexity`` is
-        the quantizer's own, networks/functional.py, on soft assignments.)"""
+        """exp(entropy): the split-level ``perplexity_split`` (not the quantizer's per batch)."""
         return float(np.exp(self.entropy))

@@ -1,10 +1,5 @@
-"""Learning curves of several runs side by side, per epoch, from their metrics.jsonl records
-(``python -m trainer.compare RUNS --curves PATH``).
-
-The top row compares every run: validation MSE per pixel, split-level perplexity, codes in
-use. The bottom row is SQ-VAE's self-annealing: the code entropy per position, the learned
-variance sigma_q^2 and the Gumbel-softmax temperature; VQ-VAE runs are left out of it.
-"""
+"""Learning curves of several runs per epoch (``python -m trainer.compare RUNS --curves PNG``):
+a top row every run has, and a bottom row of SQ-VAE's self-annealing (VQ-VAE runs left out)."""
 import math
 
 from util.figures import finish_axes, new_figure, png_bytes, spans_decades
@@ -15,22 +10,18 @@ PANELS = (
     ("val", "perplexity_split", "Validation perplexity (whole split)", "perplexity", False),
     ("val", "codes_used", "Validation codes in use", "codes", False),
     ("val", "entropy", "Code entropy per position (SQ-VAE, validation)", "nats", True),
-    ("train", "param_q", r"Quantizer variance $\sigma^2_q$ (SQ-VAE, epoch mean)",
-     r"$\sigma^2_q$", True),
-    # VQ-VAE runs of before 2026-12 recorded a constant temperature and a zero entropy:
-    # the last column leaves them out.
+    ("train", "param_q", r"Quantizer variance $\sigma^2_q$ (SQ-VAE, epoch mean)", r"$\sigma^2_q$",
+     True),
+    # VQ-VAE runs of before 2026-12 recorded a constant temperature and a zero entropy.
     ("train", "temperature", "Gumbel-softmax temperature (SQ-VAE, end of epoch)",
      r"$\tau$", True),
 )
 
-
-# The most runs a panel names in its legend; with more it only counts them in its title.
-LEGEND_MAX = 12
+LEGEND_MAX = 12  # the most runs a panel names in its legend; with more its title counts them
 
 
 def epoch_series(records, split, key):
-    """(epochs, values) of the finite `key` in the `split` records; the last record of an
-    epoch wins, so a re-evaluated epoch is drawn once."""
+    """(epochs, values) of the finite `key` in `split` records; an epoch's last record wins."""
     by_epoch = {}
     for r in records:
         value = r.get(key)
@@ -42,8 +33,7 @@ def epoch_series(records, split, key):
 
 
 def draw_learning_curves(fig, runs):
-    """Draw the panels for `runs`, (label, records) pairs; returns the titles of those drawn
-    (a panel no run has data for is left out)."""
+    """Draw the panels some of `runs`, (label, records) pairs, has data for; their titles."""
     drawn = []
     for split, key, title, ylabel, sqvae_only in PANELS:
         series = []
@@ -54,13 +44,10 @@ def draw_learning_curves(fig, runs):
                 series.append((label, epochs, values))
         if series:
             drawn.append((title, ylabel, series))
-    columns = 3
-    rows = max(1, math.ceil(len(drawn) / columns))
-    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    axes = fig.subplots(max(1, math.ceil(len(drawn) / 3)), 3, squeeze=False).ravel()
     for ax, (title, ylabel, series) in zip(axes, drawn):
         for label, epochs, values in series:
-            ax.plot(epochs, values, lw=1.4, label=label, marker="." if len(epochs) < 20
-                    else None)
+            ax.plot(epochs, values, lw=1.4, label=label, marker="." if len(epochs) < 20 else None)
         if spans_decades([v for _, _, values in series for v in values], factor=4.0):
             ax.set_yscale("log")
         few = len(series) <= LEGEND_MAX  # more legend entries would cover the curves

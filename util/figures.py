@@ -1,10 +1,7 @@
-"""Figures of a run report, drawn from plain data (metric records, code usage, images).
-
-Every ``draw_*`` function draws into a Figure or SubFigure and returns the titles of the axes
-it made, so the same code fills the separate panels and the combined ``report.png``. Figures
-are rendered by the Agg canvas directly, without pyplot: nothing needs a display, no global
-figure registry grows, and an interactive session keeps its own backend.
-"""
+"""Figures of a run report from plain data (records, code usage, images). Each ``draw_*``
+draws into a Figure or SubFigure and returns its axes' titles, so one code fills the panels
+and the combined ``report.png``. The Agg canvas renders them without pyplot: no display, no
+global figure registry, an interactive session's backend untouched."""
 import io
 import math
 
@@ -15,6 +12,8 @@ from matplotlib.ticker import MaxNLocator
 
 TRAIN_COLOR, VAL_COLOR, GUIDE_COLOR = "tab:blue", "tab:orange", "0.45"
 DPI = 100
+# Figure sizes in inches (width, height) of the separate panels.
+CURVES_SIZE, CODEBOOK_SIZE, RECON_SIZE = (15, 8), (7, 4.8), (8, 4.4)
 
 
 def new_figure(width, height):
@@ -49,46 +48,34 @@ def _column(records, key):
 
 def spans_decades(values, factor=10.0):
     """Whether a log axis reads better: all values positive and at least `factor` apart."""
-    positive = [v for v in values if v > 0]
-    return bool(positive) and len(positive) == len(values) \
-        and max(positive) / min(positive) >= factor
-
-
-def quantizer_label(variant):
-    """Axis label and title of the quantizer parameter panel for a variant's display name (the
-    quantizer layer's `label`: I-IV, or vMF)."""
-    if variant == "vMF":
-        return r"$\kappa_q$", r"Quantizer concentration $\kappa_q$ (vMF)"
-    return r"$\sigma^2_q$", rf"Quantizer variance $\sigma^2_q$ (variant {variant})"
+    return bool(values) and min(values) > 0 and max(values) / min(values) >= factor
 
 
 def curve_panels(quality, variant, num_codes, band):
     """The training-curve panels: (key, title, y label, log scale (None: where the values span
-    a decade), guide line as (value, label) or None, draw the min-max band)."""
-    param_axis, param_title = quantizer_label(variant)
-    if quality == "acc":
-        quality_panel = ("acc", "Reconstruction accuracy", "pixel accuracy", False, None, False)
-    else:
-        quality_panel = ("mse_pixel", "Reconstruction MSE per pixel", "MSE per pixel", None,
-                         None, False)
+    a decade), guide line (value, label) or None, min-max band). `variant`: I-IV or vMF."""
+    vmf, all_codes = variant == "vMF", (num_codes, f"K = {num_codes}")
+    param_axis = r"$\kappa_q$" if vmf else r"$\sigma^2_q$"
+    param_title = (r"Quantizer concentration $\kappa_q$ (vMF)" if vmf
+                   else rf"Quantizer variance $\sigma^2_q$ (variant {variant})")
+    quality_panel = (("acc", "Reconstruction accuracy", "pixel accuracy", False) if quality == "acc"
+                     else ("mse_pixel", "Reconstruction MSE per pixel", "MSE per pixel", None))
     return [
         ("loss", "Loss", "loss per image", False, None, False),
-        quality_panel,
-        ("perplexity", "Code perplexity (per batch)", "perplexity", None,
-         (num_codes, f"K = {num_codes}"), False),
+        (*quality_panel, None, False),
+        ("perplexity", "Code perplexity (per batch)", "perplexity", None, all_codes, False),
         ("param_q", param_title, param_axis + (" (mean, min–max band)" if band else ""), None,
          None, band),
         ("entropy", "Entropy of the code distribution", "nats per latent position", False,
          (math.log(num_codes), f"log K = {math.log(num_codes):.2f}"), False),
-        ("codes_used", "Codes in use", "codes", False, (num_codes, f"K = {num_codes}"), False),
+        ("codes_used", "Codes in use", "codes", False, all_codes, False),
     ]
 
 
 def draw_curves(fig, train, val, *, quality="mse_pixel", variant="I", band=False,
                 num_codes=None, train_label="train"):
-    """Training curves against the step: `train` records as a line, `val` records as markers,
-    `band`: the quantizer parameter's min-max band (variants II-IV). Panels whose key no record
-    holds are left out."""
+    """Training curves against the step: `train` records as a line, `val` as markers, `band`:
+    the quantizer parameter's min-max band (II-IV). Panels no record has data for are left out."""
     panels = [p for p in curve_panels(quality, variant, num_codes or 0, band)
               if _column(train, p[0])[0] or _column(val, p[0])[0]]
     if not panels:
@@ -99,21 +86,17 @@ def draw_curves(fig, train, val, *, quality="mse_pixel", variant="I", band=False
         return ["Training curves"]
     columns = 3 if len(panels) > 4 else len(panels)
     rows = math.ceil(len(panels) / columns)
-    titles = []
     for i, (key, title, ylabel, log, guide, with_band) in enumerate(panels):
         ax = fig.add_subplot(rows, columns, i + 1)
         steps, values = _column(train, key)
-        marker = "o" if len(steps) <= 12 else None
         if steps:
-            ax.plot(steps, values, color=TRAIN_COLOR, marker=marker, markersize=3, lw=1.2,
-                    label=train_label)
-        spread = []
-        if with_band and steps:
-            low, high = _column(train, "param_q_min")[1], _column(train, "param_q_max")[1]
-            if len(low) == len(high) == len(steps):
-                ax.fill_between(steps, low, high, color=TRAIN_COLOR, alpha=0.2, lw=0,
-                                label="train min–max")
-                spread = low + high
+            ax.plot(steps, values, color=TRAIN_COLOR, marker="o" if len(steps) <= 12 else None,
+                    markersize=3, lw=1.2, label=train_label)
+        low, high = _column(train, "param_q_min")[1], _column(train, "param_q_max")[1]
+        spread = low + high if with_band and steps and len(low) == len(high) == len(steps) else []
+        if spread:
+            ax.fill_between(steps, low, high, color=TRAIN_COLOR, alpha=0.2, lw=0,
+                            label="train min–max")
         v_steps, v_values = _column(val, key)
         if v_steps:
             ax.plot(v_steps, v_values, ls="none", marker="s", markersize=6, color=VAL_COLOR,
@@ -127,20 +110,17 @@ def draw_curves(fig, train, val, *, quality="mse_pixel", variant="I", band=False
             # An offset ("+1.0499") above the axis is easy to miss; show the values themselves.
             ax.ticklabel_format(axis="y", useOffset=False)
         finish_axes(ax, title, "training step", ylabel)
-        titles.append(title)
-    return titles
+    return [panel[1] for panel in panels]
 
 
 def draw_codebook(fig, usage, split="test"):
-    """Code usage (util.codes.CodeUsage) over a split, codes sorted by frequency (most used
-    first), with the cumulative share on a second axis."""
+    """Code usage (util.codes.CodeUsage) over a split, most used first, and the cumulative share."""
     size, total, used = len(usage.counts), usage.total, usage.codes_used
     share = np.sort(usage.counts)[::-1] / max(total, 1)
     ax = fig.add_subplot()
     ax.bar(np.arange(1, size + 1), share, width=1.0, color=TRAIN_COLOR, label="share of positions")
     ax.set_xlim(0.5, size + 0.5)
-    if used and share[0] / share[used - 1] >= 100:
-        # A long tail of rare codes is invisible on a linear axis.
+    if used and share[0] / share[used - 1] >= 100:  # a long tail is invisible on a linear axis
         ax.set_yscale("log")
     ax.set_xlabel("code rank (most used first)")
     ax.set_ylabel("share of latent positions")
@@ -173,27 +153,21 @@ def draw_reconstructions(fig, originals, reconstructions, caption="", columns=8)
     return [title]
 
 
-# Figure sizes in inches (width, height) of the separate panels.
-CURVES_SIZE, CODEBOOK_SIZE, RECON_SIZE = (15, 8), (7, 4.8), (8, 4.4)
-
-
 def report_figures(curves, codebook, reconstructions, title=""):
-    """``{name: (figure, titles)}``: the combined report and its three panels (report_curves,
-    report_codebook, report_reconstructions), each part given the keyword arguments of its
-    ``draw_*`` function."""
+    """``{name: (figure, titles)}``: report_curves, report_codebook, report_reconstructions and
+    the combined report; each part gets the keyword arguments of its ``draw_*`` function."""
+    parts = (("report_curves", draw_curves, curves, CURVES_SIZE),
+             ("report_codebook", draw_codebook, codebook, CODEBOOK_SIZE),
+             ("report_reconstructions", draw_reconstructions, reconstructions, RECON_SIZE))
     out = {}
-    fig = new_figure(*CURVES_SIZE)
-    out["report_curves"] = (fig, draw_curves(fig, **curves))
-    fig = new_figure(*CODEBOOK_SIZE)
-    out["report_codebook"] = (fig, draw_codebook(fig, **codebook))
-    fig = new_figure(*RECON_SIZE)
-    out["report_reconstructions"] = (fig, draw_reconstructions(fig, **reconstructions))
-
+    for name, draw, kwargs, size in parts:
+        fig = new_figure(*size)
+        out[name] = (fig, draw(fig, **kwargs))
     report = new_figure(CURVES_SIZE[0], CURVES_SIZE[1] + CODEBOOK_SIZE[1] + 0.6)
     top, bottom = report.subfigures(2, 1, height_ratios=[CURVES_SIZE[1], CODEBOOK_SIZE[1]])
-    left, right = bottom.subfigures(1, 2, width_ratios=[1, 1.15])
-    titles = draw_curves(top, **curves) + draw_codebook(left, **codebook) \
-        + draw_reconstructions(right, **reconstructions)
+    places = (top, *bottom.subfigures(1, 2, width_ratios=[1, 1.15]))
+    titles = [text for place, (_, draw, kwargs, _) in zip(places, parts)
+              for text in draw(place, **kwargs)]
     if title:
         report.suptitle(title, fontsize=12)
     out["report"] = (report, titles)

@@ -6,9 +6,8 @@ from torchvision.utils import make_grid
 
 
 def reconstruction_grid(originals, reconstructions, columns=8, pad=2):
-    """Originals and reconstructions (N x C x H x W in [0, 1]) as one C x H x W image: rows of
-    `columns` originals, each above the row of their reconstructions, on grey. Also returns
-    the centre height of every row with what it shows."""
+    """Rows of `columns` originals (N x C x H x W in [0, 1]) above their reconstructions, on grey:
+    a C x H x W image, and the centre height of each row with what it shows."""
     n, c, h, w = originals.shape
     columns = min(columns, n)
     rows = math.ceil(n / columns)
