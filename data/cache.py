@@ -25,18 +25,12 @@ from .errors import DatasetError, file_state, first_few
 CACHE_DIR = "cache"
 # Bump when the file layout or the sidecar's meaning changes, to retire old caches.
 FORMAT = 1
-# Files decoded per task: large enough that pickling a block back is cheap next to decoding
-# it, small enough that the bar moves and every worker gets work.
+# Files per task: pickling a block back is cheap next to decoding it; the bar still moves.
 CHUNK = 256
 # Below this many files a pool's start-up costs more than it saves.
 MIN_PARALLEL = 1024
-# A skipping build stops when the first this many files all fail (a folder of something else
-# than pictures, or a Pillow without the format's decoder).
+# A skipping build stops when the first this many files all fail (not pictures, no decoder).
 FIRST_FAILURES = CHUNK
-
-
-def cache_path(root, name, folder=CACHE_DIR):
-    return os.path.join(root, folder, f"{name}.npy")
 
 
 def sidecar_path(path):
@@ -52,8 +46,7 @@ def build_workers():
 
 
 def pool_context():
-    # fork hands workers the torch and PIL already imported; a fresh interpreter would spend
-    # seconds importing them again.
+    # fork hands workers the torch and PIL already imported: a fresh interpreter takes seconds.
     fork = "fork" in multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("fork" if fork else None)
 
@@ -64,8 +57,7 @@ def _sidecar(root, paths, decode, shape, skip_unreadable):
     for path in paths:  # root-relative names: a root moved with its mtimes keeps its cache
         size, mtime_ns = file_state(path)
         files.update(f"{os.path.relpath(path, root)}\0{size}\0{mtime_ns}\n".encode())
-    # The whole module's source, not just the function's: a changed constant or helper
-    # (crop size, resize call) changes the pixels as much as an edited body does.
+    # The whole module's source: a changed constant or helper changes the pixels as well.
     with open(sys.modules[decode.__module__].__file__, "rb") as f:
         source = hashlib.sha256(f.read()).hexdigest()
     name = getattr(decode, "__qualname__", type(decode).__qualname__)  # or a decoding object's
@@ -81,8 +73,7 @@ def _sidecar(root, paths, decode, shape, skip_unreadable):
 
 
 def _open_matching(path, sidecar):
-    """(memmap, indices of the skipped files) of the cache at `path` if its sidecar (less its
-    "skipped") equals `sidecar`, else None."""
+    """(memmap, skipped indices) of the cache at `path` if its sidecar, less "skipped", matches."""
     try:
         with open(sidecar_path(path)) as f:
             stored = json.load(f)
@@ -139,8 +130,7 @@ def _build(path, sidecar, paths, decode, shape, what, skip_unreadable):
     tmp, skipped = f"{path}.{os.getpid()}.tmp", []
     blocks = _blocks(paths, decode, shape, what, skipped if skip_unreadable else None)
     try:
-        # Plain sequential writes rather than a writable memmap: a full disk then raises
-        # OSError here instead of killing the process with SIGBUS.
+        # Sequential writes, not a writable memmap: a full disk raises OSError here, not SIGBUS.
         with open(tmp, "wb") as f, contextlib.closing(blocks):
             np.lib.format.write_array_header_1_0(
                 f, {"descr": "|u1", "fortran_order": False, "shape": (len(paths), *shape)})
@@ -150,8 +140,7 @@ def _build(path, sidecar, paths, decode, shape, what, skip_unreadable):
             os.fsync(f.fileno())
         if skip_unreadable:
             sidecar = {**sidecar, "skipped": skipped}
-        # Old sidecar out first: a crash between the two steps below must never pair an
-        # outdated sidecar with the new array (or the new sidecar with an old one).
+        # Old sidecar out first: a crash in between never pairs an array with another's sidecar.
         if os.path.exists(sidecar_path(path)):
             os.remove(sidecar_path(path))
         os.replace(tmp, path)
@@ -176,8 +165,7 @@ def _blocks(paths, decode, shape, what, skipped):
                                        file=sys.stderr, disable=not sys.stderr.isatty()))
         results = map(job, chunks)
         if workers > 1 and len(paths) >= MIN_PARALLEL:
-            # imap, not imap_unordered: each block is appended to the file as it comes. Leaving
-            # the block early (an error, Ctrl-C) ends the workers (util.signals.worker_pool).
+            # imap keeps file order; leaving early (an error, Ctrl-C) ends the workers.
             pool = worker_pool(pool_context(), min(workers, len(chunks)))
             results = stack.enter_context(pool).imap(job, chunks)
         for block, failed in results:

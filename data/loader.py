@@ -19,8 +19,7 @@ from .sources import SPLITS, Arrays, Decoded, Files, Reads
 
 # Spreads seeds apart: two seeds could only share an epoch's order past a million epochs.
 SEED_STRIDE = 1_000_003
-# How a batch of uint8 items reaches the model, by what the dataset holds (configs.registry's
-# Dataset.items): images as floats in [0, 1], label maps as class indices.
+# A batch of uint8 items for the model, by registry's Dataset.items: floats in [0, 1], indices.
 IMAGES = "images"
 TO_MODEL = {IMAGES: lambda x: x.float().div_(255), "labels": lambda x: x.long()}
 
@@ -43,9 +42,8 @@ def epoch_order(n, *, shuffle, seed, epoch, rank=0, world_size=1, pad=True):
 
 
 class Loader:
-    """One split of one dataset, yielding ``(x, y)`` batches on ``device``: ``len(loader)``
-    batches of ``num_samples`` (padding included) per epoch on this rank. ``set_epoch`` before
-    each epoch; ``iter_from(k)`` resumes one at batch k."""
+    """One split of one dataset, yielding ``(x, y)`` batches on ``device``; ``set_epoch`` before
+    each epoch, ``iter_from(k)`` resumes one at batch k; num_samples counts the padding."""
 
     names = record = None  # pictures chosen at run time: each item's file, what a run keeps
 
@@ -150,8 +148,7 @@ class FileLoader(Loader):
         if self.array is not None:
             yield from gather_batches(self.array, self.rows, batches, self.device, self.to_model)
             return
-        # A fresh DataLoader per pass: its batch list is this epoch's (possibly resumed)
-        # slice, and non-persistent workers exit when the pass ends.
+        # A fresh DataLoader per pass: its batches are this (resumed) pass's; its workers exit.
         loader = DataLoader(self.dataset, batch_sampler=[b.tolist() for b in batches],
                             num_workers=self.num_workers, collate_fn=_collate,
                             pin_memory=is_cuda(self.device))
@@ -167,8 +164,7 @@ def gather_batches(array, rows, batches, device, to_model):
     `array` (its rows `rows` in dataset order, or all of them)."""
     for batch in batches:
         idx = batch.numpy() if rows is None else rows[batch.numpy()]
-        # Rows read in file order sweep the file forwards (page cache read-ahead), then go
-        # back to the epoch's order.
+        # Rows in file order sweep the file forwards (read-ahead), then back to the epoch's order.
         order = np.argsort(idx, kind="stable")
         block = batch_buffer((len(idx), *array.shape[1:]), device)
         block.numpy()[order] = array[idx[order]]
@@ -191,21 +187,6 @@ def _loader_args(*, batch_size, rank, world_size, **kw):
     return dict(batch_size=batch_size, rank=rank, world_size=world_size, **kw)
 
 
-def _check_read(cfg, got, split, where):
-    """A reader's split: one of the three forms, of the config's shape, not empty."""
-    name = cfg.dataset.name
-    if not isinstance(got, (Arrays, Decoded, Files)):
-        raise TypeError(f"the reader of {name} returned a {type(got).__name__}, not one of "
-                        "sources.Arrays, Files, Decoded")
-    if not isinstance(got, Files):
-        shape = tuple((got.images if isinstance(got, Arrays) else got.array).shape[1:])
-        if shape != tuple(cfg.dataset.shape):
-            raise DatasetError(f"{name} files hold {shape} samples but the config's "
-                               f"dataset.shape is {tuple(cfg.dataset.shape)}")
-    if not isinstance(got, Decoded) and len(got[0]) == 0:
-        raise DatasetError(f"{name} {split} split under {where} is empty")
-
-
 def build_loader(cfg, split, *, batch_size, shuffle, seed=0, device="cpu", rank=0,
                  world_size=1, drop_last=False, recorded=None):
     """The loader of ``split`` of cfg's dataset, ``batch_size`` per rank. ``recorded``: the
@@ -214,23 +195,29 @@ def build_loader(cfg, split, *, batch_size, shuffle, seed=0, device="cpu", rank=
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if shuffle and split != "train":
         raise ValueError(f"the {split} loader keeps file order; build it with shuffle=False")
-    name, where = cfg.dataset.name, os.path.abspath(cfg.path_dataset)
+    name, shape = cfg.dataset.name, tuple(cfg.dataset.shape)
+    where = os.path.abspath(cfg.path_dataset)
     common = _loader_args(name=name, split=split, batch_size=batch_size, shuffle=shuffle,
                           seed=seed, device=device, rank=rank, world_size=world_size,
                           drop_last=drop_last)
     got = sources.source(name).read(cfg, split, recorded)
-    _check_read(cfg, got, split, where)
+    if not isinstance(got, (Arrays, Decoded, Files)):
+        raise TypeError(f"the reader of {name} returned a {type(got).__name__}, not one of "
+                        "sources.Arrays, Files, Decoded")
+    if not isinstance(got, Files) and tuple(got[0].shape[1:]) != shape:  # images, or array
+        raise DatasetError(f"{name} files hold {tuple(got[0].shape[1:])} samples but the "
+                           f"config's dataset.shape is {shape}")
+    if not isinstance(got, Decoded) and len(got[0]) == 0:  # images, or paths
+        raise DatasetError(f"{name} {split} split under {where} is empty")
     to_model = TO_MODEL[registry.DATASETS[name].items]
     if isinstance(got, Arrays):
         return InMemoryLoader(got.images, got.labels, **common)
     if isinstance(got, Decoded):
         return FileLoader(decoded=got, to_model=to_model, **common)
-    open_cache = None
-    if cfg.cache_decoded:
-        open_cache = functools.partial(
-            cache.open_or_build, cache.cache_path(where, got.cache), root=where,
-            paths=list(got.paths), decode=got.decode, shape=tuple(cfg.dataset.shape),
-            what=f"{name} {split}")
+    open_cache = functools.partial(
+        cache.open_or_build, os.path.join(where, cache.CACHE_DIR, f"{got.cache}.npy"),
+        root=where, paths=list(got.paths), decode=got.decode, shape=shape,
+        what=f"{name} {split}") if cfg.cache_decoded else None
     return FileLoader(dataset=FileDataset(got.paths, got.decode), num_workers=cfg.nworker,
                       to_model=to_model, open_cache=open_cache, **common)
 
@@ -265,8 +252,8 @@ def per_rank_batch(cfg, world_size):
 
 
 def build_loaders(cfg, device, seed, splits=SPLITS, recorded=None):
-    """{split: loader} for this process: the training split shuffled by (seed, epoch) and
-    sharded over the torchrun processes, the others in file order."""
+    """{split: loader} of this process: train shuffled by (seed, epoch) and sharded, the rest in
+    file order."""
     rank, world = distributed.rank(), distributed.world_size()
     return {split: build_loader(
         cfg, split, batch_size=per_rank_batch(cfg, world) if split == "train" else cfg.test.bs,

@@ -38,8 +38,8 @@ def list_pictures(folder):
 
 
 class Pictures(NamedTuple):
-    """The decoded pictures of a folder: ``array`` (uint8 N x C x H x W, a memory map or in
-    memory) holds row i for ``names[i]``; the rows of ``skipped`` (not decoded) are zero."""
+    """A folder's decoded pictures: row i of ``array`` (uint8 N x C x H x W, memory-mapped or in
+    memory) for ``names[i]``; the rows of ``skipped`` (not decoded) are zero."""
     folder: str
     names: list
     array: object
@@ -77,7 +77,7 @@ def _decode(folder, names, paths, shape, cached):
                   skip_unreadable=True)
     found = None
     if cached:
-        path = cache.cache_path(folder, f"pictures_{shape[0]}x{shape[1]}", CACHE_FOLDER)
+        path = os.path.join(folder, CACHE_FOLDER, f"pictures_{shape[0]}x{shape[1]}.npy")
         found = cache.open_or_build(path, root=folder, paths=paths,
                                     instead="decoding them into memory for this run instead",
                                     **common)

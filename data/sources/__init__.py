@@ -4,11 +4,11 @@ import functools
 import importlib
 import pkgutil
 
-from .layouts import DOWNLOAD_TIMEOUT_S, NO_DOWNLOAD_ENV, SPLITS, download_disabled
+from .layouts import DOWNLOAD_TIMEOUT_S, NO_DOWNLOAD_ENV, SPLITS
 from .spec import Arrays, Decoded, Files, Reads, Source
 
 __all__ = ["Arrays", "DOWNLOAD_TIMEOUT_S", "Decoded", "Files", "NO_DOWNLOAD_ENV", "Reads",
-           "SPLITS", "Source", "discover", "download_disabled", "source", "split_sizes"]
+           "SPLITS", "Source", "discover", "source", "split_sizes"]
 
 
 @functools.lru_cache(maxsize=None)

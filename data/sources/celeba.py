@@ -65,8 +65,8 @@ def celeba_files(root, reads):
 
 
 def decode_celeba(path):
-    """CelebA JPEG -> uint8 array 3x64x64: CenterCrop(140) then Resize(64), by torchvision's
-    functional ops on a PIL image (bilinear, antialiased by PIL), as the release's transforms."""
+    """CelebA JPEG -> uint8 3x64x64 by the release's transforms: CenterCrop(140), Resize(64)
+    (torchvision's functional ops on a PIL image: bilinear, antialiased by PIL)."""
     img = open_image(path, "CelebA image")
     if img.mode != "RGB":
         img = img.convert("RGB")

@@ -1,6 +1,5 @@
-"""CelebAMask-HQ: the label maps ``data.prepare_celebamask_hq`` writes
-(``CelebAMask-HQ/{train,val,test}_label/<n>.png``), as file lists of 64x64 maps of the 19
-class indices (no automatic download)."""
+"""CelebAMask-HQ: the label maps ``data.prepare_celebamask_hq`` writes (``CelebAMask-HQ/
+{train,val,test}_label/<n>.png``), as 64x64 maps of 19 class indices (no automatic download)."""
 import os
 import re
 
@@ -15,30 +14,26 @@ from .spec import Files, Source
 NAME = "CelebAMask_HQ"
 CELEBAMASK_DIR = "CelebAMask-HQ"
 IMAGE_SIZE = 64
-# The face parts, in the order the label maps paint them (a later part overwrites an
-# earlier one); label k + 1 is LABEL_PARTS[k], 0 is background.
-LABEL_PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear",
-               "r_ear", "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck",
-               "cloth")
+# The face parts in the order they are painted (a later one wins): label k + 1, 0 background.
+LABEL_PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
+               "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth")
 NUM_LABEL_CLASSES = len(LABEL_PARTS) + 1  # 19
 _LABEL_NAME = re.compile(r"^(\d+)\.png$")
 
 
 def _numbered_pngs(root, split, suffix=""):
-    """The <n>.png files of <root>/<split>_label<suffix> in numeric order (10.png after 9.png);
-    None: no such folder."""
+    """<root>/<split>_label<suffix>/<n>.png in numeric order (10 after 9); None: no folder."""
     folder = os.path.join(root, f"{split}_label{suffix}")
     if not os.path.isdir(folder):
         return None
-    numbered = sorted((int(m.group(1)), m.string) for m in map(_LABEL_NAME.match,
-                                                                 os.listdir(folder)) if m)
+    numbered = sorted((int(m[1]), m.string) for m in map(_LABEL_NAME.match, os.listdir(folder))
+                      if m)
     return [os.path.join(folder, name) for _, name in numbered]
 
 
 def celebamask_files(root, split):
-    """The label maps of one split, in numeric file order: those of a prepared
-    ``<split>_label_64`` folder where it is complete (as many files as ``<split>_label``, or
-    the only one present), which saves the 512->64 resize."""
+    """The label maps of one split in numeric order: a prepared ``<split>_label_64`` where it is
+    complete (as many as ``<split>_label``, or alone), which saves the 512->64 resize."""
     folder = os.path.join(root, CELEBAMASK_DIR)
     full, small = _numbered_pngs(folder, split), _numbered_pngs(folder, split, "_64")
     if small and (full is None or len(small) == len(full)):
@@ -47,16 +42,14 @@ def celebamask_files(root, split):
         return full
     absent = [f"{s}_label{os.sep}" for s in SPLITS
               if not (_numbered_pngs(folder, s) or _numbered_pngs(folder, s, "_64"))]
-    raise DatasetError(
-        f"{NAME} not found under {root}: {', '.join(absent)} missing or "
-        f"empty in {folder}{os.sep}; run `python -m data.prepare_celebamask_hq --src "
-        f"RELEASE_DIR --dst {root}` to write {{train,val,test}}_label{os.sep}<n>.png there "
-        "(no automatic download)")
+    raise DatasetError(f"{NAME} not found under {root}: {', '.join(absent)} missing or empty in "
+                       f"{folder}{os.sep}; run `python -m data.prepare_celebamask_hq --src "
+                       f"RELEASE_DIR --dst {root}` to write {{train,val,test}}_label{os.sep}"
+                       "<n>.png there (no automatic download)")
 
 
 def decode_celebamask_label(path):
-    """CelebAMask-HQ label PNG -> uint8 array 1x64x64 of class indices 0..18, resized
-    nearest-neighbour (every pixel stays a class index) unless already 64x64."""
+    """Label PNG -> uint8 1x64x64 of class indices 0..18, resized nearest unless it is 64x64."""
     img = open_image(path, "CelebAMask-HQ label map")
     if img.size != (IMAGE_SIZE, IMAGE_SIZE):
         img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST)

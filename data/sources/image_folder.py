@@ -22,8 +22,8 @@ def hash_position(name):
 
 
 def hash_splits(names):
-    """{split: names} by hash_position; an empty val or test split takes the training name
-    with the highest position (a folder of fewer than about 60 pictures)."""
+    """{split: names} by hash_position; an empty val or test split (under about 60 pictures)
+    takes the training name with the highest position."""
     if len(names) < len(SPLITS):
         raise DatasetError(f"{len(names)} picture(s): at least {len(SPLITS)} are needed, one "
                            "per split (train, val, test)")
@@ -95,8 +95,8 @@ def read(cfg, split, recorded=None):
         rule = "train/, val/ and test/" if by_folder else "the hash of their names"
         reads.say(f"{folder}: {sum(map(len, splits.values())):,} pictures, split by {rule}: "
                   + ", ".join(f"{len(splits[s]):,} {s}" for s in SPLITS))
-    # One decoding for every split, of the pictures of all (and those the run skipped) still
-    # present, sorted: the same set, so the same cache, whether read afresh or by the record.
+    # One decoding of all splits' pictures (and those the run skipped) still present, sorted:
+    # the same set, so the same cache, whether read afresh or by the record.
     used = sorted(set(names).intersection(itertools.chain(*splits.values(), skipped_before)))
     decoded = pictures.decoded(folder, used, tuple(cfg.dataset.shape),
                                cached=cfg.cache_decoded, reads=reads)

@@ -61,15 +61,11 @@ def find_folder(reads, dataset_name, root, folder, *, missing, hint, download):
         note = try_download(ours, download)
 
 
-def download_disabled():
-    return os.environ.get(NO_DOWNLOAD_ENV, "").strip() not in ("", "0")
-
-
 def try_download(target, download):
     """Call ``download()`` (whose files land in `target`); a short note for error messages. A
     failure (expected offline) is never raised, and the folders the attempt created and left
     empty are removed: an offline run leaves the dataset root as it found it."""
-    if download_disabled():
+    if os.environ.get(NO_DOWNLOAD_ENV, "").strip() not in ("", "0"):
         return f"download skipped: {NO_DOWNLOAD_ENV}=1"
     target = pathlib.Path(os.path.abspath(target))
     created = list(itertools.takewhile(lambda p: not p.exists(), [target, *target.parents]))
