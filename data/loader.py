@@ -49,6 +49,11 @@ class Loader:
 
     def __init__(self, *, name, split, n, batch_size, shuffle, seed, device, rank, world_size,
                  drop_last):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1} "
+                             f"(world_size {world_size})")
         self.name, self.split, self.dataset_size = name, split, n
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.device = torch.device(device)
@@ -112,9 +117,6 @@ class FileDataset(Dataset):
     def __init__(self, paths, decode):
         self.paths, self.decode = list(paths), decode
 
-    def __len__(self):
-        return len(self.paths)
-
     def __getitem__(self, i):
         try:
             return torch.from_numpy(self.decode(self.paths[i]))
@@ -134,7 +136,7 @@ class FileLoader(Loader):
 
     def __init__(self, *, to_model, dataset=None, num_workers=0, open_cache=None, decoded=None,
                  **kw):
-        super().__init__(n=len(dataset) if decoded is None else len(decoded.rows), **kw)
+        super().__init__(n=len(dataset.paths if decoded is None else decoded.rows), **kw)
         self.dataset, self.num_workers, self.to_model = dataset, num_workers, to_model
         self.open_cache, self.array, self.rows = open_cache, None, None
         if decoded is not None:
@@ -179,14 +181,6 @@ def batch_buffer(shape, device):
     return torch.empty(shape, dtype=torch.uint8, pin_memory=is_cuda(device))
 
 
-def _loader_args(*, batch_size, rank, world_size, **kw):
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
-    return dict(batch_size=batch_size, rank=rank, world_size=world_size, **kw)
-
-
 def build_loader(cfg, split, *, batch_size, shuffle, seed=0, device="cpu", rank=0,
                  world_size=1, drop_last=False, recorded=None):
     """The loader of ``split`` of cfg's dataset, ``batch_size`` per rank. ``recorded``: the
@@ -197,9 +191,8 @@ def build_loader(cfg, split, *, batch_size, shuffle, seed=0, device="cpu", rank=
         raise ValueError(f"the {split} loader keeps file order; build it with shuffle=False")
     name, shape = cfg.dataset.name, tuple(cfg.dataset.shape)
     where = os.path.abspath(cfg.path_dataset)
-    common = _loader_args(name=name, split=split, batch_size=batch_size, shuffle=shuffle,
-                          seed=seed, device=device, rank=rank, world_size=world_size,
-                          drop_last=drop_last)
+    common = dict(name=name, split=split, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                  device=device, rank=rank, world_size=world_size, drop_last=drop_last)
     got = sources.source(name).read(cfg, split, recorded)
     if not isinstance(got, (Arrays, Decoded, Files)):
         raise TypeError(f"the reader of {name} returned a {type(got).__name__}, not one of "
@@ -226,9 +219,6 @@ def build_picture_loader(cfg, folder, *, batch_size, device="cpu", rank=0, world
     """A loader over every picture under `folder` in sorted file order, at cfg's dataset.shape
     (``-ts RUN --images DIR``); ``names`` relative to the folder, ``record`` with the skipped."""
     name, items = cfg.dataset.name, registry.DATASETS[cfg.dataset.name].items
-    common = _loader_args(name=name, split="images", batch_size=batch_size, shuffle=False,
-                          seed=0, device=device, rank=rank, world_size=world_size,
-                          drop_last=False)
     if items != IMAGES:
         raise DatasetError(f"--images reads pictures, but a {name} run reconstructs "
                            f"{items}; give a run of a dataset of images")
@@ -237,7 +227,8 @@ def build_picture_loader(cfg, folder, *, batch_size, device="cpu", rank=0, world
     found = pictures.decoded(folder, names, tuple(cfg.dataset.shape), cached=cfg.cache_decoded,
                              reads=Reads.of(cfg))
     return FileLoader(decoded=found.split(names, f"under {folder}"), to_model=TO_MODEL[items],
-                      **common)
+                      name=name, split="images", batch_size=batch_size, shuffle=False, seed=0,
+                      device=device, rank=rank, world_size=world_size, drop_last=False)
 
 
 def per_rank_batch(cfg, world_size):

@@ -59,27 +59,23 @@ class Pictures(NamedTuple):
 def decoded(folder, names, shape, *, cached=True, reads):
     """The Pictures of `names` (from list_pictures) at `shape` (C, H, W) with H == W, once per
     state of the files for `reads` (one command's), which reports the skipped ones once."""
-    channels, size, width = shape
+    channels, size, width = shape = tuple(shape)
     if size != width:
         raise ValueError(f"pictures are decoded square, not {size}x{width}")
     paths = [os.path.join(folder, name) for name in names]
-    found = reads.kept(("pictures", folder, tuple(shape), cached), paths,
-                       lambda: _decode(folder, list(names), paths, tuple(shape), cached))
+
+    def decode():
+        common = dict(decode=PictureDecoder(channels, size), shape=shape, what=folder,
+                      skip_unreadable=True)
+        found = cached and cache.open_or_build(
+            os.path.join(folder, CACHE_FOLDER, f"pictures_{channels}x{size}.npy"), root=folder,
+            paths=paths, instead="decoding them into memory for this run instead", **common)
+        array, skipped = found or cache.decode_all(paths, **common)
+        return Pictures(folder, list(names), array, {names[i] for i in skipped})
+
+    found = reads.kept(("pictures", folder, shape, cached), paths, decode)
     if found.skipped:
         skipped = [n for n in found.names if n in found.skipped]
         reads.say(f"warning: {len(skipped)} of the {len(names)} pictures under {folder} cannot "
                   f"be decoded and are skipped: {first_few(skipped)}", file=sys.stderr)
     return found
-
-
-def _decode(folder, names, paths, shape, cached):
-    common = dict(decode=PictureDecoder(shape[0], shape[1]), shape=shape, what=folder,
-                  skip_unreadable=True)
-    found = None
-    if cached:
-        path = os.path.join(folder, CACHE_FOLDER, f"pictures_{shape[0]}x{shape[1]}.npy")
-        found = cache.open_or_build(path, root=folder, paths=paths,
-                                    instead="decoding them into memory for this run instead",
-                                    **common)
-    array, skipped = found if found is not None else cache.decode_all(paths, **common)
-    return Pictures(folder, names, array, {names[i] for i in skipped})

@@ -22,11 +22,6 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-def _missing_mnist_files(raw_dir):
-    return [name for name in MNIST_FILES
-            if not any(os.path.isfile(os.path.join(raw_dir, name + ext)) for ext in ("", ".gz"))]
-
-
 def _refused(path, error):
     """The error for a file the file system refuses (permissions, I/O): not known corrupt."""
     return DatasetError(f"cannot read {path}: {error.strerror}; make it readable "
@@ -91,9 +86,11 @@ def _read_mnist_pair(dataset_name, raw_dir, prefix):
 def load_mnist_like(dataset_name, root, reads=None):
     """{'train', 'val', 'test'} -> (uint8 N x 1 x 28 x 28, int64 N), read once per `reads`."""
     reads = reads or Reads()
-    raw_dir = find_folder(reads, dataset_name, root, (dataset_name, "raw"),
-                          missing=_missing_mnist_files, hint=" (or the same names with .gz)",
-                          download=lambda: getattr(tvd, dataset_name)(root, download=True))
+    raw_dir = find_folder(
+        reads, dataset_name, root, (dataset_name, "raw"), hint=" (or the same names with .gz)",
+        missing=lambda folder: [name for name in MNIST_FILES if not any(
+            os.path.isfile(os.path.join(folder, name + ext)) for ext in ("", ".gz"))],
+        download=lambda: getattr(tvd, dataset_name)(root, download=True))
     _extract_gz(raw_dir)
     return reads.kept(dataset_name, [os.path.join(raw_dir, n) for n in MNIST_FILES],
                       lambda: carve_val(_read_mnist_pair(dataset_name, raw_dir, "train"),
