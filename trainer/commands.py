@@ -166,8 +166,8 @@ def errors_as_lines(cfg, device, job):
     try:
         yield
     except (MemoryError, RuntimeError) as e:
-        # An allocation the machine refused (the CPU allocator raises a RuntimeError, CUDA
-        # an OutOfMemoryError, Python a MemoryError): the machine's limit, one line.
+        # An allocation the machine refused (a RuntimeError of the CPU allocator, CUDA's
+        # OutOfMemoryError, Python's MemoryError)
         if not (isinstance(e, MemoryError) or "can't allocate memory" in str(e)
                 or type(e).__name__ == "OutOfMemoryError"):
             raise
@@ -194,10 +194,8 @@ def errors_as_lines(cfg, device, job):
 def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=False,
              report=False, encode=None, prior=False, sample=None, images=None, program=None,
              config_file=None):
-    """-ts RUN: the run's best.pt, with its own config, on the test split (or on every
-    picture under --images DIR, in sorted file order); the records go to its metrics.jsonl,
-    except in a run folder of the authors' release, which stays as it was. --report,
-    --encode, --prior and --sample (trainer/prior.py) write into the run folder."""
+    """-ts RUN: the run's best.pt on the test split (or every picture under --images DIR),
+    recorded in its metrics.jsonl unless it is a release folder, which stays as it was."""
     run_dir = runs.resolve_run_dir(cfg, run, "-ts")
     runs.check_links(run_dir)
     writes = [flag for flag, given in (("--prior", prior), ("--sample", sample),

@@ -1,10 +1,6 @@
-"""Metric accumulation (running means, code histograms) and evaluation: one pass over a split
-(``eval_pass``), and the stochastic and deterministic passes whose records the final test and
-``-ts`` write (``evaluate``).
-
-Everything accumulates on the device and is read back once per split (or logging interval),
-so a training step never waits for the host. Under torchrun the sums are all-reduced, so every
-process sees the same numbers.
+"""Metrics: running means and code histograms, accumulated on the device (a training step
+never waits for the host) and all-reduced under torchrun; one pass over a split
+(``eval_pass``); the final test's and ``-ts``'s records (``evaluate``).
 """
 import math
 import time

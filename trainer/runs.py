@@ -29,12 +29,10 @@ METRICS_FILE = "metrics.jsonl"
 DATASET_FILES = "dataset_files.json"
 LOCK_FILE = ".writer.lock"
 TENSORBOARD = "tensorboard"
-# Every name any command writes in a run folder (fnmatch patterns): checkpoints and the
-# prior's, images, codes files, metrics.jsonl and the locks. None of them may be a link.
+# Every name any command writes in a run folder (fnmatch patterns); none may be a link.
 WRITTEN_NAMES = (CONFIG_FILE, DATASET_FILES, METRICS_FILE, f".{METRICS_FILE}.lock", LOCK_FILE,
                  TENSORBOARD, "*.pt", "*.png", "*.npz")
-# The files only a holder of the writer lock writes, whose temporary files a killed writer
-# may have left (no one else can be writing them while we hold the lock).
+# The files only the writer lock's holder writes: a killed writer's temporaries are removed.
 LOCKED_WRITES = (CONFIG_FILE, DATASET_FILES, BEST, CURRENT, "prior.pt", "prior_current.pt",
                  "reconstructions_best.png", "reconstructions_current.png")
 # Records a training run writes (test and -ts records are appended by their callers).
@@ -172,9 +170,8 @@ def load_run_config(run_dir, opts=None):
         raise RunError(str(e) if path in str(e) else f"{path}: {e}") from None
 
 
-# Keys that tell experiment files apart; a resume under another file is refused. (Sizes such
-# as num_rb may have been overridden at the start and live in the run's own config; so may
-# path_specific, which says where the folder went, not what was trained.)
+# Keys that tell experiment files apart: a resume under another file is refused (sizes and
+# path_specific may have been overridden at the start, and live in the run's config).
 IDENTITY_KEYS = ("dataset.name", "model.name", "model.param_var_q", "network.name")
 
 
