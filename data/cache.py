@@ -23,14 +23,10 @@ from util.text import one_line
 from .errors import DatasetError, file_state, first_few
 
 CACHE_DIR = "cache"
-# Bump when the file layout or the sidecar's meaning changes, to retire old caches.
-FORMAT = 1
-# Files per task: pickling a block back is cheap next to decoding it; the bar still moves.
-CHUNK = 256
-# Below this many files a pool's start-up costs more than it saves.
-MIN_PARALLEL = 1024
-# A skipping build stops when the first this many files all fail (not pictures, no decoder).
-FIRST_FAILURES = CHUNK
+FORMAT = 1  # bumped when the file layout or the sidecar's meaning changes: old caches retire
+CHUNK = 256  # files per task: pickling a block back is cheap next to decoding it; the bar moves
+MIN_PARALLEL = 1024  # below this many files a pool's start-up costs more than it saves
+FIRST_FAILURES = CHUNK  # a skipping build stops when the first this many files all fail
 
 
 def sidecar_path(path):

@@ -4,8 +4,7 @@ import os
 
 
 class DatasetError(ValueError):
-    """Dataset files are missing, truncated or corrupt; the message is one line saying which
-    file or folder is at fault and what to put where."""
+    """Dataset files missing, truncated or corrupt; one line: which file, what to put where."""
 
 
 def file_state(path):

@@ -92,8 +92,8 @@ class Loader:
 
 
 class InMemoryLoader(Loader):
-    """Holds the split as one uint8 tensor on ``device`` and gathers batches by index: small
-    datasets are faster so than through workers, and on a GPU never cross the bus again."""
+    """The split as one uint8 tensor on ``device``, batches gathered by index (on a GPU: never
+    across the bus again)."""
 
     def __init__(self, images, labels, **kw):
         super().__init__(n=len(images), **kw)
@@ -147,31 +147,27 @@ class FileLoader(Loader):
         if self.open_cache is not None:  # now: an undecodable file fails at access, cached or not
             found, self.open_cache = self.open_cache(), None
             self.array = None if found is None else found[0]
-        if self.array is not None:
-            yield from gather_batches(self.array, self.rows, batches, self.device, self.to_model)
-            return
-        # A fresh DataLoader per pass: its batches are this (resumed) pass's; its workers exit.
-        loader = DataLoader(self.dataset, batch_sampler=[b.tolist() for b in batches],
-                            num_workers=self.num_workers, collate_fn=_collate,
-                            pin_memory=is_cuda(self.device))
-        for x in loader:
-            if isinstance(x, str):
-                raise DatasetError(x)
-            x = self.to_model(x.to(self.device, non_blocking=True))
+        for block in self._decode(batches) if self.array is None else self._gather(batches):
+            x = self.to_model(block.to(self.device, non_blocking=True))
             yield x, torch.zeros(len(x), dtype=torch.int64, device=self.device)
 
+    def _gather(self, batches):
+        for batch in batches:
+            idx = batch.numpy() if self.rows is None else self.rows[batch.numpy()]
+            # Rows in file order sweep the file forwards (read-ahead), then back to batch order.
+            order = np.argsort(idx, kind="stable")
+            block = batch_buffer((len(idx), *self.array.shape[1:]), self.device)
+            block.numpy()[order] = self.array[idx[order]]
+            yield block
 
-def gather_batches(array, rows, batches, device, to_model):
-    """(items on `device` for the model, zero labels) of each batch of dataset indices, from
-    `array` (its rows `rows` in dataset order, or all of them)."""
-    for batch in batches:
-        idx = batch.numpy() if rows is None else rows[batch.numpy()]
-        # Rows in file order sweep the file forwards (read-ahead), then back to the epoch's order.
-        order = np.argsort(idx, kind="stable")
-        block = batch_buffer((len(idx), *array.shape[1:]), device)
-        block.numpy()[order] = array[idx[order]]
-        x = to_model(block.to(device, non_blocking=True))
-        yield x, torch.zeros(len(x), dtype=torch.int64, device=device)
+    def _decode(self, batches):
+        # A fresh DataLoader per pass: its batches are this (resumed) pass's; its workers exit.
+        for block in DataLoader(self.dataset, batch_sampler=[b.tolist() for b in batches],
+                                num_workers=self.num_workers, collate_fn=_collate,
+                                pin_memory=is_cuda(self.device)):
+            if isinstance(block, str):
+                raise DatasetError(block)
+            yield block
 
 
 def batch_buffer(shape, device):
@@ -243,8 +239,7 @@ def per_rank_batch(cfg, world_size):
 
 
 def build_loaders(cfg, device, seed, splits=SPLITS, recorded=None):
-    """{split: loader} of this process: train shuffled by (seed, epoch) and sharded, the rest in
-    file order."""
+    """{split: loader} of this process: train shuffled by (seed, epoch) and sharded."""
     rank, world = distributed.rank(), distributed.world_size()
     return {split: build_loader(
         cfg, split, batch_size=per_rank_batch(cfg, world) if split == "train" else cfg.test.bs,

@@ -57,8 +57,8 @@ class Pictures(NamedTuple):
 
 
 def decoded(folder, names, shape, *, cached=True, reads):
-    """The Pictures of `names` (from list_pictures) at `shape` (C, H, W) with H == W, once per
-    state of the files for `reads` (one command's), which reports the skipped ones once."""
+    """The Pictures of `names` at square `shape` (C, S, S), decoded once per state of the files
+    for `reads` (one command's), which reports the skipped ones once."""
     channels, size, width = shape = tuple(shape)
     if size != width:
         raise ValueError(f"pictures are decoded square, not {size}x{width}")

@@ -179,8 +179,7 @@ def _release(src):
 
 
 def _old_manifest(root):
-    """(an earlier run's manifest, its ks by split, its skipped ks); none or unreadable:
-    (None, {}, set()), and every file present is redone."""
+    """(an earlier run's manifest, its ks by split, its skipped ks), or (None, {}, set())."""
     try:
         with open(os.path.join(root, MANIFEST_FILE), encoding="utf-8") as f:
             manifest = json.load(f)
@@ -280,8 +279,7 @@ def _summary(root, faces, skipped, written, removed, manifest_changed):
 
 
 def main(argv=None):
-    """Command-line entry point; returns the exit code (2: bad input, another run, a lock file
-    that is a link; 1: unwritable output)."""
+    """The command; its exit code: 2 bad input, another run, a linked lock; 1 unwritable output."""
     return run_cli(lambda: _main(argv),
                    errors=(((DatasetError, LockHeld, UnsafeLink), EXIT_INPUT),),
                    interrupted="{what}; run the same command again to resume")

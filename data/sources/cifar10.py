@@ -16,8 +16,7 @@ from .spec import Arrays, Reads, Source
 
 NAME = "CIFAR10"
 SHAPE = (3, 32, 32)
-# Validation share of a set smaller than the real one: 10,000 of 50,000.
-TINY_VAL_DIVISOR = 5
+TINY_VAL_DIVISOR = 5  # the validation share of a set smaller than the real one: 10,000 of 50,000
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch"
@@ -26,8 +25,7 @@ CIFAR10_TEST_FILE = "test_batch"
 # (os.system included). The official batches name only these globals; their dicts, lists,
 # strings and ints are built by opcodes that need no lookup.
 _RECONSTRUCT = np.empty(0).__reduce__()[0]
-# At pickle protocol 5 numpy rebuilds an array from its raw buffer with this one instead.
-_FROMBUFFER = np.empty(0).__reduce_ex__(5)[0]
+_FROMBUFFER = np.empty(0).__reduce_ex__(5)[0]  # protocol 5's: an array from its raw buffer
 _CIFAR_GLOBALS = {
     # The official files were written by numpy 1.x; numpy 2 moved the module to _core.
     ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
@@ -36,8 +34,7 @@ _CIFAR_GLOBALS = {
     ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    # How Python 3 writes bytes at protocol 2 (a re-saved copy with bytes keys).
-    ("_codecs", "encode"): codecs.encode,
+    ("_codecs", "encode"): codecs.encode,  # Python 3's bytes at protocol 2 (a re-saved copy)
 }
 
 

@@ -22,8 +22,7 @@ def hash_position(name):
 
 
 def hash_splits(names):
-    """{split: names} by hash_position; an empty val or test split (under about 60 pictures)
-    takes the training name with the highest position."""
+    """{split: names} by hash_position; an empty val or test takes train's highest position."""
     if len(names) < len(SPLITS):
         raise DatasetError(f"{len(names)} picture(s): at least {len(SPLITS)} are needed, one "
                            "per split (train, val, test)")

@@ -16,8 +16,7 @@ from .layouts import carve_val, carved_split_sizes, find_folder
 from .spec import Arrays, Reads, Source
 
 SIDE = 28
-# Validation share of a file smaller than the real one: 10,000 of 60,000.
-TINY_VAL_DIVISOR = 6
+TINY_VAL_DIVISOR = 6  # the validation share of a file smaller than the real one: 10,000 of 60,000
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 

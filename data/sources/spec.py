@@ -21,9 +21,8 @@ Source = collections.namedtuple("Source", "name read split_sizes", defaults=(Non
 
 
 class Reads:
-    """What one command has read (parsed files, decoded pictures) and the notes it printed, so
-    that its loaders share one read and print a note once. ``Reads.of(cfg)``: the one of a
-    config object, dropped when the config is."""
+    """What one command has read and the notes it printed, so that its loaders share one read
+    and print a note once. ``Reads.of(cfg)``: the one of a config, dropped with it."""
 
     _of_config = {}  # id(cfg) -> Reads, removed as that config is garbage collected
 
