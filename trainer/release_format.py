@@ -72,9 +72,7 @@ def read_release_config(run_dir, opts=None):
     path = os.path.join(run_dir, CONFIG_FILE)
     mapping = {}
     for section, keys in CARRIED.items():
-        values = saved.get(section)
-        if values is None:
-            values = {}
+        values = {} if saved.get(section) is None else saved[section]
         if not isinstance(values, dict):
             raise RunError(f"{path}: its {section} is {brief(values)}, not a section of "
                            "settings; is it a run folder of the authors' release?")
@@ -89,12 +87,11 @@ def read_release_config(run_dir, opts=None):
     try:
         return config_from_mapping(mapping, opts)
     except ConfigError as e:
-        raise RunError(f"{os.path.join(run_dir, CONFIG_FILE)}: {e}") from None
+        raise RunError(f"{path}: {e}") from None
 
 
 def stays_below(relative):
-    """Whether `relative` is a path that names a folder below the one it is joined to (not
-    absolute, no `..` climbing out)."""
+    """Whether `relative` names a folder below the one it is joined to (no `/`, no `..`)."""
     if not isinstance(relative, str) or not relative.strip("/") or os.path.isabs(relative):
         return False
     return not os.path.normpath(relative).split(os.sep)[0] == os.pardir
