@@ -105,12 +105,6 @@ def _number(record, key, where, types=(int, float), noun="a number"):
                        "that record")
 
 
-def run_label(run_dir):
-    # Run folder names repeat across experiments: the experiment folder above is named too.
-    parts = os.path.normpath(os.path.abspath(run_dir)).split(os.sep)
-    return "/".join(parts[-2:])
-
-
 def summarize(run_dir):
     """The table row of one run folder, as a dict keyed by column header."""
     if not os.path.isdir(run_dir):
@@ -127,7 +121,9 @@ def summarize(run_dir):
         _number(record, "seconds", f"{metrics}, a train record")
         _number(record, "epoch", f"{metrics}, a train record", int, "a whole number")
     theirs = release_format.is_release_run(run_dir)
-    row = {"run": run_label(run_dir),
+    # Run folder names repeat across experiments: the experiment folder above is named too.
+    parts = os.path.normpath(os.path.abspath(run_dir)).split(os.sep)
+    row = {"run": "/".join(parts[-2:]),
            "model": model_label(cfg) + (", authors' release" if theirs else ""),
            "dataset": _text(_section(cfg, "dataset").get("name", "?")),
            # Epochs actually trained (a run may stop early); a release run folder records none.

@@ -20,10 +20,6 @@ MODEL_SECTIONS = ("dataset", "model", "network", "quantization", "flags")
 RESTATED = {"dataset": ("channels", "image_size"), "network": ("channels_last",)}
 
 
-def codes_file(split):
-    return f"codes_{split}.npz"
-
-
 def config_hash(cfg):
     parts = []
     for name in MODEL_SECTIONS:
@@ -52,7 +48,7 @@ def encode_split(model, loader):
 
 def write_codes(run_dir, cfg, split, codes, model, names=None):
     """Write codes_<split>.npz (with `names` where given) into the run folder; its path."""
-    path = os.path.join(run_dir, codes_file(split))
+    path = os.path.join(run_dir, f"codes_{split}.npz")
     codebook = model.code_vectors().detach().float().cpu().numpy()
     atomic_write_bytes(path, pack_codes(codes, codebook, config_hash(cfg), names=names))
     return path

@@ -24,7 +24,7 @@ from .logs import Display
 from .loop import Interrupted
 
 PRIOR_BEST, PRIOR_CURRENT = "prior.pt", "prior_current.pt"
-SAMPLES_IMAGE = "samples.png"  # the codes go to codes_samples.npz (export.codes_file)
+SAMPLES_IMAGE = "samples.png"  # the codes go to codes_samples.npz (export.write_codes)
 # What each prior checkpoint must hold, key -> types (runs.load_checkpoint checks it).
 BEST_KEYS = {"prior": dict, "epoch": int, "architecture": dict}
 CURRENT_KEYS = {"prior": dict, "optimizer": dict, "epoch": int, "best_nll": runs.NUMBER,
@@ -33,12 +33,6 @@ CURRENT_KEYS = {"prior": dict, "optimizer": dict, "epoch": int, "best_nll": runs
 # What shapes the weights or the trajectory: a continued prior keeps these (not epoch_max...).
 FIXED_SETTINGS = ("channels", "layers", "kernel", "lr", "bs")
 SAMPLE_CHUNK = 1024  # grids drawn at once by --sample (memory: chunk x K x H x W logits)
-
-
-def split_codes(cfg, model, split, device, recorded=None):
-    """The deterministic code grids of a whole split, int64 N x H x W on `device`."""
-    codes = export.encode_split(model, export.whole_split(cfg, split, device, recorded))
-    return torch.from_numpy(codes.astype(np.int64)).to(device)
 
 
 @torch.no_grad()
@@ -193,8 +187,10 @@ def train_prior(run_dir, cfg, model, device, *, seed, command, opts=(), limit_ba
             display.log(f"prior: continuing {PRIOR_CURRENT} after epoch {training.epoch}"
                         + (" (finished: evaluating only)" if training.done else ""))
         recorded = runs.read_dataset_files(run_dir)
-        codes = {split: split_codes(cfg, model, split, device, recorded)
-                 for split in ("train", "val", "test")}
+        codes = {}  # the deterministic code grids of the whole splits
+        for split in ("train", "val", "test"):
+            encoded = export.encode_split(model, export.whole_split(cfg, split, device, recorded))
+            codes[split] = torch.from_numpy(encoded.astype(np.int64)).to(device)
         training.fit(codes["train"], codes["val"])
         prior = load_prior(cfg, run_dir, device)
         size, positions = cfg.quantization.size_dict, math.prod(codes["test"].shape[1:])
