@@ -6,8 +6,8 @@ from .errors import DatasetError
 from .sources import SPLITS, split_sizes
 
 # Loaded on first use: `python -m data.prepare_celebamask_hq --help` answers before torch.
-_LOADER_NAMES = ("DecodedLoader", "FileLoader", "InMemoryLoader", "Loader", "build_loader",
-                 "build_loaders", "build_picture_loader", "per_rank_batch", "recorded_files")
+_LOADER_NAMES = ("FileLoader", "InMemoryLoader", "Loader", "build_loader", "build_loaders",
+                 "build_picture_loader", "per_rank_batch", "recorded_files")
 
 
 def __getattr__(name):

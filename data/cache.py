@@ -177,8 +177,7 @@ def _blocks(paths, decode, shape, what, skipped):
                          else f"none of the first {done} of its {len(paths)} image files")
                 names = first_few([os.path.basename(p) for p in paths[:done]])
                 raise DatasetError(f"{what}: {which} can be decoded ({names}; first error: "
-                                   f"{first_error}); point it at a folder of pictures Pillow "
-                                   "reads")
+                                   f"{first_error}); point it at a folder of pictures Pillow reads")
             bar.update(len(block))
             yield block
 

@@ -22,7 +22,7 @@ from util.text import one_line
 
 from .cache import build_workers, pool_context
 from .decode import open_image
-from .errors import DatasetError
+from .errors import DatasetError, first_few
 from .sources import SPLITS
 from .sources.celebamask_hq import LABEL_PARTS as PARTS
 
@@ -269,10 +269,8 @@ def _summary(root, faces, skipped, written, removed, manifest_changed):
     print(f"{OUT_DIR} in {root}: " + ", ".join(
         f"{split} {sum(face.split == split for face in faces)} faces" for split in SPLITS)
         + f"\nfaces without any annotation (all-zero label): {len(bare)}"
-        + (f" (k = {', '.join(bare[:20])}{', ...' * (len(bare) > 20)})" if bare else "")
-        + f"\nfaces skipped: {len(skipped)}"
-        + "".join(f"\n  k={entry['k']} ({entry['split']}): {entry['reason']}"
-                  for entry in skipped))
+        + (f" (k = {first_few(bare, 20)})" if bare else "") + f"\nfaces skipped: {len(skipped)}"
+        + "".join(f"\n  k={entry['k']} ({entry['split']}): {entry['reason']}" for entry in skipped))
     print(f"this run: faces written {written}, already up to date {len(faces) - written}, "
           f"files removed {removed}" if written or removed or manifest_changed
           else f"nothing to do: all {len(faces)} faces were already up to date")

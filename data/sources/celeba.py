@@ -54,9 +54,8 @@ def celeba_files(root, reads):
         listed = [n for names in by_partition for n in names]
         absent = [n for n in listed if n not in on_disk]
         if absent:
-            raise DatasetError(
-                f"{len(absent)} of the {len(listed)} images listed in {partition} are "
-                f"missing from {image_dir}{os.sep} (first: {absent[0]})")
+            raise DatasetError(f"{len(absent)} of the {len(listed)} images listed in {partition} "
+                               f"are missing from {image_dir}{os.sep} (first: {absent[0]})")
         return {split: [os.path.join(image_dir, n) for n in names]
                 for split, names in zip(SPLITS, by_partition)}
 

@@ -61,9 +61,8 @@ def _read_cifar_batch(path):
                            "numpy arrays, lists, bytes, str and int are allowed; download the "
                            "official files again") from None
     except Exception as e:  # a damaged pickle can raise almost any exception type
-        raise DatasetError(f"cannot read CIFAR10 batch {path}: {type(e).__name__}: "
-                           f"{one_line(e)} (truncated or corrupt; extract "
-                           "cifar-10-python.tar.gz again)") from None
+        raise DatasetError(f"cannot read CIFAR10 batch {path}: {type(e).__name__}: {one_line(e)} "
+                           "(truncated or corrupt; extract cifar-10-python.tar.gz again)") from None
     if not isinstance(batch, dict):
         raise DatasetError(f"CIFAR10 batch {path} holds a {type(batch).__name__}, "
                            "expected a dict with 'data' and 'labels'")
@@ -93,9 +92,8 @@ def load_cifar10(root, reads):
     """{'train', 'val', 'test'} -> (uint8 N x 3 x 32 x 32, int64 N), read once per `reads`."""
     names = CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)
     folder = find_folder(
-        reads, NAME, root, (CIFAR10_DIR,),
+        reads, NAME, root, (CIFAR10_DIR,), hint=" (extracted from cifar-10-python.tar.gz)",
         missing=lambda f: [n for n in names if not os.path.isfile(os.path.join(f, n))],
-        hint=" (extracted from cifar-10-python.tar.gz)",
         # Download and extract only: tvd.CIFAR10 would also unpickle every batch.
         download=lambda: tvd.utils.download_and_extract_archive(
             tvd.CIFAR10.url, root, filename=tvd.CIFAR10.filename, md5=tvd.CIFAR10.tgz_md5))

@@ -47,10 +47,10 @@ def folder_splits(folder, names, reads):
         return None
     if len(present) < len(SPLITS):
         absent = [f"{s}/" for s in SPLITS if s not in present]
-        raise DatasetError(
-            f"{folder} has {', '.join(f'{s}/' for s in present)} but no {', '.join(absent)}: "
-            "where train/, val/ and test/ all exist they are the splits; add the missing one, "
-            "or rename the folders so that every picture is split by its name's hash")
+        raise DatasetError(f"{folder} has {', '.join(f'{s}/' for s in present)} but no "
+                           f"{', '.join(absent)}: where train/, val/ and test/ all exist they are "
+                           "the splits; add the missing one, or rename the folders so that "
+                           "every picture is split by its name's hash")
     splits = {s: [n for n in names if n.startswith(s + "/")] for s in SPLITS}
     for split in (s for s in SPLITS if not splits[s]):
         raise DatasetError(f"{os.path.join(folder, split)} holds no picture")

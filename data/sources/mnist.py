@@ -44,9 +44,8 @@ def _extract_gz(raw_dir):
         try:
             atomic_write_bytes(path, payload)
         except OSError as e:
-            raise DatasetError(f"cannot extract {path}.gz to {path}: {e.strerror}; make "
-                               f"{raw_dir} writable or decompress it there yourself "
-                               "(gunzip -k)") from None
+            raise DatasetError(f"cannot extract {path}.gz to {path}: {e.strerror}; make {raw_dir} "
+                               "writable or decompress it there yourself (gunzip -k)") from None
 
 
 def _read_idx(path, reader):
