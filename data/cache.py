@@ -73,17 +73,14 @@ def _open_matching(path, sidecar):
     try:
         with open(sidecar_path(path)) as f:
             stored = json.load(f)
-        if not isinstance(stored, dict):
-            return None
-        skipped = stored.pop("skipped", [])
-        if stored != sidecar:
+        if not isinstance(stored, dict) or {**stored, "skipped": 0} != {**sidecar, "skipped": 0}:
             return None
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError):  # absent, or cut short by a crash or a full disk
         return None
     if array.shape != tuple(sidecar["shape"]) or array.dtype != np.uint8:
         return None
-    return array, skipped
+    return array, stored.get("skipped", [])
 
 
 def open_or_build(path, *, root, paths, decode, shape, what, skip_unreadable=False,
