@@ -172,7 +172,7 @@ def _blocks(paths, decode, shape, what, skipped):
             if failed and len(skipped) == done and done >= min(FIRST_FAILURES, len(paths)):
                 which = (f"none of its {done} image files" if done == len(paths)
                          else f"none of the first {done} of its {len(paths)} image files")
-                names = first_few([os.path.basename(p) for p in paths[:done]])
+                names = first_few([os.path.basename(path) for path in paths[:done]])
                 raise DatasetError(f"{what}: {which} can be decoded ({names}; first error: "
                                    f"{first_error}); point it at a folder of pictures Pillow reads")
             bar.update(len(block))
@@ -183,7 +183,7 @@ def _decode_many(decode, paths, skip_shape=None):
     """(block of the decoded `paths`, [(position, message)] of those that failed). With
     `skip_shape` (one item's), a file that cannot be decoded leaves its row zero, not raise."""
     if skip_shape is None:
-        return np.stack([decode(p) for p in paths]), []
+        return np.stack([decode(path) for path in paths]), []
     block, failed = np.zeros((len(paths), *skip_shape), dtype=np.uint8), []
     for i, path in enumerate(paths):
         try:

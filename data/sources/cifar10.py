@@ -93,16 +93,17 @@ def load_cifar10(root, reads):
     names = CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)
     folder = find_folder(
         reads, NAME, root, (CIFAR10_DIR,), hint=" (extracted from cifar-10-python.tar.gz)",
-        missing=lambda f: [n for n in names if not os.path.isfile(os.path.join(f, n))],
+        missing=lambda folder: [name for name in names
+                                if not os.path.isfile(os.path.join(folder, name))],
         # Download and extract only: tvd.CIFAR10 would also unpickle every batch.
         download=lambda: tvd.utils.download_and_extract_archive(
             tvd.CIFAR10.url, root, filename=tvd.CIFAR10.filename, md5=tvd.CIFAR10.tgz_md5))
     paths = [os.path.join(folder, n) for n in names]
 
     def parse():
-        parts = [_read_cifar_batch(p) for p in paths[:-1]]
-        train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-        return carve_val(train, _read_cifar_batch(paths[-1]), split_sizes)
+        images, labels = zip(*(_read_cifar_batch(path) for path in paths[:-1]))
+        return carve_val((np.concatenate(images), np.concatenate(labels)),
+                         _read_cifar_batch(paths[-1]), split_sizes)
 
     return reads.kept(NAME, paths, parse)
 

@@ -52,8 +52,9 @@ def folder_splits(folder, names, reads):
                            "the splits; add the missing one, or rename the folders so that "
                            "every picture is split by its name's hash")
     splits = {s: [n for n in names if n.startswith(s + "/")] for s in SPLITS}
-    for split in (s for s in SPLITS if not splits[s]):
-        raise DatasetError(f"{os.path.join(folder, split)} holds no picture")
+    for split, listed in splits.items():
+        if not listed:
+            raise DatasetError(f"{os.path.join(folder, split)} holds no picture")
     outside = len(names) - sum(map(len, splits.values()))
     if outside:
         reads.say(f"{folder}: {outside} picture(s) outside train/, val/ and test/ are not used")

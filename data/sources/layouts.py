@@ -68,7 +68,7 @@ def try_download(target, download):
     if os.environ.get(NO_DOWNLOAD_ENV, "").strip() not in ("", "0"):
         return f"download skipped: {NO_DOWNLOAD_ENV}=1"
     target = pathlib.Path(os.path.abspath(target))
-    created = list(itertools.takewhile(lambda p: not p.exists(), [target, *target.parents]))
+    created = list(itertools.takewhile(lambda path: not path.exists(), [target, *target.parents]))
     previous = socket.getdefaulttimeout()
     # torchvision's urllib calls have no timeout: with no route out, one hangs for minutes.
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
