@@ -34,11 +34,8 @@ def sidecar_path(path):
 
 
 def build_workers():
-    """Processes a build may use: every CPU this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS has no affinity call
-        return os.cpu_count() or 1
+    """Processes a build may use: every CPU this process may run on (macOS: every CPU)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def pool_context():

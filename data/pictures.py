@@ -40,14 +40,13 @@ def list_pictures(folder):
 class Pictures(NamedTuple):
     """A folder's decoded pictures: row i of ``array`` (uint8 N x C x H x W, memory-mapped or in
     memory) for ``names[i]``; the rows of ``skipped`` (not decoded) are zero."""
-    folder: str
     names: list
     array: object
     skipped: set
 
     def split(self, names, where):
-        """The Decoded split of `names`: the rows of those decoded, which its record lists with
-        those skipped. None decoded: a DatasetError naming the pictures `where` they are."""
+        """The Decoded split of `names`, its record listing those skipped; none decoded: a
+        DatasetError naming the pictures `where` they are."""
         index = {name: i for i, name in enumerate(self.names)}
         kept = [n for n in names if n not in self.skipped]
         if not kept:
@@ -71,7 +70,7 @@ def decoded(folder, names, shape, *, cached=True, reads):
             os.path.join(folder, CACHE_FOLDER, f"pictures_{channels}x{size}.npy"), root=folder,
             paths=paths, instead="decoding them into memory for this run instead", **common)
         array, skipped = found or cache.decode_all(paths, **common)
-        return Pictures(folder, list(names), array, {names[i] for i in skipped})
+        return Pictures(list(names), array, {names[i] for i in skipped})
 
     found = reads.kept(("pictures", folder, shape, cached), paths, decode)
     if found.skipped:
