@@ -74,13 +74,13 @@ def decode_celeba(path):
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
-# What the decoding depends on besides the file: the decoded cache's sidecar records it.
+# What the decoding depends on besides the file, as the decoded cache's sidecar records it:
 decode_celeba.params = {"crop": CELEBA_CROP, "size": IMAGE_SIZE, "resize": "bilinear"}
 
 
 def read(cfg, split, recorded=None):
-    paths = celeba_files(os.path.abspath(cfg.path_dataset), Reads.of(cfg))[split]
-    return Files(paths, decode_celeba, cache=f"celeba_{split}_{IMAGE_SIZE}")
+    return Files(celeba_files(os.path.abspath(cfg.path_dataset), Reads.of(cfg))[split],
+                 decode_celeba, cache=f"celeba_{split}_{IMAGE_SIZE}")
 
 
 SOURCE = Source(NAME, read)

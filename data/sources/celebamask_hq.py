@@ -63,13 +63,13 @@ def decode_celebamask_label(path):
     return arr.astype(np.uint8)[None]
 
 
-# What the decoding depends on besides the file: the decoded cache's sidecar records it.
+# What the decoding depends on besides the file, as the decoded cache's sidecar records it:
 decode_celebamask_label.params = {"size": IMAGE_SIZE, "resize": "nearest"}
 
 
 def read(cfg, split, recorded=None):
-    paths = celebamask_files(os.path.abspath(cfg.path_dataset), split)
-    return Files(paths, decode_celebamask_label, cache=f"celebamask_{split}_{IMAGE_SIZE}")
+    return Files(celebamask_files(os.path.abspath(cfg.path_dataset), split),
+                 decode_celebamask_label, cache=f"celebamask_{split}_{IMAGE_SIZE}")
 
 
 SOURCE = Source(NAME, read)
