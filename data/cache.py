@@ -15,8 +15,7 @@ import numpy as np
 import PIL
 from tqdm import tqdm
 
-from util.io import atomic_write_text
-from util.lock import FileLock
+from util.io import FileLock, atomic_write_text
 from util.signals import worker_pool
 from util.text import one_line
 

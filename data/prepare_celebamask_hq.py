@@ -15,8 +15,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from util.cli import EXIT_INPUT, OneLineParser, run_cli
-from util.io import UnsafeLink, atomic_save, atomic_write_bytes, atomic_write_text
-from util.lock import FileLock, LockHeld
+from util.io import (FileLock, LockHeld, UnsafeLink, atomic_save, atomic_write_bytes,
+                     atomic_write_text)
 from util.signals import worker_pool
 from util.text import one_line
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from data import prepare_celebamask_hq as prep
 from tests.celebamask_fixture import PARTS, boxes, expected_label, write_mask, write_release
-from util.lock import FileLock
+from util.io import FileLock
 
 SPLITS = ("train", "val", "test")
 
