@@ -34,7 +34,7 @@ from tests.test_failures import (CONFIG, cli, cli_state, copy_run, data,  # noqa
                                  error_line, fails, trained)
 from trainer import compare, release
 from util.io import UnsafeLink, append_jsonl, atomic_write_bytes
-from util.lock import FileLock
+from util.io import FileLock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RELEASE_RUN = os.path.join(HERE, "release", "mnist_gauss_1_seed3")
@@ -669,8 +669,7 @@ def test_the_torn_line_warning_is_printed_once(capfd, tmp_path, trained):
 
 @pytest.mark.parametrize("runs, legend", [(12, True), (1000, False)])
 def test_curves_of_many_runs_leave_the_legend_out(runs, legend):
-    from util.curves import draw_learning_curves
-    from util.figures import new_figure
+    from util.figures import draw_learning_curves, new_figure
     records = [{"split": "val", "epoch": e, "mse_pixel": 0.1 / e} for e in (1, 2)]
     fig = new_figure(15, 8)
     titles = draw_learning_curves(fig, [(f"run {i}", records) for i in range(runs)])

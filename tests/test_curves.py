@@ -6,8 +6,7 @@ import pytest
 from PIL import Image
 
 from trainer import compare
-from util.curves import PANELS, draw_learning_curves, epoch_series
-from util.figures import new_figure
+from util.figures import PANELS, draw_learning_curves, epoch_series, new_figure
 
 
 def epoch_records(epochs, sqvae):

@@ -115,6 +115,16 @@ def test_curves_fall_back_to_epoch_records_and_label_the_quantizer():
         in titles
 
 
+def test_curves_need_the_codebook_size_for_their_guide_lines():
+    # Its default once drew log(0): the entropy guide is log K, the codes guide K.
+    with pytest.raises(TypeError, match="num_codes"):
+        plots.draw_curves(plots.new_figure(4, 3), [], [])
+    records = [{"split": "train", "step": 1, "entropy": 1.0, "codes_used": 3}]
+    fig = plots.new_figure(8, 3)
+    plots.draw_curves(fig, records, [], num_codes=8)
+    guides = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
+    assert "log K = 2.08" in guides and "K = 8" in guides
+
 def test_encoded_codes_decode_to_the_deterministic_reconstructions(reported_run):
     run_dir, _ = reported_run
     path = os.path.join(run_dir, "codes_test.npz")

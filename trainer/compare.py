@@ -1,5 +1,5 @@
 """``python -m trainer.compare``: one markdown row per run folder, as CSV (``--csv``), the
-reproduction report (``--report``) and the learning curves (``--curves``, util/curves.py).
+reproduction report (``--report``) and the learning curves (``--curves``, util/figures.py).
 Only config.yaml (or a release's configs.json) and metrics.jsonl are read, nothing is
 unpickled: downloaded run folders are safe to compare. docs/vqvae.md, "Comparing runs"."""
 import csv
@@ -319,7 +319,7 @@ def _main(argv):
                         "text goes under the report's header (how the runs were made)")
     args = parser.parse_args(argv)
     if args.curves:
-        from util.curves import learning_curves_png  # matplotlib only when asked for
+        from util.figures import learning_curves_png  # matplotlib only when asked for
         png, _ = learning_curves_png(curve_runs(args.runs), title="Learning curves, per epoch")
         atomic_write_bytes(args.curves, png, stream_special=True)
         if not (args.report or args.csv):
