@@ -28,8 +28,7 @@ from tests.test_failures import (CONFIG, REPO, SMALL_NET, cli, cli_state, copy_r
                                  data, error_line, fails, metrics_bytes, records,
                                  train_argv, trained)
 from util.codes import load_codes
-from util.io import UnsafeLink, append_jsonl, atomic_write_bytes, read_jsonl
-from util.lock import FileLock
+from util.io import FileLock, UnsafeLink, append_jsonl, atomic_write_bytes, read_jsonl
 
 ENV = {**os.environ, "SQVAE_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1"}
 PRECIOUS = b'{"someone else\'s": "record"}\n{"an unfinished line'

@@ -18,7 +18,7 @@ import time
 from configs import ConfigError, config_to_yaml, get_key, load_config
 from util.io import (JsonlError, append_jsonl, atomic_write_text, read_jsonl, refuse_links,
                      remove_stale_temps)
-from util.lock import FileLock, LockHeld
+from util.io import FileLock, LockHeld
 
 from . import release_format
 from .checkpoints import (BEST, CURRENT, NUMBER, RunError, load_checkpoint,  # noqa: F401

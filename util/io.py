@@ -1,12 +1,9 @@
-"""Crash-safe file writes: every file goes to a temporary name in the same folder, is flushed
-to disk (unless durable=False), then renamed into place, so a reader never sees half a file.
-
-Nothing here writes through a link: a rename replaces a symbolic link at the target name (the
-file it pointed to stays as it was), files opened in place (``append_jsonl``, the locks) are
-opened without following one (``util.links``), no rename replaces a device or a FIFO, and
-``refuse_links`` lets a caller refuse a folder before writing anything into it. Run folders
-come from other people, and a planted link would make the tool change a file anywhere.
+"""Crash-safe files that never write through a link: atomic writes (a temporary name, fsync,
+a rename), append-only JSON lines and file locks opened without following a link, and
+``refuse_links`` for a folder before writing into it. Run folders come from other people; a
+planted link would make the tool change a file anywhere (docs/failures.md).
 """
+import contextlib
 import errno
 import fnmatch
 import io
@@ -14,50 +11,119 @@ import json
 import os
 import secrets
 import stat
+import tempfile
 
-from .links import O_NOFOLLOW, UnsafeLink, open_no_follow, unsafe
-from .lock import FileLock
+from filelock import lock_descriptor
 
-# The kernel applies the process umask, as open() does (mkstemp's 0o600 would hide run
-# folders from their group).
-FILE_MODE = 0o666
+# Absent on Windows, where the up-front check of refuse_links remains.
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+SPECIAL_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+                 stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def _stat(path, follow=True):
+    try:
+        return os.stat(path) if follow else os.lstat(path)
+    except OSError:
+        return None
+
+
+def _special(st):
+    """Whether `st` (None: no such name) is neither a file, a folder nor a symbolic link."""
+    return st is not None and stat.S_IFMT(st.st_mode) not in (stat.S_IFREG, stat.S_IFDIR,
+                                                              stat.S_IFLNK)
+
+
+def _unsafe(st):
+    """Whether a name with this lstat is a link, a special file or a file with several names."""
+    return not stat.S_ISDIR(st.st_mode) and (not stat.S_ISREG(st.st_mode) or st.st_nlink > 1)
+
+
+class UnsafeLink(ValueError):
+    """A name the tool writes is a symbolic link, a hard link or a special file (a FIFO, a
+    device, a socket); the message names it and the fix. `st`: the name's lstat, if known."""
+
+    def __init__(self, path, st=None):
+        st = st or _stat(path, follow=False)
+        never = "this tool never writes through links in a run folder"
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            problem = (f"has {st.st_nlink} hard links (the same file under another name, possibly "
+                       f"outside this folder); {never}: replace it with a copy of its own (cp -p "
+                       "FILE FILE.copy && mv FILE.copy FILE), or remove it")
+        elif _special(st):
+            kind = SPECIAL_KINDS.get(stat.S_IFMT(st.st_mode), "a special file")
+            problem = (f"is {kind}, not a regular file; this tool never replaces or writes into "
+                       "one there: remove it or choose another name")
+        else:
+            target = ""
+            with contextlib.suppress(OSError):
+                target = f" (to {os.readlink(path)})"
+            problem = (f"is a symbolic link{target}; {never}: replace the link with a copy of "
+                       "the file, or remove it")
+        super().__init__(f"{path} {problem}, then run again")
+        self.path = path
+
+
+def open_no_follow(path, flags, mode=0o666):
+    """os.open refusing (UnsafeLink) a symbolic link at `path` rather than following it (with
+    O_CREAT a dangling one would create its target), and anything but a file with one name."""
+    try:
+        fd = os.open(path, flags | O_NOFOLLOW, mode)
+    except OSError as e:
+        # ELOOP on Linux and macOS, EMLINK on FreeBSD; check the name itself to be sure.
+        if e.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
+            raise UnsafeLink(path) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if _unsafe(st):
+            raise UnsafeLink(path, st)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def _naming(path):
+    """An OSError inside names `path` where the OS named no file (a write on a descriptor)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename or not e.errno:
+            raise
+        raise OSError(e.errno, e.strerror, path) from None
 
 
 def _new_temp_file(folder, name):
-    """(fd, path) of a new file beside `name`; O_EXCL never opens an existing name or link."""
+    """(fd, path) of a new file beside `name`; O_EXCL never opens an existing name or link.
+    Mode 0o666: the kernel applies the umask, as open() does (mkstemp's 0o600 would hide run
+    folders from their group)."""
     while True:
         tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW,
-                           FILE_MODE), tmp
-        except FileExistsError:
-            continue
+        with contextlib.suppress(FileExistsError):
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, 0o666), tmp
 
 
 def _unsafe_entries(folder):
     found = []
-    try:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                st = _stat(entry.path, follow=False)  # None: removed meanwhile
-                if st is not None and unsafe(st):
-                    found.append((entry.path, st))
-    except (FileNotFoundError, NotADirectoryError):
-        pass
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(folder) as entries:
+        for entry in entries:
+            st = _stat(entry.path, follow=False)  # None: removed meanwhile
+            if st is not None and _unsafe(st):
+                found.append((entry.path, st))
     return sorted(found)
 
 
 def refuse_links(folder, patterns, subfolders=()):
-    """UnsafeLink for the first entry of `folder` matching one of `patterns` (fnmatch) that is
-    a symbolic link, a special file or a file with several hard links, or for any such entry
-    inside `subfolders`."""
-    for path, st in _unsafe_entries(folder):
-        if any(fnmatch.fnmatchcase(os.path.basename(path), p) for p in patterns):
-            raise UnsafeLink(path, st)
+    """UnsafeLink for the first link, special file or file with several names in `folder`
+    whose name matches one of `patterns` (fnmatch), or anywhere inside `subfolders`."""
+    found = [(path, st) for path, st in _unsafe_entries(folder)
+             if any(fnmatch.fnmatchcase(os.path.basename(path), p) for p in patterns)]
     for name in subfolders:
-        found = _unsafe_entries(os.path.join(folder, name))
-        if found:
-            raise UnsafeLink(*found[0])
+        found += _unsafe_entries(os.path.join(folder, name))
+    if found:
+        raise UnsafeLink(*found[0])
 
 
 def remove_stale_temps(folder, names):
@@ -68,73 +134,39 @@ def remove_stale_temps(folder, names):
         stale = [entry.path for entry in entries if not entry.is_dir(follow_symlinks=False)
                  and any(fnmatch.fnmatchcase(entry.name, p) for p in patterns)]
     for path in stale:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a link is removed itself, never its target
-        except FileNotFoundError:
-            pass
     return stale
 
 
-def _named(error, path):
-    """`error` naming `path` where the OS named no file (a failed write on a descriptor)."""
-    if isinstance(error, OSError) and not error.filename and error.errno:
-        return OSError(error.errno, error.strerror, path)
-    return error
-
-
-def _is_special(st):
-    return st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
-                                   or stat.S_ISLNK(st.st_mode))
-
-
-def _stat(path, follow=True):
-    try:
-        return os.stat(path) if follow else os.lstat(path)
-    except OSError:
-        return None
-
-
 def atomic_write_bytes(path, data, *, durable=True, stream_special=False):
-    """Write `data` to `path` through a temporary name and a rename.
-
-    A special file at `path` (or a link to one) is never replaced: with stream_special=True
-    (an output path the user named, as ``cp`` treats it) `data` is written into it as a
-    stream, else it is refused (UnsafeLink). durable=False skips the fsync: the name still
-    never holds a partial file, but after a power loss the file may be empty."""
-    if _is_special(_stat(path)):
+    """Write `data` to `path` through a temporary name and a rename. A special file there (or
+    a link to one) is never replaced: streamed into with stream_special=True (a path the user
+    named, as ``cp`` does), else UnsafeLink. durable=False: no fsync (maybe empty on power loss)."""
+    if _special(_stat(path)):
         if not stream_special:
             raise UnsafeLink(path)
-        try:
-            with open(path, "wb") as f:  # follows a link, as cp does: the user named it
-                f.write(data)
-        except OSError as e:
-            raise _named(e, path) from None
+        with _naming(path), open(path, "wb") as f:  # follows a link, as cp does: the user named it
+            f.write(data)
         return
     if os.path.isdir(path) and not os.path.islink(path):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-    try:
+    with _naming(path):
         fd, tmp = _new_temp_file(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
-    except OSError as e:
-        raise _named(e, path) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        now = _stat(path, follow=False)
-        if _is_special(now):  # one that appeared meanwhile is still never replaced
-            raise UnsafeLink(path, now)
-        os.replace(tmp, path)  # replaces a link at `path`, never writes through it
-    except BaseException as e:
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        named = _named(e, path)
-        if named is e:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            now = _stat(path, follow=False)
+            if _special(now):  # one that appeared meanwhile is still never replaced
+                raise UnsafeLink(path, now)
+            os.replace(tmp, path)  # replaces a link at `path`, never writes through it
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise
-        raise named from None
 
 
 def atomic_write_text(path, text):
@@ -153,38 +185,32 @@ class JsonlError(ValueError):
 
 
 def append_jsonl(path, records):
-    """Append records to a JSON-lines file as whole lines, in one write, under a lock on the
-    file (a training run and a concurrent ``-ts`` never interleave). A last line without its
-    newline (a writer died mid-write) is cut off first, and a failed write (a full disk) is
-    cut back: the file never keeps half a line."""
+    """Append records as whole lines, in one write, under a lock on the file (a run and a
+    concurrent ``-ts`` never interleave). A torn last line (a writer died) is cut off first and
+    a failed write (a full disk) cut back: the file never keeps half a line."""
     if not records:
         return
     payload = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
-    try:
-        fd = open_no_follow(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, FILE_MODE)
-    except OSError as e:
-        raise _named(e, path) from None
-    try:
-        folder, name = os.path.split(path)
-        with FileLock(os.path.join(folder, f".{name}.lock")):
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
-                size -= len(tail) - (tail.rfind(b"\n") + 1)
-                os.ftruncate(fd, size)
-            try:
-                written = 0
-                while written < len(payload):
-                    written += os.write(fd, payload[written:])
-                os.fsync(fd)
-            except BaseException as e:
-                os.ftruncate(fd, size)
-                named = _named(e, path)
-                if named is e:
+    folder, name = os.path.split(path)
+    with _naming(path):
+        fd = open_no_follow(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+        try:
+            with FileLock(os.path.join(folder, f".{name}.lock")):
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
+                    size -= len(tail) - (tail.rfind(b"\n") + 1)
+                    os.ftruncate(fd, size)
+                try:
+                    written = 0
+                    while written < len(payload):
+                        written += os.write(fd, payload[written:])
+                    os.fsync(fd)
+                except BaseException:
+                    os.ftruncate(fd, size)
                     raise
-                raise named from None
-    finally:
-        os.close(fd)
+        finally:
+            os.close(fd)
 
 
 def read_jsonl(path, warn=None):
@@ -202,14 +228,13 @@ def read_jsonl(path, warn=None):
             continue
         try:
             record = json.loads(line)
-        except ValueError:
-            record = None
+            problem = None if isinstance(record, dict) else "not a JSON record"
         except RecursionError:  # no record of ours nests; the parser recurses per level
-            raise JsonlError(f"{path}: line {number} is nested too deeply to be a record; "
-                             "remove or fix that line") from None
-        if not isinstance(record, dict):
-            raise JsonlError(f"{path}: line {number} is not a JSON record; remove or fix "
-                             "that line")
+            problem = "nested too deeply to be a record"
+        except ValueError:
+            problem = "not a JSON record"
+        if problem:
+            raise JsonlError(f"{path}: line {number} is {problem}; remove or fix that line")
         records.append(record)
     return records
 
@@ -223,9 +248,50 @@ def check_writable(folder):
     if not os.path.isdir(existing):
         return f"cannot write to {folder}: {os.strerror(errno.ENOTDIR)} ({existing})"
     try:
-        fd, tmp = _new_temp_file(existing, "write-test")
-        os.close(fd)
-        os.unlink(tmp)
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         return f"cannot write to {folder}: {e.strerror}"
     return None
+
+
+class LockHeld(RuntimeError):
+    """Another live process holds the lock; ``pid`` is its process id (or None)."""
+
+    def __init__(self, path, pid):
+        super().__init__(f"{path} is locked by process {pid or '(unknown)'}")
+        self.path, self.pid = path, pid
+
+
+class FileLock:
+    """``with FileLock(path):`` an exclusive flock on ``path`` (created, never through a link),
+    dropped when its process ends however it ends; ``blocking=False`` raises LockHeld at once.
+    The file holds the holder's PID, so that a refused second process can name it."""
+
+    def __init__(self, path, blocking=True):
+        self.path, self.blocking, self.fd = path, blocking, None
+
+    def acquire(self):
+        fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT)
+        try:
+            if not lock_descriptor(fd, blocking=self.blocking):
+                text = os.pread(fd, 32, 0).strip()
+                raise LockHeld(self.path, int(text) if text.isdigit() else None)
+        except BaseException:
+            os.close(fd)
+            raise
+        with contextlib.suppress(OSError):  # the PID is a courtesy; the lock is held
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self if self.fd is not None else self.acquire()  # held already: keep it
+
+    def __exit__(self, *exc):
+        self.release()
