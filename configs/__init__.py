@@ -16,10 +16,8 @@ from . import registry
 from .defaults import get_defaults
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
-# `{repo}` at the start of `path` or `path_dataset` stands for this repository's folder.
 REPO_DIR = os.path.dirname(CONFIG_DIR)
-REPO_TOKEN = "{repo}"
-# The sample shipped with the repository (configs/mnist_sample.yaml trains on it).
+REPO_TOKEN = "{repo}"  # at the start of `path` or `path_dataset`: REPO_DIR
 SAMPLE_DATA = os.path.join(REPO_DIR, "tests", "data")
 
 
@@ -28,7 +26,6 @@ class ConfigError(ValueError):
 
 
 def experiment_files():
-    """Names of the experiment YAMLs shipped in configs/."""
     return sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
 
 
@@ -38,9 +35,8 @@ def resolve_config_path(name_or_path):
     for path in (name_or_path, shipped, shipped + ".yaml"):
         if os.path.isfile(path):
             return path
-    raise ConfigError(
-        f"config file '{name_or_path}' not found; use a path or one of: "
-        + ", ".join(experiment_files()))
+    raise ConfigError(f"config file '{name_or_path}' not found; use a path or one of: "
+                      + ", ".join(experiment_files()))
 
 
 def _flatten(mapping, prefix=""):
@@ -52,18 +48,8 @@ def _flatten(mapping, prefix=""):
             yield f"{prefix}{key}", value
 
 
-def _unknown_key_error(key, known):
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    siblings = [k for k in known if k.startswith(parent) and "." not in k[len(parent):]]
-    return ConfigError(f"unknown config key '{key}'{hint}; allowed keys here: "
-                       + ", ".join(siblings))
-
-
 def _coerce(key, value, default):
-    """An override or file value as the type of its default (an int for a float, a list of
-    ints for a tuple), or a one-line error."""
+    """A value as the type of its default (an int for a float, a list of ints for a tuple)."""
     if isinstance(value, str) and not isinstance(default, str):
         with contextlib.suppress(ValueError, SyntaxError):
             value = ast.literal_eval(value)
@@ -72,18 +58,21 @@ def _coerce(key, value, default):
         value = float(value)
     elif kind is tuple and type(value) is list:
         value = tuple(value)
-    if type(value) is not kind or (kind is tuple and not all(isinstance(v, int)
-                                                            for v in value)):
-        raise ConfigError(
-            f"config key '{key}' needs a {type(default).__name__} like {default!r}, "
-            f"got {brief(value)}")
+    if type(value) is not kind or (kind is tuple and not all(isinstance(v, int) for v in value)):
+        raise ConfigError(f"config key '{key}' needs a {kind.__name__} like {default!r}, "
+                          f"got {brief(value)}")
     return value
 
 
 def _set(cfg, defaults, key, value):
     known = dict(_flatten(defaults))
     if key not in known:
-        raise _unknown_key_error(key, list(known))
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        siblings = [k for k in known if k.startswith(parent) and "." not in k[len(parent):]]
+        raise ConfigError(f"unknown config key '{key}'{hint}; allowed keys here: "
+                          + ", ".join(siblings))
     *parents, leaf = key.split(".")
     node = cfg
     for part in parents:
@@ -92,12 +81,11 @@ def _set(cfg, defaults, key, value):
 
 
 class YamlAliasError(yaml.composer.ComposerError):
-    """A YAML alias (``*name``): refused, since a few nested ones expand to more values than
-    memory holds (an "alias bomb")."""
+    """A YAML alias (``*name``), refused: a few nested ones can outgrow memory."""
 
 
 class _PlainLoader(yaml.SafeLoader):
-    """yaml.SafeLoader (plain data, no Python objects) that refuses aliases."""
+    """yaml.SafeLoader (plain data, no Python objects), aliases refused."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -107,8 +95,7 @@ class _PlainLoader(yaml.SafeLoader):
 
 
 def load_plain_yaml(stream):
-    """A YAML document (str or file) read as yaml.safe_load does, aliases refused
-    (YamlAliasError, a yaml.YAMLError): the one way YAML is read here."""
+    """A YAML document (str or file) as yaml.safe_load reads it, aliases refused."""
     return yaml.load(stream, Loader=_PlainLoader)
 
 
@@ -118,8 +105,7 @@ _BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 4
 
 
 def brief(value, limit=80):
-    """repr(value) cut to `limit` characters without building the whole repr: what an error
-    message may show of a value someone else wrote."""
+    """repr(value) cut to `limit` characters, without building the whole repr."""
     try:
         text = _BRIEF.repr(value)
     except ValueError:  # an int beyond the digits Python converts to text
@@ -139,19 +125,16 @@ def _read_yaml(path):
         raise ConfigError(f"{path}: {what}{where}: {problem}; fix the file") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    except (ValueError, OverflowError) as e:
-        # e.g. an integer of more digits than Python converts, a date out of range
+    except (ValueError, OverflowError) as e:  # e.g. an int of too many digits, a bad date
         raise ConfigError(f"{path}: not readable as a config ({brief(str(e), 120)}); fix "
                           "the file") from None
     except RecursionError:
         # The YAML parser recurses once per level; no config nests more than three.
         raise ConfigError(f"{path}: nested too deeply to be a config (the settings nest at "
                           "most three levels); fix the file") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if not isinstance(data, (dict, type(None))):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-    return data
+    return data or {}
 
 
 def get_key(cfg, key):
@@ -161,8 +144,7 @@ def get_key(cfg, key):
     return cfg
 
 
-# Keys computed here (an override would be silently replaced; a file's value is dropped), and
-# what to set instead.
+# Keys computed here (a file's value is dropped, an override refused) and what to set instead.
 DERIVED_KEYS = {
     "path_checkpoint": "it is path/path_specific: set path or path_specific instead",
     "quantization.dim_code": "it is quantization.dim_dict (+ 1 for VmfSQVAE): set that",
@@ -175,27 +157,10 @@ BOUNDS = (
                  "train.epoch_max", "test.bs", "log.every_steps", "prior.channels", "prior.bs",
                  "prior.epoch_max", "prior.patience")),
     ((2, True), ("quantization.dim_dict",)),
-    ((0.0, True), ("quantization.temperature.decay", "quantization.temperature.min",
-                   "model.beta")),
+    ((0.0, True), ("quantization.temperature.decay", "quantization.temperature.min", "model.beta")),
     ((0.0, False), ("quantization.temperature.init", "quantization.ema_eps", "train.lr",
                     "prior.lr", "prior.temperature")),
 )
-
-
-def _check_bounds(cfg):
-    for (bound, inclusive), keys in BOUNDS:
-        for key in keys:
-            value = get_key(cfg, key)
-            if value < bound or (value == bound and not inclusive):
-                need = f"at least {bound}" if inclusive else f"greater than {bound}"
-                raise ConfigError(f"config key '{key}' must be {need}, got {value}")
-
-
-def _check_choice(cfg, key, allowed):
-    node = get_key(cfg, key)
-    if node not in allowed:
-        raise ConfigError(f"config key '{key}' is {brief(node)}; allowed values: "
-                          + ", ".join(map(str, allowed)))
 
 
 def _one_of(values):
@@ -206,9 +171,8 @@ def _or(values):
     return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]
 
 
-def _dataset_dimension(cfg, dataset, key, own, allowed, what):
-    """dataset.image_size or dataset.channels: 0 for the dataset's default (`own`), else
-    one of `allowed` (a dataset the config sizes) or `own` itself (any other)."""
+def _dataset_dimension(cfg, key, own, allowed, what):
+    """dataset.image_size or .channels: 0 for `own`, else one of `allowed` (or `own`)."""
     value = cfg.dataset[key] or own
     if value in (allowed or (own,)):
         return value
@@ -222,18 +186,13 @@ def _dataset_dimension(cfg, dataset, key, own, allowed, what):
 
 
 def _check_dataset(cfg, dataset):
-    """network.name fits dataset.name; dataset.shape and dataset.dim_x, derived here, are the
-    dataset's (or those of dataset.channels and dataset.image_size); a file or override may
-    state them, but only as those values."""
+    """network.name fits dataset.name; dataset.shape and dim_x derived (stated: only as such)."""
     name = cfg.dataset.name
     if cfg.network.name != dataset.network:
-        raise ConfigError(
-            f"config key 'network.name' is {cfg.network.name!r} but dataset {name} "
-            f"needs {dataset.network!r}")
-    channels = _dataset_dimension(cfg, dataset, "channels", dataset.shape[0], dataset.channels,
-                                  "channels")
-    size = _dataset_dimension(cfg, dataset, "image_size", dataset.shape[1], dataset.sizes,
-                              "size")
+        raise ConfigError(f"config key 'network.name' is {cfg.network.name!r} but dataset {name} "
+                          f"needs {dataset.network!r}")
+    channels = _dataset_dimension(cfg, "channels", dataset.shape[0], dataset.channels, "channels")
+    size = _dataset_dimension(cfg, "image_size", dataset.shape[1], dataset.sizes, "size")
     shape = (channels, size, size) if dataset.sizes else dataset.shape
     dim_x = math.prod(shape)
     follows = "dataset.channels and dataset.image_size" if dataset.sizes else "dataset.name"
@@ -248,7 +207,6 @@ def _check_dataset(cfg, dataset):
 
 
 def _check_model(cfg, model, dataset):
-    """The model takes the dataset, the quantizer variant and the codebook options."""
     name = cfg.model.name
     if cfg.model.param_var_q not in (model.variants or registry.VARIANTS):
         raise ConfigError(f"config key 'model.name' {name} needs model.param_var_q "
@@ -271,12 +229,14 @@ def _check_model(cfg, model, dataset):
 
 
 def _validate_and_derive(cfg):
-    _check_choice(cfg, "dataset.name", tuple(registry.DATASETS))
-    _check_choice(cfg, "model.name", tuple(registry.MODELS))
-    _check_choice(cfg, "model.param_var_q", registry.VARIANTS)
-    _check_choice(cfg, "network.name", registry.NETWORKS)
-    _check_choice(cfg, "network.act_decoder", registry.ACTIVATIONS)
-    _check_choice(cfg, "quantization.init", registry.CODEBOOK_INITS)
+    for key, allowed in (("dataset.name", registry.DATASETS), ("model.name", registry.MODELS),
+                         ("model.param_var_q", registry.VARIANTS),
+                         ("network.name", registry.NETWORKS),
+                         ("network.act_decoder", registry.ACTIVATIONS),
+                         ("quantization.init", registry.CODEBOOK_INITS)):
+        if get_key(cfg, key) not in allowed:
+            raise ConfigError(f"config key '{key}' is {brief(get_key(cfg, key))}; allowed "
+                              "values: " + ", ".join(map(str, allowed)))
     dataset = registry.DATASETS[cfg.dataset.name]
     model = registry.MODELS[cfg.model.name]
     _check_dataset(cfg, dataset)
@@ -284,12 +244,16 @@ def _validate_and_derive(cfg):
     if not 0.0 <= cfg.quantization.ema_decay < 1.0:
         raise ConfigError("config key 'quantization.ema_decay' must be in [0, 1), got "
                           f"{cfg.quantization.ema_decay}")
-    _check_bounds(cfg)
+    for (bound, inclusive), keys in BOUNDS:
+        for key in keys:
+            value = get_key(cfg, key)
+            if value < bound or (value == bound and not inclusive):
+                need = f"at least {bound}" if inclusive else f"greater than {bound}"
+                raise ConfigError(f"config key '{key}' must be {need}, got {value}")
     if cfg.prior.kernel < 3 or cfg.prior.kernel % 2 == 0:
         raise ConfigError("config key 'prior.kernel' must be an odd number at least 3, got "
                           f"{cfg.prior.kernel}")
-    # Absolute, so a run folder's config works from any folder.
-    cfg.path = _absolute(cfg.path)
+    cfg.path = _absolute(cfg.path)  # so that a run folder's config works from any folder
     cfg.path_dataset = _absolute(cfg.path_dataset)
     cfg.quantization.dim_code = cfg.quantization.dim_dict + model.extra_code_dim
     cfg.path_checkpoint = os.path.join(cfg.path, cfg.path_specific)
@@ -302,7 +266,7 @@ def _absolute(path):
 
 
 def is_sample_data(cfg):
-    """Whether cfg trains on the sample in tests/data (a first run, not the paper's setting)."""
+    """Whether cfg trains on the sample in tests/data (a first run)."""
     return os.path.normpath(cfg.path_dataset) == os.path.normpath(SAMPLE_DATA)
 
 
@@ -310,15 +274,13 @@ def parse_overrides(opts):
     """Pair up trailing command-line overrides ``KEY VALUE KEY VALUE ...``."""
     opts = list(opts or [])
     if len(opts) % 2:
-        raise ConfigError(
-            f"overrides come in KEY VALUE pairs, but '{opts[-1]}' has no value "
-            "(e.g. train.epoch_max 1 path /tmp/runs)")
+        raise ConfigError(f"overrides come in KEY VALUE pairs, but '{opts[-1]}' has no value "
+                          "(e.g. train.epoch_max 1 path /tmp/runs)")
     return list(zip(opts[0::2], opts[1::2]))
 
 
 def config_from_mapping(mapping, opts=None):
-    """Defaults + a nested mapping (an experiment file's content) + overrides, validated,
-    derived and frozen."""
+    """Defaults + a nested mapping (an experiment file's content) + overrides, frozen."""
     defaults = get_defaults()
     cfg = defaults.clone()
     for key, value in _flatten(mapping):

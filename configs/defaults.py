@@ -1,7 +1,6 @@
-"""Every option of the tool, with its default and a one-line meaning. An experiment YAML
-overrides some, trailing ``KEY VALUE`` pairs override both. ``configs.load_config`` computes
-the "derived" keys (a file's values are recomputed; ``dataset.shape`` and ``dataset.dim_x``
-may be stated, but only as the values of ``dataset.name``).
+"""Every option, its default and a one-line meaning. An experiment YAML overrides some,
+trailing ``KEY VALUE`` pairs both; ``configs.load_config`` computes the "derived" keys
+(``dataset.shape`` and ``dataset.dim_x`` may be stated, but only as dataset.name's values).
 """
 import math
 import os
@@ -13,9 +12,7 @@ from . import registry
 _C = CN()
 
 _C.path = "./checkpoints"  # Root folder of run folders; env SQVAE_CHECKPOINTS overrides it.
-# Root folder for datasets, outside the source packages; env SQVAE_DATA overrides it.
-# Relative paths are taken from the current folder; a leading {repo} is the repository's.
-_C.path_dataset = "./datasets"
+_C.path_dataset = "./datasets"  # Datasets' root; env SQVAE_DATA overrides; {repo}/: this repo.
 _C.path_specific = "sqvae/"  # Sub-folder of `path`, e.g. <dataset>_sqvae_<variant>/.
 _C.nworker = 2  # DataLoader worker processes for datasets read one file per item.
 _C.cache_decoded = True  # Decode image files once into a memory-mapped .npy cache.
@@ -23,18 +20,14 @@ _C.path_checkpoint = ""  # Derived: the experiment's run root, `path/path_specif
 
 _C.dataset = CN()
 _C.dataset.name = next(iter(registry.DATASETS))  # One of configs/registry.py DATASETS.
-# Side in pixels of a dataset of square pictures the config sizes (others: 0 or their own).
-_C.dataset.image_size = 0
-# Channels of such pictures: 3 (RGB) or 1 (grey); 0 = its default (fixed elsewhere).
-_C.dataset.channels = 0
+_C.dataset.image_size = 0  # Side of square pictures the config sizes (0: the dataset's own).
+_C.dataset.channels = 0  # Channels of such pictures: 3 (RGB) or 1 (grey); 0: the default.
 _C.dataset.shape = ()  # Derived: shape (C, H, W) of one input; label maps have C = 1.
 _C.dataset.dim_x = 0  # Derived: C*H*W, used by the reconstruction likelihood.
 
 _C.model = CN()
-# Model family: GaussianSQVAE (image likelihood), VmfSQVAE (label maps) or VQVAE (baseline).
-_C.model.name = "GaussianSQVAE"
-# Quantizer variant (the release's key): one of configs/registry.py VARIANTS, the Gaussian
-# variances I-IV or the von Mises-Fisher quantizer (a concentration, not a variance).
+_C.model.name = "GaussianSQVAE"  # GaussianSQVAE (images), VmfSQVAE (label maps) or VQVAE.
+# Quantizer variant (the release's key): registry.VARIANTS, Gaussian I-IV or vMF.
 _C.model.param_var_q = registry.VARIANTS[0]
 # Initial value of the learned scalar s in sigma_q^2 = exp(v) + exp(s), or kappa_q = exp(s) + 1.
 _C.model.log_param_q_init = math.log(10.0)
@@ -51,8 +44,7 @@ _C.network.channels_last = True  # NHWC weights and activations, faster on CPUs 
 
 _C.quantization = CN()
 _C.quantization.size_dict = 512  # Codebook size K.
-# Codebook initialisation: normal (N(0, 1), the SQ-VAE release's) or uniform (+-1/K, VQ-VAE).
-_C.quantization.init = "normal"
+_C.quantization.init = "normal"  # Codebook start: normal (N(0, 1)) or uniform (+-1/K, VQ-VAE).
 _C.quantization.dim_dict = 64  # Code dimension D as written in the experiment file.
 _C.quantization.dim_code = 0  # Derived: the networks' and codebook's D (+ 1 for VmfSQVAE).
 _C.quantization.temperature = CN()
@@ -69,14 +61,11 @@ _C.train.lr = 0.001  # Adam learning rate.
 _C.train.epoch_max = 100  # Number of training epochs.
 # Also write a resumable current.pt every this many training steps (0: only at epoch ends).
 _C.train.ckpt_every_steps = 1000
-# Per-process batch size under torchrun; 0 splits train.bs over the processes instead.
-_C.train.bs_per_rank = 0
+_C.train.bs_per_rank = 0  # Per-process batch under torchrun; 0: train.bs split over them.
 _C.train.sync_bn = False  # Under torchrun, SyncBatchNorm across processes.
-# bf16 autocast for the conv stacks (quantizer and losses stay float32); off = faithful.
-_C.train.amp = False
+_C.train.amp = False  # bf16 autocast for the conv stacks (quantizer and losses stay float32).
 _C.train.compile = False  # torch.compile the model (GPU speed-up; slower first steps).
-# Drop the ragged last training batch, so every step has the same shape (CUDA graphs).
-_C.train.drop_last = False
+_C.train.drop_last = False  # Drop the ragged last batch: every step one shape (CUDA graphs).
 
 _C.test = CN()
 _C.test.bs = 32  # Batch size of the validation and test loaders (the release's 32).
@@ -91,13 +80,10 @@ _C.flags.decay = True  # Anneal the Gumbel-softmax temperature every iteration.
 _C.flags.bn = True  # BatchNorm in the conv stacks.
 
 _C.prior = CN()
-# Width of the gated PixelCNN prior over code grids (embedding and both stacks); 32 fits a
-# CPU (docs/usage.md, "A prior over the codes").
-_C.prior.channels = 32
+_C.prior.channels = 32  # Width of the gated PixelCNN prior over code grids (32 fits a CPU).
 # Gated layers; 0: the fewest with which every logit sees every earlier code of the grid.
 _C.prior.layers = 0
-# Odd kernel width k, at least 3; each layer widens the receptive field by k // 2 positions.
-_C.prior.kernel = 3
+_C.prior.kernel = 3  # Odd kernel width k >= 3; each layer sees k // 2 positions further.
 _C.prior.lr = 0.001  # Adam learning rate of the prior.
 _C.prior.bs = 128  # Prior training batch size, in code grids.
 _C.prior.epoch_max = 30  # Maximum number of prior training epochs.

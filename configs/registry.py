@@ -11,8 +11,7 @@ class Dataset(NamedTuple):
     shape: tuple   # (C, H, W) of one item: dataset.shape, and dim_x = C * H * W
     network: str   # the network.name whose encoder/decoder read it
     items: str     # "images" (values in [0, 1]) or "labels" (one class index per pixel)
-    # Pictures the config sizes: the dataset.image_size (H = W) and dataset.channels values
-    # it takes, the first the default. Empty: the shape above, fixed.
+    # Pictures the config sizes: the dataset.image_size and .channels it takes (first: default).
     sizes: tuple = ()
     channels: tuple = ()
 
@@ -27,8 +26,7 @@ DATASETS = {
     "ImageFolder": Dataset((3, 64, 64), "resnet", "images", (64, 32, 28), (3, 1)),
 }
 
-# model.param_var_q: the Gaussian variances I-IV of docs/model.md §3.1 (what each is:
-# networks/quantizers.py GAUSSIAN_VARIANCES), and the vMF quantizer. The first is the default.
+# model.param_var_q: Gaussian I-IV (networks/quantizers.py GAUSSIAN_VARIANCES), vMF; first: default.
 VARIANTS = ("gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4", "vmf")
 
 
@@ -42,8 +40,7 @@ class Model(NamedTuple):
     extra_code_dim: int     # quantization.dim_code = quantization.dim_dict + this
 
 
-# The SQ-VAE keeps the release's N(0, 1) codebook; the VQ-VAE baseline reproduces the
-# Gaussian I experiments; the release's vMF model on label maps widens its codes by one.
+# The release's N(0, 1) codebooks; VQ-VAE mirrors the Gaussian I runs; vMF codes one wider.
 MODELS = {
     "GaussianSQVAE": Model("images", (), ("normal",), False, 0),
     "VmfSQVAE": Model("labels", ("vmf",), ("normal",), False, 1),

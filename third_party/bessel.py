@@ -1,27 +1,7 @@
-"""Exponentially scaled modified Bessel function of the first kind in torch.
-
-``ive(nu, x) = I_nu(x) * exp(-x)`` (the same quantity as ``scipy.special.ive``) and
-``log_ive(nu, x) = log(ive(nu, x))``, both differentiable in ``x``. The vMF likelihood needs
-I_nu at concentrations from ~1e-3 up to ~1e9, on the accelerator inside the training graph,
-so everything is plain torch arithmetic on the input's device: no host round trips, no
-branching on tensor values (both branches are evaluated and merged with ``torch.where``).
-
-Method (internal arithmetic in float64, or float32 on a device without it; the result is
-cast back to x's dtype):
-
-* ``x < T(nu)``: the power series ``I_nu(x) = sum_k (x/2)^(2k+nu) / (k! Gamma(k+nu+1))``,
-  summed as a log-sum-exp of its (positive) log terms: no precision lost, no overflow, and
-  the log stays finite where ``I_nu`` underflows (tiny x, large nu).
-* ``x >= T(nu)``: Hankel's expansion ``Ie_nu(x) ~ (2 pi x)^(-1/2) sum_k c_k(nu) x^(-k)``,
-  ``c_k = prod_{j<=k} -(4 nu^2 - (2j-1)^2) / (8 j)``. ``T(nu) = max(25, nu^2 / 2)`` makes
-  ``|c_1| / x <= 1``, so the alternating series starts out shrinking (little cancellation)
-  while the first omitted term is far below float64 resolution.
-
-In float32 the series' log terms are differences of numbers that grow with x and nu (~150
-near the peak at nu = 9), so log Ie_nu carries an absolute error of up to ~1e-5 (nu = 9) to
-~6e-5 (nu = 20); Hankel's branch stays near float32 rounding. Both branches also return the
-exact derivative of their own log, so gradients come from closed forms rather than from
-differencing two close numbers (e.g. ``I_{nu-1}/I_nu - 1`` at large x).
+"""``ive(nu, x) = I_nu(x) * exp(-x)`` (``scipy.special.ive``) and ``log_ive``, differentiable in
+x, in plain torch on x's device (no host round trips; both branches merged by ``torch.where``):
+the power series below T(nu) = max(25, nu^2 / 2), Hankel's expansion above, in float64 (float32
+where the device has none). Method and accuracy: docs/model.md §4.2.
 """
 
 from __future__ import annotations
@@ -136,22 +116,15 @@ def _check_input(x: torch.Tensor, dtype) -> tuple:
 
 
 def ive(nu: float, x: torch.Tensor, dtype=None) -> torch.Tensor:
-    """Ie_nu(x) = I_nu(x) * exp(-x) elementwise, differentiable in x, with x's shape, dtype and
-    device.
-
-    nu: a Python number >= 0 (validated for 0..20; larger orders need more series terms, see
-    ``_switch_point``). x > 0 (0 is clamped to 1e-300, or 1e-35 in float32). dtype: of the
-    internal arithmetic, torch.float64 or torch.float32; None: ``widest_float(x.device)``.
-    In float64 the relative error is ~1e-13 (a float32 result is float32 rounding); in
-    float32 ~1e-5 up to nu = 9 and ~6e-5 at nu = 20.
-    """
+    """Ie_nu(x) = I_nu(x) * exp(-x) elementwise with x's shape, dtype and device; nu >= 0 (0..20
+    validated), x > 0 (0 clamped to 1e-300, 1e-35 in float32); dtype of the arithmetic: float64
+    or float32, None for ``widest_float(x.device)`` (relative error ~1e-13 and ~1e-5)."""
     x, dtype = _check_input(x, dtype)
     return _Ive.apply(x, nu, dtype, False)
 
 
 def log_ive(nu: float, x: torch.Tensor, dtype=None) -> torch.Tensor:
-    """log(I_nu(x) * exp(-x)) elementwise, computed in log space, so it stays finite where
-    ``ive`` underflows (e.g. x = 1e-30 in float32); its gradient is ive'(x) / ive(x) in
-    closed form. Arguments as for ``ive``."""
+    """log(Ie_nu(x)), computed in log space: finite where ``ive`` underflows (x = 1e-30 in
+    float32); arguments as ``ive``'s."""
     x, dtype = _check_input(x, dtype)
     return _Ive.apply(x, nu, dtype, True)
