@@ -1,13 +1,6 @@
-"""How every command line here starts and ends.
-
-``OneLineParser``: a bad flag is one line, like every other input error. ``run_cli``: what
-stops a command becomes one line on stderr and its exit status, for main.py and every
-companion command:
-
-* 0: done;
-* 1: the machine or the run (a full disk, a read-only folder, a failed training);
-* 2: input the user can fix (a bad flag, a config value, a dataset, a run folder);
-* 130 / 143: Ctrl-C / SIGTERM, from the command's first line on.
+"""How every command line here starts and ends: ``OneLineParser`` (a bad flag is one line),
+``run_cli`` (what stops a command is one line on stderr and its exit status: 0 done, 1 the
+machine or the run, 2 input the user can fix, 130 / 143 Ctrl-C / SIGTERM; docs/failures.md).
 """
 import argparse
 import contextlib
@@ -24,12 +17,9 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, with `error: MESSAGE (see PROG --help)` and exit status 2 on bad flags."""
 
     def error(self, message):
-        self.exit(EXIT_INPUT, f"error: {message} (see {self.help_command()})\n")
-
-    def help_command(self):
         # Subcommand parsers are named "PROG SUB"; the top-level help lists them all.
         prog = self.prog if self.prog.startswith("python") else f"python {self.prog}"
-        return f"{prog} --help"
+        self.exit(EXIT_INPUT, f"error: {message} (see {prog} --help)\n")
 
 
 class UsageError(ValueError):
@@ -51,21 +41,9 @@ def say(line):
 
 def run_cli(body, *, errors=(), interrupted="{what}", cannot="write", os_hint="",
             os_status=EXIT_MACHINE):
-    """`body()`'s exit status, with SIGTERM raised as an interruption while it runs, and what
-    stops it made one line on stderr and an exit status:
-
-    * SystemExit (argparse: --help, a bad flag, already printed): its status;
-    * Ctrl-C / SIGTERM: `interrupted` with {what} filled in, exit 130 / 143;
-    * Stopped: its message and code;
-    * UsageError, or an exception listed in `errors`: `error: MESSAGE`, exit 2 for
-      UsageError, else the status listed with it;
-    * OSError: `error: cannot {cannot} FILE: REASON{os_hint}` (or the error's own `hint`),
-      exit `os_status`;
-    * anything else: raised, traceback and all (a bug, not a message for the user).
-
-    `errors`: (exception types, exit status) pairs, or a function returning them, called only
-    once an exception arrives (for types that take seconds to import).
-    """
+    """`body()`'s exit status (SIGTERM an interruption), whatever stops it one stderr line
+    (docs/failures.md). `errors`: (types, status) pairs, or a function returning them, called
+    once one arrives; an OSError is `error: cannot {cannot} FILE: REASON{os_hint}`; a bug raises."""
     try:
         with sigterm_as_interrupt():
             return body()
@@ -83,7 +61,10 @@ def run_cli(body, *, errors=(), interrupted="{what}", cannot="write", os_hint=""
             say(str(e))
         return e.code
     except Exception as e:
-        status = _status_of(e, errors)
+        pairs = [(UsageError, EXIT_INPUT)]
+        with contextlib.suppress(Exception):  # the command's own imports fail: report that error
+            pairs += errors() if callable(errors) else errors
+        status = next((status for kinds, status in pairs if isinstance(e, kinds)), None)
         if status is None and isinstance(e, OSError):
             where = f" {e.filename}" if e.filename else ""
             hint = getattr(e, "hint", os_hint)  # the command's own, where it knows better
@@ -113,12 +94,3 @@ def started_with_m():
     (sys.argv[0] is "-m" until runpy sets the module's path)."""
     return sys.argv[:1] == ["-m"]
 
-
-def _status_of(error, errors):
-    if isinstance(error, UsageError):
-        return EXIT_INPUT
-    try:
-        pairs = errors() if callable(errors) else errors
-    except Exception:  # the command's own modules do not import: report the first error
-        return None
-    return next((status for kinds, status in pairs if isinstance(error, kinds)), None)

@@ -16,8 +16,7 @@ def env_world():
 
 
 def init(device):
-    """Join the process group (nccl for CUDA, gloo for the CPU) when launched by torchrun;
-    returns (rank, world_size)."""
+    """Join torchrun's process group (nccl for CUDA, gloo for the CPU); (rank, world_size)."""
     rank, _, world = env_world()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if is_cuda(device) else "gloo")
@@ -53,19 +52,17 @@ def all_reduce_max(tensor):
 
 def broadcast_object(obj, src=0):
     """Rank `src`'s Python object on every rank."""
-    if not active():
-        return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    if active():
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
 def gather_objects(obj):
     """A list with every rank's object, on every rank."""
-    if not active():
-        return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    out = [obj] * world_size()
+    if active():
+        dist.all_gather_object(out, obj)
     return out
 
 

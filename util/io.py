@@ -1,8 +1,7 @@
-"""Crash-safe files that never write through a link: atomic writes (a temporary name, fsync,
-a rename), append-only JSON lines and file locks opened without following a link, and
-``refuse_links`` for a folder before writing into it. Run folders come from other people; a
-planted link would make the tool change a file anywhere (docs/failures.md).
-"""
+"""Crash-safe files never written through a link: atomic writes (a temporary name, fsync, a
+rename), append-only JSON lines and locks opened without following one, ``refuse_links`` for
+a folder before writing into it. Run folders come from other people, and a planted link would
+make the tool change a file anywhere (docs/failures.md)."""
 import contextlib
 import errno
 import fnmatch
@@ -95,16 +94,6 @@ def _naming(path):
         raise OSError(e.errno, e.strerror, path) from None
 
 
-def _new_temp_file(folder, name):
-    """(fd, path) of a new file beside `name`; O_EXCL never opens an existing name or link.
-    Mode 0o666: the kernel applies the umask, as open() does (mkstemp's 0o600 would hide run
-    folders from their group)."""
-    while True:
-        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
-        with contextlib.suppress(FileExistsError):
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, 0o666), tmp
-
-
 def _unsafe_entries(folder):
     found = []
     with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(folder) as entries:
@@ -151,8 +140,14 @@ def atomic_write_bytes(path, data, *, durable=True, stream_special=False):
         return
     if os.path.isdir(path) and not os.path.islink(path):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    folder, name = os.path.split(os.path.abspath(path))
     with _naming(path):
-        fd, tmp = _new_temp_file(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+        # O_EXCL opens no existing name; 0o666 less the umask, not mkstemp's 0o600 (group-blind)
+        while True:
+            tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+            with contextlib.suppress(FileExistsError):
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, 0o666)
+                break
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -285,13 +280,12 @@ class FileLock:
         self.fd = fd
         return self
 
-    def release(self):
+    def __enter__(self):
+        return self if self.fd is not None else self.acquire()  # held already: keep it
+
+    def release(self, *exc):
         if self.fd is not None:
             os.close(self.fd)  # closing the last descriptor drops the flock
             self.fd = None
 
-    def __enter__(self):
-        return self if self.fd is not None else self.acquire()  # held already: keep it
-
-    def __exit__(self, *exc):
-        self.release()
+    __exit__ = release

@@ -26,18 +26,16 @@ def get_rng_state():
     }
     if torch.cuda.is_available():
         state["cuda_all"] = torch.cuda.get_rng_state_all()
-    if mps_available():
-        # MPS draws (Gumbel noise, dropout) from its own generator, not the CPU's.
+    if mps_available():  # MPS draws (Gumbel noise, dropout) from its own generator
         state["mps"] = torch.mps.get_rng_state()
     return state
 
 
 def set_rng_state(state):
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["keys"]), py["gauss"]))
-    npst = state["numpy"]
-    np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["cached"]))
+    py_state, np_state = state["python"], state["numpy"]
+    random.setstate((py_state["version"], tuple(py_state["keys"]), py_state["gauss"]))
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32),
+                         np_state["pos"], np_state["has_gauss"], np_state["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda_all" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_all"])

@@ -1,8 +1,6 @@
-"""SIGTERM handled like Ctrl-C: ``sigterm_as_interrupt`` makes it raise ``Terminated``, a
-KeyboardInterrupt, so the handlers that stop a command cleanly run for both;
-``interrupt_status`` tells them the exit status and word. (The training loop notes both
-signals itself while it trains, to stop after a step with a checkpoint.)
-"""
+"""SIGTERM handled like Ctrl-C (``Terminated``, a KeyboardInterrupt), so that what stops a
+command cleanly runs for both; the signals of pool workers. (The training loop notes both
+signals itself, to stop after a step with a checkpoint.)"""
 import contextlib
 import signal
 import threading
@@ -23,7 +21,7 @@ def _raise_terminated(signum, frame):
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """While the block runs, SIGTERM raises Terminated (in the main thread only, where Python
+    """While the block runs, SIGTERM raises Terminated (in the main thread, where Python
     delivers signals)."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -36,14 +34,12 @@ def sigterm_as_interrupt():
 
 
 def worker_pool(context, processes):
-    """`context.Pool(processes)` inside sigterm_as_interrupt: its workers ignore Ctrl-C (the
-    parent stops them) and end on SIGTERM as by default, not through Terminated: a Python
-    handler never runs for a signal that arrives as a worker blocks on the task queue's lock
-    (Pool.terminate sends those), and the parent would wait for it forever. So workers are
-    forked with SIGTERM blocked and let it in once it ends them; a SIGTERM for this process
-    meanwhile (lost inside fork's hooks) is noted and sent again once the pool is ended."""
+    """`context.Pool(processes)` whose workers ignore Ctrl-C (the parent stops them) and end on
+    SIGTERM as by default, forked with it blocked: a Python handler never runs while a worker
+    blocks on the task queue's lock (Pool.terminate sends SIGTERM), and the parent would hang."""
     if threading.current_thread() is not threading.main_thread():
         return context.Pool(processes, _worker_start)
+    # A SIGTERM for this process during the fork (lost in fork's hooks) is sent again after.
     arrived = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: arrived.append(signum))
     mask = hasattr(signal, "pthread_sigmask")  # POSIX, like fork
