@@ -1,7 +1,6 @@
-"""Checkpoints: plain dicts of tensors and numbers, written atomically, loaded with
-``weights_only=True`` and checked for the keys their reader needs; weights loaded with a
-one-line message naming what does not match. torch is imported where a checkpoint is written
-or read: the companion commands answer --help without it.
+"""Checkpoints: plain data written atomically, loaded with ``weights_only=True`` and checked
+for the keys their reader needs; weights loaded with a one-line mismatch. torch is imported
+where a checkpoint is used: the companion commands answer --help without it.
 """
 import os
 import pickle
@@ -47,8 +46,7 @@ def _try_load(path):
     """(the object in `path`, None) or (None, what is wrong with it)."""
     import torch
     try:
-        with warnings.catch_warnings():
-            # torch warns about a raw pickle's protocol before refusing it; our line says all.
+        with warnings.catch_warnings():  # torch warns about a raw pickle before refusing it
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True), None
     except pickle.UnpicklingError as e:
@@ -56,34 +54,33 @@ def _try_load(path):
             return None, ("holds pickled Python objects, which are refused because loading "
                           "them could run code; re-save it with this tool")
         return None, "is corrupt (unreadable pickle data)"
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            return None, "does not exist"
+    except FileNotFoundError:
+        return None, "does not exist"
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError):
         return None, "is truncated or corrupt"
 
 
 def read_checkpoint(path):
-    """The object a checkpoint file holds (plain data only), or a RunError that names the
-    file and says whether the run's other checkpoint can be used instead."""
+    """The plain data a checkpoint file holds, or a RunError that names the file and says
+    whether the run's other checkpoint can be used instead."""
     if not os.path.isfile(path):
         raise RunError(f"{path} does not exist: the run holds no checkpoint "
                        "(was it started with --save, and did it finish an epoch?)")
     state, problem = _try_load(path)
     if state is None:
         folder, name = os.path.split(path)
-        other = {BEST: CURRENT, CURRENT: BEST}.get(name)
-        hint = ""
+        other, hint = {BEST: CURRENT, CURRENT: BEST}.get(name), ""
         if other:
             usable = _try_load(os.path.join(folder, other))[0] is not None
-            hint = f"; {other} " + ("in the same folder loads fine" if usable else
-                                    "is not usable either")
+            hint = f"; {other} " + ("in the same folder loads fine" if usable
+                                    else "is not usable either")
         raise RunError(f"checkpoint {path} {problem}{hint}")
     return state
 
 
 def load_checkpoint(path, needed=None):
-    """A checkpoint of this tool, with the keys and types its reader needs (`needed`; by
-    default CHECKPOINT_KEYS), or a one-line RunError (not a KeyError later)."""
+    """A checkpoint of ours with the keys and types its reader needs (`needed`, by default
+    CHECKPOINT_KEYS), or a one-line RunError (not a KeyError later)."""
     state = read_checkpoint(path)
     if not isinstance(state, dict):
         raise RunError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint "
@@ -106,8 +103,7 @@ def load_checkpoint(path, needed=None):
 
 def load_model_weights(model, state_dict, path):
     """load_state_dict, or a RunError naming mismatched parameters and the keys that set them."""
-    own = model.state_dict()
-    problems, keys = [], []
+    own, problems, keys = model.state_dict(), [], []
     for name in sorted(set(own) | set(state_dict)):
         if name not in state_dict:
             problems.append(f"{name} missing from the file")

@@ -1,7 +1,6 @@
-"""What main.py calls once it has parsed flags: ``summary``, ``train`` (a new run or
-``--resume``, then the test split with the best weights) and ``test_run`` (``-ts RUN``).
-Everything here raises one-line errors (ConfigError, DatasetError, RunError, DeviceError:
-input; TrainingError: the run cannot go on) or Interrupted (with the resume command).
+"""What main.py calls once it has parsed flags: `summary`, `train` (a run or ``--resume``,
+then its test with the best weights), `test_run` (``-ts RUN``), each raising one-line errors
+or Interrupted with the command that goes on (docs/failures.md).
 """
 import contextlib
 import os
@@ -15,7 +14,7 @@ from configs import ConfigError, config_to_yaml, is_sample_data
 from networks import build_model, count_parameters
 from util import distributed as dist
 from util.io import check_writable
-from util.rng import seed_everything
+from util.device import seed_everything
 from util.signals import interrupt_status
 
 from . import loop, release_format, runs
@@ -34,21 +33,11 @@ def summary(cfg):
 
 
 def main_command_line(program, config_file, flag, run_dir, *more):
-    """`PYTHON main.py -c CONFIG FLAG RUN ...` with absolute paths and the interpreter that
-    runs us (a bare `python` may lack our packages): runnable from any folder."""
+    """`PYTHON main.py -c CONFIG FLAG RUN ...`, runnable from any folder: absolute paths, and
+    the interpreter that runs us (a bare `python` may lack our packages)."""
     config = os.path.abspath(config_file) if os.path.isfile(config_file) else config_file
     return shlex.join([sys.executable or "python", os.path.abspath(program), "-c", config,
                        flag, os.path.abspath(run_dir), *more])
-
-
-def sample_note(loaders):
-    """What a run on the shipped MNIST sample says once, before it trains."""
-    sizes = ", ".join(f"{loaders[s].dataset_size:,} {s}" for s in ("train", "val", "test")
-                      if s in loaders)
-    return ("data: the MNIST sample shipped in tests/data/MNIST (" + sizes + " images): a "
-            "first run, not the paper's setting. For that, train -c mnist_gauss_1.yaml on the "
-            "full MNIST (50,000 train, 10,000 val, 10,000 test), downloaded into "
-            "./datasets/MNIST/raw/ on first use (or put its four files there)")
 
 
 class Job:
@@ -97,8 +86,8 @@ def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None
 
 
 def prepare_resume(run_dir, cfg, opts, config_file, seed, limit_batches):
-    """(the run's config, current.pt or None where the run is finished, the files its splits
-    read, its seed and epoch length)."""
+    """(the run's config, current.pt or None once finished, the files its splits read, its
+    seed and epoch length)."""
     run_cfg = runs.load_run_config(run_dir, opts)
     runs.check_same_experiment(run_cfg, cfg, run_dir, config_file)
     state = runs.load_checkpoint(os.path.join(run_dir, runs.CURRENT))
@@ -118,8 +107,8 @@ def prepare_resume(run_dir, cfg, opts, config_file, seed, limit_batches):
 
 
 def prepare_training(cfg, device, seed, recorded, limit_batches):
-    """The seeded model and loaders; a training batch that cannot work is refused here,
-    before any run folder exists."""
+    """The seeded model and loaders; a batch that cannot work is refused before any run
+    folder exists."""
     seed_everything(seed)
     model = build_model(cfg).to(device)
     if dist.world_size() > 1:
@@ -127,7 +116,12 @@ def prepare_training(cfg, device, seed, recorded, limit_batches):
         torch.manual_seed(seed + dist.rank())
     loaders = data.build_loaders(cfg, device, seed, recorded=recorded)
     if is_sample_data(cfg) and dist.is_main():
-        print(sample_note(loaders), flush=True)
+        sizes = ", ".join(f"{loaders[split].dataset_size:,} {split}"
+                          for split in ("train", "val", "test") if split in loaders)
+        print("data: the MNIST sample shipped in tests/data/MNIST (" + sizes + " images): a "
+              "first run, not the paper's setting. For that, train -c mnist_gauss_1.yaml on "
+              "the full MNIST (50,000 train, 10,000 val, 10,000 test), downloaded into "
+              "./datasets/MNIST/raw/ on first use (or put its four files there)", flush=True)
     check_batch(cfg, model, loaders["train"], device)
     return model, loaders
 
@@ -165,9 +159,7 @@ def errors_as_lines(cfg, device, job):
     """What stops a training, as the one line that says whether and how it resumes."""
     try:
         yield
-    except (MemoryError, RuntimeError) as e:
-        # An allocation the machine refused (a RuntimeError of the CPU allocator, CUDA's
-        # OutOfMemoryError, Python's MemoryError)
+    except (MemoryError, RuntimeError) as e:  # the CPU allocator's, CUDA's, Python's
         if not (isinstance(e, MemoryError) or "can't allocate memory" in str(e)
                 or type(e).__name__ == "OutOfMemoryError"):
             raise
@@ -176,15 +168,13 @@ def errors_as_lines(cfg, device, job):
         raise TrainingError(f"out of memory on {torch.device(device).type} (train.bs "
                             f"{cfg.train.bs}): lower train.bs or free memory{where}") from None
     except OSError as e:
-        # A full disk or a read-only folder: main.py's line says "then resume", which only
-        # holds once a current.pt exists.
+        # main.py's line for a full disk says "then resume", which needs a current.pt.
         if not job.resumable():
             e.hint = ("; free space or fix the folder's permissions, then run the command "
                       "again (no checkpoint was written, nothing to resume)")
         raise
     except KeyboardInterrupt as e:
-        # Ctrl-C or SIGTERM outside the training loop (start-up, the final test): the last
-        # current.pt is intact, so the run resumes from it.
+        # Outside the training loop (start-up, the final test): the last current.pt is intact.
         code, what = interrupt_status(e)
         raise Interrupted(code, f"{what}; " + (
             f"resume with: {job.resume_line()}" if job.resumable()
@@ -198,9 +188,10 @@ def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=Fa
     recorded in its metrics.jsonl unless it is a release folder, which stays as it was."""
     run_dir = runs.resolve_run_dir(cfg, run, "-ts")
     runs.check_links(run_dir)
+    release = release_format.is_release_run(run_dir)
     writes = [flag for flag, given in (("--prior", prior), ("--sample", sample),
                                        ("--report", report), ("--encode", encode)) if given]
-    if writes and release_format.is_release_run(run_dir):
+    if writes and release:
         raise runs.RunError(f"{writes[0]} writes into the run folder, and {run_dir} is a run "
                             "folder of the authors' release, which is left untouched; make it "
                             "a run of ours first with python -m trainer.release import RUN "
@@ -222,8 +213,7 @@ def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=Fa
         if images:
             images = os.path.abspath(images)
             loader = data.build_picture_loader(run_cfg, images, batch_size=run_cfg.test.bs,
-                                               device=device, rank=dist.rank(),
-                                               world_size=dist.world_size())
+                device=device, rank=dist.rank(), world_size=dist.world_size())
             split, extra = "images", {"folder": images, "pictures": loader.dataset_size}
         else:
             loader = data.build_loaders(run_cfg, device, seed or 0, splits=("test",),
@@ -232,7 +222,12 @@ def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=Fa
                            display=Display(dbg=dbg, labels=model.OUTPUTS == "labels"),
                            source="-ts", **extra)
         if dist.is_main():
-            record_unless_release(run_dir, records)
+            if release:
+                print(f"not recorded: {run_dir} is a run folder of the authors' release, which "
+                      "is left untouched (python -m trainer.release import makes it a run of "
+                      "ours, whose -ts records go to its metrics.jsonl)")
+            else:
+                runs.append_metrics(run_dir, records)
             write_outputs(run_dir, run_cfg, model, device, report=report, encode=encode,
                           recorded=recorded, images=images)
     except KeyboardInterrupt as e:
@@ -240,15 +235,6 @@ def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=Fa
         raise Interrupted(code, f"{what}; the evaluation's records were not written, "
                                 "run -ts again") from None
     return 0
-
-
-def record_unless_release(run_dir, records):
-    if release_format.is_release_run(run_dir):
-        print(f"not recorded: {run_dir} is a run folder of the authors' release, which "
-              "is left untouched (python -m trainer.release import makes it a run of "
-              "ours, whose -ts records go to its metrics.jsonl)")
-    else:
-        runs.append_metrics(run_dir, records)
 
 
 def write_outputs(run_dir, cfg, model, device, *, report, encode, recorded, images):

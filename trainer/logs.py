@@ -1,15 +1,6 @@
-"""What a run shows: progress bars, TensorBoard, and printed lines: one per epoch and test,
-or with ``--dbg`` the release's, in its format and order (its log parsers keep working):
-
-    [Epoch=1]
-    Train           Loss: 1327.7047, MSE: 51.5733, Perplexity: 118.9915, Time: 45.570 sec
-    Validation      Loss: 1410.7659, MSE: 44.1054, Perplexity: 120.9660, Time: 42.786 sec
-    Validation      Loss: 1214.9088, MSE: 30.5493, Perplexity: 11.4344, Time: 37.668 sec
-    ----Saving model!
-
-(stochastic, then deterministic validation). The label-map model writes ``ACC:`` for
-``MSE:``, names its passes ``Val``/``Test``, each followed by ``PixAcc: … mIoU: …``. Only the
-main process prints or writes.
+"""What a run shows: progress bars, TensorBoard, and printed lines (one per epoch and test,
+or with ``--dbg`` the release's, in its format and order: README, "Coming from the authors'
+code"). Only the main process prints or writes.
 """
 import contextlib
 import sys
@@ -30,20 +21,19 @@ def release_line(name, metrics, seconds):
 
 
 def release_eval_lines(name, metrics, seconds):
-    lines = [release_line(name, metrics, seconds)]
-    if "miou" in metrics:
-        lines.append(f"PixAcc: {metrics['pixel_acc']:5.4f} mIoU: {metrics['miou']:5.4f}")
-    return lines
+    return [release_line(name, metrics, seconds)] + (
+        [f"PixAcc: {metrics['pixel_acc']:5.4f} mIoU: {metrics['miou']:5.4f}"]
+        if "miou" in metrics else [])
 
 
 def quality_text(metrics):
-    return f"acc {metrics['acc']:.4f}" if "acc" in metrics else \
-        f"mse/pixel {metrics['mse_pixel']:.5f}"
+    return (f"acc {metrics['acc']:.4f}" if "acc" in metrics
+            else f"mse/pixel {metrics['mse_pixel']:.5f}")
 
 
 def _quiet_writer_threads():
-    """TensorBoard's writer thread raises an error (a full disk) again in the main thread at
-    its next call, as one line: the thread's own 40-line traceback is left out."""
+    """TensorBoard's writer thread's error (a full disk) comes again as one line in the main
+    thread: its own 40-line traceback is left out."""
     hook = threading.excepthook
     if getattr(hook, "quiet_tensorboard", False):
         return
@@ -60,14 +50,11 @@ class Display:
     `labels`: the model outputs label maps."""
 
     def __init__(self, *, dbg=False, labels=False, tensorboard_dir=None, log=print):
-        self.is_main = dist.is_main()
-        self.dbg, self.labels = dbg, labels
+        self.is_main, self.dbg, self.labels = dist.is_main(), dbg, labels
         self.log = log if self.is_main else (lambda *_: None)
         self.show_bars = self.is_main and sys.stderr.isatty()
-        self.tensorboard_dir = tensorboard_dir if self.is_main else None
-        self._writer = None
+        self.tensorboard_dir, self._writer = tensorboard_dir if self.is_main else None, None
 
-    # ---- progress bars and TensorBoard ----------------------------------------------------
     def progress(self, total, desc):
         """A tqdm bar in images (rate in img/s, ETA) on a terminal; silent otherwise."""
         return tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False,
@@ -105,8 +92,7 @@ class Display:
         bar.set_postfix(shown, refresh=False)
 
     def records(self, entries, step=None):
-        """Records to TensorBoard, at `step` or each record's own "step": the optimizer steps
-        of the model the scalar is about (docs/usage.md)."""
+        """Records to TensorBoard at `step` or each record's own "step" (docs/usage.md)."""
         tb = self.tensorboard()
         if tb is None:
             return
@@ -130,7 +116,6 @@ class Display:
             with self._tensorboard_errors():
                 writer.close()
 
-    # ---- printed lines -------------------------------------------------------------------
     def start(self, model_name, run_dir):
         if self.dbg:
             self.log("Complete dataload")
@@ -151,8 +136,8 @@ class Display:
         name = "Val" if self.labels else "Validation"
         self.log(f"[Epoch={epoch}]")
         self.log(release_line("Train", train, train_s))
-        for line in (release_eval_lines(name, val_s, val_s_s)
-                     + release_eval_lines(name, val, val_seconds)):
+        for line in release_eval_lines(name, val_s, val_s_s) + release_eval_lines(
+                name, val, val_seconds):
             self.log(line)
         self.log("----Saving model!" if saved else
                  f"----Not saving model! Last saved: {best_epoch}")

@@ -1,9 +1,6 @@
-"""The training loop of docs/model.md §5: `Trainer.fit` runs epochs; an epoch trains (one
-`train_step` per batch) and validates twice, stochastic then deterministic, whose loss is
-recorded, stepped into ReduceLROnPlateau and compared for "best" (best.pt when it is at most
-the best so far; current.pt after every epoch and every ``train.ckpt_every_steps`` steps: the
-`runs.RunRecorder`'s files). Metrics stay on the device and are read back once per
-``log.every_steps`` steps (a ``train_step`` record) and once per epoch.
+"""The training loop of docs/model.md §5 (docs/usage.md, "Training loop"): `Trainer.fit` ->
+`run_epoch` -> `train_epoch` -> `train_step`. Metrics stay on the device, read back once per
+``log.every_steps`` steps and once per epoch; `checkpoint`/`resume` are current.pt's state.
 """
 import math
 import signal
@@ -16,7 +13,7 @@ from configs import config_to_yaml
 from util import distributed as dist
 from util.cli import Stopped
 from util.device import is_cuda
-from util.rng import get_rng_state, set_rng_state
+from util.device import get_rng_state, set_rng_state
 
 from . import meters, runs
 from .logs import Display
@@ -41,9 +38,8 @@ def build_optimizer(cfg, model, device):
 
 
 def build_scheduler(optimizer):
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=0.5, patience=3, threshold=1e-4, threshold_mode="rel",
-        cooldown=0, min_lr=0, eps=1e-8)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
+        patience=3, threshold=1e-4, threshold_mode="rel", cooldown=0, min_lr=0, eps=1e-8)
 
 
 def wrap(cfg, model, device):
@@ -56,14 +52,13 @@ def wrap(cfg, model, device):
     if not dist.active():
         return model, evaluated, evaluated
     from torch.nn.parallel import DistributedDataParallel
-    ddp = DistributedDataParallel(model, device_ids=[torch.device(device).index]
-                                  if is_cuda(device) else None)
+    ddp = DistributedDataParallel(
+        model, device_ids=[torch.device(device).index] if is_cuda(device) else None)
     return model, torch.compile(ddp) if cfg.train.compile else ddp, evaluated
 
 
 class FiniteGuard:
-    """The first non-finite training step and its terms, kept on the device (no sync per
-    step) until `check` reads them back."""
+    """The first non-finite training step and its terms, on the device until `check`."""
 
     def __init__(self, keys, device):
         self.keys = keys
@@ -93,20 +88,20 @@ class FiniteGuard:
 
 
 class StopSignals:
-    """While `with`-ed, SIGINT and SIGTERM are noted rather than raised: the loop stops after
-    the step it is in, with a checkpoint. Under torchrun the processes agree on the step."""
+    """While `with`-ed, SIGINT and SIGTERM are noted: the loop stops after the step it is in
+    (under torchrun the processes agree on which), with a checkpoint."""
 
     def __init__(self, device):
         self.device, self.signum, self.previous = device, None, {}
 
     def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self.previous[s] = signal.signal(s, self.note)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self.note)
         return self
 
     def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def note(self, signum, frame):
         self.signum = signum
@@ -139,13 +134,11 @@ class Trainer:
         self.model, self.train_model, self.eval_model = wrap(cfg, model, device)
         self.optimizer = build_optimizer(cfg, self.model, device)
         self.scheduler = build_scheduler(self.optimizer)
-        self.recorder = runs.RunRecorder(run_dir, dist.is_main())
-        self.keys = model.TERMS
+        self.recorder, self.keys = runs.RunRecorder(run_dir, dist.is_main()), model.TERMS
         self.guard, self.signals = FiniteGuard(self.keys, device), StopSignals(device)
-        self.epoch, self.batch, self.step = 1, 0, 0
-        self.best_loss, self.best_epoch = math.inf, 0
-        self.meter, self.train_seconds = MeanMeter(self.keys), 0.0
-        self.interval = MeanMeter(self.keys)
+        self.epoch, self.batch, self.step, self.best_loss, self.best_epoch = 1, 0, 0, math.inf, 0
+        self.meter, self.interval = MeanMeter(self.keys), MeanMeter(self.keys)
+        self.train_seconds = 0.0
         self.interval_codes = CodeHistogram(model.codebook.shape[0])
         self.step_figures = {}  # what the model's per-step hook returned for the last step
 
@@ -175,25 +168,24 @@ class Trainer:
         improved = val["loss"] <= self.best_loss
         if improved:
             self.best_loss, self.best_epoch = val["loss"], self.epoch
-        self.display.epoch(self.epoch, self.cfg.train.epoch_max, self.step,
-                           [(train, self.train_seconds), (val_s, val_s_seconds),
-                            (val, val_seconds)],
-                           saved=improved and self.run_dir is not None,
-                           best_epoch=self.best_epoch)
+        self.display.epoch(self.epoch, self.cfg.train.epoch_max, self.step, [
+            (train, self.train_seconds), (val_s, val_s_seconds), (val, val_seconds)],
+            saved=improved and self.run_dir is not None, best_epoch=self.best_epoch)
         if self.run_dir is not None:
             if improved:
                 self.recorder.save_best({
                     "model": self.model.state_dict(), "epoch": self.epoch, "step": self.step,
                     "val_loss": val["loss"], "config": config_to_yaml(self.cfg)})
-            self.recorder.save_grids(self.model, self.loaders["val"], ("best", "current")
-                                     if improved else ("current",), self.display, self.step)
+            names = ("best", "current") if improved else ("current",)
+            self.recorder.save_grids(self.model, self.loaders["val"], names, self.display,
+                                     self.step)
         self.epoch, self.batch = self.epoch + 1, 0
         self.meter, self.train_seconds = MeanMeter(self.keys), 0.0
         self.save_current()
 
     def train_epoch(self):
         loader, n_batches = self.loaders["train"], self.batches("train")
-        every_log = self.cfg.log.every_steps
+        every_log, every_ckpt = self.cfg.log.every_steps, self.cfg.train.ckpt_every_steps
         loader.set_epoch(self.epoch)
         if self.batch > n_batches:
             raise runs.RunError(f"the checkpoint stopped at batch {self.batch} of epoch "
@@ -212,7 +204,6 @@ class Trainer:
                 self.train_seconds += time.perf_counter() - start
                 bar.close()
                 self.stop()
-            every_ckpt = self.cfg.train.ckpt_every_steps
             if every_ckpt and self.step % every_ckpt == 0 and self.batch < n_batches:
                 self.train_seconds += time.perf_counter() - start
                 start = time.perf_counter()
@@ -236,7 +227,7 @@ class Trainer:
         self.batch += 1
 
     def log_interval(self, bar):
-        """Read the interval's running means back (one sync), record and display them."""
+        """Read the interval's means back (one sync), record and display them."""
         self.guard.check(self.recorder)
         means = derived_metrics(self.interval.means(), self.model.dim_x)
         means["codes_used"] = self.interval_codes.summary()["codes_used"]
@@ -249,8 +240,7 @@ class Trainer:
                                      self.display)
 
     def record(self, split, metrics, seconds):
-        return self.recorder.add({
-            "epoch": self.epoch, "split": split, "step": self.step, **metrics,
+        return self.recorder.add({"epoch": self.epoch, "split": split, "step": self.step, **metrics,
             "lr": self.optimizer.param_groups[0]["lr"], **self.step_figures, "seconds": seconds})
 
     def stop(self):
@@ -275,8 +265,7 @@ METERS = {"train_meter": "meter", "interval_meter": "interval", "interval_codes"
 
 def checkpoint(trainer):
     """current.pt's state: everything an exact resume needs."""
-    return {
-        "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+    return {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
         **{name: getattr(trainer, name) for name in COUNTERS},
         **{key: getattr(trainer, name).state_dict() for key, name in METERS.items()},

@@ -1,15 +1,7 @@
 """Run folders of the authors' release (github.com/sony/sqvae, vision/), read as data: the
-one module that knows their format.
-
-A release run folder holds ``configs.json`` (its resolved config) and ``best.pt`` /
-``current.pt`` (the state dict of ``nn.DataParallel(model)``, keys prefixed ``module.``;
-loaded with ``weights_only=True``), besides a pickled ``plots.npy`` and a copy of the source,
-never opened. Its module names differ from ours (``KEY_RENAMES``), its vMF ``log_kappa_inv``
-has shape (1,) where ours is a scalar, and its evaluation batch is ``train.bs`` (it ignores
-the ``test.bs`` it records), which ``test.bs`` here is set to.
-
-``trainer.runs`` reads such a folder through this module (``-ts`` takes it as it is);
-``python -m trainer.release import`` turns one into a run folder of this tool.
+one module that knows their format (configs.json, a ``module.``-prefixed state dict under
+other names, a (1,)-shaped ``log_kappa_inv``, ``test.bs`` = ``train.bs``). README, "Coming
+from the authors' code"; ``python -m trainer.release import`` makes one a run of ours.
 """
 import json
 import os
@@ -44,13 +36,13 @@ CARRIED = {
 
 
 def is_release_run(run_dir):
-    """A folder written by the authors' release (its configs.json, none of our config)."""
+    """A folder of the authors' release: its configs.json, none of our config."""
     return (os.path.isfile(os.path.join(run_dir, CONFIG_FILE))
             and not os.path.isfile(os.path.join(run_dir, OUR_CONFIG)))
 
 
 def read_release_json(run_dir):
-    """The configs.json of a release run folder as it is (with dataset and model sections)."""
+    """A release folder's configs.json as it is (with dataset and model sections)."""
     path = os.path.join(run_dir, CONFIG_FILE)
     try:
         with open(path) as f:
@@ -68,9 +60,7 @@ def read_release_json(run_dir):
 
 def read_release_config(run_dir, opts=None):
     """Our config for a release run folder, from its configs.json."""
-    saved = read_release_json(run_dir)
-    path = os.path.join(run_dir, CONFIG_FILE)
-    mapping = {}
+    saved, path, mapping = read_release_json(run_dir), os.path.join(run_dir, CONFIG_FILE), {}
     for section, keys in CARRIED.items():
         values = {} if saved.get(section) is None else saved[section]
         if not isinstance(values, dict):
@@ -80,21 +70,15 @@ def read_release_config(run_dir, opts=None):
     if isinstance(mapping["dataset"].get("shape"), list):
         mapping["dataset"]["shape"] = tuple(mapping["dataset"]["shape"])
     mapping["test"] = {"bs": mapping["train"].get("bs", 32)}
-    if stays_below(saved.get("path_specific")):
-        # Where the release put its runs, if that is a folder below `path`: an import
-        # writes only under `path` (or --to), never where a downloaded file points.
-        mapping["path_specific"] = saved["path_specific"]
+    relative = saved.get("path_specific")
+    # Kept only below `path`: an import never writes where a downloaded file points.
+    if (isinstance(relative, str) and relative.strip("/") and not os.path.isabs(relative)
+            and os.path.normpath(relative).split(os.sep)[0] != os.pardir):
+        mapping["path_specific"] = relative
     try:
         return config_from_mapping(mapping, opts)
     except ConfigError as e:
         raise RunError(f"{path}: {e}") from None
-
-
-def stays_below(relative):
-    """Whether `relative` names a folder below the one it is joined to (no `/`, no `..`)."""
-    if not isinstance(relative, str) or not relative.strip("/") or os.path.isabs(relative):
-        return False
-    return not os.path.normpath(relative).split(os.sep)[0] == os.pardir
 
 
 def our_key(key):
@@ -110,8 +94,7 @@ def our_key(key):
 def convert_state_dict(state):
     """A release state dict (with or without DataParallel's prefix) under our names."""
     import torch
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RunError("not a state dict of tensors")
     out = {our_key(k): v for k, v in state.items()}
     if "log_kappa_inv" in out:

@@ -1,13 +1,6 @@
-"""Run folders: their config, checkpoints, metrics file and writer lock.
-
-A run folder, ``<path>/<path_specific>/<network.name>_seed<seed>_<MMDD_HHMM>[_N]``, is
-claimed with ``os.mkdir`` (atomic) and holds ``config.yaml``, ``best.pt``, ``current.pt``,
-``metrics.jsonl`` (append-only, whole lines), reconstruction grids and, where a dataset's
-files are chosen when the run starts, ``dataset_files.json``. Every other file is written
-atomically (``util.io``). One process at a time trains into a folder (``writer_lock``);
-``-ts`` only reads and appends. A folder where a name the tool writes is a link is refused
-before anything is written (``check_links``): run folders come from other people. A run
-folder of the authors' release is read through ``release_format``.
+"""Run folders (docs/usage.md, "Run folders"): their config, checkpoints, metrics.jsonl
+(append-only), writer lock and `RunRecorder`; names the tool writes are never links
+(`check_links`); a folder of the authors' release is read through `release_format`.
 """
 import contextlib
 import json
@@ -16,9 +9,8 @@ import sys
 import time
 
 from configs import ConfigError, config_to_yaml, get_key, load_config
-from util.io import (JsonlError, append_jsonl, atomic_write_text, read_jsonl, refuse_links,
-                     remove_stale_temps)
-from util.io import FileLock, LockHeld
+from util.io import (FileLock, JsonlError, LockHeld, append_jsonl, atomic_write_text,
+                     read_jsonl, refuse_links, remove_stale_temps)
 
 from . import release_format
 from .checkpoints import (BEST, CURRENT, NUMBER, RunError, load_checkpoint,  # noqa: F401
@@ -44,15 +36,13 @@ def write_config(run_dir, cfg):
 
 
 def check_links(run_dir):
-    """UnsafeLink where a name the tool writes in `run_dir` (or in its tensorboard/) is a
-    link; before the first write, the writer lock included."""
+    """UnsafeLink where a name we write in `run_dir` (or its tensorboard/) is a link."""
     refuse_links(run_dir, WRITTEN_NAMES, subfolders=(TENSORBOARD,))
 
 
 def writer_lock(run_dir):
-    """The run folder's writer lock, held (``with writer_lock(run_dir):`` gives it back; so
-    does the end of the process), or a RunError naming the process that holds it. Temporary
-    files a writer killed mid-write left are removed once the lock is ours."""
+    """The folder's writer lock, held, or a RunError naming its holder; then the temporary
+    files of a writer killed mid-write are removed."""
     try:
         lock = FileLock(os.path.join(run_dir, LOCK_FILE), blocking=False).acquire()
     except LockHeld as e:
@@ -80,17 +70,13 @@ def create_run_dir(cfg, seed, now=None, files=None):
             continue
         lock = writer_lock(path)
         write_config(path, cfg)
-        if files:
-            write_dataset_files(path, cfg, files)
+        if files:  # {split: {"files": [names], "skipped": [names]}}, under path_dataset
+            record = {"dataset": cfg.dataset.name, "path_dataset": cfg.path_dataset,
+                      "splits": files}
+            atomic_write_text(os.path.join(path, DATASET_FILES),
+                              json.dumps(record, indent=1) + "\n")
         return path, lock
     raise RunError(f"too many runs named {base}* in {root}")
-
-
-def write_dataset_files(run_dir, cfg, files):
-    """dataset_files.json: {split: {"files": [names], "skipped": [names]}} (relative to
-    path_dataset), so the run is evaluated and resumed on the same files."""
-    record = {"dataset": cfg.dataset.name, "path_dataset": cfg.path_dataset, "splits": files}
-    atomic_write_text(os.path.join(run_dir, DATASET_FILES), json.dumps(record, indent=1) + "\n")
 
 
 def read_dataset_files(run_dir):
@@ -106,9 +92,8 @@ def read_dataset_files(run_dir):
                        "the run's splits: restore it from a copy of the run folder") from None
     splits = record.get("splits") if isinstance(record, dict) else None
     if not isinstance(splits, dict) or not all(
-            isinstance(r, dict) and all(isinstance(r.get(k, []), list) and
-                                        all(isinstance(n, str) for n in r.get(k, []))
-                                        for k in ("files", "skipped"))
+            isinstance(r, dict) and all(isinstance(r.get(k, []), list) and all(
+                isinstance(n, str) for n in r.get(k, [])) for k in ("files", "skipped"))
             for r in splits.values()):
         raise RunError(f"{path} is not a record of this tool (expected splits of file "
                        "names); restore it from a copy of the run folder")
@@ -116,8 +101,8 @@ def read_dataset_files(run_dir):
 
 
 def read_metrics(run_dir):
-    """The records of the run's metrics.jsonl; a torn last line is skipped with a warning
-    (once per file), a malformed line elsewhere is a RunError."""
+    """metrics.jsonl's records; a torn last line is skipped with a warning (once per file),
+    a malformed line elsewhere is a RunError."""
     path = os.path.join(run_dir, METRICS_FILE)
 
     def warn(text):
@@ -139,7 +124,7 @@ def append_metrics(run_dir, records):
 
 def final_test_recorded(records, last_epoch):
     """Whether the training's own test (a "test" record without "source") follows the "val"
-    record of `last_epoch`: the run is finished, and testing it again would record it twice."""
+    record of `last_epoch`: the run is finished."""
     after_last_val = False
     for record in records:
         if record.get("split") == "val" and record.get("epoch") == last_epoch:
@@ -166,7 +151,6 @@ def load_run_config(run_dir, opts=None):
     try:
         return load_config(path, opts)
     except ConfigError as e:
-        # Errors about the file itself already name it.
         raise RunError(str(e) if path in str(e) else f"{path}: {e}") from None
 
 
@@ -206,20 +190,15 @@ def read_run_config(run_dir, opts=None):
     return load_run_config(run_dir, opts)
 
 
-def load_run(run_dir, opts=None):
-    """(config, best.pt state with weights under our names) of a run folder of ours or of
-    the authors' release."""
-    if release_format.is_release_run(run_dir):
-        return (release_format.read_release_config(run_dir, opts),
-                {"model": release_format.load_release_weights(run_dir), "epoch": None})
-    return load_run_config(run_dir, opts), load_checkpoint(os.path.join(run_dir, BEST))
-
-
 def load_run_model(run_dir, opts=None, device="cpu"):
-    """(config, model with the run's best.pt weights in eval mode on `device`, best.pt state):
-    the one way a saved run's model is loaded."""
+    """(config, model with the best.pt weights in eval mode on `device`, best.pt state) of a
+    run folder of ours or of the release: the one way a saved run's model is loaded."""
     from networks import build_model
-    cfg, state = load_run(run_dir, opts)
+    cfg = read_run_config(run_dir, opts)
+    if release_format.is_release_run(run_dir):
+        state = {"model": release_format.load_release_weights(run_dir), "epoch": None}
+    else:
+        state = load_checkpoint(os.path.join(run_dir, BEST))
     model = build_model(cfg)
     load_model_weights(model, state["model"], os.path.join(run_dir, BEST))
     return cfg, model.to(device).eval(), state
@@ -230,17 +209,13 @@ def record_key(record):
 
 
 class RunRecorder:
-    """A training's records and, with a run folder, its files (current.pt, best.pt,
-    metrics.jsonl, grids), written by the main process. Records go to metrics.jsonl right
-    after current.pt: it only holds records of steps a resume will not redo."""
+    """A training's records and, with a run folder, its files, written by the main process.
+    Records go to metrics.jsonl right after current.pt: none of a step a resume redoes."""
 
     def __init__(self, run_dir, is_main):
         self.run_dir, self.is_main = run_dir, is_main
         self.history = []  # every training record so far (kept in current.pt)
         self.unwritten = []  # those not yet appended to metrics.jsonl
-
-    def path(self, name):
-        return os.path.join(self.run_dir, name)
 
     def add(self, record):
         self.history.append(record)
@@ -248,8 +223,8 @@ class RunRecorder:
         return record
 
     def resume(self, history):
-        """Go on from current.pt's `history`. A kill between writing current.pt and appending
-        its records left them out of metrics.jsonl: exactly those are appended."""
+        """Go on from current.pt's `history`, appending what a kill right after current.pt left
+        out of metrics.jsonl."""
         self.history = list(history)
         if self.run_dir is not None and self.is_main:
             written = {record_key(r) for r in read_metrics(self.run_dir)
@@ -264,25 +239,25 @@ class RunRecorder:
 
     def save_current(self, state):
         if self.is_main:
-            save_checkpoint(self.path(CURRENT), state)
+            save_checkpoint(os.path.join(self.run_dir, CURRENT), state)
             self.write_records()
 
     def save_best(self, state):
         if self.is_main:
-            save_checkpoint(self.path(BEST), state)
+            save_checkpoint(os.path.join(self.run_dir, BEST), state)
 
     def kept(self):
-        """The checkpoints in the run folder (those a failure leaves as they were)."""
-        return [name for name in (CURRENT, BEST)
-                if self.run_dir is not None and os.path.isfile(self.path(name))]
+        """The checkpoints in the run folder, which a failure leaves as they were."""
+        return [name for name in (CURRENT, BEST) if self.run_dir is not None
+                and os.path.isfile(os.path.join(self.run_dir, name))]
 
     def save_grids(self, model, loader, names, display, step):
-        """One reconstruction grid of `loader`'s first batch, saved under each of `names`."""
+        """The grid of `loader`'s first batch, saved under each of `names`."""
         if not self.is_main:
             return
         from .images import save_reconstructions  # torchvision: not for the companions
         x, _ = next(iter(loader))
-        grid = save_reconstructions(model, x, [self.path(f"reconstructions_{name}.png")
-                                               for name in names])
+        grid = save_reconstructions(model, x, [
+            os.path.join(self.run_dir, f"reconstructions_{name}.png") for name in names])
         for name in names:
             display.images(f"reconstructions/{name}", grid, step)
