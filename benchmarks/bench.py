@@ -241,7 +241,7 @@ def measure(name, device_name, steps, epoch, opts):
 
     if epoch:
         import data
-        from util.rng import seed_everything
+        from util.device import seed_everything
         seed_everything(0)
         model = build_model(cfg).to(device)
         trainer = Trainer(cfg, model, data.build_loaders(cfg, device, 0), device)

@@ -19,7 +19,7 @@ from networks import losses
 from third_party import bessel
 from tests.test_bessel import DtypeRecorder
 from third_party.bessel import log_ive, widest_float
-from util.rng import get_rng_state, set_rng_state
+from util.device import get_rng_state, set_rng_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_CHECK = os.path.join(REPO, "benchmarks", "gpu_check.py")

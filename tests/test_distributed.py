@@ -17,7 +17,7 @@ from tests import fixtures
 from trainer import Trainer
 from trainer.logs import Display
 from util import distributed as dist
-from util.rng import seed_everything
+from util.device import seed_everything
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

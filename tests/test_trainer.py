@@ -14,7 +14,7 @@ from networks import build_model
 from tests import fixtures
 from trainer import Trainer, eval_pass
 from trainer.runs import create_run_dir, load_checkpoint
-from util.rng import seed_everything
+from util.device import seed_everything
 
 RUN_FILES = ("config.yaml", "best.pt", "current.pt", "metrics.jsonl",
              "reconstructions_best.png", "reconstructions_current.png")

@@ -1,14 +1,11 @@
-"""Refuse, before any run folder exists, a training batch that cannot work: one larger than
-the training split (a typo), or whose activations alone exceed the free memory (on the CPU
-the OOM killer would end the run, or another process, not a clean error). The figure is a
-lower bound: every module's output for one blank image (weights, buffers and random streams
-left as they were), times the batch.
+"""Refuse, before any run folder exists, a training batch that cannot work: larger than the
+split, or whose activations (a lower bound: every module's output for one blank image, times
+the batch) exceed the free memory, where the OOM killer would end a CPU run uncleanly.
 """
 import torch
 
 from configs import ConfigError
-from util.device import free_memory
-from util.rng import get_rng_state, set_rng_state
+from util.device import free_memory, get_rng_state, set_rng_state
 
 GIB, MIB = 2 ** 30, 2 ** 20
 
@@ -43,8 +40,7 @@ def activation_bytes_per_image(cfg, model, device):
 
 
 def check_batch(cfg, model, loader, device):
-    """ConfigError if an epoch has no training batch, or the batch exceeds the split, or its
-    activations the memory free on `device`."""
+    """ConfigError for no training batch, or one larger than the split or the free memory."""
     batch, images = loader.batch_size, loader.num_samples
     if len(loader) == 0:
         raise ConfigError(f"no training batch: {images} training images on this process make "

@@ -90,7 +90,6 @@ def start_up(message="{what} during start-up; nothing was written"):
 
 
 def started_with_m():
-    """Whether this import runs as the package of a `python -m PACKAGE.MODULE` command
-    (sys.argv[0] is "-m" until runpy sets the module's path)."""
+    """Whether a `python -m PACKAGE.MODULE` command imports its package (argv[0] is still -m)."""
     return sys.argv[:1] == ["-m"]
 

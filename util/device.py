@@ -1,6 +1,10 @@
-"""Device selection (the one place that names device types), kernels and free memory."""
+"""The one place that names device types: selection, kernels, free memory, and the state of
+every random-number generator a run touches (a resumed run draws what an uninterrupted one
+would have drawn)."""
 import os
+import random
 
+import numpy as np
 import torch
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
@@ -74,9 +78,8 @@ def _proc_bytes(path, field):
 
 
 def free_memory(device):
-    """Bytes a new allocation on `device` can still get, or None where unknown: on the CPU
-    MemAvailable (no swapping, no OOM killer) or what RLIMIT_AS leaves if less, on CUDA the
-    free memory plus PyTorch's cache, on MPS the recommended working set."""
+    """Bytes a new allocation on `device` can still get, or None: the CPU's MemAvailable (or
+    less under RLIMIT_AS), CUDA's free memory and cache, MPS's recommended working set."""
     device = torch.device(device)
     try:
         if device.type == "cuda":
@@ -103,3 +106,38 @@ def address_space_left():
     except (ImportError, OSError, ValueError):
         return None
     return None if soft == resource.RLIM_INFINITY or used is None else max(soft - used, 0)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device and MPS
+
+
+def get_rng_state():
+    """All generator states as tensors and plain values (loadable with weights_only=True)."""
+    version, keys, gauss = random.getstate()
+    kind, np_keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "keys": list(keys), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_all"] = torch.cuda.get_rng_state_all()
+    if mps_available():  # MPS draws (Gumbel noise, dropout) from its own generator
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    py_state, np_state = state["python"], state["numpy"]
+    random.setstate((py_state["version"], tuple(py_state["keys"]), py_state["gauss"]))
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32),
+                         np_state["pos"], np_state["has_gauss"], np_state["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda_all" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_all"])
+    if "mps" in state and mps_available():
+        torch.mps.set_rng_state(state["mps"])

@@ -39,8 +39,7 @@ def _unsafe(st):
 
 
 class UnsafeLink(ValueError):
-    """A name the tool writes is a symbolic link, a hard link or a special file (a FIFO, a
-    device, a socket); the message names it and the fix. `st`: the name's lstat, if known."""
+    """A name the tool writes is a link or a special file; the message names it and the fix."""
 
     def __init__(self, path, st=None):
         st = st or _stat(path, follow=False)
@@ -235,8 +234,7 @@ def read_jsonl(path, warn=None):
 
 
 def check_writable(folder):
-    """An error string unless a file can be written in `folder` (or in its deepest existing
-    ancestor); nothing is left behind."""
+    """An error string unless a file can be written in `folder` (or its deepest existing one)."""
     existing = os.path.abspath(folder)
     while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
         existing = os.path.dirname(existing)
@@ -258,9 +256,8 @@ class LockHeld(RuntimeError):
 
 
 class FileLock:
-    """``with FileLock(path):`` an exclusive flock on ``path`` (created, never through a link),
-    dropped when its process ends however it ends; ``blocking=False`` raises LockHeld at once.
-    The file holds the holder's PID, so that a refused second process can name it."""
+    """``with FileLock(path):`` an exclusive flock, dropped with its process however it ends;
+    ``blocking=False``: LockHeld at once. The file holds the PID, for the refused to name."""
 
     def __init__(self, path, blocking=True):
         self.path, self.blocking, self.fd = path, blocking, None

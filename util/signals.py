@@ -21,8 +21,7 @@ def _raise_terminated(signum, frame):
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """While the block runs, SIGTERM raises Terminated (in the main thread, where Python
-    delivers signals)."""
+    """While the block runs, SIGTERM raises Terminated (in the main thread: Python's signals)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
