@@ -1,16 +1,12 @@
-"""Training, evaluation, checkpoints and run folders.
-
-The names below load their modules (and torch) on first use, so that ``python -m
-trainer.compare --help`` answers before torch is imported.
+"""Training, evaluation, checkpoints and run folders; names load their modules (and torch) on
+first use, so that ``python -m trainer.compare --help`` answers before torch is imported.
 """
 import importlib
 
 from util.cli import start_up, started_with_m
 
 if started_with_m():
-    # `python -m trainer.compare` (or .release) imports this package first: the modules its
-    # command needs load here, where Ctrl-C or SIGTERM is one line too (its run_cli is not
-    # running yet). None of them imports torch.
+    # A companion's modules (no torch) load here, where Ctrl-C is one line too (before run_cli).
     with start_up():
         from . import release_format, runs  # noqa: F401
 

@@ -12,14 +12,12 @@ GRID_IMAGES = 8
 
 
 def displayable(x, labels):
-    """Images clamped to [0, 1], or label maps (`labels`, integer B x [1 x] H x W) coloured
-    with the 19-class palette."""
+    """Images clamped to [0, 1], or label maps coloured with the 19-class palette."""
     return colorize(x.long()) if labels else x.float().clamp(0, 1)
 
 
 def to_display(x, x_hat, labels):
-    """The originals and their reconstructions (for label maps: the argmax channel), ready
-    to show."""
+    """The originals and their reconstructions (label maps: the argmax channel), to show."""
     return displayable(x, labels), displayable(x_hat.argmax(1) if labels else x_hat, labels)
 
 
@@ -32,8 +30,7 @@ def reconstruction_grid(model, x, n=GRID_IMAGES):
     x_hat, _ = model(x, "deterministic")
     model.train(was_training)
     top, bottom = to_display(x, x_hat, model.OUTPUTS == "labels")
-    grid, _ = layout(top.cpu(), bottom.cpu(), columns=len(x))
-    return grid
+    return layout(top.cpu(), bottom.cpu(), columns=len(x))[0]
 
 
 def save_reconstructions(model, x, paths):

@@ -1,6 +1,6 @@
-"""Metrics: running means and code histograms, accumulated on the device (a training step
-never waits for the host) and all-reduced under torchrun; one pass over a split
-(``eval_pass``); the final test's and ``-ts``'s records (``evaluate``).
+"""Metrics: running means and code histograms kept on the device (a training step never waits
+for the host), all-reduced under torchrun; `eval_pass`, one pass over a split; `evaluate`,
+the final test's and ``-ts``'s records.
 """
 import math
 import time
@@ -16,9 +16,7 @@ class MeanMeter:
     """Means over batches of per-batch scalars (the release's per-epoch figures)."""
 
     def __init__(self, keys):
-        self.keys = tuple(keys)
-        self.sum = None
-        self.count = 0
+        self.keys, self.sum, self.count = tuple(keys), None, 0
 
     def add(self, terms):
         """Add a batch's terms; returns them stacked (one device tensor, no sync)."""
@@ -51,8 +49,7 @@ class CodeHistogram:
     """How often each code is chosen over a whole split."""
 
     def __init__(self, size):
-        self.size = size
-        self.counts = None
+        self.size, self.counts = size, None
 
     def add(self, codes):
         codes = codes.reshape(-1)
@@ -95,9 +92,8 @@ def segmentation_meter(model):
 
 @torch.no_grad()
 def eval_pass(model, loader, mode, limit=None, segmentation=None, bar=None):
-    """One pass over `loader` in eval mode: means over batches (the release's figures), the
-    split-level code perplexity, and for label maps the split-level pixel accuracy and mIoU
-    (`segmentation` makes a fresh SegmentationMeter)."""
+    """One pass in eval mode: means over batches (the release's figures), the split's code
+    perplexity, for label maps its pixel accuracy and mIoU (from `segmentation()`)."""
     model.eval()
     meter = MeanMeter(model.TERMS)
     histogram = CodeHistogram(model.codebook.shape[0])
@@ -120,8 +116,7 @@ def eval_pass(model, loader, mode, limit=None, segmentation=None, bar=None):
 
 
 def evaluate_split(model, loader, split, limit, display):
-    """The stochastic, then the deterministic pass over `loader` (at most `limit` batches), as
-    two (metrics, seconds) pairs."""
+    """(metrics, seconds) of the stochastic, then the deterministic pass (`limit` batches)."""
     limit = len(loader) if limit is None else min(len(loader), limit)
     segmentation = segmentation_meter(model)
     passes = []
@@ -134,9 +129,8 @@ def evaluate_split(model, loader, split, limit, display):
 
 
 def evaluate(model, loader, split, epoch, *, limit, display, step=0, **extra):
-    """Evaluate `split` (the test split, or e.g. the pictures of -ts --images): the records
-    "<split>_stochastic" and "<split>" (the deterministic pass), shown, and to TensorBoard at
-    `step`, the step of the weights; the caller appends them to metrics.jsonl."""
+    """The records "<split>_stochastic" and "<split>" (deterministic) of the test split or
+    -ts --images, shown and to TensorBoard at `step` (the weights'); the caller keeps them."""
     stochastic, deterministic = evaluate_split(model, loader, split, limit, display)
     display.test(epoch, stochastic, deterministic, name=split)
     records = [{"epoch": epoch, "split": name, **metrics, "seconds": seconds, **extra}
