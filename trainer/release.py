@@ -30,16 +30,15 @@ def import_run(run_dir, dest=None):
     dest = os.path.abspath(dest)
     try:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.mkdir(dest)
     except (FileExistsError, NotADirectoryError):
+        if os.path.lexists(dest):
+            raise RunError(f"{dest} already exists; choose another folder with --to") from None
         blocker = os.path.dirname(dest)
         while not os.path.lexists(blocker):
             blocker = os.path.dirname(blocker)
         raise RunError(f"cannot make {dest}: {blocker} is a file, not a folder; choose "
                        "another folder with --to") from None
-    try:
-        os.mkdir(dest)
-    except FileExistsError:
-        raise RunError(f"{dest} already exists; choose another folder with --to") from None
     try:
         runs.write_config(dest, cfg)
         runs.save_checkpoint(os.path.join(dest, runs.BEST), {

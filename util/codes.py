@@ -60,12 +60,11 @@ def load_codes(path):
         raise CodesError(f"codes file {path} lacks {', '.join(missing)}: not a codes file of "
                          "this tool")
     codes, codebook, digest = out["codes"], out["codebook"], out["config_hash"]
-    if codes.dtype != np.uint16 or codes.ndim != 3:
-        raise CodesError(f"codes file {path}: codes are {codes.dtype} {codes.shape}, "
-                         "expected uint16 N x H x W")
-    if codebook.dtype != np.float32 or codebook.ndim != 2:
-        raise CodesError(f"codes file {path}: codebook is {codebook.dtype} {codebook.shape}, "
-                         "expected float32 K x D")
+    for what, array, dtype, shape in (("codes are", codes, "uint16", "N x H x W"),
+                                      ("codebook is", codebook, "float32", "K x D")):
+        if array.dtype != dtype or array.ndim != len(shape.split(" x ")):
+            raise CodesError(f"codes file {path}: {what} {array.dtype} {array.shape}, "
+                             f"expected {dtype} {shape}")
     if digest.shape != () or digest.dtype.kind != "U":
         raise CodesError(f"codes file {path}: config_hash is not a string")
     if codes.size and int(codes.max()) >= codebook.shape[0]:

@@ -40,11 +40,11 @@ def finish_axes(ax, title, xlabel, ylabel, legend=True):
         ax.legend(fontsize=7)
 
 
-def _column(records, key):
-    """(steps, values) of the records that hold a finite `key`."""
+def _column(records, key, x="step"):
+    """(x values, values) of the records that hold a finite `key` and a number `x`."""
     kept = [r for r in records if isinstance(r.get(key), (int, float))
-            and math.isfinite(r[key]) and isinstance(r.get("step"), (int, float))]
-    return [r["step"] for r in kept], [r[key] for r in kept]
+            and math.isfinite(r[key]) and isinstance(r.get(x), (int, float))]
+    return [r[x] for r in kept], [r[key] for r in kept]
 
 
 def spans_decades(values, factor=10.0):
@@ -193,12 +193,7 @@ LEGEND_MAX = 12  # the most runs a panel names in its legend; with more its titl
 
 def epoch_series(records, split, key):
     """(epochs, values) of the finite `key` in `split` records; an epoch's last record wins."""
-    by_epoch = {}
-    for r in records:
-        value = r.get(key)
-        if r.get("split") == split and isinstance(r.get("epoch"), int) \
-                and isinstance(value, (int, float)) and math.isfinite(value):
-            by_epoch[r["epoch"]] = value
+    by_epoch = dict(zip(*_column([r for r in records if r.get("split") == split], key, "epoch")))
     epochs = sorted(by_epoch)
     return epochs, [by_epoch[e] for e in epochs]
 
