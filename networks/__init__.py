@@ -4,14 +4,12 @@ from .quantizers import GaussianQuantizer, VectorQuantizer, VmfQuantizer, arelbo
 from .sqvae import GaussianSQVAE, SQVAE, VmfSQVAE
 from .vqvae import VQVAE
 
-# model.name -> model class: each class is registered under its own name, the name
-# configs/registry.py allows (and the rules there are what load_config has checked).
+# model.name -> its class, under the name configs/registry.py allows (load_config checked it).
 MODEL_REGISTRY = {cls.__name__: cls for cls in (GaussianSQVAE, VmfSQVAE, VQVAE)}
 
 
 def build_model(cfg):
-    """The model (SQ-VAE or the VQ-VAE baseline) that `cfg` describes, freshly initialised
-    (on the CPU)."""
+    """The model (SQ-VAE or the VQ-VAE baseline) `cfg` describes, freshly initialised on the CPU."""
     if cfg.model.name not in MODEL_REGISTRY:
         raise ValueError(f"unknown model.name {cfg.model.name!r}; "
                          f"allowed: {', '.join(MODEL_REGISTRY)}")

@@ -1,5 +1,5 @@
-"""What every model here shares: the encoder/decoder pair of docs/model.md §2 around a quantizer
-layer, bf16 autocast around the conv stacks only, the forward pass, encoding and decoding."""
+"""What every model shares: docs/model.md §2's encoder/decoder around a quantizer layer, bf16
+autocast around the conv stacks only, the forward pass, encoding and decoding."""
 import contextlib
 
 import torch
@@ -10,11 +10,9 @@ from .nets import build_networks
 
 
 class CodebookAutoencoder(nn.Module):
-    """Builds `encoder`, `decoder` (initialised as docs/model.md §2) and `quantizer`
-    (`build_quantizer`, which draws the codebook), in that order, so one seed gives SQ-VAE and
-    VQ-VAE the same network weights. `OUTPUTS`: "images" (values in [0, 1]) or "labels"
-    (per-pixel class scores); `latent_shape`: the H x W code grid of one input; `loss_terms`
-    turns the decoder output and the quantizer's aux into the logged terms."""
+    """`encoder`, `decoder` then `quantizer` (`build_quantizer`), so one seed gives SQ-VAE and
+    VQ-VAE the same network weights. `OUTPUTS`: "images" (in [0, 1]) or "labels" (class scores);
+    `latent_shape`: one input's H x W code grid; `loss_terms`: the logged terms."""
 
     OUTPUTS = "images"
 
@@ -25,17 +23,13 @@ class CodebookAutoencoder(nn.Module):
         self.latent_shape = self.encoder.grid(*cfg.dataset.shape[1:])
         init_weights(self)
         self.quantizer = self.build_quantizer(cfg)
-        if cfg.network.channels_last:
-            # Every activation after the first convolution NHWC too (oneDNN's fast path on
-            # CPUs; docs/speed.md); the values, and so the release's weights, are unchanged.
+        if cfg.network.channels_last:  # oneDNN's fast path on CPUs (docs/speed.md); same values
             self.to(memory_format=torch.channels_last)
-        # bf16 autocast for the conv stacks only, switched on by the trainer (train.amp);
-        # the quantizer and losses stay in full precision.
-        self.amp = False
+        self.amp = False  # bf16 for the conv stacks only, set by the trainer (train.amp)
 
     @staticmethod
     def reads_log_var(cfg):
-        """Whether the quantizer `cfg` describes reads a log-variance (an encoder head)."""
+        """Whether `cfg`'s quantizer reads a log-variance (an encoder head)."""
         return False
 
     @property
@@ -59,15 +53,13 @@ class CodebookAutoencoder(nn.Module):
             return self.decoder(z_q).to(self.codebook.dtype)
 
     def before_train_step(self, step):
-        """The trainer's hook before global training step `step` (from 1): the figures it
-        returns are logged with that step's records."""
+        """The trainer's hook before global training step `step` (from 1): figures to log."""
         return {}
 
     def quantize(self, z, log_var, mode):
         """(z_q, aux) of the quantizer layer in `mode`."""
-        if log_var is None:
-            return self.quantizer(z, mode=mode)
-        return self.quantizer(z, log_var, mode=mode)
+        latent = (z,) if log_var is None else (z, log_var)
+        return self.quantizer(*latent, mode=mode)
 
     def forward(self, x, mode="train", codes=False):
         """(x_hat, terms): the 0-dim tensors of `TERMS`, and the code indices with `codes`."""

@@ -1,22 +1,12 @@
-"""The functional core of the quantizer layers (docs/model.md §3 and docs/vqvae.md).
-
-Stochastic quantization turns per-position logits l_ik over the K codes into z_q in one of
-three modes: ``train``, the Gumbel-softmax relaxation y = softmax((l + g) / tau), z_q = y @ B
-(soft, no straight-through); ``deterministic``, the one-hot argmax; ``stochastic``, a one-hot
-sample from softmax(l). Latents are channel-first here (B x D x *spatial); "rows" are one
-D-vector per position. Every tensor is created on the device and dtype of the inputs.
+"""The quantizer layers' formulas (docs/model.md §3, docs/vqvae.md). Latents are channel-first
+(B x D x *spatial); "rows" are one D-vector per position. The modes (``train``: the Gumbel-softmax
+relaxation, ``deterministic``: the argmax, ``stochastic``: a sample): docs/model.md §3.3.
 """
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 MODES = ("train", "deterministic", "stochastic")
-
-
-def check_mode(mode):
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    return mode
 
 
 def gumbel_noise(like):
@@ -26,8 +16,8 @@ def gumbel_noise(like):
 
 
 def perplexity(avg_probs):
-    """exp of the entropy of the code usage averaged over the batch's positions: the release's
-    per-batch figure, from soft assignments on the device, not util.codes' split-level one."""
+    """exp(entropy) of the code usage averaged over the batch's positions: the release's per-batch
+    figure (soft assignments, on the device), not util.codes' split-level one."""
     return torch.exp(-(avg_probs * torch.log(avg_probs + 1e-7)).sum())
 
 
@@ -46,9 +36,8 @@ def unflatten_positions(rows, like):
     return rows.reshape(like.shape[0], *like.shape[2:], like.shape[1]).movedim(-1, 1)
 
 
-# The relaxation's least temperature (0 would give NaN): at 1e-20 the softmax is already its
-# limit, the one-hot argmax of the perturbed logits (logits closer than 1e-18 are equal in
-# float32), with a zero gradient.
+# The relaxation's least temperature (0 gives NaN): at 1e-20 the softmax is already its limit,
+# the one-hot argmax of the perturbed logits (closer than 1e-18: equal in float32).
 HARD_BELOW = 1e-20
 
 
@@ -63,8 +52,7 @@ def mean_all(t):
 
 
 def relaxed_weights(logits, temperature):
-    """softmax((logits + Gumbel noise) / temperature), the temperature clamped at HARD_BELOW on
-    the device (never read back to the host)."""
+    """softmax((logits + Gumbel noise) / temperature), the temperature clamped at HARD_BELOW."""
     if not torch.is_tensor(temperature):
         temperature = torch.tensor(float(temperature), device=logits.device)
     # In place on the noise: the values of (logits + g) / tau, without two N x K temporaries.
@@ -73,15 +61,12 @@ def relaxed_weights(logits, temperature):
 
 
 def select_codes(logits, probs, mode, temperature):
-    """Code weights (N x K) for a checked `mode`, the averaged assignment for perplexity, and
-    the chosen code per position (the argmax in training, where the choice is soft)."""
+    """Code weights (N x K) in `mode`, the averaged assignment for perplexity, the chosen code per
+    position (the argmax in training, where the choice is soft)."""
     if mode == "train":
         weights = relaxed_weights(logits, temperature)
         return weights, mean_rows(probs.detach()), logits.detach().argmax(-1)
-    if mode == "deterministic":
-        index = logits.argmax(-1)
-    else:
-        index = torch.multinomial(probs, 1).squeeze(-1)
+    index = torch.multinomial(probs, 1).squeeze(-1) if mode == "stochastic" else logits.argmax(-1)
     weights = one_hot(index, logits.shape[-1], logits.dtype)
     return weights, mean_rows(weights if mode == "deterministic" else probs), index
 
@@ -93,40 +78,32 @@ def _stochastic_outputs(z, logits, codebook, mode, temperature):
     weights, avg_probs, index = select_codes(logits, probs, mode, temperature)
     batch = z.shape[0]
     neg_entropy = (probs * log_probs).sum()  # sum over positions and codes of p log p
-    return dict(
-        z_q=unflatten_positions(weights @ codebook, z),
-        kld_discrete=neg_entropy / max(batch, 1),  # a batch of 0 sums to 0, not 0 / 0
-        perplexity=perplexity(avg_probs),
-        # Diagnostics (detached): mean entropy of p per position, and the chosen codes.
-        entropy=-neg_entropy.detach() / max(probs.shape[0], 1),
-        codes=index.reshape(batch, *z.shape[2:]),
-    )
+    return dict(z_q=unflatten_positions(weights @ codebook, z),
+                kld_discrete=neg_entropy / max(batch, 1),  # a batch of 0 sums to 0, not 0 / 0
+                perplexity=perplexity(avg_probs),
+                entropy=-neg_entropy.detach() / max(probs.shape[0], 1),  # mean per position
+                codes=index.reshape(batch, *z.shape[2:]))
 
 
 def gaussian_logits(z_rows, codebook, precision_rows):
-    """l_ik = -1/2 sum_d w_id (z_id - b_kd)^2, with w either one value per row (N x 1) or one
-    per row and dimension (N x D). Expanded into matrix products so no N x D x K tensor is
-    ever built: sum_d w z^2 - 2 (w z) B^T + w (B^2)^T."""
+    """l_ik = -1/2 sum_d w_id (z_id - b_kd)^2, w one value per row (N x 1) or per row and
+    dimension (N x D), expanded (no N x D x K tensor): sum_d w z^2 - 2 (w z) B^T + w (B^2)^T."""
     if precision_rows.shape[-1] == 1:
         sq_dist = ((z_rows ** 2).sum(-1, keepdim=True) - 2 * z_rows @ codebook.t()
                    + (codebook ** 2).sum(-1))
         return -0.5 * precision_rows * sq_dist
     wz = precision_rows * z_rows
-    weighted = (wz * z_rows).sum(-1, keepdim=True) - 2 * wz @ codebook.t() \
-        + precision_rows @ (codebook ** 2).t()
-    return -0.5 * weighted
+    return -0.5 * ((wz * z_rows).sum(-1, keepdim=True) - 2 * wz @ codebook.t()
+                   + precision_rows @ (codebook ** 2).t())
 
 
 def gaussian_quantize(z, var_q, codebook, mode, temperature):
     """Gaussian stochastic quantization of the encoder mean z (B x D x *spatial); var_q is
     sigma_q^2 broadcastable to z (a scalar, B x 1 x 1 ..., B x 1 x *spatial or z's shape)."""
     precision = 1.0 / var_q.clamp(min=1e-10)
-    z_rows = flatten_positions(z)
-    if precision.dim() == 0 or precision.shape[1] == 1:
-        precision_rows = flatten_positions(precision.expand(z.shape[0], 1, *z.shape[2:]))
-    else:
-        precision_rows = flatten_positions(precision.expand_as(z))
-    logits = gaussian_logits(z_rows, codebook, precision_rows)
+    per_dimension = precision.dim() and precision.shape[1] != 1
+    precision_rows = precision.expand(z.shape[0], z.shape[1] if per_dimension else 1, *z.shape[2:])
+    logits = gaussian_logits(flatten_positions(z), codebook, flatten_positions(precision_rows))
     out = _stochastic_outputs(z, logits, codebook, mode, temperature)
     out["kld_continuous"] = (0.5 * precision * (z - out["z_q"]) ** 2).sum() / max(z.shape[0], 1)
     return out
@@ -142,22 +119,17 @@ def vmf_quantize(z, kappa_q, codebook, mode, temperature):
     return out
 
 
-# ----------------------------------------------------------------------------- VQ-VAE
-
 def nearest_codes(z_rows, codebook):
-    """Index of the nearest codebook row for each row of z (N x D), by squared distance
-    (||z||^2, the same for every code, left out)."""
+    """Each row of z's nearest codebook row by squared distance (||z||^2, the same for all, left
+    out)."""
     with torch.no_grad():
         score = (codebook ** 2).sum(1) - 2 * z_rows @ codebook.t()
         return score.argmin(1)
 
 
 def vq_losses(z, e, beta):
-    """(codebook loss, commitment loss) for encoder outputs z and their chosen codes e (same
-    shape, any layout): means of the squared differences over all elements."""
-    codebook_loss = mean_all((z.detach() - e) ** 2)
-    commit_loss = beta * mean_all((z - e.detach()) ** 2)
-    return codebook_loss, commit_loss
+    """(codebook loss, commitment loss) of outputs z and their codes e: mean squared differences."""
+    return mean_all((z.detach() - e) ** 2), beta * mean_all((z - e.detach()) ** 2)
 
 
 def straight_through(z, e):
@@ -166,10 +138,9 @@ def straight_through(z, e):
 
 
 def ema_update(count, total, codebook, batch_count, batch_sum, decay, eps):
-    """One EMA step, in place: count and total are moving averages of batch_count (K) and
-    batch_sum (K x D), the number and sum of the outputs assigned to each code; the codebook
-    becomes total / the Laplace-smoothed count (n_k + eps) / (n + K eps) * n, n = sum_k n_k.
-    Only that division is smoothed, so the smoothing does not compound from step to step."""
+    """One EMA step, in place, of count and total (the number, K, and sum, K x D, of the outputs
+    assigned to each code); codebook = total / ((n_k + eps) / (n + K eps) * n), n = sum_k n_k:
+    only that division is smoothed, so the smoothing does not compound from step to step."""
     count.mul_(decay).add_(batch_count, alpha=1 - decay)
     total.mul_(decay).add_(batch_sum, alpha=1 - decay)
     n = count.sum()

@@ -1,6 +1,5 @@
-"""Reconstruction losses of docs/model.md §4 beside the layers' own (reconstruction.py): a
-learned Gaussian variance, mse / (2 sigma^2) + dim_x / 2 * log sigma^2, and the vMF likelihood
-of label maps over L2-normalised decoder outputs (its normaliser from third_party.bessel).
+"""Reconstruction losses of docs/model.md §4 beside the layers' own (reconstruction.py): a learned
+Gaussian variance and the vMF likelihood of label maps (its normaliser from third_party.bessel).
 """
 import torch
 import torch.nn.functional as F

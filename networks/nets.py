@@ -1,6 +1,6 @@
-"""The encoder/decoder pairs of docs/model.md §2, chosen by (network.name, input height and
-width), the image networks with the input's channels. An encoder returns ``(mean, log_var)``,
-``log_var`` None without a variance head. D is the code dimension, D/2 the hidden width.
+"""The encoder/decoder pairs of docs/model.md §2, by (network.name, input height and width). An
+encoder returns ``(mean, log_var)``, log_var None without a variance head; D is the code
+dimension, D/2 the hidden width.
 """
 import math
 
@@ -15,10 +15,7 @@ class Encoder(nn.Module):
 
     def __init__(self, stem, res, head_mean, head_log_var=None):
         super().__init__()
-        self.stem = stem
-        self.res = res
-        self.head_mean = head_mean
-        self.head_log_var = head_log_var
+        self.stem, self.res, self.head_mean, self.head_log_var = stem, res, head_mean, head_log_var
 
     def prepare(self, x):
         return x
@@ -45,9 +42,8 @@ class LabelEncoder(Encoder):
         self.num_channels = num_channels
 
     def prepare(self, x):
-        labels = x.long().squeeze(1)
-        weight = self.stem[0].weight  # follow the model's dtype (float32, or float64 in tests)
-        return F.one_hot(labels, self.num_channels).permute(0, 3, 1, 2).to(weight.dtype)
+        dtype = self.stem[0].weight.dtype  # the model's (float32, or float64 in tests)
+        return F.one_hot(x.long().squeeze(1), self.num_channels).permute(0, 3, 1, 2).to(dtype)
 
 
 class Decoder(nn.Module):
@@ -55,21 +51,18 @@ class Decoder(nn.Module):
 
     def __init__(self, res, head):
         super().__init__()
-        self.res = res
-        self.head = head
+        self.res, self.head = res, head
 
     def forward(self, z):
         return self.head(self.res(z))
 
 
-# A conv layer draws its default bias from the global generator when created, so every builder
-# creates the layers in the release's order (encoder stem, ResBlocks, mean head, variance head,
-# decoder ResBlocks, head; call arguments are evaluated left to right): one seed then gives
-# the release's initial weights bit for bit (tests/test_release.py).
+# A conv draws its default bias from the global generator when created, so every builder makes
+# the layers in the release's order (arguments are evaluated left to right): one seed gives the
+# release's initial weights bit for bit (tests/test_release.py).
 
 def encoder_blocks(cfg, d, log_var_head):
-    """ResBlocks and heads after the stem: `num_rb - 1` ResBlocks, the mean head and, when the
-    quantizer reads one, the log-variance head."""
+    """After the stem: `num_rb - 1` ResBlocks, the mean head and maybe the log-variance head."""
     return (res_stack(d, cfg.network.num_rb - 1), ResBlock(d),
             ResBlock(d) if log_var_head else None)
 
@@ -128,8 +121,7 @@ def _net64_label(cfg, d, h, log_var_head):
 
 
 # (network.name, (H, W) its stem takes) -> builder(cfg, D, D // 2, log-variance head) ->
-# (encoder, decoder). The image networks read and write the channels of dataset.shape, the
-# label network class indices; which dataset has which shape is configs/registry.py's.
+# (encoder, decoder); which dataset has which shape is configs/registry.py's.
 NETWORK_REGISTRY = {
     ("resnet", (28, 28)): _net28,
     ("resnet", (32, 32)): _net32_or_64,

@@ -1,15 +1,6 @@
-"""An unconditional gated PixelCNN over H x W grids of code indices in 0..K-1: p(grid) =
-prod_{i, j} p(code[i, j] | the codes before (i, j) in raster order), to sample new grids and
-decode them (van den Oord et al., "Conditional Image Generation with PixelCNN Decoders",
-NeurIPS 2016). A vertical stack sees the rows above; a horizontal stack the codes to the left,
-plus the vertical stack shifted down one row; gated activations tanh(a) * sigmoid(b), the
-horizontal stack residual; the first layer excludes the current position (mask "A"), the
-others include it (mask "B"). The masks are kernel shapes, padding and shifts, not zeroed
-weights; the two stacks leave no blind spot.
-
-Receptive field, with L layers and kernel k (h = k // 2): the logits at (i, j) depend on the
-current row at columns j - 1 - L*h .. j - 1 and on rows i - 1 - L*h .. i - 1 at columns
-j - L*h .. j + L*h, and on nothing else.
+"""An unconditional gated PixelCNN over H x W grids of code indices 0..K-1 (van den Oord et al.,
+"Conditional Image Generation with PixelCNN Decoders", NeurIPS 2016), to sample new grids and
+decode them. Its stacks, masks and receptive field: docs/model.md §2.5.
 """
 import math
 
@@ -19,9 +10,8 @@ from torch import nn
 
 
 def code_nll(logits, codes, reduction="mean"):
-    """-log softmax(logits)[code] for logits B x K x ... and int64 codes B x ..., the mean or
-    the sum over all positions: torch's cross-entropy, built from gather because CUDA's NLL
-    kernel has no deterministic version (gather's backward has one)."""
+    """-log softmax(logits)[code], logits B x K x ..., codes B x ...: the mean or the sum. Built
+    from gather: CUDA's NLL kernel has no deterministic version (gather's backward has one)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     picked = logits.log_softmax(dim=1).gather(1, codes.unsqueeze(1))
@@ -51,10 +41,9 @@ class GatedLayer(nn.Module):
         super().__init__()
         self.half = kernel // 2
         self.sees_current = mask_type == "B"
-        # With the padding of `forward`, output row i covers rows i - half .. i and
-        # columns j - half .. j + half.
+        # With forward's padding: rows i - half .. i, columns j - half .. j + half.
         self.vertical = nn.Conv2d(channels, 2 * channels, (self.half + 1, kernel))
-        # With the padding of `forward`, output column j covers columns j - half .. j.
+        # With forward's padding: columns j - half .. j.
         self.horizontal = nn.Conv2d(channels, 2 * channels, (1, self.half + 1))
         self.vertical_to_horizontal = nn.Conv2d(2 * channels, 2 * channels, 1)
         self.horizontal_out = nn.Conv2d(channels, channels, 1)
@@ -62,16 +51,13 @@ class GatedLayer(nn.Module):
     def forward(self, vertical_in, horizontal_in):
         half = self.half
         vertical = self.vertical(F.pad(vertical_in, (half, half, half, 0)))
-        # Type A: the input at (i, j) is the code being predicted, so the kernel is moved one
-        # column left to end at j - 1.
+        # Type A: the input at (i, j) is the code predicted; the kernel ends at j - 1.
         seen = horizontal_in if self.sees_current else shift_right(horizontal_in)
         horizontal = self.horizontal(F.pad(seen, (half, 0, 0, 0)))
-        # The vertical features of row i cover row i itself, right of j included; shifted
-        # down, they bring only the rows above.
+        # Row i's vertical features see row i, right of j too; shifted down, only rows above.
         horizontal = horizontal + self.vertical_to_horizontal(shift_down(vertical))
         horizontal_out = self.horizontal_out(gate(horizontal))
-        if self.sees_current:
-            # Not in the type-A layer, where the residual would pass the code itself on.
+        if self.sees_current:  # type A's residual would pass the code itself on
             horizontal_out = horizontal_out + horizontal_in
         return gate(vertical), horizontal_out
 
@@ -97,8 +83,7 @@ class GatedPixelCNN(nn.Module):
         return self.forward_embedded(self.embedding(codes).permute(0, 3, 1, 2))
 
     def forward_embedded(self, embedded):
-        """Logits from embedded codes B x channels x H x W (a float input: its gradient shows
-        which positions each output depends on)."""
+        """Logits from embedded codes B x channels x H x W (its gradient shows what each sees)."""
         vertical, horizontal = embedded, embedded
         for layer in self.layers:
             vertical, horizontal = layer(vertical, horizontal)
@@ -110,8 +95,8 @@ class GatedPixelCNN(nn.Module):
 
     @torch.no_grad()
     def sample(self, n, height, width, temperature=1.0, generator=None):
-        """n grids n x height x width (int64) drawn in raster order from softmax(logits /
-        temperature); the same `generator` state gives the same grids."""
+        """n int64 grids n x height x width drawn in raster order from softmax(logits /
+        temperature), from `generator`."""
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         codes = torch.zeros(n, height, width, dtype=torch.long,
@@ -126,16 +111,16 @@ class GatedPixelCNN(nn.Module):
 
 
 def layers_to_see(grid, kernel):
-    """The fewest layers L with which every logit of an H x W grid sees every earlier code (the
-    module docstring's receptive field): L * (kernel // 2) >= max(H, W) - 1."""
+    """The fewest layers L with which every logit of an H x W grid sees every earlier code:
+    L * (kernel // 2) >= max(H, W) - 1 (docs/model.md §2.5)."""
     height, width = grid
     return max(1, math.ceil((max(height, width) - 1) / (kernel // 2)))
 
 
 @torch.no_grad()
 def initialise(prior, generator):
-    """PyTorch's default initialisation from `generator`: conv weights and biases uniform(+-1 /
-    sqrt(fan_in)) (kaiming_uniform with a = sqrt(5)), embeddings N(0, 1), in creation order."""
+    """PyTorch's default initialisation, drawn from `generator` in creation order: conv weights
+    and biases uniform(+-1 / sqrt(fan_in)) (kaiming_uniform, a = sqrt(5)), embeddings N(0, 1)."""
     for m in prior.modules():
         if isinstance(m, nn.Conv2d):
             bound = 1 / math.sqrt(m.weight[0].numel())
@@ -147,10 +132,8 @@ def initialise(prior, generator):
 
 
 def build_prior(cfg, grid=None, generator=None):
-    """The prior over the code grids of the model that `cfg` describes, freshly initialised
-    on the CPU (from `generator` where given: the global RNG is then left alone):
-    K = quantization.size_dict, architecture from the `prior` section; prior.layers 0 takes
-    layers_to_see(grid, prior.kernel) for the H x W code `grid`."""
+    """The prior over `cfg`'s code grids, initialised on the CPU (from `generator` where given,
+    leaving the global RNG alone); prior.layers 0 takes layers_to_see(grid, prior.kernel)."""
     layers = cfg.prior.layers
     if layers == 0:
         if grid is None:

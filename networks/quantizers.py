@@ -1,7 +1,6 @@
-"""Quantizer layers for any model: SQ-VAE's Gaussian and vMF stochastic quantizers and VQ-VAE's
-nearest-code one. With functional.py and reconstruction.py, torch their only import, they are
-what ``pip install .`` installs as ``sqvae_layers``; docs/layers.md has their contract (the
-modes, ``anneal``, how the SQ loss is reduced and why it wants ``arelbo``) and an example.
+"""Quantizer layers for any model: SQ-VAE's Gaussian and vMF stochastic quantizers, VQ-VAE's
+nearest-code one. With functional.py and reconstruction.py (torch their only import) they are
+``pip install .``'s ``sqvae_layers``; docs/layers.md: the modes, ``anneal``, ``arelbo``.
 """
 import contextlib
 import math
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import (check_mode, ema_update, flatten_positions, gaussian_quantize,
+from .functional import (MODES, ema_update, flatten_positions, gaussian_quantize,
                          mean_rows, nearest_codes, one_hot, perplexity, straight_through,
                          summed_over_processes, unflatten_positions, vmf_quantize, vq_losses)
 from .reconstruction import arelbo_loss, squared_error
@@ -24,9 +23,8 @@ def arelbo(x_hat, x):
     return arelbo_loss(squared_error(x_hat, x), x[0].numel())
 
 
-# N(0, 1) rows, the SQ-VAE release's codebook (and Sonnet's VectorQuantizerEMA); or
-# uniform(-1/K, 1/K) rows, near the origin, the start of the widely used PyTorch port of
-# Sonnet's VQ-VAE (zalandoresearch/pytorch-vq-vae).
+# N(0, 1) rows, the SQ-VAE release's (and Sonnet's VectorQuantizerEMA); or uniform(-1/K, 1/K),
+# near the origin, as the PyTorch port of Sonnet's VQ-VAE (zalandoresearch/pytorch-vq-vae).
 CODEBOOK_INITS = {
     "normal": lambda size, dim: torch.randn(size, dim),
     "uniform": lambda size, dim: torch.empty(size, dim).uniform_(-1.0 / size, 1.0 / size),
@@ -37,8 +35,7 @@ def _variance_gaussian_1(log_var, s):
     return 1.0 + torch.exp(s)  # no variance head: v = 0
 
 
-def _variance_gaussian_2(log_var, s):
-    # One value per example, broadcast over whatever latent grid the encoder has.
+def _variance_gaussian_2(log_var, s):  # one value per example, whatever the latent grid
     per_example = log_var.mean(dim=tuple(range(1, log_var.dim())), keepdim=True)
     return torch.exp(per_example) + torch.exp(s)
 
@@ -59,8 +56,7 @@ class Variance(NamedTuple):
     label: str           # its name in docs/model.md §3.1 and the report's figures
 
 
-# model.param_var_q / the layer's `variance` -> its Variance. A new variant is one function
-# and its entry here, plus its name in configs/registry.py VARIANTS.
+# model.param_var_q -> its Variance; a new variant: a function, its entry, its name in VARIANTS.
 GAUSSIAN_VARIANCES = {
     "gaussian_1": Variance(_variance_gaussian_1, False, "I"),
     "gaussian_2": Variance(_variance_gaussian_2, True, "II"),
@@ -74,43 +70,29 @@ def _shown(value):
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _check_count(name, value):
-    """A size: a whole number of at least 1 (refused at construction, not at the first call)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a whole number of at least 1, got {_shown(value)}")
+def _check_choice(what, value, choices):
+    if value not in choices:
+        raise ValueError(f"unknown {what} {_shown(value)}; use one of {', '.join(choices)}")
 
 
-def _check_real(name, value, low=None):
-    """A finite real number (not a bool), at least `low` where given."""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-            or not math.isfinite(value) or (low is not None and value < low)):
-        need = "a finite number" + (f" of at least {low:g}" if low is not None else "")
+def _check_number(name, value, low=None, whole=False):
+    """A finite real number (a whole one with `whole`), not a bool, at least `low` if given."""
+    kind = numbers.Integral if whole else numbers.Real
+    if (isinstance(value, bool) or not isinstance(value, kind)
+            or not (whole or math.isfinite(value)) or (low is not None and value < low)):
+        need = ("a whole number" if whole else "a finite number") \
+            + (f" of at least {low:g}" if low is not None else "")
         raise ValueError(f"{name} must be {need}, got {_shown(value)}")
 
 
-def _autocast_off(device):
-    # torch.autocast rejects the meta device, which has no autocast to switch off.
-    if device.type == "meta":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, enabled=False)
-
-
-def _position_major(t):
-    """Whether a channel-first tensor is channels-last and not also contiguous (as 1 x 1 is)."""
-    return t.dim() > 2 and t.movedim(1, -1).is_contiguous() and not t.is_contiguous()
-
-
 class CodebookLayer(nn.Module):
-    """What the three layers share: the K x dim codebook, the layout of z, the precision, and
-    the choice of mode."""
+    """What the three layers share: the K x dim codebook, z's layout, precision and mode."""
 
     def __init__(self, dim, codebook_size, *, init, trainable, channel_last):
         super().__init__()
-        _check_count("dim", dim)
-        _check_count("codebook_size", codebook_size)
-        if init not in CODEBOOK_INITS:
-            raise ValueError(f"unknown init {_shown(init)}; use one of "
-                             f"{', '.join(CODEBOOK_INITS)}")
+        _check_number("dim", dim, low=1, whole=True)
+        _check_number("codebook_size", codebook_size, low=1, whole=True)
+        _check_choice("init", init, CODEBOOK_INITS)
         self.dim, self.codebook_size, self.channel_last = dim, codebook_size, channel_last
         self.codebook = nn.Parameter(CODEBOOK_INITS[init](codebook_size, dim),
                                      requires_grad=trainable)
@@ -136,7 +118,7 @@ class CodebookLayer(nn.Module):
     def _run(self, z, log_var, mode):
         if mode is None:
             mode = "train" if self.training else "deterministic"
-        check_mode(mode)
+        _check_choice("mode", mode, MODES)
         axis = -1 if self.channel_last else 1
         if z.is_complex() or (log_var is not None and log_var.is_complex()):
             raise ValueError("z is complex; the layers quantize real tensors (pass z.real, "
@@ -147,16 +129,17 @@ class CodebookLayer(nn.Module):
         z = self._channel_first(z).to(self.codebook.dtype)
         if log_var is not None:
             log_var = self._channel_first(log_var).to(self.codebook.dtype)
-        # Distances and softmax in bf16 would pick other codes than float32 does.
-        with _autocast_off(z.device):
+        # Distances and softmax in bf16 would pick other codes (autocast refuses the meta device).
+        with (contextlib.nullcontext() if z.device.type == "meta"
+              else torch.autocast(z.device.type, enabled=False)):
             z_q, aux = self._quantize(z, log_var, mode)
-        return self._layout_out(z_q, position_major=_position_major(z)), aux
+        # Channels-last and not also contiguous (as 1 x 1 is): z_q keeps that layout.
+        position_major = z.dim() > 2 and z.movedim(1, -1).is_contiguous() and not z.is_contiguous()
+        return self._layout_out(z_q, position_major), aux
 
     def _layout_out(self, z_q, position_major=False):
-        # z_q is built position by position (channel-first, a channels-last view) and handed
-        # on in z's own layout: a channels-last z_q in an NCHW model gave a 1-channel output
-        # layer channels-last weight gradients, which DistributedDataParallel answers with
-        # "Grad strides do not match bucket view strides" every step.
+        # In z's own layout: a channels-last z_q in an NCHW model gives a 1-channel output layer
+        # channels-last weight gradients, and DDP "Grad strides do not match bucket view strides".
         if self.channel_last:
             return z_q.movedim(1, -1)
         return z_q if position_major else z_q.contiguous()
@@ -171,29 +154,27 @@ class CodebookLayer(nn.Module):
 
 
 class _StochasticLayer(CodebookLayer):
-    """The SQ layers: a learned scalar s, the Gumbel-softmax temperature and its schedule, the
-    KL terms as the loss; subclasses give QUANTIZE and param_q (sigma_q^2 or kappa_q)."""
+    """The SQ layers: a learned scalar s, the temperature and its schedule, the KL terms as the
+    loss; subclasses give QUANTIZE and param_q (sigma_q^2 or kappa_q)."""
 
     def __init__(self, dim, codebook_size, log_param_q_init, channel_last, temperature_init,
                  temperature_decay, temperature_min):
         super().__init__(dim, codebook_size, init="normal", trainable=True,
                          channel_last=channel_last)
-        for name, value in (("temperature_init", temperature_init),
-                            ("temperature_decay", temperature_decay),
-                            ("temperature_min", temperature_min)):
-            _check_real(name, value, low=0.0)
-        self.schedule = (float(temperature_init), float(temperature_decay),
-                         float(temperature_min))
+        schedule = (temperature_init, temperature_decay, temperature_min)
+        for name, value in zip(("temperature_init", "temperature_decay", "temperature_min"),
+                               schedule):
+            _check_number(name, value, low=0.0)
+        self.schedule = tuple(map(float, schedule))
         # A buffer, so annealing is an in-place fill: no recompilation, no host sync.
-        self.register_buffer("temperature", torch.tensor(float(temperature_init)),
-                             persistent=False)
-        _check_real("log_param_q_init", log_param_q_init)
+        self.register_buffer("temperature", torch.tensor(float(temperature_init)), persistent=False)
+        _check_number("log_param_q_init", log_param_q_init)
         self.log_param_q_scalar = nn.Parameter(torch.tensor(float(log_param_q_init)))
 
     def temperature_at(self, step):
         """The temperature at global step `step` (>= 0); at 0 (exp underflows after ~1e7 default
         steps) the layer takes the hard argmax of the perturbed logits."""
-        _check_real("step", step, low=0.0)
+        _check_number("step", step, low=0.0)
         init, decay, floor = self.schedule
         return max(init * math.exp(-decay * float(step)), floor)
 
@@ -211,8 +192,7 @@ class _StochasticLayer(CodebookLayer):
         param = param.detach()
         if param.numel() == 0:  # a batch of 0 has no positions to describe
             param = param.new_full((1,), float("nan"))
-        out["param_q"], out["param_q_min"], out["param_q_max"] = \
-            param.mean(), param.min(), param.max()
+        out.update(param_q=param.mean(), param_q_min=param.min(), param_q_max=param.max())
         return z_q, out
 
 
@@ -231,26 +211,16 @@ class GaussianQuantizer(_StochasticLayer):
     def __init__(self, dim, codebook_size, variance="gaussian_1", *,
                  log_param_q_init=math.log(10.0), temperature_init=1.0, temperature_decay=1e-5,
                  temperature_min=0.0, channel_last=False):
-        if variance not in GAUSSIAN_VARIANCES:
-            raise ValueError(f"unknown variance {_shown(variance)}; use one of "
-                             f"{', '.join(GAUSSIAN_VARIANCES)}")
+        _check_choice("variance", variance, GAUSSIAN_VARIANCES)
         super().__init__(dim, codebook_size, log_param_q_init, channel_last, temperature_init,
                          temperature_decay, temperature_min)
         self.variance = variance
-
-    @property
-    def needs_log_var(self):
-        return GAUSSIAN_VARIANCES[self.variance].reads_log_var
-
-    @property
-    def label(self):
-        return GAUSSIAN_VARIANCES[self.variance].label
+        _, self.needs_log_var, self.label = GAUSSIAN_VARIANCES[variance]
 
     def forward(self, z, log_var=None, *, mode=None):
         if (log_var is None) == self.needs_log_var:
-            raise ValueError(f"variance {self.variance} takes "
-                             + ("the encoder's log-variance" if self.needs_log_var
-                                else "no log-variance"))
+            takes = "the encoder's log-variance" if self.needs_log_var else "no log-variance"
+            raise ValueError(f"variance {self.variance} takes {takes}")
         if log_var is not None and log_var.shape != z.shape:
             raise ValueError(f"log_var has shape {tuple(log_var.shape)}, z {tuple(z.shape)}")
         return self._run(z, log_var, mode)
@@ -300,9 +270,8 @@ class VectorQuantizer(CodebookLayer):
                  channel_last=False, *, eps=1e-5):
         super().__init__(dim, codebook_size, init=init, trainable=not ema,
                          channel_last=channel_last)
-        _check_real("beta", beta, low=0.0)
-        _check_real("decay", decay, low=0.0)
-        _check_real("eps", eps, low=0.0)
+        for name, value in (("beta", beta), ("decay", decay), ("eps", eps)):
+            _check_number(name, value, low=0.0)
         if decay >= 1.0 or eps <= 0.0:
             raise ValueError(f"decay must be in [0, 1) and eps above 0, got decay={decay}, "
                              f"eps={eps}")
@@ -320,21 +289,15 @@ class VectorQuantizer(CodebookLayer):
         if self.ema:
             codebook_loss = z.new_zeros(())
             if self.training and mode == "train":
-                self._update_codebook(assigned, z_rows.detach())
+                with torch.no_grad():
+                    batch_count, batch_sum = summed_over_processes(assigned.sum(0),
+                                                                   assigned.t() @ z_rows)
+                    ema_update(self.ema_count, self.ema_total, self.codebook, batch_count,
+                               batch_sum, self.decay, self.eps)
         z_q = unflatten_positions(straight_through(z_rows, e_rows), z)
-        return z_q, {
-            "loss": codebook_loss + commit_loss,
-            "loss_codebook": codebook_loss,
-            "loss_commit": commit_loss,
-            "perplexity": perplexity(mean_rows(assigned)),
-            "codes": index.reshape(z.shape[0], *z.shape[2:]),
-        }
-
-    @torch.no_grad()
-    def _update_codebook(self, assigned, z_rows):
-        batch_count, batch_sum = summed_over_processes(assigned.sum(0), assigned.t() @ z_rows)
-        ema_update(self.ema_count, self.ema_total, self.codebook, batch_count, batch_sum,
-                   self.decay, self.eps)
+        return z_q, {"loss": codebook_loss + commit_loss, "loss_codebook": codebook_loss,
+                     "loss_commit": commit_loss, "perplexity": perplexity(mean_rows(assigned)),
+                     "codes": index.reshape(z.shape[0], *z.shape[2:])}
 
     def extra_repr(self):
         return f"{super().extra_repr()}, beta={self.beta}, ema={self.ema}"

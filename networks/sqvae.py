@@ -1,7 +1,6 @@
-"""SQ-VAE: encoder -> stochastic quantizer layer -> decoder, with the loss of docs/model.md §3-4.
-``model(x, mode)`` returns ``(x_hat, terms)``, ``terms`` the 0-dim tensors of ``TERMS`` (the
-self-annealing diagnostics among them: ``entropy``, ``param_q`` and its range over positions,
-``param_x`` the decoder's sigma_x^2 or kappa_d); none is read back to the host.
+"""SQ-VAE: encoder -> stochastic quantizer layer -> decoder, the loss of docs/model.md §3-4.
+``model(x, mode)`` returns ``(x_hat, terms)``, the 0-dim tensors of ``TERMS`` (``param_x``: the
+decoder's sigma_x^2 or kappa_d), none read back to the host.
 """
 import torch
 from torch import nn
@@ -25,11 +24,11 @@ class SQVAE(CodebookAutoencoder):
 
     def build_quantizer(self, cfg):
         # The temperature schedule of docs/model.md §3.6, or a constant `init` without it.
-        t, decay = cfg.quantization.temperature, cfg.flags.decay
+        t = cfg.quantization.temperature
+        decay, floor = (t.decay, t.min) if cfg.flags.decay else (0.0, 0.0)
         args = dict(dim=cfg.quantization.dim_code, codebook_size=cfg.quantization.size_dict,
                     log_param_q_init=cfg.model.log_param_q_init, temperature_init=t.init,
-                    temperature_decay=t.decay if decay else 0.0,
-                    temperature_min=t.min if decay else 0.0)
+                    temperature_decay=decay, temperature_min=floor)
         if cfg.model.param_var_q in GAUSSIAN_VARIANCES:
             return GaussianQuantizer(variance=cfg.model.param_var_q, **args)
         return VmfQuantizer(**args)  # the one other variant configs/registry.py names
@@ -41,9 +40,7 @@ class SQVAE(CodebookAutoencoder):
     def loss_terms(self, x_hat, x, aux):
         terms = self.reconstruction_terms(x_hat, x)
         terms["loss"] = terms["loss_rec"] + aux["kld_discrete"] + aux["kld_continuous"]
-        for key in ("kld_discrete", "kld_continuous", "perplexity", "entropy", "param_q",
-                    "param_q_min", "param_q_max"):
-            terms[key] = aux[key]
+        terms.update({key: aux[key] for key in self.TERMS if key in aux and key != "loss"})
         return terms
 
 
@@ -59,8 +56,7 @@ class GaussianSQVAE(SQVAE):
             self.log_var_x = nn.Parameter(torch.tensor(float(cfg.model.log_var_x_init)))
 
     def reconstruction_terms(self, x_hat, x):
-        """loss_rec, mse and param_x, the decoder's sigma_x^2: ARELBO's implied mse / dim_x,
-        or the learned variance."""
+        """loss_rec, mse and param_x (sigma_x^2: ARELBO's mse / dim_x, or the learned one)."""
         mse = squared_error(x_hat, x)
         if self.arelbo:
             return {"loss_rec": arelbo_loss(mse, self.dim_x), "mse": mse.detach(),
