@@ -67,9 +67,8 @@ def open_no_follow(path, flags, mode=0o666):
     O_CREAT a dangling one would create its target), and anything but a file with one name."""
     try:
         fd = os.open(path, flags | O_NOFOLLOW, mode)
-    except OSError as e:
-        # ELOOP on Linux and macOS, EMLINK on FreeBSD; check the name itself to be sure.
-        if e.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
+    except OSError:
+        if os.path.islink(path):  # O_NOFOLLOW's ELOOP (EMLINK on FreeBSD), or any other error
             raise UnsafeLink(path) from None
         raise
     try:
