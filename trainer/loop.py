@@ -12,8 +12,7 @@ import torch
 from configs import config_to_yaml
 from util import distributed as dist
 from util.cli import Stopped
-from util.device import is_cuda
-from util.device import get_rng_state, set_rng_state
+from util.device import get_rng_state, is_cuda, set_rng_state
 
 from . import meters, runs
 from .logs import Display
@@ -173,7 +172,7 @@ class Trainer:
             saved=improved and self.run_dir is not None, best_epoch=self.best_epoch)
         if self.run_dir is not None:
             if improved:
-                self.recorder.save_best({
+                self.recorder.save(runs.BEST, {
                     "model": self.model.state_dict(), "epoch": self.epoch, "step": self.step,
                     "val_loss": val["loss"], "config": config_to_yaml(self.cfg)})
             names = ("best", "current") if improved else ("current",)
@@ -255,7 +254,7 @@ class Trainer:
     def save_current(self):
         if self.run_dir is not None:
             self.guard.check(self.recorder)
-            self.recorder.save_current(checkpoint(self))  # a collective under torchrun
+            self.recorder.save(runs.CURRENT, checkpoint(self))  # a collective under torchrun
 
 
 # What current.pt holds of a Trainer besides the model, optimizer and scheduler.

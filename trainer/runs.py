@@ -237,14 +237,12 @@ class RunRecorder:
             append_metrics(self.run_dir, self.unwritten)
         self.unwritten = []
 
-    def save_current(self, state):
+    def save(self, name, state):
+        """best.pt or current.pt, the latter followed by the records up to it."""
         if self.is_main:
-            save_checkpoint(os.path.join(self.run_dir, CURRENT), state)
-            self.write_records()
-
-    def save_best(self, state):
-        if self.is_main:
-            save_checkpoint(os.path.join(self.run_dir, BEST), state)
+            save_checkpoint(os.path.join(self.run_dir, name), state)
+            if name == CURRENT:
+                self.write_records()
 
     def kept(self):
         """The checkpoints in the run folder, which a failure leaves as they were."""
