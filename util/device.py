@@ -7,10 +7,6 @@ import random
 import numpy as np
 import torch
 
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
-# PyTorch refuses deterministic algorithms on CUDA without a fixed cuBLAS workspace.
-CUBLAS_WORKSPACE = ":4096:8"
-
 
 class DeviceError(ValueError):
     """The requested device does not exist on this machine."""
@@ -30,7 +26,7 @@ def select_device(name="auto", local_rank=0):
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise DeviceError(f"unknown device {name!r}; use one of {DEVICE_CHOICES}")
+        raise DeviceError(f"unknown device {name!r}; use one of auto, cpu, cuda, cuda:N, mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"--device {name}: CUDA is not available on this machine; "
                           "use --device cpu or --device auto")
@@ -60,8 +56,8 @@ def configure_kernels(device, deterministic=None, cudnn_benchmark=False):
     if deterministic and cudnn_benchmark:
         raise DeviceError("--deterministic and --cudnn-benchmark exclude each other: "
                           "give one of them")
-    if deterministic and is_cuda(device):
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    if deterministic and is_cuda(device):  # PyTorch refuses it without a fixed cuBLAS workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic, warn_only=False)
     # The EMA codebook fills with subnormal floats, slow microcode on CPUs: flushed, a 100-epoch
     # MNIST VQ-VAE (EMA) trains 2.7x faster and changes no code (benchmarks/denormals.py).

@@ -16,11 +16,9 @@ def env_world():
 
 
 def init(device):
-    """Join torchrun's process group (nccl for CUDA, gloo for the CPU); (rank, world_size)."""
-    rank, _, world = env_world()
-    if world > 1 and not dist.is_initialized():
+    """Join torchrun's process group (nccl for CUDA, gloo for the CPU)."""
+    if env_world()[2] > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if is_cuda(device) else "gloo")
-    return rank, world
 
 
 def active():
