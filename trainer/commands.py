@@ -50,8 +50,7 @@ class Job:
         return main_command_line(self.program, self.config_file, "--resume", self.run_dir)
 
     def resumable(self):
-        return (self.run_dir is not None
-                and os.path.isfile(os.path.join(self.run_dir, runs.CURRENT)))
+        return self.run_dir is not None and os.path.isfile(os.path.join(self.run_dir, runs.CURRENT))
 
 
 def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None, seed=None,
@@ -107,8 +106,7 @@ def prepare_resume(run_dir, cfg, opts, config_file, seed, limit_batches):
 
 
 def prepare_training(cfg, device, seed, recorded, limit_batches):
-    """The seeded model and loaders; a batch that cannot work is refused before any run
-    folder exists."""
+    """The seeded model and loaders; a batch that cannot work refused before any run folder."""
     seed_everything(seed)
     model = build_model(cfg).to(device)
     if dist.world_size() > 1:
