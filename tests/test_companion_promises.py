@@ -33,8 +33,7 @@ from networks.functional import HARD_BELOW
 from tests.test_failures import (CONFIG, cli, cli_state, copy_run, data,  # noqa: F401
                                  error_line, fails, trained)
 from trainer import compare, release
-from util.io import UnsafeLink, append_jsonl, atomic_write_bytes
-from util.io import FileLock
+from util.io import FileLock, UnsafeLink, append_jsonl, atomic_write_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RELEASE_RUN = os.path.join(HERE, "release", "mnist_gauss_1_seed3")
