@@ -46,8 +46,7 @@ def _quiet_writer_threads():
 
 
 class Display:
-    """Progress bars, TensorBoard (`tensorboard_dir`, or none) and printed lines for one run;
-    `labels`: the model outputs label maps."""
+    """Progress bars, TensorBoard (in `tensorboard_dir`) and printed lines of one run."""
 
     def __init__(self, *, dbg=False, labels=False, tensorboard_dir=None, log=print):
         self.is_main, self.dbg, self.labels = dist.is_main(), dbg, labels

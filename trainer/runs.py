@@ -41,8 +41,8 @@ def check_links(run_dir):
 
 
 def writer_lock(run_dir):
-    """The folder's writer lock, held, or a RunError naming its holder; then the temporary
-    files of a writer killed mid-write are removed."""
+    """The folder's writer lock, held (a killed writer's temporaries then removed), or a
+    RunError naming its holder."""
     try:
         lock = FileLock(os.path.join(run_dir, LOCK_FILE), blocking=False).acquire()
     except LockHeld as e:
@@ -223,8 +223,7 @@ class RunRecorder:
         return record
 
     def resume(self, history):
-        """Go on from current.pt's `history`, appending what a kill right after current.pt left
-        out of metrics.jsonl."""
+        """Go on from current.pt's `history` (records a kill kept from metrics.jsonl appended)."""
         self.history = list(history)
         if self.run_dir is not None and self.is_main:
             written = {record_key(r) for r in read_metrics(self.run_dir)
