@@ -2,7 +2,8 @@
 
     python tests/_kill_wrapper.py JOBS.json
 
-JOBS.json is a list of jobs, run one after the other. Each job is a dict:
+JOBS.json is a list of jobs, run two at a time; the jobs of one "root" run one after the
+other, in their order. Each job is a dict:
 
     argv    the command line given to main.run; an item "{run:ROOT}" is replaced by the
             path of the one run folder under ROOT/<path_specific>/ when the job starts,
@@ -174,16 +175,34 @@ def child(job):
     os._exit(code)
 
 
-def run_jobs(jobs):
-    codes = []
-    for job in jobs:
+def run_jobs(jobs, lanes=2):
+    """Run the jobs, at most `lanes` children at a time. Jobs with the same "root" run one
+    after the other in their given order (a resume follows its kill); different roots run
+    side by side (each child is one thread: two lanes use the two cores of a small
+    machine)."""
+    chains = {}
+    for i, job in enumerate(jobs):
+        chains.setdefault(job["root"], []).append(i)
+    waiting = list(chains.values())  # each a list of job indices, in order
+    codes, running = [None] * len(jobs), {}  # running: pid -> (job index, its chain)
+
+    def start(chain):
+        i = chain.pop(0)
         pid = os.fork()
         if pid == 0:
-            child(job)
-        _, status = os.waitpid(pid, 0)
-        codes.append(os.waitstatus_to_exitcode(status))
-        if job.get("copy_to"):
-            shutil.copytree(resolve("{run:" + job["root"] + "}"), job["copy_to"])
+            child(jobs[i])
+        running[pid] = (i, chain)
+
+    while waiting or running:
+        while waiting and len(running) < lanes:
+            start(waiting.pop(0))
+        pid, status = os.wait()
+        i, chain = running.pop(pid)
+        codes[i] = os.waitstatus_to_exitcode(status)
+        if jobs[i].get("copy_to"):
+            shutil.copytree(resolve("{run:" + jobs[i]["root"] + "}"), jobs[i]["copy_to"])
+        if chain:
+            waiting.insert(0, chain)  # its next job first: keeps the chains short-lived
     return codes
 
 

@@ -74,7 +74,8 @@ def run_dir(root):
 
 
 def run_jobs(folder, jobs):
-    """Run (name, root, argv, fault, extra) jobs one after the other through the wrapper."""
+    """Run (name, root, argv, fault, extra) jobs through the wrapper: two at a time, those of
+    one root one after the other."""
     spec = [{"argv": [str(a) for a in argv], "out": str(folder / name), "fault": fault,
              "root": str(root), **extra} for name, root, argv, fault, extra in jobs]
     (folder / "jobs.json").write_text(json.dumps(spec))
