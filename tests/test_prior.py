@@ -288,18 +288,18 @@ def test_config_rejects_bad_prior_values(key, value):
 # ----------------------------------------------------------------------------- the CLI
 
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory, small_data):
-    """A short real-MNIST SQ-VAE run (2 epochs of 50 steps; 15-20 codes in use)."""
-    root = tmp_path_factory.mktemp("runs")
-    assert main.run(["-c", "mnist_gauss_1.yaml", "--save", "--limit-batches", "50",
-                     "train.epoch_max", "2", "test.bs", "500", "path", str(root),
-                     "path_dataset", small_data]) == 0
-    (run,) = root.glob("*/*")
+def short_run(tmp_path_factory, mnist_runs, small_data):
+    """A copy of the session's short real-MNIST SQ-VAE run (``mnist_runs``: 2 epochs of 50
+    steps; 15-20 codes in use), so the prior's files stay out of the shared folder."""
+    run = tmp_path_factory.mktemp("runs") / "sqvae"
+    shutil.copytree(mnist_runs[0], run)
     return run, small_data
 
 
 def prior_args(run, data_root, *more):
+    # test.bs 500: the splits are encoded in batches of 500, not the run's 10.
     return ["-c", "mnist_gauss_1.yaml", "-ts", str(run), "--prior", "path_dataset", data_root,
+            "test.bs", "500",
             "prior.epoch_max", "4", "prior.bs", "32", "prior.lr", "0.003", "prior.channels", "32",
             "prior.layers", "4", *more]
 
