@@ -37,8 +37,9 @@ def build_optimizer(cfg, model, device):
 
 
 def build_scheduler(optimizer):
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
-        patience=3, threshold=1e-4, threshold_mode="rel", cooldown=0, min_lr=0, eps=1e-8)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=0.5, patience=3, threshold=1e-4, threshold_mode="rel",
+        cooldown=0, min_lr=0, eps=1e-8)
 
 
 def wrap(cfg, model, device):
@@ -239,7 +240,8 @@ class Trainer:
                                      self.display)
 
     def record(self, split, metrics, seconds):
-        return self.recorder.add({"epoch": self.epoch, "split": split, "step": self.step, **metrics,
+        return self.recorder.add({
+            "epoch": self.epoch, "split": split, "step": self.step, **metrics,
             "lr": self.optimizer.param_groups[0]["lr"], **self.step_figures, "seconds": seconds})
 
     def stop(self):
@@ -264,7 +266,8 @@ METERS = {"train_meter": "meter", "interval_meter": "interval", "interval_codes"
 
 def checkpoint(trainer):
     """current.pt's state: everything an exact resume needs."""
-    return {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+    return {
+        "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
         **{name: getattr(trainer, name) for name in COUNTERS},
         **{key: getattr(trainer, name).state_dict() for key, name in METERS.items()},
