@@ -212,3 +212,44 @@ def test_runs_started_together_get_their_own_folders(tmp_path):
     assert sorted(made) == sorted([base] + [f"{base}_{i}" for i in range(1, 6)])
     for folder in made:
         assert load_config(os.path.join(folder, "config.yaml")).path == str(tmp_path)
+
+
+class _Batches:
+    """A loader of fixed batches: what evaluate reads (len, batch_size, iteration)."""
+
+    def __init__(self, batches):
+        self.batches, self.batch_size = batches, batches[0].shape[0]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return ((x, None) for x in self.batches)
+
+
+def test_the_test_records_hold_their_own_pass_by_hand():
+    # -ts and the final test share meters.evaluate: its "test_stochastic" record must be the
+    # stochastic pass and "test" the deterministic one. Worked here from the reconstructions:
+    # the mean over batches of each image's summed squared error, with the same RNG draws.
+    from trainer.logs import Display
+    from trainer.meters import evaluate
+    cfg = load_config("mnist_gauss_1.yaml", ["quantization.dim_dict", "4",
+                                             "quantization.size_dict", "8", "network.num_rb", "1"])
+    seed_everything(0)
+    model = build_model(cfg).eval()
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.rand(3, 1, 28, 28, generator=generator) for _ in range(2)]
+    torch.manual_seed(5)
+    records = evaluate(model, _Batches(batches), "test", 7, limit=None, display=Display())
+    assert [r["split"] for r in records] == ["test_stochastic", "test"]
+    torch.manual_seed(5)
+    with torch.no_grad():
+        by_hand = {mode: sum(((model(x, mode)[0] - x) ** 2).sum().item() / len(x)
+                             for x in batches) / len(batches)
+                   for mode in ("stochastic", "deterministic")}
+    # The passes differ (about 4e-3 here), far beyond the float32 rounding allowed below.
+    assert abs(by_hand["stochastic"] - by_hand["deterministic"]) > 1e-3
+    assert records[0]["mse"] == pytest.approx(by_hand["stochastic"], rel=2e-6)
+    assert records[1]["mse"] == pytest.approx(by_hand["deterministic"], rel=2e-6)
+    assert records[1]["mse_pixel"] == pytest.approx(by_hand["deterministic"] / 784, rel=2e-6)
+    assert all(r["epoch"] == 7 for r in records)
