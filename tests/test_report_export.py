@@ -231,3 +231,25 @@ def test_report_draws_the_min_max_band_where_the_variance_varies(tmp_path, monke
     fig, _ = drawn["report_curves"]
     (param_axis,) = [ax for ax in fig.axes if ax.get_title().startswith("Quantizer variance")]
     assert bool(param_axis.collections) is band
+
+
+def test_the_reconstruction_grid_puts_each_image_in_its_cell_by_hand():
+    # 3 pictures in rows of 2: originals row 0, their reconstructions row 1, then the third
+    # pair in rows 2 and 3 beside a grey gap; 2-pixel grey padding around every cell.
+    from util.grid import reconstruction_grid
+    originals = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 4, 5) / 10
+    reconstructions = originals + 0.5
+    grid, centres = reconstruction_grid(originals, reconstructions, columns=2)
+    assert tuple(grid.shape) == (3, 2 + 4 * (4 + 2), 2 + 2 * (5 + 2))
+
+    def cell(row, column):
+        top, left = 2 + row * 6, 2 + column * 7
+        return grid[0, top:top + 4, left:left + 5]
+
+    expected = {(0, 0): 0.0, (0, 1): 0.1, (1, 0): 0.5, (1, 1): 0.6,
+                (2, 0): 0.2, (2, 1): 0.5, (3, 0): 0.7, (3, 1): 0.5}
+    for (row, column), value in expected.items():
+        assert torch.allclose(cell(row, column), torch.full((4, 5), value)), (row, column)
+    assert grid[:, 0].eq(0.5).all() and grid[:, :, 8].eq(0.5).all()  # padding rows/columns
+    assert centres == [(4.0, "original"), (10.0, "reconstruction"), (16.0, "original"),
+                       (22.0, "reconstruction")]
