@@ -3,9 +3,6 @@ x, in plain torch on x's device (no host round trips; both branches merged by ``
 the power series below T(nu) = max(25, nu^2 / 2), Hankel's expansion above, in float64 (float32
 where the device has none). Method and accuracy: docs/model.md §4.2.
 """
-
-from __future__ import annotations
-
 import math
 
 import torch
@@ -21,28 +18,16 @@ _X_FLOOR = {torch.float64: 1e-300, torch.float32: 1e-35}
 _HANKEL_TERMS = 30
 
 
-def _switch_point(nu: float) -> float:
-    return max(25.0, 0.5 * nu * nu)
-
-
-def _series_terms(threshold: float) -> int:
-    # The terms peak near k = x/2 and fall like a Gaussian of width ~sqrt(x/2); 6 widths past
-    # the peak is below 1e-16 of the sum; the slack covers small x (not yet Gaussian).
-    return int(math.ceil(threshold / 2 + 6.0 * math.sqrt(threshold) + 30))
-
-
 def _series(nu: float, x: torch.Tensor, n_terms: int):
     """log Ie_nu(x) and d/dx log Ie_nu(x) from the power series (x: 1-D)."""
     k = torch.arange(n_terms, dtype=x.dtype, device=x.device)
     power = 2.0 * k + nu  # exponent of (x/2) in term k
     log_norm = torch.lgamma(k + 1.0) + torch.lgamma(k + (nu + 1.0))
     log_terms = power * torch.log(0.5 * x).unsqueeze(-1) - log_norm
-    log_sum = torch.logsumexp(log_terms, dim=-1)
     # d/dx log(term_k) = power_k / x; the sum's log-derivative is their softmax-weighted
     # average, a sum of positive numbers (no cancellation).
-    weights = torch.softmax(log_terms, dim=-1)
-    dlog = (weights * power).sum(dim=-1) / x - 1.0
-    return log_sum - x, dlog
+    dlog = (torch.softmax(log_terms, dim=-1) * power).sum(dim=-1) / x - 1.0
+    return torch.logsumexp(log_terms, dim=-1) - x, dlog
 
 
 def _hankel(nu: float, x: torch.Tensor, n_terms: int):
@@ -53,9 +38,7 @@ def _hankel(nu: float, x: torch.Tensor, n_terms: int):
     terms = torch.cumprod(step / x.unsqueeze(-1), dim=-1)
     s = 1.0 + terms.sum(dim=-1)
     ds = -(terms * j).sum(dim=-1) / x  # d/dx of sum_k term_k, with term_k ~ x^-k
-    log_ie = torch.log(s) - 0.5 * torch.log((2.0 * math.pi) * x)
-    dlog = ds / s - 0.5 / x
-    return log_ie, dlog
+    return torch.log(s) - 0.5 * torch.log((2.0 * math.pi) * x), ds / s - 0.5 / x
 
 
 def _log_ive_and_dlog(nu: float, x: torch.Tensor, dtype: torch.dtype):
@@ -65,14 +48,16 @@ def _log_ive_and_dlog(nu: float, x: torch.Tensor, dtype: torch.dtype):
     nu = float(nu)
     shape = x.shape
     xc = x.detach().to(dtype).reshape(-1).clamp_min(_X_FLOOR[dtype])
-    t = _switch_point(nu)
+    t = max(25.0, 0.5 * nu * nu)  # the switch point T(nu)
+    # The series' terms peak near k = x/2 and fall like a Gaussian of width ~sqrt(x/2); 6 widths
+    # past the peak is below 1e-16 of the sum; the slack covers small x (not yet Gaussian).
+    series_terms = int(math.ceil(t / 2 + 6.0 * math.sqrt(t) + 30))
     # Each branch sees only its own domain, so the one torch.where discards makes no inf/NaN.
-    log_s, dlog_s = _series(nu, xc.clamp_max(t), _series_terms(t))
+    log_s, dlog_s = _series(nu, xc.clamp_max(t), series_terms)
     log_h, dlog_h = _hankel(nu, xc.clamp_min(t), _HANKEL_TERMS)
     small = xc < t
-    log_ie = torch.where(small, log_s, log_h).reshape(shape)
-    dlog = torch.where(small, dlog_s, dlog_h).reshape(shape)
-    return log_ie, dlog
+    return (torch.where(small, log_s, log_h).reshape(shape),
+            torch.where(small, dlog_s, dlog_h).reshape(shape))
 
 
 class _Ive(torch.autograd.Function):

@@ -5,9 +5,6 @@ the argmax can land on the spare channel 19, which belongs to no class. Such a p
 wrong prediction for its labelled class: it stays in the pixel-accuracy denominator and in
 the union of its true class (dropping it, as "ignore out-of-range" would, inflates both).
 """
-
-from __future__ import annotations
-
 import torch
 
 __all__ = ["SegmentationMeter", "label_palette", "colorize"]
@@ -50,9 +47,8 @@ class SegmentationMeter:
 
     def _ensure(self, device: torch.device) -> torch.Tensor:
         if self.confusion is None:
-            self.confusion = torch.zeros(
-                self.num_classes, self.num_channels, dtype=torch.int64, device=device
-            )
+            self.confusion = torch.zeros(self.num_classes, self.num_channels, dtype=torch.int64,
+                                         device=device)
         return self.confusion
 
     @torch.no_grad()
@@ -87,18 +83,15 @@ class SegmentationMeter:
     def merge(self, other: "SegmentationMeter") -> None:
         if (other.num_classes, other.num_channels) != (self.num_classes, self.num_channels):
             raise ValueError("cannot merge meters with different shapes")
-        if other.confusion is None:
-            return
-        conf = self._ensure(other.confusion.device)
-        conf += other.confusion.to(conf.device)
+        if other.confusion is not None:
+            conf = self._ensure(other.confusion.device)
+            conf += other.confusion.to(conf.device)
 
     def compute(self) -> dict:
         """pixel_acc, per-class iou (list) and miou, as Python floats."""
-        if self.confusion is None:
-            conf = torch.zeros(self.num_classes, self.num_channels, dtype=torch.int64)
-        else:
-            conf = self.confusion.detach().to("cpu")
-        conf = conf.to(torch.float64)
+        conf = torch.zeros(self.num_classes, self.num_channels, dtype=torch.float64)
+        if self.confusion is not None:
+            conf = self.confusion.detach().to("cpu").to(torch.float64)
         c = self.num_classes
         correct = torch.diagonal(conf[:, :c])  # spare channels are never correct
         labelled = conf.sum(dim=1)  # includes pixels predicted as a spare channel
