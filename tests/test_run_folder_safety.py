@@ -414,13 +414,13 @@ def test_a_batch_beyond_the_free_memory_is_refused_with_the_figure(capfd, tmp_pa
                                                                    monkeypatch):
     from configs import load_config
     from networks import build_model
-    from trainer import budget
+    from trainer import commands
     cfg = load_config(CONFIG, SMALL_NET)
-    per_image = budget.activation_bytes_per_image(cfg, build_model(cfg), "cpu")
-    monkeypatch.setattr(budget, "free_memory", lambda device: 4 * per_image + 1)
+    per_image = commands.activation_bytes_per_image(cfg, build_model(cfg), "cpu")
+    monkeypatch.setattr(commands, "free_memory", lambda device: 4 * per_image + 1)
     line = fails(capfd, *train_argv(str(tmp_path / "runs"), str(data)))
     assert (f"a batch of 8 images needs at least 0.0 GiB for its activations "
-            f"({per_image / budget.MIB:.2f} MiB per image), but cpu has 0.0 GiB free; set "
+            f"({per_image / commands.MIB:.2f} MiB per image), but cpu has 0.0 GiB free; set "
             "train.bs to at most 4") in line
     assert no_run_folder(tmp_path / "runs")
 
@@ -428,7 +428,7 @@ def test_a_batch_beyond_the_free_memory_is_refused_with_the_figure(capfd, tmp_pa
 def test_the_memory_probe_leaves_weights_buffers_and_random_streams_alone():
     from configs import load_config
     from networks import build_model
-    from trainer.budget import activation_bytes_per_image
+    from trainer.commands import activation_bytes_per_image
     for name in ("mnist_gauss_1.yaml", "mnist_vqvae.yaml", "celebamask_vmf.yaml"):
         cfg = load_config(name, ["quantization.ema", "True"] if "vqvae" in name else [])
         torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """What main.py calls once it has parsed flags: `summary`, `train` (a run or ``--resume``,
-then its test with the best weights), `test_run` (``-ts RUN``), each raising one-line errors
-or Interrupted with the command that goes on (docs/failures.md).
+then its test with the best weights; a batch that cannot fit refused up front), `test_run`
+(``-ts RUN``), each raising one-line errors or Interrupted saying how to go on (docs/failures.md).
 """
 import contextlib
 import os
@@ -14,14 +14,15 @@ from configs import ConfigError, config_to_yaml, is_sample_data
 from networks import build_model, count_parameters
 from util import distributed as dist
 from util.io import check_writable
-from util.device import seed_everything
+from util.device import free_memory, get_rng_state, seed_everything, set_rng_state
 from util.signals import interrupt_status
 
 from . import loop, release_format, runs
-from .budget import check_batch
 from .logs import Display
 from .loop import Interrupted, Trainer, TrainingError
 from .meters import evaluate
+
+GIB, MIB = 2 ** 30, 2 ** 20
 
 
 def summary(cfg):
@@ -150,6 +151,58 @@ def fit_and_test(cfg, device, job, model, loaders, state, *, dbg, launch):
     if run_dir is not None and dist.is_main():
         runs.append_metrics(run_dir, records)
     display.close()
+
+
+@torch.no_grad()
+def activation_bytes_per_image(cfg, model, device):
+    """Bytes of the outputs of the model's leaf modules (and the input) for one image."""
+    labels = model.OUTPUTS == "labels"
+    x = torch.zeros(1, *cfg.dataset.shape, dtype=torch.long if labels else torch.float32,
+                    device=device)
+    total = [x.numel() * x.element_size()]
+
+    def count(module, inputs, output):
+        for out in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(out, torch.Tensor):
+                total.append(out.numel() * out.element_size())
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    was_training, rng = model.training, get_rng_state()
+    try:
+        model.eval()  # no batch-norm statistics or EMA codebook updates
+        model(x, "deterministic")
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+        set_rng_state(rng)
+    per_image = sum(total)
+    # bf16 autocast halves the convolutions' outputs at most.
+    return per_image // 2 if cfg.train.amp else per_image
+
+
+def check_batch(cfg, model, loader, device):
+    """ConfigError for no training batch, or one larger than the split or the free memory."""
+    batch, images = loader.batch_size, loader.num_samples
+    if len(loader) == 0:
+        raise ConfigError(f"no training batch: {images} training images on this process make "
+                          f"no batch of {batch} with train.drop_last True; lower train.bs or "
+                          "set train.drop_last False")
+    if batch > images:
+        raise ConfigError(f"train.bs {cfg.train.bs} makes batches of {batch} images, more than "
+                          f"the {images} training images of this process; set train.bs to "
+                          f"at most {images}")
+    available = free_memory(device)
+    if available is None:
+        return
+    per_image = activation_bytes_per_image(cfg, model, device)
+    if per_image * batch > available:
+        raise ConfigError(
+            f"train.bs {cfg.train.bs}: a batch of {batch} images needs at least "
+            f"{per_image * batch / GIB:.1f} GiB for its activations ({per_image / MIB:.2f} MiB "
+            f"per image), but {torch.device(device).type} has {available / GIB:.1f} GiB free; "
+            f"set train.bs to at most {max(1, available // per_image)}")
 
 
 @contextlib.contextmanager
