@@ -54,10 +54,8 @@ def _coerce(key, value, default):
         with contextlib.suppress(ValueError, SyntaxError):
             value = ast.literal_eval(value)
     kind = type(default)
-    if kind is float and type(value) is int:
-        value = float(value)
-    elif kind is tuple and type(value) is list:
-        value = tuple(value)
+    if (kind, type(value)) in ((float, int), (tuple, list)):
+        value = kind(value)
     if type(value) is not kind or (kind is tuple and not all(isinstance(v, int) for v in value)):
         raise ConfigError(f"config key '{key}' needs a {kind.__name__} like {default!r}, "
                           f"got {brief(value)}")
@@ -66,18 +64,14 @@ def _coerce(key, value, default):
 
 def _set(cfg, defaults, key, value):
     known = dict(_flatten(defaults))
+    parent, _, leaf = key.rpartition(".")
     if key not in known:
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
-        siblings = [k for k in known if k.startswith(parent) and "." not in k[len(parent):]]
+        siblings = [k for k in known if k.rpartition(".")[0] == parent]
         raise ConfigError(f"unknown config key '{key}'{hint}; allowed keys here: "
                           + ", ".join(siblings))
-    *parents, leaf = key.split(".")
-    node = cfg
-    for part in parents:
-        node = node[part]
-    node[leaf] = _coerce(key, value, known[key])
+    (get_key(cfg, parent) if parent else cfg)[leaf] = _coerce(key, value, known[key])
 
 
 class YamlAliasError(yaml.composer.ComposerError):

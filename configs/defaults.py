@@ -27,8 +27,7 @@ _C.dataset.dim_x = 0  # Derived: C*H*W, used by the reconstruction likelihood.
 
 _C.model = CN()
 _C.model.name = "GaussianSQVAE"  # GaussianSQVAE (images), VmfSQVAE (label maps) or VQVAE.
-# Quantizer variant (the release's key): registry.VARIANTS, Gaussian I-IV or vMF.
-_C.model.param_var_q = registry.VARIANTS[0]
+_C.model.param_var_q = registry.VARIANTS[0]  # Quantizer variant (the release's key): I-IV, vMF.
 # Initial value of the learned scalar s in sigma_q^2 = exp(v) + exp(s), or kappa_q = exp(s) + 1.
 _C.model.log_param_q_init = math.log(10.0)
 _C.model.log_kappa_inv = math.log(0.01)  # VmfSQVAE only: initial log of 1/kappa_d.
@@ -59,8 +58,7 @@ _C.train = CN()
 _C.train.bs = 32  # Training batch size (global, over all devices).
 _C.train.lr = 0.001  # Adam learning rate.
 _C.train.epoch_max = 100  # Number of training epochs.
-# Also write a resumable current.pt every this many training steps (0: only at epoch ends).
-_C.train.ckpt_every_steps = 1000
+_C.train.ckpt_every_steps = 1000  # Also a resumable current.pt every N steps (0: at epoch ends).
 _C.train.bs_per_rank = 0  # Per-process batch under torchrun; 0: train.bs split over them.
 _C.train.sync_bn = False  # Under torchrun, SyncBatchNorm across processes.
 _C.train.amp = False  # bf16 autocast for the conv stacks (quantizer and losses stay float32).
@@ -71,8 +69,7 @@ _C.test = CN()
 _C.test.bs = 32  # Batch size of the validation and test loaders (the release's 32).
 
 _C.log = CN()
-# Read the running metrics back from the device (and check for non-finite loss) every N steps.
-_C.log.every_steps = 100
+_C.log.every_steps = 100  # Read the device's metrics and check for a non-finite loss every N steps.
 
 _C.flags = CN()
 _C.flags.arelbo = True  # Decoder variance by ARELBO (log of the MSE), not learned.
@@ -81,8 +78,7 @@ _C.flags.bn = True  # BatchNorm in the conv stacks.
 
 _C.prior = CN()
 _C.prior.channels = 32  # Width of the gated PixelCNN prior over code grids (32 fits a CPU).
-# Gated layers; 0: the fewest with which every logit sees every earlier code of the grid.
-_C.prior.layers = 0
+_C.prior.layers = 0  # Gated layers; 0: the fewest that let each logit see every earlier code.
 _C.prior.kernel = 3  # Odd kernel width k >= 3; each layer sees k // 2 positions further.
 _C.prior.lr = 0.001  # Adam learning rate of the prior.
 _C.prior.bs = 128  # Prior training batch size, in code grids.
