@@ -10,7 +10,7 @@ import sys
 import torch
 
 import data
-from configs import ConfigError, config_to_yaml, is_sample_data
+from configs import ConfigError, config_to_yaml, get_key, is_sample_data
 from networks import build_model, count_parameters
 from util import distributed as dist
 from util.io import check_writable
@@ -85,25 +85,48 @@ def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None
     return 0
 
 
+# Keys that tell experiment files apart: a resume under another file is refused (sizes and
+# path_specific may have been overridden at the start, and live in the run's config).
+IDENTITY_KEYS = ("dataset.name", "model.name", "model.param_var_q", "network.name")
+
+
 def prepare_resume(run_dir, cfg, opts, config_file, seed, limit_batches):
     """(the run's config, current.pt or None once finished, the files its splits read, its
     seed and epoch length)."""
     run_cfg = runs.load_run_config(run_dir, opts)
-    runs.check_same_experiment(run_cfg, cfg, run_dir, config_file)
+    for k in IDENTITY_KEYS:
+        if get_key(run_cfg, k) != get_key(cfg, k):
+            raise runs.RunError(
+                f"--resume {run_dir}: that run was trained with a different experiment "
+                f"({k} = {get_key(run_cfg, k)!r}, but {config_file} has {get_key(cfg, k)!r}); "
+                "pass the experiment file the run was started with")
     state = runs.load_checkpoint(os.path.join(run_dir, runs.CURRENT))
     recorded = runs.read_dataset_files(run_dir)
     records = runs.read_metrics(run_dir)  # a malformed metrics.jsonl stops us before any work
     # The seed and epoch length are part of the run: an exact resume needs the same.
-    seed, limit_batches = runs.resume_launch(state, seed, limit_batches)
+    launch = state.get("launch", {"seed": 0, "limit_batches": None})
+    if seed is not None and seed != launch["seed"]:
+        raise runs.RunError(f"--resume: this run was started with --seed {launch['seed']}; "
+                            "drop --seed (a resume always uses the run's own seed)")
+    was = launch["limit_batches"]
+    if limit_batches is not None and limit_batches != was:
+        raise runs.RunError(f"--resume: this run was started with "
+                            f"{f'--limit-batches {was}' if was else 'full epochs'}; drop "
+                            "--limit-batches (a resume keeps the run's epoch length)")
+    # Finished: the training's own test (a "test" record without "source") follows the "val"
+    # record of its last epoch.
     last_epoch = state["epoch"] - 1
-    if last_epoch >= run_cfg.train.epoch_max and runs.final_test_recorded(records, last_epoch):
+    last_val = [i for i, r in enumerate(records)
+                if r.get("split") == "val" and r.get("epoch") == last_epoch]
+    if last_epoch >= run_cfg.train.epoch_max and last_val and any(
+            r.get("split") == "test" and "source" not in r for r in records[last_val[0]:]):
         if dist.is_main():
             epochs = f"{last_epoch} epoch" + "s" * (last_epoch != 1)
             print(f"{run_dir} is finished: trained {epochs} (train.epoch_max "
                   f"{run_cfg.train.epoch_max}) and tested; nothing to do (to train further, "
                   "resume with a larger train.epoch_max)")
         state = None
-    return run_cfg, state, recorded, seed, limit_batches
+    return run_cfg, state, recorded, launch["seed"], was
 
 
 def prepare_training(cfg, device, seed, recorded, limit_batches):

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from configs import ConfigError, config_to_yaml, get_key, load_config
+from configs import ConfigError, config_to_yaml, load_config
 from util.io import (FileLock, JsonlError, LockHeld, append_jsonl, atomic_write_text,
                      read_jsonl, refuse_links, remove_stale_temps)
 
@@ -122,18 +122,6 @@ def append_metrics(run_dir, records):
     append_jsonl(os.path.join(run_dir, METRICS_FILE), records)
 
 
-def final_test_recorded(records, last_epoch):
-    """Whether the training's own test (a "test" record without "source") follows the "val"
-    record of `last_epoch`: the run is finished."""
-    after_last_val = False
-    for record in records:
-        if record.get("split") == "val" and record.get("epoch") == last_epoch:
-            after_last_val = True
-        elif after_last_val and record.get("split") == "test" and "source" not in record:
-            return True
-    return False
-
-
 def resolve_run_dir(cfg, name, flag="-ts"):
     """A run folder from a name under path/path_specific, or from a path."""
     candidates = [name] if os.path.isabs(name) else [os.path.join(cfg.path_checkpoint, name), name]
@@ -152,35 +140,6 @@ def load_run_config(run_dir, opts=None):
         return load_config(path, opts)
     except ConfigError as e:
         raise RunError(str(e) if path in str(e) else f"{path}: {e}") from None
-
-
-# Keys that tell experiment files apart: a resume under another file is refused (sizes and
-# path_specific may have been overridden at the start, and live in the run's config).
-IDENTITY_KEYS = ("dataset.name", "model.name", "model.param_var_q", "network.name")
-
-
-def check_same_experiment(run_cfg, cfg, run_dir, config_name):
-    different = [k for k in IDENTITY_KEYS if get_key(run_cfg, k) != get_key(cfg, k)]
-    if different:
-        k = different[0]
-        raise RunError(
-            f"--resume {run_dir}: that run was trained with a different experiment "
-            f"({k} = {get_key(run_cfg, k)!r}, but {config_name} has {get_key(cfg, k)!r}); "
-            "pass the experiment file the run was started with")
-
-
-def resume_launch(state, seed, limit_batches):
-    """The run's own seed and --limit-batches, which explicit flags must agree with."""
-    launch = state.get("launch", {"seed": 0, "limit_batches": None})
-    if seed is not None and seed != launch["seed"]:
-        raise RunError(f"--resume: this run was started with --seed {launch['seed']}; "
-                       "drop --seed (a resume always uses the run's own seed)")
-    if limit_batches is not None and limit_batches != launch["limit_batches"]:
-        was = launch["limit_batches"]
-        raise RunError(f"--resume: this run was started with "
-                       f"{f'--limit-batches {was}' if was else 'full epochs'}; drop "
-                       "--limit-batches (a resume keeps the run's epoch length)")
-    return launch["seed"], launch["limit_batches"]
 
 
 def read_run_config(run_dir, opts=None):
