@@ -37,48 +37,6 @@ companion commands (each explains itself with --help):
 """
 
 
-# (flags, argparse options) of every flag but the trailing KEY VALUE overrides.
-FLAGS = (
-    (("-c", "--config_file"), dict(metavar="CONFIG", help="experiment file: a name from "
-                                   "configs/ (e.g. mnist_gauss_1.yaml) or a YAML path")),
-    (("-ts", "--timestamp"), dict(metavar="RUN", help="skip training; evaluate the best.pt of "
-                                  "run folder RUN (a name under path/path_specific, or a path) "
-                                  "on the test split, appending to its metrics.jsonl")),
-    (("--report",), dict(action="store_true", help="with -ts: also write report.png and its "
-                         "panels (curves, codebook use, reconstructions) into the run folder")),
-    (("--encode",), dict(choices=("train", "val", "test", "images"), metavar="SPLIT",
-                         help="with -ts: also write the deterministic codes of the whole SPLIT "
-                         "(train, val, test; images: of --images) to codes_SPLIT.npz")),
-    (("--images",), dict(metavar="DIR", help="with -ts: evaluate on every picture under DIR "
-                         "(sorted, recursively, at the run's shape) instead of the test split")),
-    (("--prior",), dict(action="store_true", help="with -ts: train (or continue) a PixelCNN "
-                        "prior over the run's codes (prior section; prior.pt); test NLL")),
-    (("--sample",), dict(type=int, metavar="N", help="with -ts: draw N code grids from the "
-                         "run's prior; samples.png and codes_samples.npz")),
-    (("--save",), dict(action="store_true", help="write a run folder: config.yaml, best.pt, "
-                       "current.pt, metrics.jsonl and reconstruction grids")),
-    (("--resume",), dict(metavar="RUN", help="continue the run folder RUN (a name or a path) "
-                         "exactly where its current.pt stopped; implies --save")),
-    (("--dbg",), dict(action="store_true", help="print the release's per-epoch lines")),
-    (("--gpu",), dict(metavar="IDS", help="CUDA devices to make visible, e.g. 0 or 0,1")),
-    (("--seed",), dict(type=int, help="seed of initialisation, shuffling and sampling (default "
-                       "0; --resume uses the run's own)")),
-    (("--device",), dict(default="auto", metavar="{auto,cpu,cuda,cuda:N,mps}", help="where to "
-                         "run; auto picks CUDA, then MPS, then the CPU (default auto)")),
-    (("--deterministic",), dict(action=argparse.BooleanOptionalAction, help="bitwise-"
-                                "repeatable kernels (default: on for the CPU, off on GPUs)")),
-    (("--cudnn-benchmark",), dict(action="store_true", dest="cudnn_benchmark", help="let cuDNN "
-                                  "pick the fastest convolutions (results no longer repeat)")),
-    (("--limit-batches",), dict(type=int, metavar="N", dest="limit_batches", help="at most N "
-                                "train, val and test batches per epoch, and per epoch of the "
-                                "prior with --prior (smoke runs); --encode, --report and the "
-                                "prior's code grids still take whole splits")),
-    (("--summary",), dict(action="store_true", help="print the config and parameter counts")),
-    (("opts",), dict(nargs="*", metavar="KEY VALUE", help="config overrides, e.g. "
-                     "train.epoch_max 1 path /tmp/runs")),
-)
-
-
 def build_parser():
     from configs import experiment_files
     parser = OneLineParser(
@@ -86,8 +44,43 @@ def build_parser():
         description="Train or evaluate one SQ-VAE experiment: configs/defaults.py merged with "
                     "an experiment YAML and KEY VALUE overrides.",
         epilog=EPILOG.format(files="\n  ".join(experiment_files())))
-    for flags, options in FLAGS:
-        parser.add_argument(*flags, **options)
+    add = parser.add_argument
+    add("-c", "--config_file", metavar="CONFIG", help="experiment file: a name from configs/ "
+        "(e.g. mnist_gauss_1.yaml) or a YAML path")
+    add("-ts", "--timestamp", metavar="RUN", help="skip training; evaluate the best.pt of run "
+        "folder RUN (a name under path/path_specific, or a path) on the test split, appending to "
+        "its metrics.jsonl")
+    add("--report", action="store_true", help="with -ts: also write report.png and its panels "
+        "(curves, codebook use, reconstructions) into the run folder")
+    add("--encode", choices=("train", "val", "test", "images"), metavar="SPLIT", help="with -ts: "
+        "also write the deterministic codes of the whole SPLIT (train, val, test; images: of "
+        "--images) to codes_SPLIT.npz")
+    add("--images", metavar="DIR", help="with -ts: evaluate on every picture under DIR (sorted, "
+        "recursively, at the run's shape) instead of the test split")
+    add("--prior", action="store_true", help="with -ts: train (or continue) a PixelCNN prior over "
+        "the run's codes (prior section; prior.pt); test NLL")
+    add("--sample", type=int, metavar="N", help="with -ts: draw N code grids from the run's "
+        "prior; samples.png and codes_samples.npz")
+    add("--save", action="store_true", help="write a run folder: config.yaml, best.pt, "
+        "current.pt, metrics.jsonl and reconstruction grids")
+    add("--resume", metavar="RUN", help="continue the run folder RUN (a name or a path) exactly "
+        "where its current.pt stopped; implies --save")
+    add("--dbg", action="store_true", help="print the release's per-epoch lines")
+    add("--gpu", metavar="IDS", help="CUDA devices to make visible, e.g. 0 or 0,1")
+    add("--seed", type=int, help="seed of initialisation, shuffling and sampling (default 0; "
+        "--resume uses the run's own)")
+    add("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N,mps}", help="where to run; "
+        "auto picks CUDA, then MPS, then the CPU (default auto)")
+    add("--deterministic", action=argparse.BooleanOptionalAction, help="bitwise-repeatable "
+        "kernels (default: on for the CPU, off on GPUs)")
+    add("--cudnn-benchmark", action="store_true", dest="cudnn_benchmark", help="let cuDNN pick "
+        "the fastest convolutions (results no longer repeat)")
+    add("--limit-batches", type=int, metavar="N", dest="limit_batches", help="at most N train, "
+        "val and test batches per epoch, and per epoch of the prior with --prior (smoke runs); "
+        "--encode, --report and the prior's code grids still take whole splits")
+    add("--summary", action="store_true", help="print the config and parameter counts")
+    add("opts", nargs="*", metavar="KEY VALUE", help="config overrides, e.g. train.epoch_max 1 "
+        "path /tmp/runs")
     return parser
 
 
