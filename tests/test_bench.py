@@ -1,5 +1,10 @@
 """benchmarks/bench.py --check, the speed guard: it passes and fails on its limits, and refuses
-bad input in one line. (The timings themselves are not asserted: a benchmark, not a test.)"""
+bad input in one line. (The timings themselves are not asserted: a benchmark, not a test.)
+
+The bad-input cases run real processes (exit status 2 and one line); the timed cases call the
+script's main(argv) in this process, as `sys.exit(main())` does, saving a fresh interpreter's
+imports (~3 CPU-seconds each)."""
+import importlib.util
 import json
 import os
 import re
@@ -7,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from configs import experiment_files
 
@@ -21,6 +27,27 @@ def bench(*args):
                           cwd=ROOT, env=env, timeout=300)
 
 
+def bench_in_process(capsys, *args):
+    """(status, stdout, stderr) of benchmarks/bench.py's main(args), run in this process on
+    one intra-op thread, as the subprocess runs (OMP_NUM_THREADS=1); the kernel settings
+    the check changes are restored."""
+    spec = importlib.util.spec_from_file_location("bench_under_test", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    capsys.readouterr()
+    try:
+        torch.set_num_threads(1)
+        status = module.main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
 def limits_file(tmp_path, value):
     path = tmp_path / "limits.json"
     path.write_text(json.dumps({"mnist_gauss_1": value}))
@@ -33,12 +60,13 @@ def table_row(stdout, name):
 
 
 @pytest.mark.parametrize("limit,status,verdict", [(100.0, 0, "ok"), (0.01, 1, "SLOWER")])
-def test_check_exits_by_its_limit(tmp_path, limit, status, verdict):
+def test_check_exits_by_its_limit(tmp_path, capsys, limit, status, verdict):
     raw_file = tmp_path / "raw.json"
-    out = bench("--check", "--limits", limits_file(tmp_path, limit), "--json", str(raw_file),
-                *SMALL)
-    assert out.returncode == status, out.stderr
-    name, step_ms, floor_ms, ratio, shown_limit, shown_verdict = table_row(out.stdout,
+    code, stdout, stderr = bench_in_process(capsys, "--check", "--limits",
+                                            limits_file(tmp_path, limit), "--json",
+                                            str(raw_file), *SMALL)
+    assert code == status, stderr
+    name, step_ms, floor_ms, ratio, shown_limit, shown_verdict = table_row(stdout,
                                                                           "mnist_gauss_1")
     # The overhead printed is the median of the step/floor ratios of the pairs timed, and the
     # times printed their medians, recomputed here from every timing the command wrote.
@@ -51,7 +79,7 @@ def test_check_exits_by_its_limit(tmp_path, limit, status, verdict):
     assert float(floor_ms) == pytest.approx(sum(sorted(raw["floor_ms"])[4:6]) / 2, abs=0.05)
     assert float(shown_limit) == limit and shown_verdict == verdict
     if status:
-        assert "mnist_gauss_1" in out.stderr and out.stderr.count("\n") == 1
+        assert "mnist_gauss_1" in stderr and stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -67,9 +95,10 @@ def test_bad_input_is_one_line_and_exit_2(args, needle):
     assert needle in out.stderr
 
 
-def test_a_config_without_a_limit_is_refused(tmp_path):
-    out = bench("--check", "--limits", limits_file(tmp_path, 1.5), "-c", "mnist_vqvae")
-    assert out.returncode == 2 and "no overhead limit for mnist_vqvae" in out.stderr
+def test_a_config_without_a_limit_is_refused(tmp_path, capsys):
+    code, _, stderr = bench_in_process(capsys, "--check", "--limits",
+                                       limits_file(tmp_path, 1.5), "-c", "mnist_vqvae")
+    assert code == 2 and "no overhead limit for mnist_vqvae" in stderr
 
 
 def test_every_experiment_file_has_a_committed_limit():
