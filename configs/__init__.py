@@ -1,7 +1,6 @@
 """``load_config(name_or_path, opts)``, the one way a config is made: the defaults
 (``configs/defaults.py``), an experiment YAML, ``KEY VALUE`` overrides, then validation
-against ``configs/registry.py`` and the derived fields; the result is frozen.
-"""
+against ``configs/registry.py`` and the derived fields; the result is frozen."""
 import ast
 import contextlib
 import difflib

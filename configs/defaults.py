@@ -1,7 +1,6 @@
 """Every option, its default and a one-line meaning. An experiment YAML overrides some,
 trailing ``KEY VALUE`` pairs both; ``configs.load_config`` computes the "derived" keys
-(``dataset.shape`` and ``dataset.dim_x`` may be stated, but only as dataset.name's values).
-"""
+(``dataset.shape`` and ``dataset.dim_x`` may be stated, but only as dataset.name's values)."""
 import math
 import os
 

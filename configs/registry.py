@@ -1,7 +1,6 @@
 """The one table of names (datasets, models, quantizer variants) and what config validation
 derives from them; everything else a name implies lives with its implementation (its module
-under data/sources/, networks.quantizers.GAUSSIAN_VARIANCES). Plain data, importing nothing.
-"""
+under data/sources/, networks.quantizers.GAUSSIAN_VARIANCES). Plain data, importing nothing."""
 from typing import NamedTuple
 
 

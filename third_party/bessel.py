@@ -1,8 +1,7 @@
 """``ive(nu, x) = I_nu(x) * exp(-x)`` (``scipy.special.ive``) and ``log_ive``, differentiable in
 x, in plain torch on x's device (no host round trips; both branches merged by ``torch.where``):
 the power series below T(nu) = max(25, nu^2 / 2), Hankel's expansion above, in float64 (float32
-where the device has none). Method and accuracy: docs/model.md §4.2.
-"""
+where the device has none). Method and accuracy: docs/model.md §4.2."""
 import math
 
 import torch

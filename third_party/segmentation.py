@@ -3,17 +3,15 @@
 The vMF label decoder emits 20 scores per pixel for 19 classes (N = 2*ceil(19/2) is even), so
 the argmax can land on the spare channel 19, which belongs to no class. Such a pixel is a
 wrong prediction for its labelled class: it stays in the pixel-accuracy denominator and in
-the union of its true class (dropping it, as "ignore out-of-range" would, inflates both).
-"""
+the union of its true class (dropping it, as "ignore out-of-range" would, inflates both)."""
 import torch
 
 __all__ = ["SegmentationMeter", "label_palette", "colorize"]
 
 _EPS = 1e-10
 
-# CelebAMask-HQ colours in label order: background, skin, nose, eye_g, l_eye,
-# r_eye, l_brow, r_brow, l_ear, r_ear, mouth, u_lip, l_lip, hair, hat, ear_r,
-# neck_l, neck, cloth.
+# CelebAMask-HQ colours in label order: background, skin, nose, eye_g, l_eye, r_eye, l_brow,
+# r_brow, l_ear, r_ear, mouth, u_lip, l_lip, hair, hat, ear_r, neck_l, neck, cloth.
 _PALETTE = ((0, 0, 0), (204, 0, 0), (76, 153, 0), (204, 204, 0), (51, 51, 255), (204, 0, 204),
             (0, 255, 255), (255, 204, 204), (102, 51, 0), (255, 0, 0), (102, 204, 0),
             (255, 255, 0), (0, 0, 153), (0, 0, 204), (255, 51, 153), (0, 204, 204), (0, 51, 0),
@@ -38,8 +36,7 @@ class SegmentationMeter:
     def __init__(self, num_classes: int, num_channels: int):
         if num_channels < num_classes:
             raise ValueError("num_channels must be >= num_classes")
-        self.num_classes = int(num_classes)
-        self.num_channels = int(num_channels)
+        self.num_classes, self.num_channels = int(num_classes), int(num_channels)
         self.confusion: torch.Tensor | None = None
 
     def reset(self) -> None:
@@ -96,8 +93,7 @@ class SegmentationMeter:
         correct = torch.diagonal(conf[:, :c])  # spare channels are never correct
         labelled = conf.sum(dim=1)  # includes pixels predicted as a spare channel
         predicted = conf[:, :c].sum(dim=0)
-        union = labelled + predicted - correct
-        iou = correct / (union + _EPS)
+        iou = correct / (labelled + predicted - correct + _EPS)  # intersection over union
         total = labelled.sum()
         pixel_acc = (correct.sum() / total).item() if total > 0 else 0.0
         return {"pixel_acc": float(pixel_acc), "iou": [float(v) for v in iou.tolist()],

@@ -1,7 +1,6 @@
 """How every command line here starts and ends: ``OneLineParser`` (a bad flag is one line),
 ``run_cli`` (what stops a command is one line on stderr and its exit status: 0 done, 1 the
-machine or the run, 2 input the user can fix, 130 / 143 Ctrl-C / SIGTERM; docs/failures.md).
-"""
+machine or the run, 2 input the user can fix, 130 / 143 Ctrl-C / SIGTERM; docs/failures.md)."""
 import argparse
 import contextlib
 import os

@@ -86,8 +86,7 @@ def free_memory(device):
         available = _proc_bytes("/proc/meminfo", "MemAvailable:")
         if available is None:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        limit = address_space_left()
-        return available if limit is None else min(available, limit)
+        return min(n for n in (available, address_space_left()) if n is not None)
     except (AttributeError, OSError, ValueError, RuntimeError):
         return None
 

@@ -32,8 +32,7 @@ def png_bytes(fig):
 def finish_axes(ax, title, xlabel, ylabel, legend=True):
     """What every curve panel shares: whole steps or epochs, a light grid, a small legend."""
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     if legend:
@@ -120,17 +119,15 @@ def draw_codebook(fig, usage, split="test"):
     share = np.sort(usage.counts)[::-1] / max(total, 1)
     ax = fig.add_subplot()
     ax.bar(np.arange(1, size + 1), share, width=1.0, color=TRAIN_COLOR, label="share of positions")
-    ax.set_xlim(0.5, size + 0.5)
+    ax.set(xlim=(0.5, size + 0.5), xlabel="code rank (most used first)",
+           ylabel="share of latent positions")
     if used and share[0] / share[used - 1] >= 100:  # a long tail is invisible on a linear axis
         ax.set_yscale("log")
-    ax.set_xlabel("code rank (most used first)")
-    ax.set_ylabel("share of latent positions")
     ax.grid(True, axis="y", alpha=0.3)
     cumulative = ax.twinx()
     cumulative.plot(np.arange(1, size + 1), np.cumsum(share), color=VAL_COLOR, lw=1.5,
                     label="cumulative share")
-    cumulative.set_ylim(0, 1.05)
-    cumulative.set_ylabel("cumulative share")
+    cumulative.set(ylim=(0, 1.05), ylabel="cumulative share")
     handles = ax.get_legend_handles_labels()[0] + cumulative.get_legend_handles_labels()[0]
     cumulative.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
     title = (f"Codebook usage on the {split} split ({total:,} positions)\n"
