@@ -15,11 +15,10 @@ from networks import build_model, count_parameters
 from util import distributed as dist
 from util.io import check_writable
 from util.device import free_memory, get_rng_state, seed_everything, set_rng_state
-from util.signals import interrupt_status
 
 from . import loop, release_format, runs
 from .logs import Display
-from .loop import Interrupted, Trainer, TrainingError
+from .loop import Trainer, TrainingError, interrupted_says
 from .meters import evaluate
 
 GIB, MIB = 2 ** 30, 2 ** 20
@@ -232,7 +231,10 @@ def check_batch(cfg, model, loader, device):
 def errors_as_lines(cfg, device, job):
     """What stops a training, as the one line that says whether and how it resumes."""
     try:
-        yield
+        # Ctrl-C outside the training loop (start-up, the final test): current.pt is intact.
+        with interrupted_says(lambda: f"resume with: {job.resume_line()}" if job.resumable()
+                              else "no checkpoint was written, nothing to resume"):
+            yield
     except (MemoryError, RuntimeError) as e:  # the CPU allocator's, CUDA's, Python's
         if not (isinstance(e, MemoryError) or "can't allocate memory" in str(e)
                 or type(e).__name__ == "OutOfMemoryError"):
@@ -247,12 +249,6 @@ def errors_as_lines(cfg, device, job):
             e.hint = ("; free space or fix the folder's permissions, then run the command "
                       "again (no checkpoint was written, nothing to resume)")
         raise
-    except KeyboardInterrupt as e:
-        # Outside the training loop (start-up, the final test): the last current.pt is intact.
-        code, what = interrupt_status(e)
-        raise Interrupted(code, f"{what}; " + (
-            f"resume with: {job.resume_line()}" if job.resumable()
-            else "no checkpoint was written, nothing to resume")) from None
 
 
 def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=False,
@@ -278,7 +274,7 @@ def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=Fa
         return prior_and_samples(run_dir, device, opts=opts, seed=0 if seed is None else seed,
                                  train=prior, sample=sample, limit_batches=limit_batches,
                                  command=command)
-    try:
+    with interrupted_says("the evaluation's records were not written, run -ts again"):
         run_cfg, model, best = runs.load_run_model(run_dir, opts, device)
         model.amp = run_cfg.train.amp  # evaluated in the precision it trained in
         runs.read_metrics(run_dir)  # a malformed metrics.jsonl stops us before any work
@@ -304,10 +300,6 @@ def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=Fa
                 runs.append_metrics(run_dir, records)
             write_outputs(run_dir, run_cfg, model, device, report=report, encode=encode,
                           recorded=recorded, images=images)
-    except KeyboardInterrupt as e:
-        code, what = interrupt_status(e)
-        raise Interrupted(code, f"{what}; the evaluation's records were not written, "
-                                "run -ts again") from None
     return 0
 
 
@@ -343,12 +335,9 @@ def prior_and_samples(run_dir, device, *, opts, seed, train, sample, limit_batch
         priors.train_prior(run_dir, run_cfg, model, device, seed=seed, opts=opts,
                            command=command, limit_batches=limit_batches)
     if sample:
-        try:
+        with interrupted_says("no samples were written (the files of an earlier --sample are "
+                              "as they were), run it again"):
             paths = priors.write_samples(run_dir, run_cfg, model, sample, device, seed=seed,
                                          display=Display())
-        except KeyboardInterrupt as e:
-            code, what = interrupt_status(e)
-            raise Interrupted(code, f"{what}; no samples were written (the files of an "
-                                    "earlier --sample are as they were), run it again") from None
         print(f"{sample} samples: {paths[0]} (codes: {paths[1]})")
     return 0

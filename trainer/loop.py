@@ -2,6 +2,7 @@
 `run_epoch` -> `train_epoch` -> `train_step`. Metrics stay on the device, read back once per
 ``log.every_steps`` steps and once per epoch; `checkpoint`/`resume` are current.pt's state.
 """
+import contextlib
 import math
 import signal
 import time
@@ -13,6 +14,7 @@ from configs import config_to_yaml
 from util import distributed as dist
 from util.cli import Stopped
 from util.device import get_rng_state, is_cuda, set_rng_state
+from util.signals import interrupt_status
 
 from . import meters, runs
 from .logs import Display
@@ -27,6 +29,16 @@ class Interrupted(Stopped):
     """SIGINT/SIGTERM arrived: exit status `code` (130 or 143), a message saying how to go on."""
 
 
+@contextlib.contextmanager
+def interrupted_says(then):
+    """Ctrl-C or SIGTERM inside: Interrupted, saying what stopped us, then `then` (or `then()`)."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        code, what = interrupt_status(e)
+        raise Interrupted(code, f"{what}; {then() if callable(then) else then}") from None
+
+
 def build_optimizer(cfg, model, device):
     """Adam with its fused kernel (2.2x faster than foreach on a 2-core CPU, docs/speed.md),
     or foreach where the build has none for the device (PyTorch before 2.4 on the CPU)."""
@@ -37,9 +49,8 @@ def build_optimizer(cfg, model, device):
 
 
 def build_scheduler(optimizer):
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=0.5, patience=3, threshold=1e-4, threshold_mode="rel",
-        cooldown=0, min_lr=0, eps=1e-8)
+    # The release's factor and patience; its other settings are torch's defaults.
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=3)
 
 
 def wrap(cfg, model, device):
@@ -146,10 +157,6 @@ class Trainer:
     def history(self):
         return self.recorder.history
 
-    def batches(self, split):
-        n = len(self.loaders[split])
-        return n if self.limit is None else min(n, self.limit)
-
     def fit(self):
         with self.signals:
             while self.epoch <= self.cfg.train.epoch_max:
@@ -159,18 +166,16 @@ class Trainer:
 
     def run_epoch(self):
         """Train, validate, record, keep the best weights; then current.pt."""
-        train = self.train_epoch()
-        (val_s, val_s_seconds), (val, val_seconds) = self.evaluate_split("val")
-        self.display.records([self.record("train", train, self.train_seconds),
-                              self.record("val_stochastic", val_s, val_s_seconds),
-                              self.record("val", val, val_seconds)])
+        passes = [(self.train_epoch(), self.train_seconds), *self.evaluate_split("val")]
+        self.display.records([self.record(split, *metrics_seconds) for split, metrics_seconds
+                              in zip(("train", "val_stochastic", "val"), passes)])
+        val = passes[2][0]
         self.scheduler.step(val["loss"])
         improved = val["loss"] <= self.best_loss
         if improved:
             self.best_loss, self.best_epoch = val["loss"], self.epoch
-        self.display.epoch(self.epoch, self.cfg.train.epoch_max, self.step, [
-            (train, self.train_seconds), (val_s, val_s_seconds), (val, val_seconds)],
-            saved=improved and self.run_dir is not None, best_epoch=self.best_epoch)
+        self.display.epoch(self.epoch, self.cfg.train.epoch_max, self.step, passes,
+                           saved=improved and self.run_dir is not None, best_epoch=self.best_epoch)
         if self.run_dir is not None:
             if improved:
                 self.recorder.save(runs.BEST, {
@@ -184,7 +189,8 @@ class Trainer:
         self.save_current()
 
     def train_epoch(self):
-        loader, n_batches = self.loaders["train"], self.batches("train")
+        loader = self.loaders["train"]
+        n_batches = len(loader) if self.limit is None else min(len(loader), self.limit)
         every_log, every_ckpt = self.cfg.log.every_steps, self.cfg.train.ckpt_every_steps
         loader.set_epoch(self.epoch)
         if self.batch > n_batches:

@@ -2,6 +2,7 @@
 grids of the training split, early-stopped on the validation NLL, continued from
 ``prior_current.pt``; ``-ts RUN --sample N``. Files and records: docs/usage.md, "A prior over
 the codes"."""
+import contextlib
 import io
 import math
 import os
@@ -16,12 +17,11 @@ from data.loader import epoch_order
 from networks.prior import GatedPixelCNN, build_prior, code_nll
 from util.codes import CodeUsage
 from util.io import atomic_write_bytes
-from util.signals import interrupt_status
 
 from . import export, runs
 from .images import displayable
 from .logs import Display
-from .loop import Interrupted
+from .loop import interrupted_says
 
 PRIOR_BEST, PRIOR_CURRENT = "prior.pt", "prior_current.pt"
 SAMPLES_IMAGE = "samples.png"  # the codes go to codes_samples.npz (export.write_codes)
@@ -176,7 +176,7 @@ def train_prior(run_dir, cfg, model, device, *, seed, command, opts=(), limit_ba
     """-ts RUN --prior: train (or continue) the prior, then append its prior_test record."""
     lock = runs.writer_lock(run_dir)  # checkpoints go into the run folder
     display = Display(tensorboard_dir=os.path.join(run_dir, runs.TENSORBOARD))
-    try:
+    with lock, contextlib.closing(display), interrupted_says(f"continue with: {command}"):
         runs.read_metrics(run_dir)  # a malformed metrics.jsonl stops us before any work
         path = os.path.join(run_dir, PRIOR_CURRENT)
         state = runs.load_checkpoint(path, CURRENT_KEYS) if os.path.exists(path) else None
@@ -206,12 +206,6 @@ def train_prior(run_dir, cfg, model, device, *, seed, command, opts=(), limit_ba
                     f"{nats['unigram']:.4f}, uniform {nats['uniform']:.4f} nats/position; "
                     f"{record['nll_bpd']:.4f} bits/dim; trained {training.seconds:.1f}s")
         return record
-    except KeyboardInterrupt as e:
-        code, what = interrupt_status(e)
-        raise Interrupted(code, f"{what}; continue with: {command}") from None
-    finally:
-        display.close()
-        lock.release()
 
 
 def write_samples(run_dir, cfg, model, n, device, *, seed, temperature=None, display=None):
