@@ -54,14 +54,12 @@ def _sidecar(root, paths, decode, shape, skip_unreadable):
         source = hashlib.sha256(f.read()).hexdigest()
     name = getattr(decode, "__qualname__", type(decode).__qualname__)  # or a decoding object's
     # Lists, not tuples: the dict is compared with what json.load gives back.
-    sidecar = {"format": FORMAT, "shape": [len(paths), *shape], "dtype": "uint8",
-               "decode": {"function": f"{decode.__module__}.{name}",
-                          "params": getattr(decode, "params", {}), "source_sha256": source,
-                          "pillow": PIL.__version__},
-               "sources": {"count": len(paths), "sha256": files.hexdigest()}}
-    if skip_unreadable:
-        sidecar["skip_unreadable"] = True
-    return sidecar
+    return {"format": FORMAT, "shape": [len(paths), *shape], "dtype": "uint8",
+            "decode": {"function": f"{decode.__module__}.{name}",
+                       "params": getattr(decode, "params", {}), "source_sha256": source,
+                       "pillow": PIL.__version__},
+            "sources": {"count": len(paths), "sha256": files.hexdigest()},
+            **({"skip_unreadable": True} if skip_unreadable else {})}
 
 
 def _open_matching(path, sidecar):

@@ -29,25 +29,11 @@ def open_image(path, what):
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
-def as_channels(img, channels):
-    """`img` as 8-bit grey (`channels` 1) or RGB (3): alpha dropped (the colour under it shows,
-    as in torchvision's image loader), palettes expanded, 16-bit greys scaled to 8 bits."""
-    if img.mode in _WIDE_MODES:
-        # 16-bit greys by their full range; 32-bit ints and floats as 8 bits if they fit, else 16
-        values = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16") or (values.size and values.max() > 255):
-            values = values / 257.0
-        img = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode="L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # what Pillow asks for, rather than warn
-    mode = "L" if channels == 1 else "RGB"
-    return img if img.mode == mode else img.convert(mode)
-
-
 class PictureDecoder:
     """Any picture Pillow reads -> uint8 C x size x size: upright by its EXIF orientation, grey
-    or RGB (`channels` 1 or 3), its centred square resized with antialiasing; DatasetError
-    naming the file otherwise. An object, not a closure: the cache's workers are handed it."""
+    or RGB (`channels` 1 or 3; alpha dropped: the colour under it shows, as in torchvision's
+    image loader), its centred square resized with antialiasing; DatasetError naming the file
+    otherwise. An object, not a closure: the cache's workers are handed it."""
 
     def __init__(self, channels, size):
         self.channels, self.size = int(channels), int(size)
@@ -58,7 +44,17 @@ class PictureDecoder:
     def __call__(self, path):
         img = open_image(path, "image")
         try:
-            img = as_channels(ImageOps.exif_transpose(img), self.channels)
+            img = ImageOps.exif_transpose(img)
+            if img.mode in _WIDE_MODES:
+                # 16-bit greys by full range; 32-bit ints and floats as 8 bits if they fit, else 16
+                values = np.asarray(img, dtype=np.float64)
+                if img.mode.startswith("I;16") or (values.size and values.max() > 255):
+                    values = values / 257.0
+                img = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode="L")
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")  # what Pillow asks for, rather than warn
+            mode = "L" if self.channels == 1 else "RGB"
+            img = img if img.mode == mode else img.convert(mode)
             width, height = img.size
             side = min(width, height)  # the largest centred square, resized unless it fits
             left, top = (width - side) // 2, (height - side) // 2

@@ -24,21 +24,16 @@ IMAGES = "images"
 TO_MODEL = {IMAGES: lambda x: x.float().div_(255), "labels": lambda x: x.long()}
 
 
-def epoch_order(n, *, shuffle, seed, epoch, rank=0, world_size=1, pad=True):
+def epoch_order(n, *, shuffle, seed, epoch, rank=0, world_size=1):
     """Dataset indices (CPU int64) that ``rank`` visits in ``epoch``: positions r, r + W, ... of
-    the epoch's order, with ``pad`` first padded from its own start to a multiple of world_size
+    the epoch's order, a shuffled one first padded from its own start to a multiple of world_size
     as DistributedSampler does (DDP needs equal steps; evaluation counts each sample once)."""
-    if shuffle:
-        gen = torch.Generator().manual_seed(seed * SEED_STRIDE + epoch)
-        order = torch.randperm(n, generator=gen)
-    else:
-        order = torch.arange(n)
-    if world_size > 1:
-        total = math.ceil(n / world_size) * world_size
-        if pad and total > n:
-            order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[:total - n]])
-        order = order[rank::world_size]
-    return order
+    order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed * SEED_STRIDE + epoch))
+             if shuffle else torch.arange(n))
+    total = math.ceil(n / world_size) * world_size
+    if shuffle and total > n:
+        order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[:total - n]])
+    return order[rank::world_size]
 
 
 class Loader:
@@ -47,25 +42,23 @@ class Loader:
 
     names = record = None  # pictures chosen at run time: each item's file, what a run keeps
 
-    def __init__(self, *, name, split, n, batch_size, shuffle, seed, device, rank, world_size,
-                 drop_last):
+    def __init__(self, *, name, split, n, batch_size, to_model, shuffle=False, seed=0,
+                 device="cpu", rank=0, world_size=1, drop_last=False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1} "
                              f"(world_size {world_size})")
-        self.name, self.split, self.dataset_size = name, split, n
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.name, self.split, self.dataset_size, self.to_model = name, split, n, to_model
+        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
         self.device = torch.device(device)
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.epoch = 0
         # Training shards are padded to equal size, evaluation shards are not (epoch_order).
         self.num_samples = math.ceil(n / world_size) if shuffle else len(range(rank, n, world_size))
 
     def __len__(self):
-        if self.drop_last:
-            return self.num_samples // self.batch_size
-        return math.ceil(self.num_samples / self.batch_size)
+        return (self.num_samples // self.batch_size if self.drop_last
+                else math.ceil(self.num_samples / self.batch_size))
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
@@ -77,8 +70,7 @@ class Loader:
             raise ValueError(f"start_batch {start_batch} is outside 0..{n_batches} "
                              f"({self.name} {self.split} has {n_batches} batches per epoch)")
         order = epoch_order(self.dataset_size, shuffle=self.shuffle, seed=self.seed,
-                            epoch=self.epoch, rank=self.rank, world_size=self.world_size,
-                            pad=self.shuffle)
+                            epoch=self.epoch, rank=self.rank, world_size=self.world_size)
         if self.drop_last:
             order = order[:n_batches * self.batch_size]
         return self._iterate(list(order.split(self.batch_size))[start_batch:])
@@ -107,7 +99,7 @@ class InMemoryLoader(Loader):
         # One host-to-device copy of the epoch's indices rather than one per batch.
         order = torch.cat(batches).to(self.device, non_blocking=True)
         for idx in order.split([len(b) for b in batches]):
-            yield self.images[idx].float().div_(255), self.labels[idx]
+            yield self.to_model(self.images[idx]), self.labels[idx]
 
 
 class FileDataset(Dataset):
@@ -134,11 +126,10 @@ class FileLoader(Loader):
     cache ``open_cache`` opens or builds on the first pass, on disk: 2 GB need not fit), or
     without one (``array`` None) decoded by DataLoader workers on every pass."""
 
-    def __init__(self, *, to_model, dataset=None, num_workers=0, open_cache=None, decoded=None,
-                 **kw):
+    def __init__(self, *, dataset=None, num_workers=0, open_cache=None, decoded=None, **kw):
         super().__init__(n=len(dataset.paths if decoded is None else decoded.rows), **kw)
-        self.dataset, self.num_workers, self.to_model = dataset, num_workers, to_model
-        self.open_cache, self.array, self.rows = open_cache, None, None
+        self.dataset, self.num_workers, self.open_cache = dataset, num_workers, open_cache
+        self.array = self.rows = None
         if decoded is not None:
             self.array, self.rows = decoded.array, np.asarray(decoded.rows, dtype=np.int64)
             self.names, self.record = list(decoded.names), decoded.record
@@ -188,7 +179,8 @@ def build_loader(cfg, split, *, batch_size, shuffle, seed=0, device="cpu", rank=
     name, shape = cfg.dataset.name, tuple(cfg.dataset.shape)
     where = os.path.abspath(cfg.path_dataset)
     common = dict(name=name, split=split, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                  device=device, rank=rank, world_size=world_size, drop_last=drop_last)
+                  device=device, rank=rank, world_size=world_size, drop_last=drop_last,
+                  to_model=TO_MODEL[registry.DATASETS[name].items])
     got = sources.source(name).read(cfg, split, recorded)
     if not isinstance(got, (Arrays, Decoded, Files)):
         raise TypeError(f"the reader of {name} returned a {type(got).__name__}, not one of "
@@ -198,17 +190,16 @@ def build_loader(cfg, split, *, batch_size, shuffle, seed=0, device="cpu", rank=
                            f"config's dataset.shape is {shape}")
     if not isinstance(got, Decoded) and len(got[0]) == 0:  # images, or paths
         raise DatasetError(f"{name} {split} split under {where} is empty")
-    to_model = TO_MODEL[registry.DATASETS[name].items]
     if isinstance(got, Arrays):
         return InMemoryLoader(got.images, got.labels, **common)
     if isinstance(got, Decoded):
-        return FileLoader(decoded=got, to_model=to_model, **common)
+        return FileLoader(decoded=got, **common)
     open_cache = functools.partial(
         cache.open_or_build, os.path.join(where, cache.CACHE_DIR, f"{got.cache}.npy"),
         root=where, paths=list(got.paths), decode=got.decode, shape=shape,
         what=f"{name} {split}") if cfg.cache_decoded else None
     return FileLoader(dataset=FileDataset(got.paths, got.decode), num_workers=cfg.nworker,
-                      to_model=to_model, open_cache=open_cache, **common)
+                      open_cache=open_cache, **common)
 
 
 def build_picture_loader(cfg, folder, *, batch_size, device="cpu", rank=0, world_size=1):
@@ -223,8 +214,8 @@ def build_picture_loader(cfg, folder, *, batch_size, device="cpu", rank=0, world
     found = pictures.decoded(folder, names, tuple(cfg.dataset.shape), cached=cfg.cache_decoded,
                              reads=Reads.of(cfg))
     return FileLoader(decoded=found.split(names, f"under {folder}"), to_model=TO_MODEL[items],
-                      name=name, split="images", batch_size=batch_size, shuffle=False, seed=0,
-                      device=device, rank=rank, world_size=world_size, drop_last=False)
+                      name=name, split="images", batch_size=batch_size, device=device, rank=rank,
+                      world_size=world_size)
 
 
 def per_rank_batch(cfg, world_size):
@@ -250,6 +241,5 @@ def build_loaders(cfg, device, seed, splits=SPLITS, recorded=None):
 
 def recorded_files(loaders):
     """{split: loader.record}, what a run folder keeps of its files; None where they are fixed."""
-    records = {split: loader.record for split, loader in loaders.items()
-               if loader.record is not None}
-    return records or None
+    return {split: loader.record for split, loader in loaders.items()
+            if loader.record is not None} or None

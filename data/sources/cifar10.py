@@ -18,8 +18,7 @@ NAME = "CIFAR10"
 SHAPE = (3, 32, 32)
 TINY_VAL_DIVISOR = 5  # the validation share of a set smaller than the real one: 10,000 of 50,000
 CIFAR10_DIR = "cifar-10-batches-py"
-CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-CIFAR10_TEST_FILE = "test_batch"
+CIFAR10_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")  # train, then test
 
 # Not torchvision's reader: its plain pickle.load would run whatever a tampered batch names
 # (os.system included). The official batches name only these globals; their dicts, lists,
@@ -52,67 +51,60 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def _read_cifar_batch(path):
+    def bad(problem):
+        return DatasetError(f"CIFAR10 batch {path} {problem}")
+
     try:
         with open(path, "rb") as f:
             # latin1: what the official Python 2 pickles need to restore their arrays.
             batch = _CifarUnpickler(f, encoding="latin1").load()
     except _RefusedGlobal as e:
-        raise DatasetError(f"CIFAR10 batch {path} holds a pickled {e}, which is refused: only "
-                           "numpy arrays, lists, bytes, str and int are allowed; download the "
-                           "official files again") from None
+        raise bad(f"holds a pickled {e}, which is refused: only numpy arrays, lists, bytes, str "
+                  "and int are allowed; download the official files again") from None
     except Exception as e:  # a damaged pickle can raise almost any exception type
         raise DatasetError(f"cannot read CIFAR10 batch {path}: {type(e).__name__}: {one_line(e)} "
                            "(truncated or corrupt; extract cifar-10-python.tar.gz again)") from None
     if not isinstance(batch, dict):
-        raise DatasetError(f"CIFAR10 batch {path} holds a {type(batch).__name__}, "
-                           "expected a dict with 'data' and 'labels'")
+        raise bad(f"holds a {type(batch).__name__}, expected a dict with 'data' and 'labels'")
     batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or "labels" not in batch:
-        raise DatasetError(f"CIFAR10 batch {path} lacks 'data' or 'labels' "
-                           f"(keys: {', '.join(map(str, batch))})")
+        raise bad(f"lacks 'data' or 'labels' (keys: {', '.join(map(str, batch))})")
     data = np.asarray(batch["data"])
     try:
         labels = np.asarray(batch["labels"], dtype=np.int64)
     except (TypeError, ValueError) as e:
-        raise DatasetError(f"CIFAR10 batch {path} has labels that are not integers "
-                           f"({one_line(e)})") from None
+        raise bad(f"has labels that are not integers ({one_line(e)})") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != np.prod(SHAPE):
-        raise DatasetError(f"CIFAR10 batch {path} has data of shape {data.shape} and "
-                           f"dtype {data.dtype}; expected uint8 N x 3072")
+        raise bad(f"has data of shape {data.shape} and dtype {data.dtype}; expected uint8 N x 3072")
     if labels.shape != (len(data),):
-        raise DatasetError(f"CIFAR10 batch {path} has {len(data)} images but "
-                           f"{labels.size} labels")
+        raise bad(f"has {len(data)} images but {labels.size} labels")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise DatasetError(f"CIFAR10 batch {path} holds labels outside 0..9")
+        raise bad("holds labels outside 0..9")
     # Rows are 1024 red, then 1024 green, then 1024 blue values, each row-major.
     return data.reshape(-1, *SHAPE), labels
-
-
-def load_cifar10(root, reads):
-    """{'train', 'val', 'test'} -> (uint8 N x 3 x 32 x 32, int64 N), read once per `reads`."""
-    names = CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)
-    folder = find_folder(
-        reads, NAME, root, (CIFAR10_DIR,), hint=" (extracted from cifar-10-python.tar.gz)",
-        missing=lambda folder: [name for name in names
-                                if not os.path.isfile(os.path.join(folder, name))],
-        # Download and extract only: tvd.CIFAR10 would also unpickle every batch.
-        download=lambda: tvd.utils.download_and_extract_archive(
-            tvd.CIFAR10.url, root, filename=tvd.CIFAR10.filename, md5=tvd.CIFAR10.tgz_md5))
-    paths = [os.path.join(folder, n) for n in names]
-
-    def parse():
-        images, labels = zip(*(_read_cifar_batch(path) for path in paths[:-1]))
-        return carve_val((np.concatenate(images), np.concatenate(labels)),
-                         _read_cifar_batch(paths[-1]), split_sizes)
-
-    return reads.kept(NAME, paths, parse)
 
 
 split_sizes = functools.partial(carved_split_sizes, NAME, tiny_val_divisor=TINY_VAL_DIVISOR)
 
 
 def read(cfg, split, recorded=None):
-    return Arrays(*load_cifar10(os.path.abspath(cfg.path_dataset), Reads.of(cfg))[split])
+    """One split as (uint8 N x 3 x 32 x 32, int64 N), the files read once per command."""
+    root, reads = os.path.abspath(cfg.path_dataset), Reads.of(cfg)
+    folder = find_folder(
+        reads, NAME, root, (CIFAR10_DIR,), hint=" (extracted from cifar-10-python.tar.gz)",
+        missing=lambda folder: [name for name in CIFAR10_FILES
+                                if not os.path.isfile(os.path.join(folder, name))],
+        # Download and extract only: tvd.CIFAR10 would also unpickle every batch.
+        download=lambda: tvd.utils.download_and_extract_archive(
+            tvd.CIFAR10.url, root, filename=tvd.CIFAR10.filename, md5=tvd.CIFAR10.tgz_md5))
+    paths = [os.path.join(folder, n) for n in CIFAR10_FILES]
+
+    def parse():
+        images, labels = zip(*(_read_cifar_batch(path) for path in paths[:-1]))
+        return carve_val((np.concatenate(images), np.concatenate(labels)),
+                         _read_cifar_batch(paths[-1]), split_sizes)
+
+    return Arrays(*reads.kept(NAME, paths, parse)[split])
 
 
 SOURCE = Source(NAME, read, split_sizes)

@@ -56,9 +56,8 @@ def _read_idx(path, reader):
         if isinstance(e, OSError) and e.errno:
             raise _refused(path, e) from None
         reason = f"{type(e).__name__}: {one_line(e)}" if one_line(e) else type(e).__name__
-    fix = "download it again"
-    if os.path.isfile(path + ".gz"):
-        fix = f"delete it to extract {os.path.basename(path)}.gz again, or download it again"
+    fix = (f"delete it to extract {os.path.basename(path)}.gz again, or "
+           if os.path.isfile(path + ".gz") else "") + "download it again"
     raise DatasetError(f"{path} is truncated or corrupt ({reason[:160]}"
                        f"{'...' if len(reason) > 160 else ''}); {fix}")
 
