@@ -2,7 +2,6 @@
 or with ``--dbg`` the release's, in its format and order: README, "Coming from the authors'
 code"). Only the main process prints or writes.
 """
-import contextlib
 import sys
 import threading
 
@@ -59,30 +58,25 @@ class Display:
         return tqdm(total=total, desc=desc, unit="img", unit_scale=True, leave=False,
                     dynamic_ncols=True, disable=not self.show_bars, file=sys.stderr)
 
-    def tensorboard(self):
-        if self._writer is None and self.tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-            _quiet_writer_threads()
-            with self._tensorboard_errors():
-                self._writer = SummaryWriter(log_dir=self.tensorboard_dir)
-        return self._writer
-
-    @contextlib.contextmanager
-    def _tensorboard_errors(self):
-        """An OSError of TensorBoard's (a full disk) names the folder it writes."""
+    def _tensorboard(self, method, *args):
+        """The TensorBoard writer's `method`(*args), with a folder to write; an OSError of its
+        (a full disk) names that folder."""
+        if self.tensorboard_dir is None:
+            return
         try:
-            yield
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+                _quiet_writer_threads()
+                self._writer = SummaryWriter(log_dir=self.tensorboard_dir)
+            getattr(self._writer, method)(*args)
         except OSError as e:
             raise OSError(e.errno, e.strerror or str(e), self.tensorboard_dir) from None
 
     def interval(self, entry, bar):
         """A train_step record: to TensorBoard and onto the progress bar."""
-        tb = self.tensorboard()
-        if tb is not None:
-            with self._tensorboard_errors():
-                for key, value in entry.items():
-                    if key not in ("epoch", "split", "step", "seconds"):
-                        tb.add_scalar(f"step/{key}", value, entry["step"])
+        for key, value in entry.items():
+            if key not in ("epoch", "split", "step", "seconds"):
+                self._tensorboard("add_scalar", f"step/{key}", value, entry["step"])
         quality = ("acc", entry["acc"]) if "acc" in entry else ("mse", entry["mse"])
         shown = {"loss": f"{entry['loss']:.1f}", quality[0]: f"{quality[1]:.4g}",
                  "ppl": f"{entry['perplexity']:.1f}"}
@@ -92,28 +86,20 @@ class Display:
 
     def records(self, entries, step=None):
         """Records to TensorBoard at `step` or each record's own "step" (docs/usage.md)."""
-        tb = self.tensorboard()
-        if tb is None:
-            return
-        with self._tensorboard_errors():
-            for entry in entries:
-                x = entry["step"] if step is None else step
-                for key, value in entry.items():
-                    if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                        tb.add_scalar(f"{entry['split']}/{key}", value, x)
-            tb.flush()
+        for entry in entries:
+            for key, value in entry.items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                    self._tensorboard("add_scalar", f"{entry['split']}/{key}", value,
+                                      entry["step"] if step is None else step)
+        self._tensorboard("flush")
 
     def images(self, tag, grid, step):
-        tb = self.tensorboard()
-        if tb is not None:
-            with self._tensorboard_errors():
-                tb.add_image(tag, grid, step)
+        self._tensorboard("add_image", tag, grid, step)
 
     def close(self):
         if self._writer is not None:
-            writer, self._writer = self._writer, None
-            with self._tensorboard_errors():
-                writer.close()
+            self._tensorboard("close")
+            self._writer = None
 
     def start(self, model_name, run_dir):
         if self.dbg:

@@ -81,23 +81,18 @@ def derived_metrics(means, dim_x):
     return out
 
 
-def segmentation_meter(model):
-    """A factory of split-level pixel-accuracy/mIoU meters for label-map models, else None."""
-    if model.OUTPUTS != "labels":
-        return None
-    from networks import label_channels
-    from third_party.segmentation import SegmentationMeter
-    return lambda: SegmentationMeter(model.num_classes, label_channels(model.num_classes))
-
-
 @torch.no_grad()
-def eval_pass(model, loader, mode, limit=None, segmentation=None, bar=None):
+def eval_pass(model, loader, mode, limit=None, bar=None):
     """One pass in eval mode: means over batches (the release's figures), the split's code
-    perplexity, for label maps its pixel accuracy and mIoU (from `segmentation()`)."""
+    perplexity, for label maps its pixel accuracy and mIoU."""
     model.eval()
     meter = MeanMeter(model.TERMS)
     histogram = CodeHistogram(model.codebook.shape[0])
-    seg = segmentation() if segmentation is not None else None
+    seg = None
+    if model.OUTPUTS == "labels":
+        from networks import label_channels
+        from third_party.segmentation import SegmentationMeter
+        seg = SegmentationMeter(model.num_classes, label_channels(model.num_classes))
     for x, _ in islice(loader, limit):
         x_hat, terms = model(x, mode, codes=True)
         meter.add(terms)
@@ -118,12 +113,11 @@ def eval_pass(model, loader, mode, limit=None, segmentation=None, bar=None):
 def evaluate_split(model, loader, split, limit, display):
     """(metrics, seconds) of the stochastic, then the deterministic pass (`limit` batches)."""
     limit = len(loader) if limit is None else min(len(loader), limit)
-    segmentation = segmentation_meter(model)
     passes = []
     for mode in ("stochastic", "deterministic"):
         start = time.perf_counter()
         with display.progress(limit * loader.batch_size, f"{split} {mode}") as bar:
-            metrics = eval_pass(model, loader, mode, limit, segmentation, bar)
+            metrics = eval_pass(model, loader, mode, limit, bar)
         passes.append((metrics, time.perf_counter() - start))
     return passes
 
