@@ -178,17 +178,6 @@ def _release(src):
     return rows, image_dir, mask_dir
 
 
-def _old_manifest(root):
-    """(an earlier run's manifest, its ks by split, its skipped ks), or (None, {}, set())."""
-    try:
-        with open(os.path.join(root, MANIFEST_FILE), encoding="utf-8") as f:
-            manifest = json.load(f)
-        return (manifest, {split: list(manifest["faces"][split]) for split in SPLITS},
-                {entry["k"] for entry in manifest["skipped"]})
-    except (OSError, ValueError, LookupError, TypeError):
-        return None, {}, set()
-
-
 def _number_faces(rows, checks, strict):
     """(Faces, skipped entries, ks by split) from the first pass's `checks` of the `rows`."""
     faces, skipped, ks_of_split = [], [], {split: [] for split in SPLITS}
@@ -210,7 +199,13 @@ def _prepare(args):
     os.makedirs(root, exist_ok=True)
     with contextlib.ExitStack() as stack:
         stack.enter_context(FileLock(os.path.join(root, LOCK_FILE), blocking=False))
-        old_manifest, ks_before, skipped_before = _old_manifest(root)
+        try:  # an earlier run's manifest, its ks by split and its skipped ks
+            with open(os.path.join(root, MANIFEST_FILE), encoding="utf-8") as f:
+                old_manifest = json.load(f)
+            ks_before = {split: list(old_manifest["faces"][split]) for split in SPLITS}
+            skipped_before = {entry["k"] for entry in old_manifest["skipped"]}
+        except (OSError, ValueError, LookupError, TypeError):
+            old_manifest, ks_before, skipped_before = None, {}, set()
         map_faces = map  # one worker: this process; workers ignore Ctrl-C, which stops them
         if workers > 1:  # as the parent leaves this block (util.signals.worker_pool)
             pool = worker_pool(pool_context(), workers)
@@ -243,8 +238,15 @@ def _prepare(args):
         print(f"error: {len(failed)} face(s) did not decode and are now listed as skipped; "
               f"run the same command again (first: k={k}: {problem})", file=sys.stderr)
         return 1
-    _summary(root, faces, skipped, sum(wrote for _, wrote, _ in results), removed,
-             manifest != old_manifest)
+    written, bare = sum(wrote for _, wrote, _ in results), [str(f.k) for f in faces if not f.parts]
+    print(f"{OUT_DIR} in {root}: " + ", ".join(
+        f"{split} {sum(face.split == split for face in faces)} faces" for split in SPLITS)
+        + f"\nfaces without any annotation (all-zero label): {len(bare)}"
+        + (f" (k = {first_few(bare, 20)})" if bare else "") + f"\nfaces skipped: {len(skipped)}"
+        + "".join(f"\n  k={entry['k']} ({entry['split']}): {entry['reason']}" for entry in skipped))
+    print(f"this run: faces written {written}, already up to date {len(faces) - written}, "
+          f"files removed {removed}" if written or removed or manifest != old_manifest
+          else f"nothing to do: all {len(faces)} faces were already up to date")
     return 0
 
 
@@ -262,18 +264,6 @@ def _clean(folder, ext, ks, ks_before):
             os.unlink(os.path.join(folder, name))
             removed += 1
     return removed
-
-
-def _summary(root, faces, skipped, written, removed, manifest_changed):
-    bare = [str(face.k) for face in faces if not face.parts]
-    print(f"{OUT_DIR} in {root}: " + ", ".join(
-        f"{split} {sum(face.split == split for face in faces)} faces" for split in SPLITS)
-        + f"\nfaces without any annotation (all-zero label): {len(bare)}"
-        + (f" (k = {first_few(bare, 20)})" if bare else "") + f"\nfaces skipped: {len(skipped)}"
-        + "".join(f"\n  k={entry['k']} ({entry['split']}): {entry['reason']}" for entry in skipped))
-    print(f"this run: faces written {written}, already up to date {len(faces) - written}, "
-          f"files removed {removed}" if written or removed or manifest_changed
-          else f"nothing to do: all {len(faces)} faces were already up to date")
 
 
 def main(argv=None):

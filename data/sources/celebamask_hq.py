@@ -11,9 +11,7 @@ from ..errors import DatasetError
 from .layouts import SPLITS
 from .spec import Files, Source
 
-NAME = "CelebAMask_HQ"
-CELEBAMASK_DIR = "CelebAMask-HQ"
-IMAGE_SIZE = 64
+NAME, CELEBAMASK_DIR, IMAGE_SIZE = "CelebAMask_HQ", "CelebAMask-HQ", 64
 # The face parts in the order they are painted (a later one wins): label k + 1, 0 background.
 LABEL_PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
                "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth")
