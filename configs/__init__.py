@@ -164,39 +164,32 @@ def _or(values):
     return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]
 
 
-def _dataset_dimension(cfg, key, own, allowed, what):
-    """dataset.image_size or .channels: 0 for `own`, else one of `allowed` (or `own`)."""
-    value = cfg.dataset[key] or own
-    if value in (allowed or (own,)):
-        return value
-    name = cfg.dataset.name
-    if not allowed:
-        raise ConfigError(f"config key 'dataset.{key}' is {cfg.dataset[key]} but dataset "
-                          f"{name} has {what} {own}; remove the key, it follows dataset.name")
-    raise ConfigError(f"config key 'dataset.{key}' is {cfg.dataset[key]}; dataset {name} "
-                      f"takes {_or([str(v) for v in allowed])}"
-                      + (" (the sizes with networks)" if key == "image_size" else ""))
-
-
 def _check_dataset(cfg, dataset):
-    """network.name fits dataset.name; dataset.shape and dim_x derived (stated: only as such)."""
+    """network.name fits dataset.name; dataset.shape and dim_x derived (stated: only as such);
+    dataset.channels and image_size: 0 for the dataset's own, else one it takes (sizes)."""
     name = cfg.dataset.name
     if cfg.network.name != dataset.network:
         raise ConfigError(f"config key 'network.name' is {cfg.network.name!r} but dataset {name} "
                           f"needs {dataset.network!r}")
-    channels = _dataset_dimension(cfg, "channels", dataset.shape[0], dataset.channels, "channels")
-    size = _dataset_dimension(cfg, "image_size", dataset.shape[1], dataset.sizes, "size")
-    shape = (channels, size, size) if dataset.sizes else dataset.shape
-    dim_x = math.prod(shape)
+    for key, allowed in (("channels", dataset.channels), ("image_size", dataset.sizes)):
+        if allowed and cfg.dataset[key] not in (0, *allowed):
+            raise ConfigError(f"config key 'dataset.{key}' is {cfg.dataset[key]}; dataset {name} "
+                              f"takes {_or([str(v) for v in allowed])}"
+                              + (" (the sizes with networks)" if key == "image_size" else ""))
+    channels, size, _ = dataset.shape
+    size = cfg.dataset.image_size or size
+    shape = (cfg.dataset.channels or channels, size, size) if dataset.sizes else dataset.shape
     follows = "dataset.channels and dataset.image_size" if dataset.sizes else "dataset.name"
-    for key, written, own in (("shape", tuple(cfg.dataset.shape), shape),
-                              ("dim_x", cfg.dataset.dim_x, dim_x)):
+    for key, what, written, own in (("channels", "channels", cfg.dataset.channels, shape[0]),
+                                    ("image_size", "size", cfg.dataset.image_size, shape[1]),
+                                    ("shape", "shape", tuple(cfg.dataset.shape), shape),
+                                    ("dim_x", "dim_x", cfg.dataset.dim_x, math.prod(shape))):
         if written and written != own:
             note = f" (C * H * W of {shape})" if key == "dim_x" else ""
             raise ConfigError(f"config key 'dataset.{key}' is {written} but dataset {name} has "
-                              f"{key} {own}{note}; remove the key, it follows {follows}")
-    cfg.dataset.channels, cfg.dataset.image_size = channels, size
-    cfg.dataset.shape, cfg.dataset.dim_x = shape, dim_x
+                              f"{what} {own}{note}; remove the key, it follows {follows}")
+    cfg.dataset.channels, cfg.dataset.image_size = shape[0], shape[1]
+    cfg.dataset.shape, cfg.dataset.dim_x = shape, math.prod(shape)
 
 
 def _check_model(cfg, model, dataset):
