@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from networks.losses import (arelbo_loss, learned_variance_loss, squared_error,
                              vmf_log_normalizer, vmf_reconstruction)
-from networks.functional import gaussian_logits, gaussian_quantize, perplexity, vmf_quantize
+from networks.functional import (gaussian_logits, gaussian_quantize, neg_entropy_and_probs,
+                                 perplexity, vmf_quantize)
 from tests.helpers import gumbel_draw, make_input, make_model
 
 MODES = ["train", "deterministic", "stochastic"]
@@ -53,6 +54,26 @@ KLD = P0 * math.log(P0) + (1 - P0) * math.log(1 - P0)
 def test_gaussian_logits_by_hand():
     got = gaussian_logits(Z.reshape(1, 2), BOOK, torch.tensor([[0.5]]))
     assert torch.equal(got, torch.tensor([[-0.25, -0.5]]))  # exact in binary floating point
+
+
+def test_discrete_kl_gradient_by_hand():
+    # With two codes the KL is f(p_0) = p_0 ln p_0 + (1 - p_0) ln(1 - p_0), p_0 = sigmoid(l_0 - l_1):
+    # df/dp_0 = ln(p_0 / p_1) = l_0 - l_1 = 0.25 and dp_0/dl_0 = p_0 p_1, so the gradient is
+    # (0.25 p_0 p_1, -0.25 p_0 p_1) = (0.0615330, -0.0615330).
+    logits = torch.tensor([[-0.25, -0.5]], dtype=torch.float64, requires_grad=True)
+    kld, probs = neg_entropy_and_probs(logits)
+    kld.backward()
+    assert kld.item() == pytest.approx(KLD, rel=1e-12)
+    assert probs.tolist()[0] == pytest.approx([P0, 1 - P0], rel=1e-12)
+    slope = 0.25 * P0 * (1 - P0)
+    assert logits.grad.tolist()[0] == pytest.approx([slope, -slope], rel=1e-12)
+
+
+def test_discrete_kl_gradient_by_finite_differences():
+    # Rows of different sharpness, one with a code far behind (p ~ e^-30) and a batch scale.
+    logits = torch.tensor([[0.3, -1.2, 2.0, 0.0], [5.0, -25.0, 4.0, 4.5], [0.0, 0.0, 0.0, 1e-3]],
+                          dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: 3.0 * neg_entropy_and_probs(t)[0], (logits,))
 
 
 def test_gaussian_deterministic_by_hand():
