@@ -72,9 +72,8 @@ def _open_matching(path, sidecar):
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError):  # absent, or cut short by a crash or a full disk
         return None
-    if array.shape != tuple(sidecar["shape"]) or array.dtype != np.uint8:
-        return None
-    return array, stored.get("skipped", [])
+    matches = array.shape == tuple(sidecar["shape"]) and array.dtype == np.uint8
+    return (array, stored.get("skipped", [])) if matches else None
 
 
 def open_or_build(path, *, root, paths, decode, shape, what, skip_unreadable=False,
@@ -121,8 +120,7 @@ def _build(path, sidecar, paths, decode, shape, what, skip_unreadable):
         with open(tmp, "wb") as f, contextlib.closing(blocks):
             np.lib.format.write_array_header_1_0(
                 f, {"descr": "|u1", "fortran_order": False, "shape": (len(paths), *shape)})
-            for block in blocks:
-                f.write(block.tobytes())
+            f.writelines(block.tobytes() for block in blocks)
             f.flush()
             os.fsync(f.fileno())
         if skip_unreadable:

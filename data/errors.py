@@ -1,5 +1,4 @@
-"""The one exception type the data package raises for problems with dataset files, and what
-its messages share."""
+"""DatasetError, for problems with dataset files, and what its messages share."""
 import os
 
 

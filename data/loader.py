@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 
 from configs import ConfigError, registry
 from util import distributed
@@ -84,8 +84,7 @@ class Loader:
 
 
 class InMemoryLoader(Loader):
-    """The split as one uint8 tensor on ``device``, batches gathered by index (on a GPU: never
-    across the bus again)."""
+    """The split as one uint8 tensor on ``device``, batches gathered by index (never re-sent)."""
 
     def __init__(self, images, labels, **kw):
         super().__init__(n=len(images), **kw)
@@ -103,22 +102,17 @@ class InMemoryLoader(Loader):
 
 
 class FileDataset(Dataset):
-    """One file per item, decoded by ``decode``. A DatasetError comes back as its message: raised
-    in a worker, DataLoader would re-raise it with the worker's traceback and stall for 5 s."""
+    """Files a batch at a time, decoded by ``decode``. A DatasetError comes back as its message:
+    raised in a worker, DataLoader would re-raise it with the worker's traceback and stall 5 s."""
 
     def __init__(self, paths, decode):
         self.paths, self.decode = list(paths), decode
 
-    def __getitem__(self, i):
+    def __getitem__(self, batch):
         try:
-            return torch.from_numpy(self.decode(self.paths[i]))
+            return torch.from_numpy(np.stack([self.decode(self.paths[i]) for i in batch]))
         except DatasetError as e:
             return str(e)
-
-
-def _collate(items):
-    errors = [item for item in items if isinstance(item, str)]
-    return errors[0] if errors else default_collate(items)
 
 
 class FileLoader(Loader):
@@ -153,8 +147,8 @@ class FileLoader(Loader):
 
     def _decode(self, batches):
         # A fresh DataLoader per pass: its batches are this (resumed) pass's; its workers exit.
-        for block in DataLoader(self.dataset, batch_sampler=[b.tolist() for b in batches],
-                                num_workers=self.num_workers, collate_fn=_collate,
+        for block in DataLoader(self.dataset, sampler=[b.tolist() for b in batches],
+                                batch_size=None, num_workers=self.num_workers,
                                 pin_memory=is_cuda(self.device)):
             if isinstance(block, str):
                 raise DatasetError(block)

@@ -14,10 +14,8 @@ from ..errors import DatasetError
 from .layouts import carve_val, carved_split_sizes, find_folder
 from .spec import Arrays, Reads, Source
 
-NAME = "CIFAR10"
-SHAPE = (3, 32, 32)
+NAME, SHAPE, CIFAR10_DIR = "CIFAR10", (3, 32, 32), "cifar-10-batches-py"
 TINY_VAL_DIVISOR = 5  # the validation share of a set smaller than the real one: 10,000 of 50,000
-CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")  # train, then test
 
 # Not torchvision's reader: its plain pickle.load would run whatever a tampered batch names

@@ -1,6 +1,7 @@
 """ImageFolder: your own pictures, every file Pillow reads under ``path_dataset``, split by
 ``train/``, ``val/`` and ``test/`` where all three exist, else by a stable hash of each name
 (90/5/5); a run reads the splits it recorded (docs/usage.md, "Your own images")."""
+import bisect
 import hashlib
 import itertools
 import os
@@ -28,10 +29,8 @@ def hash_splits(names):
                            "per split (train, val, test)")
     position = {name: hash_position(name) for name in names}
     splits = {split: [] for split in SPLITS}
-    for name in names:
-        where = position[name]
-        splits["train" if where < HASH_SHARES[0] else "val" if where < HASH_SHARES[1]
-               else "test"].append(name)
+    for name in names:  # below HASH_SHARES[0]: train, below HASH_SHARES[1]: val, else test
+        splits[SPLITS[bisect.bisect_right(HASH_SHARES, position[name])]].append(name)
     for split in ("test", "val"):
         if not splits[split]:
             moved = max(splits["train"], key=position.__getitem__)

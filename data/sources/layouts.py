@@ -12,8 +12,7 @@ from util.text import one_line
 from ..errors import DatasetError
 
 SPLITS = ("train", "val", "test")
-NO_DOWNLOAD_ENV = "SQVAE_NO_DOWNLOAD"
-DOWNLOAD_TIMEOUT_S = 10
+NO_DOWNLOAD_ENV, DOWNLOAD_TIMEOUT_S = "SQVAE_NO_DOWNLOAD", 10
 LAYOUT_NAMES = ("this project's layout", "the authors' layout")
 VAL_SIZE = 10_000  # carved off the end of the official training split
 # Fewer training images: a toy (a test fixture, a subset) that 10,000 would leave without any.

@@ -100,11 +100,9 @@ split_sizes = functools.partial(carved_split_sizes, tiny_val_divisor=TINY_VAL_DI
 
 def mnist_format(dataset_name):
     """The Source of a dataset in MNIST's format, named as torchvision names it."""
-    def read(cfg, split, recorded=None):
-        root = os.path.abspath(cfg.path_dataset)
-        return Arrays(*load_mnist_like(dataset_name, root, Reads.of(cfg))[split])
-
-    return Source(dataset_name, read, functools.partial(split_sizes, dataset_name))
+    return Source(dataset_name, lambda cfg, split, recorded=None: Arrays(*load_mnist_like(
+        dataset_name, os.path.abspath(cfg.path_dataset), Reads.of(cfg))[split]),
+        functools.partial(split_sizes, dataset_name))
 
 
 SOURCE = mnist_format("MNIST")
