@@ -97,27 +97,6 @@ def png_problem(path, what, side=MASK_SIZE, grey=False):
     return None if end == _PNG_END else f"truncated {what} {path}: no IEND chunk at its end"
 
 
-def read_mapping(path):
-    """The rows of the mapping file as [(k, orig_idx)], in file order."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [(number, line.split()) for number, line in enumerate(f, 1) if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"cannot read mapping file {path}: "
-                           f"{one_line(getattr(e, 'strerror', None) or e)}") from None
-    (number, header), *rows = lines or [(1, [])]
-    if header[:2] != ["idx", "orig_idx"] or not rows:
-        raise DatasetError(f"mapping file {path} line {number}: expected the header 'idx "
-                           f"orig_idx orig_file' and rows, got {' '.join(header)[:80]!r}")
-    orig_idx_of = {}
-    for number, fields in rows:
-        if len(fields) < 2 or not "".join(fields[:2]).isdecimal() or int(fields[0]) in orig_idx_of:
-            raise DatasetError(f"mapping file {path} line {number}: expected '<idx> <orig_idx> "
-                               f"<orig_file>' with a new idx, got {' '.join(fields)[:80]!r}")
-        orig_idx_of[int(fields[0])] = int(fields[1])
-    return list(orig_idx_of.items())
-
-
 def _check_face(image_dir, mask_dir, job):
     """The first pass over one face: (problem or None, parts, image size, newest mtime of its
     files). With `decode` (skipped before: is it fixed?) its masks are decoded too."""
@@ -166,16 +145,33 @@ def _write_face(root, image_dir, mask_dir, side_of_kind, face):
 
 
 def _release(src):
-    """(mapping rows, image folder, mask folder) of the release at `src`, its folders checked."""
+    """(the mapping file's rows as [(k, orig_idx)] in file order, image folder, mask folder) of
+    the release at `src`, its folders checked."""
     if not os.path.isdir(src):
         raise DatasetError(f"missing release folder {src}")
-    rows = read_mapping(os.path.join(src, MAPPING_FILE))
+    path = os.path.join(src, MAPPING_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(number, line.split()) for number, line in enumerate(f, 1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read mapping file {path}: "
+                           f"{one_line(getattr(e, 'strerror', None) or e)}") from None
+    (number, header), *rows = lines or [(1, [])]
+    if header[:2] != ["idx", "orig_idx"] or not rows:
+        raise DatasetError(f"mapping file {path} line {number}: expected the header 'idx "
+                           f"orig_idx orig_file' and rows, got {' '.join(header)[:80]!r}")
+    orig_idx_of = {}
+    for number, fields in rows:
+        if len(fields) < 2 or not "".join(fields[:2]).isdecimal() or int(fields[0]) in orig_idx_of:
+            raise DatasetError(f"mapping file {path} line {number}: expected '<idx> <orig_idx> "
+                               f"<orig_file>' with a new idx, got {' '.join(fields)[:80]!r}")
+        orig_idx_of[int(fields[0])] = int(fields[1])
     image_dir, mask_dir = os.path.join(src, IMAGE_DIR), os.path.join(src, MASK_DIR)
     for folder in [image_dir, mask_dir, *sorted({os.path.dirname(mask_path(mask_dir, k, ""))
-                                                 for k, _ in rows})]:
+                                                 for k in orig_idx_of})]:
         if not os.path.isdir(folder):
             raise DatasetError(f"missing folder {folder}")
-    return rows, image_dir, mask_dir
+    return list(orig_idx_of.items()), image_dir, mask_dir
 
 
 def _number_faces(rows, checks, strict):

@@ -27,27 +27,6 @@ def _refused(path, error):
                         "(it is not known to be corrupt)")
 
 
-def _extract_gz(raw_dir):
-    """Decompress each idx file present only as .gz (torchvision reads only the uncompressed
-    files), renamed into place once complete: never a short file that looks like data."""
-    for path in (os.path.join(raw_dir, name) for name in MNIST_FILES):
-        if os.path.isfile(path):
-            continue
-        try:
-            with gzip.open(path + ".gz", "rb") as f:
-                payload = f.read()
-        except (OSError, EOFError, zlib.error) as e:
-            if getattr(e, "errno", None):
-                raise _refused(path + ".gz", e) from None
-            raise DatasetError(f"cannot decompress {path}.gz: {one_line(e)} "
-                               "(truncated or corrupt; download it again)") from None
-        try:
-            atomic_write_bytes(path, payload)
-        except OSError as e:
-            raise DatasetError(f"cannot extract {path}.gz to {path}: {e.strerror}; make {raw_dir} "
-                               "writable or decompress it there yourself (gunzip -k)") from None
-
-
 def _read_idx(path, reader):
     """`reader` (torchvision's idx reader of images or labels) on `path`, as a numpy array."""
     try:
@@ -62,9 +41,7 @@ def _read_idx(path, reader):
                        f"{'...' if len(reason) > 160 else ''}); {fix}")
 
 
-def _read_mnist_pair(dataset_name, raw_dir, prefix):
-    images_path = os.path.join(raw_dir, f"{prefix}-images-idx3-ubyte")
-    labels_path = os.path.join(raw_dir, f"{prefix}-labels-idx1-ubyte")
+def _read_mnist_pair(dataset_name, images_path, labels_path):
     # Read through the module, where the tests count the reads.
     images = _read_idx(images_path, tvd.mnist.read_image_file)
     labels = _read_idx(labels_path, tvd.mnist.read_label_file)
@@ -88,11 +65,26 @@ def load_mnist_like(dataset_name, root, reads=None):
         missing=lambda folder: [name for name in MNIST_FILES if not any(
             os.path.isfile(os.path.join(folder, name + ext)) for ext in ("", ".gz"))],
         download=lambda: getattr(tvd, dataset_name)(root, download=True))
-    _extract_gz(raw_dir)
-    return reads.kept(dataset_name, [os.path.join(raw_dir, n) for n in MNIST_FILES],
-                      lambda: carve_val(_read_mnist_pair(dataset_name, raw_dir, "train"),
-                                        _read_mnist_pair(dataset_name, raw_dir, "t10k"),
-                                        functools.partial(split_sizes, dataset_name)))
+    paths = [os.path.join(raw_dir, name) for name in MNIST_FILES]
+    # A file present only as .gz is decompressed (torchvision reads only the uncompressed files),
+    # renamed into place once complete: never a short file that looks like data.
+    for path in (path for path in paths if not os.path.isfile(path)):
+        try:
+            with gzip.open(path + ".gz", "rb") as f:
+                payload = f.read()
+        except (OSError, EOFError, zlib.error) as e:
+            if getattr(e, "errno", None):
+                raise _refused(path + ".gz", e) from None
+            raise DatasetError(f"cannot decompress {path}.gz: {one_line(e)} "
+                               "(truncated or corrupt; download it again)") from None
+        try:
+            atomic_write_bytes(path, payload)
+        except OSError as e:
+            raise DatasetError(f"cannot extract {path}.gz to {path}: {e.strerror}; make {raw_dir} "
+                               "writable or decompress it there yourself (gunzip -k)") from None
+    return reads.kept(dataset_name, paths, lambda: carve_val(
+        _read_mnist_pair(dataset_name, *paths[:2]), _read_mnist_pair(dataset_name, *paths[2:]),
+        functools.partial(split_sizes, dataset_name)))
 
 
 split_sizes = functools.partial(carved_split_sizes, tiny_val_divisor=TINY_VAL_DIVISOR)
