@@ -121,8 +121,7 @@ def _read_yaml(path):
     except (ValueError, OverflowError) as e:  # e.g. an int of too many digits, a bad date
         raise ConfigError(f"{path}: not readable as a config ({brief(str(e), 120)}); fix "
                           "the file") from None
-    except RecursionError:
-        # The YAML parser recurses once per level; no config nests more than three.
+    except RecursionError:  # the YAML parser recurses once per level
         raise ConfigError(f"{path}: nested too deeply to be a config (the settings nest at "
                           "most three levels); fix the file") from None
     if not isinstance(data, (dict, type(None))):
@@ -192,15 +191,14 @@ def _check_dataset(cfg, dataset):
     cfg.dataset.shape, cfg.dataset.dim_x = shape, math.prod(shape)
 
 
-def _check_model(cfg, model, dataset):
+def _check_model(cfg, model):
     name = cfg.model.name
-    if cfg.model.param_var_q not in (model.variants or registry.VARIANTS):
-        raise ConfigError(f"config key 'model.name' {name} needs model.param_var_q "
-                          f"{_one_of(model.variants)}, not {cfg.model.param_var_q}")
-    if dataset.items != model.items:
-        fitting = [d for d, spec in registry.DATASETS.items() if spec.items == model.items]
-        raise ConfigError(f"config key 'model.name' {name} needs dataset.name "
-                          f"{_one_of(fitting)}, not {cfg.dataset.name}")
+    fitting = [d for d, spec in registry.DATASETS.items() if spec.items == model.items]
+    for key, taken in (("model.param_var_q", model.variants or registry.VARIANTS),
+                       ("dataset.name", fitting)):
+        if get_key(cfg, key) not in taken:
+            raise ConfigError(f"config key 'model.name' {name} needs {key} {_one_of(taken)}, "
+                              f"not {get_key(cfg, key)}")
     if cfg.quantization.init not in model.codebook_inits:
         taking = [m for m, spec in registry.MODELS.items()
                   if cfg.quantization.init in spec.codebook_inits]
@@ -210,8 +208,7 @@ def _check_model(cfg, model, dataset):
     if cfg.quantization.ema and not model.ema:
         # The SQ-VAE's codebook is learned by its loss: ignoring the flag would mislabel a run.
         taking = [m for m, spec in registry.MODELS.items() if spec.ema]
-        raise ConfigError(f"config key 'quantization.ema' True needs model.name "
-                          f"{_one_of(taking)}")
+        raise ConfigError(f"config key 'quantization.ema' True needs model.name {_one_of(taking)}")
 
 
 def _validate_and_derive(cfg):
@@ -223,10 +220,9 @@ def _validate_and_derive(cfg):
         if get_key(cfg, key) not in allowed:
             raise ConfigError(f"config key '{key}' is {brief(get_key(cfg, key))}; allowed "
                               "values: " + ", ".join(map(str, allowed)))
-    dataset = registry.DATASETS[cfg.dataset.name]
     model = registry.MODELS[cfg.model.name]
-    _check_dataset(cfg, dataset)
-    _check_model(cfg, model, dataset)
+    _check_dataset(cfg, registry.DATASETS[cfg.dataset.name])
+    _check_model(cfg, model)
     if not 0.0 <= cfg.quantization.ema_decay < 1.0:
         raise ConfigError("config key 'quantization.ema_decay' must be in [0, 1), got "
                           f"{cfg.quantization.ema_decay}")

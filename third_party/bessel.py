@@ -81,8 +81,7 @@ class _Ive(torch.autograd.Function):
 
 
 def widest_float(device) -> torch.dtype:
-    """The most precise float dtype `device` computes in: float64, but float32 on Apple's MPS,
-    which has no float64."""
+    """The most precise float dtype `device` computes in: float64, but float32 on Apple's MPS."""
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 

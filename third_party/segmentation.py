@@ -108,10 +108,9 @@ def label_palette() -> torch.Tensor:
 def colorize(labels: torch.Tensor) -> torch.Tensor:
     """Integer labels (B x H x W or B x 1 x H x W) as float RGB B x 3 x H x W in [0, 1];
     indices outside the palette (e.g. the spare channel 19) white, to stand out."""
-    labels = _one_channel(labels, "labels")
+    labels = _one_channel(labels, "labels").long()
     if labels.dim() != 3:
         raise ValueError(f"expected B x H x W labels, got {tuple(labels.shape)}")
-    labels = labels.long()
     n = len(_PALETTE)
     table = torch.cat([label_palette() / 255.0, torch.ones(1, 3)]).to(labels.device)
     idx = torch.where((labels >= 0) & (labels < n), labels, n)

@@ -81,9 +81,8 @@ def load_codes(path):
 
 
 class CodeUsage:
-    """How often each of K codes is used, and the figures reported from it. Made only by
-    ``from_codes`` (code indices) or ``from_counts`` (a histogram), so a histogram is never
-    histogrammed a second time by mistake."""
+    """How often each of K codes is used, and its figures. Made only by ``from_codes`` (indices)
+    or ``from_counts`` (a histogram), so a histogram is never histogrammed again by mistake."""
 
     __slots__ = ("counts",)
 

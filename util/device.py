@@ -13,8 +13,7 @@ class DeviceError(ValueError):
 
 
 def select_device(name="auto", local_rank=0):
-    """`auto` picks CUDA, then Apple's MPS, then the CPU. Under torchrun, a bare `cuda`
-    means this process's own GPU, cuda:LOCAL_RANK."""
+    """`auto` picks CUDA, then Apple's MPS, then the CPU; a bare `cuda` is cuda:LOCAL_RANK."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
     if name == "cuda" and torch.cuda.is_available():

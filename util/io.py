@@ -72,8 +72,7 @@ def open_no_follow(path, flags, mode=0o666):
             raise UnsafeLink(path) from None
         raise
     try:
-        st = os.fstat(fd)
-        if _unsafe(st):
+        if _unsafe(st := os.fstat(fd)):
             raise UnsafeLink(path, st)
     except BaseException:
         os.close(fd)
