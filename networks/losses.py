@@ -23,7 +23,9 @@ def vmf_reconstruction(x_hat, labels, log_kappa_inv, dim_x):
     """Returns (loss, accuracy) for decoder outputs B x N x H x W and int labels B x 1 x H x W."""
     n = x_hat.shape[1]
     labels = labels.long().reshape(x_hat.shape[0], 1, *x_hat.shape[2:])
-    cosine = F.normalize(x_hat, dim=1).gather(1, labels)
+    # F.normalize's division, on the label's channel only: the same values, one channel's work.
+    norm = torch.linalg.vector_norm(x_hat, dim=1, keepdim=True).clamp_min(1e-12)
+    cosine = x_hat.gather(1, labels) / norm
     kappa_inv = torch.exp(log_kappa_inv) + 1e-9
     loss = -cosine.sum() / x_hat.shape[0] / kappa_inv \
         - dim_x * vmf_log_normalizer(kappa_inv, n / 2)

@@ -4,10 +4,10 @@ dimension, D/2 the hidden width.
 """
 import math
 
-import torch.nn.functional as F
 from torch import nn
 
 from .blocks import ResBlock, batch_norm, res_stack
+from .functional import one_hot
 
 
 class Encoder(nn.Module):
@@ -42,8 +42,10 @@ class LabelEncoder(Encoder):
         self.num_channels = num_channels
 
     def prepare(self, x):
-        dtype = self.stem[0].weight.dtype  # the model's (float32, or float64 in tests)
-        return F.one_hot(x.long().squeeze(1), self.num_channels).permute(0, 3, 1, 2).to(dtype)
+        # In the model's float type (float64 in tests) and channels-last; labels are checked
+        # when a dataset is decoded: scatter refuses one out of range on the CPU.
+        dtype = self.stem[0].weight.dtype
+        return one_hot(x.long().squeeze(1), self.num_channels, dtype).permute(0, 3, 1, 2)
 
 
 class Decoder(nn.Module):
