@@ -9,15 +9,10 @@ import torch.nn.functional as F
 MODES = ("train", "deterministic", "stochastic")
 
 
-def _negated_gumbel(like):
-    """log(1e-10 - log(U + 1e-10)), in place on one uniform draw: minus the release's Gumbel noise,
-    bit for bit (negation is exact, so -(a - e) rounds as -a + e)."""
+def negated_gumbel(like):
+    """Minus Gumbel(0, 1) noise as the release draws it, log(-log(U + 1e-10) + 1e-10), in place on
+    one uniform draw (the sign flip is exact: -(a - e) rounds as -a + e)."""
     return torch.rand_like(like).add_(1e-10).log_().sub_(1e-10).neg_().log_()
-
-
-def gumbel_noise(like):
-    """Gumbel(0, 1) noise as the release draws it, -log(-log(U + 1e-10) + 1e-10)."""
-    return _negated_gumbel(like).neg_()
 
 
 def perplexity(avg_probs):
@@ -61,7 +56,7 @@ def relaxed_weights(logits, temperature):
     if not torch.is_tensor(temperature):
         temperature = torch.tensor(float(temperature), device=logits.device)
     # logits - (-g) rounds as logits + g; one N x K temporary besides the draw.
-    perturbed = (logits - _negated_gumbel(logits)).div_(temperature.clamp(min=HARD_BELOW))
+    perturbed = (logits - negated_gumbel(logits)).div_(temperature.clamp(min=HARD_BELOW))
     return F.softmax(perturbed, dim=-1)
 
 
