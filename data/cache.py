@@ -82,8 +82,7 @@ def open_or_build(path, *, root, paths, decode, shape, what, skip_unreadable=Fal
     rows zero: only with `skip_unreadable`), built first if missing or stale. None, after a
     one-line warning, where it cannot be written: the caller decodes (`instead` says how)."""
     sidecar = _sidecar(root, paths, decode, shape, skip_unreadable)
-    found = _open_matching(path, sidecar)
-    if found is not None:
+    if (found := _open_matching(path, sidecar)) is not None:
         return found
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -140,9 +139,8 @@ def _blocks(paths, decode, shape, what, skipped):
     """The decoded blocks of `paths` in file order, shape-checked, with a progress bar on a
     terminal. `skipped` None: an unreadable file raises; else a list that collects their
     indices, and a build that reads none (of all, or of the first FIRST_FAILURES) raises."""
-    job = functools.partial(_decode_many, decode)
-    if skipped is not None:
-        job = functools.partial(_decode_many, decode, skip_shape=tuple(shape))
+    job = functools.partial(_decode_many, decode,
+                            **({} if skipped is None else {"skip_shape": tuple(shape)}))
     chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
     done, first_error, workers = 0, None, build_workers()
     with contextlib.ExitStack() as stack:

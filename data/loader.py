@@ -1,6 +1,5 @@
-"""Batch loaders with a reproducible, resumable, shardable epoch order: the order of an epoch
-is a pure function of (seed, epoch), drawn on a CPU generator so it is the same on any device,
-and an epoch can be re-entered at any batch to resume a run exactly."""
+"""Batch loaders whose epoch order is a pure function of (seed, epoch), drawn on a CPU generator
+(the same on any device): reproducible, shardable, and resumable at any batch of an epoch."""
 import functools
 import math
 import os
@@ -206,10 +205,9 @@ def build_picture_loader(cfg, folder, *, batch_size, device="cpu", rank=0, world
     folder = os.path.abspath(folder)
     names = pictures.list_pictures(folder)
     found = pictures.decoded(folder, names, tuple(cfg.dataset.shape), cached=cfg.cache_decoded,
-                             reads=Reads.of(cfg))
-    return FileLoader(decoded=found.split(names, f"under {folder}"), to_model=TO_MODEL[items],
-                      name=name, split="images", batch_size=batch_size, device=device, rank=rank,
-                      world_size=world_size)
+                             reads=Reads.of(cfg), wanted=names, where=f"under {folder}")
+    return FileLoader(decoded=found, to_model=TO_MODEL[items], name=name, split="images",
+                      batch_size=batch_size, device=device, rank=rank, world_size=world_size)
 
 
 def per_rank_batch(cfg, world_size):

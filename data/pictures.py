@@ -1,9 +1,7 @@
-"""Folders of pictures: every file Pillow reads under a folder (hidden ones left out), decoded
-once by ``data.decode.PictureDecoder`` into ``<folder>/.sqvae-cache/pictures_CxS.npy``, or into
-memory; unreadable files skipped with one warning (docs/usage.md, "Your own images")."""
+"""Every picture Pillow reads under a folder (hidden files left out), decoded once by
+``PictureDecoder`` into ``<folder>/.sqvae-cache/`` or memory; unreadable ones skipped, warned."""
 import os
 import sys
-from typing import NamedTuple
 
 from PIL import Image, ImageFile
 
@@ -37,27 +35,10 @@ def list_pictures(folder):
     return sorted(names)
 
 
-class Pictures(NamedTuple):
-    """A folder's decoded pictures: row i of ``array`` (uint8 N x C x H x W, memory-mapped or in
-    memory) for ``names[i]``; the rows of ``skipped`` (not decoded) are zero."""
-    names: list
-    array: object
-    skipped: set
-
-    def split(self, names, where):
-        """The Decoded split of `names`, its record listing those skipped; none decoded: a
-        DatasetError naming the pictures `where` they are."""
-        index = {name: i for i, name in enumerate(self.names)}
-        kept = [n for n in names if n not in self.skipped]
-        if not kept:
-            raise DatasetError(f"none of the {len(names)} pictures {where} can be decoded")
-        return Decoded(self.array, [index[n] for n in kept], kept,
-                       {"files": kept, "skipped": [n for n in names if n in self.skipped]})
-
-
-def decoded(folder, names, shape, *, cached=True, reads):
-    """The Pictures of `names` at square `shape` (C, S, S), decoded once per state of the files
-    for `reads` (one command's), which reports the skipped ones once."""
+def decoded(folder, names, shape, *, cached=True, reads, wanted, where):
+    """The Decoded split of the pictures `wanted` (its record lists the skipped ones) out of
+    `names` at square `shape` (C, S, S), all decoded once per state of the files for `reads`
+    (one command's), which reports the skipped ones once; none decoded: DatasetError."""
     channels, size, width = shape = tuple(shape)
     if size != width:
         raise ValueError(f"pictures are decoded square, not {size}x{width}")
@@ -70,11 +51,16 @@ def decoded(folder, names, shape, *, cached=True, reads):
             os.path.join(folder, CACHE_FOLDER, f"pictures_{channels}x{size}.npy"), root=folder,
             paths=paths, instead="decoding them into memory for this run instead", **common)
         array, skipped = found or cache.decode_all(paths, **common)
-        return Pictures(list(names), array, {names[i] for i in skipped})
+        return array, {names[i] for i in skipped}
 
-    found = reads.kept(("pictures", folder, shape, cached), paths, decode)
-    if found.skipped:
-        skipped = [n for n in found.names if n in found.skipped]
-        reads.say(f"warning: {len(skipped)} of the {len(names)} pictures under {folder} cannot "
-                  f"be decoded and are skipped: {first_few(skipped)}", file=sys.stderr)
-    return found
+    array, skipped = reads.kept(("pictures", folder, shape, cached), paths, decode)
+    if skipped:
+        listed = [n for n in names if n in skipped]
+        reads.say(f"warning: {len(listed)} of the {len(names)} pictures under {folder} cannot "
+                  f"be decoded and are skipped: {first_few(listed)}", file=sys.stderr)
+    kept = [n for n in wanted if n not in skipped]
+    if not kept:
+        raise DatasetError(f"none of the {len(wanted)} pictures {where} can be decoded")
+    index = {name: i for i, name in enumerate(names)}
+    return Decoded(array, [index[n] for n in kept], kept,
+                   {"files": kept, "skipped": [n for n in wanted if n in skipped]})

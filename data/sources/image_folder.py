@@ -1,6 +1,5 @@
-"""ImageFolder: your own pictures, every file Pillow reads under ``path_dataset``, split by
-``train/``, ``val/`` and ``test/`` where all three exist, else by a stable hash of each name
-(90/5/5); a run reads the splits it recorded (docs/usage.md, "Your own images")."""
+"""ImageFolder: every picture Pillow reads under ``path_dataset``, split by train/, val/ and
+test/ where all three exist, else by a stable hash of each name (90/5/5), or as a run recorded."""
 import bisect
 import hashlib
 import itertools
@@ -97,9 +96,9 @@ def read(cfg, split, recorded=None):
     # One decoding of all splits' pictures (and those the run skipped) still present, sorted:
     # the same set, so the same cache, whether read afresh or by the record.
     used = sorted(set(names).intersection(itertools.chain(*splits.values(), skipped_before)))
-    decoded = pictures.decoded(folder, used, tuple(cfg.dataset.shape),
-                               cached=cfg.cache_decoded, reads=reads)
-    return decoded.split(splits[split], f"of the {split} split under {folder}")
+    return pictures.decoded(folder, used, tuple(cfg.dataset.shape), cached=cfg.cache_decoded,
+                            reads=reads, wanted=splits[split],
+                            where=f"of the {split} split under {folder}")
 
 
 SOURCE = Source(NAME, read)

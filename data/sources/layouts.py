@@ -1,6 +1,5 @@
-"""What the dataset modules share: the two folder layouts (files directly under the dataset
-root in ours, under ``<root>/<Name>/`` in the authors'; ours is looked at first, and a download
-goes to it), downloads and the validation split carved off an official training split."""
+"""What the dataset modules share: this project's and the authors' folder layouts (find_folder),
+downloads, and the validation split carved off an official training split."""
 import contextlib
 import itertools
 import os
@@ -35,8 +34,7 @@ def carved_split_sizes(dataset_name, n_official_train, tiny_val_divisor):
 
 
 def carve_val(train, test, split_sizes):
-    """{'train', 'val', 'test'} from the official (images, labels) pairs: the training items
-    past ``split_sizes(n)[0]`` validate (views of the arrays read, not copies)."""
+    """{split: (images, labels)}: the official training items past split_sizes(n)[0] validate."""
     (images, labels), (n_train, _) = train, split_sizes(len(train[0]))
     return {"train": (images[:n_train], labels[:n_train]),
             "val": (images[n_train:], labels[n_train:]), "test": test}
