@@ -178,9 +178,8 @@ def fit_and_test(cfg, device, job, model, loaders, state, *, dbg, launch):
 @torch.no_grad()
 def activation_bytes_per_image(cfg, model, device):
     """Bytes of the outputs of the model's leaf modules (and the input) for one image."""
-    labels = model.OUTPUTS == "labels"
-    x = torch.zeros(1, *cfg.dataset.shape, dtype=torch.long if labels else torch.float32,
-                    device=device)
+    x = torch.zeros(1, *cfg.dataset.shape, device=device,
+                    dtype=torch.long if model.OUTPUTS == "labels" else torch.float32)
     total = [x.numel() * x.element_size()]
 
     def count(module, inputs, output):
@@ -188,8 +187,7 @@ def activation_bytes_per_image(cfg, model, device):
             if isinstance(out, torch.Tensor):
                 total.append(out.numel() * out.element_size())
 
-    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-    hooks = [m.register_forward_hook(count) for m in leaves]
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     was_training, rng = model.training, get_rng_state()
     try:
         model.eval()  # no batch-norm statistics or EMA codebook updates
@@ -199,9 +197,8 @@ def activation_bytes_per_image(cfg, model, device):
             hook.remove()
         model.train(was_training)
         set_rng_state(rng)
-    per_image = sum(total)
     # bf16 autocast halves the convolutions' outputs at most.
-    return per_image // 2 if cfg.train.amp else per_image
+    return sum(total) // 2 if cfg.train.amp else sum(total)
 
 
 def check_batch(cfg, model, loader, device):
@@ -308,20 +305,18 @@ def write_outputs(run_dir, cfg, model, device, *, report, encode, recorded, imag
     --report, on whole splits in file order, whatever --limit-batches or torchrun say."""
     from . import export
     from . import report as reports
-    codes = None
-    if encode == "images":
-        whole = data.build_picture_loader(cfg, images, batch_size=cfg.test.bs, device=device)
+    codes, pictures = None, encode == "images"
+    if encode:
+        whole = (data.build_picture_loader(cfg, images, batch_size=cfg.test.bs, device=device)
+                 if pictures else export.whole_split(cfg, encode, device, recorded))
         codes = export.encode_split(model, whole)
-        path = export.write_codes(run_dir, cfg, "images", codes, model, names=whole.names)
-        print(f"codes of the {len(whole.names)} pictures under {images} {codes.shape}: {path}")
-    elif encode:
-        codes = export.encode_split(model, export.whole_split(cfg, encode, device, recorded))
-        path = export.write_codes(run_dir, cfg, encode, codes, model)
-        print(f"codes of the {encode} split {codes.shape}: {path}")
+        path = export.write_codes(run_dir, cfg, encode, codes, model,
+                                  names=whole.names if pictures else None)
+        what = f"{len(whole.names)} pictures under {images}" if pictures else f"{encode} split"
+        print(f"codes of the {what} {codes.shape}: {path}")
     if report:
-        test_split = export.whole_split(cfg, "test", device, recorded)
-        written = reports.write_report(run_dir, cfg, model, test_split,
-                                       codes if encode == "test" else None)
+        written = reports.write_report(run_dir, cfg, model, export.whole_split(
+            cfg, "test", device, recorded), codes if encode == "test" else None)
         print(f"report: {written['report']['path']}")
 
 

@@ -178,10 +178,8 @@ def markdown_table(rows):
 def write_csv(rows, path):
     # Full precision in the CSV: it is for further processing, the markdown is for reading.
     text = io.StringIO(newline="")
-    writer = csv.writer(text)
-    writer.writerow(FORMATS)
-    for row in rows:
-        writer.writerow(["" if row[name] is None else row[name] for name in FORMATS])
+    csv.writer(text).writerows([list(FORMATS), *(["" if row[name] is None else row[name]
+                                                  for name in FORMATS] for row in rows)])
     atomic_write_bytes(path, text.getvalue().encode("utf-8"), stream_special=True)
 
 
@@ -259,20 +257,16 @@ def write_report(path, rows, argv, notes=None):
     atomic_write_bytes(path, "\n\n".join(sections).encode("utf-8"), stream_special=True)
 
 
-def _seed_label(run_dir):
-    name = os.path.basename(os.path.normpath(run_dir))  # <network>_seed<N>_<date>_<time>
-    seed = [part for part in name.split("_") if part.startswith("seed")]
-    return seed[0].replace("seed", "seed ") if seed else name
-
-
 def curve_runs(paths):
     """(label, records) of every run folder under `paths`, finished or not: the model, and the
     dataset where datasets differ, else the seed where a model repeats."""
     found = []
     for run_dir in find_runs(paths):
         cfg = _read_config(run_dir)
+        name = os.path.basename(os.path.normpath(run_dir))  # <network>_seed<N>_<date>_<time>
+        seed = [part for part in name.split("_") if part.startswith("seed")]
         found.append((model_label(cfg), _text(_section(cfg, "dataset").get("name", "?")),
-                      _seed_label(run_dir), _read_metrics(run_dir)))
+                      seed[0].replace("seed", "seed ") if seed else name, _read_metrics(run_dir)))
     datasets = len({dataset for _, dataset, _, _ in found})
     labels = [label for label, *_ in found]
     return [(label + (f", {dataset}" if datasets > 1 else f", {seed}"

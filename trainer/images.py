@@ -22,20 +22,16 @@ def to_display(x, x_hat, labels):
 
 
 @torch.no_grad()
-def reconstruction_grid(model, x, n=GRID_IMAGES):
-    """The first `n` images of `x` above their deterministic reconstructions, C x H x W."""
+def save_reconstructions(model, x, paths, n=GRID_IMAGES):
+    """The grid of the first `n` images of `x` above their deterministic reconstructions
+    (C x H x W), rendered once and written (atomically) to every path; returns the grid."""
     was_training = model.training
     model.eval()
     x = x[:n]
     x_hat, _ = model(x, "deterministic")
     model.train(was_training)
     top, bottom = to_display(x, x_hat, model.OUTPUTS == "labels")
-    return layout(top.cpu(), bottom.cpu(), columns=len(x))[0]
-
-
-def save_reconstructions(model, x, paths):
-    """Render the grid once and write it (atomically) to every path; returns the grid."""
-    grid = reconstruction_grid(model, x)
+    grid = layout(top.cpu(), bottom.cpu(), columns=len(x))[0]
     buffer = io.BytesIO()
     save_image(grid, buffer, format="png")
     for path in paths:

@@ -70,9 +70,7 @@ class PriorTraining:
                 "settings": dict(self.cfg.prior)}
 
     def load(self, state):
-        """Continue from `state` (prior_current.pt, or None); whether there was one."""
-        if state is None:
-            return False
+        """Continue from `state` (prior_current.pt)."""
         try:
             self.prior.load_state_dict(state["prior"])
         except RuntimeError:
@@ -83,7 +81,6 @@ class PriorTraining:
         for key in CURRENT_KEYS.keys() - {"prior", "optimizer"}:
             setattr(self, key, state[key])
         self.done = self.stopped()
-        return True
 
     def train_epoch(self, codes):
         self.prior.train()
@@ -183,7 +180,8 @@ def train_prior(run_dir, cfg, model, device, *, seed, command, opts=(), limit_ba
         cfg = continued_settings(cfg, state, opts, path)
         training = PriorTraining(cfg, run_dir, device, seed, display, limit_batches,
                                  grid=model.latent_shape)
-        if training.load(state):
+        if state is not None:
+            training.load(state)
             display.log(f"prior: continuing {PRIOR_CURRENT} after epoch {training.epoch}"
                         + (" (finished: evaluating only)" if training.done else ""))
         recorded = runs.read_dataset_files(run_dir)
@@ -208,21 +206,19 @@ def train_prior(run_dir, cfg, model, device, *, seed, command, opts=(), limit_ba
         return record
 
 
-def write_samples(run_dir, cfg, model, n, device, *, seed, temperature=None, display=None):
+def write_samples(run_dir, cfg, model, n, device, *, seed, display=None):
     """-ts RUN --sample N: N grids from the prior, decoded; writes and returns the two paths."""
     prior = load_prior(cfg, run_dir, device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    temperature = cfg.prior.temperature if temperature is None else temperature
     chunks = []
     with (display or Display()).progress(n, "sampling") as bar:
         for start in range(0, n, SAMPLE_CHUNK):
             size = min(SAMPLE_CHUNK, n - start)
-            chunks.append(prior.sample(size, *model.latent_shape, temperature=temperature,
+            chunks.append(prior.sample(size, *model.latent_shape, temperature=cfg.prior.temperature,
                                        generator=generator).cpu())
             bar.update(size)
     codes = torch.cat(chunks).numpy()
-    images = export.decode_indices(model, codes, device)
-    shown = displayable(images, model.OUTPUTS == "labels")
+    shown = displayable(export.decode_indices(model, codes, device), model.OUTPUTS == "labels")
     buffer = io.BytesIO()
     save_image(shown, buffer, format="png", nrow=math.ceil(math.sqrt(n)))  # via make_grid
     image_path = os.path.join(run_dir, SAMPLES_IMAGE)
