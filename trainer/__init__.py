@@ -1,6 +1,5 @@
 """Training, evaluation, checkpoints and run folders; names load their modules (and torch) on
-first use, so that ``python -m trainer.compare --help`` answers before torch is imported.
-"""
+first use: ``python -m trainer.compare --help`` answers before torch is imported."""
 import importlib
 
 from util.cli import start_up, started_with_m

@@ -1,7 +1,6 @@
-"""Checkpoints: plain data written atomically, loaded with ``weights_only=True`` and checked
-for the keys their reader needs; weights loaded with a one-line mismatch. torch is imported
-where a checkpoint is used: the companion commands answer --help without it.
-"""
+"""Checkpoints: plain data written atomically, loaded with ``weights_only=True`` and checked for
+the keys their reader needs; weights loaded with a one-line mismatch. torch is imported where a
+checkpoint is used: the companion commands answer --help without it."""
 import os
 import pickle
 import warnings
@@ -61,8 +60,7 @@ def _try_load(path):
 
 
 def read_checkpoint(path):
-    """The plain data a checkpoint file holds, or a RunError that names the file and says
-    whether the run's other checkpoint can be used instead."""
+    """A checkpoint file's plain data, or a RunError saying whether the other checkpoint loads."""
     if not os.path.isfile(path):
         raise RunError(f"{path} does not exist: the run holds no checkpoint "
                        "(was it started with --save, and did it finish an epoch?)")
@@ -79,8 +77,7 @@ def read_checkpoint(path):
 
 
 def load_checkpoint(path, needed=None):
-    """A checkpoint of ours with the keys and types its reader needs (`needed`, by default
-    CHECKPOINT_KEYS), or a one-line RunError (not a KeyError later)."""
+    """A checkpoint with the keys and types `needed` (CHECKPOINT_KEYS), else a one-line RunError."""
     state = read_checkpoint(path)
     if not isinstance(state, dict):
         raise RunError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint "

@@ -1,7 +1,6 @@
-"""What main.py calls once it has parsed flags: `summary`, `train` (a run or ``--resume``,
-then its test with the best weights; a batch that cannot fit refused up front), `test_run`
-(``-ts RUN``), each raising one-line errors or Interrupted saying how to go on (docs/failures.md).
-"""
+"""What main.py calls once it has parsed flags: `summary`, `train` (a run or ``--resume``, then
+its test with the best weights; a batch that cannot fit refused up front), `test_run` (``-ts
+RUN``), each raising one-line errors or Interrupted saying how to go on (docs/failures.md)."""
 import contextlib
 import os
 import shlex
@@ -90,8 +89,7 @@ IDENTITY_KEYS = ("dataset.name", "model.name", "model.param_var_q", "network.nam
 
 
 def prepare_resume(run_dir, cfg, opts, config_file, seed, limit_batches):
-    """(the run's config, current.pt or None once finished, the files its splits read, its
-    seed and epoch length)."""
+    """(run config, current.pt or None if finished, its splits' files, seed, epoch length)."""
     run_cfg = runs.load_run_config(run_dir, opts)
     for k in IDENTITY_KEYS:
         if get_key(run_cfg, k) != get_key(cfg, k):

@@ -23,8 +23,7 @@ def to_display(x, x_hat, labels):
 
 @torch.no_grad()
 def save_reconstructions(model, x, paths, n=GRID_IMAGES):
-    """The grid of the first `n` images of `x` above their deterministic reconstructions
-    (C x H x W), rendered once and written (atomically) to every path; returns the grid."""
+    """Write the grid of `x[:n]` over its deterministic reconstructions to each path; returns it."""
     was_training = model.training
     model.eval()
     x = x[:n]

@@ -1,7 +1,6 @@
-"""What a run shows: progress bars, TensorBoard, and printed lines (one per epoch and test,
-or with ``--dbg`` the release's, in its format and order: README, "Coming from the authors'
-code"). Only the main process prints or writes.
-"""
+"""What a run shows: progress bars, TensorBoard, and printed lines (one per epoch and test, or
+with ``--dbg`` the release's, in its format and order: README, "Coming from the authors' code").
+Only the main process prints or writes."""
 import sys
 import threading
 
@@ -59,8 +58,7 @@ class Display:
                     dynamic_ncols=True, disable=not self.show_bars, file=sys.stderr)
 
     def _tensorboard(self, method, *args):
-        """The TensorBoard writer's `method`(*args), with a folder to write; an OSError of its
-        (a full disk) names that folder."""
+        """The TensorBoard writer's `method`(*args); its OSError (a full disk) names the folder."""
         if self.tensorboard_dir is None:
             return
         try:

@@ -1,7 +1,6 @@
 """The training loop of docs/model.md §5 (docs/usage.md, "Training loop"): `Trainer.fit` ->
 `run_epoch` -> `train_epoch` -> `train_step`. Metrics stay on the device, read back once per
-``log.every_steps`` steps and once per epoch; `checkpoint`/`resume` are current.pt's state.
-"""
+``log.every_steps`` steps and once per epoch; `checkpoint`/`resume` are current.pt's state."""
 import contextlib
 import math
 import signal

@@ -1,7 +1,5 @@
-"""Metrics: running means and code histograms kept on the device (a training step never waits
-for the host), all-reduced under torchrun; `eval_pass`, one pass over a split; `evaluate`,
-the final test's and ``-ts``'s records.
-"""
+"""Metrics kept on the device (a training step never waits for the host), all-reduced under
+torchrun; `eval_pass`, one pass over a split; `evaluate`, the records of the final test and -ts."""
 import math
 import time
 from itertools import islice

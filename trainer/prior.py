@@ -1,7 +1,6 @@
 """``-ts RUN --prior``: a PixelCNN prior (networks/prior.py) fitted to the deterministic code
 grids of the training split, early-stopped on the validation NLL, continued from
-``prior_current.pt``; ``-ts RUN --sample N``. Files and records: docs/usage.md, "A prior over
-the codes"."""
+``prior_current.pt``; ``-ts RUN --sample N``. docs/usage.md, "A prior over the codes"."""
 import contextlib
 import io
 import math

@@ -1,7 +1,6 @@
-"""``python -m trainer.release import RELEASE_RUN [--to RUN_DIR]``: a run folder of the
-authors' release made one of ours, for ``--resume`` and ``--prior``. The format is
-trainer/release_format.py's; this module is the command line only, so that ``python -m``
-runs a module not yet imported."""
+"""``python -m trainer.release import RELEASE_RUN [--to RUN_DIR]``: a release run folder made
+one of ours, for ``--resume`` and ``--prior``. The command line only (the format is
+release_format's), so that ``python -m`` runs a module not yet imported."""
 import argparse
 import os
 import shutil

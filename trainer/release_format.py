@@ -1,8 +1,7 @@
-"""Run folders of the authors' release (github.com/sony/sqvae, vision/), read as data: the
-one module that knows their format (configs.json, a ``module.``-prefixed state dict under
-other names, a (1,)-shaped ``log_kappa_inv``, ``test.bs`` = ``train.bs``). README, "Coming
-from the authors' code"; ``python -m trainer.release import`` makes one a run of ours.
-"""
+"""Run folders of the authors' release (github.com/sony/sqvae, vision/), read as data: the one
+module that knows their format (configs.json, a ``module.``-prefixed state dict under other
+names, a (1,)-shaped ``log_kappa_inv``, ``test.bs`` = ``train.bs``). README, "Coming from the
+authors' code"; ``python -m trainer.release import`` makes one a run of ours."""
 import json
 import os
 import re
@@ -91,24 +90,15 @@ def our_key(key):
     return key
 
 
-def convert_state_dict(state):
-    """A release state dict (with or without DataParallel's prefix) under our names."""
+def load_release_weights(run_dir):
+    """The weights of a release's best.pt (with or without DataParallel's prefix), our names."""
     import torch
+    path = os.path.join(run_dir, BEST)
+    state = read_checkpoint(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RunError("not a state dict of tensors")
+        raise RunError(f"checkpoint {path}: not a state dict of tensors; is it a checkpoint of "
+                       "the authors' release?")
     out = {our_key(k): v for k, v in state.items()}
     if "log_kappa_inv" in out:
         out["log_kappa_inv"] = out["log_kappa_inv"].reshape(())
     return out
-
-
-def load_release_weights(run_dir, name=BEST):
-    """The weights of a release checkpoint under our names."""
-    path = os.path.join(run_dir, name)
-    state = read_checkpoint(path)
-    try:
-        return convert_state_dict(state)
-    except RunError as e:
-        raise RunError(f"checkpoint {path}: {e}; is it a checkpoint of the authors' "
-                       "release?") from None
-

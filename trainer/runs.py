@@ -1,7 +1,5 @@
-"""Run folders (docs/usage.md, "Run folders"): their config, checkpoints, metrics.jsonl
-(append-only), writer lock and `RunRecorder`; names the tool writes are never links
-(`check_links`); a folder of the authors' release is read through `release_format`.
-"""
+"""Run folders (docs/usage.md, "Run folders"): config, metrics.jsonl (append-only), writer lock,
+`RunRecorder`; names never links (`check_links`); the release's read through `release_format`."""
 import contextlib
 import json
 import os
@@ -41,8 +39,7 @@ def check_links(run_dir):
 
 
 def writer_lock(run_dir):
-    """The folder's writer lock, held (a killed writer's temporaries then removed), or a
-    RunError naming its holder."""
+    """The folder's writer lock, held (stale temporaries removed); a RunError names its holder."""
     try:
         lock = FileLock(os.path.join(run_dir, LOCK_FILE), blocking=False).acquire()
     except LockHeld as e:
@@ -101,8 +98,7 @@ def read_dataset_files(run_dir):
 
 
 def read_metrics(run_dir):
-    """metrics.jsonl's records; a torn last line is skipped with a warning (once per file),
-    a malformed line elsewhere is a RunError."""
+    """metrics.jsonl's records: a torn last line skipped (warned once), a bad one a RunError."""
     path = os.path.join(run_dir, METRICS_FILE)
 
     def warn(text):
