@@ -43,25 +43,6 @@ def pool_context():
     return multiprocessing.get_context("fork" if fork else None)
 
 
-def _sidecar(root, paths, decode, shape, skip_unreadable):
-    """What the cache of `paths` decoded by `decode` depends on, as its sidecar records it."""
-    files = hashlib.sha256()
-    for path in paths:  # root-relative names: a root moved with its mtimes keeps its cache
-        size, mtime_ns = file_state(path)
-        files.update(f"{os.path.relpath(path, root)}\0{size}\0{mtime_ns}\n".encode())
-    # The whole module's source: a changed constant or helper changes the pixels as well.
-    with open(sys.modules[decode.__module__].__file__, "rb") as f:
-        source = hashlib.sha256(f.read()).hexdigest()
-    name = getattr(decode, "__qualname__", type(decode).__qualname__)  # or a decoding object's
-    # Lists, not tuples: the dict is compared with what json.load gives back.
-    return {"format": FORMAT, "shape": [len(paths), *shape], "dtype": "uint8",
-            "decode": {"function": f"{decode.__module__}.{name}",
-                       "params": getattr(decode, "params", {}), "source_sha256": source,
-                       "pillow": PIL.__version__},
-            "sources": {"count": len(paths), "sha256": files.hexdigest()},
-            **({"skip_unreadable": True} if skip_unreadable else {})}
-
-
 def _open_matching(path, sidecar):
     """(memmap, skipped indices) of the cache at `path` if its sidecar, less "skipped", matches."""
     try:
@@ -78,10 +59,23 @@ def _open_matching(path, sidecar):
 
 def open_or_build(path, *, root, paths, decode, shape, what, skip_unreadable=False,
                   instead=None):
-    """(read-only memmap of the decoded `paths`, indices of the files that could not be decoded,
-    rows zero: only with `skip_unreadable`), built first if missing or stale. None, after a
-    one-line warning, where it cannot be written: the caller decodes (`instead` says how)."""
-    sidecar = _sidecar(root, paths, decode, shape, skip_unreadable)
+    """(read-only memmap of the decoded `paths`, with `skip_unreadable` the indices of those not
+    decoded, rows zero), built if missing or stale; None, warned, where it cannot be written."""
+    files = hashlib.sha256()  # the sidecar: what the cache depends on
+    for file in paths:  # root-relative names: a root moved with its mtimes keeps its cache
+        size, mtime_ns = file_state(file)
+        files.update(f"{os.path.relpath(file, root)}\0{size}\0{mtime_ns}\n".encode())
+    # The whole module's source: a changed constant or helper changes the pixels as well.
+    with open(sys.modules[decode.__module__].__file__, "rb") as f:
+        source = hashlib.sha256(f.read()).hexdigest()
+    name = getattr(decode, "__qualname__", type(decode).__qualname__)  # or a decoding object's
+    # Lists, not tuples: the dict is compared with what json.load gives back.
+    sidecar = {"format": FORMAT, "shape": [len(paths), *shape], "dtype": "uint8",
+               "decode": {"function": f"{decode.__module__}.{name}",
+                          "params": getattr(decode, "params", {}), "source_sha256": source,
+                          "pillow": PIL.__version__},
+               "sources": {"count": len(paths), "sha256": files.hexdigest()},
+               **({"skip_unreadable": True} if skip_unreadable else {})}
     if (found := _open_matching(path, sidecar)) is not None:
         return found
     try:

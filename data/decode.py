@@ -55,15 +55,13 @@ class PictureDecoder:
                 img = img.convert("RGBA")  # what Pillow asks for, rather than warn
             mode = "L" if self.channels == 1 else "RGB"
             img = img if img.mode == mode else img.convert(mode)
-            width, height = img.size
-            side = min(width, height)  # the largest centred square, resized unless it fits
-            left, top = (width - side) // 2, (height - side) // 2
-            if (width, height) != (side, side):
+            (width, height), side = img.size, min(img.size)
+            if width != height:  # the largest centred square, resized unless it fits
+                left, top = (width - side) // 2, (height - side) // 2
                 img = img.crop((left, top, left + side, top + side))
             if side != self.size:
                 img = img.resize((self.size, self.size), Image.BICUBIC)
         except _PIL_READ_ERRORS as e:  # e.g. a broken EXIF block or an exotic mode
             raise DatasetError(f"cannot read image {path}: {one_line(e)}") from None
         array = np.asarray(img, dtype=np.uint8)
-        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-        return np.ascontiguousarray(array)
+        return np.ascontiguousarray(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))

@@ -88,8 +88,7 @@ class InMemoryLoader(Loader):
     def __init__(self, images, labels, **kw):
         super().__init__(n=len(images), **kw)
         # On the CPU these share memory with the arrays read (no copy).
-        self.images = torch.from_numpy(images).to(self.device)
-        self.labels = torch.from_numpy(labels).to(self.device)
+        self.images, self.labels = (torch.from_numpy(a).to(self.device) for a in (images, labels))
 
     def _iterate(self, batches):
         if not batches:
@@ -115,9 +114,8 @@ class FileDataset(Dataset):
 
 
 class FileLoader(Loader):
-    """One file per item, gathered from rows of a decoded array (``decoded`` pictures, or the
-    cache ``open_cache`` opens or builds on the first pass, on disk: 2 GB need not fit), or
-    without one (``array`` None) decoded by DataLoader workers on every pass."""
+    """One file per item: rows of a decoded array (``decoded`` pictures, or the cache, on disk,
+    ``open_cache`` opens or builds on the first pass), else decoded by workers every pass."""
 
     def __init__(self, *, dataset=None, num_workers=0, open_cache=None, decoded=None, **kw):
         super().__init__(n=len(dataset.paths if decoded is None else decoded.rows), **kw)

@@ -247,9 +247,8 @@ def _prepare(args):
 
 
 def _clean(folder, ext, ks, ks_before):
-    """Make `folder`; delete from it util.io's temporary files (killed runs) and the <n>.ext
-    files beyond len(ks), named non-canonically (the loader reads 007.png as 7) or holding
-    another face than ks[n] (ks_before[n]); returns how many."""
+    """Make `folder`; delete (and count) its temporary files (killed runs) and the <n>.ext past
+    len(ks), named non-canonically (the loader reads 007.png as 7) or not ks[n] (ks_before[n])."""
     os.makedirs(folder, exist_ok=True)
     removed = 0
     for name in os.listdir(folder):

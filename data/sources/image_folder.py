@@ -53,40 +53,33 @@ def folder_splits(folder, names, reads):
     for split, listed in splits.items():
         if not listed:
             raise DatasetError(f"{os.path.join(folder, split)} holds no picture")
-    outside = len(names) - sum(map(len, splits.values()))
-    if outside:
+    if outside := len(names) - sum(map(len, splits.values())):
         reads.say(f"{folder}: {outside} picture(s) outside train/, val/ and test/ are not used")
     return splits
-
-
-def _recorded(folder, names, recorded, split, reads):
-    """The recorded splits, checked against the folder as it is now."""
-    listed = {s: list(recorded[s].get("files", [])) for s in SPLITS if s in recorded}
-    if split not in listed:
-        raise DatasetError(f"the run folder's record of its files has no {split} split; "
-                           "it cannot say which pictures to read")
-    gone = [n for n in listed[split] if not os.path.isfile(os.path.join(folder, n))]
-    if gone:
-        raise DatasetError(
-            f"{len(gone)} of the {len(listed[split])} pictures the run recorded for its "
-            f"{split} split are no longer under {folder} (first: {gone[0]}); put them back, or "
-            f"evaluate the folder as it is with -ts RUN --images {folder}")
-    known = {n for s in recorded.values() for key in ("files", "skipped") for n in s.get(key, [])}
-    added = [n for n in names if n not in known]
-    if added:
-        reads.say(
-            f"{folder}: {len(added)} picture(s) added since the run recorded its splits are "
-            f"left out ({first_few(added)}); its splits are the recorded ones (-ts RUN "
-            "--images DIR evaluates a whole folder)")
-    return listed
 
 
 def read(cfg, split, recorded=None):
     folder, reads = os.path.abspath(cfg.path_dataset), Reads.of(cfg)
     names = pictures.list_pictures(folder)
-    if recorded:
-        splits = _recorded(folder, names, recorded, split, reads)
+    if recorded:  # the recorded splits, checked against the folder as it is now
+        splits = {s: list(recorded[s].get("files", [])) for s in SPLITS if s in recorded}
         skipped_before = {n for r in recorded.values() for n in r.get("skipped", [])}
+        if split not in splits:
+            raise DatasetError(f"the run folder's record of its files has no {split} split; "
+                               "it cannot say which pictures to read")
+        gone = [n for n in splits[split] if not os.path.isfile(os.path.join(folder, n))]
+        if gone:
+            raise DatasetError(
+                f"{len(gone)} of the {len(splits[split])} pictures the run recorded for its "
+                f"{split} split are no longer under {folder} (first: {gone[0]}); put them back, "
+                f"or evaluate the folder as it is with -ts RUN --images {folder}")
+        known = skipped_before.union(*(r.get("files", []) for r in recorded.values()))
+        added = [n for n in names if n not in known]
+        if added:
+            reads.say(
+                f"{folder}: {len(added)} picture(s) added since the run recorded its splits are "
+                f"left out ({first_few(added)}); its splits are the recorded ones (-ts RUN "
+                "--images DIR evaluates a whole folder)")
     else:
         by_folder = folder_splits(folder, names, reads)
         splits, skipped_before = by_folder or hash_splits(names), set()

@@ -59,9 +59,8 @@ def find_folder(reads, dataset_name, root, folder, *, missing, hint, download):
 
 
 def try_download(target, download):
-    """Call ``download()`` (whose files land in `target`); a short note for error messages. A
-    failure (expected offline) is never raised, and the folders the attempt created and left
-    empty are removed: an offline run leaves the dataset root as it found it."""
+    """``download()`` into `target`, never raising (offline is expected), and removing the folders
+    it created and left empty; a short note for error messages."""
     if os.environ.get(NO_DOWNLOAD_ENV, "").strip() not in ("", "0"):
         return f"download skipped: {NO_DOWNLOAD_ENV}=1"
     target = pathlib.Path(os.path.abspath(target))

@@ -1,6 +1,5 @@
-"""MNIST, and the reader of its format that Fashion-MNIST shares (``fashion_mnist.py``): four
-idx files in ``<Name>/raw`` (torchvision's folder), uncompressed or as ``.gz``, parsed by
-torchvision's idx reader. The last 10,000 of the 60,000 training images validate."""
+"""MNIST, and its format's reader that Fashion-MNIST shares: four idx files (plain or ``.gz``) in
+``<Name>/raw``, read by torchvision; the last 10,000 of the 60,000 training images validate."""
 import functools
 import gzip
 import os
