@@ -142,9 +142,8 @@ def flag_problem(args):
         return "--limit-batches needs a positive number"
     given = {"--report": args.report, "--encode": args.encode, "--prior": args.prior,
              "--sample": args.sample is not None, "--images": args.images is not None}
-    needs_run = [flag for flag, on in given.items() if on]
-    if needs_run and not args.timestamp:
-        return f"{needs_run[0]} works on a saved run: add -ts RUN"
+    if any(given.values()) and not args.timestamp:
+        return f"{next(flag for flag, on in given.items() if on)} works on a saved run: add -ts RUN"
     if args.sample is not None and args.sample < 1:
         return "--sample needs a positive number of samples"
     if args.seed is not None and not -2**63 <= args.seed < 2**64:

@@ -28,16 +28,6 @@ def experiment_files():
     return sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
 
 
-def resolve_config_path(name_or_path):
-    """A YAML path from a shipped name ("mnist_gauss_1[.yaml]") or any path."""
-    shipped = os.path.join(CONFIG_DIR, name_or_path)  # name_or_path itself if absolute
-    for path in (name_or_path, shipped, shipped + ".yaml"):
-        if os.path.isfile(path):
-            return path
-    raise ConfigError(f"config file '{name_or_path}' not found; use a path or one of: "
-                      + ", ".join(experiment_files()))
-
-
 def _flatten(mapping, prefix=""):
     """(dotted key, value) of every leaf of a nested mapping (a CfgNode is one)."""
     for key, value in mapping.items():
@@ -279,8 +269,14 @@ def config_from_mapping(mapping, opts=None):
 
 
 def load_config(name_or_path, opts=None):
-    """Defaults + experiment file + overrides, validated, derived and frozen."""
-    return config_from_mapping(_read_yaml(resolve_config_path(name_or_path)), opts)
+    """Defaults + experiment file (any YAML path, or a shipped name: "mnist_gauss_1[.yaml]") +
+    overrides, validated, derived and frozen."""
+    shipped = os.path.join(CONFIG_DIR, name_or_path)  # name_or_path itself if absolute
+    for path in (name_or_path, shipped, shipped + ".yaml"):
+        if os.path.isfile(path):
+            return config_from_mapping(_read_yaml(path), opts)
+    raise ConfigError(f"config file '{name_or_path}' not found; use a path or one of: "
+                      + ", ".join(experiment_files()))
 
 
 def config_to_yaml(cfg):

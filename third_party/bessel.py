@@ -85,7 +85,7 @@ def widest_float(device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
-def _check_input(x: torch.Tensor, dtype) -> tuple:
+def _apply(nu: float, x: torch.Tensor, dtype, log: bool) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError("x must be a torch.Tensor")
     if dtype is None:
@@ -95,19 +95,17 @@ def _check_input(x: torch.Tensor, dtype) -> tuple:
     if not x.is_floating_point():
         # Integer inputs would make the output integer; promote like torch does.
         x = x.to(torch.get_default_dtype())
-    return x, dtype
+    return _Ive.apply(x, nu, dtype, log)
 
 
 def ive(nu: float, x: torch.Tensor, dtype=None) -> torch.Tensor:
     """Ie_nu(x) = I_nu(x) * exp(-x) elementwise with x's shape, dtype and device; nu >= 0 (0..20
     validated), x > 0 (0 clamped to 1e-300, 1e-35 in float32); dtype of the arithmetic: float64
     or float32, None for ``widest_float(x.device)`` (relative error ~1e-13 and ~1e-5)."""
-    x, dtype = _check_input(x, dtype)
-    return _Ive.apply(x, nu, dtype, False)
+    return _apply(nu, x, dtype, log=False)
 
 
 def log_ive(nu: float, x: torch.Tensor, dtype=None) -> torch.Tensor:
     """log(Ie_nu(x)), computed in log space: finite where ``ive`` underflows (x = 1e-30 in
     float32); arguments as ``ive``'s."""
-    x, dtype = _check_input(x, dtype)
-    return _Ive.apply(x, nu, dtype, True)
+    return _apply(nu, x, dtype, log=True)

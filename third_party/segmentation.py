@@ -86,10 +86,9 @@ class SegmentationMeter:
 
     def compute(self) -> dict:
         """pixel_acc, per-class iou (list) and miou, as Python floats."""
-        conf = torch.zeros(self.num_classes, self.num_channels, dtype=torch.float64)
-        if self.confusion is not None:
-            conf = self.confusion.detach().to("cpu").to(torch.float64)
         c = self.num_classes
+        empty = torch.zeros(c, self.num_channels)
+        conf = (empty if self.confusion is None else self.confusion).detach().cpu().double()
         correct = torch.diagonal(conf[:, :c])  # spare channels are never correct
         labelled = conf.sum(dim=1)  # includes pixels predicted as a spare channel
         predicted = conf[:, :c].sum(dim=0)

@@ -49,13 +49,11 @@ def load_codes(path):
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in KEYS if k not in npz.files]
             out = {} if missing else {k: npz[k] for k in KEYS + (NAMES,) if k in npz.files}
-    except ValueError as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         # np.load says "Object arrays cannot be loaded when allow_pickle=False".
-        reason = "holds pickled objects, which are refused" if "pickle" in str(e) \
-            else "is corrupt or truncated"
-        raise CodesError(f"codes file {path} {reason}") from None
-    except (OSError, EOFError, zipfile.BadZipFile):
-        raise CodesError(f"codes file {path} is corrupt or truncated") from None
+        pickled = isinstance(e, ValueError) and "pickle" in str(e)
+        why = "holds pickled objects, which are refused" if pickled else "is corrupt or truncated"
+        raise CodesError(f"codes file {path} {why}") from None
     if missing:
         raise CodesError(f"codes file {path} lacks {', '.join(missing)}: not a codes file of "
                          "this tool")

@@ -30,8 +30,7 @@ def select_device(name="auto", local_rank=0):
         raise DeviceError(f"--device {name}: CUDA is not available on this machine; "
                           "use --device cpu or --device auto")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA "
-                          "device(s) here")
+        raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     if device.type == "mps" and not mps_available():
         raise DeviceError(f"--device {name}: MPS is not available; use --device cpu or auto")
     return device
