@@ -2,7 +2,10 @@
 
     python tests/_kill_wrapper.py JOBS.json
 
-JOBS.json is a list of jobs, run two at a time; the jobs of one "root" run one after the
+JOBS.json is a list of jobs, or {"warm_up": ARGV, "jobs": [jobs]}: then main.run(ARGV) runs
+first in this process (its output dropped; it must succeed), so that the children start with
+what a first run loads and initialises once (lazy imports, kernel set-up): each job then
+costs about half. The jobs run two at a time; the jobs of one "root" run one after the
 other, in their order. Each job is a dict:
 
     argv    the command line given to main.run; an item "{run:ROOT}" is replaced by the
@@ -23,12 +26,14 @@ other, in their order. Each job is a dict:
             what the job left
     root    the ROOT of copy_to
 
-Each job runs in a child forked from this process (torch is imported once, before any
-torch work, so the children start warm). Prints the jobs' exit codes as a JSON list, as
+Each job runs in a child forked from this process (torch is imported once, and used only by
+the warm-up run, so the children start warm). Prints the jobs' exit codes as a JSON list, as
 subprocess reports them (-9 for SIGKILL).
 """
 import builtins
+import contextlib
 import glob
+import io
 import json
 import os
 import shutil
@@ -40,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import main  # noqa: E402
-import trainer.images  # noqa: E402,F401  (imports atomic_write_bytes by name)
+import trainer.export  # noqa: E402,F401  (imports atomic_write_bytes by name)
 import trainer.loop  # noqa: E402
 import trainer.runs  # noqa: E402,F401  (imports append_jsonl by name)
 import util.io  # noqa: E402
@@ -206,6 +211,19 @@ def run_jobs(jobs, lanes=2):
     return codes
 
 
+def warm_up(argv):
+    """main.run(argv) in this process, before any fork; its output is shown only if it fails."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = main.run(argv)
+    if code != 0:
+        raise RuntimeError(f"the warm-up run exited {code}:\n{out.getvalue()}")
+
+
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:
-        print(json.dumps(run_jobs(json.load(f))))
+        spec = json.load(f)
+    if isinstance(spec, dict):
+        warm_up(spec["warm_up"])
+        spec = spec["jobs"]
+    print(json.dumps(run_jobs(spec)))

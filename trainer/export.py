@@ -1,14 +1,18 @@
 """``-ts RUN --encode SPLIT``: ``codes_<SPLIT>.npz`` (util/codes.py), the code of every latent
-position of a split, and images decoded back from codes."""
+position of a split; images decoded back from codes, and shown (reconstruction grids)."""
 import hashlib
+import io
 import os
 
 import numpy as np
 import torch
+from torchvision.utils import save_image
 
 import data
 from configs import config_to_yaml
+from third_party.segmentation import colorize
 from util.codes import MAX_CODES, pack_codes
+from util.grid import reconstruction_grid as layout
 from util.io import atomic_write_bytes
 
 from .runs import RunError
@@ -18,6 +22,7 @@ MODEL_SECTIONS = ("dataset", "model", "network", "quantization", "flags")
 # Keys that change no number a model computes (what dataset.shape restates, the memory
 # layout): left out, so a config hashes as it did before they existed.
 RESTATED = {"dataset": ("channels", "image_size"), "network": ("channels_last",)}
+GRID_IMAGES = 8
 
 
 def config_hash(cfg):
@@ -69,3 +74,29 @@ def decode_indices(model, codes, device="cpu", batch_size=256):
         out.append((x_hat.argmax(1, keepdim=True) if labels else x_hat).cpu())
     return torch.cat(out)
 
+
+def displayable(x, labels):
+    """Images clamped to [0, 1], or label maps coloured with the 19-class palette."""
+    return colorize(x.long()) if labels else x.float().clamp(0, 1)
+
+
+def to_display(x, x_hat, labels):
+    """The originals and their reconstructions (label maps: the argmax channel), to show."""
+    return displayable(x, labels), displayable(x_hat.argmax(1) if labels else x_hat, labels)
+
+
+@torch.no_grad()
+def save_reconstructions(model, x, paths, n=GRID_IMAGES):
+    """Write the grid of `x[:n]` over its deterministic reconstructions to each path; returns it."""
+    was_training = model.training
+    model.eval()
+    x = x[:n]
+    x_hat, _ = model(x, "deterministic")
+    model.train(was_training)
+    top, bottom = to_display(x, x_hat, model.OUTPUTS == "labels")
+    grid = layout(top.cpu(), bottom.cpu(), columns=len(x))[0]
+    buffer = io.BytesIO()
+    save_image(grid, buffer, format="png")
+    for path in paths:
+        atomic_write_bytes(path, buffer.getvalue())
+    return grid

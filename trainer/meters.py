@@ -99,12 +99,10 @@ def eval_pass(model, loader, mode, limit=None, bar=None):
             seg.update_from_logits(x_hat, x)
         if bar is not None:
             bar.update(x.shape[0])
-    result = derived_metrics(meter.means(), model.dim_x)
-    result.update(histogram.summary())
+    result = {**derived_metrics(meter.means(), model.dim_x), **histogram.summary()}
     if seg is not None and seg.confusion is not None:
         dist.all_reduce_sum(seg.confusion)
-        scores = seg.compute()
-        result["pixel_acc"], result["miou"] = scores["pixel_acc"], scores["miou"]
+        result.update({k: v for k, v in seg.compute().items() if k in ("pixel_acc", "miou")})
     return result
 
 

@@ -18,7 +18,7 @@ from util.codes import CodeUsage
 from util.io import atomic_write_bytes
 
 from . import export, runs
-from .images import displayable
+from .export import displayable
 from .logs import Display
 from .loop import interrupted_says
 

@@ -10,7 +10,7 @@ from util.codes import CodeUsage
 from util.io import atomic_write_bytes
 
 from . import export, runs
-from .images import to_display
+from .export import to_display
 
 NAMES = ("report", "report_curves", "report_codebook", "report_reconstructions")
 RECONSTRUCTIONS = 16

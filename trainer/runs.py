@@ -207,7 +207,7 @@ class RunRecorder:
         """The grid of `loader`'s first batch, saved under each of `names`."""
         if not self.is_main:
             return
-        from .images import save_reconstructions  # torchvision: not for the companions
+        from .export import save_reconstructions  # torchvision: not for the companions
         x, _ = next(iter(loader))
         grid = save_reconstructions(model, x, [
             os.path.join(self.run_dir, f"reconstructions_{name}.png") for name in names])
