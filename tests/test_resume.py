@@ -73,11 +73,14 @@ def run_dir(root):
     return Path(found[0])
 
 
-def run_jobs(folder, jobs):
+def run_jobs(folder, jobs, warm_up=None):
     """Run (name, root, argv, fault, extra) jobs through the wrapper: two at a time, those of
-    one root one after the other."""
+    one root one after the other; after the command line `warm_up`, if given, in the
+    wrapper's own process (see tests/_kill_wrapper.py)."""
     spec = [{"argv": [str(a) for a in argv], "out": str(folder / name), "fault": fault,
              "root": str(root), **extra} for name, root, argv, fault, extra in jobs]
+    if warm_up is not None:
+        spec = {"warm_up": [str(a) for a in warm_up], "jobs": spec}
     (folder / "jobs.json").write_text(json.dumps(spec))
     proc = subprocess.run([sys.executable, str(WRAPPER), str(folder / "jobs.json")],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
@@ -212,7 +215,11 @@ def runs(tmp_path_factory, data):
                               *train_argv(folder / "fresh", data, epochs=1)],
                              cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    out = run_jobs(folder, jobs)
+    # The wrapper first trains a run of one epoch on data and in a folder of its own, so the
+    # forked runs start warm (about half the time each).
+    warm_data = folder / "warm_up_data"
+    write_mnist(str(warm_data), n_train=120, n_test=20)
+    out = run_jobs(folder, jobs, warm_up=train_argv(folder / "warm_up", warm_data, epochs=1))
     _, err = fresh.communicate(timeout=600)
     out["fresh"] = (fresh.returncode, err, folder / "fresh")
     out["writes"] = {k: (folder / f"w{k}_left",
