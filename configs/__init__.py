@@ -37,8 +37,17 @@ def _flatten(mapping, prefix=""):
             yield f"{prefix}{key}", value
 
 
-def _coerce(key, value, default):
-    """A value as the type of its default (an int for a float, a list of ints for a tuple)."""
+def _set(cfg, known, key, value):
+    """cfg's dotted `key`, one of `known` (key: default), set to `value` as the type of its
+    default (an int for a float, a list of ints for a tuple)."""
+    parent, _, leaf = key.rpartition(".")
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        siblings = [k for k in known if k.rpartition(".")[0] == parent]
+        raise ConfigError(f"unknown config key '{key}'{hint}; allowed keys here: "
+                          + ", ".join(siblings))
+    default = known[key]
     if isinstance(value, str) and not isinstance(default, str):
         with contextlib.suppress(ValueError, SyntaxError):
             value = ast.literal_eval(value)
@@ -48,19 +57,7 @@ def _coerce(key, value, default):
     if type(value) is not kind or (kind is tuple and not all(isinstance(v, int) for v in value)):
         raise ConfigError(f"config key '{key}' needs a {kind.__name__} like {default!r}, "
                           f"got {brief(value)}")
-    return value
-
-
-def _set(cfg, defaults, key, value):
-    known = dict(_flatten(defaults))
-    parent, _, leaf = key.rpartition(".")
-    if key not in known:
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        siblings = [k for k in known if k.rpartition(".")[0] == parent]
-        raise ConfigError(f"unknown config key '{key}'{hint}; allowed keys here: "
-                          + ", ".join(siblings))
-    (get_key(cfg, parent) if parent else cfg)[leaf] = _coerce(key, value, known[key])
+    (get_key(cfg, parent) if parent else cfg)[leaf] = value
 
 
 class YamlAliasError(yaml.composer.ComposerError):
@@ -94,29 +91,6 @@ def brief(value, limit=80):
     except ValueError:  # an int beyond the digits Python converts to text
         text = f"<{type(value).__name__} of {value.bit_length()} bits>"
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _read_yaml(path):
-    try:
-        with open(path) as f:
-            data = load_plain_yaml(f)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or "invalid YAML"
-        what = "YAML alias" if isinstance(e, YamlAliasError) else "YAML syntax error"
-        raise ConfigError(f"{path}: {what}{where}: {problem}; fix the file") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    except (ValueError, OverflowError) as e:  # e.g. an int of too many digits, a bad date
-        raise ConfigError(f"{path}: not readable as a config ({brief(str(e), 120)}); fix "
-                          "the file") from None
-    except RecursionError:  # the YAML parser recurses once per level
-        raise ConfigError(f"{path}: nested too deeply to be a config (the settings nest at "
-                          "most three levels); fix the file") from None
-    if not isinstance(data, (dict, type(None))):
-        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-    return data or {}
 
 
 def get_key(cfg, key):
@@ -189,12 +163,11 @@ def _check_model(cfg, model):
         if get_key(cfg, key) not in taken:
             raise ConfigError(f"config key 'model.name' {name} needs {key} {_one_of(taken)}, "
                               f"not {get_key(cfg, key)}")
-    if cfg.quantization.init not in model.codebook_inits:
-        taking = [m for m, spec in registry.MODELS.items()
-                  if cfg.quantization.init in spec.codebook_inits]
-        raise ConfigError(f"config key 'quantization.init' {cfg.quantization.init} needs "
-                          f"model.name {_one_of(taking)} (model.name {name} takes "
-                          f"{_one_of(model.codebook_inits)})")
+    init = cfg.quantization.init
+    if init not in model.codebook_inits:
+        taking = _one_of([m for m, spec in registry.MODELS.items() if init in spec.codebook_inits])
+        raise ConfigError(f"config key 'quantization.init' {init} needs model.name {taking} "
+                          f"(model.name {name} takes {_one_of(model.codebook_inits)})")
     if cfg.quantization.ema and not model.ema:
         # The SQ-VAE's codebook is learned by its loss: ignoring the flag would mislabel a run.
         taking = [m for m, spec in registry.MODELS.items() if spec.ema]
@@ -253,16 +226,16 @@ def parse_overrides(opts):
 
 def config_from_mapping(mapping, opts=None):
     """Defaults + a nested mapping (an experiment file's content) + overrides, frozen."""
-    defaults = get_defaults()
-    cfg = defaults.clone()
+    cfg = get_defaults()
+    known = dict(_flatten(cfg))  # every key and its default
     for key, value in _flatten(mapping):
         if key not in DERIVED_KEYS:  # recomputed anyway
-            _set(cfg, defaults, key, value)
+            _set(cfg, known, key, value)
     for key, value in parse_overrides(opts):
         if key in DERIVED_KEYS:
             raise ConfigError(f"config key '{key}' is derived and cannot be set; "
                               + DERIVED_KEYS[key])
-        _set(cfg, defaults, key, value)
+        _set(cfg, known, key, value)
     _validate_and_derive(cfg)
     cfg.freeze()
     return cfg
@@ -272,11 +245,30 @@ def load_config(name_or_path, opts=None):
     """Defaults + experiment file (any YAML path, or a shipped name: "mnist_gauss_1[.yaml]") +
     overrides, validated, derived and frozen."""
     shipped = os.path.join(CONFIG_DIR, name_or_path)  # name_or_path itself if absolute
-    for path in (name_or_path, shipped, shipped + ".yaml"):
-        if os.path.isfile(path):
-            return config_from_mapping(_read_yaml(path), opts)
-    raise ConfigError(f"config file '{name_or_path}' not found; use a path or one of: "
-                      + ", ".join(experiment_files()))
+    path = next((p for p in (name_or_path, shipped, shipped + ".yaml") if os.path.isfile(p)), None)
+    if path is None:
+        raise ConfigError(f"config file '{name_or_path}' not found; use a path or one of: "
+                          + ", ".join(experiment_files()))
+    try:
+        with open(path) as f:
+            data = load_plain_yaml(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        what = "YAML alias" if isinstance(e, YamlAliasError) else "YAML syntax error"
+        raise ConfigError(f"{path}: {what}{where}: {problem}; fix the file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except (ValueError, OverflowError) as e:  # e.g. an int of too many digits, a bad date
+        raise ConfigError(f"{path}: not readable as a config ({brief(str(e), 120)}); fix "
+                          "the file") from None
+    except RecursionError:  # the YAML parser recurses once per level
+        raise ConfigError(f"{path}: nested too deeply to be a config (the settings nest at "
+                          "most three levels); fix the file") from None
+    if not isinstance(data, (dict, type(None))):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return config_from_mapping(data or {}, opts)
 
 
 def config_to_yaml(cfg):

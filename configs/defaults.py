@@ -86,13 +86,10 @@ _C.prior.patience = 4  # Epochs without a better validation NLL before training 
 _C.prior.temperature = 1.0  # Sampling: codes drawn from softmax(logits / temperature).
 
 
-ENV_OVERRIDES = {"path": "SQVAE_CHECKPOINTS", "path_dataset": "SQVAE_DATA"}
-
-
 def get_defaults():
     """A fresh, mutable copy of the defaults, with the environment's roots applied."""
     cfg = _C.clone()
-    for key, var in ENV_OVERRIDES.items():
+    for key, var in (("path", "SQVAE_CHECKPOINTS"), ("path_dataset", "SQVAE_DATA")):
         if os.environ.get(var):
             cfg[key] = os.environ[var]
     return cfg

@@ -50,5 +50,4 @@ MODELS = {
 NETWORKS = tuple(dict.fromkeys(spec.network for spec in DATASETS.values()))
 # quantization.init: N(0, 1) rows (the SQ-VAE release's) or uniform(-1/K, 1/K) (VQ-VAE).
 CODEBOOK_INITS = ("normal", "uniform")
-# network.act_decoder: the label decoder's output activation.
-ACTIVATIONS = ("exp", "sigmoid", "tanh", "none")
+ACTIVATIONS = ("exp", "sigmoid", "tanh", "none")  # network.act_decoder (the label decoder's output)

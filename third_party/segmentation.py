@@ -22,8 +22,7 @@ def _one_channel(labels: torch.Tensor, what: str) -> torch.Tensor:
     """B x H x W from B x 1 x H x W; other shapes as they are."""
     if labels.dim() == 4:
         if labels.shape[1] != 1:
-            raise ValueError(f"{what} with 4 dims must have one channel, got "
-                             f"{tuple(labels.shape)}")
+            raise ValueError(f"{what} with 4 dims must have one channel, got {tuple(labels.shape)}")
         labels = labels[:, 0]
     return labels
 
