@@ -1,7 +1,6 @@
 """The decoded cache of the datasets read from image files: the files decoded once, by the very
-function the file loader calls, into a uint8 N x C x H x W ``<root>/cache/<name>.npy`` that
-later epochs and processes memory-map. Its ``.json`` sidecar records the decoding (function,
-parameters, its module's source hash, Pillow) and the files: either changed, it is rebuilt."""
+function the file loader calls, into a uint8 N x C x H x W ``<root>/cache/<name>.npy`` that later
+epochs and processes memory-map; rebuilt when the decoding or files its sidecar records change."""
 import contextlib
 import functools
 import glob

@@ -26,14 +26,10 @@ def open_image(path, what):
     return img
 
 
-_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-
-
 class PictureDecoder:
     """Any picture Pillow reads -> uint8 C x size x size: upright by its EXIF orientation, grey
-    or RGB (`channels` 1 or 3; alpha dropped: the colour under it shows, as in torchvision's
-    image loader), its centred square resized with antialiasing; DatasetError naming the file
-    otherwise. An object, not a closure: the cache's workers are handed it."""
+    or RGB (`channels` 1 or 3; under alpha the colour shows, as torchvision loads it), its
+    centred square resized with antialiasing; else DatasetError. An object: workers get it."""
 
     def __init__(self, channels, size):
         self.channels, self.size = int(channels), int(size)
@@ -45,7 +41,7 @@ class PictureDecoder:
         img = open_image(path, "image")
         try:
             img = ImageOps.exif_transpose(img)
-            if img.mode in _WIDE_MODES:
+            if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
                 # 16-bit greys by full range; 32-bit ints and floats as 8 bits if they fit, else 16
                 values = np.asarray(img, dtype=np.float64)
                 if img.mode.startswith("I;16") or (values.size and values.max() > 255):

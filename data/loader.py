@@ -153,9 +153,8 @@ class FileLoader(Loader):
 
 
 def batch_buffer(shape, device):
-    """An empty uint8 host tensor for a batch bound for `device`: pinned for CUDA, where only
-    that lets a non_blocking copy overlap the step (a fresh one per batch is safe and cheap:
-    the pinned cache reuses a block once its copies have finished); else ordinary memory."""
+    """An empty uint8 host tensor for a batch bound for `device`, pinned for CUDA: only that lets
+    a non_blocking copy overlap the step (one per batch: the pinned cache reuses copied blocks)."""
     return torch.empty(shape, dtype=torch.uint8, pin_memory=is_cuda(device))
 
 

@@ -36,9 +36,8 @@ def list_pictures(folder):
 
 
 def decoded(folder, names, shape, *, cached=True, reads, wanted, where):
-    """The Decoded split of the pictures `wanted` (its record lists the skipped ones) out of
-    `names` at square `shape` (C, S, S), all decoded once per state of the files for `reads`
-    (one command's), which reports the skipped ones once; none decoded: DatasetError."""
+    """The Decoded split `wanted` of `names` at square `shape` (C, S, S), its record listing the
+    skipped; all decoded once per state of the files for `reads`, which warns once; else error."""
     channels, size, width = shape = tuple(shape)
     if size != width:
         raise ValueError(f"pictures are decoded square, not {size}x{width}")

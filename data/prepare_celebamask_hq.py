@@ -145,8 +145,7 @@ def _write_face(root, image_dir, mask_dir, side_of_kind, face):
 
 
 def _release(src):
-    """(the mapping file's rows as [(k, orig_idx)] in file order, image folder, mask folder) of
-    the release at `src`, its folders checked."""
+    """(mapping rows [(k, orig_idx)] in file order, image folder, mask folder) of `src`, checked."""
     if not os.path.isdir(src):
         raise DatasetError(f"missing release folder {src}")
     path = os.path.join(src, MAPPING_FILE)

@@ -34,10 +34,9 @@ def celebamask_files(root, split):
     complete (as many as ``<split>_label``, or alone), which saves the 512->64 resize."""
     folder = os.path.join(root, CELEBAMASK_DIR)
     full, small = _numbered_pngs(folder, split), _numbered_pngs(folder, split, "_64")
-    if small and (full is None or len(small) == len(full)):
-        return small
-    if full:
-        return full
+    found = small if small and (full is None or len(small) == len(full)) else full
+    if found:
+        return found
     absent = [f"{s}_label{os.sep}" for s in SPLITS
               if not (_numbered_pngs(folder, s) or _numbered_pngs(folder, s, "_64"))]
     raise DatasetError(f"{NAME} not found under {root}: {', '.join(absent)} missing or empty in "

@@ -41,11 +41,9 @@ class _RefusedGlobal(pickle.UnpicklingError):
 
 class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        try:
-            return _CIFAR_GLOBALS[(module, name)]
-        except KeyError:  # protocol 2 names Python 2's module (Python 3 writes builtins so)
-            module = {"__builtin__": "builtins"}.get(module, module)
-            raise _RefusedGlobal(f"{module}.{name}") from None
+        if (module, name) not in _CIFAR_GLOBALS:  # protocol 2 names Python 2's builtins module
+            raise _RefusedGlobal(f"{'builtins' if module == '__builtin__' else module}.{name}")
+        return _CIFAR_GLOBALS[(module, name)]
 
 
 def _read_cifar_batch(path):

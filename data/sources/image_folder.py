@@ -32,9 +32,8 @@ def hash_splits(names):
         splits[SPLITS[bisect.bisect_right(HASH_SHARES, position[name])]].append(name)
     for split in ("test", "val"):
         if not splits[split]:
-            moved = max(splits["train"], key=position.__getitem__)
-            splits["train"].remove(moved)
-            splits[split].append(moved)
+            splits[split].append(max(splits["train"], key=position.__getitem__))
+            splits["train"].remove(splits[split][0])
     return splits
 
 

@@ -12,7 +12,6 @@ from ..errors import DatasetError
 
 SPLITS = ("train", "val", "test")
 NO_DOWNLOAD_ENV, DOWNLOAD_TIMEOUT_S = "SQVAE_NO_DOWNLOAD", 10
-LAYOUT_NAMES = ("this project's layout", "the authors' layout")
 VAL_SIZE = 10_000  # carved off the end of the official training split
 # Fewer training images: a toy (a test fixture, a subset) that 10,000 would leave without any.
 MIN_OFFICIAL_TRAIN_FOR_FIXED_VAL = 20_000
@@ -47,7 +46,7 @@ def find_folder(reads, dataset_name, root, folder, *, missing, hint, download):
     ours, theirs = os.path.join(root, *folder), os.path.join(root, dataset_name, *folder)
     note = None
     while True:
-        for path, layout in zip((ours, theirs), LAYOUT_NAMES):
+        for path, layout in zip((ours, theirs), ("this project's layout", "the authors' layout")):
             if not missing(path):
                 reads.say(f"{dataset_name}: using {path} ({layout})")
                 return path
