@@ -219,16 +219,14 @@ def published_figures(path=PUBLISHED_FIGURES):
 def published_section(report_path):
     """The published figures, and a link (from the report's folder) to the GPU runs' commands."""
     link = os.path.relpath(GPU_RUNS, os.path.dirname(os.path.abspath(report_path)))
-    table = _markdown(["dataset", "model", "PSNR (dB)", "perplexity", "source"],
-                      [[r["dataset"], r["model"], _cell(r["psnr"], "{:.2f}"),
-                        _cell(r["perplexity"], "{:.1f}"), r["source"]]
-                       for r in published_figures()])
     return "\n\n".join([
         "## Published figures",
         "Numbers from the literature to place the tables above. They come from the sources'\n"
         "own GPU trainings: short rows compare with them in order of magnitude only, rows of\n"
         "the paper's length more closely.",
-        table,
+        _markdown(["dataset", "model", "PSNR (dB)", "perplexity", "source"],
+                  [[r["dataset"], r["model"], _cell(r["psnr"], "{:.2f}"),
+                    _cell(r["perplexity"], "{:.1f}"), r["source"]] for r in published_figures()]),
         "The CIFAR10 and CelebA rows of this report need a GPU (an epoch of CelebA is about\n"
         f"163,000 images): the command lines that make them are in [gpu-runs.md]({link}).\n"])
 

@@ -117,13 +117,11 @@ class Display:
                      f"{val['perplexity']:.1f}, {train_s:.1f}s + {val_s_s + val_seconds:.1f}s")
             return
         name = "Val" if self.labels else "Validation"
-        self.log(f"[Epoch={epoch}]")
-        self.log(release_line("Train", train, train_s))
-        for line in release_eval_lines(name, val_s, val_s_s) + release_eval_lines(
-                name, val, val_seconds):
+        last = "----Saving model!" if saved else f"----Not saving model! Last saved: {best_epoch}"
+        for line in [f"[Epoch={epoch}]", release_line("Train", train, train_s),
+                     *release_eval_lines(name, val_s, val_s_s),
+                     *release_eval_lines(name, val, val_seconds), last]:
             self.log(line)
-        self.log("----Saving model!" if saved else
-                 f"----Not saving model! Last saved: {best_epoch}")
 
     def best_loaded(self, run_dir):
         if self.dbg:

@@ -3,6 +3,7 @@
 ``log.every_steps`` steps and once per epoch; `checkpoint`/`resume` are current.pt's state."""
 import contextlib
 import math
+import os
 import signal
 import time
 from itertools import islice
@@ -90,7 +91,8 @@ class FiniteGuard:
             return
         terms = (", ".join(f"{k}={v:.4g}" for k, v in zip(self.keys, self.bad_terms.tolist()))
                  if local >= 0 else "on another process")
-        kept = recorder.kept()
+        kept = [name for name in (runs.CURRENT, runs.BEST) if recorder.run_dir is not None
+                and os.path.isfile(os.path.join(recorder.run_dir, name))]
         where = (f"; {' and '.join(kept)} in {recorder.run_dir} (from before it) are kept"
                  if kept else "; no checkpoint was written before it")
         raise TrainingError(f"non-finite loss at step {step} ({terms}); try a lower "

@@ -16,10 +16,8 @@ from .runs import RunError
 
 def import_run(run_dir, dest=None):
     """Write a run folder of ours (`dest`, or path/path_specific/NAME) for a release run."""
-    from networks import build_model
-    cfg = release_format.read_release_config(run_dir)
-    weights = release_format.load_release_weights(run_dir)
-    runs.load_model_weights(build_model(cfg), weights, os.path.join(run_dir, runs.BEST))
+    cfg, model, _ = runs.load_run_model(run_dir)  # the weights fit the model of its config
+    weights = model.state_dict()
     if dest is None:
         dest = os.path.join(cfg.path_checkpoint, os.path.basename(os.path.abspath(run_dir)))
         # read_release_config keeps path_specific below `path`; checked again where it is made.

@@ -198,11 +198,6 @@ class RunRecorder:
             if name == CURRENT:
                 self.write_records()
 
-    def kept(self):
-        """The checkpoints in the run folder, which a failure leaves as they were."""
-        return [name for name in (CURRENT, BEST) if self.run_dir is not None
-                and os.path.isfile(os.path.join(self.run_dir, name))]
-
     def save_grids(self, model, loader, names, display, step):
         """The grid of `loader`'s first batch, saved under each of `names`."""
         if not self.is_main:
