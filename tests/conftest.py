@@ -83,12 +83,16 @@ def full_data():
 @pytest.fixture(scope="session")
 def mnist_runs(tmp_path_factory, small_data):
     """Run folders of SQ-VAE and VQ-VAE, same seed and budget: 2 epochs of 50 training steps
-    of 32 images on the shipped MNIST subset, evaluation on 100 batches of 10 (1,000 images
-    per pass). ~15 s on 2 idle cores, once for the session (test_vqvae.py, test_compare.py)."""
+    of 32 images on the shipped MNIST subset, logged every 10 steps (test_logging.py reads
+    those records; logging changes no number of the run), evaluation on 100 batches of 10
+    (1,000 images per pass). ~15 s on 2 idle cores, once for the session (test_vqvae.py,
+    test_compare.py, test_logging.py, test_prior.py, test_image_folder.py). Read-only: a
+    test that writes into a run works on a copy."""
     import main
     root = str(tmp_path_factory.mktemp("runs"))
     budget = ["--save", "--seed", "0", "--limit-batches", "50", "train.epoch_max", "2",
-              "test.bs", "10", "path", root, "path_dataset", small_data]
+              "log.every_steps", "10", "test.bs", "10", "path", root, "path_dataset",
+              small_data]
     for name in ("mnist_gauss_1", "mnist_vqvae"):
         assert main.run(["-c", name + ".yaml", *budget]) == 0
     found = []

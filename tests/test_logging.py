@@ -4,27 +4,21 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import main
 from tests import fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def mnist_run(tmp_path_factory, small_data):
-    # test.bs 10: the test passes (checked for their records and tags only) see 500 images.
-    root = tmp_path_factory.mktemp("runs")
-    argv = ["-c", "mnist_gauss_1.yaml", "--save", "--limit-batches", "50", "train.epoch_max",
-            "2", "log.every_steps", "10", "test.bs", "10", "path", str(root),
-            "path_dataset", small_data]
-    assert main.run(argv) == 0
-    (specific,) = os.listdir(root)
-    (run,) = os.listdir(root / specific)
-    run_dir = root / specific / run
+def mnist_run(mnist_runs):
+    # The session's SQ-VAE run (tests/conftest.py): 2 epochs of 50 steps logged every 10,
+    # test.bs 10 (the test passes, checked for their records and tags only, see 500 images).
+    run_dir = Path(mnist_runs[0])
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     return run_dir, records
 
