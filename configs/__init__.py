@@ -44,9 +44,8 @@ def _set(cfg, known, key, value):
     if key not in known:
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        siblings = [k for k in known if k.rpartition(".")[0] == parent]
         raise ConfigError(f"unknown config key '{key}'{hint}; allowed keys here: "
-                          + ", ".join(siblings))
+                          + ", ".join(k for k in known if k.rpartition(".")[0] == parent))
     default = known[key]
     if isinstance(value, str) and not isinstance(default, str):
         with contextlib.suppress(ValueError, SyntaxError):
@@ -276,7 +275,5 @@ def config_to_yaml(cfg):
     def plain(node):
         if isinstance(node, CfgNode):
             return {k: plain(v) for k, v in node.items()}
-        if isinstance(node, tuple):
-            return str(node)  # yacs-style tuples, e.g. "(1, 28, 28)"
-        return node
+        return str(node) if isinstance(node, tuple) else node  # tuples yacs-style: "(1, 28)"
     return yaml.safe_dump(plain(cfg), sort_keys=False)

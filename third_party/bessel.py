@@ -50,9 +50,8 @@ def _log_ive_and_dlog(nu: float, x: torch.Tensor, dtype: torch.dtype):
     t = max(25.0, 0.5 * nu * nu)  # the switch point T(nu)
     # The series' terms peak near k = x/2 and fall like a Gaussian of width ~sqrt(x/2); 6 widths
     # past the peak is below 1e-16 of the sum; the slack covers small x (not yet Gaussian).
-    series_terms = int(math.ceil(t / 2 + 6.0 * math.sqrt(t) + 30))
     # Each branch sees only its own domain, so the one torch.where discards makes no inf/NaN.
-    log_s, dlog_s = _series(nu, xc.clamp_max(t), series_terms)
+    log_s, dlog_s = _series(nu, xc.clamp_max(t), int(math.ceil(t / 2 + 6.0 * math.sqrt(t) + 30)))
     log_h, dlog_h = _hankel(nu, xc.clamp_min(t), _HANKEL_TERMS)
     small = xc < t
     return (torch.where(small, log_s, log_h).reshape(shape),

@@ -14,7 +14,6 @@ def reconstruction_grid(originals, reconstructions, columns=8, pad=2):
     blank = originals.new_full((rows * columns - n, c, h, w), 0.5)  # the last row's gap
     pairs = torch.stack([torch.cat([images, blank]).unflatten(0, (rows, columns))
                          for images in (originals, reconstructions)], 1)
-    grid = make_grid(pairs.flatten(0, 2), nrow=columns, padding=pad, pad_value=0.5)
     centres = [(pad + row * (h + pad) + h / 2, ("original", "reconstruction")[row % 2])
                for row in range(2 * rows)]
-    return grid, centres
+    return make_grid(pairs.flatten(0, 2), nrow=columns, padding=pad, pad_value=0.5), centres
