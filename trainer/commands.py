@@ -26,8 +26,7 @@ GIB, MIB = 2 ** 30, 2 ** 20
 def summary(cfg):
     print(config_to_yaml(cfg), end="")
     counts = count_parameters(build_model(cfg))
-    print(f"params total={counts['total']} encoder={counts['encoder']} "
-          f"decoder={counts['decoder']}")
+    print(f"params total={counts['total']} encoder={counts['encoder']} decoder={counts['decoder']}")
     return 0
 
 
@@ -321,8 +320,7 @@ def write_outputs(run_dir, cfg, model, device, *, report, encode, recorded, imag
 def prior_and_samples(run_dir, device, *, opts, seed, train, sample, limit_batches, command):
     from . import prior as priors
     if dist.world_size() > 1:
-        raise ConfigError("--prior and --sample run in one process; start them without "
-                          "torchrun")
+        raise ConfigError("--prior and --sample run in one process; start them without torchrun")
     run_cfg, model, _ = runs.load_run_model(run_dir, opts, device)
     if train:
         priors.train_prior(run_dir, run_cfg, model, device, seed=seed, opts=opts,

@@ -79,8 +79,7 @@ def _main(argv):
     args = parser.parse_args(argv)
     if not os.path.isdir(args.run) or not release_format.is_release_run(args.run):
         raise UsageError(f"{args.run} is not a run folder of the authors' release (no "
-                         f"{release_format.CONFIG_FILE}, or it already holds a "
-                         f"{runs.CONFIG_FILE})")
+                         f"{release_format.CONFIG_FILE}, or it already holds a {runs.CONFIG_FILE})")
     dest = import_run(args.run, args.to)
     print(f"imported {os.path.abspath(args.run)} as {dest}")
     return 0

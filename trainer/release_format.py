@@ -90,15 +90,23 @@ def our_key(key):
     return key
 
 
-def load_release_weights(run_dir):
-    """The weights of a release's best.pt (with or without DataParallel's prefix), our names."""
+def convert_state_dict(state):
+    """A release state dict (with or without DataParallel's prefix) under our names."""
     import torch
-    path = os.path.join(run_dir, BEST)
-    state = read_checkpoint(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RunError(f"checkpoint {path}: not a state dict of tensors; is it a checkpoint of "
-                       "the authors' release?")
+        raise RunError("not a state dict of tensors")
     out = {our_key(k): v for k, v in state.items()}
     if "log_kappa_inv" in out:
         out["log_kappa_inv"] = out["log_kappa_inv"].reshape(())
     return out
+
+
+def load_release_weights(run_dir):
+    """The weights of a release's best.pt under our names."""
+    path = os.path.join(run_dir, BEST)
+    state = read_checkpoint(path)
+    try:
+        return convert_state_dict(state)
+    except RunError as e:
+        raise RunError(f"checkpoint {path}: {e}; is it a checkpoint of the authors' "
+                       "release?") from None

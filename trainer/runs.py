@@ -120,8 +120,7 @@ def append_metrics(run_dir, records):
 
 def resolve_run_dir(cfg, name, flag="-ts"):
     """A run folder from a name under path/path_specific, or from a path."""
-    candidates = [name] if os.path.isabs(name) else [os.path.join(cfg.path_checkpoint, name), name]
-    for path in candidates:
+    for path in (os.path.join(cfg.path_checkpoint, name), name):  # an absolute name: itself
         if os.path.isdir(path):
             return os.path.abspath(path)
     raise RunError(f"{flag} {name}: no such run folder (looked in {cfg.path_checkpoint}); "
