@@ -27,10 +27,6 @@ MIN_PARALLEL = 1024  # below this many files a pool's start-up costs more than i
 FIRST_FAILURES = CHUNK  # a skipping build stops when the first this many files all fail
 
 
-def sidecar_path(path):
-    return os.path.splitext(path)[0] + ".json"
-
-
 def build_workers():
     """Processes a build may use: every CPU this process may run on (macOS: every CPU)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -45,7 +41,7 @@ def pool_context():
 def _open_matching(path, sidecar):
     """(memmap, skipped indices) of the cache at `path` if its sidecar, less "skipped", matches."""
     try:
-        with open(sidecar_path(path)) as f:
+        with open(os.path.splitext(path)[0] + ".json") as f:
             stored = json.load(f)
         if not isinstance(stored, dict) or {**stored, "skipped": 0} != {**sidecar, "skipped": 0}:
             return None
@@ -115,13 +111,13 @@ def _build(path, sidecar, paths, decode, shape, what, skip_unreadable):
             f.writelines(block.tobytes() for block in blocks)
             f.flush()
             os.fsync(f.fileno())
-        if skip_unreadable:
-            sidecar = {**sidecar, "skipped": skipped}
+        sidecar_file = os.path.splitext(path)[0] + ".json"
         # Old sidecar out first: a crash in between never pairs an array with another's sidecar.
-        if os.path.exists(sidecar_path(path)):
-            os.remove(sidecar_path(path))
+        if os.path.exists(sidecar_file):
+            os.remove(sidecar_file)
         os.replace(tmp, path)
-        atomic_write_text(sidecar_path(path), json.dumps(sidecar, indent=1) + "\n")
+        atomic_write_text(sidecar_file, json.dumps(
+            {**sidecar, "skipped": skipped} if skip_unreadable else sidecar, indent=1) + "\n")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -10,8 +10,6 @@ from .decode import PictureDecoder
 from .errors import DatasetError, first_few
 from .sources.spec import Decoded
 
-CACHE_FOLDER = ".sqvae-cache"
-
 
 def list_pictures(folder):
     """Names (relative to `folder`, '/'-separated, sorted) of the picture files under it: those
@@ -47,7 +45,7 @@ def decoded(folder, names, shape, *, cached=True, reads, wanted, where):
         common = dict(decode=PictureDecoder(channels, size), shape=shape, what=folder,
                       skip_unreadable=True)
         found = cached and cache.open_or_build(
-            os.path.join(folder, CACHE_FOLDER, f"pictures_{channels}x{size}.npy"), root=folder,
+            os.path.join(folder, ".sqvae-cache", f"pictures_{channels}x{size}.npy"), root=folder,
             paths=paths, instead="decoding them into memory for this run instead", **common)
         array, skipped = found or cache.decode_all(paths, **common)
         return array, {names[i] for i in skipped}

@@ -122,7 +122,7 @@ def _write_face(root, image_dir, mask_dir, side_of_kind, face):
         if not (stat and stat.st_mtime_ns >= face.newest_source_ns and (
                 png_problem(path, "label", side, grey=True) is None if side
                 else stat.st_size == face.image_size)):
-            todo[kind] = path
+            todo[kind] = path, side
     try:  # read everything first: a face that fails here gets no new file
         if set(todo) - {"img"}:
             label = Image.fromarray(label_from_masks(
@@ -133,8 +133,7 @@ def _write_face(root, image_dir, mask_dir, side_of_kind, face):
                 jpeg = f.read()
     except (OSError, DatasetError) as e:  # DatasetError: a mask that does not decode
         return face.k, False, one_line(e)
-    for kind, path in todo.items():
-        side = side_of_kind[kind]
+    for path, side in todo.values():
         if not side:
             atomic_write_bytes(path, jpeg, durable=False)
             continue

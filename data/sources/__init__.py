@@ -1,5 +1,4 @@
-"""One module per dataset, each declaring ``SOURCE`` (``spec.Source``), and what they share
-(``spec``, ``layouts``); ``discover()`` imports them when a dataset is first asked for."""
+"""One module per dataset declaring ``SOURCE`` (spec.Source) and what they share (spec, layouts)."""
 import functools
 import importlib
 import pkgutil

@@ -16,7 +16,6 @@ NAME, CELEBAMASK_DIR, IMAGE_SIZE = "CelebAMask_HQ", "CelebAMask-HQ", 64
 LABEL_PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
                "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth")
 NUM_LABEL_CLASSES = len(LABEL_PARTS) + 1  # 19
-_LABEL_NAME = re.compile(r"^(\d+)\.png$")
 
 
 def _numbered_pngs(root, split, suffix=""):
@@ -24,8 +23,8 @@ def _numbered_pngs(root, split, suffix=""):
     folder = os.path.join(root, f"{split}_label{suffix}")
     if not os.path.isdir(folder):
         return None
-    numbered = sorted((int(m[1]), m.string) for m in map(_LABEL_NAME.match, os.listdir(folder))
-                      if m)
+    numbered = sorted((int(m[1]), m.string) for m in (re.match(r"(\d+)\.png$", name)
+                                                       for name in os.listdir(folder)) if m)
     return [os.path.join(folder, name) for _, name in numbered]
 
 
@@ -47,10 +46,8 @@ def celebamask_files(root, split):
 
 def decode_celebamask_label(path):
     """Label PNG -> uint8 1x64x64 of class indices 0..18, resized nearest unless it is 64x64."""
-    img = open_image(path, "CelebAMask-HQ label map")
-    if img.size != (IMAGE_SIZE, IMAGE_SIZE):
-        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST)
-    arr = np.asarray(img)
+    img = open_image(path, "CelebAMask-HQ label map")  # resized unless 64x64 (then copied)
+    arr = np.asarray(img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST))
     if arr.ndim != 2:
         raise DatasetError(f"CelebAMask-HQ label map {path} has {arr.shape[-1]} channels; "
                            "expected a single-channel PNG of class indices 0..18")

@@ -17,8 +17,7 @@ HASH_SHARES = (0.90, 0.95)
 
 def hash_position(name):
     """Where a relative name falls in [0, 1): the same on every machine and Python."""
-    digest = hashlib.sha256(name.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2 ** 64
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2 ** 64
 
 
 def hash_splits(names):
@@ -49,9 +48,8 @@ def folder_splits(folder, names, reads):
                            "the splits; add the missing one, or rename the folders so that "
                            "every picture is split by its name's hash")
     splits = {s: [n for n in names if n.startswith(s + "/")] for s in SPLITS}
-    for split, listed in splits.items():
-        if not listed:
-            raise DatasetError(f"{os.path.join(folder, split)} holds no picture")
+    if empty := [s for s in SPLITS if not splits[s]]:
+        raise DatasetError(f"{os.path.join(folder, empty[0])} holds no picture")
     if outside := len(names) - sum(map(len, splits.values())):
         reads.say(f"{folder}: {outside} picture(s) outside train/, val/ and test/ are not used")
     return splits
