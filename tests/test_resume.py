@@ -8,7 +8,9 @@ SIGKILL half-way through the k-th file write). The SIGINT/SIGTERM tests use plai
 Every run uses a tiny MNIST in the real file format (tests/fixtures.py) and a small
 network, so a step takes milliseconds on the CPU.
 """
+import contextlib
 import glob
+import io
 import json
 import math
 import os
@@ -415,17 +417,23 @@ def signalled(tmp_path_factory):
         result[s] = {"code": procs[s].returncode, "stdout": out, "stderr": err,
                      "run_dir": run_dir(folder / s.name), "epoch": state["epoch"],
                      "step": state["step"]}
-    resumes = {}
-    for s in sigs:
-        if "resume with: " in result[s]["stderr"]:
-            command = printed_command(result[s]["stderr"])
-            resumes[s] = (command, subprocess.Popen(
-                command + ["train.epoch_max", str(result[s]["epoch"])], cwd=REPO, env=ENV,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for s, (command, proc) in resumes.items():
-        out, err = proc.communicate(timeout=300)
-        result[s].update(command=command, resume_code=proc.returncode,
-                         resume_stdout=out, resume_stderr=err)
+    # The printed commands run here, through main.run with the printed arguments (after
+    # `PYTHON .../main.py`, which printed_command checks): the processes of the `printed`
+    # fixture run such commands as printed; this saves two interpreters' imports.
+    import main
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in the processes
+    try:
+        for s in sigs:
+            if "resume with: " in result[s]["stderr"]:
+                command = printed_command(result[s]["stderr"])
+                out, err = io.StringIO(), io.StringIO()
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    code = main.run(command[2:] + ["train.epoch_max", str(result[s]["epoch"])])
+                result[s].update(command=command, resume_code=code,
+                                 resume_stdout=out.getvalue(), resume_stderr=err.getvalue())
+    finally:
+        torch.set_num_threads(threads)
     return result
 
 
