@@ -99,14 +99,12 @@ def get_key(cfg, key):
     return cfg
 
 
-# Keys computed here (a file's value is dropped, an override refused) and what to set instead.
-DERIVED_KEYS = {
+DERIVED_KEYS = {  # derived (a file's value dropped, an override refused): what to set instead
     "path_checkpoint": "it is path/path_specific: set path or path_specific instead",
     "quantization.dim_code": "it is quantization.dim_dict (+ 1 for VmfSQVAE): set that",
     "flags.var_q": "it follows model.param_var_q: set that",  # held by older run folders
 }
-# Numeric keys by the lowest value each accepts and whether that value itself is allowed.
-BOUNDS = (
+BOUNDS = (  # numeric keys by the lowest value each accepts, and whether it accepts that one
     ((0, True), ("nworker", "train.ckpt_every_steps", "train.bs_per_rank", "prior.layers")),
     ((1, True), ("quantization.size_dict", "network.num_rb", "network.num_class", "train.bs",
                  "train.epoch_max", "test.bs", "log.every_steps", "prior.channels", "prior.bs",
@@ -197,8 +195,8 @@ def _validate_and_derive(cfg):
     if cfg.prior.kernel < 3 or cfg.prior.kernel % 2 == 0:
         raise ConfigError("config key 'prior.kernel' must be an odd number at least 3, got "
                           f"{cfg.prior.kernel}")
-    cfg.path = _absolute(cfg.path)  # so that a run folder's config works from any folder
-    cfg.path_dataset = _absolute(cfg.path_dataset)
+    # Absolute, so that a run folder's config works from any folder.
+    cfg.path, cfg.path_dataset = _absolute(cfg.path), _absolute(cfg.path_dataset)
     cfg.quantization.dim_code = cfg.quantization.dim_dict + model.extra_code_dim
     cfg.path_checkpoint = os.path.join(cfg.path, cfg.path_specific)
 

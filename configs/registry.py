@@ -15,8 +15,7 @@ class Dataset(NamedTuple):
     channels: tuple = ()
 
 
-# dataset.name -> its Dataset; the first is the default.
-DATASETS = {
+DATASETS = {  # dataset.name -> its Dataset; the first is the default.
     "MNIST": Dataset((1, 28, 28), "resnet", "images"),
     "FashionMNIST": Dataset((1, 28, 28), "resnet", "images"),
     "CIFAR10": Dataset((3, 32, 32), "resnet", "images"),
@@ -39,8 +38,7 @@ class Model(NamedTuple):
     extra_code_dim: int     # quantization.dim_code = quantization.dim_dict + this
 
 
-# The release's N(0, 1) codebooks; VQ-VAE mirrors the Gaussian I runs; vMF codes one wider.
-MODELS = {
+MODELS = {  # The release's N(0, 1) codebooks; VQ-VAE as Gaussian I; vMF codes one wider.
     "GaussianSQVAE": Model("images", (), ("normal",), False, 0),
     "VmfSQVAE": Model("labels", ("vmf",), ("normal",), False, 1),
     "VQVAE": Model("images", ("gaussian_1",), ("normal", "uniform"), True, 0),

@@ -92,8 +92,7 @@ def _apply(nu: float, x: torch.Tensor, dtype, log: bool) -> torch.Tensor:
     if dtype not in _X_FLOOR:
         raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
     if not x.is_floating_point():
-        # Integer inputs would make the output integer; promote like torch does.
-        x = x.to(torch.get_default_dtype())
+        x = x.to(torch.get_default_dtype())  # promote as torch does; an int x makes an int output
     return _Ive.apply(x, nu, dtype, log)
 
 

@@ -13,8 +13,7 @@ from matplotlib.ticker import MaxNLocator
 
 TRAIN_COLOR, VAL_COLOR, GUIDE_COLOR = "tab:blue", "tab:orange", "0.45"
 DPI = 100
-# Figure sizes in inches (width, height) of the separate panels.
-CURVES_SIZE, CODEBOOK_SIZE, RECON_SIZE = (15, 8), (7, 4.8), (8, 4.4)
+CURVES_SIZE, CODEBOOK_SIZE, RECON_SIZE = (15, 8), (7, 4.8), (8, 4.4)  # inches, of each panel
 
 
 def new_figure(width, height):
@@ -172,8 +171,7 @@ def report_figures(curves, codebook, reconstructions, title=""):
     return out
 
 
-# (record split, key, panel title, y label, SQ-VAE only)
-PANELS = (
+PANELS = (  # (record split, key, panel title, y label, SQ-VAE only)
     ("val", "mse_pixel", "Validation MSE per pixel", "MSE / pixel", False),
     ("val", "perplexity_split", "Validation perplexity (whole split)", "perplexity", False),
     ("val", "codes_used", "Validation codes in use", "codes", False),

@@ -14,8 +14,7 @@ import tempfile
 
 from filelock import lock_descriptor
 
-# Absent on Windows, where the up-front check of refuse_links remains.
-O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 on Windows: refuse_links's check remains there
 SPECIAL_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
                  stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 
