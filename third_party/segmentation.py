@@ -53,8 +53,7 @@ class SegmentationMeter:
         if pred.shape != label.shape:
             raise ValueError(f"pred shape {tuple(pred.shape)} != label shape {tuple(label.shape)}")
         conf = self._ensure(pred.device)
-        pred = pred.reshape(-1).to(device=conf.device, dtype=torch.int64)
-        label = label.reshape(-1).to(device=conf.device, dtype=torch.int64)
+        pred, label = (t.flatten().to(device=conf.device, dtype=torch.int64) for t in (pred, label))
         cells = self.num_classes * self.num_channels
         # Values out of range (e.g. an ignore label) go to a spare bin that is discarded:
         # checking them on the host would force a device sync.
@@ -72,8 +71,7 @@ class SegmentationMeter:
         if logits.dim() != 4 or logits.shape[1] != self.num_channels:
             raise ValueError(f"expected logits of shape B x {self.num_channels} x H x W, got "
                              f"{tuple(logits.shape)}")
-        # Argmax over every channel, spare ones included: a pixel won by a spare channel is
-        # scored as an error, not silently re-mapped.
+        # Argmax over every channel: a pixel a spare one wins is an error (module docstring).
         self.update(logits.argmax(dim=1), _one_channel(label, "label"))
 
     def merge(self, other: "SegmentationMeter") -> None:

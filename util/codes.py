@@ -18,8 +18,7 @@ class CodesError(ValueError):
 
 def pack_codes(codes, codebook, config_hash, names=None):
     """The bytes of a codes file; `names`, where given, name the file of each row."""
-    codes = np.asarray(codes)
-    codebook = np.asarray(codebook, dtype=np.float32)
+    codes, codebook = np.asarray(codes), np.asarray(codebook, dtype=np.float32)
     if codebook.ndim != 2:
         raise CodesError(f"the codebook must be K x D, got shape {codebook.shape}")
     if codebook.shape[0] > MAX_CODES:

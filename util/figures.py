@@ -1,8 +1,7 @@
-"""Figures from plain data (records, code usage, images): a run report, and the learning
-curves of several runs (``python -m trainer.compare RUNS --curves PNG``). Each ``draw_*``
-draws into a Figure or SubFigure and returns its axes' titles, so one code fills the panels
-and the combined ``report.png``. The Agg canvas renders them without pyplot: no display, no
-global figure registry, an interactive session's backend untouched."""
+"""Figures from plain data (records, code usage, images): a run report, and the learning curves
+of several runs (``trainer.compare --curves``). Each ``draw_*`` draws into a Figure or SubFigure
+and returns its axes' titles: one code fills the panels and the combined ``report.png``. The Agg
+canvas renders without pyplot: no display, no global figures, the session's backend untouched."""
 import io
 import math
 
@@ -84,9 +83,8 @@ def draw_curves(fig, train, val, *, num_codes, quality="mse_pixel", variant="I",
         ax.set_title("Training curves")
         return ["Training curves"]
     columns = 3 if len(panels) > 4 else len(panels)
-    rows = math.ceil(len(panels) / columns)
     for i, (key, title, ylabel, log, guide, with_band) in enumerate(panels):
-        ax = fig.add_subplot(rows, columns, i + 1)
+        ax = fig.add_subplot(math.ceil(len(panels) / columns), columns, i + 1)
         steps, values = _column(train, key)
         if steps:
             ax.plot(steps, values, color=TRAIN_COLOR, marker="o" if len(steps) <= 12 else None,
