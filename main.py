@@ -110,7 +110,6 @@ def _run(argv):
     from trainer import commands
     from util import distributed as dist
     from util.device import configure_kernels, select_device
-
     if problem := flag_problem(args):
         raise UsageError(problem)
     try:

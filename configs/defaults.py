@@ -27,8 +27,7 @@ _C.dataset.dim_x = 0  # Derived: C*H*W, used by the reconstruction likelihood.
 _C.model = CN()
 _C.model.name = "GaussianSQVAE"  # GaussianSQVAE (images), VmfSQVAE (label maps) or VQVAE.
 _C.model.param_var_q = registry.VARIANTS[0]  # Quantizer variant (the release's key): I-IV, vMF.
-# Initial value of the learned scalar s in sigma_q^2 = exp(v) + exp(s), or kappa_q = exp(s) + 1.
-_C.model.log_param_q_init = math.log(10.0)
+_C.model.log_param_q_init = math.log(10.0)  # Initial s: sigma_q^2 = e^v + e^s, kappa_q = e^s + 1.
 _C.model.log_kappa_inv = math.log(0.01)  # VmfSQVAE only: initial log of 1/kappa_d.
 _C.model.log_var_x_init = math.log(0.1)  # With flags.arelbo False: initial log sigma_x^2.
 _C.model.beta = 0.25  # VQVAE only: weight beta of the commitment loss beta * ||z - sg(e)||^2.

@@ -12,8 +12,7 @@ __all__ = ["ive", "log_ive", "widest_float"]
 # clamped to it, so x = 0 gives finite values and gradients instead of NaN.
 _X_FLOOR = {torch.float64: 1e-300, torch.float32: 1e-35}
 
-# Terms kept from Hankel's expansion: for x >= 25 they shrink until k ~ 2x >= 50, and by
-# k = 30 are far below 1e-17 of the sum.
+# Hankel's terms for x >= 25 shrink until k ~ 2x >= 50; by k = 30 they are below 1e-17 of the sum.
 _HANKEL_TERMS = 30
 
 

@@ -20,11 +20,9 @@ _PALETTE = ((0, 0, 0), (204, 0, 0), (76, 153, 0), (204, 204, 0), (51, 51, 255), 
 
 def _one_channel(labels: torch.Tensor, what: str) -> torch.Tensor:
     """B x H x W from B x 1 x H x W; other shapes as they are."""
-    if labels.dim() == 4:
-        if labels.shape[1] != 1:
-            raise ValueError(f"{what} with 4 dims must have one channel, got {tuple(labels.shape)}")
-        labels = labels[:, 0]
-    return labels
+    if labels.dim() == 4 and labels.shape[1] != 1:
+        raise ValueError(f"{what} with 4 dims must have one channel, got {tuple(labels.shape)}")
+    return labels[:, 0] if labels.dim() == 4 else labels
 
 
 class SegmentationMeter:
@@ -92,8 +90,7 @@ class SegmentationMeter:
         iou = correct / (labelled + predicted - correct + _EPS)  # intersection over union
         total = labelled.sum()
         pixel_acc = (correct.sum() / total).item() if total > 0 else 0.0
-        return {"pixel_acc": float(pixel_acc), "iou": [float(v) for v in iou.tolist()],
-                "miou": float(iou.mean().item())}
+        return {"pixel_acc": float(pixel_acc), "iou": iou.tolist(), "miou": iou.mean().item()}
 
 
 def label_palette() -> torch.Tensor:

@@ -111,12 +111,10 @@ def get_rng_state():
     """All generator states as tensors and plain values (loadable with weights_only=True)."""
     version, keys, gauss = random.getstate()
     kind, np_keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": {"version": version, "keys": list(keys), "gauss": gauss},
-        "numpy": {"kind": kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
+    state = {"python": {"version": version, "keys": list(keys), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(np_keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda_all"] = torch.cuda.get_rng_state_all()
     if mps_available():  # MPS draws (Gumbel noise, dropout) from its own generator

@@ -165,8 +165,7 @@ def report_figures(curves, codebook, reconstructions, title=""):
               for text in draw(place, **kwargs)]
     if title:
         report.suptitle(title, fontsize=12)
-    out["report"] = (report, titles)
-    return out
+    return {**out, "report": (report, titles)}
 
 
 PANELS = (  # (record split, key, panel title, y label, SQ-VAE only)

@@ -121,7 +121,6 @@ def remove_stale_temps(folder, names):
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a link is removed itself, never its target
-    return stale
 
 
 def atomic_write_bytes(path, data, *, durable=True, stream_special=False):
