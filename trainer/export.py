@@ -15,7 +15,7 @@ from util.codes import MAX_CODES, pack_codes
 from util.grid import reconstruction_grid as layout
 from util.io import atomic_write_bytes
 
-from .runs import RunError
+from .checkpoints import RunError
 
 # The config sections that define a model: codes stay valid when the data or the run move.
 MODEL_SECTIONS = ("dataset", "model", "network", "quantization", "flags")

@@ -62,8 +62,7 @@ def wrap(cfg, model, device):
     evaluated = torch.compile(model) if cfg.train.compile else model
     if not dist.active():
         return model, evaluated, evaluated
-    from torch.nn.parallel import DistributedDataParallel
-    ddp = DistributedDataParallel(
+    ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[torch.device(device).index] if is_cuda(device) else None)
     return model, torch.compile(ddp) if cfg.train.compile else ddp, evaluated
 
