@@ -1,17 +1,13 @@
 """Self-annealing diagnostics, TensorBoard event files and terminal-free logs."""
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import main
 from tests import fixtures
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +60,17 @@ def test_tensorboard_events_hold_the_expected_tags(mnist_run):
     assert "reconstructions/current" in events.Tags()["images"]
 
 
-def test_no_progress_bar_characters_off_a_terminal(tmp_path):
+def test_no_progress_bar_characters_off_a_terminal(tmp_path, capfd):
+    # In this process, its standard output and error (file descriptors 1 and 2 and
+    # sys.stdout/stderr) captured to files, as a run with its output redirected sees them.
     fixtures.write_mnist(str(tmp_path / "data"), n_train=96, n_test=16)
-    env = dict(os.environ, SQVAE_NO_DOWNLOAD="1")
-    done = subprocess.run(
-        [sys.executable, "main.py", "-c", "mnist_gauss_1.yaml", "--save", "train.epoch_max",
-         "2", "train.bs", "8", "test.bs", "8", "log.every_steps", "2", "path",
-         str(tmp_path / "runs"), "path_dataset", str(tmp_path / "data")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    log = done.stdout + done.stderr
+    capfd.readouterr()
+    code = main.run(["-c", "mnist_gauss_1.yaml", "--save", "train.epoch_max", "2", "train.bs",
+                     "8", "test.bs", "8", "log.every_steps", "2", "path", str(tmp_path / "runs"),
+                     "path_dataset", str(tmp_path / "data")])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    log = out + err
     assert "\r" not in log and "\x1b" not in log
-    epoch_lines = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
     assert len(epoch_lines) == 2  # one plain line per epoch
