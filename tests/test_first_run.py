@@ -15,7 +15,7 @@ def test_the_sample_experiment_trains_on_the_shipped_sample_and_says_so_once(tmp
                                                                             monkeypatch):
     monkeypatch.chdir(tmp_path)  # the sample is found from any folder
     assert main.run(["-c", "mnist_sample.yaml", "--save", "--limit-batches", "2",
-                     "train.epoch_max", "1", "test.bs", "1000", "path", "runs"]) == 0
+                     "train.epoch_max", "1", "test.bs", "100", "path", "runs"]) == 0
     out = capsys.readouterr().out
     assert out.count(NOTE) == 1
     assert "1,667 train, 333 val, 10,000 test images" in out and "mnist_gauss_1.yaml" in out
