@@ -81,9 +81,8 @@ class _NegEntropy(torch.autograd.Function):
         return torch.addcmul(p_log_p, probs, per_row, value=-1).mul_(grad)
 
 
-def neg_entropy_and_probs(logits):
-    """(sum over rows of sum_k p log p, p) of p = softmax(logits) row by row; p has no gradient."""
-    return _NegEntropy.apply(logits)
+# (sum over rows of sum_k p log p, p) of p = softmax(logits) row by row; p has no gradient.
+neg_entropy_and_probs = _NegEntropy.apply
 
 
 def select_codes(logits, probs, mode, temperature):
@@ -146,8 +145,7 @@ def vmf_quantize(z, kappa_q, codebook, mode, temperature):
 
 
 def nearest_codes(z_rows, codebook):
-    """Each row of z's nearest codebook row by squared distance (||z||^2, the same for all, left
-    out)."""
+    """Each row of z's nearest codebook row by squared distance (||z||^2 left out: no matter)."""
     with torch.no_grad():
         score = (codebook ** 2).sum(1) - 2 * z_rows @ codebook.t()
         return score.argmin(1)
