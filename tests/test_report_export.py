@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def reported_run(tmp_path_factory, one_thread, small_data):
     """A tiny real-MNIST run, then one `-ts RUN --report --encode test` (one call: the report
     reuses the test codes, which saves a pass over the test split). The -ts evaluation is cut
-    to one batch; --encode and the report's codebook must still cover the whole split.
+    to one batch of 100; --encode and the report's codebook must still cover the whole split.
     Yields the run folder and what write_report returned (file paths, axes titles)."""
     root = tmp_path_factory.mktemp("runs")
     written = {}
@@ -50,7 +50,7 @@ def reported_run(tmp_path_factory, one_thread, small_data):
         run_dir = str(root / specific / name)
         mp.setattr(report, "write_report", capture)
         assert main.run(["-c", "mnist_gauss_1.yaml", "-ts", run_dir, "--report", "--encode",
-                         "test", "--limit-batches", "1", "test.bs", "1000",
+                         "test", "--limit-batches", "1", "test.bs", "100",
                          "path_dataset", small_data]) == 0
         yield run_dir, written
 

@@ -36,9 +36,9 @@ def read_metrics(run_dir, steps=False):
 def test_mnist_end_to_end_learns_and_reloads(tmp_path, capsys, small_data):
     """100 steps on the shipped real MNIST subset beat the untrained model clearly; -ts
     reproduces the recorded test metrics (validated on the subset's 333 val images, tested on
-    the first 1,000 test images: 50 batches of 20). Training is most of the time (~3 s per 50
+    the first 500 test images: 50 batches of 10). Training is most of the time (~3 s per 50
     steps on one core), so the run is kept to 2 epochs, logged every 25 steps."""
-    opts = ["train.epoch_max", "2", "test.bs", "20", "path", str(tmp_path),
+    opts = ["train.epoch_max", "2", "test.bs", "10", "path", str(tmp_path),
             "path_dataset", small_data]
     cfg = load_config("mnist_gauss_1.yaml", opts)
     seed_everything(0)
