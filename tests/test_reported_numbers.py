@@ -322,9 +322,9 @@ def test_validation_split_perplexity_is_that_of_the_validated_codes(watched_trai
     trainer, _ = watched_training
     val = [r for r in trainer.history if r["split"] == "val"][-1]
     model = trainer.model.eval()
+    loader = trainer.loaders["val"]
     with torch.no_grad():
-        codes = [model.encode(x).numpy() for x, _ in
-                 islice(trainer.loaders["val"], trainer.batches("val"))]
+        codes = [model.encode(x).numpy() for x, _ in islice(loader, trainer.limit or len(loader))]
     entropy, used = histogram_entropy(np.concatenate(codes))
     assert val["perplexity_split"] == pytest.approx(math.exp(entropy), rel=1e-9)
     assert val["codes_used"] == used and used >= 5
