@@ -116,12 +116,9 @@ BOUNDS = (  # numeric keys by the lowest value each accepts, and whether it acce
 )
 
 
-def _one_of(values):
-    return values[0] if len(values) == 1 else "one of " + ", ".join(values)
-
-
-def _or(values):
-    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]
+def _one_of(values, lead="one of ", last=", "):
+    """"a", else lead + "a, b" + last + "c": "one of a, b, c", or with ("", " or ") "a, b or c"."""
+    return values[0] if len(values) == 1 else lead + ", ".join(values[:-1]) + last + values[-1]
 
 
 def _check_dataset(cfg, dataset):
@@ -134,22 +131,20 @@ def _check_dataset(cfg, dataset):
     for key, allowed in (("channels", dataset.channels), ("image_size", dataset.sizes)):
         if allowed and cfg.dataset[key] not in (0, *allowed):
             raise ConfigError(f"config key 'dataset.{key}' is {cfg.dataset[key]}; dataset {name} "
-                              f"takes {_or([str(v) for v in allowed])}"
+                              f"takes {_one_of([str(v) for v in allowed], '', ' or ')}"
                               + (" (the sizes with networks)" if key == "image_size" else ""))
     channels, size, _ = dataset.shape
     size = cfg.dataset.image_size or size
     shape = (cfg.dataset.channels or channels, size, size) if dataset.sizes else dataset.shape
     follows = "dataset.channels and dataset.image_size" if dataset.sizes else "dataset.name"
-    for key, what, written, own in (("channels", "channels", cfg.dataset.channels, shape[0]),
-                                    ("image_size", "size", cfg.dataset.image_size, shape[1]),
-                                    ("shape", "shape", tuple(cfg.dataset.shape), shape),
-                                    ("dim_x", "dim_x", cfg.dataset.dim_x, math.prod(shape))):
-        if written and written != own:
+    for key, own in zip(("channels", "image_size", "shape", "dim_x"),
+                        (*shape[:2], shape, math.prod(shape))):
+        if (written := cfg.dataset[key]) and written != own:
             note = f" (C * H * W of {shape})" if key == "dim_x" else ""
             raise ConfigError(f"config key 'dataset.{key}' is {written} but dataset {name} has "
-                              f"{what} {own}{note}; remove the key, it follows {follows}")
-    cfg.dataset.channels, cfg.dataset.image_size = shape[0], shape[1]
-    cfg.dataset.shape, cfg.dataset.dim_x = shape, math.prod(shape)
+                              f"{key.removeprefix('image_')} {own}{note}; remove the key, it "
+                              f"follows {follows}")
+        cfg.dataset[key] = own
 
 
 def _check_model(cfg, model):

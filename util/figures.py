@@ -15,9 +15,11 @@ DPI = 100
 CURVES_SIZE, CODEBOOK_SIZE, RECON_SIZE = (15, 8), (7, 4.8), (8, 4.4)  # inches, of each panel
 
 
-def new_figure(width, height):
+def new_figure(width, height, title="", fontsize=12):
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
+    if title:
+        fig.suptitle(title, fontsize=fontsize)
     return fig
 
 
@@ -154,17 +156,13 @@ def report_figures(curves, codebook, reconstructions, title=""):
     parts = (("report_curves", draw_curves, curves, CURVES_SIZE),
              ("report_codebook", draw_codebook, codebook, CODEBOOK_SIZE),
              ("report_reconstructions", draw_reconstructions, reconstructions, RECON_SIZE))
-    out = {}
-    for name, draw, kwargs, size in parts:
-        fig = new_figure(*size)
-        out[name] = (fig, draw(fig, **kwargs))
-    report = new_figure(CURVES_SIZE[0], CURVES_SIZE[1] + CODEBOOK_SIZE[1] + 0.6)
+    out = {name: (fig, draw(fig, **kwargs)) for name, draw, kwargs, size in parts
+           for fig in [new_figure(*size)]}
+    report = new_figure(CURVES_SIZE[0], CURVES_SIZE[1] + CODEBOOK_SIZE[1] + 0.6, title)
     top, bottom = report.subfigures(2, 1, height_ratios=[CURVES_SIZE[1], CODEBOOK_SIZE[1]])
     places = (top, *bottom.subfigures(1, 2, width_ratios=[1, 1.15]))
     titles = [text for place, (_, draw, kwargs, _) in zip(places, parts)
               for text in draw(place, **kwargs)]
-    if title:
-        report.suptitle(title, fontsize=12)
     return {**out, "report": (report, titles)}
 
 
@@ -186,21 +184,18 @@ LEGEND_MAX = 12  # the most runs a panel names in its legend; with more its titl
 def epoch_series(records, split, key):
     """(epochs, values) of the finite `key` in `split` records; an epoch's last record wins."""
     by_epoch = dict(zip(*_column([r for r in records if r.get("split") == split], key, "epoch")))
-    epochs = sorted(by_epoch)
-    return epochs, [by_epoch[e] for e in epochs]
+    return sorted(by_epoch), [value for _, value in sorted(by_epoch.items())]
 
 
 def draw_learning_curves(fig, runs):
     """Draw the panels some of `runs`, (label, records) pairs, has data for; their titles."""
+    sqvae = [any("param_q" in r for r in records if r.get("split") == "train")
+             for _, records in runs]
     drawn = []
     for split, key, title, ylabel, sqvae_only in PANELS:
-        series = []
-        for label, records in runs:
-            sqvae = any("param_q" in r for r in records if r.get("split") == "train")
-            epochs, values = epoch_series(records, split, key)
-            if epochs and (sqvae or not sqvae_only):
-                series.append((label, epochs, values))
-        if series:
+        series = [(label, *epoch_series(records, split, key))
+                  for (label, records), sq in zip(runs, sqvae) if sq or not sqvae_only]
+        if series := [(label, epochs, values) for label, epochs, values in series if epochs]:
             drawn.append((title, ylabel, series))
     axes = fig.subplots(max(1, math.ceil(len(drawn) / 3)), 3, squeeze=False).ravel()
     for ax, (title, ylabel, series) in zip(axes, drawn):
@@ -218,8 +213,6 @@ def draw_learning_curves(fig, runs):
 
 def learning_curves_png(runs, title=""):
     """PNG bytes of the learning-curve figure of `runs`, and the titles of its panels."""
-    fig = new_figure(15, 8)
+    fig = new_figure(15, 8, title, fontsize=11)
     titles = draw_learning_curves(fig, runs)
-    if title:
-        fig.suptitle(title, fontsize=11)
     return png_bytes(fig), titles

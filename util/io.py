@@ -90,25 +90,18 @@ def _naming(path):
         raise OSError(e.errno, e.strerror, path) from None
 
 
-def _unsafe_entries(folder):
-    found = []
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(folder) as entries:
-        for entry in entries:
-            st = _stat(entry.path, follow=False)  # None: removed meanwhile
-            if st is not None and _unsafe(st):
-                found.append((entry.path, st))
-    return sorted(found)
-
-
 def refuse_links(folder, patterns, subfolders=()):
     """UnsafeLink for the first link, special file or file with several names in `folder`
     whose name matches one of `patterns` (fnmatch), or anywhere inside `subfolders`."""
-    found = [(path, st) for path, st in _unsafe_entries(folder)
-             if any(fnmatch.fnmatchcase(os.path.basename(path), p) for p in patterns)]
-    for name in subfolders:
-        found += _unsafe_entries(os.path.join(folder, name))
-    if found:
-        raise UnsafeLink(*found[0])
+    places = [(folder, patterns), *((os.path.join(folder, name), ["*"]) for name in subfolders)]
+    for where, names in places:
+        found = []  # stays empty where the folder is missing
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(where) as it:
+            found = [(e.path, st) for e in it if any(fnmatch.fnmatchcase(e.name, p) for p in names)
+                     and (st := _stat(e.path, follow=False)) is not None  # None: removed meanwhile
+                     and _unsafe(st)]
+        if found:
+            raise UnsafeLink(*min(found))
 
 
 def remove_stale_temps(folder, names):
