@@ -75,9 +75,9 @@ def _read_metrics(run_dir):
     return runs.read_metrics(run_dir)
 
 
-def _section(cfg, name):
-    value = cfg.get(name)
-    return value if isinstance(value, dict) else {}
+def _get(cfg, section, key, default="?"):
+    value = cfg.get(section)
+    return value.get(key, default) if isinstance(value, dict) else default
 
 
 def _text(value):
@@ -89,11 +89,10 @@ def _text(value):
 
 def model_label(cfg):
     """model.name, with the quantizer variant (SQ-VAE) or the EMA codebook (VQ-VAE)."""
-    model = _section(cfg, "model")
-    name = _text(model.get("name", "?"))
+    name = _text(_get(cfg, "model", "name"))
     if name == "VQVAE":
-        return "VQVAE (EMA)" if _section(cfg, "quantization").get("ema") is True else "VQVAE"
-    return f"{name} ({_text(model.get('param_var_q', '?'))})"
+        return "VQVAE (EMA)" if _get(cfg, "quantization", "ema") is True else "VQVAE"
+    return f"{name} ({_text(_get(cfg, 'model', 'param_var_q'))})"
 
 
 def _number(record, key, where, types=(int, float), noun="a number"):
@@ -120,19 +119,17 @@ def summarize(run_dir):
     for record in train:
         _number(record, "seconds", f"{metrics}, a train record")
         _number(record, "epoch", f"{metrics}, a train record", int, "a whole number")
-    theirs = release_format.is_release_run(run_dir)
     # Run folder names repeat across experiments: the experiment folder above is named too.
     parts = os.path.normpath(os.path.abspath(run_dir)).split(os.sep)
-    row = {"run": "/".join(parts[-2:]),
-           "model": model_label(cfg) + (", authors' release" if theirs else ""),
-           "dataset": _text(_section(cfg, "dataset").get("name", "?")),
-           # Epochs actually trained (a run may stop early); a release run folder records none.
-           "epochs": len({r.get("epoch") for r in train}) or None,
-           "train time (s)": sum(float(r.get("seconds") or 0.0) for r in train) if train
-           else None}
-    for name, _, (split, key) in [column for column in COLUMNS if column[2]]:
-        row[name] = _number(last[split], key, f"{metrics}, its last {split} record")
-    return row
+    theirs = ", authors' release" if release_format.is_release_run(run_dir) else ""
+    return {"run": "/".join(parts[-2:]), "model": model_label(cfg) + theirs,
+            "dataset": _text(_get(cfg, "dataset", "name")),
+            # Epochs actually trained (a run may stop early); a release run folder records none.
+            "epochs": len({r.get("epoch") for r in train}) or None,
+            "train time (s)": sum(float(r.get("seconds") or 0.0) for r in train) if train
+            else None,
+            **{name: _number(last[split], key, f"{metrics}, its last {split} record")
+               for name, _, (split, key) in [column for column in COLUMNS if column[2]]}}
 
 
 def find_runs(paths):
@@ -263,24 +260,13 @@ def curve_runs(paths):
         cfg = _read_config(run_dir)
         name = os.path.basename(os.path.normpath(run_dir))  # <network>_seed<N>_<date>_<time>
         seed = [part for part in name.split("_") if part.startswith("seed")]
-        found.append((model_label(cfg), _text(_section(cfg, "dataset").get("name", "?")),
+        found.append((model_label(cfg), _text(_get(cfg, "dataset", "name")),
                       seed[0].replace("seed", "seed ") if seed else name, _read_metrics(run_dir)))
     datasets = len({dataset for _, dataset, _, _ in found})
     labels = [label for label, *_ in found]
     return [(label + (f", {dataset}" if datasets > 1 else f", {seed}"
                       if labels.count(label) > 1 else ""), records)
             for label, dataset, seed, records in found]
-
-
-def read_notes(path):
-    """The text of --notes FILE (UTF-8 markdown), or a CompareError for anything else."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CompareError(f"--notes {path}: not UTF-8 text (byte {e.start} is "
-                           f"{raw[e.start]:#04x}); give a markdown file") from None
 
 
 def main(argv=None):
@@ -317,7 +303,15 @@ def _main(argv):
         if not (args.report or args.csv):
             return 0
     rows = [summarize(run) for run in find_runs(args.runs)]
-    notes = read_notes(args.notes) if args.notes else None
+    notes = None
+    if args.notes:  # UTF-8 markdown
+        with open(args.notes, "rb") as f:
+            raw = f.read()
+        try:
+            notes = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CompareError(f"--notes {args.notes}: not UTF-8 text (byte {e.start} is "
+                               f"{raw[e.start]:#04x}); give a markdown file") from None
     if args.csv:
         write_csv(rows, args.csv)
     if args.report:

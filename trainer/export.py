@@ -80,23 +80,29 @@ def displayable(x, labels):
     return colorize(x.long()) if labels else x.float().clamp(0, 1)
 
 
-def to_display(x, x_hat, labels):
-    """The originals and their reconstructions (label maps: the argmax channel), to show."""
-    return displayable(x, labels), displayable(x_hat.argmax(1) if labels else x_hat, labels)
-
-
 @torch.no_grad()
-def save_reconstructions(model, x, paths, n=GRID_IMAGES):
-    """Write the grid of `x[:n]` over its deterministic reconstructions to each path; returns it."""
-    was_training = model.training
+def reconstruct(model, x):
+    """(x_hat, originals, reconstructions): the deterministic output in eval mode (the model's
+    mode restored), and both to show on the host (label maps: the argmax channel)."""
+    was_training, labels = model.training, model.OUTPUTS == "labels"
     model.eval()
-    x = x[:n]
     x_hat, _ = model(x, "deterministic")
     model.train(was_training)
-    top, bottom = to_display(x, x_hat, model.OUTPUTS == "labels")
-    grid = layout(top.cpu(), bottom.cpu(), columns=len(x))[0]
+    shown = displayable(x_hat.argmax(1) if labels else x_hat, labels)
+    return x_hat, displayable(x, labels).cpu(), shown.cpu()
+
+
+def write_png(images, paths, **grid):
+    """Write `images` (one grid of them, torchvision's save_image) as a PNG to each path."""
     buffer = io.BytesIO()
-    save_image(grid, buffer, format="png")
+    save_image(images, buffer, format="png", **grid)
     for path in paths:
         atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_reconstructions(model, x, paths, n=GRID_IMAGES):
+    """Write the grid of `x[:n]` over its deterministic reconstructions to each path; returns it."""
+    _, top, bottom = reconstruct(model, x[:n])
+    grid = layout(top, bottom, columns=len(top))[0]
+    write_png(grid, paths)
     return grid

@@ -2,23 +2,19 @@
 grids of the training split, early-stopped on the validation NLL, continued from
 ``prior_current.pt``; ``-ts RUN --sample N``. docs/usage.md, "A prior over the codes"."""
 import contextlib
-import io
 import math
 import os
 import time
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
 
 from configs import parse_overrides
 from data.loader import epoch_order
 from networks.prior import GatedPixelCNN, build_prior, code_nll
 from util.codes import CodeUsage
-from util.io import atomic_write_bytes
 
 from . import export, runs
-from .export import displayable
 from .logs import Display
 from .loop import interrupted_says
 
@@ -153,17 +149,15 @@ def continued_settings(cfg, state, opts, path):
     if not isinstance(saved, dict):
         return cfg  # no prior yet, or one saved before its settings were kept
     given = {key.split(".", 1)[1] for key, _ in parse_overrides(opts) if key.startswith("prior.")}
-    settings = {k: v for k, v in saved.items() if k in cfg.prior}
-    for key in given:
-        if key in FIXED_SETTINGS and key in settings and cfg.prior[key] != settings[key]:
+    for key in given.intersection(FIXED_SETTINGS, saved):
+        if cfg.prior[key] != saved[key]:
             raise runs.RunError(
-                f"{path} was trained with prior.{key} {settings[key]}, not {cfg.prior[key]}; "
+                f"{path} was trained with prior.{key} {saved[key]}, not {cfg.prior[key]}; "
                 f"drop the prior.{key} override to continue it, or delete {PRIOR_CURRENT} "
                 f"and {PRIOR_BEST} to train a new prior")
-        settings[key] = cfg.prior[key]
     merged = cfg.clone()
-    merged.defrost()
-    merged.prior.update(settings)
+    merged.defrost()  # the saved settings, but for the prior overrides given
+    merged.prior.update({k: v for k, v in saved.items() if k in cfg.prior and k not in given})
     merged.freeze()
     return merged
 
@@ -184,10 +178,9 @@ def train_prior(run_dir, cfg, model, device, *, seed, command, opts=(), limit_ba
             display.log(f"prior: continuing {PRIOR_CURRENT} after epoch {training.epoch}"
                         + (" (finished: evaluating only)" if training.done else ""))
         recorded = runs.read_dataset_files(run_dir)
-        codes = {}  # the deterministic code grids of the whole splits
-        for split in ("train", "val", "test"):
-            encoded = export.encode_split(model, export.whole_split(cfg, split, device, recorded))
-            codes[split] = torch.from_numpy(encoded.astype(np.int64)).to(device)
+        codes = {split: export.encode_split(model, export.whole_split(cfg, split, device, recorded))
+                 for split in ("train", "val", "test")}  # the deterministic grids of whole splits
+        codes = {k: torch.from_numpy(v.astype(np.int64)).to(device) for k, v in codes.items()}
         training.fit(codes["train"], codes["val"])
         prior = load_prior(cfg, run_dir, device)
         size, positions = cfg.quantization.size_dict, math.prod(codes["test"].shape[1:])
@@ -217,10 +210,9 @@ def write_samples(run_dir, cfg, model, n, device, *, seed, display=None):
                                        generator=generator).cpu())
             bar.update(size)
     codes = torch.cat(chunks).numpy()
-    shown = displayable(export.decode_indices(model, codes, device), model.OUTPUTS == "labels")
-    buffer = io.BytesIO()
-    save_image(shown, buffer, format="png", nrow=math.ceil(math.sqrt(n)))  # via make_grid
+    decoded = export.decode_indices(model, codes, device)
+    shown = export.displayable(decoded, model.OUTPUTS == "labels")
     image_path = os.path.join(run_dir, SAMPLES_IMAGE)
-    atomic_write_bytes(image_path, buffer.getvalue())
+    export.write_png(shown, [image_path], nrow=math.ceil(math.sqrt(n)))  # via make_grid
     codes_path = export.write_codes(run_dir, cfg, "samples", codes.astype(np.uint16), model)
     return image_path, codes_path

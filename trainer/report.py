@@ -10,7 +10,6 @@ from util.codes import CodeUsage
 from util.io import atomic_write_bytes
 
 from . import export, runs
-from .export import to_display
 
 NAMES = ("report", "report_curves", "report_codebook", "report_reconstructions")
 RECONSTRUCTIONS = 16
@@ -28,25 +27,21 @@ def training_records(records):
     return steps, label, val
 
 
-@torch.no_grad()
 def reconstruction_arrays(model, loader, n=RECONSTRUCTIONS):
     """The first `n` images of `loader`, their deterministic reconstructions, and a caption."""
-    model.eval()
     images = []
     for x, _ in loader:
         images.append(x)
         if sum(map(len, images)) >= n:
             break
     x = torch.cat(images)[:n]
-    x_hat, _ = model(x, "deterministic")
-    labels = model.OUTPUTS == "labels"
-    top, bottom = to_display(x, x_hat, labels)
-    if labels:
+    x_hat, top, bottom = export.reconstruct(model, x)
+    if model.OUTPUTS == "labels":
         correct = x_hat.argmax(1) == x.reshape(x_hat[:, 0].shape)
         caption = f"pixel accuracy {float(correct.float().mean()):.3f}"
     else:
         caption = f"MSE per pixel {float(((x_hat.clamp(0, 1) - x) ** 2).mean()):.4f}"
-    return top.cpu(), bottom.cpu(), caption
+    return top, bottom, caption
 
 
 def report_title(run_dir, cfg, train, records):
@@ -83,10 +78,7 @@ def write_report(run_dir, cfg, model, test_loader, test_codes=None):
         codebook=dict(usage=CodeUsage.from_codes(test_codes, size), split="test"),
         reconstructions=dict(originals=originals, reconstructions=recons, caption=caption),
         title=report_title(run_dir, cfg, train, records))
-    written = {}
-    for name in NAMES:
-        fig, titles = figures[name]
-        path = os.path.join(run_dir, f"{name}.png")
-        atomic_write_bytes(path, plots.png_bytes(fig))
-        written[name] = {"path": path, "titles": titles}
-    return written
+    paths = {name: os.path.join(run_dir, f"{name}.png") for name in NAMES}
+    for name, path in paths.items():
+        atomic_write_bytes(path, plots.png_bytes(figures[name][0]))
+    return {name: {"path": path, "titles": figures[name][1]} for name, path in paths.items()}
