@@ -88,12 +88,11 @@ def open_or_build(path, *, root, paths, decode, shape, what, skip_unreadable=Fal
 
 def decode_all(paths, *, decode, shape, what, skip_unreadable=False):
     """(the decoded array of `paths` in memory, as a build writes it, the skipped indices)."""
-    array, skipped, start = np.empty((len(paths), *shape), dtype=np.uint8), [], 0
+    array, skipped = np.empty((len(paths), *shape), dtype=np.uint8), []
     with contextlib.closing(_blocks(paths, decode, shape, what,
                                     skipped if skip_unreadable else None)) as blocks:
-        for block in blocks:
+        for block, start in zip(blocks, range(0, len(paths), CHUNK)):  # CHUNK rows, the last fewer
             array[start:start + len(block)] = block
-            start += len(block)
     return array, skipped
 
 

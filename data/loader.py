@@ -63,16 +63,14 @@ class Loader:
         self.epoch = int(epoch)
 
     def iter_from(self, start_batch=0):
-        """Iterate the current epoch's batches from index ``start_batch`` on."""
+        """The epoch's batches from index ``start_batch`` to len(self) (drop_last: whole ones)."""
         n_batches = len(self)
         if not 0 <= start_batch <= n_batches:
             raise ValueError(f"start_batch {start_batch} is outside 0..{n_batches} "
                              f"({self.name} {self.split} has {n_batches} batches per epoch)")
         order = epoch_order(self.dataset_size, shuffle=self.shuffle, seed=self.seed,
                             epoch=self.epoch, rank=self.rank, world_size=self.world_size)
-        if self.drop_last:
-            order = order[:n_batches * self.batch_size]
-        return self._iterate(list(order.split(self.batch_size))[start_batch:])
+        return self._iterate(list(order.split(self.batch_size))[start_batch:n_batches])
 
     __iter__ = iter_from
 

@@ -101,20 +101,19 @@ def _check_face(image_dir, mask_dir, job):
     """The first pass over one face: (problem or None, parts, image size, newest mtime of its
     files). With `decode` (skipped before: is it fixed?) its masks are decoded too."""
     k, decode = job
-    parts = tuple(part for part in PARTS if os.path.exists(mask_path(mask_dir, k, part)))
-    masks = [mask_path(mask_dir, k, part) for part in parts]
+    masks = {part: path for part in PARTS if os.path.exists(path := mask_path(mask_dir, k, part))}
     try:
-        stats = [os.stat(path) for path in [os.path.join(image_dir, f"{k}.jpg"), *masks]]
-        problem = next(filter(None, (png_problem(path, "mask") for path in masks)), None)
-        for path in masks if decode and not problem else ():
+        stats = [os.stat(path) for path in [os.path.join(image_dir, f"{k}.jpg"), *masks.values()]]
+        problem = next(filter(None, (png_problem(path, "mask") for path in masks.values())), None)
+        for path in masks.values() if decode and not problem else ():
             read_mask(path)
     except (OSError, DatasetError) as e:  # a missing image, an unreadable mask
         return one_line(e), (), 0, 0
-    return problem, parts, stats[0].st_size, max(stat.st_mtime_ns for stat in stats)
+    return problem, tuple(masks), stats[0].st_size, max(stat.st_mtime_ns for stat in stats)
 
 
 def _write_face(root, image_dir, mask_dir, side_of_kind, face):
-    """Write the output files of a Face that are not complete: (k, wrote any, problem)."""
+    """Write the output files of a Face that are not complete: (face, wrote any, problem)."""
     todo = {}
     for kind, side in side_of_kind.items():
         path = os.path.join(root, f"{face.split}_{kind}", f"{face.n}.{'png' if side else 'jpg'}")
@@ -132,7 +131,7 @@ def _write_face(root, image_dir, mask_dir, side_of_kind, face):
             with open(os.path.join(image_dir, f"{face.k}.jpg"), "rb") as f:
                 jpeg = f.read()
     except (OSError, DatasetError) as e:  # DatasetError: a mask that does not decode
-        return face.k, False, one_line(e)
+        return face, False, one_line(e)
     for path, side in todo.values():
         if not side:
             atomic_write_bytes(path, jpeg, durable=False)
@@ -140,7 +139,7 @@ def _write_face(root, image_dir, mask_dir, side_of_kind, face):
         image = label if side == MASK_SIZE else label.resize((side, side), Image.NEAREST)
         atomic_save(path, functools.partial(image.save, format="PNG", compress_level=1),
                     durable=False)  # zlib level 1: a third of the time, files a third larger
-    return face.k, bool(todo), None
+    return face, bool(todo), None
 
 
 def _release(src):
@@ -222,15 +221,14 @@ def _prepare(args):
         results = list(tqdm(  # disable=None: a bar on a terminal only, not in logs and pipes
             map_faces(functools.partial(_write_face, root, image_dir, mask_dir, side_of_kind),
                       faces), total=len(faces), unit="face", desc=OUT_DIR, disable=None))
-    failed = {k: problem for k, _, problem in results if problem}
+    failed = [(face, problem) for face, _, problem in results if problem]
     if failed:  # listed as skipped: the next run decodes their masks in its first pass
-        for face in (face for face in faces if face.k in failed):
+        for face, problem in failed:
             ks_of_split[face.split][face.n] = None
-            skipped.append({"k": face.k, "split": face.split, "reason": failed[face.k]})
+            skipped.append({"k": face.k, "split": face.split, "reason": problem})
         atomic_write_text(os.path.join(root, MANIFEST_FILE), json.dumps(manifest) + "\n")
-        k, problem = next(iter(failed.items()))
-        print(f"error: {len(failed)} face(s) did not decode and are now listed as skipped; "
-              f"run the same command again (first: k={k}: {problem})", file=sys.stderr)
+        print(f"error: {len(failed)} face(s) did not decode and are now listed as skipped; run the "
+              f"same command again (first: k={failed[0][0].k}: {failed[0][1]})", file=sys.stderr)
         return 1
     written, bare = sum(wrote for _, wrote, _ in results), [str(f.k) for f in faces if not f.parts]
     print(f"{OUT_DIR} in {root}: " + ", ".join(
