@@ -181,12 +181,11 @@ def _validate_and_derive(cfg):
     if not 0.0 <= cfg.quantization.ema_decay < 1.0:
         raise ConfigError("config key 'quantization.ema_decay' must be in [0, 1), got "
                           f"{cfg.quantization.ema_decay}")
-    for (bound, inclusive), keys in BOUNDS:
-        for key in keys:
-            value = get_key(cfg, key)
-            if value < bound or (value == bound and not inclusive):
-                need = f"at least {bound}" if inclusive else f"greater than {bound}"
-                raise ConfigError(f"config key '{key}' must be {need}, got {value}")
+    for (bound, inclusive), key in ((limit, key) for limit, keys in BOUNDS for key in keys):
+        value = get_key(cfg, key)
+        if value < bound or (value == bound and not inclusive):
+            need = f"at least {bound}" if inclusive else f"greater than {bound}"
+            raise ConfigError(f"config key '{key}' must be {need}, got {value}")
     if cfg.prior.kernel < 3 or cfg.prior.kernel % 2 == 0:
         raise ConfigError("config key 'prior.kernel' must be an odd number at least 3, got "
                           f"{cfg.prior.kernel}")

@@ -6,9 +6,9 @@ import functools
 import glob
 import hashlib
 import json
-import multiprocessing
 import os
 import sys
+from multiprocessing import get_all_start_methods, get_context
 
 import numpy as np
 import PIL
@@ -34,8 +34,7 @@ def build_workers():
 
 def pool_context():
     # fork hands workers the torch and PIL already imported: a fresh interpreter takes seconds.
-    fork = "fork" in multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if fork else None)
+    return get_context("fork" if "fork" in get_all_start_methods() else None)
 
 
 def _open_matching(path, sidecar):

@@ -15,8 +15,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from util.cli import EXIT_INPUT, OneLineParser, run_cli
-from util.io import (FileLock, LockHeld, UnsafeLink, atomic_save, atomic_write_bytes,
-                     atomic_write_text)
+from util.io import FileLock, LockHeld, UnsafeLink, atomic_save, atomic_write_text
 from util.signals import worker_pool
 from util.text import one_line
 
@@ -132,13 +131,11 @@ def _write_face(root, image_dir, mask_dir, side_of_kind, face):
                 jpeg = f.read()
     except (OSError, DatasetError) as e:  # DatasetError: a mask that does not decode
         return face, False, one_line(e)
-    for path, side in todo.values():
-        if not side:
-            atomic_write_bytes(path, jpeg, durable=False)
-            continue
-        image = label if side == MASK_SIZE else label.resize((side, side), Image.NEAREST)
-        atomic_save(path, functools.partial(image.save, format="PNG", compress_level=1),
-                    durable=False)  # zlib level 1: a third of the time, files a third larger
+    for path, side in todo.values():  # side 0: the JPEG's bytes as they are
+        if side:  # zlib level 1 below: a third of the time, files a third larger
+            image = label if side == MASK_SIZE else label.resize((side, side), Image.NEAREST)
+        atomic_save(path, functools.partial(image.save, format="PNG", compress_level=1) if side
+                    else lambda f: f.write(jpeg), durable=False)
     return face, bool(todo), None
 
 

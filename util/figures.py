@@ -82,8 +82,7 @@ def draw_curves(fig, train, val, *, num_codes, quality="mse_pixel", variant="I",
         ax = fig.add_subplot()
         ax.set_axis_off()
         ax.text(0.5, 0.5, "no training records in metrics.jsonl", ha="center", va="center")
-        ax.set_title("Training curves")
-        return ["Training curves"]
+        return [ax.set_title("Training curves").get_text()]
     columns = 3 if len(panels) > 4 else len(panels)
     for i, (key, title, ylabel, log, guide, with_band) in enumerate(panels):
         ax = fig.add_subplot(math.ceil(len(panels) / columns), columns, i + 1)
@@ -131,8 +130,7 @@ def draw_codebook(fig, usage, split="test"):
     cumulative.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
     title = (f"Codebook usage on the {split} split ({total:,} positions)\n"
              f"perplexity {usage.perplexity:.1f} of K = {size}, {used} of {size} codes in use")
-    ax.set_title(title, fontsize=10)
-    return [title]
+    return [ax.set_title(title, fontsize=10).get_text()]
 
 
 def draw_reconstructions(fig, originals, reconstructions, caption="", columns=8):
@@ -146,8 +144,7 @@ def draw_reconstructions(fig, originals, reconstructions, caption="", columns=8)
     ax.tick_params(axis="y", length=0)
     title = (f"First {len(originals)} test images and their reconstructions from the "
              "deterministic codes" + (f"\n{caption}" if caption else ""))
-    ax.set_title(title, fontsize=10)
-    return [title]
+    return [ax.set_title(title, fontsize=10).get_text()]
 
 
 def report_figures(curves, codebook, reconstructions, title=""):

@@ -142,8 +142,7 @@ def atomic_write_bytes(path, data, *, durable=True, stream_special=False):
                 if durable:
                     f.flush()
                     os.fsync(f.fileno())
-            now = _stat(path, follow=False)
-            if _special(now):  # one that appeared meanwhile is still never replaced
+            if _special(now := _stat(path, follow=False)):  # one that appeared meanwhile too
                 raise UnsafeLink(path, now)
             os.replace(tmp, path)  # replaces a link at `path`, never writes through it
         except BaseException:
