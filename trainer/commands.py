@@ -70,7 +70,7 @@ def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None
                                 "SQVAE_CHECKPOINTS) before training")
         seed = 0 if seed is None else seed
         with errors_as_lines(cfg, device, job):
-            model, loaders = prepare_training(cfg, device, seed, recorded, limit_batches)
+            model, loaders = prepare_training(cfg, device, seed, recorded)
             if save and job.run_dir is None:
                 created = (runs.create_run_dir(cfg, seed, files=data.recorded_files(loaders))
                            if dist.is_main() else (None, None))
@@ -125,7 +125,7 @@ def prepare_resume(run_dir, cfg, opts, config_file, seed, limit_batches):
     return run_cfg, state, recorded, launch["seed"], was
 
 
-def prepare_training(cfg, device, seed, recorded, limit_batches):
+def prepare_training(cfg, device, seed, recorded):
     """The seeded model and loaders; a batch that cannot work refused before any run folder."""
     seed_everything(seed)
     model = build_model(cfg).to(device)
@@ -140,7 +140,24 @@ def prepare_training(cfg, device, seed, recorded, limit_batches):
               "first run, not the paper's setting. For that, train -c mnist_gauss_1.yaml on "
               "the full MNIST (50,000 train, 10,000 val, 10,000 test), downloaded into "
               "./datasets/MNIST/raw/ on first use (or put its four files there)", flush=True)
-    check_batch(cfg, model, loaders["train"], device)
+    train = loaders["train"]
+    batch, images = train.batch_size, train.num_samples
+    if len(train) == 0:
+        raise ConfigError(f"no training batch: {images} training images on this process make "
+                          f"no batch of {batch} with train.drop_last True; lower train.bs or "
+                          "set train.drop_last False")
+    if batch > images:
+        raise ConfigError(f"train.bs {cfg.train.bs} makes batches of {batch} images, more than "
+                          f"the {images} training images of this process; set train.bs to "
+                          f"at most {images}")
+    available = free_memory(device)
+    per_image = None if available is None else activation_bytes_per_image(cfg, model, device)
+    if per_image is not None and per_image * batch > available:
+        raise ConfigError(
+            f"train.bs {cfg.train.bs}: a batch of {batch} images needs at least "
+            f"{per_image * batch / GIB:.1f} GiB for its activations ({per_image / MIB:.2f} MiB "
+            f"per image), but {torch.device(device).type} has {available / GIB:.1f} GiB free; "
+            f"set train.bs to at most {max(1, available // per_image)}")
     return model, loaders
 
 
@@ -196,29 +213,6 @@ def activation_bytes_per_image(cfg, model, device):
         set_rng_state(rng)
     # bf16 autocast halves the convolutions' outputs at most.
     return sum(total) // 2 if cfg.train.amp else sum(total)
-
-
-def check_batch(cfg, model, loader, device):
-    """ConfigError for no training batch, or one larger than the split or the free memory."""
-    batch, images = loader.batch_size, loader.num_samples
-    if len(loader) == 0:
-        raise ConfigError(f"no training batch: {images} training images on this process make "
-                          f"no batch of {batch} with train.drop_last True; lower train.bs or "
-                          "set train.drop_last False")
-    if batch > images:
-        raise ConfigError(f"train.bs {cfg.train.bs} makes batches of {batch} images, more than "
-                          f"the {images} training images of this process; set train.bs to "
-                          f"at most {images}")
-    available = free_memory(device)
-    if available is None:
-        return
-    per_image = activation_bytes_per_image(cfg, model, device)
-    if per_image * batch > available:
-        raise ConfigError(
-            f"train.bs {cfg.train.bs}: a batch of {batch} images needs at least "
-            f"{per_image * batch / GIB:.1f} GiB for its activations ({per_image / MIB:.2f} MiB "
-            f"per image), but {torch.device(device).type} has {available / GIB:.1f} GiB free; "
-            f"set train.bs to at most {max(1, available // per_image)}")
 
 
 @contextlib.contextmanager
@@ -300,8 +294,7 @@ def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=Fa
 def write_outputs(run_dir, cfg, model, device, *, report, encode, recorded, images):
     """--encode SPLIT (images: the pictures of --images, one row each, with their names) and
     --report, on whole splits in file order, whatever --limit-batches or torchrun say."""
-    from . import export
-    from . import report as reports
+    from . import export, report as reports
     codes, pictures = None, encode == "images"
     if encode:
         whole = (data.build_picture_loader(cfg, images, batch_size=cfg.test.bs, device=device)

@@ -68,13 +68,6 @@ def _read_config(run_dir):
     return cfg
 
 
-def _read_metrics(run_dir):
-    if not os.path.isfile(os.path.join(run_dir, runs.METRICS_FILE)):
-        raise CompareError(f"{run_dir}: no {runs.METRICS_FILE} (train it with --save, or "
-                           "evaluate it with main.py -ts)")
-    return runs.read_metrics(run_dir)
-
-
 def _get(cfg, section, key, default="?"):
     value = cfg.get(section)
     return value.get(key, default) if isinstance(value, dict) else default
@@ -87,12 +80,17 @@ def _text(value):
     return brief(value)
 
 
-def model_label(cfg):
-    """model.name, with the quantizer variant (SQ-VAE) or the EMA codebook (VQ-VAE)."""
-    name = _text(_get(cfg, "model", "name"))
-    if name == "VQVAE":
-        return "VQVAE (EMA)" if _get(cfg, "quantization", "ema") is True else "VQVAE"
-    return f"{name} ({_text(_get(cfg, 'model', 'param_var_q'))})"
+def _read_run(run_dir):
+    """(model label, dataset, metrics.jsonl's records) of a run folder; the label is model.name
+    with the quantizer variant (SQ-VAE) or the EMA codebook (VQ-VAE)."""
+    cfg = _read_config(run_dir)
+    if not os.path.isfile(os.path.join(run_dir, runs.METRICS_FILE)):
+        raise CompareError(f"{run_dir}: no {runs.METRICS_FILE} (train it with --save, or "
+                           "evaluate it with main.py -ts)")
+    name, ema = _text(_get(cfg, "model", "name")), _get(cfg, "quantization", "ema") is True
+    label = (("VQVAE (EMA)" if ema else "VQVAE") if name == "VQVAE"
+             else f"{name} ({_text(_get(cfg, 'model', 'param_var_q'))})")
+    return label, _text(_get(cfg, "dataset", "name")), runs.read_metrics(run_dir)
 
 
 def _number(record, key, where, types=(int, float), noun="a number"):
@@ -108,7 +106,7 @@ def summarize(run_dir):
     """The table row of one run folder, as a dict keyed by column header."""
     if not os.path.isdir(run_dir):
         raise CompareError(f"{run_dir}: no such run folder")
-    cfg, records = _read_config(run_dir), _read_metrics(run_dir)
+    model, dataset, records = _read_run(run_dir)
     last = {split: next((r for r in reversed(records) if r.get("split") == split), {})
             for split in ("test", "prior_test")}
     if not last["test"]:
@@ -122,8 +120,7 @@ def summarize(run_dir):
     # Run folder names repeat across experiments: the experiment folder above is named too.
     parts = os.path.normpath(os.path.abspath(run_dir)).split(os.sep)
     theirs = ", authors' release" if release_format.is_release_run(run_dir) else ""
-    return {"run": "/".join(parts[-2:]), "model": model_label(cfg) + theirs,
-            "dataset": _text(_get(cfg, "dataset", "name")),
+    return {"run": "/".join(parts[-2:]), "model": model + theirs, "dataset": dataset,
             # Epochs actually trained (a run may stop early); a release run folder records none.
             "epochs": len({r.get("epoch") for r in train}) or None,
             "train time (s)": sum(float(r.get("seconds") or 0.0) for r in train) if train
@@ -139,12 +136,10 @@ def find_runs(paths):
                 or release_format.is_release_run(folder))
     found = []
     for path in paths:
-        if not os.path.isdir(path) or is_run(path):
-            found.append(path)
-            continue
-        inside = sorted(folder for root, dirs, _ in os.walk(path)
-                        for folder in (os.path.join(root, name) for name in dirs)
-                        if os.path.relpath(folder, path).count(os.sep) <= 1 and is_run(folder))
+        inside = [path] if not os.path.isdir(path) or is_run(path) else sorted(
+            folder for root, dirs, _ in os.walk(path)
+            for folder in (os.path.join(root, name) for name in dirs)
+            if os.path.relpath(folder, path).count(os.sep) <= 1 and is_run(folder))
         if not inside:
             raise CompareError(f"{path}: no run folder in it or in its subfolders")
         found.extend(inside)
@@ -257,11 +252,10 @@ def curve_runs(paths):
     dataset where datasets differ, else the seed where a model repeats."""
     found = []
     for run_dir in find_runs(paths):
-        cfg = _read_config(run_dir)
+        model, dataset, records = _read_run(run_dir)
         name = os.path.basename(os.path.normpath(run_dir))  # <network>_seed<N>_<date>_<time>
         seed = [part for part in name.split("_") if part.startswith("seed")]
-        found.append((model_label(cfg), _text(_get(cfg, "dataset", "name")),
-                      seed[0].replace("seed", "seed ") if seed else name, _read_metrics(run_dir)))
+        found.append((model, dataset, seed[0].replace("seed", "seed ") if seed else name, records))
     datasets = len({dataset for _, dataset, _, _ in found})
     labels = [label for label, *_ in found]
     return [(label + (f", {dataset}" if datasets > 1 else f", {seed}"

@@ -26,13 +26,10 @@ GRID_IMAGES = 8
 
 
 def config_hash(cfg):
-    parts = []
-    for name in MODEL_SECTIONS:
-        node = cfg[name].clone()
-        for key in RESTATED.get(name, ()):
-            node.pop(key, None)
-        parts.append(f"{name}:\n{config_to_yaml(node)}")
-    return hashlib.sha256("".join(parts).encode("utf-8")).hexdigest()
+    text = "".join(f"{name}:\n" + config_to_yaml(type(cfg[name])(
+        {k: v for k, v in cfg[name].items() if k not in RESTATED.get(name, ())}))
+        for name in MODEL_SECTIONS)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def whole_split(cfg, split, device="cpu", recorded=None):

@@ -34,12 +34,9 @@ SAMPLE_CHUNK = 1024  # grids drawn at once by --sample (memory: chunk x K x H x 
 def mean_nll(prior, codes, batch_size, limit=None):
     """NLL in nats per position over `codes` (all batches, or the first `limit`)."""
     prior.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(codes), batch_size)[:limit]:
-        batch = codes[start:start + batch_size]
-        total += float(code_nll(prior(batch), batch, reduction="sum"))
-        count += batch.numel()
-    return total / count
+    batches = [codes[i:i + batch_size] for i in range(0, len(codes), batch_size)[:limit]]
+    nats = sum(float(code_nll(prior(batch), batch, reduction="sum")) for batch in batches)
+    return nats / sum(batch.numel() for batch in batches)
 
 
 class PriorTraining:
