@@ -57,8 +57,7 @@ def open_or_build(path, *, root, paths, decode, shape, what, skip_unreadable=Fal
     decoded, rows zero), built if missing or stale; None, warned, where it cannot be written."""
     files = hashlib.sha256()  # the sidecar: what the cache depends on
     for file in paths:  # root-relative names: a root moved with its mtimes keeps its cache
-        size, mtime_ns = file_state(file)
-        files.update(f"{os.path.relpath(file, root)}\0{size}\0{mtime_ns}\n".encode())
+        files.update("{}\0{}\0{}\n".format(os.path.relpath(file, root), *file_state(file)).encode())
     # The whole module's source: a changed constant or helper changes the pixels as well.
     with open(sys.modules[decode.__module__].__file__, "rb") as f:
         source = hashlib.sha256(f.read()).hexdigest()

@@ -183,7 +183,9 @@ def _number_faces(rows, checks, strict):
     return faces, skipped, ks_of_split
 
 
-def _prepare(args):
+def _prepare(parser, args):
+    if args.workers < 1 or not all(0 < size < MASK_SIZE for size in args.size):
+        parser.error("--workers must be at least 1 and --size in 1..511")
     rows, image_dir, mask_dir = _release(args.src)
     root, workers = os.path.join(args.dst, OUT_DIR), max(1, min(args.workers, len(rows)))
     os.makedirs(root, exist_ok=True)
@@ -256,12 +258,6 @@ def _clean(folder, ext, ks, ks_before):
 
 def main(argv=None):
     """The command; its exit code: 2 bad input, another run, a linked lock; 1 unwritable output."""
-    return run_cli(lambda: _main(argv),
-                   errors=(((DatasetError, LockHeld, UnsafeLink), EXIT_INPUT),),
-                   interrupted="{what}; run the same command again to resume")
-
-
-def _main(argv):
     p = OneLineParser(prog="python -m data.prepare_celebamask_hq",
                       description=__doc__.split("\n\n")[0])
     p.add_argument("--src", required=True, metavar="RELEASE", help="the unpacked release")
@@ -272,10 +268,9 @@ def _main(argv):
     p.add_argument("--strict", action="store_true", help="a bad face is fatal, not skipped")
     p.add_argument("--size", type=int, action="append", default=[], metavar="S",
                    help="also write {split}_label_S/: labels resized to SxS (1..511); repeatable")
-    args = p.parse_args(argv)
-    if args.workers < 1 or not all(0 < size < MASK_SIZE for size in args.size):
-        p.error("--workers must be at least 1 and --size in 1..511")
-    return _prepare(args)
+    return run_cli(lambda: _prepare(p, p.parse_args(argv)),
+                   errors=(((DatasetError, LockHeld, UnsafeLink), EXIT_INPUT),),
+                   interrupted="{what}; run the same command again to resume")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
-"""Figures from plain data (records, code usage, images): a run report, and the learning curves
-of several runs (``trainer.compare --curves``). Each ``draw_*`` draws into a Figure or SubFigure
-and returns its axes' titles: one code fills the panels and the combined ``report.png``. The Agg
-canvas renders without pyplot: no display, no global figures, the session's backend untouched."""
+"""Figures from plain data (records, code usage, images): a run report, several runs' learning
+curves (``compare --curves``). Each ``draw_*`` draws into a Figure or SubFigure (a panel, or part
+of ``report.png``), returning its titles. Agg, not pyplot: no display, no global figures."""
 import io
 import math
 
@@ -60,16 +59,14 @@ def curve_panels(quality, variant, num_codes, band):
                    else rf"Quantizer variance $\sigma^2_q$ (variant {variant})")
     quality_panel = (("acc", "Reconstruction accuracy", "pixel accuracy", False) if quality == "acc"
                      else ("mse_pixel", "Reconstruction MSE per pixel", "MSE per pixel", None))
-    return [
-        ("loss", "Loss", "loss per image", False, None, False),
-        (*quality_panel, None, False),
-        ("perplexity", "Code perplexity (per batch)", "perplexity", None, all_codes, False),
-        ("param_q", param_title, param_axis + (" (mean, min–max band)" if band else ""), None,
-         None, band),
-        ("entropy", "Entropy of the code distribution", "nats per latent position", False,
-         (math.log(num_codes), f"log K = {math.log(num_codes):.2f}"), False),
-        ("codes_used", "Codes in use", "codes", False, all_codes, False),
-    ]
+    return [("loss", "Loss", "loss per image", False, None, False),
+            (*quality_panel, None, False),
+            ("perplexity", "Code perplexity (per batch)", "perplexity", None, all_codes, False),
+            ("param_q", param_title, param_axis + (" (mean, min–max band)" if band else ""), None,
+             None, band),
+            ("entropy", "Entropy of the code distribution", "nats per latent position", False,
+             (math.log(num_codes), f"log K = {math.log(num_codes):.2f}"), False),
+            ("codes_used", "Codes in use", "codes", False, all_codes, False)]
 
 
 def draw_curves(fig, train, val, *, num_codes, quality="mse_pixel", variant="I", band=False,
@@ -97,15 +94,13 @@ def draw_curves(fig, train, val, *, num_codes, quality="mse_pixel", variant="I",
                             label="train min–max")
         v_steps, v_values = _column(val, key)
         if v_steps:
-            ax.plot(v_steps, v_values, ls="none", marker="s", markersize=6, color=VAL_COLOR,
-                    markeredgecolor="black", markeredgewidth=0.6, label="val (deterministic)",
-                    zorder=3)
+            ax.plot(v_steps, v_values, ls="none", marker="s", ms=6, color=VAL_COLOR, mec="black",
+                    mew=0.6, label="val (deterministic)", zorder=3)
         if guide is not None and guide[0]:
             ax.axhline(guide[0], color=GUIDE_COLOR, ls="--", lw=0.8, label=guide[1])
         if log is True or (log is None and spans_decades(values + v_values + spread)):
             ax.set_yscale("log")
-        else:
-            # An offset ("+1.0499") above the axis is easy to miss; show the values themselves.
+        else:  # the values themselves: an offset ("+1.0499") above the axis is easy to miss
             ax.ticklabel_format(axis="y", useOffset=False)
         finish_axes(ax, title, "training step", ylabel)
     return [panel[1] for panel in panels]
@@ -172,8 +167,7 @@ PANELS = (  # (record split, key, panel title, y label, SQ-VAE only)
      True),
     # VQ-VAE runs of before 2026-12 recorded a constant temperature and a zero entropy.
     ("train", "temperature", "Gumbel-softmax temperature (SQ-VAE, end of epoch)",
-     r"$\tau$", True),
-)
+     r"$\tau$", True))
 
 LEGEND_MAX = 12  # the most runs a panel names in its legend; with more its title counts them
 

@@ -1,7 +1,6 @@
-"""Crash-safe files never written through a link: atomic writes (a temporary name, fsync, a
-rename), append-only JSON lines and locks opened without following one, ``refuse_links`` for
-a folder before writing into it. Run folders come from other people, and a planted link would
-make the tool change a file anywhere (docs/failures.md)."""
+"""Crash-safe files never written through a link: atomic writes (temporary name, fsync, rename),
+append-only JSON lines, locks opened without following one, ``refuse_links`` before writing into
+a folder. Run folders come from others: a planted link could change any file (docs/failures.md)."""
 import contextlib
 import errno
 import fnmatch
