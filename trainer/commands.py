@@ -30,22 +30,19 @@ def summary(cfg):
     return 0
 
 
-def main_command_line(program, config_file, flag, run_dir, *more):
-    """`PYTHON main.py -c CONFIG FLAG RUN ...`, runnable from any folder: absolute paths, and
-    the interpreter that runs us (a bare `python` may lack our packages)."""
-    config = os.path.abspath(config_file) if os.path.isfile(config_file) else config_file
-    return shlex.join([sys.executable or "python", os.path.abspath(program), "-c", config,
-                       flag, os.path.abspath(run_dir), *more])
-
-
 class Job:
-    """A training as the lines that end it see it: its run folder, once there is one."""
+    """A command as the lines that end it see it: its run folder, once there is one, and `line`,
+    `PYTHON main.py -c CONFIG FLAG RUN ...` runnable from any folder (absolute paths, and the
+    interpreter that runs us: a bare `python` may lack our packages)."""
 
-    def __init__(self, program, config_file):
-        self.program, self.config_file, self.run_dir = program, config_file, None
+    def __init__(self, program, config_file, run_dir=None):
+        self.program, self.config_file, self.run_dir = program, config_file, run_dir
 
-    def resume_line(self):
-        return main_command_line(self.program, self.config_file, "--resume", self.run_dir)
+    def line(self, flag, *more):
+        config = self.config_file
+        return shlex.join([sys.executable or "python", os.path.abspath(self.program), "-c",
+                           os.path.abspath(config) if os.path.isfile(config) else config, flag,
+                           os.path.abspath(self.run_dir), *more])
 
     def resumable(self):
         return self.run_dir is not None and os.path.isfile(os.path.join(self.run_dir, runs.CURRENT))
@@ -168,7 +165,7 @@ def fit_and_test(cfg, device, job, model, loaders, state, *, dbg, launch):
                       tensorboard_dir=run_dir and os.path.join(run_dir, runs.TENSORBOARD))
     trainer = Trainer(cfg, model, loaders, device, run_dir, display=display, launch=launch,
                       limit_batches=launch["limit_batches"],
-                      resume_command=run_dir and job.resume_line())
+                      resume_command=run_dir and job.line("--resume"))
     display.start(cfg.model.name, run_dir)
     if state is not None:
         loop.resume(trainer, state, os.path.join(run_dir, runs.CURRENT))
@@ -220,14 +217,14 @@ def errors_as_lines(cfg, device, job):
     """What stops a training, as the one line that says whether and how it resumes."""
     try:
         # Ctrl-C outside the training loop (start-up, the final test): current.pt is intact.
-        with interrupted_says(lambda: f"resume with: {job.resume_line()}" if job.resumable()
+        with interrupted_says(lambda: f"resume with: {job.line('--resume')}" if job.resumable()
                               else "no checkpoint was written, nothing to resume"):
             yield
     except (MemoryError, RuntimeError) as e:  # the CPU allocator's, CUDA's, Python's
         if not (isinstance(e, MemoryError) or "can't allocate memory" in str(e)
                 or type(e).__name__ == "OutOfMemoryError"):
             raise
-        where = (f"; the run resumes from its last checkpoint: {job.resume_line()}"
+        where = (f"; the run resumes from its last checkpoint: {job.line('--resume')}"
                  if job.resumable() else "")
         raise TrainingError(f"out of memory on {torch.device(device).type} (train.bs "
                             f"{cfg.train.bs}): lower train.bs or free memory{where}") from None
@@ -255,13 +252,8 @@ def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=Fa
                             "a run of ours first with python -m trainer.release import RUN "
                             "--to DIR, then use DIR")
     if prior or sample:
-        # The same command again continues an interrupted prior.
-        again = ["--prior", *(["--seed", str(seed)] if seed is not None else []),
-                 *(["--limit-batches", str(limit_batches)] if limit_batches else []), *opts]
-        command = main_command_line(program, config_file, "-ts", run_dir, *again)
-        return prior_and_samples(run_dir, device, opts=opts, seed=0 if seed is None else seed,
-                                 train=prior, sample=sample, limit_batches=limit_batches,
-                                 command=command)
+        return prior_and_samples(Job(program, config_file, run_dir), device, opts=opts, seed=seed,
+                                 train=prior, sample=sample, limit_batches=limit_batches)
     with interrupted_says("the evaluation's records were not written, run -ts again"):
         run_cfg, model, best = runs.load_run_model(run_dir, opts, device)
         model.amp = run_cfg.train.amp  # evaluated in the precision it trained in
@@ -310,18 +302,22 @@ def write_outputs(run_dir, cfg, model, device, *, report, encode, recorded, imag
         print(f"report: {written['report']['path']}")
 
 
-def prior_and_samples(run_dir, device, *, opts, seed, train, sample, limit_batches, command):
+def prior_and_samples(job, device, *, opts, seed, train, sample, limit_batches):
     from . import prior as priors
     if dist.world_size() > 1:
         raise ConfigError("--prior and --sample run in one process; start them without torchrun")
+    run_dir = job.run_dir
     run_cfg, model, _ = runs.load_run_model(run_dir, opts, device)
     if train:
-        priors.train_prior(run_dir, run_cfg, model, device, seed=seed, opts=opts,
-                           command=command, limit_batches=limit_batches)
+        # The same command again continues an interrupted prior.
+        again = [*(["--seed", str(seed)] if seed is not None else []),
+                 *(["--limit-batches", str(limit_batches)] if limit_batches else []), *opts]
+        priors.train_prior(run_dir, run_cfg, model, device, seed=seed or 0, opts=opts,
+                           command=job.line("-ts", "--prior", *again), limit_batches=limit_batches)
     if sample:
         with interrupted_says("no samples were written (the files of an earlier --sample are "
                               "as they were), run it again"):
-            paths = priors.write_samples(run_dir, run_cfg, model, sample, device, seed=seed,
+            paths = priors.write_samples(run_dir, run_cfg, model, sample, device, seed=seed or 0,
                                          display=Display())
         print(f"{sample} samples: {paths[0]} (codes: {paths[1]})")
     return 0
