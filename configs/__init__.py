@@ -1,9 +1,9 @@
-"""``load_config(name_or_path, opts)``, the one way a config is made: the defaults
-(``configs/defaults.py``), an experiment YAML, ``KEY VALUE`` overrides, then validation
-against ``configs/registry.py`` and the derived fields; the result is frozen."""
+"""``load_config(name_or_path, opts)``, the one way a config is made: defaults (``defaults.py``),
+an experiment file, ``KEY VALUE`` overrides, validation (``registry.py``), derivation; frozen."""
 import ast
 import contextlib
 import difflib
+import functools
 import math
 import os
 import reprlib
@@ -31,10 +31,8 @@ def experiment_files():
 def _flatten(mapping, prefix=""):
     """(dotted key, value) of every leaf of a nested mapping (a CfgNode is one)."""
     for key, value in mapping.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
+        yield from (_flatten(value, f"{prefix}{key}.") if isinstance(value, dict)
+                    else [(f"{prefix}{key}", value)])
 
 
 def _set(cfg, known, key, value):
@@ -94,16 +92,13 @@ def brief(value, limit=80):
 
 def get_key(cfg, key):
     """The value at a dotted key, e.g. get_key(cfg, "train.lr")."""
-    for part in key.split("."):
-        cfg = cfg[part]
-    return cfg
+    return functools.reduce(lambda node, part: node[part], key.split("."), cfg)
 
 
 DERIVED_KEYS = {  # derived (a file's value dropped, an override refused): what to set instead
     "path_checkpoint": "it is path/path_specific: set path or path_specific instead",
     "quantization.dim_code": "it is quantization.dim_dict (+ 1 for VmfSQVAE): set that",
-    "flags.var_q": "it follows model.param_var_q: set that",  # held by older run folders
-}
+    "flags.var_q": "it follows model.param_var_q: set that"}  # held by older run folders
 BOUNDS = (  # numeric keys by the lowest value each accepts, and whether it accepts that one
     ((0, True), ("nworker", "train.ckpt_every_steps", "train.bs_per_rank", "prior.layers")),
     ((1, True), ("quantization.size_dict", "network.num_rb", "network.num_class", "train.bs",
@@ -112,8 +107,7 @@ BOUNDS = (  # numeric keys by the lowest value each accepts, and whether it acce
     ((2, True), ("quantization.dim_dict",)),
     ((0.0, True), ("quantization.temperature.decay", "quantization.temperature.min", "model.beta")),
     ((0.0, False), ("quantization.temperature.init", "quantization.ema_eps", "train.lr",
-                    "prior.lr", "prior.temperature")),
-)
+                    "prior.lr", "prior.temperature")))
 
 
 def _one_of(values, lead="one of ", last=", "):

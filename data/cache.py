@@ -74,8 +74,7 @@ def open_or_build(path, *, root, paths, decode, shape, what, skip_unreadable=Fal
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with FileLock(path + ".lock"):
-            # Another process (a second rank) may have built it while this one waited.
-            return _open_matching(path, sidecar) or _build(
+            return _open_matching(path, sidecar) or _build(  # built meanwhile by another rank?
                 path, sidecar, paths, decode, shape, what, skip_unreadable)
     except OSError as e:
         instead = instead or f"decoding the {what} files every epoch instead"
@@ -95,8 +94,7 @@ def decode_all(paths, *, decode, shape, what, skip_unreadable=False):
 
 
 def _build(path, sidecar, paths, decode, shape, what, skip_unreadable):
-    # Only lock holders get here, so any temporary file left is from a killed build.
-    for stale in glob.glob(glob.escape(path) + ".*.tmp"):
+    for stale in glob.glob(glob.escape(path) + ".*.tmp"):  # we hold the lock: killed builds'
         os.remove(stale)
     tmp, skipped = f"{path}.{os.getpid()}.tmp", []
     blocks = _blocks(paths, decode, shape, what, skipped if skip_unreadable else None)
@@ -109,8 +107,7 @@ def _build(path, sidecar, paths, decode, shape, what, skip_unreadable):
             f.flush()
             os.fsync(f.fileno())
         sidecar_file = os.path.splitext(path)[0] + ".json"
-        # Old sidecar out first: a crash in between never pairs an array with another's sidecar.
-        if os.path.exists(sidecar_file):
+        if os.path.exists(sidecar_file):  # out first: no crash pairs an array with another's
             os.remove(sidecar_file)
         os.replace(tmp, path)
         atomic_write_text(sidecar_file, json.dumps(

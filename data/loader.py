@@ -16,8 +16,7 @@ from . import cache, pictures, sources
 from .errors import DatasetError
 from .sources import SPLITS, Arrays, Decoded, Files, Reads
 
-# Spreads seeds apart: two seeds could only share an epoch's order past a million epochs.
-SEED_STRIDE = 1_000_003
+SEED_STRIDE = 1_000_003  # seeds apart: two share an epoch's order only past a million epochs
 # A batch of uint8 items for the model, by registry's Dataset.items: floats in [0, 1], indices.
 IMAGES = "images"
 TO_MODEL = {IMAGES: lambda x: x.float().div_(255), "labels": lambda x: x.long()}
@@ -134,8 +133,7 @@ class FileLoader(Loader):
     def _gather(self, batches):
         for batch in batches:
             idx = batch.numpy() if self.rows is None else self.rows[batch.numpy()]
-            # Rows in file order sweep the file forwards (read-ahead), then back to batch order.
-            order = np.argsort(idx, kind="stable")
+            order = np.argsort(idx, kind="stable")  # rows in file order: read-ahead helps
             block = batch_buffer((len(idx), *self.array.shape[1:]), self.device)
             block.numpy()[order] = self.array[idx[order]]
             yield block
@@ -197,8 +195,7 @@ def build_picture_loader(cfg, folder, *, batch_size, device="cpu", rank=0, world
     if items != IMAGES:
         raise DatasetError(f"--images reads pictures, but a {name} run reconstructs "
                            f"{items}; give a run of a dataset of images")
-    folder = os.path.abspath(folder)
-    names = pictures.list_pictures(folder)
+    names = pictures.list_pictures(folder := os.path.abspath(folder))
     found = pictures.decoded(folder, names, tuple(cfg.dataset.shape), cached=cfg.cache_decoded,
                              reads=Reads.of(cfg), wanted=names, where=f"under {folder}")
     return FileLoader(decoded=found, to_model=TO_MODEL[items], name=name, split="images",

@@ -204,6 +204,5 @@ def draw_learning_curves(fig, runs):
 
 def learning_curves_png(runs, title=""):
     """PNG bytes of the learning-curve figure of `runs`, and the titles of its panels."""
-    fig = new_figure(15, 8, title, fontsize=11)
-    titles = draw_learning_curves(fig, runs)
+    titles = draw_learning_curves(fig := new_figure(15, 8, title, fontsize=11), runs)
     return png_bytes(fig), titles

@@ -172,11 +172,10 @@ def append_jsonl(path, records):
     if not records:
         return
     payload = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
-    folder, name = os.path.split(path)
     with _naming(path):
         fd = open_no_follow(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
         try:
-            with FileLock(os.path.join(folder, f".{name}.lock")):
+            with FileLock(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")):
                 size = os.fstat(fd).st_size
                 if size and os.pread(fd, 1, size - 1) != b"\n":
                     tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
