@@ -31,9 +31,8 @@ def summary(cfg):
 
 
 class Job:
-    """A command as the lines that end it see it: its run folder, once there is one, and `line`,
-    `PYTHON main.py -c CONFIG FLAG RUN ...` runnable from any folder (absolute paths, and the
-    interpreter that runs us: a bare `python` may lack our packages)."""
+    """A command's run folder, once there is one, and `line`: `PYTHON main.py -c CONFIG FLAG RUN
+    ...` from any folder (absolute paths; our interpreter: `python` may lack our packages)."""
 
     def __init__(self, program, config_file, run_dir=None):
         self.program, self.config_file, self.run_dir = program, config_file, run_dir
@@ -69,11 +68,10 @@ def train(cfg, device, *, program, config_file, opts=(), save=False, resume=None
         with errors_as_lines(cfg, device, job):
             model, loaders = prepare_training(cfg, device, seed, recorded)
             if save and job.run_dir is None:
-                created = (runs.create_run_dir(cfg, seed, files=data.recorded_files(loaders))
-                           if dist.is_main() else (None, None))
-                job.run_dir = dist.broadcast_object(created[0])
-                if created[1] is not None:
-                    held.enter_context(created[1])
+                path, lock = (runs.create_run_dir(cfg, seed, files=data.recorded_files(loaders))
+                              if dist.is_main() else (None, None))
+                job.run_dir = dist.broadcast_object(path)
+                held.enter_context(lock or contextlib.nullcontext())
             fit_and_test(cfg, device, job, model, loaders, state, dbg=dbg,
                          launch={"seed": seed, "limit_batches": limit_batches})
     return 0

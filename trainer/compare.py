@@ -81,8 +81,7 @@ def _text(value):
 
 
 def _read_run(run_dir):
-    """(model label, dataset, metrics.jsonl's records) of a run folder; the label is model.name
-    with the quantizer variant (SQ-VAE) or the EMA codebook (VQ-VAE)."""
+    """(model.name with its variant or EMA codebook, dataset, records) of a run folder."""
     cfg = _read_config(run_dir)
     if not os.path.isfile(os.path.join(run_dir, runs.METRICS_FILE)):
         raise CompareError(f"{run_dir}: no {runs.METRICS_FILE} (train it with --save, or "

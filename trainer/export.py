@@ -79,8 +79,7 @@ def displayable(x, labels):
 
 @torch.no_grad()
 def reconstruct(model, x):
-    """(x_hat, originals, reconstructions): the deterministic output in eval mode (the model's
-    mode restored), and both to show on the host (label maps: the argmax channel)."""
+    """(x_hat, x and x_hat to show on the host): the deterministic pass, in eval mode, then back."""
     was_training, labels = model.training, model.OUTPUTS == "labels"
     model.eval()
     x_hat, _ = model(x, "deterministic")

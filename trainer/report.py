@@ -28,7 +28,7 @@ def training_records(records):
 
 
 def reconstruction_arrays(model, loader, n=RECONSTRUCTIONS):
-    """The first `n` images of `loader`, their deterministic reconstructions, and a caption."""
+    """The first `n` images of `loader` over their deterministic reconstructions, captioned."""
     images = []
     for x, _ in loader:
         images.append(x)
@@ -41,7 +41,7 @@ def reconstruction_arrays(model, loader, n=RECONSTRUCTIONS):
         caption = f"pixel accuracy {float(correct.float().mean()):.3f}"
     else:
         caption = f"MSE per pixel {float(((x_hat.clamp(0, 1) - x) ** 2).mean()):.4f}"
-    return top, bottom, caption
+    return dict(originals=top, reconstructions=bottom, caption=caption)
 
 
 def report_title(run_dir, cfg, train, records):
@@ -67,16 +67,14 @@ def write_report(run_dir, cfg, model, test_loader, test_codes=None):
     `test_codes`: the test split's codes where the caller has them (``--encode test``)."""
     records = runs.read_metrics(run_dir)
     train, train_label, val = training_records(records)
-    if test_codes is None:
-        test_codes = export.encode_split(model, test_loader)
     size = cfg.quantization.size_dict
-    originals, recons, caption = reconstruction_arrays(model, test_loader)
     figures = plots.report_figures(
         curves=dict(train=train, val=val, train_label=train_label, variant=model.quantizer.label,
                     quality="acc" if model.OUTPUTS == "labels" else "mse_pixel", num_codes=size,
                     band=model.encoder.head_log_var is not None),
-        codebook=dict(usage=CodeUsage.from_codes(test_codes, size), split="test"),
-        reconstructions=dict(originals=originals, reconstructions=recons, caption=caption),
+        codebook=dict(usage=CodeUsage.from_codes(export.encode_split(model, test_loader)
+                      if test_codes is None else test_codes, size), split="test"),
+        reconstructions=reconstruction_arrays(model, test_loader),
         title=report_title(run_dir, cfg, train, records))
     paths = {name: os.path.join(run_dir, f"{name}.png") for name in NAMES}
     for name, path in paths.items():
