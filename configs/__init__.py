@@ -111,7 +111,7 @@ BOUNDS = (  # numeric keys by the lowest value each accepts, and whether it acce
 
 
 def _one_of(values, lead="one of ", last=", "):
-    """"a", else lead + "a, b" + last + "c": "one of a, b, c", or with ("", " or ") "a, b or c"."""
+    """A value alone as it is; else "one of a, b, c", or with ("", " or ") "a, b or c"."""
     return values[0] if len(values) == 1 else lead + ", ".join(values[:-1]) + last + values[-1]
 
 
