@@ -1,6 +1,5 @@
-"""What main.py calls once it has parsed flags: `summary`, `train` (a run or ``--resume``, then
-its test with the best weights; a batch that cannot fit refused up front), `test_run` (``-ts
-RUN``), each raising one-line errors or Interrupted saying how to go on (docs/failures.md)."""
+"""What main.py calls: `summary`, `train` (a run or ``--resume``, then its test with the best
+weights), `test_run` (``-ts RUN``); one-line errors or Interrupted (docs/failures.md)."""
 import contextlib
 import os
 import shlex
@@ -129,8 +128,7 @@ def prepare_training(cfg, device, seed, recorded):
         torch.manual_seed(seed + dist.rank())
     loaders = data.build_loaders(cfg, device, seed, recorded=recorded)
     if is_sample_data(cfg) and dist.is_main():
-        sizes = ", ".join(f"{loaders[split].dataset_size:,} {split}"
-                          for split in ("train", "val", "test") if split in loaders)
+        sizes = ", ".join(f"{loader.dataset_size:,} {split}" for split, loader in loaders.items())
         print("data: the MNIST sample shipped in tests/data/MNIST (" + sizes + " images): a "
               "first run, not the paper's setting. For that, train -c mnist_gauss_1.yaml on "
               "the full MNIST (50,000 train, 10,000 val, 10,000 test), downloaded into "
@@ -195,7 +193,6 @@ def activation_bytes_per_image(cfg, model, device):
         for out in output if isinstance(output, (tuple, list)) else (output,):
             if isinstance(out, torch.Tensor):
                 total.append(out.numel() * out.element_size())
-
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     was_training, rng = model.training, get_rng_state()
     try:
@@ -237,8 +234,7 @@ def errors_as_lines(cfg, device, job):
 def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=False,
              report=False, encode=None, prior=False, sample=None, images=None, program=None,
              config_file=None):
-    """-ts RUN: the run's best.pt on the test split (or every picture under --images DIR),
-    recorded in its metrics.jsonl unless it is a release folder, which stays as it was."""
+    """-ts RUN: best.pt on the test split (or --images DIR), recorded unless a release folder."""
     run_dir = runs.resolve_run_dir(cfg, run, "-ts")
     runs.check_links(run_dir)
     release = release_format.is_release_run(run_dir)
@@ -282,8 +278,7 @@ def test_run(cfg, device, *, run, opts=(), seed=None, limit_batches=None, dbg=Fa
 
 
 def write_outputs(run_dir, cfg, model, device, *, report, encode, recorded, images):
-    """--encode SPLIT (images: the pictures of --images, one row each, with their names) and
-    --report, on whole splits in file order, whatever --limit-batches or torchrun say."""
+    """--encode SPLIT (images: the --images pictures, with their names) and --report, whole."""
     from . import export, report as reports
     codes, pictures = None, encode == "images"
     if encode:
@@ -295,27 +290,25 @@ def write_outputs(run_dir, cfg, model, device, *, report, encode, recorded, imag
         what = f"{len(whole.names)} pictures under {images}" if pictures else f"{encode} split"
         print(f"codes of the {what} {codes.shape}: {path}")
     if report:
-        written = reports.write_report(run_dir, cfg, model, export.whole_split(
-            cfg, "test", device, recorded), codes if encode == "test" else None)
-        print(f"report: {written['report']['path']}")
+        print("report:", reports.write_report(run_dir, cfg, model, export.whole_split(
+            cfg, "test", device, recorded), codes if encode == "test" else None)["report"]["path"])
 
 
 def prior_and_samples(job, device, *, opts, seed, train, sample, limit_batches):
     from . import prior as priors
     if dist.world_size() > 1:
         raise ConfigError("--prior and --sample run in one process; start them without torchrun")
-    run_dir = job.run_dir
-    run_cfg, model, _ = runs.load_run_model(run_dir, opts, device)
+    run_cfg, model, _ = runs.load_run_model(job.run_dir, opts, device)
     if train:
         # The same command again continues an interrupted prior.
         again = [*(["--seed", str(seed)] if seed is not None else []),
                  *(["--limit-batches", str(limit_batches)] if limit_batches else []), *opts]
-        priors.train_prior(run_dir, run_cfg, model, device, seed=seed or 0, opts=opts,
+        priors.train_prior(job.run_dir, run_cfg, model, device, seed=seed or 0, opts=opts,
                            command=job.line("-ts", "--prior", *again), limit_batches=limit_batches)
     if sample:
         with interrupted_says("no samples were written (the files of an earlier --sample are "
                               "as they were), run it again"):
-            paths = priors.write_samples(run_dir, run_cfg, model, sample, device, seed=seed or 0,
-                                         display=Display())
+            paths = priors.write_samples(job.run_dir, run_cfg, model, sample, device,
+                                         seed=seed or 0, display=Display())
         print(f"{sample} samples: {paths[0]} (codes: {paths[1]})")
     return 0

@@ -122,8 +122,7 @@ def summarize(run_dir):
     return {"run": "/".join(parts[-2:]), "model": model + theirs, "dataset": dataset,
             # Epochs actually trained (a run may stop early); a release run folder records none.
             "epochs": len({r.get("epoch") for r in train}) or None,
-            "train time (s)": sum(float(r.get("seconds") or 0.0) for r in train) if train
-            else None,
+            "train time (s)": sum(float(r.get("seconds") or 0.0) for r in train) if train else None,
             **{name: _number(last[split], key, f"{metrics}, its last {split} record")
                for name, _, (split, key) in [column for column in COLUMNS if column[2]]}}
 

@@ -22,7 +22,6 @@ MODEL_SECTIONS = ("dataset", "model", "network", "quantization", "flags")
 # Keys that change no number a model computes (what dataset.shape restates, the memory
 # layout): left out, so a config hashes as it did before they existed.
 RESTATED = {"dataset": ("channels", "image_size"), "network": ("channels_last",)}
-GRID_IMAGES = 8
 
 
 def config_hash(cfg):
@@ -96,7 +95,7 @@ def write_png(images, paths, **grid):
         atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_reconstructions(model, x, paths, n=GRID_IMAGES):
+def save_reconstructions(model, x, paths, n=8):
     """Write the grid of `x[:n]` over its deterministic reconstructions to each path; returns it."""
     _, top, bottom = reconstruct(model, x[:n])
     grid = layout(top, bottom, columns=len(top))[0]

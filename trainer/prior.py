@@ -211,5 +211,4 @@ def write_samples(run_dir, cfg, model, n, device, *, seed, display=None):
     shown = export.displayable(decoded, model.OUTPUTS == "labels")
     image_path = os.path.join(run_dir, SAMPLES_IMAGE)
     export.write_png(shown, [image_path], nrow=math.ceil(math.sqrt(n)))  # via make_grid
-    codes_path = export.write_codes(run_dir, cfg, "samples", codes.astype(np.uint16), model)
-    return image_path, codes_path
+    return image_path, export.write_codes(run_dir, cfg, "samples", codes.astype(np.uint16), model)

@@ -1,6 +1,5 @@
-"""``main.py -ts RUN --report``: ``report.png`` and its three panels ``report_curves.png``,
-``report_codebook.png`` and ``report_reconstructions.png``, drawn by util/figures.py from
-the run's records, its test codes and reconstructions (docs/usage.md, "Reports and codes")."""
+"""``main.py -ts RUN --report``: ``report.png`` and its panels ``report_curves.png``,
+``report_codebook.png`` and ``report_reconstructions.png`` (docs/usage.md, "Reports and codes")."""
 import os
 
 import torch
@@ -10,9 +9,6 @@ from util.codes import CodeUsage
 from util.io import atomic_write_bytes
 
 from . import export, runs
-
-NAMES = ("report", "report_curves", "report_codebook", "report_reconstructions")
-RECONSTRUCTIONS = 16
 
 
 def training_records(records):
@@ -27,7 +23,7 @@ def training_records(records):
     return steps, label, val
 
 
-def reconstruction_arrays(model, loader, n=RECONSTRUCTIONS):
+def reconstruction_arrays(model, loader, n=16):
     """The first `n` images of `loader` over their deterministic reconstructions, captioned."""
     images = []
     for x, _ in loader:
@@ -54,11 +50,10 @@ def report_title(run_dir, cfg, train, records):
     test = next((r for r in reversed(records) if r.get("split") == "test"), None)
     if test is None:
         return head
-    parts = [("MSE/pixel", "mse_pixel", ".5f"), ("PSNR", "psnr", ".2f"), ("acc", "acc", ".4f"),
-             ("mIoU", "miou", ".4f"), ("perplexity (split)", "perplexity_split", ".1f"),
-             ("codes in use", "codes_used", "d")]
-    shown = [f"{label} {format(test[key], spec)}" + (" dB" if key == "psnr" else "")
-             for label, key, spec in parts if isinstance(test.get(key), (int, float))]
+    parts = [("MSE/pixel {:.5f}", "mse_pixel"), ("PSNR {:.2f} dB", "psnr"), ("acc {:.4f}", "acc"),
+             ("mIoU {:.4f}", "miou"), ("perplexity (split) {:.1f}", "perplexity_split"),
+             ("codes in use {:d}", "codes_used")]
+    shown = [text.format(test[k]) for text, k in parts if isinstance(test.get(k), (int, float))]
     return head + f"\ntest (best.pt, epoch {test.get('epoch')}): " + ", ".join(shown)
 
 
@@ -76,7 +71,7 @@ def write_report(run_dir, cfg, model, test_loader, test_codes=None):
                       if test_codes is None else test_codes, size), split="test"),
         reconstructions=reconstruction_arrays(model, test_loader),
         title=report_title(run_dir, cfg, train, records))
-    paths = {name: os.path.join(run_dir, f"{name}.png") for name in NAMES}
+    paths = {name: os.path.join(run_dir, f"{name}.png") for name in figures}
     for name, path in paths.items():
         atomic_write_bytes(path, plots.png_bytes(figures[name][0]))
     return {name: {"path": path, "titles": figures[name][1]} for name, path in paths.items()}
