@@ -11,7 +11,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("configs", "data", "networks", "third_party", "trainer", "util")
 # A ratchet: lowered whenever the product shrinks, towards issue 33's 6,500 (8,915 before it).
-MAX_PRODUCT_LINES = 7000
+MAX_PRODUCT_LINES = 6500
 MAX_FILE_LINES, MAX_FUNCTION_LINES, MAX_CLASS_LINES, MAX_LINE_CHARS = 400, 60, 200, 100
 
 
