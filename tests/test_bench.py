@@ -1,9 +1,9 @@
 """benchmarks/bench.py --check, the speed guard: it passes and fails on its limits, and refuses
 bad input in one line. (The timings themselves are not asserted: a benchmark, not a test.)
 
-The bad-input cases run real processes (exit status 2 and one line); the timed cases call the
-script's main(argv) in this process, as `sys.exit(main())` does, saving a fresh interpreter's
-imports (~3 CPU-seconds each)."""
+One bad-input case runs a real process (exit status 2 and one line); the others and the timed
+cases call the script's main(argv) in this process, as `sys.exit(main())` does, saving a fresh
+interpreter's imports (~3 CPU-seconds each)."""
 import importlib.util
 import json
 import os
@@ -82,17 +82,23 @@ def test_check_exits_by_its_limit(tmp_path, capsys, limit, status, verdict):
         assert "mnist_gauss_1" in stderr and stderr.count("\n") == 1
 
 
+def test_bad_input_is_one_line_and_exit_2_from_a_real_process():
+    out = bench("--check", "-c", "nope.yaml")
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ")
+    assert "config file 'nope.yaml' not found" in out.stderr
+
+
 @pytest.mark.parametrize("args,needle", [
-    (["--check", "-c", "nope.yaml"], "config file 'nope.yaml' not found"),
     (["-c", "nope.yaml"], "config file 'nope.yaml' not found"),
     (["-c", "mnist_gauss_1", "train.lr"], "KEY VALUE pairs"),
     ([], "name the experiment files"),
 ])
-def test_bad_input_is_one_line_and_exit_2(args, needle):
-    out = bench(*args)
-    assert out.returncode == 2
-    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ")
-    assert needle in out.stderr
+def test_bad_input_is_one_line_and_exit_2(capsys, args, needle):
+    code, out, err = bench_in_process(capsys, *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert needle in err
 
 
 def test_a_config_without_a_limit_is_refused(tmp_path, capsys):

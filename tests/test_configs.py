@@ -423,6 +423,7 @@ BAD_CASES = {
     "unknown_variant": ["-c", "mnist_gauss_1.yaml", "model.param_var_q", "gaussian_9"],
 }
 SUMMARY_IN_SUBPROCESS = "celebamask_vmf"
+REAL_PROCESS_CASE = "unknown_file"  # the others call main.run in this process (no fresh imports)
 
 
 @pytest.fixture(scope="module")
@@ -431,7 +432,8 @@ def cli_results(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("ckpt")
     env = dict(os.environ, SQVAE_DATA=str(empty_data), SQVAE_CHECKPOINTS=str(ckpt),
                OMP_NUM_THREADS="1")
-    cases = dict(BAD_CASES, summary=["-c", SUMMARY_IN_SUBPROCESS + ".yaml", "--summary"])
+    cases = {REAL_PROCESS_CASE: BAD_CASES[REAL_PROCESS_CASE],
+             "summary": ["-c", SUMMARY_IN_SUBPROCESS + ".yaml", "--summary"]}
     procs = {key: subprocess.Popen([sys.executable, "main.py", *argv], cwd=REPO, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for key, argv in cases.items()}
@@ -449,8 +451,17 @@ def _params_line(name):
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_cli_config_errors(cli_results, case):
-    rc, out, err = cli_results[case]
+def test_cli_config_errors(cli_results, case, monkeypatch, tmp_path, capsys):
+    if case == REAL_PROCESS_CASE:
+        rc, out, err = cli_results[case]
+    else:
+        import main
+        monkeypatch.setenv("SQVAE_DATA", str(tmp_path))
+        monkeypatch.setenv("SQVAE_CHECKPOINTS", str(tmp_path))
+        capsys.readouterr()
+        rc = main.run(BAD_CASES[case])
+        out, err = capsys.readouterr()
+        assert not os.listdir(tmp_path)  # nothing is written
     assert rc == 2, (out, err)
     assert "Traceback" not in err and "Traceback" not in out
     lines = err.splitlines()
