@@ -9,8 +9,10 @@ from third_party.bessel import log_ive
 # The quantizer layers' own terms (torch only, installed with them as sqvae_layers).
 from .reconstruction import arelbo_loss, squared_error  # noqa: F401
 
+
 def learned_variance_loss(mse, dim_x, log_var_x):
     return mse / (2 * torch.exp(log_var_x)) + dim_x / 2 * log_var_x
+
 
 def vmf_log_normalizer(kappa_inv, m):
     """log C_m(kappa) of a vMF on the (2m - 1)-sphere, without its 2*pi constant."""
@@ -18,6 +20,7 @@ def vmf_log_normalizer(kappa_inv, m):
     # In float64 where the device has it (tests/test_bessel.py bounds what float32 loses).
     log_bessel = log_ive(m - 1, kappa)
     return -(m - 1) * torch.log(kappa_inv) - kappa - log_bessel
+
 
 def vmf_reconstruction(x_hat, labels, log_kappa_inv, dim_x):
     """Returns (loss, accuracy) for decoder outputs B x N x H x W and int labels B x 1 x H x W."""
