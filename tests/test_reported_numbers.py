@@ -199,9 +199,12 @@ def test_report_figures_state_the_numbers_of_the_codes(gauss_run, tmp_path, monk
     assert f"MSE per pixel {mse:.4f}" in caption
     head = written["report"]["titles"]
     test = last_record(run_dir, "test")
-    assert f"codes in use {test['codes_used']}" in report.report_title(
-        str(run_dir), cfg, report.training_records(runs.read_metrics(str(run_dir)))[0],
-        runs.read_metrics(str(run_dir)))
+    records = runs.read_metrics(str(run_dir))
+    line = report.report_title(str(run_dir), cfg, report.training_records(records)[0], records)
+    # Each figure of the title's test line from the record, PSNR recomputed from its MSE.
+    psnr = -10 * math.log10(test["mse_pixel"])
+    assert (f"MSE/pixel {test['mse_pixel']:.5f}, PSNR {psnr:.2f} dB, perplexity (split) "
+            f"{math.exp(entropy):.1f}, codes in use {used}") in line
     assert head[-2] == title
 
 
