@@ -22,13 +22,29 @@ def vmf_log_normalizer(kappa_inv, m):
     return -(m - 1) * torch.log(kappa_inv) - kappa - log_bessel
 
 
+class _PickChannel(torch.autograd.Function):
+    """x.gather(1, index) with a gradient in x's layout: gather's own backward scatters into a
+    channel-first zero tensor, and a channels-last decoder's output layers, softplus first, then
+    run several times slower on the mismatched gradient."""
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.save_for_backward(x, index)
+        return x.gather(1, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, index = ctx.saved_tensors
+        return torch.zeros_like(x).scatter_(1, index, grad), None
+
+
 def vmf_reconstruction(x_hat, labels, log_kappa_inv, dim_x):
     """Returns (loss, accuracy) for decoder outputs B x N x H x W and int labels B x 1 x H x W."""
     n = x_hat.shape[1]
     labels = labels.long().reshape(x_hat.shape[0], 1, *x_hat.shape[2:])
     # F.normalize's division, on the label's channel only: the same values, one channel's work.
     norm = torch.linalg.vector_norm(x_hat, dim=1, keepdim=True).clamp_min(1e-12)
-    cosine = x_hat.gather(1, labels) / norm
+    cosine = _PickChannel.apply(x_hat, labels) / norm
     kappa_inv = torch.exp(log_kappa_inv) + 1e-9
     loss = -cosine.sum() / x_hat.shape[0] / kappa_inv \
         - dim_x * vmf_log_normalizer(kappa_inv, n / 2)

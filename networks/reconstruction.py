@@ -3,12 +3,13 @@ with ``mse = sum (x_hat - x)^2 / B`` (summed over an example's values, mean over
 ARELBO is ``dim_x / 2 * log(mse)``. networks/losses.py holds the others (a learned variance,
 the vMF likelihood of label maps)."""
 import torch
-import torch.nn.functional as F
 
 
 def squared_error(x_hat, x):
     """The release's "MSE": squared error summed over an image's pixels, mean over images."""
-    return F.mse_loss(x_hat, x, reduction="sum") / x.shape[0]
+    # Not F.mse_loss: its gradient is laid out channel-first whatever x_hat's layout, and a
+    # channels-last decoder's output layers then run on a converted copy (docs/speed.md).
+    return (x_hat - x).square().sum() / x.shape[0]
 
 
 def arelbo_loss(mse, dim_x):

@@ -313,12 +313,14 @@ def test_vmf_log_normalizer_matches_scipy():
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10)
 
 
-def test_vmf_reconstruction_gradients():
-    # Analytic gradients (through the Bessel normaliser) against finite differences.
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_vmf_reconstruction_gradients(layout):
+    # Analytic gradients (through the Bessel normaliser and the label channel's own gather)
+    # against finite differences, in both layouts (the gather's gradient keeps x_hat's).
     gen = torch.Generator().manual_seed(4)
-    x_hat = (F.softplus(torch.randn(2, 20, 2, 2, generator=gen)).double() + 0.1)
-    x_hat.requires_grad_(True)
-    labels = torch.randint(0, 19, (2, 1, 2, 2), generator=gen)
+    x_hat = (F.softplus(torch.randn(2, 20, 2, 3, generator=gen)).double() + 0.1)
+    x_hat = x_hat.contiguous(memory_format=layout).requires_grad_(True)
+    labels = torch.randint(0, 19, (2, 1, 2, 3), generator=gen)
     lk = torch.tensor(math.log(0.05), dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: vmf_reconstruction(a, labels, b, 4)[0],
                                     (x_hat, lk))
