@@ -9,12 +9,13 @@ def batch_norm(dim, enabled):
 
 class ResBlock(nn.Module):
     """x + [ReLU, Conv3x3, BN, ReLU, Conv1x1, BN](x), its BatchNorms whatever `flags.bn` says
-    (the release passes the flag to the stems and heads only; docs/model.md §2)."""
+    (the release passes the flag to the stems and heads only; docs/model.md §2). A ReLU after
+    a BN or conv runs in place (their backward reads their input, not their output)."""
 
     def __init__(self, dim):
         super().__init__()
         self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(dim, dim, 3, 1, 1), nn.BatchNorm2d(dim),
-                                   nn.ReLU(), nn.Conv2d(dim, dim, 1), nn.BatchNorm2d(dim))
+                                   nn.ReLU(inplace=True), nn.Conv2d(dim, dim, 1), nn.BatchNorm2d(dim))
 
     def forward(self, x):
         return x + self.block(x)

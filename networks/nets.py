@@ -71,11 +71,11 @@ def encoder_blocks(cfg, d, log_var_head):
 
 def down(cin, cout, kernel, stride, bn):
     """Conv (padding keeps a stride-1 size, halves a stride-2 one), BatchNorm, ReLU."""
-    return nn.Conv2d(cin, cout, kernel, stride, 1), batch_norm(cout, bn), nn.ReLU()
+    return nn.Conv2d(cin, cout, kernel, stride, 1), batch_norm(cout, bn), nn.ReLU(inplace=True)
 
 
 def up(cin, cout, kernel, stride, bn):
-    return nn.ConvTranspose2d(cin, cout, kernel, stride, 1), batch_norm(cout, bn), nn.ReLU()
+    return nn.ConvTranspose2d(cin, cout, kernel, stride, 1), batch_norm(cout, bn), nn.ReLU(inplace=True)
 
 
 def _net28(cfg, d, h, log_var_head):
