@@ -15,7 +15,8 @@ class ResBlock(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(dim, dim, 3, 1, 1), nn.BatchNorm2d(dim),
-                                   nn.ReLU(inplace=True), nn.Conv2d(dim, dim, 1), nn.BatchNorm2d(dim))
+                                   nn.ReLU(inplace=True), nn.Conv2d(dim, dim, 1),
+                                   nn.BatchNorm2d(dim))
 
     def forward(self, x):
         return x + self.block(x)

@@ -27,14 +27,9 @@ def one_hot(index, size, dtype):
     return weights.scatter_(-1, index.unsqueeze(-1), 1.0)
 
 
-def positions_major(z):
-    """B x D x *spatial -> B x *spatial x D, a view (contiguous if z is channels-last)."""
-    return z.movedim(1, -1)
-
-
 def flatten_positions(z):
     """B x D x *spatial -> (B * prod(spatial)) x D, one row per latent position."""
-    return positions_major(z).reshape(-1, z.shape[1])
+    return z.movedim(1, -1).reshape(-1, z.shape[1])
 
 
 def unflatten_positions(rows, like):
@@ -135,9 +130,7 @@ def gaussian_quantize(z, var_q, codebook, mode, temperature):
     precision_rows = precision.expand(z.shape[0], z.shape[1] if per_dimension else 1, *z.shape[2:])
     logits = gaussian_logits(flatten_positions(z), codebook, flatten_positions(precision_rows))
     out = _stochastic_outputs(z, logits, codebook, mode, temperature)
-    diff = z - out["z_q"]
-    # diff last: a sum's gradient times a scalar first is laid out channel-first, whatever z's
-    # layout, and a channels-last encoder then runs its backward kernels on a converted copy.
+    diff = z - out["z_q"]  # multiplied last: its gradient then has z's layout (docs/speed.md)
     out["kld_continuous"] = (0.5 * precision * diff * diff).sum() / max(z.shape[0], 1)
     return out
 

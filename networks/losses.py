@@ -23,9 +23,8 @@ def vmf_log_normalizer(kappa_inv, m):
 
 
 class _PickChannel(torch.autograd.Function):
-    """x.gather(1, index) with a gradient in x's layout: gather's own backward scatters into a
-    channel-first zero tensor, and a channels-last decoder's output layers, softplus first, then
-    run several times slower on the mismatched gradient."""
+    """x.gather(1, index) with a gradient in x's layout (gather's own is channel-first, and a
+    channels-last decoder's softplus and convolutions run several times slower on it)."""
 
     @staticmethod
     def forward(ctx, x, index):

@@ -75,7 +75,8 @@ def down(cin, cout, kernel, stride, bn):
 
 
 def up(cin, cout, kernel, stride, bn):
-    return nn.ConvTranspose2d(cin, cout, kernel, stride, 1), batch_norm(cout, bn), nn.ReLU(inplace=True)
+    return (nn.ConvTranspose2d(cin, cout, kernel, stride, 1), batch_norm(cout, bn),
+            nn.ReLU(inplace=True))
 
 
 def _net28(cfg, d, h, log_var_head):

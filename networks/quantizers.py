@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import (MODES, ema_update, flatten_positions, gaussian_quantize, mean_rows,
-                         nearest_codes, one_hot, perplexity, positions_major, straight_through,
+                         nearest_codes, one_hot, perplexity, straight_through,
                          summed_over_processes, unflatten_positions, vmf_quantize, vq_losses)
 from .reconstruction import arelbo_loss, squared_error
 
@@ -31,21 +31,19 @@ CODEBOOK_INITS = {
 }
 
 
-# The means over channels below reduce the positions-major view (the same values): their
-# gradient is then laid out as log_var is in a channels-last model, where a channel-first mean's
-# is not, and the encoder would run its backward kernels on a converted copy (docs/speed.md).
-
+# The means over channels reduce the positions-major view (the same values), so that their
+# gradient has log_var's layout in a channels-last model, as a channel-first mean's has not.
 def _variance_gaussian_1(log_var, s):
     return 1.0 + torch.exp(s)  # no variance head: v = 0
 
 
 def _variance_gaussian_2(log_var, s):  # one value per example, whatever the latent grid
-    per_example = positions_major(log_var).flatten(1).mean(1)
+    per_example = log_var.movedim(1, -1).flatten(1).mean(1)
     return torch.exp(per_example).reshape(len(log_var), *[1] * (log_var.dim() - 1)) + torch.exp(s)
 
 
 def _variance_gaussian_3(log_var, s):
-    return torch.exp(positions_major(log_var).mean(-1).unsqueeze(1)) + torch.exp(s)
+    return torch.exp(log_var.movedim(1, -1).mean(-1).unsqueeze(1)) + torch.exp(s)
 
 
 def _variance_gaussian_4(log_var, s):

@@ -7,8 +7,7 @@ import torch
 
 def squared_error(x_hat, x):
     """The release's "MSE": squared error summed over an image's pixels, mean over images."""
-    # Not F.mse_loss: its gradient is laid out channel-first whatever x_hat's layout, and a
-    # channels-last decoder's output layers then run on a converted copy (docs/speed.md).
+    # Not F.mse_loss, whose gradient is channel-first whatever x_hat's layout (docs/speed.md).
     return (x_hat - x).square().sum() / x.shape[0]
 
 
