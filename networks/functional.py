@@ -73,10 +73,13 @@ class _NegEntropy(torch.autograd.Function):
         per_row = p_log_p.sum(-1, keepdim=True)
         ctx.save_for_backward(probs, p_log_p, per_row)
         ctx.mark_non_differentiable(probs)
+        ctx.set_materialize_grads(False)  # no N x K zeros for probs' gradient, never read
         return per_row.sum(), probs
 
     @staticmethod
     def backward(ctx, grad, _):
+        if grad is None:  # only probs was used
+            return None
         probs, p_log_p, per_row = ctx.saved_tensors
         return torch.addcmul(p_log_p, probs, per_row, value=-1).mul_(grad)
 
