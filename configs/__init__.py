@@ -183,16 +183,13 @@ def _validate_and_derive(cfg):
     if cfg.prior.kernel < 3 or cfg.prior.kernel % 2 == 0:
         raise ConfigError("config key 'prior.kernel' must be an odd number at least 3, got "
                           f"{cfg.prior.kernel}")
-    # Absolute, so that a run folder's config works from any folder.
-    cfg.path, cfg.path_dataset = _absolute(cfg.path), _absolute(cfg.path_dataset)
+    for key in ("path", "path_dataset"):  # absolute: a run folder's config works from any folder
+        path = cfg[key]
+        if path == REPO_TOKEN or path.startswith(REPO_TOKEN + "/"):
+            path = REPO_DIR + path[len(REPO_TOKEN):]
+        cfg[key] = os.path.abspath(os.path.expanduser(path))
     cfg.quantization.dim_code = cfg.quantization.dim_dict + model.extra_code_dim
     cfg.path_checkpoint = os.path.join(cfg.path, cfg.path_specific)
-
-
-def _absolute(path):
-    if path == REPO_TOKEN or path.startswith(REPO_TOKEN + "/"):
-        path = REPO_DIR + path[len(REPO_TOKEN):]
-    return os.path.abspath(os.path.expanduser(path))
 
 
 def is_sample_data(cfg):

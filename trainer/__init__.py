@@ -1,19 +1,19 @@
 """Training, evaluation, checkpoints and run folders; names load their modules (and torch) on
 first use: ``python -m trainer.compare --help`` answers before torch is imported."""
 import importlib
+import sys
 
-from util.cli import start_up, started_with_m
+from util.cli import start_up
 
-if started_with_m():
+if sys.argv[:1] == ["-m"]:  # `python -m trainer.MODULE` imports this package (argv[0] is still -m)
     # A companion's modules (no torch) load here, where Ctrl-C is one line too (before run_cli).
     with start_up():
         from . import release_format, runs  # noqa: F401
 
 # name -> the module of this package that defines it
 _LAZY = {"Interrupted": "loop", "Trainer": "loop", "TrainingError": "loop",
-         "build_optimizer": "loop", "build_scheduler": "loop", "CodeHistogram": "meters",
-         "MeanMeter": "meters", "eval_pass": "meters", "evaluate": "meters",
-         "RunError": "checkpoints"}
+         "build_optimizer": "loop", "CodeHistogram": "meters", "MeanMeter": "meters",
+         "eval_pass": "meters", "evaluate": "meters", "RunError": "checkpoints"}
 __all__ = list(_LAZY)
 
 

@@ -18,7 +18,6 @@ CHECKPOINT_KEYS = {
               "train_meter": dict, "interval_meter": dict, "interval_codes": dict,
               "train_seconds": NUMBER, "rng": dict},
 }
-STATE_DICT_KEYS = ("model", "prior")  # entries that hold a module's state dict
 # Which config keys set the shape of which parameters (by name prefix).
 SHAPE_KEYS = (
     ("quantizer.codebook", "quantization.size_dict, quantization.dim_dict"),
@@ -26,8 +25,7 @@ SHAPE_KEYS = (
     ("log_var_x", "flags.arelbo"),
     ("log_kappa_inv", "model.name"),
     ("quantizer.ema_", "quantization.ema, quantization.size_dict, quantization.dim_dict"),
-    ("encoder.res", "network.num_rb, quantization.dim_dict"),
-    ("decoder.res", "network.num_rb, quantization.dim_dict"),
+    (("encoder.res", "decoder.res"), "network.num_rb, quantization.dim_dict"),
     ("", "quantization.dim_dict, flags.bn, dataset.name"),
 )
 
@@ -92,7 +90,7 @@ def load_checkpoint(path, needed=None):
                        + ("; best.pt in the same folder can still be evaluated with -ts"
                           if os.path.basename(path) == CURRENT else ""))
     import torch
-    for key in STATE_DICT_KEYS:
+    for key in ("model", "prior"):  # the entries that hold a module's state dict
         if key in needed and not all(isinstance(v, torch.Tensor) for v in state[key].values()):
             raise RunError(f"checkpoint {path}: its {key} entry is not a state dict of tensors")
     return state

@@ -8,13 +8,11 @@ from tqdm import tqdm
 
 from util import distributed as dist
 
-MODE_WIDTH = 16  # the release pads the pass name to 16 characters
-
 
 def release_line(name, metrics, seconds):
-    """One pass in the release's format."""
+    """One pass in the release's format (which pads the pass name to 16 characters)."""
     quality = f"ACC: {metrics['acc']:5.4f}" if "acc" in metrics else f"MSE: {metrics['mse']:5.4f}"
-    return (f"{name.ljust(MODE_WIDTH)}Loss: {metrics['loss']:5.4f}, {quality}, "
+    return (f"{name.ljust(16)}Loss: {metrics['loss']:5.4f}, {quality}, "
             f"Perplexity: {metrics['perplexity']:5.4f}, Time: {seconds:5.3f} sec")
 
 

@@ -48,11 +48,6 @@ def build_optimizer(cfg, model, device):
         return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, foreach=True)
 
 
-def build_scheduler(optimizer):
-    # The release's factor and patience; its other settings are torch's defaults.
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=3)
-
-
 def wrap(cfg, model, device):
     """(model, the model that trains, the model that evaluates): precision, SyncBatchNorm,
     compilation and DDP are the trainer's choice, not the model's."""
@@ -144,7 +139,9 @@ class Trainer:
         self.launch = launch or {"seed": 0, "limit_batches": limit_batches}
         self.model, self.train_model, self.eval_model = wrap(cfg, model, device)
         self.optimizer = build_optimizer(cfg, self.model, device)
-        self.scheduler = build_scheduler(self.optimizer)
+        # The release's factor and patience; its other settings are torch's defaults.
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=0.5,
+                                                                    patience=3)
         self.recorder, self.keys = runs.RunRecorder(run_dir, dist.is_main()), model.TERMS
         self.guard, self.signals = FiniteGuard(self.keys, device), StopSignals(device)
         self.epoch, self.batch, self.step, self.best_loss, self.best_epoch = 1, 0, 0, math.inf, 0

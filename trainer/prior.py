@@ -49,10 +49,11 @@ class PriorTraining:
         self.prior = build_prior(cfg, grid, torch.Generator().manual_seed(seed)).to(device)
         self.optimizer = torch.optim.Adam(self.prior.parameters(), lr=cfg.prior.lr)
         self.epoch, self.best_nll, self.best_epoch, self.bad_epochs = 0, math.inf, 0, 0
-        self.history, self.done, self.seconds = [], False, 0.0
+        self.history, self.seconds = [], 0.0
 
-    def stopped(self):
-        # Recomputed on loading too: a raised prior.epoch_max (or patience) continues a prior.
+    @property
+    def done(self):
+        # Computed, never loaded: a raised prior.epoch_max (or patience) continues a prior.
         return self.epoch >= self.cfg.prior.epoch_max or self.bad_epochs >= self.cfg.prior.patience
 
     def state_dict(self):
@@ -70,9 +71,8 @@ class PriorTraining:
             raise runs.RunError(f"checkpoint {path} does not match the prior section of the "
                                 "config; delete it (and prior.pt) to train again") from None
         self.optimizer.load_state_dict(state["optimizer"])
-        for key in CURRENT_KEYS.keys() - {"prior", "optimizer"}:
+        for key in CURRENT_KEYS.keys() - {"prior", "optimizer", "done"}:
             setattr(self, key, state[key])
-        self.done = self.stopped()
 
     def train_epoch(self, codes):
         self.prior.train()
@@ -113,7 +113,6 @@ class PriorTraining:
                         "kernel": self.prior.kernel}})
             else:
                 self.bad_epochs += 1
-            self.done = self.stopped()
             entry = {"split": "prior", "epoch": self.epoch, "step": self.epoch * steps_per_epoch,
                      "train_nll": train_nll, "val_nll": val_nll}
             self.history.append(entry)

@@ -66,8 +66,6 @@ def read_release_config(run_dir, opts=None):
             raise RunError(f"{path}: its {section} is {brief(values)}, not a section of "
                            "settings; is it a run folder of the authors' release?")
         mapping[section] = {k: values[k] for k in keys if k in values}
-    if isinstance(mapping["dataset"].get("shape"), list):
-        mapping["dataset"]["shape"] = tuple(mapping["dataset"]["shape"])
     mapping["test"] = {"bs": mapping["train"].get("bs", 32)}
     relative = saved.get("path_specific")
     # Kept only below `path`: an import never writes where a downloaded file points.

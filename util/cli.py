@@ -86,9 +86,3 @@ def start_up(message="{what} during start-up; nothing was written"):
         code, what = interrupt_status(e)
         say(message.format(what=what))
         raise SystemExit(code) from None
-
-
-def started_with_m():
-    """Whether a `python -m PACKAGE.MODULE` command imports its package (argv[0] is still -m)."""
-    return sys.argv[:1] == ["-m"]
-

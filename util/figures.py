@@ -169,8 +169,6 @@ PANELS = (  # (record split, key, panel title, y label, SQ-VAE only)
     ("train", "temperature", "Gumbel-softmax temperature (SQ-VAE, end of epoch)",
      r"$\tau$", True))
 
-LEGEND_MAX = 12  # the most runs a panel names in its legend; with more its title counts them
-
 
 def epoch_series(records, split, key):
     """(epochs, values) of the finite `key` in `split` records; an epoch's last record wins."""
@@ -194,7 +192,7 @@ def draw_learning_curves(fig, runs):
             ax.plot(epochs, values, lw=1.4, label=label, marker="." if len(epochs) < 20 else None)
         if spans_decades([v for _, _, values in series for v in values], factor=4.0):
             ax.set_yscale("log")
-        few = len(series) <= LEGEND_MAX  # more legend entries would cover the curves
+        few = len(series) <= 12  # a legend of more runs would cover the curves: titles count them
         finish_axes(ax, title if few else f"{title} ({len(series)} runs)", "epoch", ylabel,
                     legend=few)
     for ax in axes[len(drawn):]:

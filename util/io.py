@@ -57,7 +57,6 @@ class UnsafeLink(ValueError):
             problem = (f"is a symbolic link{target}; {never}: replace the link with a copy of "
                        "the file, or remove it")
         super().__init__(f"{path} {problem}, then run again")
-        self.path = path
 
 
 def open_no_follow(path, flags, mode=0o666):
@@ -238,7 +237,7 @@ class LockHeld(RuntimeError):
 
     def __init__(self, path, pid):
         super().__init__(f"{path} is locked by process {pid or '(unknown)'}")
-        self.path, self.pid = path, pid
+        self.pid = pid
 
 
 class FileLock:
