@@ -228,6 +228,8 @@ XH = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]]).reshape(2, 1, 2,
 def test_squared_error_by_hand():
     assert squared_error(XH, X0).item() == 2.0
     assert squared_error(XH + 0.5, X0 + 0.5).item() == 2.0
+    # Differences of 3, not 0 or 1, where |d| and d^2 part: 4 * 3^2 over 2 images.
+    assert squared_error(3 * XH, X0).item() == 18.0
 
 
 def test_arelbo_by_hand():
